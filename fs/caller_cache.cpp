@@ -1,0 +1,23 @@
+#include "fs/caller_cache.hpp"
+
+namespace vaultfs::fs {
+
+std::vector<gid_t> CallerCache::groups(pid_t pid, uid_t uid, gid_t gid,
+                                       const std::function<std::vector<gid_t>()>& fetch)
+{
+    const auto now = Clock::now();
+    {
+        std::lock_guard lock(mutex_);
+        const auto it = entries_.find(pid);
+        if (it != entries_.end() && it->second.uid == uid && it->second.gid == gid && now - it->second.fetched < ttl)
+            return it->second.groups;
+    }
+    auto fresh = fetch();
+    std::lock_guard lock(mutex_);
+    if (entries_.size() >= capacity)
+        entries_.clear();
+    entries_[pid] = Entry{uid, gid, fresh, now};
+    return fresh;
+}
+
+}  // namespace vaultfs::fs

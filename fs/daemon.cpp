@@ -1,0 +1,317 @@
+#include "fs/daemon.hpp"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <spdlog/sinks/stdout_sinks.h>
+#include <spdlog/sinks/syslog_sink.h>
+#include <spdlog/spdlog.h>
+
+#include <atomic>
+#include <cerrno>
+#include <condition_variable>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "fs/filesystem.hpp"
+#include "hsm/secure_buffer.hpp"
+#include "vault/state.hpp"
+
+namespace vaultfs::fs {
+
+namespace {
+
+// The audit log whose file SIGHUP reopens. Set while serving.
+std::atomic<vault::AuditLog*> hup_target{nullptr};
+
+void on_sighup(int)
+{
+    if (auto* audit = hup_target.load())
+        audit->request_reopen();
+}
+
+// Tells the parent of a daemonizing process how start-up went. Without a
+// parent (-f) it only logs.
+class StartupChannel {
+public:
+    StartupChannel() = default;
+    explicit StartupChannel(int fd) : fd_(fd) {}
+
+    void failed(const std::string& message)
+    {
+        spdlog::error("{}", message);
+        send("E" + message);
+    }
+    void ready() { send("R"); }
+
+private:
+    void send(const std::string& msg)
+    {
+        if (fd_ < 0)
+            return;
+        (void)!::write(fd_, msg.data(), msg.size());
+        ::close(fd_);
+        fd_ = -1;
+    }
+    int fd_ = -1;
+};
+
+// Forks; the parent waits for the child's start-up verdict and exits with
+// it. Returns the channel in the child.
+StartupChannel daemonize()
+{
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) {
+        std::fprintf(stderr, "vaultfs: pipe: %s\n", std::strerror(errno));
+        std::exit(1);
+    }
+    const pid_t pid = ::fork();
+    if (pid < 0) {
+        std::fprintf(stderr, "vaultfs: fork: %s\n", std::strerror(errno));
+        std::exit(1);
+    }
+    if (pid > 0) {
+        ::close(fds[1]);
+        std::string msg;
+        char buf[4096];
+        ssize_t n;
+        while ((n = ::read(fds[0], buf, sizeof buf)) > 0)
+            msg.append(buf, static_cast<std::size_t>(n));
+        if (!msg.empty() && msg[0] == 'R')
+            std::exit(0);
+        if (!msg.empty() && msg[0] == 'E') {
+            std::fprintf(stderr, "vaultfs: %s\n", msg.c_str() + 1);
+        } else {
+            int status = 0;
+            ::waitpid(pid, &status, 0);
+            std::fprintf(stderr, "vaultfs: the daemon exited during start-up (see syslog)\n");
+        }
+        std::exit(1);
+    }
+    ::close(fds[0]);
+    ::setsid();
+    return StartupChannel(fds[1]);
+}
+
+void detach_stdio()
+{
+    const int null = ::open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (null >= 0) {
+        ::dup2(null, 0);
+        ::dup2(null, 1);
+        ::dup2(null, 2);
+        if (null > 2)
+            ::close(null);
+    }
+    (void)!::chdir("/");
+}
+
+void setup_logging(bool foreground)
+{
+    std::shared_ptr<spdlog::logger> logger;
+    if (foreground)
+        logger = spdlog::stderr_logger_mt("vaultfs");
+    else
+        logger = spdlog::syslog_logger_mt("vaultfs", "vaultfs", LOG_PID, LOG_DAEMON);
+    logger->set_pattern(foreground ? "%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v" : "%l %v");
+    spdlog::set_default_logger(logger);
+    spdlog::flush_on(spdlog::level::info);
+}
+
+// Is `path` the mountpoint of a FUSE filesystem right now?
+bool is_fuse_mountpoint(const std::string& path)
+{
+    std::ifstream in("/proc/self/mountinfo");
+    std::string line;
+    while (std::getline(in, line)) {
+        std::istringstream fields(line);
+        std::string id, parent, devs, root, mnt;
+        fields >> id >> parent >> devs >> root >> mnt;
+        if (mnt != path)
+            continue;
+        const auto dash = line.find(" - ");
+        if (dash != std::string::npos && line.compare(dash + 3, 4, "fuse") == 0)
+            return true;
+    }
+    return false;
+}
+
+// A mount left by a crashed daemon answers ENOTCONN; lift it lazily.
+bool clean_stale_mount(const std::string& mountpoint, std::string& error)
+{
+    struct stat st{};
+    if (::stat(mountpoint.c_str(), &st) == 0) {
+        if (is_fuse_mountpoint(mountpoint)) {
+            error = mountpoint + " is already mounted by a running FUSE daemon; unmount it first (fusermount3 -u " +
+                    mountpoint + ")";
+            return false;
+        }
+        if (!S_ISDIR(st.st_mode)) {
+            error = mountpoint + " is not a directory";
+            return false;
+        }
+        return true;
+    }
+    if (errno != ENOTCONN) {
+        error = "cannot use mountpoint " + mountpoint + ": " + std::strerror(errno) + " (create it with mkdir)";
+        return false;
+    }
+    spdlog::warn("{} holds a stale mount left by a daemon that died; unmounting it", mountpoint);
+    if (::umount2(mountpoint.c_str(), MNT_DETACH) != 0) {
+        const pid_t pid = ::fork();
+        if (pid == 0) {
+            ::execlp("fusermount3", "fusermount3", "-u", "-z", mountpoint.c_str(), static_cast<char*>(nullptr));
+            ::_exit(127);
+        }
+        int status = 1;
+        if (pid > 0)
+            ::waitpid(pid, &status, 0);
+        if (status != 0) {
+            error = "cannot remove the stale mount at " + mountpoint + "; run: fusermount3 -u -z " + mountpoint;
+            return false;
+        }
+    }
+    if (::stat(mountpoint.c_str(), &st) != 0) {
+        error = "the stale mount at " + mountpoint + " is still in the way: " + std::strerror(errno);
+        return false;
+    }
+    return true;
+}
+
+// Periodic housekeeping: expired DEKs out of locked memory.
+class Maintenance {
+public:
+    explicit Maintenance(vault::State& state) : state_(state), thread_([this] { run(); }) {}
+    ~Maintenance()
+    {
+        {
+            std::lock_guard lock(mutex_);
+            stop_ = true;
+        }
+        cv_.notify_all();
+        thread_.join();
+    }
+
+private:
+    void run()
+    {
+        std::unique_lock lock(mutex_);
+        while (!stop_) {
+            cv_.wait_for(lock, std::chrono::seconds(1));
+            if (stop_)
+                break;
+            lock.unlock();
+            state_.deks->sweep();
+            lock.lock();
+        }
+    }
+    vault::State& state_;
+    std::mutex mutex_;
+    std::condition_variable cv_;
+    bool stop_ = false;
+    std::thread thread_;
+};
+
+struct SessionFree {
+    void operator()(fuse_session* se) const { fuse_session_destroy(se); }
+};
+
+}  // namespace
+
+void harden_process()
+{
+    ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    const rlimit none{0, 0};
+    ::setrlimit(RLIMIT_CORE, &none);
+}
+
+int run_mount(const MountOptions& options)
+{
+    const std::string mountpoint = vault::absolute_path(options.mountpoint);
+    const std::string state_dir = vault::absolute_path(options.state_dir);
+    StartupChannel channel = options.foreground ? StartupChannel() : daemonize();
+    setup_logging(options.foreground);
+
+    auto config = vault::load_config(state_dir);
+    if (!config) {
+        channel.failed(config.error().message);
+        return 1;
+    }
+    if (auto heap = hsm::init_secure_heap(config->secure_heap_kib * 1024); !heap) {
+        channel.failed(heap.error().message);
+        return 1;
+    }
+    if (std::string error; !clean_stale_mount(mountpoint, error)) {
+        channel.failed(error);
+        return 1;
+    }
+    auto state = vault::State::open(state_dir, vault::State::Purpose::serve);
+    if (!state) {
+        channel.failed(state.error().message);
+        return 1;
+    }
+    Filesystem filesystem(*(*state)->service);
+
+    std::vector<std::string> arg_text{"vaultfs", "-o", "fsname=vaultfs,subtype=vaultfs,noatime"};
+    if (::geteuid() == 0)
+        arg_text.insert(arg_text.end(), {"-o", "allow_other"});
+    if (options.debug)
+        arg_text.emplace_back("-d");
+    std::vector<char*> argv;
+    for (auto& a : arg_text)
+        argv.push_back(a.data());
+    fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
+    std::unique_ptr<fuse_session, SessionFree> se(
+        fuse_session_new(&args, &Filesystem::operations(), sizeof(fuse_lowlevel_ops), &filesystem));
+    if (!se) {
+        channel.failed("cannot create the FUSE session");
+        return 1;
+    }
+    if (fuse_set_signal_handlers(se.get()) != 0) {
+        channel.failed("cannot install signal handlers");
+        return 1;
+    }
+    hup_target.store((*state)->audit.get());
+    struct sigaction hup{};
+    hup.sa_handler = on_sighup;
+    sigemptyset(&hup.sa_mask);
+    ::sigaction(SIGHUP, &hup, nullptr);
+
+    if (fuse_session_mount(se.get(), mountpoint.c_str()) != 0) {
+        fuse_remove_signal_handlers(se.get());
+        channel.failed("cannot mount at " + mountpoint + " (is /dev/fuse available, and fuse3 installed?)");
+        return 1;
+    }
+    const unsigned threads = options.threads != 0 ? options.threads : (*state)->config.threads;
+    spdlog::info("serving {} at {} ({} threads, DEK cache {}, audit {})", state_dir, mountpoint, threads,
+                 (*state)->deks->enabled() ? "on" : "off", (*state)->config.path_of((*state)->config.audit_file));
+    channel.ready();
+    if (!options.foreground)
+        detach_stdio();
+
+    int rc = 0;
+    {
+        Maintenance maintenance(**state);
+        fuse_loop_config* cfg = fuse_loop_cfg_create();
+        fuse_loop_cfg_set_max_threads(cfg, threads);
+        fuse_loop_cfg_set_idle_threads(cfg, std::max(1u, threads / 2));
+        rc = fuse_session_loop_mt(se.get(), cfg);
+        fuse_loop_cfg_destroy(cfg);
+    }
+    fuse_session_unmount(se.get());
+    fuse_remove_signal_handlers(se.get());
+    hup_target.store(nullptr);
+    (*state)->close();
+    spdlog::info("unmounted {}", mountpoint);
+    return rc == 0 ? 0 : 1;
+}
+
+}  // namespace vaultfs::fs

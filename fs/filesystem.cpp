@@ -1,0 +1,843 @@
+#include "fs/filesystem.hpp"
+
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <variant>
+
+#include "fs/errno_map.hpp"
+#include "vault/names.hpp"
+
+namespace vaultfs::fs {
+
+using policy::Permission;
+using policy::PermissionSet;
+using vault::Errc;
+
+namespace {
+
+// Offsets in directory listings: 1 and 2 follow "." and "..", 3..5 the
+// special entries of a vault; rows continue from their id + row_offset.
+constexpr off_t row_offset = 16;
+constexpr std::size_t page_rows = 256;
+// The largest .policy text accepted (1000 rules of generous length).
+constexpr std::size_t max_policy_size = 256 * 1024;
+
+timespec to_timespec(vault::Micros t)
+{
+    return timespec{static_cast<time_t>(t / 1000000), static_cast<long>((t % 1000000) * 1000)};
+}
+
+mode_t file_mode(PermissionSet p, bool writable)
+{
+    mode_t m = S_IFREG;
+    if (p.contains(Permission::get))
+        m |= 0400;
+    if (writable && p.contains(Permission::set))
+        m |= 0200;
+    return m;
+}
+
+mode_t dir_mode(bool readable, bool writable)
+{
+    return S_IFDIR | 0100 | (readable ? 0400 : 0) | (writable ? 0200 : 0);
+}
+
+}  // namespace
+
+// What a handler answers; sent by the dispatcher with exactly one
+// fuse_reply_* call.
+struct Filesystem::Reply {
+    struct Error {
+        int code;
+    };
+    struct None {};
+    struct Entry {
+        fuse_entry_param e;
+    };
+    struct Attr {
+        struct stat st;
+    };
+    struct Open {
+        fuse_file_info fi;
+    };
+    struct Create {
+        fuse_entry_param e;
+        fuse_file_info fi;
+    };
+    struct Buffer {
+        const void* data;
+        std::size_t size;
+        std::shared_ptr<const void> keep_alive;  // owner of `data`
+    };
+    struct Written {
+        std::size_t count;
+    };
+    struct Statfs {
+        struct statvfs st;
+    };
+    struct XattrSize {
+        std::size_t size;
+    };
+    struct Init {};
+    std::variant<Error, None, Entry, Attr, Open, Create, Buffer, Written, Statfs, XattrSize, Init> v;
+
+    static Reply err(int code) { return Reply{Error{code}}; }
+    static Reply err(const vault::Error& e) { return Reply{Error{to_errno(e.code)}}; }
+    static Reply ok() { return Reply{Error{0}}; }
+};
+
+using Reply = Filesystem::Reply;
+
+namespace {
+
+void send(fuse_req_t req, const Reply& r)
+{
+    std::visit(
+        [&](const auto& x) {
+            using T = std::decay_t<decltype(x)>;
+            if constexpr (std::is_same_v<T, Reply::Error>)
+                fuse_reply_err(req, x.code);
+            else if constexpr (std::is_same_v<T, Reply::None>)
+                fuse_reply_none(req);
+            else if constexpr (std::is_same_v<T, Reply::Entry>)
+                fuse_reply_entry(req, &x.e);
+            else if constexpr (std::is_same_v<T, Reply::Attr>)
+                fuse_reply_attr(req, &x.st, 0.0);
+            else if constexpr (std::is_same_v<T, Reply::Open>)
+                fuse_reply_open(req, &x.fi);
+            else if constexpr (std::is_same_v<T, Reply::Create>)
+                fuse_reply_create(req, &x.e, &x.fi);
+            else if constexpr (std::is_same_v<T, Reply::Buffer>)
+                fuse_reply_buf(req, static_cast<const char*>(x.data), x.size);
+            else if constexpr (std::is_same_v<T, Reply::Written>)
+                fuse_reply_write(req, x.count);
+            else if constexpr (std::is_same_v<T, Reply::Statfs>)
+                fuse_reply_statfs(req, &x.st);
+            else if constexpr (std::is_same_v<T, Reply::XattrSize>)
+                fuse_reply_xattr(req, x.size);
+        },
+        r.v);
+}
+
+// One noexcept wrapper for every callback: calls the handler, sends its
+// reply, and turns anything thrown into EIO.
+template <auto Method>
+struct Callback;
+
+template <class... Args, Reply (Filesystem::*Method)(fuse_req_t, Args...)>
+struct Callback<Method> {
+    static void call(fuse_req_t req, Args... args) noexcept
+    {
+        auto* self = static_cast<Filesystem*>(fuse_req_userdata(req));
+        try {
+            send(req, (self->*Method)(req, args...));
+        } catch (const std::exception& e) {
+            spdlog::error("internal error in a filesystem operation: {}", e.what());
+            fuse_reply_err(req, EIO);
+        } catch (...) {
+            spdlog::error("internal error in a filesystem operation");
+            fuse_reply_err(req, EIO);
+        }
+    }
+};
+
+void init_callback(void* userdata, fuse_conn_info* conn) noexcept
+{
+    try {
+        static_cast<Filesystem*>(userdata)->init(conn);
+    } catch (...) {
+        spdlog::error("internal error in init");
+    }
+}
+
+}  // namespace
+
+const fuse_lowlevel_ops& Filesystem::operations()
+{
+    static const fuse_lowlevel_ops ops = [] {
+        fuse_lowlevel_ops o{};
+        o.init = init_callback;
+        o.lookup = Callback<&Filesystem::lookup>::call;
+        o.forget = Callback<&Filesystem::forget>::call;
+        o.getattr = Callback<&Filesystem::getattr>::call;
+        o.setattr = Callback<&Filesystem::setattr>::call;
+        o.mknod = Callback<&Filesystem::refuse_mknod>::call;
+        o.mkdir = Callback<&Filesystem::mkdir>::call;
+        o.unlink = Callback<&Filesystem::unlink>::call;
+        o.rmdir = Callback<&Filesystem::rmdir>::call;
+        o.symlink = Callback<&Filesystem::refuse_symlink>::call;
+        o.rename = Callback<&Filesystem::rename>::call;
+        o.link = Callback<&Filesystem::refuse_link>::call;
+        o.open = Callback<&Filesystem::open>::call;
+        o.read = Callback<&Filesystem::read>::call;
+        o.write = Callback<&Filesystem::write>::call;
+        o.flush = Callback<&Filesystem::flush>::call;
+        o.release = Callback<&Filesystem::release>::call;
+        o.opendir = Callback<&Filesystem::opendir>::call;
+        o.readdir = Callback<&Filesystem::readdir>::call;
+        o.releasedir = Callback<&Filesystem::releasedir>::call;
+        o.statfs = Callback<&Filesystem::statfs>::call;
+        o.setxattr = Callback<&Filesystem::setxattr>::call;
+        o.getxattr = Callback<&Filesystem::getxattr>::call;
+        o.listxattr = Callback<&Filesystem::listxattr>::call;
+        o.removexattr = Callback<&Filesystem::removexattr>::call;
+        o.access = Callback<&Filesystem::access>::call;
+        o.create = Callback<&Filesystem::create>::call;
+        return o;
+    }();
+    return ops;
+}
+
+Filesystem::Filesystem(vault::SecretService& service) : service_(service)
+{
+    ::clock_gettime(CLOCK_REALTIME, &mounted_at_);
+}
+
+Reply Filesystem::init(fuse_conn_info* conn)
+{
+    // O_TRUNC arrives with OPEN rather than as a separate SETATTR.
+    if (conn->capable & FUSE_CAP_ATOMIC_O_TRUNC)
+        conn->want |= FUSE_CAP_ATOMIC_O_TRUNC;
+    // Never cache writes in the kernel: a version is what close() committed.
+    conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
+    return Reply{Reply::Init{}};
+}
+
+vault::Caller Filesystem::caller_of(fuse_req_t req)
+{
+    const fuse_ctx* ctx = fuse_req_ctx(req);
+    vault::Caller c;
+    c.who.uid = ctx->uid;
+    c.who.gid = ctx->gid;
+    c.pid = ctx->pid;
+    c.who.groups = callers_.groups(ctx->pid, ctx->uid, ctx->gid, [req] {
+        std::vector<gid_t> list(64);
+        int n = fuse_req_getgroups(req, static_cast<int>(list.size()), list.data());
+        if (n > static_cast<int>(list.size())) {
+            list.resize(static_cast<std::size_t>(n));
+            n = fuse_req_getgroups(req, n, list.data());
+        }
+        list.resize(n > 0 ? static_cast<std::size_t>(n) : 0);
+        return list;
+    });
+    return c;
+}
+
+// ---- attributes -------------------------------------------------------------------
+
+vault::Result<Filesystem::NodeAttr> Filesystem::stat_node(const vault::Caller& caller, Node node)
+{
+    NodeAttr attr;
+    struct stat& st = attr.st;
+    st.st_ino = to_ino(node);
+    st.st_uid = caller.who.uid;
+    st.st_gid = caller.who.gid;
+    st.st_blksize = 4096;
+    st.st_nlink = 1;
+
+    const auto fill_dir = [&](const vault::VaultView& v, bool readable, bool writable) {
+        st.st_mode = dir_mode(readable, writable);
+        st.st_nlink = 2;
+        st.st_mtim = st.st_ctim = st.st_atim = to_timespec(v.created);
+        attr.generation = static_cast<std::uint64_t>(v.created);
+    };
+    const auto fill_file = [&](const vault::SecretView& s, bool writable) {
+        st.st_mode = file_mode(s.permissions, writable);
+        st.st_size = static_cast<off_t>(s.version.size);
+        st.st_blocks = (st.st_size + 511) / 512;
+        st.st_atim = st.st_mtim = to_timespec(s.version.created);
+        st.st_ctim = to_timespec(s.version.updated);
+        attr.generation = static_cast<std::uint64_t>(s.secret_created);
+    };
+
+    switch (node.kind) {
+    case NodeKind::root:
+        st.st_mode = S_IFDIR | 0755;
+        st.st_mtim = st.st_ctim = st.st_atim = mounted_at_;
+        st.st_uid = 0;
+        st.st_gid = 0;
+        st.st_nlink = 2;
+        return attr;
+    case NodeKind::vault:
+    case NodeKind::versions_dir:
+    case NodeKind::deleted_dir:
+    case NodeKind::policy_file: {
+        auto v = service_.vault(caller, vault::VaultId{node.id});
+        if (!v)
+            return tl::unexpected(v.error());
+        const bool can_list = v->permissions.contains(Permission::list);
+        if (node.kind == NodeKind::vault) {
+            fill_dir(*v, can_list, v->permissions.contains(Permission::set) || v->caller_is_admin);
+        } else if (node.kind == NodeKind::policy_file) {
+            if (v->permissions.empty())
+                return vault::fail(Errc::access_denied);
+            const bool manage = v->permissions.contains(Permission::manage);
+            st.st_mode = S_IFREG | (manage ? 0600 : 0);
+            st.st_size = manage ? static_cast<off_t>(v->policy_size) : 0;
+            st.st_mtim = st.st_ctim = st.st_atim = to_timespec(v->created);
+            attr.generation = static_cast<std::uint64_t>(v->created);
+        } else {
+            if (v->permissions.empty() && !v->caller_is_admin)
+                return vault::fail(Errc::access_denied);
+            fill_dir(*v, can_list, false);
+        }
+        return attr;
+    }
+    case NodeKind::secret: {
+        auto s = service_.secret_by_id(caller, vault::SecretId{node.id});
+        if (!s)
+            return tl::unexpected(s.error());
+        fill_file(*s, true);
+        return attr;
+    }
+    case NodeKind::version: {
+        auto s = service_.version_by_id(caller, vault::VersionId{node.id});
+        if (!s)
+            return tl::unexpected(s.error());
+        fill_file(*s, false);
+        return attr;
+    }
+    case NodeKind::deleted_secret:
+        return vault::fail(Errc::not_found);
+    }
+    return vault::fail(Errc::not_found);
+}
+
+Reply Filesystem::entry_for(const vault::Caller& caller, Node node)
+{
+    auto attr = stat_node(caller, node);
+    if (!attr)
+        return Reply::err(attr.error());
+    fuse_entry_param e{};
+    e.ino = to_ino(node);
+    e.attr = attr->st;
+    e.generation = attr->generation;
+    e.attr_timeout = 0.0;
+    e.entry_timeout = 0.0;
+    return Reply{Reply::Entry{e}};
+}
+
+Reply Filesystem::lookup(fuse_req_t req, fuse_ino_t parent, const char* name_c)
+{
+    const std::string_view name(name_c);
+    const auto p = from_ino(parent);
+    if (!p)
+        return Reply::err(ENOENT);
+    const auto caller = caller_of(req);
+    switch (p->kind) {
+    case NodeKind::root: {
+        auto v = service_.find_vault(caller, name);
+        if (!v)
+            return Reply::err(v.error());
+        return entry_for(caller, Node{NodeKind::vault, v->id.value});
+    }
+    case NodeKind::vault: {
+        if (name == ".policy")
+            return entry_for(caller, Node{NodeKind::policy_file, p->id});
+        if (name == ".versions")
+            return entry_for(caller, Node{NodeKind::versions_dir, p->id});
+        if (name == ".deleted")
+            return entry_for(caller, Node{NodeKind::deleted_dir, p->id});
+        auto s = service_.find_secret(caller, vault::VaultId{p->id}, name);
+        if (!s)
+            return Reply::err(s.error());
+        return entry_for(caller, s->pinned ? Node{NodeKind::version, s->version.id.value}
+                                           : Node{NodeKind::secret, s->id.value});
+    }
+    case NodeKind::versions_dir: {
+        const auto path = vault::parse_secret_path(name);
+        if (!path || !path->version)
+            return Reply::err(ENOENT);
+        auto s = service_.find_secret(caller, vault::VaultId{p->id}, name);
+        if (!s)
+            return Reply::err(s.error());
+        return entry_for(caller, Node{NodeKind::version, s->version.id.value});
+    }
+    default:
+        return Reply::err(ENOENT);
+    }
+}
+
+Reply Filesystem::forget(fuse_req_t, fuse_ino_t, uint64_t)
+{
+    // Inode numbers are computed from ids: there is nothing to forget.
+    return Reply{Reply::None{}};
+}
+
+Reply Filesystem::getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi)
+{
+    const auto node = from_ino(ino);
+    if (!node)
+        return Reply::err(ENOENT);
+    const auto caller = caller_of(req);
+    if (fi != nullptr) {
+        // fstat on a file being written: its first version may not exist yet.
+        if (auto w = handles_.find_as<WriteHandle>(fi->fh, Handle::Kind::write)) {
+            std::lock_guard lock(w->mutex);
+            struct stat st{};
+            st.st_ino = ino;
+            st.st_mode = S_IFREG | 0200;
+            st.st_nlink = 1;
+            st.st_uid = caller.who.uid;
+            st.st_gid = caller.who.gid;
+            st.st_size = static_cast<off_t>(w->buffer.size());
+            st.st_blksize = 4096;
+            return Reply{Reply::Attr{st}};
+        }
+    }
+    auto attr = stat_node(caller, *node);
+    if (!attr)
+        return Reply::err(attr.error());
+    return Reply{Reply::Attr{attr->st}};
+}
+
+Reply Filesystem::setattr(fuse_req_t req, fuse_ino_t ino, struct stat*, int to_set, fuse_file_info* fi)
+{
+    if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID))
+        return Reply::err(EPERM);
+    if (to_set & FUSE_SET_ATTR_SIZE) {
+        // Only an open writer may truncate, and only to empty: a value is
+        // written whole, never patched.
+        auto w = fi != nullptr ? handles_.find_as<WriteHandle>(fi->fh, Handle::Kind::write) : nullptr;
+        if (!w)
+            return Reply::err(EINVAL);
+        std::lock_guard lock(w->mutex);
+        (void)w->buffer.resize(0);
+        w->dirty = true;
+    }
+    // Times are the versions' own; touch and cp -p are accepted and ignored.
+    return getattr(req, ino, fi);
+}
+
+Reply Filesystem::access(fuse_req_t req, fuse_ino_t ino, int mask)
+{
+    const auto node = from_ino(ino);
+    if (!node)
+        return Reply::err(ENOENT);
+    const auto caller = caller_of(req);
+    auto attr = stat_node(caller, *node);
+    if (!attr)
+        return Reply::err(attr.error());
+    const mode_t m = attr->st.st_mode;
+    const bool ok = (!(mask & R_OK) || (m & 0400)) && (!(mask & W_OK) || (m & 0200)) && (!(mask & X_OK) || (m & 0100));
+    return Reply::err(ok ? 0 : EACCES);
+}
+
+// ---- vaults -----------------------------------------------------------------------------
+
+Reply Filesystem::mkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t)
+{
+    if (parent != root_ino)
+        return Reply::err(EPERM);
+    const auto caller = caller_of(req);
+    auto v = service_.create_vault(caller, name, vault::VaultSettings{});
+    if (!v)
+        return Reply::err(v.error());
+    return entry_for(caller, Node{NodeKind::vault, v->id.value});
+}
+
+Reply Filesystem::rmdir(fuse_req_t req, fuse_ino_t parent, const char* name)
+{
+    if (parent != root_ino)
+        return Reply::err(EPERM);
+    auto r = service_.remove_vault(caller_of(req), name);
+    return r ? Reply::ok() : Reply::err(r.error());
+}
+
+// ---- refusals ---------------------------------------------------------------------------
+
+Reply Filesystem::unlink(fuse_req_t, fuse_ino_t, const char*) { return Reply::err(EPERM); }
+
+Reply Filesystem::rename(fuse_req_t, fuse_ino_t, const char*, fuse_ino_t, const char*, unsigned int)
+{
+    return Reply::err(EPERM);
+}
+
+Reply Filesystem::refuse_link(fuse_req_t, fuse_ino_t, fuse_ino_t, const char*) { return Reply::err(EPERM); }
+Reply Filesystem::refuse_symlink(fuse_req_t, const char*, fuse_ino_t, const char*) { return Reply::err(EPERM); }
+Reply Filesystem::refuse_mknod(fuse_req_t, fuse_ino_t, const char*, mode_t, dev_t) { return Reply::err(EPERM); }
+
+// ---- files ------------------------------------------------------------------------------
+
+Reply Filesystem::open_value(const vault::Caller& caller, const vault::SecretView& view, fuse_file_info* fi)
+{
+    auto value = service_.read_value(caller, view);
+    if (!value)
+        return Reply::err(value.error());
+    fi->fh = handles_.add(std::make_shared<ValueHandle>(std::move(*value)));
+    fi->direct_io = 1;
+    fi->keep_cache = 0;
+    fi->noflush = 1;  // nothing to commit on close of a reader
+    return Reply{Reply::Open{*fi}};
+}
+
+Reply Filesystem::open_for_write(const vault::Caller& caller, vault::VaultId vault, const std::string& name,
+                                 vault::SecretService::WriteIntent intent, fuse_file_info* fi, bool reply_create)
+{
+    auto grant = service_.open_for_write(caller, vault, name, intent);
+    if (!grant)
+        return Reply::err(grant.error());
+    // Every writer starts from an empty value: it writes a whole new version.
+    auto handle = std::make_shared<WriteHandle>(caller, std::move(*grant), (fi->flags & O_TRUNC) != 0 || intent.create);
+    fi->fh = handles_.add(handle);
+    fi->direct_io = 1;
+    fi->keep_cache = 0;
+    if (!reply_create)
+        return Reply{Reply::Open{*fi}};
+    fuse_entry_param e{};
+    e.ino = to_ino(Node{NodeKind::secret, handle->grant.secret.value});
+    e.attr.st_ino = e.ino;
+    e.attr.st_mode = S_IFREG | 0200;
+    e.attr.st_nlink = 1;
+    e.attr.st_uid = caller.who.uid;
+    e.attr.st_gid = caller.who.gid;
+    e.attr.st_blksize = 4096;
+    e.generation = static_cast<std::uint64_t>(handle->grant.secret_created);
+    return Reply{Reply::Create{e, *fi}};
+}
+
+Reply Filesystem::open_policy(const vault::Caller& caller, vault::VaultId vault, fuse_file_info* fi)
+{
+    const int mode = fi->flags & O_ACCMODE;
+    if (mode == O_RDWR || (fi->flags & O_APPEND))
+        return Reply::err(EINVAL);
+    std::shared_ptr<PolicyHandle> handle;
+    if (mode == O_RDONLY) {
+        auto text = service_.read_policy(caller, vault);
+        if (!text)
+            return Reply::err(text.error());
+        handle = std::make_shared<PolicyHandle>(caller, vault, false, std::move(*text));
+    } else {
+        if (auto r = service_.authorize(caller, vault, Permission::manage, "policy_set"); !r)
+            return Reply::err(r.error());
+        handle = std::make_shared<PolicyHandle>(caller, vault, true, std::string());
+    }
+    fi->fh = handles_.add(handle);
+    fi->direct_io = 1;
+    return Reply{Reply::Open{*fi}};
+}
+
+Reply Filesystem::create(fuse_req_t req, fuse_ino_t parent, const char* name_c, mode_t, fuse_file_info* fi)
+{
+    const auto p = from_ino(parent);
+    if (!p || p->kind != NodeKind::vault)
+        return Reply::err(EPERM);
+    const std::string name(name_c);
+    if (name == ".policy")
+        return Reply::err(EEXIST);
+    if (const auto path = vault::parse_secret_path(name); path && path->version)
+        return Reply::err(EROFS);
+    if ((fi->flags & O_ACCMODE) == O_RDWR || (fi->flags & O_APPEND))
+        return Reply::err(EINVAL);
+    const auto caller = caller_of(req);
+    const vault::SecretService::WriteIntent intent{true, (fi->flags & O_EXCL) != 0};
+    return open_for_write(caller, vault::VaultId{p->id}, name, intent, fi, true);
+}
+
+Reply Filesystem::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi)
+{
+    const auto node = from_ino(ino);
+    if (!node)
+        return Reply::err(ENOENT);
+    const auto caller = caller_of(req);
+    const int mode = fi->flags & O_ACCMODE;
+    switch (node->kind) {
+    case NodeKind::policy_file:
+        return open_policy(caller, vault::VaultId{node->id}, fi);
+    case NodeKind::version: {
+        if (mode != O_RDONLY)
+            return Reply::err(EROFS);
+        auto view = service_.version_by_id(caller, vault::VersionId{node->id});
+        if (!view)
+            return Reply::err(view.error());
+        return open_value(caller, *view, fi);
+    }
+    case NodeKind::secret: {
+        if (mode == O_RDWR || (fi->flags & O_APPEND))
+            return Reply::err(EINVAL);
+        if (mode == O_WRONLY) {
+            auto s = service_.secret_by_id(caller, vault::SecretId{node->id});
+            if (!s)
+                return Reply::err(s.error());
+            return open_for_write(caller, s->vault, s->name, {false, false}, fi, false);
+        }
+        auto view = service_.secret_by_id(caller, vault::SecretId{node->id});
+        if (!view)
+            return Reply::err(view.error());
+        return open_value(caller, *view, fi);
+    }
+    default:
+        return Reply::err(EISDIR);
+    }
+}
+
+Reply Filesystem::read(fuse_req_t, fuse_ino_t, size_t size, off_t off, fuse_file_info* fi)
+{
+    auto h = handles_.find(fi->fh);
+    if (!h)
+        return Reply::err(EBADF);
+    if (off < 0)
+        return Reply::err(EINVAL);
+    const auto slice = [&](const void* data, std::size_t total) {
+        const auto start = std::min<std::size_t>(static_cast<std::size_t>(off), total);
+        const auto n = std::min(size, total - start);
+        return Reply{Reply::Buffer{static_cast<const char*>(data) + start, n, h}};
+    };
+    if (h->kind == Handle::Kind::value) {
+        const auto& v = static_cast<const ValueHandle&>(*h).value;
+        return slice(v.data(), v.size());
+    }
+    if (h->kind == Handle::Kind::policy) {
+        auto& p = static_cast<PolicyHandle&>(*h);
+        if (p.writing)
+            return Reply::err(EBADF);
+        return slice(p.text.data(), p.text.size());
+    }
+    return Reply::err(EBADF);
+}
+
+Reply Filesystem::write(fuse_req_t, fuse_ino_t, const char* buf, size_t size, off_t off, fuse_file_info* fi)
+{
+    auto h = handles_.find(fi->fh);
+    if (!h)
+        return Reply::err(EBADF);
+    if (off < 0)
+        return Reply::err(EINVAL);
+    const auto end = static_cast<std::size_t>(off) + size;
+    if (h->kind == Handle::Kind::write) {
+        auto& w = static_cast<WriteHandle&>(*h);
+        std::lock_guard lock(w.mutex);
+        if (end > vault::max_value_size) {
+            // Nothing from this handle will ever be committed.
+            w.too_large = true;
+            return Reply::err(EFBIG);
+        }
+        if (end > w.buffer.size()) {
+            if (auto r = w.buffer.resize(end); !r)
+                return Reply::err(ENOMEM);
+        }
+        std::memcpy(w.buffer.data() + off, buf, size);
+        w.dirty = true;
+        w.written = true;
+        return Reply{Reply::Written{size}};
+    }
+    if (h->kind == Handle::Kind::policy) {
+        auto& p = static_cast<PolicyHandle&>(*h);
+        std::lock_guard lock(p.mutex);
+        if (!p.writing)
+            return Reply::err(EBADF);
+        if (end > max_policy_size) {
+            p.too_large = true;
+            return Reply::err(EFBIG);
+        }
+        if (end > p.text.size())
+            p.text.resize(end, '\0');
+        p.text.replace(static_cast<std::size_t>(off), size, buf, size);
+        p.dirty = true;
+        return Reply{Reply::Written{size}};
+    }
+    return Reply::err(EBADF);
+}
+
+Reply Filesystem::flush(fuse_req_t, fuse_ino_t, fuse_file_info* fi)
+{
+    auto h = handles_.find(fi->fh);
+    if (!h)
+        return Reply::ok();
+    if (h->kind == Handle::Kind::write) {
+        auto& w = static_cast<WriteHandle&>(*h);
+        std::lock_guard lock(w.mutex);
+        if (w.too_large)
+            return Reply::err(EFBIG);
+        // A flush comes with every close(), including that of a shell's
+        // temporary duplicate before anything is written; only a flush that
+        // follows written bytes commits. One version per such flush, and
+        // its failure is close()'s error. (A value left empty by O_TRUNC
+        // with no writes commits at release.)
+        if (!w.written)
+            return Reply::ok();
+        auto version = service_.commit(w.caller, w.grant, w.buffer);
+        w.written = false;
+        w.dirty = false;
+        if (!version)
+            return Reply::err(version.error());
+        return Reply::ok();
+    }
+    if (h->kind == Handle::Kind::policy) {
+        auto& p = static_cast<PolicyHandle&>(*h);
+        std::lock_guard lock(p.mutex);
+        if (!p.writing || !p.dirty)
+            return Reply::ok();
+        if (p.too_large)
+            return Reply::err(EFBIG);
+        auto r = service_.write_policy(p.caller, p.vault, p.text);
+        p.dirty = false;
+        if (!r)
+            return Reply::err(r.error());
+        return Reply::ok();
+    }
+    return Reply::ok();
+}
+
+Reply Filesystem::release(fuse_req_t, fuse_ino_t, fuse_file_info* fi)
+{
+    auto h = handles_.remove(fi->fh);
+    if (h && h->kind == Handle::Kind::write) {
+        auto& w = static_cast<WriteHandle&>(*h);
+        std::lock_guard lock(w.mutex);
+        // A flush normally committed already; this covers a writer whose
+        // flush never came (there is no one left to report an error to).
+        if (w.dirty && !w.too_large) {
+            if (auto r = service_.commit(w.caller, w.grant, w.buffer); !r)
+                spdlog::error("commit at release of {}/{} failed: {}", w.grant.vault_name, w.grant.name,
+                              r.error().message);
+        }
+    }
+    return Reply::ok();  // the buffer is wiped as the handle goes
+}
+
+// ---- directories ----------------------------------------------------------------------
+
+Reply Filesystem::opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi)
+{
+    const auto node = from_ino(ino);
+    if (!node)
+        return Reply::err(ENOENT);
+    const auto caller = caller_of(req);
+    std::shared_ptr<DirHandle> handle;
+    switch (node->kind) {
+    case NodeKind::root: {
+        auto vaults = service_.list_vaults(caller);
+        if (!vaults)
+            return Reply::err(vaults.error());
+        handle = std::make_shared<DirHandle>(NodeKind::root, std::nullopt);
+        for (const auto& v : *vaults)
+            handle->vaults.emplace_back(v.name, Node{NodeKind::vault, v.id.value});
+        break;
+    }
+    case NodeKind::vault:
+    case NodeKind::versions_dir:
+    case NodeKind::deleted_dir: {
+        auto grant = service_.open_listing(caller, vault::VaultId{node->id});
+        if (!grant)
+            return Reply::err(grant.error());
+        handle = std::make_shared<DirHandle>(node->kind, std::move(*grant));
+        break;
+    }
+    default:
+        return Reply::err(ENOTDIR);
+    }
+    fi->fh = handles_.add(handle);
+    return Reply{Reply::Open{*fi}};
+}
+
+Reply Filesystem::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi)
+{
+    auto d = handles_.find_as<DirHandle>(fi->fh, Handle::Kind::directory);
+    if (!d)
+        return Reply::err(EBADF);
+    auto buffer = std::make_shared<std::vector<char>>(size);
+    std::size_t used = 0;
+    // Adds one entry; false when the reply buffer is full.
+    const auto add = [&](const char* name, std::uint64_t entry_ino, mode_t type, off_t next) {
+        struct stat st{};
+        st.st_ino = entry_ino;
+        st.st_mode = type;
+        const std::size_t need = fuse_add_direntry(req, nullptr, 0, name, nullptr, 0);
+        if (used + need > size)
+            return false;
+        fuse_add_direntry(req, buffer->data() + used, size - used, name, &st, next);
+        used += need;
+        return true;
+    };
+    const auto reply = [&] { return Reply{Reply::Buffer{buffer->data(), used, buffer}}; };
+
+    if (off < 1 && !add(".", ino, S_IFDIR, 1))
+        return reply();
+    if (off < 2 && !add("..", root_ino, S_IFDIR, 2))
+        return reply();
+
+    if (d->node_kind == NodeKind::root) {
+        for (std::size_t i = off < 2 ? 0 : static_cast<std::size_t>(off - 2); i < d->vaults.size(); ++i)
+            if (!add(d->vaults[i].first.c_str(), to_ino(d->vaults[i].second), S_IFDIR, static_cast<off_t>(i + 3)))
+                break;
+        return reply();
+    }
+
+    const auto& grant = *d->grant;
+    const std::int64_t vault_id = grant.vault.value;
+    if (d->node_kind == NodeKind::vault) {
+        struct Special {
+            const char* name;
+            NodeKind kind;
+            mode_t type;
+        };
+        static const Special specials[] = {{".policy", NodeKind::policy_file, S_IFREG},
+                                           {".versions", NodeKind::versions_dir, S_IFDIR},
+                                           {".deleted", NodeKind::deleted_dir, S_IFDIR}};
+        for (int i = 0; i < 3; ++i) {
+            if (off < 3 + i && !add(specials[i].name, to_ino(Node{specials[i].kind, vault_id}), specials[i].type, 3 + i))
+                return reply();
+        }
+    }
+    std::int64_t cursor = std::max<off_t>(off, row_offset) - row_offset;
+    for (;;) {
+        if (d->node_kind == NodeKind::vault) {
+            auto rows = service_.secrets_page(grant, vault::SecretId{cursor}, page_rows);
+            if (!rows)
+                return used > 0 ? reply() : Reply::err(rows.error());
+            for (const auto& s : *rows) {
+                if (!add(s.name.c_str(), to_ino(Node{NodeKind::secret, s.id.value}), S_IFREG, s.id.value + row_offset))
+                    return reply();
+                cursor = s.id.value;
+            }
+            if (rows->size() < page_rows)
+                return reply();
+        } else if (d->node_kind == NodeKind::versions_dir) {
+            auto rows = service_.versions_page(grant, vault::VersionId{cursor}, page_rows);
+            if (!rows)
+                return used > 0 ? reply() : Reply::err(rows.error());
+            for (const auto& v : *rows) {
+                const std::string name = v.secret + "@" + std::to_string(v.number);
+                if (!add(name.c_str(), to_ino(Node{NodeKind::version, v.id.value}), S_IFREG, v.id.value + row_offset))
+                    return reply();
+                cursor = v.id.value;
+            }
+            if (rows->size() < page_rows)
+                return reply();
+        } else {
+            return reply();
+        }
+    }
+}
+
+Reply Filesystem::releasedir(fuse_req_t, fuse_ino_t, fuse_file_info* fi)
+{
+    handles_.remove(fi->fh);
+    return Reply::ok();
+}
+
+Reply Filesystem::statfs(fuse_req_t, fuse_ino_t)
+{
+    struct statvfs st{};
+    st.f_bsize = 4096;
+    st.f_frsize = 4096;
+    st.f_namemax = 127 + 1 + 20;  // S@N
+    return Reply{Reply::Statfs{st}};
+}
+
+// ---- extended attributes -----------------------------------------------------------
+
+Reply Filesystem::setxattr(fuse_req_t, fuse_ino_t, const char*, const char*, size_t, int) { return Reply::err(ENOTSUP); }
+Reply Filesystem::getxattr(fuse_req_t, fuse_ino_t, const char*, size_t) { return Reply::err(ENOTSUP); }
+Reply Filesystem::listxattr(fuse_req_t, fuse_ino_t, size_t) { return Reply::err(ENOTSUP); }
+Reply Filesystem::removexattr(fuse_req_t, fuse_ino_t, const char*) { return Reply::err(ENOTSUP); }
+
+}  // namespace vaultfs::fs

@@ -1,0 +1,96 @@
+// Filesystem: the FUSE low-level operations of vaultfs. Thin by design:
+// decode the request, build the Caller, make one call into
+// vault::SecretService, encode the reply. No SQL, crypto or policy logic.
+//
+// Every handler returns a Reply and the dispatcher (filesystem.cpp) sends it,
+// so each request gets exactly one fuse_reply_*; exceptions never reach
+// libfuse (they become EIO and a log line).
+//
+// Caching (entry_timeout = attr_timeout = 0): a node's attributes depend on
+// who asks (the mode shows the caller's permissions; lookup needs some
+// permission), while the kernel's caches are shared by all callers — any
+// positive timeout would let one caller see what another looked up, and let
+// a revoked caller keep resolving names. So every lookup and stat comes
+// here. OPEN always comes here regardless (no default_permissions), which is
+// what makes a policy change apply at the next open. Secret files are opened
+// with FOPEN_DIRECT_IO, so plaintext never enters the page cache.
+#pragma once
+
+#define FUSE_USE_VERSION 312
+#include <fuse_lowlevel.h>
+
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+
+#include "fs/caller_cache.hpp"
+#include "fs/handles.hpp"
+#include "fs/inode.hpp"
+#include "vault/secret_service.hpp"
+
+namespace vaultfs::fs {
+
+class Filesystem {
+public:
+    explicit Filesystem(vault::SecretService& service);
+
+    // The operations table for fuse_session_new(); userdata must be `this`.
+    static const fuse_lowlevel_ops& operations();
+
+    // Open handles right now (for status and tests).
+    std::size_t open_handles() const { return handles_.size(); }
+
+    struct Reply;  // defined in filesystem.cpp
+
+    // Handlers: one per FUSE operation (see fuse_lowlevel.h for each one's
+    // contract and valid replies).
+    Reply init(fuse_conn_info* conn);
+    Reply lookup(fuse_req_t req, fuse_ino_t parent, const char* name);
+    Reply getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi);
+    Reply setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fuse_file_info* fi);
+    Reply access(fuse_req_t req, fuse_ino_t ino, int mask);
+    Reply mkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode);
+    Reply rmdir(fuse_req_t req, fuse_ino_t parent, const char* name);
+    Reply unlink(fuse_req_t req, fuse_ino_t parent, const char* name);
+    Reply rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t newparent, const char* newname,
+                 unsigned int flags);
+    Reply refuse_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char* newname);
+    Reply refuse_symlink(fuse_req_t req, const char* link, fuse_ino_t parent, const char* name);
+    Reply refuse_mknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, dev_t rdev);
+    Reply create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, fuse_file_info* fi);
+    Reply open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi);
+    Reply read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi);
+    Reply write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t off, fuse_file_info* fi);
+    Reply flush(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi);
+    Reply release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi);
+    Reply opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi);
+    Reply readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi);
+    Reply releasedir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi);
+    Reply statfs(fuse_req_t req, fuse_ino_t ino);
+    Reply setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* value, size_t size, int flags);
+    Reply getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size);
+    Reply listxattr(fuse_req_t req, fuse_ino_t ino, size_t size);
+    Reply removexattr(fuse_req_t req, fuse_ino_t ino, const char* name);
+    Reply forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup);
+
+private:
+    vault::Caller caller_of(fuse_req_t req);
+    struct NodeAttr {
+        struct stat st {};
+        std::uint64_t generation = 0;  // creation time: a re-created name is a new inode
+    };
+    // Attributes of a node as this caller sees it.
+    vault::Result<NodeAttr> stat_node(const vault::Caller& caller, Node node);
+    Reply entry_for(const vault::Caller& caller, Node node);
+    Reply open_value(const vault::Caller& caller, const vault::SecretView& view, fuse_file_info* fi);
+    Reply open_for_write(const vault::Caller& caller, vault::VaultId vault, const std::string& name,
+                         vault::SecretService::WriteIntent intent, fuse_file_info* fi, bool reply_create);
+    Reply open_policy(const vault::Caller& caller, vault::VaultId vault, fuse_file_info* fi);
+
+    vault::SecretService& service_;
+    CallerCache callers_;
+    timespec mounted_at_{};  // the root directory's times
+    HandleTable handles_;
+};
+
+}  // namespace vaultfs::fs

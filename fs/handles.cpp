@@ -1,0 +1,37 @@
+#include "fs/handles.hpp"
+
+namespace vaultfs::fs {
+
+std::uint64_t HandleTable::add(std::shared_ptr<Handle> h)
+{
+    std::unique_lock lock(mutex_);
+    const auto fh = next_++;
+    handles_.emplace(fh, std::move(h));
+    return fh;
+}
+
+std::shared_ptr<Handle> HandleTable::find(std::uint64_t fh) const
+{
+    std::shared_lock lock(mutex_);
+    const auto it = handles_.find(fh);
+    return it == handles_.end() ? nullptr : it->second;
+}
+
+std::shared_ptr<Handle> HandleTable::remove(std::uint64_t fh)
+{
+    std::unique_lock lock(mutex_);
+    const auto it = handles_.find(fh);
+    if (it == handles_.end())
+        return nullptr;
+    auto h = std::move(it->second);
+    handles_.erase(it);
+    return h;
+}
+
+std::size_t HandleTable::size() const
+{
+    std::shared_lock lock(mutex_);
+    return handles_.size();
+}
+
+}  // namespace vaultfs::fs

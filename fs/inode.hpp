@@ -1,0 +1,39 @@
+// inode: how a FUSE inode number names a node. Numbers are computed from
+// database ids, not stored: the same node always has the same number (also
+// across restarts), nothing grows with the number of secrets, and a forget
+// needs no bookkeeping. Ids come from AUTOINCREMENT columns and are never
+// reused; the generation (the object's creation time) tells a re-created
+// name from the old one even so.
+//
+//   1                          the mount root (FUSE_ROOT_ID)
+//   kind << 56 | database id   everything else
+#pragma once
+
+#include <cstdint>
+#include <optional>
+
+namespace vaultfs::fs {
+
+enum class NodeKind : std::uint8_t {
+    root = 0,
+    vault = 1,           // /V                 id: vault id
+    policy_file = 2,     // /V/.policy         id: vault id
+    versions_dir = 3,    // /V/.versions       id: vault id
+    deleted_dir = 4,     // /V/.deleted        id: vault id
+    secret = 5,          // /V/S               id: secret id
+    version = 6,         // /V/S@N             id: version row id
+    deleted_secret = 7,  // /V/.deleted/S      id: secret id
+};
+
+struct Node {
+    NodeKind kind = NodeKind::root;
+    std::int64_t id = 0;
+};
+
+inline constexpr std::uint64_t root_ino = 1;
+
+std::uint64_t to_ino(Node node);
+// nullopt for numbers this daemon never hands out.
+std::optional<Node> from_ino(std::uint64_t ino);
+
+}  // namespace vaultfs::fs

@@ -1,0 +1,148 @@
+// vaultfs: the command line. Each subcommand is a thin shell over vault/
+// (init, audit verify) or fs/daemon (mount).
+
+#include <CLI/CLI.hpp>
+#include <spdlog/spdlog.h>
+
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include "fs/daemon.hpp"
+#include "hsm/secure_buffer.hpp"
+#include "vault/audit.hpp"
+#include "vault/state.hpp"
+
+namespace {
+
+using namespace vaultfs;
+
+// Locked memory for the short-lived commands (PINs only).
+constexpr std::size_t command_heap_bytes = 1 << 20;
+
+int fail(const std::string& message)
+{
+    std::fprintf(stderr, "vaultfs: %s\n", message.c_str());
+    return 1;
+}
+
+int run_init(const std::string& state, const vault::InitOptions& options)
+{
+    if (auto heap = hsm::init_secure_heap(command_heap_bytes); !heap)
+        return fail(heap.error().message);
+    auto made = vault::init_state(state, options);
+    if (!made)
+        return fail(made.error().message);
+    std::printf("Initialised vaultfs state in %s:\n", vault::absolute_path(state).c_str());
+    for (const auto& line : *made)
+        std::printf("  %s\n", line.c_str());
+    std::printf("Next: vaultfs mount --state %s MOUNTPOINT\n", vault::absolute_path(state).c_str());
+    return 0;
+}
+
+std::string read_file(const std::string& path)
+{
+    std::ifstream in(path);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+}
+
+int run_verify(const std::string& state, std::vector<std::string> files, std::string public_key)
+{
+    std::optional<vault::AuditAnchor> anchor;
+    if (!state.empty()) {
+        if (auto heap = hsm::init_secure_heap(command_heap_bytes); !heap)
+            return fail(heap.error().message);
+        auto config = vault::load_config(vault::absolute_path(state));
+        if (!config)
+            return fail(config.error().message);
+        if (files.empty())
+            files.push_back(config->path_of(config->audit_file));
+        if (public_key.empty())
+            public_key = config->path_of(config->audit_public_key);
+        auto store = vault::Store::open(config->path_of(config->database), vault::Store::Mode::read_only);
+        if (!store)
+            return fail(store.error().message);
+        auto a = (*store)->audit_anchor();
+        if (!a)
+            return fail(a.error().message);
+        anchor = *a;
+    }
+    if (files.empty())
+        return fail("name audit files, or a state directory with --state");
+    if (public_key.empty())
+        return fail("--public-key is needed without --state");
+    const std::string pem = read_file(public_key);
+    if (pem.empty())
+        return fail("cannot read the public key " + public_key);
+
+    const auto report = vault::verify_audit(files, pem, anchor);
+    for (const auto& w : report.warnings)
+        std::printf("warning: %s\n", w.c_str());
+    if (!report.ok) {
+        if (report.line != 0)
+            std::printf("FAILED: %s line %llu: %s\n", report.file.c_str(),
+                        static_cast<unsigned long long>(report.line), report.problem.c_str());
+        else
+            std::printf("FAILED: %s%s%s\n", report.file.c_str(), report.file.empty() ? "" : ": ",
+                        report.problem.c_str());
+        return 1;
+    }
+    std::printf("OK: %llu records, %llu signed, chain intact%s\n", static_cast<unsigned long long>(report.records),
+                static_cast<unsigned long long>(report.checkpoints),
+                anchor ? ", reaches the database anchor" : "");
+    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv)
+{
+    fs::harden_process();
+    spdlog::set_pattern("%l %v");
+
+    CLI::App app{"vaultfs — vaults of versioned secrets, served as files"};
+    app.set_version_flag("--version", std::string("vaultfs ") + VAULTFS_VERSION);
+    app.require_subcommand(1);
+
+    std::string state;
+    vault::InitOptions init_options;
+    auto* init = app.add_subcommand("init", "Create a state directory with an embedded SoftHSM2 token");
+    init->add_option("--state", state, "State directory to create (new or empty)")->required();
+    init->add_option("--module", init_options.module_path, "PKCS#11 module")->capture_default_str();
+    init->add_option("--admin-group", init_options.admin_group, "Group whose members may create and remove vaults");
+
+    fs::MountOptions mount_options;
+    auto* mount = app.add_subcommand("mount", "Mount the state's vaults and serve them");
+    mount->add_option("--state", mount_options.state_dir, "State directory")->required();
+    mount->add_option("mountpoint", mount_options.mountpoint, "Where to mount")->required();
+    mount->add_flag("-f,--foreground", mount_options.foreground, "Stay in the foreground, log to stderr");
+    mount->add_option("--threads", mount_options.threads, "FUSE worker threads (default: config `threads`)")
+        ->check(CLI::Range(1, 256));
+    mount->add_flag("-d,--debug", mount_options.debug, "Log every FUSE request (implies nothing about secrets)");
+
+    auto* audit = app.add_subcommand("audit", "Audit trail tools");
+    audit->require_subcommand(1);
+    std::vector<std::string> audit_files;
+    std::string public_key;
+    std::string verify_state;
+    auto* verify = audit->add_subcommand("verify", "Check sequence, hash chain, signatures and rotation links");
+    verify->add_option("--state", verify_state, "State directory: its audit file, public key and database anchor");
+    verify->add_option("--public-key", public_key, "PEM public key (default: the state's)");
+    verify->add_option("files", audit_files, "Audit files, oldest first (default: the state's)");
+
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+        return app.exit(e);
+    }
+
+    if (*init)
+        return run_init(state, init_options);
+    if (*mount)
+        return fs::run_mount(mount_options);
+    if (*verify)
+        return run_verify(verify_state, audit_files, public_key);
+    return 2;
+}

@@ -1,0 +1,83 @@
+// Pkcs11KeyService: KeyService over a PKCS#11 module reached directly through
+// its function list (no libp11: it has no symmetric-key API).
+//
+// - The module is dlopened once per process and C_Initialize is called once
+//   with CKF_OS_LOCKING_OK; C_Finalize runs when the last service using it is
+//   destroyed.
+// - Sessions are pooled: a worker borrows one logged-in session for the
+//   length of one operation, so no session is shared between threads and no
+//   request pays for a login. The pool keeps at least one session open,
+//   because closing a token's last session logs the application out.
+// - A session found lost (CKR_SESSION_HANDLE_INVALID, CKR_SESSION_CLOSED,
+//   CKR_USER_NOT_LOGGED_IN) is dropped and the operation retried once on a
+//   fresh, freshly logged-in session.
+// - A PIN the token rejects is never presented again by this object: every
+//   later call fails with Errc::pin_incorrect without touching the token (a
+//   real HSM locks after a few wrong tries).
+// - Object handles are cached by CKA_ID and looked up again once if the token
+//   says a cached handle is no longer valid.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "hsm/key_service.hpp"
+
+namespace vaultfs::hsm {
+
+struct Pkcs11Config {
+    std::string module_path;  // e.g. /usr/lib/softhsm/libsofthsm2.so
+    std::string token_label;  // CKA_LABEL of the token, e.g. "vaultfs"
+    SecureBuffer pin;         // user PIN, in locked memory
+    // Variables the module reads at C_Initialize (SOFTHSM2_CONF for SoftHSM);
+    // set in this process's environment before the module is initialised.
+    std::vector<std::pair<std::string, std::string>> environment;
+};
+
+class Pkcs11KeyService final : public KeyService {
+public:
+    // Loads the module, finds the token and logs in once. Errors:
+    // module_unavailable, token_not_found, pin_incorrect, pin_locked,
+    // device_error — each with a one-line message naming what failed.
+    static Result<std::unique_ptr<Pkcs11KeyService>> open(Pkcs11Config config);
+
+    ~Pkcs11KeyService() override;
+    Pkcs11KeyService(const Pkcs11KeyService&) = delete;
+    Pkcs11KeyService& operator=(const Pkcs11KeyService&) = delete;
+
+    Result<KeyId> create_kek(const std::string& label) override;
+    Result<void> find_key(const KeyId& id) override;
+    Result<std::vector<std::uint8_t>> seal(const KeyId& kek, const SecureBuffer& dek,
+                                           std::span<const std::uint8_t> aad) override;
+    Result<SecureBuffer> unseal(const KeyId& kek, std::span<const std::uint8_t> sealed,
+                                std::span<const std::uint8_t> aad) override;
+    Result<KeyId> create_signing_key(const std::string& label) override;
+    Result<std::vector<std::uint8_t>> public_point(const KeyId& key) override;
+    Result<std::vector<std::uint8_t>> sign_digest(const KeyId& key,
+                                                  std::span<const std::uint8_t, 32> digest) override;
+    Result<void> ping() override;
+
+    // Test seam: reads one attribute of a key (e.g. CKA_VALUE). Returns the
+    // PKCS#11 return value; a sensitive key must answer
+    // CKR_ATTRIBUTE_SENSITIVE for CKA_VALUE.
+    unsigned long read_attribute_rv(const KeyId& id, unsigned long attribute_type);
+    // Test seam: reads a CK_BBOOL attribute of a key.
+    Result<bool> read_bool_attribute(const KeyId& id, unsigned long attribute_type);
+
+    struct Impl;
+
+private:
+    explicit Pkcs11KeyService(std::unique_ptr<Impl> impl);
+    std::unique_ptr<Impl> impl_;
+};
+
+// Initialises a new token in the module's first free slot (SoftHSM always
+// offers one) with `label`, the security officer PIN and the user PIN.
+// Fails with Errc::device_error if a token with that label already exists.
+Result<void> initialise_token(const std::string& module_path,
+                              const std::vector<std::pair<std::string, std::string>>& environment,
+                              const std::string& label, const SecureBuffer& so_pin, const SecureBuffer& user_pin);
+
+}  // namespace vaultfs::hsm

@@ -1,0 +1,170 @@
+// policy: the access-policy language of a vault — parser, canonical printer
+// and a pure evaluator. No I/O, no FUSE, no knowledge of storage or keys.
+//
+// Grammar (one rule per line; `#` starts a comment; blank lines are allowed):
+//
+//   rule        := effect WS principal WS permissions [WS glob]
+//   effect      := "allow" | "deny"
+//   principal   := "uid:" N | "user:" NAME | "gid:" N | "group:" NAME | "any"
+//   permissions := "*" | perm ("," perm)*
+//   perm        := get | list | set | delete | recover | purge | backup
+//                  | restore | manage
+//   glob        := secret-name pattern with `*` (any run) and `?` (one char)
+//
+// Evaluation: deny wins over allow; nothing is allowed unless a rule allows
+// it. A rule with a glob applies only to operations on a named secret whose
+// name the glob matches; a rule without one covers the whole vault.
+//
+// Names are resolved to ids when a policy is parsed (that is, when it is
+// written), through a NameResolver the caller supplies, so this module stays
+// pure. The canonical form prints ids: `user:alice` reads back as
+// `uid:1001`. print(parse(x)) parses to an equal policy.
+//
+// Thread-safety: a Policy is immutable after parsing; share it freely.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <tl/expected.hpp>
+
+namespace vaultfs::policy {
+
+enum class Permission : std::uint16_t {
+    get = 1 << 0,
+    list = 1 << 1,
+    set = 1 << 2,
+    remove = 1 << 3,  // spelled `delete` in the language
+    recover = 1 << 4,
+    purge = 1 << 5,
+    backup = 1 << 6,
+    restore = 1 << 7,
+    manage = 1 << 8,
+};
+
+// A set of permissions as a bit mask of Permission values.
+class PermissionSet {
+public:
+    constexpr PermissionSet() = default;
+    constexpr explicit PermissionSet(std::uint16_t bits) : bits_(bits) {}
+    constexpr PermissionSet(Permission p) : bits_(static_cast<std::uint16_t>(p)) {}  // NOLINT
+
+    static constexpr PermissionSet all() { return PermissionSet(0x1ff); }
+
+    constexpr bool contains(Permission p) const { return (bits_ & static_cast<std::uint16_t>(p)) != 0; }
+    constexpr bool empty() const { return bits_ == 0; }
+    constexpr std::uint16_t bits() const { return bits_; }
+    constexpr PermissionSet operator|(PermissionSet o) const { return PermissionSet(bits_ | o.bits_); }
+    constexpr PermissionSet operator&(PermissionSet o) const { return PermissionSet(bits_ & o.bits_); }
+    constexpr PermissionSet without(PermissionSet o) const { return PermissionSet(bits_ & ~o.bits_ & 0x1ff); }
+    constexpr bool operator==(const PermissionSet&) const = default;
+
+private:
+    std::uint16_t bits_ = 0;
+};
+
+// The language's spelling of one permission ("get", "delete", ...).
+std::string_view to_string(Permission p);
+// "*" for all of them, otherwise comma-separated in declaration order.
+std::string to_string(PermissionSet s);
+
+// Who is asking, as the kernel reported it. The pid is deliberately absent:
+// it is never a basis for an allow decision.
+struct Subject {
+    uid_t uid = 0;
+    gid_t gid = 0;
+    std::vector<gid_t> groups;  // supplementary groups
+
+    bool in_group(gid_t g) const;
+};
+
+struct Principal {
+    enum class Kind : std::uint8_t { uid, gid, any };
+    Kind kind = Kind::any;
+    std::uint32_t id = 0;  // uid or gid; unused for `any`
+
+    bool matches(const Subject& s) const;
+    bool operator==(const Principal&) const = default;
+};
+
+struct Rule {
+    bool allow = true;
+    Principal principal;
+    PermissionSet permissions;
+    std::optional<std::string> glob;  // absent: the whole vault
+
+    bool operator==(const Rule&) const = default;
+};
+
+struct ParseError {
+    int line = 0;        // 1-based line of the offending input
+    std::string reason;  // e.g. "unknown permission 'red'"
+
+    // "line 3: unknown permission 'red'"
+    std::string message() const;
+};
+
+// Resolves user and group names at parse time. Returns nullopt when the name
+// does not exist, which rejects the whole policy.
+class NameResolver {
+public:
+    virtual ~NameResolver() = default;
+    virtual std::optional<uid_t> user_id(std::string_view name) const = 0;
+    virtual std::optional<gid_t> group_id(std::string_view name) const = 0;
+};
+
+// The outcome of one evaluation. `rule_line` is the 1-based line of the
+// canonical text that decided (the deny that won, or the first allow that
+// granted); 0 means nothing matched and the default deny applied.
+struct Decision {
+    bool allowed = false;
+    int rule_line = 0;
+    std::string rule_text;  // canonical text of that line, empty for default deny
+};
+
+class Policy {
+public:
+    Policy() = default;  // the empty policy: denies everything
+
+    // Parses policy text. Any error rejects the whole text.
+    // Limits: at most 1000 rules, lines at most 4096 bytes.
+    static tl::expected<Policy, ParseError> parse(std::string_view text, const NameResolver& names);
+
+    // A policy granting `*` on the whole vault to one uid (a new vault's).
+    static Policy owner_only(uid_t owner);
+
+    // Canonical text: one rule per line, each line ending in '\n', ids not
+    // names, permissions in declaration order, single spaces.
+    std::string print() const;
+
+    const std::vector<Rule>& rules() const { return rules_; }
+
+    // Decides `wanted` for `who`. `secret` names the secret the operation
+    // touches; nullopt for vault-level operations (list, manage, ...), which
+    // only glob-less rules can grant or deny.
+    Decision evaluate(const Subject& who, Permission wanted, std::optional<std::string_view> secret = std::nullopt) const;
+
+    // Every permission `who` holds on `secret` (or vault-wide when nullopt),
+    // after denies. Used to show a caller's access in file modes.
+    PermissionSet effective(const Subject& who, std::optional<std::string_view> secret = std::nullopt) const;
+
+    // True when some allow rule grants `who` at least one permission that no
+    // glob-less deny for `who` takes away — "holds any permission in the
+    // vault", which decides whether the vault is visible at all.
+    bool holds_any(const Subject& who) const;
+
+    bool operator==(const Policy&) const = default;
+
+private:
+    std::vector<Rule> rules_;
+};
+
+// `*` matches any run of characters (including none), `?` exactly one.
+bool glob_match(std::string_view pattern, std::string_view name);
+
+}  // namespace vaultfs::policy

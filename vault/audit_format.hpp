@@ -1,0 +1,47 @@
+// audit_format: the on-disk form of audit records, shared by the writer and
+// the verifier (internal to vault/).
+//
+//   hash = hex(SHA-256(canonical(record without "hash")))
+//   sig  = hex(r | s), ECDSA P-256 over SHA-256(canonical(record without
+//          "hash" and "sig"))
+//
+// canonical(): nlohmann::json's dump with sorted keys and no whitespace;
+// invalid UTF-8 (an odd exe path) is replaced, never thrown on.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+#include <tl/expected.hpp>
+
+#include "hsm/error.hpp"
+#include "vault/types.hpp"
+
+namespace vaultfs::vault {
+
+// "2026-11-28T13:36:11.123456Z"
+std::string audit_time(Micros t);
+// The `prev` of the first record: 64 zeros.
+const std::string& genesis_hash();
+
+std::string canonical(const nlohmann::json& record);
+std::string sha256_hex(std::string_view data);
+std::array<std::uint8_t, 32> sha256(std::string_view data);
+
+using SignDigest = std::function<hsm::Result<std::vector<std::uint8_t>>(std::span<const std::uint8_t, 32>)>;
+
+struct SealedRecord {
+    std::string line;  // without the newline
+    std::string hash;
+};
+
+// Adds `sig` (when `sign` is set) and `hash` to `record` and renders it.
+// The error is the signer's message.
+tl::expected<SealedRecord, std::string> seal_record(nlohmann::json& record, const SignDigest& sign);
+
+}  // namespace vaultfs::vault

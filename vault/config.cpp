@@ -1,0 +1,282 @@
+#include "vault/config.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <charconv>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+namespace vaultfs::vault {
+
+namespace {
+
+std::string_view trim(std::string_view s)
+{
+    const auto b = s.find_first_not_of(" \t\r");
+    if (b == std::string_view::npos)
+        return {};
+    const auto e = s.find_last_not_of(" \t\r");
+    return s.substr(b, e - b + 1);
+}
+
+template <class T>
+std::optional<T> parse_number(std::string_view s, T min, T max)
+{
+    T v{};
+    const auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+    if (ec != std::errc() || p != s.data() + s.size() || v < min || v > max)
+        return std::nullopt;
+    return v;
+}
+
+bool valid_env_name(std::string_view s)
+{
+    if (s.empty() || (s[0] >= '0' && s[0] <= '9'))
+        return false;
+    for (const char c : s)
+        if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_'))
+            return false;
+    return true;
+}
+
+bool valid_pin_source(std::string_view s)
+{
+    for (const std::string_view prefix : {"file:", "env:", "credential:"})
+        if (s.substr(0, prefix.size()) == prefix && s.size() > prefix.size())
+            return true;
+    return false;
+}
+
+}  // namespace
+
+std::string Config::path_of(const std::string& name) const
+{
+    if (!name.empty() && name[0] == '/')
+        return name;
+    return state_dir + "/" + name;
+}
+
+Result<Config> parse_config(std::string_view text, const std::string& state_dir)
+{
+    Config c;
+    c.state_dir = state_dir;
+    c.pkcs11_module.clear();
+    int line_no = 0;
+    std::size_t pos = 0;
+    const auto bad = [&](const std::string& why) {
+        return fail(Errc::invalid_argument, std::string(config_file_name) + " line " + std::to_string(line_no) + ": " + why);
+    };
+    while (pos <= text.size()) {
+        const auto end = text.find('\n', pos);
+        std::string_view line = text.substr(pos, end == std::string_view::npos ? std::string_view::npos : end - pos);
+        pos = end == std::string_view::npos ? text.size() + 1 : end + 1;
+        ++line_no;
+        if (line.find('\0') != std::string_view::npos)
+            return bad("contains a NUL byte");
+        if (const auto hash = line.find('#'); hash != std::string_view::npos)
+            line = line.substr(0, hash);
+        line = trim(line);
+        if (line.empty())
+            continue;
+        const auto eq = line.find('=');
+        if (eq == std::string_view::npos)
+            return bad("expected `key = value`");
+        const auto key = trim(line.substr(0, eq));
+        const auto value = trim(line.substr(eq + 1));
+        if (value.empty())
+            return bad("`" + std::string(key) + "` has no value");
+        const std::string v(value);
+        const auto number = [&](auto min, auto max) { return parse_number<decltype(min)>(value, min, max); };
+
+        if (key == "pkcs11_module") {
+            c.pkcs11_module = v;
+        } else if (key == "token_label") {
+            if (v.size() > 32)
+                return bad("token_label is longer than 32 bytes");
+            c.token_label = v;
+        } else if (key == "pin_source") {
+            if (!valid_pin_source(v))
+                return bad("pin_source must be file:PATH, env:NAME or credential:NAME");
+            c.pin_source = v;
+        } else if (key.substr(0, 11) == "module_env.") {
+            const auto name = key.substr(11);
+            if (!valid_env_name(name))
+                return bad("bad environment variable name '" + std::string(name) + "'");
+            c.module_env.emplace_back(std::string(name), v);
+        } else if (key == "database") {
+            c.database = v;
+        } else if (key == "audit_file") {
+            c.audit_file = v;
+        } else if (key == "audit_public_key") {
+            c.audit_public_key = v;
+        } else if (key == "audit_sync") {
+            if (v == "always")
+                c.audit_sync = AuditSync::always;
+            else if (v == "interval")
+                c.audit_sync = AuditSync::interval;
+            else
+                return bad("audit_sync must be `always` or `interval`");
+        } else if (key == "audit_sync_interval_ms") {
+            const auto n = number(std::int64_t{1}, std::int64_t{3600000});
+            if (!n)
+                return bad("audit_sync_interval_ms must be 1..3600000");
+            c.audit_sync_interval = std::chrono::milliseconds(*n);
+        } else if (key == "audit_checkpoint_records") {
+            const auto n = number(std::uint64_t{1}, std::uint64_t{10000000});
+            if (!n)
+                return bad("audit_checkpoint_records must be 1..10000000");
+            c.audit_checkpoint_records = *n;
+        } else if (key == "audit_checkpoint_seconds") {
+            const auto n = number(std::int64_t{1}, std::int64_t{86400});
+            if (!n)
+                return bad("audit_checkpoint_seconds must be 1..86400");
+            c.audit_checkpoint_interval = std::chrono::seconds(*n);
+        } else if (key == "dek_cache_entries") {
+            const auto n = number(std::size_t{0}, std::size_t{1} << 20);
+            if (!n)
+                return bad("dek_cache_entries must be 0..1048576");
+            c.dek_cache_entries = *n;
+        } else if (key == "dek_cache_ttl_seconds") {
+            const auto n = number(std::int64_t{0}, std::int64_t{86400});
+            if (!n)
+                return bad("dek_cache_ttl_seconds must be 0..86400");
+            c.dek_cache_ttl = std::chrono::seconds(*n);
+        } else if (key == "admin_group") {
+            c.admin_group = v;
+        } else if (key == "threads") {
+            const auto n = number(1u, 256u);
+            if (!n)
+                return bad("threads must be 1..256");
+            c.threads = *n;
+        } else if (key == "secure_heap_kib") {
+            const auto n = number(std::size_t{64}, std::size_t{4} << 20);
+            if (!n)
+                return bad("secure_heap_kib must be 64..4194304");
+            c.secure_heap_kib = *n;
+        } else if (key == "retention_day_seconds") {
+            const auto n = number(std::int64_t{1}, std::int64_t{86400});
+            if (!n)
+                return bad("retention_day_seconds must be 1..86400");
+            c.retention_day_seconds = *n;
+        } else if (key == "purge_interval_seconds") {
+            const auto n = number(std::int64_t{1}, std::int64_t{86400});
+            if (!n)
+                return bad("purge_interval_seconds must be 1..86400");
+            c.purge_interval = std::chrono::seconds(*n);
+        } else {
+            return bad("unknown key '" + std::string(key) + "'");
+        }
+    }
+    if (c.pkcs11_module.empty())
+        return fail(Errc::invalid_argument, std::string(config_file_name) + ": pkcs11_module is not set");
+    return c;
+}
+
+Result<Config> load_config(const std::string& state_dir)
+{
+    const std::string path = state_dir + "/" + config_file_name;
+    std::ifstream in(path);
+    if (!in)
+        return fail(Errc::not_found, "cannot read " + path + ": " + std::strerror(errno) +
+                                         "; run `vaultfs init --state " + state_dir + "` first");
+    std::stringstream text;
+    text << in.rdbuf();
+    auto c = parse_config(text.str(), state_dir);
+    if (!c)
+        return fail(c.error().code, state_dir + "/" + c.error().message);
+    return c;
+}
+
+std::string render_config(const Config& c)
+{
+    std::ostringstream out;
+    out << "# vaultfs configuration. Relative paths are relative to this directory.\n"
+        << "# To move to a hardware token: set pkcs11_module, token_label and pin_source,\n"
+        << "# and remove the module_env line (it only tells SoftHSM2 where its token lives).\n"
+        << "pkcs11_module = " << c.pkcs11_module << "\n"
+        << "token_label = " << c.token_label << "\n"
+        << "pin_source = " << c.pin_source << "\n";
+    for (const auto& [name, value] : c.module_env)
+        out << "module_env." << name << " = " << value << "\n";
+    out << "database = " << c.database << "\n"
+        << "audit_file = " << c.audit_file << "\n"
+        << "audit_public_key = " << c.audit_public_key << "\n"
+        << "audit_sync = " << (c.audit_sync == AuditSync::always ? "always" : "interval") << "\n"
+        << "audit_sync_interval_ms = " << c.audit_sync_interval.count() << "\n"
+        << "audit_checkpoint_records = " << c.audit_checkpoint_records << "\n"
+        << "audit_checkpoint_seconds = " << c.audit_checkpoint_interval.count() << "\n"
+        << "dek_cache_entries = " << c.dek_cache_entries << "\n"
+        << "dek_cache_ttl_seconds = " << c.dek_cache_ttl.count() << "\n";
+    if (c.admin_group)
+        out << "admin_group = " << *c.admin_group << "\n";
+    out << "threads = " << c.threads << "\n"
+        << "secure_heap_kib = " << c.secure_heap_kib << "\n";
+    return out.str();
+}
+
+Result<hsm::SecureBuffer> read_pin(const Config& c)
+{
+    const auto colon = c.pin_source.find(':');
+    const std::string kind = c.pin_source.substr(0, colon);
+    const std::string arg = c.pin_source.substr(colon + 1);
+
+    if (kind == "env") {
+        const char* v = std::getenv(arg.c_str());
+        if (v == nullptr || *v == '\0')
+            return fail(Errc::key_unavailable, "pin_source " + c.pin_source + ": $" + arg + " is not set");
+        auto pin = hsm::SecureBuffer::copy_of({reinterpret_cast<const std::uint8_t*>(v), std::strlen(v)});
+        if (!pin)
+            return fail(Errc::out_of_memory, pin.error().message);
+        return std::move(*pin);
+    }
+
+    std::string path;
+    if (kind == "file") {
+        path = c.path_of(arg);
+    } else {  // credential: systemd's LoadCredential= / SetCredentialEncrypted=
+        const char* dir = std::getenv("CREDENTIALS_DIRECTORY");
+        if (dir == nullptr)
+            return fail(Errc::key_unavailable,
+                        "pin_source " + c.pin_source + ": $CREDENTIALS_DIRECTORY is not set (not started by systemd?)");
+        path = std::string(dir) + "/" + arg;
+    }
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0)
+        return fail(Errc::key_unavailable, "cannot read PIN file " + path + ": " + std::strerror(errno));
+    struct stat st{};
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        ::close(fd);
+        return fail(Errc::key_unavailable, "PIN file " + path + " is not a regular file");
+    }
+    if (kind == "file" && ((st.st_mode & 077) != 0 || st.st_uid != ::geteuid())) {
+        ::close(fd);
+        return fail(Errc::key_unavailable, "PIN file " + path + " must be owned by this user and mode 0600 (chmod 600 " +
+                                               path + ")");
+    }
+    auto pin = hsm::SecureBuffer::allocate(0, 256);
+    if (!pin) {
+        ::close(fd);
+        return fail(Errc::out_of_memory, pin.error().message);
+    }
+    if (auto r = pin->resize(256); !r) {
+        ::close(fd);
+        return fail(Errc::out_of_memory, r.error().message);
+    }
+    const ssize_t n = ::read(fd, pin->data(), pin->size());
+    ::close(fd);
+    if (n < 0)
+        return fail(Errc::key_unavailable, "cannot read PIN file " + path + ": " + std::strerror(errno));
+    std::size_t len = static_cast<std::size_t>(n);
+    while (len > 0 && (pin->data()[len - 1] == '\n' || pin->data()[len - 1] == '\r'))
+        --len;
+    if (len == 0)
+        return fail(Errc::key_unavailable, "PIN file " + path + " is empty");
+    (void)pin->resize(len);
+    return std::move(*pin);
+}
+
+}  // namespace vaultfs::vault

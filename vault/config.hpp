@@ -1,0 +1,71 @@
+// config: the state directory's `vaultfs.conf`.
+//
+// Format: `key = value` lines; `#` starts a comment; blank lines are allowed;
+// unknown keys and malformed values are errors naming the line. Relative
+// paths are relative to the state directory. Moving from the embedded
+// SoftHSM2 token to a real HSM means editing pkcs11_module, token_label,
+// pin_source and dropping module_env — nothing else.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "hsm/secure_buffer.hpp"
+#include "vault/error.hpp"
+
+namespace vaultfs::vault {
+
+enum class AuditSync { always, interval };
+
+struct Config {
+    std::string state_dir;  // absolute; not in the file
+
+    std::string pkcs11_module;
+    std::string token_label = "vaultfs";
+    std::string pin_source = "file:pin";  // file:PATH | env:NAME | credential:NAME
+    // Set in the environment before the module loads (SOFTHSM2_CONF=...).
+    std::vector<std::pair<std::string, std::string>> module_env;
+
+    std::string database = "vault.db";
+    std::string audit_file = "audit.jsonl";
+    std::string audit_public_key = "audit-signing.pub.pem";
+    AuditSync audit_sync = AuditSync::interval;
+    std::chrono::milliseconds audit_sync_interval{1000};
+    std::uint64_t audit_checkpoint_records = 1000;
+    std::chrono::seconds audit_checkpoint_interval{60};
+
+    std::size_t dek_cache_entries = 4096;
+    std::chrono::seconds dek_cache_ttl{300};  // 0 turns the cache off
+
+    std::optional<std::string> admin_group;  // group name or gid; uid 0 is always an admin
+    unsigned threads = 8;                    // FUSE worker threads
+    std::size_t secure_heap_kib = 16 * 1024;  // locked memory for plaintext and DEKs
+
+    // Retention is counted in days of this many seconds; tests shorten it.
+    std::int64_t retention_day_seconds = 86400;
+    std::chrono::seconds purge_interval{3600};  // how often the purge task runs
+
+    // An absolute path for a file named in the config.
+    std::string path_of(const std::string& name) const;
+};
+
+inline constexpr const char* config_file_name = "vaultfs.conf";
+
+// Parses config text (pure; the fuzz target drives this).
+Result<Config> parse_config(std::string_view text, const std::string& state_dir);
+// Reads STATE/vaultfs.conf.
+Result<Config> load_config(const std::string& state_dir);
+// The text `vaultfs init` writes.
+std::string render_config(const Config& config);
+
+// Reads the token PIN from the configured source into locked memory. A PIN
+// file must be a regular file of mode 0600 (or stricter) owned by the
+// current user. The trailing newline, if any, is not part of the PIN.
+Result<hsm::SecureBuffer> read_pin(const Config& config);
+
+}  // namespace vaultfs::vault

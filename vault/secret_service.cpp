@@ -1,0 +1,702 @@
+#include "vault/secret_service.hpp"
+
+#include <grp.h>
+#include <pwd.h>
+#include <unistd.h>
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <mutex>
+
+#include "vault/envelope.hpp"
+#include "vault/names.hpp"
+
+namespace vaultfs::vault {
+
+using policy::Permission;
+
+namespace {
+
+std::string rule_of(const policy::Decision& d)
+{
+    if (d.rule_line == 0)
+        return "default-deny";
+    return std::to_string(d.rule_line) + ": " + d.rule_text;
+}
+
+Error from_hsm(const hsm::Error& e)
+{
+    switch (e.code) {
+    case hsm::Errc::authentication_failed:
+        return Error{Errc::integrity, e.message};
+    case hsm::Errc::out_of_secure_memory:
+        return Error{Errc::out_of_memory, e.message};
+    default:
+        return Error{Errc::key_unavailable, e.message};
+    }
+}
+
+}  // namespace
+
+std::string_view result_name(Errc code)
+{
+    switch (code) {
+    case Errc::not_found:
+        return "ENOENT";
+    case Errc::already_exists:
+        return "EEXIST";
+    case Errc::invalid_argument:
+        return "EINVAL";
+    case Errc::too_large:
+        return "EFBIG";
+    case Errc::access_denied:
+    case Errc::disabled:
+        return "EACCES";
+    case Errc::not_valid_now:
+        return "EKEYEXPIRED";
+    case Errc::not_permitted:
+        return "EPERM";
+    case Errc::read_only:
+        return "EROFS";
+    case Errc::not_empty:
+        return "ENOTEMPTY";
+    case Errc::integrity:
+    case Errc::key_unavailable:
+    case Errc::storage:
+    case Errc::audit_unavailable:
+        return "EIO";
+    case Errc::no_space:
+        return "ENOSPC";
+    case Errc::out_of_memory:
+        return "ENOMEM";
+    case Errc::busy:
+        return "EBUSY";
+    }
+    return "EIO";
+}
+
+SecretService::SecretService(Store& store, hsm::KeyService& keys, DekCache& deks, AuditLog& audit,
+                             const policy::NameResolver& names, Options options)
+    : store_(store), keys_(keys), deks_(deks), audit_(audit), names_(names), options_(options)
+{
+}
+
+// ---- helpers -------------------------------------------------------------------
+
+bool SecretService::is_admin(const Caller& caller) const
+{
+    return caller.who.uid == 0 || (options_.admin_gid && caller.who.in_group(*options_.admin_gid));
+}
+
+Result<void> SecretService::record(const AuditEvent& event)
+{
+    if (auto r = audit_.append(event); !r)
+        return fail(Errc::audit_unavailable, r.error().message);
+    return {};
+}
+
+tl::unexpected<Error> SecretService::refuse(AuditEvent event, Errc code, std::string message)
+{
+    const auto name = result_name(code);
+    event.result = name;
+    if (auto r = record(event); !r)
+        return tl::unexpected(r.error());
+    return tl::unexpected(Error{code, std::move(message)});
+}
+
+Result<std::shared_ptr<const SecretService::VaultEntry>> SecretService::load_vault(VaultId id)
+{
+    {
+        std::shared_lock lock(vaults_mutex_);
+        if (const auto it = vaults_.find(id.value); it != vaults_.end())
+            return it->second;
+    }
+    auto row = store_.vault_by_id(id);
+    if (!row)
+        return tl::unexpected(row.error());
+    if (!*row)
+        return fail(Errc::not_found);
+    auto text = store_.policy(id);
+    if (!text)
+        return tl::unexpected(text.error());
+    // A stored policy was valid when written; if a name it used has gone,
+    // it still parses because stored policies hold ids only.
+    auto parsed = policy::Policy::parse(*text ? (*text)->text : std::string(), names_);
+    if (!parsed) {
+        spdlog::error("vault {}: stored policy does not parse ({}); denying everything", (*row)->name,
+                      parsed.error().message());
+        parsed = policy::Policy();
+    }
+    auto entry = make_entry(std::move(**row), std::move(*parsed));
+    std::unique_lock lock(vaults_mutex_);
+    vaults_[id.value] = entry;
+    return entry;
+}
+
+std::shared_ptr<const SecretService::VaultEntry> SecretService::make_entry(VaultRow row, policy::Policy policy)
+{
+    const std::size_t size = policy.print().size();
+    return std::make_shared<const VaultEntry>(
+        VaultEntry{std::move(row), std::make_shared<const policy::Policy>(std::move(policy)), size});
+}
+
+Result<std::shared_ptr<const SecretService::VaultEntry>> SecretService::load_vault(std::string_view name)
+{
+    if (!is_valid_vault_name(name))
+        return fail(Errc::not_found);
+    {
+        std::shared_lock lock(vaults_mutex_);
+        for (const auto& [id, entry] : vaults_)
+            if (entry->row.name == name)
+                return entry;
+    }
+    auto row = store_.vault_by_name(name);
+    if (!row)
+        return tl::unexpected(row.error());
+    if (!*row)
+        return fail(Errc::not_found);
+    return load_vault((*row)->id);
+}
+
+void SecretService::forget_vault(VaultId id)
+{
+    std::unique_lock lock(vaults_mutex_);
+    vaults_.erase(id.value);
+}
+
+VaultView SecretService::view_of(const Caller& caller, const VaultEntry& v) const
+{
+    return VaultView{v.row.id,
+                     v.row.name,
+                     v.row.created,
+                     VaultSettings{v.row.retention_days, v.row.purge_protection},
+                     v.policy->effective(caller.who),
+                     is_admin(caller),
+                     v.policy_size};
+}
+
+Result<SecretView> SecretService::view_of(const Caller& caller, const VaultEntry& v, const SecretRow& s,
+                                          VersionRow version, bool pinned)
+{
+    return SecretView{v.row.id,   v.row.name, s.id,   s.name, s.created, std::move(version),
+                      pinned, v.policy->effective(caller.who, s.name)};
+}
+
+// ---- vaults --------------------------------------------------------------------
+
+Result<std::vector<VaultView>> SecretService::list_vaults(const Caller& caller)
+{
+    auto rows = store_.vaults();
+    if (!rows)
+        return tl::unexpected(rows.error());
+    std::vector<VaultView> out;
+    for (const auto& row : *rows) {
+        auto v = load_vault(row.id);
+        if (!v)
+            continue;  // removed meanwhile
+        if (is_admin(caller) || (*v)->policy->holds_any(caller.who))
+            out.push_back(view_of(caller, **v));
+    }
+    return out;
+}
+
+Result<VaultView> SecretService::find_vault(const Caller& caller, std::string_view name)
+{
+    auto v = load_vault(name);
+    if (!v)
+        return tl::unexpected(v.error());
+    if (!is_admin(caller) && !(*v)->policy->holds_any(caller.who))
+        return fail(Errc::not_found);
+    return view_of(caller, **v);
+}
+
+Result<VaultView> SecretService::vault(const Caller& caller, VaultId id)
+{
+    auto v = load_vault(id);
+    if (!v)
+        return tl::unexpected(v.error());
+    if (!is_admin(caller) && !(*v)->policy->holds_any(caller.who))
+        return fail(Errc::not_found);
+    return view_of(caller, **v);
+}
+
+Result<VaultView> SecretService::create_vault(const Caller& caller, std::string_view name, VaultSettings settings)
+{
+    AuditEvent ev{.op = "vault_create", .caller = &caller, .vault = name, .allowed = false, .rule = "not-admin"};
+    if (!is_admin(caller))
+        return refuse(ev, Errc::not_permitted, "only admins create vaults");
+    ev.allowed = true;
+    ev.rule = "admin";
+    if (!is_valid_vault_name(name))
+        return refuse(ev, Errc::invalid_argument, "vault names are 3-24 letters, digits and single hyphens");
+    if (settings.retention_days < 7 || settings.retention_days > 90)
+        return refuse(ev, Errc::invalid_argument, "retention must be 7 to 90 days");
+    if (auto existing = store_.vault_by_name(name); existing && *existing)
+        return refuse(ev, Errc::already_exists);
+
+    auto kek = keys_.create_kek("vaultfs-kek-" + std::string(name));
+    if (!kek) {
+        spdlog::error("creating the KEK for vault {} failed: {}", name, kek.error().message);
+        return refuse(ev, Errc::key_unavailable, kek.error().message);
+    }
+    const Micros now = now_micros();
+    const auto owner = policy::Policy::owner_only(caller.who.uid);
+    VaultRow row{VaultId{}, std::string(name), kek->hex, settings.retention_days, settings.purge_protection, now,
+                 caller.who.uid};
+    VaultId id;
+    auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
+        auto inserted = tx.insert_vault(row, PolicyRow{owner.print(), now, caller.who.uid});
+        if (!inserted)
+            return tl::unexpected(inserted.error());
+        id = *inserted;
+        return record(ev);
+    });
+    if (!w) {
+        if (w.error().code == Errc::audit_unavailable)
+            return tl::unexpected(w.error());
+        return refuse(ev, w.error().code, w.error().message);
+    }
+    auto v = load_vault(id);
+    if (!v)
+        return tl::unexpected(v.error());
+    return view_of(caller, **v);
+}
+
+Result<void> SecretService::remove_vault(const Caller& caller, std::string_view name)
+{
+    AuditEvent ev{.op = "vault_remove", .caller = &caller, .vault = name, .allowed = false, .rule = "not-admin"};
+    if (!is_admin(caller))
+        return refuse(ev, Errc::not_permitted, "only admins remove vaults");
+    ev.allowed = true;
+    ev.rule = "admin";
+    auto v = load_vault(name);
+    if (!v)
+        return refuse(ev, v.error().code);
+    const VaultId id = (*v)->row.id;
+    auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
+        // Counted inside the transaction so a concurrent create cannot slip in.
+        auto live = tx.remove_empty_secrets(id);
+        if (!live)
+            return live;
+        auto count = tx.secret_count(id);
+        if (!count)
+            return tl::unexpected(count.error());
+        if (*count > 0)
+            return fail(Errc::not_empty);
+        if (auto r = tx.delete_vault(id); !r)
+            return r;
+        return record(ev);
+    });
+    if (!w) {
+        if (w.error().code == Errc::audit_unavailable)
+            return w;
+        return refuse(ev, w.error().code, w.error().message);
+    }
+    forget_vault(id);
+    // The KEK stays in the token: backups of this vault may still need it.
+    return {};
+}
+
+// ---- looking ---------------------------------------------------------------------
+
+Result<SecretView> SecretService::find_secret(const Caller& caller, VaultId vault, std::string_view component)
+{
+    auto v = load_vault(vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    if (!(*v)->policy->holds_any(caller.who))
+        return fail(Errc::access_denied);
+    const auto path = parse_secret_path(component);
+    if (!path)
+        return fail(Errc::not_found);
+    auto s = store_.secret_by_name(vault, path->name);
+    if (!s)
+        return tl::unexpected(s.error());
+    if (!*s || !(*s)->has_versions() || (*s)->deleted())
+        return fail(Errc::not_found);
+    auto version = path->version ? store_.version((*s)->id, *path->version) : store_.current_version((*s)->id);
+    if (!version)
+        return tl::unexpected(version.error());
+    if (!*version)
+        return fail(Errc::not_found);
+    return view_of(caller, **v, **s, std::move(**version), path->version.has_value());
+}
+
+Result<SecretView> SecretService::secret_by_id(const Caller& caller, SecretId id)
+{
+    auto s = store_.secret_by_id(id);
+    if (!s)
+        return tl::unexpected(s.error());
+    if (!*s || (*s)->deleted())
+        return fail(Errc::not_found);
+    auto v = load_vault((*s)->vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    if (!(*v)->policy->holds_any(caller.who))
+        return fail(Errc::access_denied);
+    if (!(*s)->has_versions()) {
+        // Being created: a writer holds it open, its first version not yet
+        // committed. It has no value to read.
+        VersionRow none;
+        none.secret = id;
+        none.created = none.updated = (*s)->created;
+        return view_of(caller, **v, **s, none, false);
+    }
+    auto version = store_.current_version(id);
+    if (!version)
+        return tl::unexpected(version.error());
+    if (!*version)
+        return fail(Errc::not_found);
+    return view_of(caller, **v, **s, std::move(**version), false);
+}
+
+Result<SecretView> SecretService::version_by_id(const Caller& caller, VersionId id)
+{
+    auto version = store_.version_by_id(id);
+    if (!version)
+        return tl::unexpected(version.error());
+    if (!*version)
+        return fail(Errc::not_found);
+    auto s = store_.secret_by_id((*version)->secret);
+    if (!s)
+        return tl::unexpected(s.error());
+    if (!*s || (*s)->deleted())
+        return fail(Errc::not_found);
+    auto v = load_vault((*s)->vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    if (!(*v)->policy->holds_any(caller.who))
+        return fail(Errc::access_denied);
+    return view_of(caller, **v, **s, std::move(**version), true);
+}
+
+// ---- listing ---------------------------------------------------------------------
+
+Result<ListingGrant> SecretService::open_listing(const Caller& caller, VaultId vault)
+{
+    auto v = load_vault(vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    const auto d = (*v)->policy->evaluate(caller.who, Permission::list);
+    const auto rule = rule_of(d);
+    AuditEvent ev{.op = "list", .caller = &caller, .vault = (*v)->row.name, .allowed = d.allowed, .rule = rule};
+    if (!d.allowed)
+        return refuse(ev, Errc::access_denied);
+    if (auto r = record(ev); !r)
+        return tl::unexpected(r.error());
+    return ListingGrant{vault, (*v)->row.name};
+}
+
+Result<std::vector<SecretRow>> SecretService::secrets_page(const ListingGrant& grant, SecretId after,
+                                                           std::size_t limit)
+{
+    return store_.live_secrets(grant.vault, after, limit);
+}
+
+Result<std::vector<VersionEntry>> SecretService::versions_page(const ListingGrant& grant, VersionId after,
+                                                               std::size_t limit)
+{
+    return store_.versions_in_vault(grant.vault, after, limit);
+}
+
+// ---- values ------------------------------------------------------------------------
+
+Result<hsm::SecureBuffer> SecretService::decrypt(const VaultEntry& v, const SecretRow& s, const VersionRow& version)
+{
+    auto sealed = store_.sealed_version(version.id);
+    if (!sealed)
+        return tl::unexpected(sealed.error());
+    if (!*sealed)
+        return fail(Errc::not_found);
+    const Binding binding{v.row.id, s.name, version.number, (*sealed)->kek_id};
+    const auto dek_binding = dek_aad(binding);
+
+    DekCache::Dek dek = deks_.find((*sealed)->kek_id, (*sealed)->sealed_dek);
+    if (!dek) {
+        auto unsealed = keys_.unseal(hsm::KeyId{(*sealed)->kek_id}, (*sealed)->sealed_dek, dek_binding);
+        if (!unsealed)
+            return tl::unexpected(from_hsm(unsealed.error()));
+        dek = std::make_shared<const hsm::SecureBuffer>(std::move(*unsealed));
+        deks_.insert((*sealed)->kek_id, (*sealed)->sealed_dek, dek);
+    }
+    return open_value(*dek, (*sealed)->nonce, (*sealed)->ciphertext, value_aad(binding));
+}
+
+Result<hsm::SecureBuffer> SecretService::read_value(const Caller& caller, const SecretView& target)
+{
+    auto v = load_vault(target.vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    const auto d = (*v)->policy->evaluate(caller.who, Permission::get, target.name);
+    const auto rule = rule_of(d);
+    AuditEvent ev{.op = "get",
+                  .caller = &caller,
+                  .vault = target.vault_name,
+                  .secret = target.name,
+                  .version = target.version.number,
+                  .allowed = d.allowed,
+                  .rule = rule};
+    if (!d.allowed)
+        return refuse(ev, Errc::access_denied);
+
+    if (target.version.number == 0)
+        return refuse(ev, Errc::not_found);
+    // Re-read the row: attributes may have changed since the lookup.
+    auto current = store_.version_by_id(target.version.id);
+    if (!current)
+        return refuse(ev, current.error().code, current.error().message);
+    if (!*current)
+        return refuse(ev, Errc::not_found);
+    const VersionRow& version = **current;
+    const Micros now = now_micros();
+    if (!version.enabled) {
+        ev.reason = "disabled";
+        return refuse(ev, Errc::disabled);
+    }
+    if (version.not_before && now < *version.not_before) {
+        ev.reason = "not yet valid";
+        return refuse(ev, Errc::not_valid_now);
+    }
+    if (version.expires && now >= *version.expires) {
+        ev.reason = "expired";
+        return refuse(ev, Errc::not_valid_now);
+    }
+    auto s = store_.secret_by_id(target.id);
+    if (!s || !*s || (*s)->deleted())
+        return refuse(ev, Errc::not_found);
+
+    auto value = decrypt(**v, **s, version);
+    if (!value) {
+        spdlog::error("reading {}/{}@{} failed: {}", target.vault_name, target.name, version.number,
+                      value.error().message);
+        ev.reason = value.error().code == Errc::integrity ? "integrity check failed" : "key service unavailable";
+        return refuse(ev, value.error().code, value.error().message);
+    }
+    ev.bytes = value->size();
+    if (auto r = record(ev); !r)
+        return tl::unexpected(r.error());  // the value is wiped on return
+    return std::move(*value);
+}
+
+Result<WriteGrant> SecretService::open_for_write(const Caller& caller, VaultId vault, std::string_view name,
+                                                 WriteIntent intent)
+{
+    auto v = load_vault(vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    AuditEvent ev{.op = "set", .caller = &caller, .vault = (*v)->row.name, .secret = name};
+    if (!is_valid_secret_name(name)) {
+        ev.rule = "invalid-name";
+        return refuse(ev, Errc::invalid_argument, "secret names are 1-127 letters, digits and hyphens");
+    }
+    const auto d = (*v)->policy->evaluate(caller.who, Permission::set, name);
+    const auto rule = rule_of(d);
+    ev.allowed = d.allowed;
+    ev.rule = rule;
+    if (!d.allowed)
+        return refuse(ev, Errc::access_denied);
+
+    auto s = store_.secret_by_name(vault, name);
+    if (!s)
+        return refuse(ev, s.error().code, s.error().message);
+    std::optional<SecretRow> row = *s;
+    if (row && row->deleted()) {
+        ev.reason = "soft-deleted";
+        return refuse(ev, Errc::already_exists);
+    }
+    if (row && row->has_versions() && intent.create && intent.exclusive)
+        return refuse(ev, Errc::already_exists);
+    if (!row || !row->has_versions()) {
+        if (!intent.create && !row)
+            return refuse(ev, Errc::not_found);
+    }
+    if (!row) {
+        auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
+            auto made = tx.ensure_secret(vault, name, now_micros());
+            if (!made)
+                return tl::unexpected(made.error());
+            row = std::move(*made);
+            return {};
+        });
+        if (!w)
+            return refuse(ev, w.error().code, w.error().message);
+        if (row->deleted()) {
+            ev.reason = "soft-deleted";
+            return refuse(ev, Errc::already_exists);
+        }
+    }
+    if (auto r = record(ev); !r)
+        return tl::unexpected(r.error());
+    return WriteGrant{vault, (*v)->row.name, row->id, std::string(name), row->created};
+}
+
+Result<std::uint64_t> SecretService::commit(const Caller& caller, const WriteGrant& grant,
+                                            const hsm::SecureBuffer& value)
+{
+    auto v = load_vault(grant.vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    AuditEvent ev{.op = "commit",
+                  .caller = &caller,
+                  .vault = grant.vault_name,
+                  .secret = grant.name,
+                  .allowed = true,
+                  .rule = "granted-at-open",
+                  .bytes = value.size()};
+    if (value.size() > max_value_size)
+        return refuse(ev, Errc::too_large, "values are at most 25 KiB");
+
+    const std::string& kek = (*v)->row.kek_id;
+    std::uint64_t number = 0;
+    bool audited = false;
+    auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
+        auto s = tx.secret(grant.secret);
+        if (!s)
+            return tl::unexpected(s.error());
+        if (!*s)
+            return fail(Errc::not_found, "the secret was purged while open");
+        if ((*s)->deleted())
+            return fail(Errc::not_found, "the secret was deleted while open");
+        auto claimed = tx.claim_version_number(grant.secret);
+        if (!claimed)
+            return tl::unexpected(claimed.error());
+        const Binding binding{grant.vault, grant.name, *claimed, kek};
+        auto dek = new_dek();
+        if (!dek)
+            return tl::unexpected(dek.error());
+        auto sealed_dek = keys_.seal(hsm::KeyId{kek}, *dek, dek_aad(binding));
+        if (!sealed_dek)
+            return tl::unexpected(from_hsm(sealed_dek.error()));
+        auto sealed = seal_value(*dek, value.bytes(), value_aad(binding));
+        if (!sealed)
+            return tl::unexpected(sealed.error());
+        const Micros now = now_micros();
+        SealedVersion row{VersionRow{VersionId{}, grant.secret, *claimed, value.size(), now, now, caller.who.uid, true,
+                                     std::nullopt, std::nullopt, std::nullopt},
+                          kek, std::move(sealed->nonce), std::move(sealed->ciphertext), std::move(*sealed_dek)};
+        if (auto r = tx.insert_version(row); !r)
+            return tl::unexpected(r.error());
+        ev.version = *claimed;
+        // Written before COMMIT: if the audit cannot take it, nothing commits.
+        if (auto r = record(ev); !r)
+            return r;
+        audited = true;
+        number = *claimed;
+        return {};
+    });
+    if (!w) {
+        if (w.error().code == Errc::audit_unavailable && !audited)
+            return tl::unexpected(w.error());
+        if (audited)
+            ev.reason = "rolled back";
+        spdlog::error("commit to {}/{} failed: {}", grant.vault_name, grant.name, w.error().message);
+        return refuse(ev, w.error().code, w.error().message);
+    }
+    return number;
+}
+
+// ---- policies ------------------------------------------------------------------------
+
+Result<std::string> SecretService::read_policy(const Caller& caller, VaultId vault)
+{
+    auto v = load_vault(vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    const auto d = (*v)->policy->evaluate(caller.who, Permission::manage);
+    const auto rule = rule_of(d);
+    AuditEvent ev{.op = "policy_get", .caller = &caller, .vault = (*v)->row.name, .allowed = d.allowed, .rule = rule};
+    if (!d.allowed)
+        return refuse(ev, Errc::access_denied);
+    std::string text = (*v)->policy->print();
+    ev.bytes = text.size();
+    if (auto r = record(ev); !r)
+        return tl::unexpected(r.error());
+    return text;
+}
+
+Result<void> SecretService::write_policy(const Caller& caller, VaultId vault, std::string_view text)
+{
+    auto v = load_vault(vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    const auto d = (*v)->policy->evaluate(caller.who, Permission::manage);
+    const auto rule = rule_of(d);
+    AuditEvent ev{.op = "policy_set",
+                  .caller = &caller,
+                  .vault = (*v)->row.name,
+                  .allowed = d.allowed,
+                  .rule = rule,
+                  .bytes = text.size()};
+    if (!d.allowed)
+        return refuse(ev, Errc::access_denied);
+    auto parsed = policy::Policy::parse(text, names_);
+    if (!parsed) {
+        const std::string why = parsed.error().message();
+        ev.reason = why;
+        return refuse(ev, Errc::invalid_argument, why);
+    }
+    const std::string canonical = parsed->print();
+    auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
+        if (auto r = tx.set_policy(vault, PolicyRow{canonical, now_micros(), caller.who.uid}); !r)
+            return r;
+        return record(ev);
+    });
+    if (!w) {
+        if (w.error().code == Errc::audit_unavailable)
+            return w;
+        return refuse(ev, w.error().code, w.error().message);
+    }
+    // Swap in the new policy: the next open sees it.
+    auto entry = make_entry((*v)->row, std::move(*parsed));
+    std::unique_lock lock(vaults_mutex_);
+    vaults_[vault.value] = std::move(entry);
+    return {};
+}
+
+Result<void> SecretService::authorize(const Caller& caller, VaultId vault, Permission wanted, std::string_view op)
+{
+    auto v = load_vault(vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    const auto d = (*v)->policy->evaluate(caller.who, wanted);
+    if (d.allowed)
+        return {};
+    const auto rule = rule_of(d);
+    return refuse(AuditEvent{.op = op, .caller = &caller, .vault = (*v)->row.name, .allowed = false, .rule = rule},
+                  Errc::access_denied);
+}
+
+Result<policy::PermissionSet> SecretService::vault_permissions(const Caller& caller, VaultId vault)
+{
+    auto v = load_vault(vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    return (*v)->policy->effective(caller.who);
+}
+
+// ---- names ---------------------------------------------------------------------------
+
+std::optional<uid_t> SystemNameResolver::user_id(std::string_view name) const
+{
+    const std::string n(name);
+    passwd pw{};
+    passwd* out = nullptr;
+    std::vector<char> buf(16384);
+    if (::getpwnam_r(n.c_str(), &pw, buf.data(), buf.size(), &out) != 0 || out == nullptr)
+        return std::nullopt;
+    return out->pw_uid;
+}
+
+std::optional<gid_t> SystemNameResolver::group_id(std::string_view name) const
+{
+    const std::string n(name);
+    group gr{};
+    group* out = nullptr;
+    std::vector<char> buf(65536);
+    if (::getgrnam_r(n.c_str(), &gr, buf.data(), buf.size(), &out) != 0 || out == nullptr)
+        return std::nullopt;
+    return out->gr_gid;
+}
+
+}  // namespace vaultfs::vault

@@ -1,0 +1,192 @@
+// SecretService: the domain of vaultfs, with no knowledge of FUSE.
+//
+// Every call takes the Caller (uid, gid, groups from the kernel) and decides
+// with the vault's policy; every operation listed in DESIGN §5 writes one
+// audit record — allowed or denied — before it returns. If that record
+// cannot be written the call fails with Errc::audit_unavailable and returns
+// no secret bytes.
+//
+// Visibility rules (DESIGN §1):
+//   - a vault is visible to a caller who holds any permission in it, and to
+//     admins (uid 0 or the admin group), who may create and remove vaults
+//     but get no data access beyond what a policy grants;
+//   - looking at anything inside a vault needs some permission on it;
+//   - reading needs `get`, writing `set`, listing `list`, the policy
+//     `manage`.
+//
+// Thread-safety: all methods may be called concurrently.
+#pragma once
+
+#include <sys/types.h>
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <shared_mutex>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "hsm/key_service.hpp"
+#include "hsm/secure_buffer.hpp"
+#include "policy/policy.hpp"
+#include "vault/audit.hpp"
+#include "vault/dek_cache.hpp"
+#include "vault/error.hpp"
+#include "vault/store.hpp"
+#include "vault/types.hpp"
+
+namespace vaultfs::vault {
+
+struct VaultSettings {
+    int retention_days = 90;  // 7..90
+    bool purge_protection = false;
+};
+
+struct VaultView {
+    VaultId id;
+    std::string name;
+    Micros created = 0;
+    VaultSettings settings;
+    policy::PermissionSet permissions;  // vault-wide, for this caller
+    bool caller_is_admin = false;
+    std::size_t policy_size = 0;  // bytes of the canonical policy text
+};
+
+// A secret as one path names it: `S` (the current version) or `S@N`.
+struct SecretView {
+    VaultId vault;
+    std::string vault_name;
+    SecretId id;
+    std::string name;
+    Micros secret_created = 0;  // distinguishes a re-created name
+    VersionRow version;         // the version this view stands for
+    bool pinned = false;        // true for S@N
+    policy::PermissionSet permissions;
+};
+
+// Permission to commit new versions of one secret, granted at open.
+struct WriteGrant {
+    VaultId vault;
+    std::string vault_name;
+    SecretId secret;
+    std::string name;
+    Micros secret_created = 0;
+};
+
+// A vault listing opened by a caller holding `list` (audited once).
+struct ListingGrant {
+    VaultId vault;
+    std::string vault_name;
+};
+
+struct Options {
+    std::optional<gid_t> admin_gid;
+    std::int64_t retention_day_seconds = 86400;
+};
+
+class SecretService {
+public:
+    SecretService(Store& store, hsm::KeyService& keys, DekCache& deks, AuditLog& audit,
+                  const policy::NameResolver& names, Options options);
+
+    // ---- vaults ----------------------------------------------------------------
+    bool is_admin(const Caller& caller) const;
+    // Vaults visible to the caller, by id.
+    Result<std::vector<VaultView>> list_vaults(const Caller& caller);
+    // Errc::not_found when missing, malformed, or not visible.
+    Result<VaultView> find_vault(const Caller& caller, std::string_view name);
+    Result<VaultView> vault(const Caller& caller, VaultId id);
+    // Admins only. The new vault's policy grants the caller `*`. Audited.
+    Result<VaultView> create_vault(const Caller& caller, std::string_view name, VaultSettings settings);
+    // Admins only; Errc::not_empty while it holds live or soft-deleted
+    // secrets. Audited.
+    Result<void> remove_vault(const Caller& caller, std::string_view name);
+
+    // ---- looking ---------------------------------------------------------------
+    // "S" or "S@N" in a vault; needs some permission on the vault.
+    // Errc::not_found for malformed names, unknown or soft-deleted secrets.
+    Result<SecretView> find_secret(const Caller& caller, VaultId vault, std::string_view component);
+    // The current version of a secret / one version row, by id (for inodes).
+    // A secret whose first version is still being written has version
+    // number 0 and size 0.
+    Result<SecretView> secret_by_id(const Caller& caller, SecretId id);
+    Result<SecretView> version_by_id(const Caller& caller, VersionId id);
+
+    // ---- listing ---------------------------------------------------------------
+    // Needs `list`. Audited ("list").
+    Result<ListingGrant> open_listing(const Caller& caller, VaultId vault);
+    // Pages of a listing already granted; not audited again.
+    Result<std::vector<SecretRow>> secrets_page(const ListingGrant& grant, SecretId after, std::size_t limit);
+    Result<std::vector<VersionEntry>> versions_page(const ListingGrant& grant, VersionId after, std::size_t limit);
+
+    // ---- values ----------------------------------------------------------------
+    // Needs `get`. Checks enabled / not_before / expires, decrypts the
+    // version `target` stands for, audits ("get"), and returns the value.
+    Result<hsm::SecureBuffer> read_value(const Caller& caller, const SecretView& target);
+
+    struct WriteIntent {
+        bool create = false;     // O_CREAT
+        bool exclusive = false;  // O_EXCL
+    };
+    // Needs `set`. Validates the name (Errc::invalid_argument), refuses a
+    // soft-deleted name (Errc::already_exists), and makes the secret's row if
+    // it is new. Audited ("set").
+    Result<WriteGrant> open_for_write(const Caller& caller, VaultId vault, std::string_view name, WriteIntent intent);
+    // Commits `value` as the next version: sealed under a fresh DEK, durable
+    // when this returns. Errc::too_large above 25 KiB (nothing committed).
+    // Audited ("commit").
+    Result<std::uint64_t> commit(const Caller& caller, const WriteGrant& grant, const hsm::SecureBuffer& value);
+
+    // ---- policies --------------------------------------------------------------
+    // Needs `manage`. Audited ("policy_get" / "policy_set").
+    Result<std::string> read_policy(const Caller& caller, VaultId vault);
+    // Parses and swaps in the new policy atomically. Errc::invalid_argument
+    // (message names the line) leaves the old policy in force.
+    Result<void> write_policy(const Caller& caller, VaultId vault, std::string_view text);
+    // Checks `wanted` without doing anything else; a refusal is audited as
+    // `op`. For opens whose real work (and allowed record) comes later.
+    Result<void> authorize(const Caller& caller, VaultId vault, policy::Permission wanted, std::string_view op);
+    // The permissions the caller holds on the vault (for .policy's mode).
+    Result<policy::PermissionSet> vault_permissions(const Caller& caller, VaultId vault);
+
+    DekCache& dek_cache() { return deks_; }
+
+private:
+    struct VaultEntry {
+        VaultRow row;
+        std::shared_ptr<const policy::Policy> policy;
+        std::size_t policy_size = 0;
+    };
+    static std::shared_ptr<const VaultEntry> make_entry(VaultRow row, policy::Policy policy);
+    Result<std::shared_ptr<const VaultEntry>> load_vault(VaultId id);
+    Result<std::shared_ptr<const VaultEntry>> load_vault(std::string_view name);
+    void forget_vault(VaultId id);
+    VaultView view_of(const Caller& caller, const VaultEntry& v) const;
+    Result<SecretView> view_of(const Caller& caller, const VaultEntry& v, const SecretRow& s, VersionRow version,
+                               bool pinned);
+    Result<hsm::SecureBuffer> decrypt(const VaultEntry& v, const SecretRow& s, const VersionRow& version);
+    // Appends a record; maps a failure to Errc::audit_unavailable.
+    Result<void> record(const AuditEvent& event);
+    // Records a denial/failure and returns `code` (or audit_unavailable).
+    tl::unexpected<Error> refuse(AuditEvent event, Errc code, std::string message = {});
+
+    Store& store_;
+    hsm::KeyService& keys_;
+    DekCache& deks_;
+    AuditLog& audit_;
+    const policy::NameResolver& names_;
+    Options options_;
+
+    std::shared_mutex vaults_mutex_;
+    std::map<std::int64_t, std::shared_ptr<const VaultEntry>> vaults_;  // by id
+};
+
+// Resolves user and group names through the system databases (NSS).
+class SystemNameResolver final : public policy::NameResolver {
+public:
+    std::optional<uid_t> user_id(std::string_view name) const override;
+    std::optional<gid_t> group_id(std::string_view name) const override;
+};
+
+}  // namespace vaultfs::vault

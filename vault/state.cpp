@@ -1,0 +1,285 @@
+#include "vault/state.hpp"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <openssl/rand.h>
+#include <spdlog/spdlog.h>
+
+#include <cerrno>
+#include <charconv>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+namespace vaultfs::vault {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr const char* signing_key_setting = "audit_signing_key";
+
+// What to do about each way the token can fail, appended to its message.
+std::string hsm_hint(const hsm::Error& e, const Config& c)
+{
+    const std::string conf = c.state_dir + "/" + config_file_name;
+    switch (e.code) {
+    case hsm::Errc::module_unavailable:
+        return e.message + "; install the module (apt-get install softhsm2) or fix pkcs11_module in " + conf;
+    case hsm::Errc::token_not_found:
+        return e.message + "; check token_label and module_env in " + conf + " (or run `vaultfs init`)";
+    case hsm::Errc::pin_incorrect:
+        return e.message + "; fix pin_source in " + conf + " before trying again (a hardware token locks after a "
+                                                          "few wrong PINs)";
+    case hsm::Errc::pin_locked:
+        return e.message + "; the token's security officer must unlock it";
+    case hsm::Errc::key_not_found:
+        return e.message + "; the token does not hold this state's keys — is this the right token?";
+    default:
+        return e.message;
+    }
+}
+
+Result<hsm::SecureBuffer> random_pin(std::size_t chars)
+{
+    static const char alphabet[] = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
+    auto pin = hsm::SecureBuffer::allocate(chars);
+    if (!pin)
+        return fail(Errc::out_of_memory, pin.error().message);
+    auto raw = hsm::SecureBuffer::allocate(chars);
+    if (!raw || RAND_priv_bytes(raw->data(), static_cast<int>(chars)) != 1)
+        return fail(Errc::storage, "cannot generate a random PIN");
+    for (std::size_t i = 0; i < chars; ++i)
+        pin->data()[i] = static_cast<std::uint8_t>(alphabet[raw->data()[i] % (sizeof alphabet - 1)]);
+    return std::move(*pin);
+}
+
+Result<void> write_file(const std::string& path, const void* data, std::size_t size, mode_t mode)
+{
+    const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode);
+    if (fd < 0)
+        return fail(Errc::storage, "cannot create " + path + ": " + std::strerror(errno));
+    const bool ok = ::write(fd, data, size) == static_cast<ssize_t>(size) && ::fsync(fd) == 0;
+    ::close(fd);
+    if (!ok)
+        return fail(Errc::storage, "cannot write " + path);
+    return {};
+}
+
+Result<void> write_text(const std::string& path, const std::string& text, mode_t mode)
+{
+    return write_file(path, text.data(), text.size(), mode);
+}
+
+std::optional<gid_t> resolve_group(const std::string& g)
+{
+    gid_t id = 0;
+    const auto [p, ec] = std::from_chars(g.data(), g.data() + g.size(), id);
+    if (ec == std::errc() && p == g.data() + g.size())
+        return id;
+    SystemNameResolver names;
+    return names.group_id(g);
+}
+
+}  // namespace
+
+std::string absolute_path(const std::string& path)
+{
+    std::error_code ec;
+    auto p = fs::absolute(path, ec);
+    if (ec)
+        return path;
+    std::string s = p.lexically_normal().string();
+    while (s.size() > 1 && s.back() == '/')
+        s.pop_back();
+    return s;
+}
+
+Result<std::vector<std::string>> init_state(const std::string& dir_arg, const InitOptions& options)
+{
+    const std::string dir = absolute_path(dir_arg);
+    std::error_code ec;
+    bool made_dir = false;
+    if (fs::exists(dir, ec)) {
+        if (!fs::is_directory(dir, ec))
+            return fail(Errc::already_exists, dir + " exists and is not a directory; choose another --state");
+        if (fs::exists(dir + "/" + config_file_name, ec) || fs::exists(dir + "/vault.db", ec))
+            return fail(Errc::already_exists, dir + " already holds a vaultfs state; refusing to overwrite it "
+                                                    "(remove it first, or choose another --state)");
+        if (!fs::is_empty(dir, ec))
+            return fail(Errc::already_exists, dir + " is not empty; vaultfs init needs a new or empty directory");
+    } else {
+        if (::mkdir(dir.c_str(), 0700) != 0)
+            return fail(Errc::storage, "cannot create " + dir + ": " + std::strerror(errno));
+        made_dir = true;
+    }
+    if (::chmod(dir.c_str(), 0700) != 0)
+        return fail(Errc::storage, "cannot chmod 0700 " + dir + ": " + std::strerror(errno));
+
+    // Undo everything on failure, so a failed init leaves nothing half-made.
+    struct Cleanup {
+        std::string dir;
+        bool made_dir;
+        bool armed = true;
+        ~Cleanup()
+        {
+            if (!armed)
+                return;
+            std::error_code e;
+            if (made_dir) {
+                fs::remove_all(dir, e);
+            } else {
+                for (const auto& entry : fs::directory_iterator(dir, e))
+                    fs::remove_all(entry.path(), e);
+            }
+        }
+    } cleanup{dir, made_dir};
+
+    Config config;
+    config.state_dir = dir;
+    config.pkcs11_module = options.module_path;
+    config.admin_group = options.admin_group;
+    if (options.admin_group && !resolve_group(*options.admin_group))
+        return fail(Errc::invalid_argument, "admin group '" + *options.admin_group + "' does not exist");
+    const std::string tokens = dir + "/tokens";
+    const std::string softhsm_conf = dir + "/softhsm2.conf";
+    config.module_env.emplace_back("SOFTHSM2_CONF", softhsm_conf);
+
+    std::vector<std::string> made;
+    if (::mkdir(tokens.c_str(), 0700) != 0)
+        return fail(Errc::storage, "cannot create " + tokens + ": " + std::strerror(errno));
+    if (auto r = write_text(softhsm_conf,
+                            "# SoftHSM2 configuration for this vaultfs state (written by vaultfs init)\n"
+                            "directories.tokendir = " + tokens + "\n"
+                            "objectstore.backend = file\n"
+                            "log.level = ERROR\n"
+                            "slots.removable = false\n",
+                            0600);
+        !r)
+        return tl::unexpected(r.error());
+
+    auto pin = random_pin(32);
+    if (!pin)
+        return tl::unexpected(pin.error());
+    auto so_pin = random_pin(32);
+    if (!so_pin)
+        return tl::unexpected(so_pin.error());
+    if (auto r = write_file(dir + "/pin", pin->data(), pin->size(), 0600); !r)
+        return tl::unexpected(r.error());
+
+    if (auto r = hsm::initialise_token(config.pkcs11_module, config.module_env, config.token_label, *so_pin, *pin); !r)
+        return fail(Errc::key_unavailable, "cannot initialise the SoftHSM2 token: " + hsm_hint(r.error(), config));
+    made.push_back("softhsm2.conf, tokens/   SoftHSM2 token '" + config.token_label + "' (module " +
+                   config.pkcs11_module + ")");
+    made.push_back("pin                      the token's user PIN (mode 0600); the SO PIN was random and is not kept");
+
+    auto keys = hsm::Pkcs11KeyService::open(
+        hsm::Pkcs11Config{config.pkcs11_module, config.token_label, std::move(*pin), config.module_env});
+    if (!keys)
+        return fail(Errc::key_unavailable, hsm_hint(keys.error(), config));
+    auto signing = (*keys)->create_signing_key("vaultfs-audit-signing");
+    if (!signing)
+        return fail(Errc::key_unavailable, "cannot create the audit signing key: " + signing.error().message);
+    auto point = (*keys)->public_point(*signing);
+    if (!point)
+        return fail(Errc::key_unavailable, point.error().message);
+    auto pem = p256_public_key_pem(*point);
+    if (!pem)
+        return tl::unexpected(pem.error());
+    if (auto r = write_text(config.path_of(config.audit_public_key), *pem, 0644); !r)
+        return tl::unexpected(r.error());
+    made.push_back(config.audit_public_key + "    public half of the audit signing key (EC P-256, in the token)");
+
+    auto store = Store::open(config.path_of(config.database), Store::Mode::create);
+    if (!store)
+        return tl::unexpected(store.error());
+    if (auto r = (*store)->write([&](Store::Transaction& tx) { return tx.set_setting(signing_key_setting, signing->hex); });
+        !r)
+        return tl::unexpected(r.error());
+    made.push_back(config.database + "                 SQLite database (WAL, synchronous=FULL), no vaults yet");
+
+    if (auto r = AuditLog::create(config.path_of(config.audit_file), AuditSigner{keys->get(), *signing}); !r)
+        return tl::unexpected(r.error());
+    made.push_back(config.audit_file + "              audit trail, started with a signed init record");
+
+    if (auto r = write_text(dir + "/" + config_file_name, render_config(config), 0600); !r)
+        return tl::unexpected(r.error());
+    made.push_back(std::string(config_file_name) + "             configuration: module, token label, PIN source");
+    cleanup.armed = false;
+    return made;
+}
+
+Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose purpose)
+{
+    const std::string dir = absolute_path(dir_arg);
+    std::unique_ptr<State> st(new State());
+    auto config = load_config(dir);
+    if (!config)
+        return tl::unexpected(config.error());
+    st->config = std::move(*config);
+    const Config& c = st->config;
+    if (c.admin_group) {
+        st->admin_gid = resolve_group(*c.admin_group);
+        if (!st->admin_gid)
+            return fail(Errc::invalid_argument, "admin_group '" + *c.admin_group + "' in " + dir + "/" +
+                                                    config_file_name + " does not exist");
+    }
+
+    auto pin = read_pin(c);
+    if (!pin)
+        return tl::unexpected(pin.error());
+    auto keys = hsm::Pkcs11KeyService::open(
+        hsm::Pkcs11Config{c.pkcs11_module, c.token_label, std::move(*pin), c.module_env});
+    if (!keys)
+        return fail(Errc::key_unavailable, hsm_hint(keys.error(), c));
+    st->keys = std::move(*keys);
+
+    auto store = Store::open(c.path_of(c.database), Store::Mode::open_existing);
+    if (!store)
+        return tl::unexpected(store.error());
+    st->store = std::move(*store);
+
+    auto signing = st->store->setting(signing_key_setting);
+    if (!signing || !*signing)
+        return fail(Errc::storage, "database " + st->store->path() + " names no audit signing key; it was not made "
+                                   "by vaultfs init");
+    const hsm::KeyId signing_key{**signing};
+    if (auto r = st->keys->find_key(signing_key); !r)
+        return fail(Errc::key_unavailable, hsm_hint(r.error(), c));
+
+    st->deks = std::make_unique<DekCache>(c.dek_cache_entries, c.dek_cache_ttl);
+    if (purpose == Purpose::serve) {
+        AuditLog::Options ao{c.path_of(c.audit_file), c.audit_sync, c.audit_sync_interval, c.audit_checkpoint_records,
+                             c.audit_checkpoint_interval};
+        auto audit = AuditLog::open(ao, AuditSigner{st->keys.get(), signing_key}, st->store.get());
+        if (!audit)
+            return tl::unexpected(audit.error());
+        st->audit = std::move(*audit);
+        st->service = std::make_unique<SecretService>(*st->store, *st->keys, *st->deks, *st->audit, st->names,
+                                                      Options{st->admin_gid, c.retention_day_seconds});
+    }
+    return st;
+}
+
+State::~State() { close(); }
+
+void State::close()
+{
+    if (closed_)
+        return;
+    closed_ = true;
+    service.reset();
+    if (audit) {
+        if (auto r = audit->close(); !r)
+            spdlog::error("audit: cannot write the shutdown record: {}", r.error().message);
+        audit.reset();
+    }
+    if (deks)
+        deks->clear();
+}
+
+}  // namespace vaultfs::vault

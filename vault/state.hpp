@@ -1,0 +1,71 @@
+// state: a vaultfs state directory — creating one (`vaultfs init`) and
+// opening one for the daemon or the management commands.
+//
+//   STATE/              mode 0700
+//     vaultfs.conf      module path, token label, PIN source, tuning
+//     softhsm2.conf     where the embedded SoftHSM2 keeps its token
+//     tokens/           the SoftHSM2 token "vaultfs" (KEKs, audit signing key)
+//     pin               the token's user PIN, mode 0600, random
+//     vault.db          SQLite: vaults, policies, secrets, versions (ciphertext)
+//     audit.jsonl       the audit trail
+//     audit-signing.pub.pem  public half of the audit signing key
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "hsm/pkcs11_key_service.hpp"
+#include "vault/audit.hpp"
+#include "vault/config.hpp"
+#include "vault/dek_cache.hpp"
+#include "vault/error.hpp"
+#include "vault/secret_service.hpp"
+#include "vault/store.hpp"
+
+namespace vaultfs::vault {
+
+struct InitOptions {
+    std::string module_path = "/usr/lib/softhsm/libsofthsm2.so";
+    std::optional<std::string> admin_group;
+};
+
+// Creates the embedded default in `dir` (made if missing, or empty). Refuses
+// an existing state and changes nothing then. Returns what it made, one
+// line per item, for the user.
+Result<std::vector<std::string>> init_state(const std::string& dir, const InitOptions& options);
+
+// A state directory opened for use. Members are destroyed in reverse order
+// of declaration, so the service goes before what it uses.
+class State {
+public:
+    enum class Purpose { serve, inspect };
+
+    // Reads the config and PIN, logs in to the token, opens the database
+    // (quick_check) and, for `serve`, the audit log. Every failure comes
+    // with a one-line message that says what to do.
+    static Result<std::unique_ptr<State>> open(const std::string& dir, Purpose purpose);
+    ~State();
+
+    // Writes the audit log's shutdown record. Call once before exit.
+    void close();
+
+    Config config;
+    std::optional<gid_t> admin_gid;
+    std::unique_ptr<hsm::Pkcs11KeyService> keys;
+    std::unique_ptr<Store> store;
+    std::unique_ptr<AuditLog> audit;  // null for `inspect`
+    std::unique_ptr<DekCache> deks;
+    SystemNameResolver names;
+    std::unique_ptr<SecretService> service;  // null for `inspect`
+
+private:
+    State() = default;
+    bool closed_ = false;
+};
+
+// The absolute, normalised form of a directory path (need not exist).
+std::string absolute_path(const std::string& path);
+
+}  // namespace vaultfs::vault

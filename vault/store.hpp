@@ -1,0 +1,225 @@
+// Store: the SQLite database of vaults, secrets, versions and policies. The
+// only place in vaultfs that speaks SQL.
+//
+// - WAL mode with synchronous=FULL: a transaction that returned success
+//   survives kill -9 and power loss.
+// - One writer connection (SQLite 3.40's WAL-reset bug makes concurrent
+//   writers and checkpointers unsafe); writes are group-committed: callers
+//   queue a unit of work, one of them runs every queued unit in a single
+//   transaction (each inside its own savepoint, so one failing unit does not
+//   undo the others) and pays one fsync for all.
+// - Readers borrow a connection from a pool; each sees the last commit.
+// - Schema versioned with PRAGMA user_version and forward migrations;
+//   `quick_check` runs before the store is used.
+//
+// Rows hold ciphertext, sealed DEKs and metadata only — never plaintext.
+//
+// Thread-safety: every method may be called from any thread.
+#pragma once
+
+#include <sys/types.h>
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "vault/error.hpp"
+#include "vault/types.hpp"
+
+namespace vaultfs::vault {
+
+namespace sqlite {
+class Connection;
+}
+
+struct VaultRow {
+    VaultId id;
+    std::string name;
+    std::string kek_id;
+    int retention_days = 90;
+    bool purge_protection = false;
+    Micros created = 0;
+    uid_t created_by = 0;
+};
+
+struct PolicyRow {
+    std::string text;  // canonical policy text
+    Micros updated = 0;
+    uid_t updated_by = 0;
+};
+
+struct SecretRow {
+    SecretId id;
+    VaultId vault;
+    std::string name;
+    Micros created = 0;
+    std::uint64_t next_version = 1;  // versions are 1..next_version-1
+    std::optional<Micros> deleted_at;
+    std::optional<Micros> purge_at;
+
+    // A row is created when a writer opens a new name; it becomes a secret
+    // once its first version commits.
+    bool has_versions() const { return next_version > 1; }
+    bool deleted() const { return deleted_at.has_value(); }
+};
+
+struct VersionRow {
+    VersionId id;
+    SecretId secret;
+    std::uint64_t number = 0;
+    std::uint64_t size = 0;  // plaintext bytes
+    Micros created = 0;
+    Micros updated = 0;
+    uid_t created_by = 0;
+    bool enabled = true;
+    std::optional<Micros> not_before;
+    std::optional<Micros> expires;
+    std::optional<std::string> content_type;
+};
+
+struct SealedVersion {
+    VersionRow meta;
+    std::string kek_id;
+    std::vector<std::uint8_t> nonce;
+    std::vector<std::uint8_t> ciphertext;
+    std::vector<std::uint8_t> sealed_dek;
+};
+
+struct Tag {
+    std::string name;
+    std::string value;
+    bool operator==(const Tag&) const = default;
+};
+
+// One entry of a vault's `.versions` listing.
+struct VersionEntry {
+    VersionId id;
+    std::string secret;
+    std::uint64_t number = 0;
+};
+
+// The anchor of the audit chain: the last record known to be durable.
+struct AuditAnchor {
+    std::uint64_t seq = 0;
+    std::string hash;
+    bool clean_shutdown = false;
+};
+
+class Store {
+public:
+    enum class Mode { create, open_existing, read_only };
+
+    // Opens the database at `path`. `create` makes a new one (and fails if
+    // the file exists); the others require an existing vaultfs database
+    // that passes quick_check. Errors name the file and what to do.
+    static Result<std::unique_ptr<Store>> open(const std::string& path, Mode mode);
+    ~Store();
+    Store(const Store&) = delete;
+    Store& operator=(const Store&) = delete;
+
+    const std::string& path() const { return path_; }
+
+    // ---- reads -------------------------------------------------------------
+    Result<std::optional<VaultRow>> vault_by_name(std::string_view name);
+    Result<std::optional<VaultRow>> vault_by_id(VaultId id);
+    Result<std::vector<VaultRow>> vaults();
+    Result<std::optional<PolicyRow>> policy(VaultId vault);
+
+    Result<std::optional<SecretRow>> secret_by_name(VaultId vault, std::string_view name);
+    Result<std::optional<SecretRow>> secret_by_id(SecretId id);
+    // Secrets with at least one version, ordered by id, after `after`.
+    Result<std::vector<SecretRow>> live_secrets(VaultId vault, SecretId after, std::size_t limit);
+    Result<std::vector<SecretRow>> deleted_secrets(VaultId vault, SecretId after, std::size_t limit);
+    // Secrets past their purge date, across all vaults.
+    Result<std::vector<SecretRow>> purge_due(Micros now, std::size_t limit);
+    // Live or soft-deleted secrets in a vault (what keeps rmdir from working).
+    Result<std::int64_t> secret_count(VaultId vault);
+
+    Result<std::optional<VersionRow>> version(SecretId secret, std::uint64_t number);
+    Result<std::optional<VersionRow>> version_by_id(VersionId id);
+    // The version `S` stands for: the highest enabled one, else the highest.
+    Result<std::optional<VersionRow>> current_version(SecretId secret);
+    Result<std::vector<VersionRow>> versions_of(SecretId secret);
+    Result<std::vector<VersionEntry>> versions_in_vault(VaultId vault, VersionId after, std::size_t limit);
+    Result<std::optional<SealedVersion>> sealed_version(VersionId id);
+    Result<std::vector<Tag>> tags(VersionId version);
+
+    Result<std::optional<std::string>> setting(std::string_view key);
+    Result<std::optional<AuditAnchor>> audit_anchor();
+
+    // PRAGMA integrity_check; Errc::storage naming the first problem.
+    Result<void> integrity_check();
+
+    // ---- writes ------------------------------------------------------------
+    class Transaction;
+    using Work = std::function<Result<void>(Transaction&)>;
+
+    // Runs `work` inside a write transaction, possibly together with other
+    // callers' work (group commit). Returns when the transaction holding it
+    // has committed (durably) or failed. If `work` fails, its changes are
+    // rolled back and its error returned; others' work is unaffected.
+    Result<void> write(const Work& work);
+
+private:
+    Store(std::string path, std::unique_ptr<sqlite::Connection> writer, bool read_only);
+    template <class F>
+    auto with_reader(F&& f) -> decltype(f(std::declval<sqlite::Connection&>()));
+    Result<void> run_batch(std::deque<struct PendingWrite*>& batch);
+
+    const std::string path_;
+    const bool read_only_;
+    std::unique_ptr<sqlite::Connection> writer_;
+
+    std::mutex readers_mutex_;
+    std::vector<std::unique_ptr<sqlite::Connection>> idle_readers_;
+
+    std::mutex queue_mutex_;
+    std::condition_variable queue_cv_;
+    std::deque<struct PendingWrite*> queue_;
+    bool leader_active_ = false;
+};
+
+// The writer's view inside Store::write(). Valid only during that call.
+class Store::Transaction {
+public:
+    explicit Transaction(sqlite::Connection& conn) : conn_(conn) {}
+
+    Result<VaultId> insert_vault(const VaultRow& row, const PolicyRow& policy);
+    Result<void> delete_vault(VaultId vault);
+    Result<void> update_vault_settings(VaultId vault, int retention_days, bool purge_protection);
+    Result<void> set_policy(VaultId vault, const PolicyRow& policy);
+
+    // The row for `name`, created (without versions) if missing.
+    Result<SecretRow> ensure_secret(VaultId vault, std::string_view name, Micros now);
+    // Re-reads a secret row inside the transaction.
+    Result<std::optional<SecretRow>> secret(SecretId id);
+    // Claims the next version number of a secret.
+    Result<std::uint64_t> claim_version_number(SecretId secret);
+    Result<VersionId> insert_version(const SealedVersion& version);
+    Result<void> update_version(const VersionRow& row);
+    Result<void> replace_tags(VersionId version, const std::vector<Tag>& tags);
+    Result<void> set_deleted(SecretId secret, std::optional<Micros> deleted_at, std::optional<Micros> purge_at);
+    // Removes a secret with all its versions and tags.
+    Result<void> purge_secret(SecretId secret);
+    // Live or soft-deleted secrets in a vault, as this transaction sees them.
+    Result<std::int64_t> secret_count(VaultId vault);
+    // Removes rows of names that never got a version (abandoned creates).
+    Result<void> remove_empty_secrets(VaultId vault);
+    // Inserts a restored secret row with its next_version counter.
+    Result<SecretId> insert_secret(VaultId vault, std::string_view name, Micros created, std::uint64_t next_version);
+
+    Result<void> set_setting(std::string_view key, std::string_view value);
+    Result<void> set_audit_anchor(const AuditAnchor& anchor);
+
+private:
+    sqlite::Connection& conn_;
+};
+
+}  // namespace vaultfs::vault
