@@ -225,7 +225,7 @@ Result<VaultView> SecretService::create_vault(const Caller& caller, std::string_
 {
     AuditEvent ev{.op = "vault_create", .caller = &caller, .vault = name, .allowed = false, .rule = "not-admin"};
     if (!is_admin(caller))
-        return refuse(ev, Errc::not_permitted, "only admins create vaults");
+        return refuse(ev, Errc::access_denied, "only admins create vaults");
     ev.allowed = true;
     ev.rule = "admin";
     if (!is_valid_vault_name(name))
@@ -267,7 +267,7 @@ Result<void> SecretService::remove_vault(const Caller& caller, std::string_view 
 {
     AuditEvent ev{.op = "vault_remove", .caller = &caller, .vault = name, .allowed = false, .rule = "not-admin"};
     if (!is_admin(caller))
-        return refuse(ev, Errc::not_permitted, "only admins remove vaults");
+        return refuse(ev, Errc::access_denied, "only admins remove vaults");
     ev.allowed = true;
     ev.rule = "admin";
     auto v = load_vault(name);

@@ -1,0 +1,455 @@
+#include "fs_support.hpp"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <pwd.h>
+#include <signal.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include <openssl/rand.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+
+namespace vaultfs::testing {
+
+namespace {
+
+std::string slurp(const std::string& path)
+{
+    std::ifstream in(path, std::ios::binary);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+}
+
+int run(const std::vector<std::string>& argv, bool quiet = true)
+{
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+        if (quiet) {
+            const int null = ::open("/dev/null", O_WRONLY);
+            ::dup2(null, 1);
+            ::dup2(null, 2);
+        }
+        std::vector<char*> args;
+        for (const auto& a : argv)
+            args.push_back(const_cast<char*>(a.c_str()));
+        args.push_back(nullptr);
+        ::execvp(args[0], args.data());
+        ::_exit(127);
+    }
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+}
+
+std::string unique_name(const std::string& tag)
+{
+    // Short: user names are at most 32 characters.
+    return "vt" + std::to_string(::getpid() % 100000) + tag + random_hex(2);
+}
+
+bool write_all(int fd, const void* data, std::size_t n)
+{
+    const char* p = static_cast<const char*>(data);
+    while (n > 0) {
+        const ssize_t w = ::write(fd, p, n);
+        if (w <= 0)
+            return false;
+        p += w;
+        n -= static_cast<std::size_t>(w);
+    }
+    return true;
+}
+
+Outcome in_child(const std::function<void()>& become, const std::function<Outcome()>& action)
+{
+    int fds[2];
+    if (::pipe(fds) != 0)
+        throw std::runtime_error("pipe failed");
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+        ::close(fds[0]);
+        become();
+        const Outcome o = action();
+        const std::uint64_t len = o.data.size();
+        write_all(fds[1], &o.err, sizeof o.err);
+        write_all(fds[1], &len, sizeof len);
+        write_all(fds[1], o.data.data(), o.data.size());
+        ::_exit(0);
+    }
+    ::close(fds[1]);
+    Outcome o;
+    std::uint64_t len = 0;
+    std::string all;
+    char buf[65536];
+    ssize_t n;
+    while ((n = ::read(fds[0], buf, sizeof buf)) > 0)
+        all.append(buf, static_cast<std::size_t>(n));
+    ::close(fds[0]);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    if (all.size() < sizeof o.err + sizeof len)
+        throw std::runtime_error("test child died without an answer");
+    std::memcpy(&o.err, all.data(), sizeof o.err);
+    std::memcpy(&len, all.data() + sizeof o.err, sizeof len);
+    o.data = all.substr(sizeof o.err + sizeof len, len);
+    return o;
+}
+
+}  // namespace
+
+std::string random_hex(std::size_t bytes)
+{
+    std::vector<unsigned char> raw(bytes);
+    RAND_bytes(raw.data(), static_cast<int>(raw.size()));
+    static const char digits[] = "0123456789abcdef";
+    std::string s;
+    for (const auto b : raw) {
+        s.push_back(digits[b >> 4]);
+        s.push_back(digits[b & 0xf]);
+    }
+    return s;
+}
+
+std::string vaultfs_binary()
+{
+    const char* bin = std::getenv("VAULTFS_BIN");
+    if (bin == nullptr)
+        throw std::runtime_error("VAULTFS_BIN is not set (run through meson test)");
+    return bin;
+}
+
+// ---- users -------------------------------------------------------------------------
+
+TestGroup::TestGroup(const std::string& tag) : name(unique_name(tag))
+{
+    if (run({"groupadd", name}) != 0)
+        throw std::runtime_error("groupadd " + name + " failed");
+    const group* g = ::getgrnam(name.c_str());
+    if (g == nullptr)
+        throw std::runtime_error("group " + name + " not found after groupadd");
+    gid = g->gr_gid;
+}
+
+TestGroup::~TestGroup() { run({"groupdel", name}); }
+
+TestUser::TestUser(const std::string& tag, const std::vector<const TestGroup*>& member_of) : name(unique_name(tag))
+{
+    std::vector<std::string> argv{"useradd", "-M", "-N", "-g", "nogroup", "-s", "/usr/sbin/nologin"};
+    std::string list;
+    for (const auto* g : member_of)
+        list += (list.empty() ? "" : ",") + g->name;
+    if (!list.empty()) {
+        argv.push_back("-G");
+        argv.push_back(list);
+    }
+    argv.push_back(name);
+    if (run(argv) != 0)
+        throw std::runtime_error("useradd " + name + " failed");
+    const passwd* pw = ::getpwnam(name.c_str());
+    if (pw == nullptr)
+        throw std::runtime_error("user " + name + " not found after useradd");
+    uid = pw->pw_uid;
+    gid = pw->pw_gid;
+    for (const auto* g : member_of)
+        groups.push_back(g->gid);
+}
+
+TestUser::~TestUser() { run({"userdel", name}); }
+
+Outcome as(const TestUser& user, const std::function<Outcome()>& action)
+{
+    return in_child(
+        [&] {
+            if (::setgroups(user.groups.size(), user.groups.data()) != 0 ||
+                ::setresgid(user.gid, user.gid, user.gid) != 0 || ::setresuid(user.uid, user.uid, user.uid) != 0)
+                ::_exit(99);
+        },
+        action);
+}
+
+Outcome as_root(const std::function<Outcome()>& action)
+{
+    return in_child([] {}, action);
+}
+
+// ---- actions ---------------------------------------------------------------------
+
+Outcome read_file(const std::string& path)
+{
+    const int fd = ::open(path.c_str(), O_RDONLY);
+    if (fd < 0)
+        return {errno, {}};
+    std::string data;
+    char buf[65536];
+    for (;;) {
+        const ssize_t n = ::read(fd, buf, sizeof buf);
+        if (n < 0) {
+            const int e = errno;
+            ::close(fd);
+            return {e, {}};
+        }
+        if (n == 0)
+            break;
+        data.append(buf, static_cast<std::size_t>(n));
+    }
+    if (::close(fd) != 0)
+        return {errno, data};
+    return {0, data};
+}
+
+Outcome write_file(const std::string& path, const std::string& data, int flags)
+{
+    const int fd = ::open(path.c_str(), flags != 0 ? flags : O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    if (fd < 0)
+        return {errno, {}};
+    if (!data.empty() && !write_all(fd, data.data(), data.size())) {
+        const int e = errno;
+        ::close(fd);
+        return {e, "write"};
+    }
+    if (::close(fd) != 0)
+        return {errno, "close"};
+    return {0, {}};
+}
+
+Outcome list_dir(const std::string& path)
+{
+    DIR* d = ::opendir(path.c_str());
+    if (d == nullptr)
+        return {errno, {}};
+    std::vector<std::string> names;
+    errno = 0;
+    while (const dirent* e = ::readdir(d)) {
+        const std::string n = e->d_name;
+        if (n != "." && n != "..")
+            names.push_back(n);
+    }
+    const int e = errno;
+    ::closedir(d);
+    std::sort(names.begin(), names.end());
+    std::string out;
+    for (const auto& n : names)
+        out += (out.empty() ? "" : "\n") + n;
+    return {e, out};
+}
+
+Outcome stat_path(const std::string& path)
+{
+    struct stat st{};
+    if (::stat(path.c_str(), &st) != 0)
+        return {errno, {}};
+    return {0, std::to_string(st.st_size)};
+}
+
+Outcome make_dir(const std::string& path) { return {::mkdir(path.c_str(), 0700) == 0 ? 0 : errno, {}}; }
+Outcome remove_dir(const std::string& path) { return {::rmdir(path.c_str()) == 0 ? 0 : errno, {}}; }
+Outcome remove_file(const std::string& path) { return {::unlink(path.c_str()) == 0 ? 0 : errno, {}}; }
+Outcome rename_path(const std::string& from, const std::string& to)
+{
+    return {::rename(from.c_str(), to.c_str()) == 0 ? 0 : errno, {}};
+}
+
+Outcome get_xattr(const std::string& path, const std::string& name)
+{
+    char buf[65536];
+    const ssize_t n = ::getxattr(path.c_str(), name.c_str(), buf, sizeof buf);
+    if (n < 0)
+        return {errno, {}};
+    return {0, std::string(buf, static_cast<std::size_t>(n))};
+}
+
+Outcome set_xattr(const std::string& path, const std::string& name, const std::string& value)
+{
+    return {::setxattr(path.c_str(), name.c_str(), value.data(), value.size(), 0) == 0 ? 0 : errno, {}};
+}
+
+Outcome list_xattr(const std::string& path)
+{
+    char buf[65536];
+    const ssize_t n = ::listxattr(path.c_str(), buf, sizeof buf);
+    if (n < 0)
+        return {errno, {}};
+    std::vector<std::string> names;
+    for (ssize_t i = 0; i < n;) {
+        names.emplace_back(buf + i);
+        i += static_cast<ssize_t>(names.back().size()) + 1;
+    }
+    std::sort(names.begin(), names.end());
+    std::string out;
+    for (const auto& x : names)
+        out += (out.empty() ? "" : "\n") + x;
+    return {0, out};
+}
+
+Outcome shell(const std::string& command)
+{
+    FILE* p = ::popen(command.c_str(), "r");
+    if (p == nullptr)
+        return {errno, {}};
+    std::string out;
+    char buf[4096];
+    std::size_t n;
+    while ((n = std::fread(buf, 1, sizeof buf, p)) > 0)
+        out.append(buf, n);
+    const int status = ::pclose(p);
+    return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, out};
+}
+
+// ---- the mount -----------------------------------------------------------------------
+
+Mount::Mount(MountOptions options) : binary(vaultfs_binary()), options_(std::move(options))
+{
+    std::string tmpl = (std::filesystem::temp_directory_path() / "vaultfs-it-XXXXXX").string();
+    if (::mkdtemp(tmpl.data()) == nullptr)
+        throw std::runtime_error("mkdtemp failed");
+    root = tmpl;
+    ::chmod(root.c_str(), 0755);  // other users must reach the mountpoint
+    state = root + "/state";
+    mountpoint = root + "/mnt";
+    stderr_path_ = root + "/daemon.stderr";
+    std::filesystem::create_directory(mountpoint);
+    if (options_.init) {
+        if (run({binary, "init", "--state", state}) != 0)
+            throw std::runtime_error("vaultfs init failed");
+        if (!options_.config_lines.empty()) {
+            std::ofstream conf(state + "/vaultfs.conf", std::ios::app);
+            for (const auto& line : options_.config_lines)
+                conf << line << "\n";
+        }
+        start();
+    }
+}
+
+Mount::~Mount()
+{
+    try {
+        stop();
+    } catch (...) {
+    }
+    std::error_code ec;
+    std::filesystem::remove_all(root, ec);
+}
+
+bool Mount::mounted() const
+{
+    std::ifstream in("/proc/self/mountinfo");
+    std::string line;
+    while (std::getline(in, line)) {
+        std::istringstream f(line);
+        std::string id, parent, devs, r, mnt;
+        f >> id >> parent >> devs >> r >> mnt;
+        if (mnt == mountpoint)
+            return true;
+    }
+    return false;
+}
+
+void Mount::start()
+{
+    pid_ = ::fork();
+    if (pid_ == 0) {
+        const int err = ::open(stderr_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
+        ::dup2(err, 2);
+        const int null = ::open("/dev/null", O_RDWR);
+        ::dup2(null, 0);
+        ::dup2(null, 1);
+        const std::string threads = std::to_string(options_.threads);
+        ::execl(binary.c_str(), binary.c_str(), "mount", "-f", "--threads", threads.c_str(), "--state", state.c_str(),
+                mountpoint.c_str(), static_cast<char*>(nullptr));
+        ::_exit(127);
+    }
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (std::chrono::steady_clock::now() < deadline) {
+        int status = 0;
+        if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+            pid_ = -1;
+            throw std::runtime_error("vaultfs mount exited during start-up:\n" + daemon_stderr());
+        }
+        // A stale mount may be listed too, but only a live one answers stat.
+        struct stat st{};
+        if (mounted() && ::stat(mountpoint.c_str(), &st) == 0)
+            return;
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    stop();
+    throw std::runtime_error("vaultfs did not mount within 20 s:\n" + daemon_stderr());
+}
+
+Outcome Mount::start_expecting_failure()
+{
+    const std::size_t before = daemon_stderr().size();
+    Outcome o = shell(binary + " mount -f --state " + state + " " + mountpoint + " 2>>" + stderr_path_ + " </dev/null");
+    o.data = daemon_stderr().substr(before);
+    if (o.err == 0 || mounted())
+        ::umount2(mountpoint.c_str(), MNT_DETACH);
+    return o;
+}
+
+void Mount::stop()
+{
+    if (pid_ > 0) {
+        ::kill(pid_, SIGTERM);
+        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+        int status = 0;
+        while (::waitpid(pid_, &status, WNOHANG) == 0) {
+            if (std::chrono::steady_clock::now() > deadline) {
+                ::kill(pid_, SIGKILL);
+                ::waitpid(pid_, &status, 0);
+                break;
+            }
+            std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        }
+        pid_ = -1;
+    }
+    if (mounted() && ::umount2(mountpoint.c_str(), MNT_DETACH) != 0)
+        run({"fusermount3", "-u", "-z", mountpoint});
+}
+
+void Mount::kill_daemon()
+{
+    if (pid_ > 0) {
+        ::kill(pid_, SIGKILL);
+        int status = 0;
+        ::waitpid(pid_, &status, 0);
+        pid_ = -1;
+    }
+}
+
+std::string Mount::daemon_stderr() const { return slurp(stderr_path_); }
+
+std::vector<nlohmann::json> Mount::audit() const
+{
+    std::vector<nlohmann::json> out;
+    std::istringstream in(slurp(state + "/audit.jsonl"));
+    std::string line;
+    while (std::getline(in, line))
+        if (!line.empty())
+            out.push_back(nlohmann::json::parse(line));
+    return out;
+}
+
+nlohmann::json Mount::last_audit(const std::string& op, std::optional<uid_t> uid) const
+{
+    const auto records = audit();
+    for (auto it = records.rbegin(); it != records.rend(); ++it)
+        if ((*it)["op"] == op && (!uid || (*it)["uid"] == *uid))
+            return *it;
+    throw std::runtime_error("no audit record with op " + op);
+}
+
+}  // namespace vaultfs::testing

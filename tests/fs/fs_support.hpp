@@ -1,0 +1,121 @@
+// Integration-test support: a real vaultfs mount in a temporary directory,
+// real users and groups, and actions performed as those users in child
+// processes (so the kernel, not the test, reports who is asking).
+//
+// Every object cleans up in its destructor, also when a test fails:
+// the daemon is stopped by pid (SIGTERM, then SIGKILL), the mount is
+// removed (lazily if needed), users, groups and directories are deleted.
+#pragma once
+
+#include <sys/types.h>
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace vaultfs::testing {
+
+// What an action in a child process produced: errno (0 = success) and data.
+struct Outcome {
+    int err = 0;
+    std::string data;
+};
+
+class TestGroup {
+public:
+    explicit TestGroup(const std::string& tag);
+    ~TestGroup();
+    TestGroup(const TestGroup&) = delete;
+    TestGroup& operator=(const TestGroup&) = delete;
+    std::string name;
+    gid_t gid = 0;
+};
+
+class TestUser {
+public:
+    // A new system user (no home, no login) in `groups`.
+    explicit TestUser(const std::string& tag, const std::vector<const TestGroup*>& groups = {});
+    ~TestUser();
+    TestUser(const TestUser&) = delete;
+    TestUser& operator=(const TestUser&) = delete;
+    std::string name;
+    uid_t uid = 0;
+    gid_t gid = 0;
+    std::vector<gid_t> groups;
+};
+
+// Runs `action` in a child process with the user's uid, gid and groups.
+Outcome as(const TestUser& user, const std::function<Outcome()>& action);
+// Runs `action` in a child process as root (for a fresh pid and clean fds).
+Outcome as_root(const std::function<Outcome()>& action);
+
+// Actions (run them inside as()); each reports the first failing errno.
+Outcome read_file(const std::string& path);
+Outcome write_file(const std::string& path, const std::string& data, int flags = 0);  // 0: O_WRONLY|O_CREAT|O_TRUNC
+Outcome list_dir(const std::string& path);  // names joined by '\n', sorted, without . and ..
+Outcome stat_path(const std::string& path);  // data: size
+Outcome make_dir(const std::string& path);
+Outcome remove_dir(const std::string& path);
+Outcome remove_file(const std::string& path);
+Outcome rename_path(const std::string& from, const std::string& to);
+Outcome get_xattr(const std::string& path, const std::string& name);
+Outcome set_xattr(const std::string& path, const std::string& name, const std::string& value);
+Outcome list_xattr(const std::string& path);  // names joined by '\n', sorted
+
+// Runs a shell command as root; returns its exit status and stdout.
+Outcome shell(const std::string& command);
+
+struct MountOptions {
+    std::vector<std::string> config_lines;  // appended to vaultfs.conf
+    unsigned threads = 8;
+    bool init = true;  // run `vaultfs init` first
+};
+
+class Mount {
+public:
+    explicit Mount(MountOptions options = {});
+    ~Mount();
+    Mount(const Mount&) = delete;
+    Mount& operator=(const Mount&) = delete;
+
+    // Starts the daemon and waits for the mount; throws (with the daemon's
+    // stderr) if it exits first.
+    void start();
+    // SIGTERM, wait, unmount if needed.
+    void stop();
+    // SIGKILL: leaves a stale mount behind, as a crash does.
+    void kill_daemon();
+    // Starts the daemon and returns its exit status and stderr (for start-up
+    // failures; waits until it exits).
+    Outcome start_expecting_failure();
+
+    std::string path(const std::string& rel = "") const { return rel.empty() ? mountpoint : mountpoint + "/" + rel; }
+    std::string state_file(const std::string& name) const { return state + "/" + name; }
+    std::string daemon_stderr() const;
+    bool mounted() const;
+    pid_t daemon_pid() const { return pid_; }
+
+    // All audit records, parsed.
+    std::vector<nlohmann::json> audit() const;
+    // The last audit record with this op (and, if given, this uid); throws if none.
+    nlohmann::json last_audit(const std::string& op, std::optional<uid_t> uid = std::nullopt) const;
+    std::size_t audit_count() const { return audit().size(); }
+
+    std::string root;        // temp dir holding everything
+    std::string state;       // root/state
+    std::string mountpoint;  // root/mnt
+    std::string binary;      // the vaultfs executable
+
+private:
+    MountOptions options_;
+    pid_t pid_ = -1;
+    std::string stderr_path_;
+};
+
+std::string vaultfs_binary();
+std::string random_hex(std::size_t bytes);
+
+}  // namespace vaultfs::testing
