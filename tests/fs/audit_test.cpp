@@ -1,0 +1,237 @@
+// Integration: the audit trail of a real mount — one record per operation,
+// allowed or denied; fail closed when it cannot be written; verification;
+// rotation on SIGHUP.
+#include <catch2/catch.hpp>
+
+#include <signal.h>
+#include <sys/mount.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "fs_support.hpp"
+
+using namespace vaultfs::testing;
+
+namespace {
+
+std::string slurp(const std::string& path)
+{
+    std::ifstream in(path, std::ios::binary);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+}
+
+// The records appended by `action`.
+std::vector<nlohmann::json> records_of(const Mount& m, const std::function<void()>& action)
+{
+    const auto before = m.audit_count();
+    action();
+    auto all = m.audit();
+    return std::vector<nlohmann::json>(all.begin() + static_cast<std::ptrdiff_t>(before), all.end());
+}
+
+void expect_one(const std::vector<nlohmann::json>& records, const std::string& op, uid_t uid,
+                const std::string& decision, const std::string& result)
+{
+    INFO(nlohmann::json(records).dump(1));
+    std::size_t n = 0;
+    for (const auto& r : records) {
+        if (r["op"] != op)
+            continue;
+        ++n;
+        CHECK(r["uid"] == uid);
+        CHECK(r["decision"] == decision);
+        CHECK(r["result"] == result);
+        CHECK(r["pid"].get<int>() > 0);
+        CHECK(r.contains("rule"));
+        CHECK(r["hash"].get<std::string>().size() == 64);
+    }
+    CHECK(n == 1);
+}
+
+// A tmpfs mounted for one test, always unmounted.
+struct SmallTmpfs {
+    explicit SmallTmpfs(const std::string& dir, const std::string& size) : path(dir)
+    {
+        std::filesystem::create_directories(dir);
+        if (::mount("tmpfs", dir.c_str(), "tmpfs", 0, ("size=" + size + ",mode=0700").c_str()) != 0)
+            throw std::runtime_error("cannot mount a tmpfs at " + dir);
+    }
+    ~SmallTmpfs() { ::umount2(path.c_str(), MNT_DETACH); }
+    std::string path;
+};
+
+}  // namespace
+
+TEST_CASE("every operation writes one record, allowed or denied", "[fs][audit]")
+{
+    TestUser user("au");
+    Mount m;
+    REQUIRE(make_dir(m.path("audited")).err == 0);
+    REQUIRE(write_file(m.path("audited/.policy"), "allow uid:0 *\nallow uid:" + std::to_string(user.uid) + " list\n").err == 0);
+
+    expect_one(records_of(m, [&] { REQUIRE(make_dir(m.path("second")).err == 0); }), "vault_create", 0, "allow", "ok");
+    expect_one(records_of(m, [&] { CHECK(as(user, [&] { return make_dir(m.path("third")); }).err == EACCES); }),
+               "vault_create", user.uid, "deny", "EACCES");
+    expect_one(records_of(m, [&] { REQUIRE(remove_dir(m.path("second")).err == 0); }), "vault_remove", 0, "allow", "ok");
+
+    const auto write = records_of(m, [&] { REQUIRE(write_file(m.path("audited/s"), "value-1").err == 0); });
+    expect_one(write, "set", 0, "allow", "ok");
+    expect_one(write, "commit", 0, "allow", "ok");
+    for (const auto& r : write)
+        if (r["op"] == "commit") {
+            CHECK(r["version"] == 1);
+            CHECK(r["bytes"] == 7);
+            CHECK(r["secret"] == "s");
+            CHECK(r["vault"] == "audited");
+        }
+    expect_one(records_of(m, [&] { CHECK(as(user, [&] { return write_file(m.path("audited/s"), "x"); }).err == EACCES); }),
+               "set", user.uid, "deny", "EACCES");
+
+    const auto get = records_of(m, [&] { REQUIRE(read_file(m.path("audited/s")).err == 0); });
+    expect_one(get, "get", 0, "allow", "ok");
+    CHECK(get.back()["exe"].get<std::string>().find("fs_tests") != std::string::npos);
+    expect_one(records_of(m, [&] { CHECK(as(user, [&] { return read_file(m.path("audited/s")); }).err == EACCES); }),
+               "get", user.uid, "deny", "EACCES");
+
+    expect_one(records_of(m, [&] { REQUIRE(as(user, [&] { return list_dir(m.path("audited")); }).err == 0); }), "list",
+               user.uid, "allow", "ok");
+    expect_one(records_of(m, [&] { REQUIRE(read_file(m.path("audited/.policy")).err == 0); }), "policy_get", 0, "allow",
+               "ok");
+    expect_one(records_of(m, [&] { CHECK(as(user, [&] { return read_file(m.path("audited/.policy")); }).err == EACCES); }),
+               "policy_get", user.uid, "deny", "EACCES");
+    expect_one(records_of(m, [&] { CHECK(write_file(m.path("audited/.policy"), "allow uid:0 *\n").err == 0); }),
+               "policy_set", 0, "allow", "ok");
+
+    // The whole log verifies, and the CLI says so.
+    m.stop();
+    const auto v = shell(m.binary + " audit verify --state " + m.state);
+    INFO(v.data);
+    CHECK(v.err == 0);
+    CHECK(v.data.find("OK:") == 0);
+}
+
+TEST_CASE("audit verify names the first bad record of a tampered copy", "[fs][audit]")
+{
+    Mount m;
+    REQUIRE(make_dir(m.path("tamper")).err == 0);
+    for (int i = 0; i < 5; ++i)
+        REQUIRE(write_file(m.path("tamper/s"), "v" + std::to_string(i)).err == 0);
+    m.stop();
+    const std::string log = slurp(m.state_file("audit.jsonl"));
+    std::vector<std::string> lines;
+    std::istringstream in(log);
+    for (std::string line; std::getline(in, line);)
+        lines.push_back(line);
+    REQUIRE(lines.size() > 10);
+    const auto verify = [&](const std::vector<std::string>& edited, bool with_state) {
+        std::ofstream(m.state_file("audit.jsonl"), std::ios::trunc) << [&] {
+            std::string all;
+            for (const auto& l : edited)
+                all += l + "\n";
+            return all;
+        }();
+        return with_state ? shell(m.binary + " audit verify --state " + m.state)
+                          : shell(m.binary + " audit verify --public-key " + m.state_file("audit-signing.pub.pem") +
+                                  " " + m.state_file("audit.jsonl"));
+    };
+
+    CHECK(verify(lines, true).err == 0);
+    auto edited = lines;
+    edited[4].replace(edited[4].find("\"uid\":0"), 7, "\"uid\":7");
+    auto r = verify(edited, false);
+    CHECK(r.err == 1);
+    CHECK(r.data.find("line 5: record edited") != std::string::npos);
+
+    auto deleted = lines;
+    deleted.erase(deleted.begin() + 6);
+    r = verify(deleted, false);
+    CHECK(r.err == 1);
+    CHECK(r.data.find("line 7: record(s) deleted") != std::string::npos);
+
+    auto swapped = lines;
+    std::swap(swapped[5], swapped[6]);
+    r = verify(swapped, false);
+    CHECK(r.err == 1);
+    CHECK(r.data.find("line 6: records reordered") != std::string::npos);
+
+    auto truncated = lines;
+    truncated.resize(truncated.size() - 3);
+    r = verify(truncated, true);
+    CHECK(r.err == 1);
+    CHECK(r.data.find("tail truncated") != std::string::npos);
+
+    std::ofstream(m.state_file("audit.jsonl"), std::ios::trunc) << log;
+}
+
+TEST_CASE("disk full: reads fail with EIO and serve nothing, and recover", "[fs][audit]")
+{
+    Mount m(MountOptions{{}, 8, false});
+    REQUIRE(shell(m.binary + " init --state " + m.state + " >/dev/null").err == 0);
+    SmallTmpfs tmpfs(m.root + "/auditfs", "256k");
+    std::filesystem::copy_file(m.state_file("audit.jsonl"), tmpfs.path + "/audit.jsonl");
+    std::filesystem::remove(m.state_file("audit.jsonl"));
+    std::ofstream(m.state_file("vaultfs.conf"), std::ios::app) << "audit_file = " << tmpfs.path << "/audit.jsonl\n";
+    m.start();
+
+    const std::string canary = "CANARY-" + random_hex(12);
+    REQUIRE(make_dir(m.path("full")).err == 0);
+    REQUIRE(write_file(m.path("full/s"), canary).err == 0);
+    REQUIRE(read_file(m.path("full/s")).data == canary);
+
+    // Fill the audit's filesystem.
+    REQUIRE(shell("dd if=/dev/zero of=" + tmpfs.path + "/filler bs=4k 2>/dev/null; true").err == 0);
+    // Records still fit in the audit file's last page; the first that does
+    // not fails its operation.
+    Outcome denied;
+    for (int i = 0; i < 50; ++i) {
+        denied = read_file(m.path("full/s"));
+        if (denied.err != 0)
+            break;
+        CHECK(denied.data == canary);
+    }
+    CHECK(denied.err == EIO);
+    CHECK(denied.data.empty());
+    CHECK(write_file(m.path("full/s"), "new").err == EIO);
+    CHECK(m.daemon_stderr().find("audit") != std::string::npos);
+
+    // The daemon survived and serves again once there is room.
+    std::filesystem::remove(tmpfs.path + "/filler");
+    CHECK(read_file(m.path("full/s")).data == canary);
+    CHECK(m.daemon_stderr().find("writable again") != std::string::npos);
+    m.stop();
+    CHECK(slurp(tmpfs.path + "/audit.jsonl").find(canary) == std::string::npos);
+    CHECK(m.daemon_stderr().find(canary) == std::string::npos);
+    const auto v = shell(m.binary + " audit verify --state " + m.state);
+    INFO(v.data);
+    CHECK(v.err == 0);
+}
+
+TEST_CASE("SIGHUP reopens the audit file; the rotated files verify as a chain", "[fs][audit]")
+{
+    Mount m;
+    REQUIRE(make_dir(m.path("rotate")).err == 0);
+    REQUIRE(write_file(m.path("rotate/s"), "one").err == 0);
+    std::filesystem::rename(m.state_file("audit.jsonl"), m.state_file("audit.jsonl.1"));
+    REQUIRE(::kill(m.daemon_pid(), SIGHUP) == 0);
+    // The reopen happens at the next record or within a sync interval.
+    for (int i = 0; i < 100 && !std::filesystem::exists(m.state_file("audit.jsonl")); ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    REQUIRE(read_file(m.path("rotate/s")).data == "one");
+    m.stop();
+    const auto first = m.audit();
+    CHECK(first.front()["op"] == "rotate");
+    const std::string key = " --public-key " + m.state_file("audit-signing.pub.pem");
+    auto v = shell(m.binary + " audit verify" + key + " " + m.state_file("audit.jsonl.1") + " " +
+                   m.state_file("audit.jsonl"));
+    INFO(v.data);
+    CHECK(v.err == 0);
+    // Without the first file, the chain misses its start.
+    v = shell(m.binary + " audit verify" + key + " " + m.state_file("audit.jsonl"));
+    CHECK(v.data.find("starts at a rotation") != std::string::npos);
+}

@@ -1,0 +1,196 @@
+// Integration: access policies checked on every open, as real users.
+#include <catch2/catch.hpp>
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <thread>
+
+#include "fs_support.hpp"
+
+using namespace vaultfs::testing;
+
+namespace {
+
+std::string ok(const Outcome& o)
+{
+    INFO("errno " << o.err);
+    REQUIRE(o.err == 0);
+    return o.data;
+}
+
+// Checks the last audit record of `op` by `user`.
+void audited(const Mount& m, const std::string& op, uid_t uid, const std::string& decision, const std::string& result,
+             const std::string& secret = "")
+{
+    const auto r = m.last_audit(op, uid);
+    INFO(r.dump());
+    CHECK(r["decision"] == decision);
+    CHECK(r["result"] == result);
+    if (!secret.empty())
+        CHECK(r["secret"] == secret);
+}
+
+}  // namespace
+
+TEST_CASE("policies decide every open, for users and groups", "[fs][policy]")
+{
+    TestGroup devs("g");
+    TestUser alice("a"), bob("b"), carol("c", {&devs}), dave("d"), erin("e"), frank("f"), grace("g", {&devs});
+    Mount m;
+    REQUIRE(make_dir(m.path("team")).err == 0);
+    REQUIRE(write_file(m.path("team/db-pass"), "db-value").err == 0);
+    REQUIRE(write_file(m.path("team/app-key"), "app-value").err == 0);
+    const std::string policy = "allow uid:0 *\n"
+                               "allow user:" + alice.name + " get,list\n"
+                               "allow user:" + bob.name + " list\n"
+                               "allow group:" + devs.name + " get,list\n"
+                               "deny user:" + grace.name + " get\n"
+                               "allow user:" + dave.name + " get db-*\n"
+                               "allow user:" + erin.name + " set\n"
+                               "allow user:" + frank.name + " list\n";
+    REQUIRE(write_file(m.path("team/.policy"), policy).err == 0);
+    // Names were resolved to ids when written.
+    const std::string stored = ok(read_file(m.path("team/.policy")));
+    CHECK(stored.find("allow uid:" + std::to_string(alice.uid) + " get,list\n") != std::string::npos);
+    CHECK(stored.find("allow gid:" + std::to_string(devs.gid) + " get,list\n") != std::string::npos);
+
+    SECTION("an allowed read")
+    {
+        CHECK(ok(as(alice, [&] { return read_file(m.path("team/db-pass")); })) == "db-value");
+        audited(m, "get", alice.uid, "allow", "ok", "db-pass");
+        CHECK(m.last_audit("get", alice.uid)["rule"] == "2: allow uid:" + std::to_string(alice.uid) + " get,list");
+    }
+    SECTION("a denied read is EACCES and audited")
+    {
+        CHECK(as(bob, [&] { return read_file(m.path("team/db-pass")); }).err == EACCES);
+        audited(m, "get", bob.uid, "deny", "EACCES", "db-pass");
+        CHECK(m.last_audit("get", bob.uid)["rule"] == "default-deny");
+    }
+    SECTION("a group grant")
+    {
+        CHECK(ok(as(carol, [&] { return read_file(m.path("team/app-key")); })) == "app-value");
+        audited(m, "get", carol.uid, "allow", "ok");
+    }
+    SECTION("deny wins over a group allow")
+    {
+        CHECK(as(grace, [&] { return read_file(m.path("team/app-key")); }).err == EACCES);
+        const auto r = m.last_audit("get", grace.uid);
+        CHECK(r["decision"] == "deny");
+        CHECK(r["rule"] == "5: deny uid:" + std::to_string(grace.uid) + " get");
+    }
+    SECTION("a glob-scoped grant")
+    {
+        CHECK(ok(as(dave, [&] { return read_file(m.path("team/db-pass")); })) == "db-value");
+        CHECK(as(dave, [&] { return read_file(m.path("team/app-key")); }).err == EACCES);
+        // A glob grant gives no vault-wide permission such as list.
+        CHECK(as(dave, [&] { return list_dir(m.path("team")); }).err == EACCES);
+    }
+    SECTION("set without get")
+    {
+        CHECK(as(erin, [&] { return write_file(m.path("team/new-secret"), "from erin"); }).err == 0);
+        audited(m, "commit", erin.uid, "allow", "ok", "new-secret");
+        CHECK(as(erin, [&] { return read_file(m.path("team/new-secret")); }).err == EACCES);
+        CHECK(ok(read_file(m.path("team/new-secret"))) == "from erin");
+        // The mode shows what the caller may do: write only.
+        CHECK(ok(as(erin, [&] { return Outcome{0, shell("stat -c %a " + m.path("team/db-pass")).data}; })) == "200\n");
+    }
+    SECTION("list without get: ls works, cat is denied")
+    {
+        CHECK(ok(as(frank, [&] { return list_dir(m.path("team")); })) == ".deleted\n.policy\n.versions\napp-key\ndb-pass");
+        audited(m, "list", frank.uid, "allow", "ok");
+        CHECK(as(frank, [&] { return read_file(m.path("team/db-pass")); }).err == EACCES);
+        CHECK(as(alice, [&] { return write_file(m.path("team/db-pass"), "x"); }).err == EACCES);
+    }
+    SECTION("a policy edit without manage is denied")
+    {
+        CHECK(as(alice, [&] { return write_file(m.path("team/.policy"), "allow any *\n"); }).err == EACCES);
+        audited(m, "policy_set", alice.uid, "deny", "EACCES");
+        CHECK(as(alice, [&] { return read_file(m.path("team/.policy")); }).err == EACCES);
+        audited(m, "policy_get", alice.uid, "deny", "EACCES");
+        CHECK(ok(read_file(m.path("team/.policy"))) == stored);
+    }
+    SECTION("an invalid policy fails with EINVAL at close and leaves the old one in force")
+    {
+        for (const std::string bad : {"allow uid:0 *\nallow nobody-here get\n", "allow user:no-such-user-xyz get\n",
+                                      "allow uid:0 fly\n"}) {
+            INFO(bad);
+            const auto w = write_file(m.path("team/.policy"), bad);
+            CHECK(w.err == EINVAL);
+            CHECK(w.data == "close");
+            CHECK(ok(read_file(m.path("team/.policy"))) == stored);
+        }
+        const auto r = m.last_audit("policy_set", 0);
+        CHECK(r["result"] == "EINVAL");
+        CHECK(r["reason"].get<std::string>().find("line 1") != std::string::npos);
+        CHECK(ok(as(alice, [&] { return read_file(m.path("team/db-pass")); })) == "db-value");
+    }
+    SECTION("a revocation takes effect at the next open")
+    {
+        // Alice holds a descriptor open across the change: she keeps what she
+        // opened, and her next open is refused.
+        int opened[2], changed[2];
+        REQUIRE(::pipe(opened) == 0);
+        REQUIRE(::pipe(changed) == 0);
+        Outcome o;
+        std::thread reader([&] {
+            o = as(alice, [&] {
+                const int fd = ::open(m.path("team/db-pass").c_str(), O_RDONLY);
+                char c = 'o';
+                (void)!::write(opened[1], &c, 1);
+                (void)!::read(changed[0], &c, 1);
+                if (fd < 0)
+                    return Outcome{errno, "first open"};
+                char buf[64];
+                const ssize_t n = ::read(fd, buf, sizeof buf);
+                ::close(fd);
+                const auto again = read_file(m.path("team/db-pass"));
+                return Outcome{again.err, std::string(buf, static_cast<std::size_t>(std::max<ssize_t>(n, 0)))};
+            });
+        });
+        char c;
+        REQUIRE(::read(opened[0], &c, 1) == 1);
+        const auto w = write_file(m.path("team/.policy"), "allow uid:0 *\n");
+        REQUIRE(::write(changed[1], &c, 1) == 1);
+        reader.join();
+        for (const int fd : {opened[0], opened[1], changed[0], changed[1]})
+            ::close(fd);
+        REQUIRE(w.err == 0);
+        CHECK(o.data == "db-value");
+        CHECK(o.err == ENOENT);  // the vault is now hidden from her: nothing left to open
+        CHECK(as(alice, [&] { return stat_path(m.path("team")); }).err == ENOENT);
+    }
+    SECTION("vaults are hidden from callers who hold nothing in them")
+    {
+        TestUser stranger("s");
+        CHECK(ok(as(stranger, [&] { return list_dir(m.path()); })) == "");
+        CHECK(as(stranger, [&] { return stat_path(m.path("team")); }).err == ENOENT);
+        CHECK(as(stranger, [&] { return read_file(m.path("team/db-pass")); }).err == ENOENT);
+        CHECK(ok(as(alice, [&] { return list_dir(m.path()); })) == "team");
+    }
+    SECTION("uid 0 has no data access beyond what a policy grants")
+    {
+        REQUIRE(write_file(m.path("team/.policy"), "allow user:" + alice.name + " *\n").err == 0);
+        CHECK(read_file(m.path("team/db-pass")).err == EACCES);
+        CHECK(write_file(m.path("team/db-pass"), "x").err == EACCES);
+        CHECK(read_file(m.path("team/.policy")).err == EACCES);
+        CHECK(ok(list_dir(m.path())) == "team");  // an admin still sees the vault
+        CHECK(ok(as(alice, [&] { return read_file(m.path("team/db-pass")); })) == "db-value");
+    }
+}
+
+TEST_CASE("members of the admin group create vaults and own them", "[fs][policy]")
+{
+    TestGroup admins("adm");
+    TestUser ann("n", {&admins}), other("o");
+    Mount m(MountOptions{{"admin_group = " + admins.name}});
+    CHECK(as(other, [&] { return make_dir(m.path("not-yours")); }).err == EACCES);
+    audited(m, "vault_create", other.uid, "deny", "EACCES");
+    REQUIRE(as(ann, [&] { return make_dir(m.path("anns-vault")); }).err == 0);
+    audited(m, "vault_create", ann.uid, "allow", "ok");
+    CHECK(ok(as(ann, [&] { return read_file(m.path("anns-vault/.policy")); })) ==
+          "allow uid:" + std::to_string(ann.uid) + " *\n");
+    CHECK(as(ann, [&] { return write_file(m.path("anns-vault/s"), "v"); }).err == 0);
+    CHECK(read_file(m.path("anns-vault/s")).err == EACCES);  // root is not in this vault's policy
+    CHECK(as(ann, [&] { return remove_dir(m.path("anns-vault")); }).err == ENOTEMPTY);
+}
