@@ -21,6 +21,7 @@
 #include <sstream>
 #include <thread>
 
+#include "fs/control.hpp"
 #include "fs/filesystem.hpp"
 #include "hsm/secure_buffer.hpp"
 #include "vault/state.hpp"
@@ -186,7 +187,9 @@ bool clean_stale_mount(const std::string& mountpoint, std::string& error)
     return true;
 }
 
-// Periodic housekeeping: expired DEKs out of locked memory.
+// Periodic housekeeping: expired DEKs out of locked memory (every second),
+// and the automatic purge of soft-deleted secrets whose retention has ended
+// (every purge_interval).
 class Maintenance {
 public:
     explicit Maintenance(vault::State& state) : state_(state), thread_([this] { run(); }) {}
@@ -203,6 +206,7 @@ public:
 private:
     void run()
     {
+        auto next_purge = std::chrono::steady_clock::now();
         std::unique_lock lock(mutex_);
         while (!stop_) {
             cv_.wait_for(lock, std::chrono::seconds(1));
@@ -210,6 +214,13 @@ private:
                 break;
             lock.unlock();
             state_.deks->sweep();
+            if (std::chrono::steady_clock::now() >= next_purge) {
+                next_purge = std::chrono::steady_clock::now() + state_.config.purge_interval;
+                if (auto n = state_.service->purge_expired(); !n)
+                    spdlog::error("automatic purge failed: {}", n.error().message);
+                else if (*n > 0)
+                    spdlog::info("automatic purge: {} secret(s) past their retention", *n);
+            }
             lock.lock();
         }
     }
@@ -297,6 +308,10 @@ int run_mount(const MountOptions& options)
     if (!options.foreground)
         detach_stdio();
 
+    auto control = ControlServer::start(**state, filesystem);
+    if (!control)
+        spdlog::error("management commands are unavailable: {}", control.error().message);
+
     int rc = 0;
     {
         Maintenance maintenance(**state);
@@ -306,6 +321,8 @@ int run_mount(const MountOptions& options)
         rc = fuse_session_loop_mt(se.get(), cfg);
         fuse_loop_cfg_destroy(cfg);
     }
+    if (control)
+        control->reset();
     fuse_session_unmount(se.get());
     fuse_remove_signal_handlers(se.get());
     hup_target.store(nullptr);

@@ -40,6 +40,8 @@ int to_errno(vault::Errc code)
         return ENOMEM;
     case Errc::busy:
         return EBUSY;
+    case Errc::no_attribute:
+        return ENODATA;
     }
     return EIO;
 }

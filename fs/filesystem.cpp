@@ -304,8 +304,15 @@ vault::Result<Filesystem::NodeAttr> Filesystem::stat_node(const vault::Caller& c
         fill_file(*s, false);
         return attr;
     }
-    case NodeKind::deleted_secret:
-        return vault::fail(Errc::not_found);
+    case NodeKind::deleted_secret: {
+        auto d = service_.deleted_by_id(caller, vault::SecretId{node.id});
+        if (!d)
+            return tl::unexpected(d.error());
+        st.st_mode = S_IFREG;  // nothing to read or write until recovered
+        st.st_atim = st.st_mtim = st.st_ctim = to_timespec(d->deleted_at);
+        attr.generation = static_cast<std::uint64_t>(d->secret_created);
+        return attr;
+    }
     }
     return vault::fail(Errc::not_found);
 }
@@ -359,6 +366,12 @@ Reply Filesystem::lookup(fuse_req_t req, fuse_ino_t parent, const char* name_c)
         if (!s)
             return Reply::err(s.error());
         return entry_for(caller, Node{NodeKind::version, s->version.id.value});
+    }
+    case NodeKind::deleted_dir: {
+        auto d = service_.find_deleted(caller, vault::VaultId{p->id}, name);
+        if (!d)
+            return Reply::err(d.error());
+        return entry_for(caller, Node{NodeKind::deleted_secret, d->id.value});
     }
     default:
         return Reply::err(ENOENT);
@@ -453,11 +466,37 @@ Reply Filesystem::rmdir(fuse_req_t req, fuse_ino_t parent, const char* name)
 
 // ---- refusals ---------------------------------------------------------------------------
 
-Reply Filesystem::unlink(fuse_req_t, fuse_ino_t, const char*) { return Reply::err(EPERM); }
-
-Reply Filesystem::rename(fuse_req_t, fuse_ino_t, const char*, fuse_ino_t, const char*, unsigned int)
+Reply Filesystem::unlink(fuse_req_t req, fuse_ino_t parent, const char* name_c)
 {
+    const auto p = from_ino(parent);
+    const std::string_view name(name_c);
+    if (!p)
+        return Reply::err(ENOENT);
+    if (p->kind == NodeKind::vault) {
+        // Versions and the policy are not deleted one by one.
+        if (name == ".policy" || vault::parse_secret_path(name).value_or(vault::SecretPath{}).version)
+            return Reply::err(EPERM);
+        auto r = service_.delete_secret(caller_of(req), vault::VaultId{p->id}, name);
+        return r ? Reply::ok() : Reply::err(r.error());
+    }
+    if (p->kind == NodeKind::deleted_dir) {
+        auto r = service_.purge(caller_of(req), vault::VaultId{p->id}, name);
+        return r ? Reply::ok() : Reply::err(r.error());
+    }
     return Reply::err(EPERM);
+}
+
+Reply Filesystem::rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t newparent,
+                         const char* newname, unsigned int flags)
+{
+    // The one rename there is: `mv V/.deleted/S V/S` recovers S.
+    const auto from = from_ino(parent);
+    const auto to = from_ino(newparent);
+    if (!from || !to || from->kind != NodeKind::deleted_dir || to->kind != NodeKind::vault || from->id != to->id ||
+        std::string_view(name) != newname || (flags & RENAME_EXCHANGE))
+        return Reply::err(EPERM);
+    auto r = service_.recover(caller_of(req), vault::VaultId{from->id}, name);
+    return r ? Reply::ok() : Reply::err(r.error());
 }
 
 Reply Filesystem::refuse_link(fuse_req_t, fuse_ino_t, fuse_ino_t, const char*) { return Reply::err(EPERM); }
@@ -813,7 +852,17 @@ Reply Filesystem::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off
             if (rows->size() < page_rows)
                 return reply();
         } else {
-            return reply();
+            auto rows = service_.deleted_page(grant, vault::SecretId{cursor}, page_rows);
+            if (!rows)
+                return used > 0 ? reply() : Reply::err(rows.error());
+            for (const auto& s : *rows) {
+                if (!add(s.name.c_str(), to_ino(Node{NodeKind::deleted_secret, s.id.value}), S_IFREG,
+                         s.id.value + row_offset))
+                    return reply();
+                cursor = s.id.value;
+            }
+            if (rows->size() < page_rows)
+                return reply();
         }
     }
 }
@@ -835,9 +884,152 @@ Reply Filesystem::statfs(fuse_req_t, fuse_ino_t)
 
 // ---- extended attributes -----------------------------------------------------------
 
-Reply Filesystem::setxattr(fuse_req_t, fuse_ino_t, const char*, const char*, size_t, int) { return Reply::err(ENOTSUP); }
-Reply Filesystem::getxattr(fuse_req_t, fuse_ino_t, const char*, size_t) { return Reply::err(ENOTSUP); }
-Reply Filesystem::listxattr(fuse_req_t, fuse_ino_t, size_t) { return Reply::err(ENOTSUP); }
-Reply Filesystem::removexattr(fuse_req_t, fuse_ino_t, const char*) { return Reply::err(ENOTSUP); }
+namespace {
+
+constexpr std::string_view xattr_prefix = "user.vault.";
+
+// The attribute name inside vaultfs, or nullopt for names outside user.vault.*.
+std::optional<std::string_view> vault_attribute(const char* xattr)
+{
+    const std::string_view n(xattr);
+    if (n.substr(0, xattr_prefix.size()) != xattr_prefix || n.size() == xattr_prefix.size())
+        return std::nullopt;
+    return n.substr(xattr_prefix.size());
+}
+
+// Answers a getxattr of `value` for a buffer of `size` (0: size query).
+Reply xattr_value(std::string value, size_t size)
+{
+    if (size == 0)
+        return Reply{Reply::XattrSize{value.size()}};
+    if (value.size() > size)
+        return Reply::err(ERANGE);
+    auto owned = std::make_shared<std::string>(std::move(value));
+    return Reply{Reply::Buffer{owned->data(), owned->size(), owned}};
+}
+
+// Answers a listxattr of `names` (prefixed) for a buffer of `size`.
+Reply xattr_list(const std::vector<std::string>& names, size_t size)
+{
+    std::string packed;
+    for (const auto& n : names) {
+        packed += xattr_prefix;
+        packed += n;
+        packed.push_back('\0');
+    }
+    return xattr_value(std::move(packed), size);
+}
+
+}  // namespace
+
+// The secret or version a node stands for, for attribute calls.
+vault::Result<vault::SecretView> Filesystem::attribute_target(const vault::Caller& caller, Node node)
+{
+    if (node.kind == NodeKind::secret)
+        return service_.secret_by_id(caller, vault::SecretId{node.id});
+    if (node.kind == NodeKind::version)
+        return service_.version_by_id(caller, vault::VersionId{node.id});
+    return vault::fail(Errc::no_attribute);
+}
+
+Reply Filesystem::getxattr(fuse_req_t req, fuse_ino_t ino, const char* name_c, size_t size)
+{
+    const auto node = from_ino(ino);
+    if (!node)
+        return Reply::err(ENOENT);
+    const auto name = vault_attribute(name_c);
+    if (!name)
+        return Reply::err(ENODATA);  // security.*, system.*, trusted.*: never set here
+    const auto caller = caller_of(req);
+    if (node->kind == NodeKind::vault || node->kind == NodeKind::deleted_secret) {
+        auto attrs = node->kind == NodeKind::vault
+                         ? service_.vault_attributes(caller, vault::VaultId{node->id})
+                         : service_.deleted_by_id(caller, vault::SecretId{node->id})
+                               .and_then([&](const vault::DeletedView& d) { return service_.deleted_attributes(caller, d); });
+        if (!attrs)
+            return Reply::err(attrs.error());
+        for (auto& [key, value] : *attrs)
+            if (key == *name)
+                return xattr_value(value, size);
+        return Reply::err(ENODATA);
+    }
+    auto target = attribute_target(caller, *node);
+    if (!target)
+        return Reply::err(target.error());
+    auto value = service_.get_attribute(caller, *target, *name);
+    if (!value)
+        return Reply::err(value.error());
+    return xattr_value(std::move(*value), size);
+}
+
+Reply Filesystem::listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
+{
+    const auto node = from_ino(ino);
+    if (!node)
+        return Reply::err(ENOENT);
+    const auto caller = caller_of(req);
+    if (node->kind == NodeKind::vault || node->kind == NodeKind::deleted_secret) {
+        auto attrs = node->kind == NodeKind::vault
+                         ? service_.vault_attributes(caller, vault::VaultId{node->id})
+                         : service_.deleted_by_id(caller, vault::SecretId{node->id})
+                               .and_then([&](const vault::DeletedView& d) { return service_.deleted_attributes(caller, d); });
+        if (!attrs)
+            return Reply::err(attrs.error());
+        std::vector<std::string> names;
+        for (const auto& [key, value] : *attrs)
+            names.push_back(key);
+        return xattr_list(names, size);
+    }
+    if (node->kind != NodeKind::secret && node->kind != NodeKind::version)
+        return xattr_list({}, size);
+    auto target = attribute_target(caller, *node);
+    if (!target)
+        return Reply::err(target.error());
+    auto names = service_.list_attributes(caller, *target);
+    if (!names)
+        return Reply::err(names.error());
+    return xattr_list(*names, size);
+}
+
+Reply Filesystem::setxattr(fuse_req_t req, fuse_ino_t ino, const char* name_c, const char* value, size_t size, int)
+{
+    const auto node = from_ino(ino);
+    if (!node)
+        return Reply::err(ENOENT);
+    const auto name = vault_attribute(name_c);
+    if (!name)
+        return Reply::err(ENOTSUP);
+    const auto caller = caller_of(req);
+    const std::string_view text(value, size);
+    if (node->kind == NodeKind::vault) {
+        auto r = service_.set_vault_attribute(caller, vault::VaultId{node->id}, *name, text);
+        return r ? Reply::ok() : Reply::err(r.error());
+    }
+    if (node->kind != NodeKind::secret && node->kind != NodeKind::version)
+        return Reply::err(EPERM);
+    auto target = attribute_target(caller, *node);
+    if (!target)
+        return Reply::err(target.error());
+    auto r = service_.set_attribute(caller, *target, *name, text);
+    return r ? Reply::ok() : Reply::err(r.error());
+}
+
+Reply Filesystem::removexattr(fuse_req_t req, fuse_ino_t ino, const char* name_c)
+{
+    const auto node = from_ino(ino);
+    if (!node)
+        return Reply::err(ENOENT);
+    const auto name = vault_attribute(name_c);
+    if (!name)
+        return Reply::err(ENODATA);
+    if (node->kind != NodeKind::secret && node->kind != NodeKind::version)
+        return Reply::err(EPERM);
+    const auto caller = caller_of(req);
+    auto target = attribute_target(caller, *node);
+    if (!target)
+        return Reply::err(target.error());
+    auto r = service_.set_attribute(caller, *target, *name, std::nullopt);
+    return r ? Reply::ok() : Reply::err(r.error());
+}
 
 }  // namespace vaultfs::fs

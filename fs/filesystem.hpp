@@ -86,6 +86,7 @@ private:
     Reply open_for_write(const vault::Caller& caller, vault::VaultId vault, const std::string& name,
                          vault::SecretService::WriteIntent intent, fuse_file_info* fi, bool reply_create);
     Reply open_policy(const vault::Caller& caller, vault::VaultId vault, fuse_file_info* fi);
+    vault::Result<vault::SecretView> attribute_target(const vault::Caller& caller, Node node);
 
     vault::SecretService& service_;
     CallerCache callers_;

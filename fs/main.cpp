@@ -4,10 +4,18 @@
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
+#include <functional>
 #include <fstream>
 #include <sstream>
 
+#include "fs/control.hpp"
+#include "fs/control_protocol.hpp"
 #include "fs/daemon.hpp"
 #include "hsm/secure_buffer.hpp"
 #include "vault/audit.hpp"
@@ -95,6 +103,28 @@ int run_verify(const std::string& state, std::vector<std::string> files, std::st
     return 0;
 }
 
+// Sends a management request and prints the reply: `show` formats the
+// result; errors go to stderr with the errno name. Returns the exit status.
+int manage(const std::string& state, const std::string& socket, const fs::ControlRequest& request,
+           const std::function<void(const nlohmann::json&)>& show)
+{
+    auto reply = fs::control_call(state, socket, fs::render_request(request));
+    if (!reply)
+        return fail(reply.error().message);
+    if (!(*reply).value("ok", false))
+        return fail((*reply).value("error", std::string("failed")) + " (" + (*reply).value("errno", std::string("?")) + ")");
+    show((*reply)["result"]);
+    return 0;
+}
+
+void print_json(const nlohmann::json& j) { std::printf("%s\n", j.dump(2).c_str()); }
+
+std::string default_state()
+{
+    const char* env = std::getenv("VAULTFS_STATE");
+    return env != nullptr ? env : "/var/lib/vaultfs";
+}
+
 }  // namespace
 
 int main(int argc, char** argv)
@@ -132,6 +162,35 @@ int main(int argc, char** argv)
     verify->add_option("--public-key", public_key, "PEM public key (default: the state's)");
     verify->add_option("files", audit_files, "Audit files, oldest first (default: the state's)");
 
+    // The management plane: these talk to the running daemon.
+    std::string mstate = default_state();
+    fs::ControlRequest request;
+    auto* vault_cmd = app.add_subcommand("vault", "Create, show and list vaults (through the running daemon)");
+    vault_cmd->require_subcommand(1);
+    auto* vault_create = vault_cmd->add_subcommand("create", "Create a vault (admins)");
+    vault_create->add_option("name", request.vault, "Vault name: 3-24 letters, digits, hyphens")->required();
+    vault_create->add_option("--retention-days", request.retention_days, "Soft-delete retention, 7-90 days")
+        ->check(CLI::Range(7, 90))
+        ->capture_default_str();
+    vault_create->add_flag("--purge-protection", request.purge_protection,
+                           "No purge before retention ends (can never be turned off)");
+    auto* vault_show = vault_cmd->add_subcommand("show", "Show a vault's settings, policy and secret count");
+    vault_show->add_option("name", request.vault, "Vault name")->required();
+    auto* vault_list = vault_cmd->add_subcommand("list", "List the vaults");
+    auto* status = app.add_subcommand("status", "Is it mounted; are the token and the audit trail healthy");
+    std::string target, output, backup_file;
+    auto* backup = app.add_subcommand("backup", "Back up a vault or one secret (ciphertext only, signed)");
+    backup->add_option("target", target, "VAULT or VAULT/SECRET")->required();
+    backup->add_option("-o,--output", output, "File to write (mode 0600)")->required();
+    auto* restore = app.add_subcommand("restore", "Restore a backup into a vault on the same token");
+    restore->add_option("file", backup_file, "Backup file")->required();
+    restore->add_option("--into", request.into, "Target vault (default: the backup's own)");
+    std::string socket;
+    for (auto* sub : {vault_create, vault_show, vault_list, status, backup, restore}) {
+        sub->add_option("--state", mstate, "State directory (default: $VAULTFS_STATE or /var/lib/vaultfs)");
+        sub->add_option("--socket", socket, "Control socket (default: the state's control_socket)");
+    }
+
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
@@ -144,5 +203,57 @@ int main(int argc, char** argv)
         return fs::run_mount(mount_options);
     if (*verify)
         return run_verify(verify_state, audit_files, public_key);
+
+    using C = fs::ControlRequest::Command;
+    if (*vault_create) {
+        request.command = C::vault_create;
+        return manage(mstate, socket, request, [](const nlohmann::json& r) {
+            std::printf("created vault %s (retention %d days, purge protection %s)\n",
+                        r.value("name", std::string()).c_str(), r.value("retention_days", 0),
+                        r.value("purge_protection", false) ? "on" : "off");
+        });
+    }
+    if (*vault_show) {
+        request.command = C::vault_show;
+        return manage(mstate, socket, request, print_json);
+    }
+    if (*vault_list) {
+        request.command = C::vault_list;
+        return manage(mstate, socket, request, [](const nlohmann::json& r) {
+            for (const auto& v : r)
+                std::printf("%s\n", v.value("name", std::string()).c_str());
+        });
+    }
+    if (*status) {
+        request.command = C::status;
+        return manage(mstate, socket, request, print_json);
+    }
+    if (*backup) {
+        request.command = C::backup;
+        const auto slash = target.find('/');
+        request.vault = target.substr(0, slash);
+        if (slash != std::string::npos)
+            request.secret = target.substr(slash + 1);
+        return manage(mstate, socket, request, [&](const nlohmann::json& r) {
+            const std::string doc = r.get<std::string>();
+            const int fd = ::open(output.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+            if (fd < 0 || ::write(fd, doc.data(), doc.size()) != static_cast<ssize_t>(doc.size()) || ::fsync(fd) != 0) {
+                std::fprintf(stderr, "vaultfs: cannot write %s: %s\n", output.c_str(), std::strerror(errno));
+                std::exit(1);
+            }
+            ::close(fd);
+            std::printf("wrote %s (%zu bytes, ciphertext and sealed keys only)\n", output.c_str(), doc.size());
+        });
+    }
+    if (*restore) {
+        request.command = C::restore;
+        request.backup = read_file(backup_file);
+        if (request.backup.empty())
+            return fail("cannot read " + backup_file);
+        return manage(mstate, socket, request, [](const nlohmann::json& r) {
+            for (const auto& name : r)
+                std::printf("restored %s\n", name.get<std::string>().c_str());
+        });
+    }
     return 2;
 }

@@ -62,6 +62,8 @@ json record_body(const AuditEvent& e)
     r["bytes"] = e.bytes ? json(*e.bytes) : json(nullptr);
     if (!e.reason.empty())
         r["reason"] = std::string(e.reason);
+    if (!e.attribute.empty())
+        r["attribute"] = std::string(e.attribute);
     return r;
 }
 

@@ -63,6 +63,7 @@ struct AuditEvent {
     std::string_view result;             // "ok" or an errno name
     std::optional<std::uint64_t> bytes;  // plaintext bytes served or stored
     std::string_view reason;             // why it failed, when that is not obvious from `result`
+    std::string_view attribute;          // for xattr and settings operations
 };
 
 // Signs checkpoint digests; implemented over the token.

@@ -1,6 +1,10 @@
 #include "vault/audit_format.hpp"
 
+#include <openssl/bio.h>
+#include <openssl/bn.h>
+#include <openssl/ec.h>
 #include <openssl/evp.h>
+#include <openssl/pem.h>
 
 #include <ctime>
 
@@ -36,8 +40,7 @@ std::array<std::uint8_t, 32> sha256(std::string_view data)
     return out;
 }
 
-namespace {
-std::string hex(std::span<const std::uint8_t> bytes)
+std::string to_hex(std::span<const std::uint8_t> bytes)
 {
     static const char digits[] = "0123456789abcdef";
     std::string s;
@@ -48,12 +51,71 @@ std::string hex(std::span<const std::uint8_t> bytes)
     }
     return s;
 }
-}  // namespace
+
+std::optional<std::vector<std::uint8_t>> from_hex(std::string_view s)
+{
+    if (s.size() % 2 != 0)
+        return std::nullopt;
+    std::vector<std::uint8_t> out(s.size() / 2);
+    for (std::size_t i = 0; i < out.size(); ++i) {
+        int v = 0;
+        for (int k = 0; k < 2; ++k) {
+            const char c = s[2 * i + k];
+            v <<= 4;
+            if (c >= '0' && c <= '9')
+                v |= c - '0';
+            else if (c >= 'a' && c <= 'f')
+                v |= c - 'a' + 10;
+            else
+                return std::nullopt;
+        }
+        out[i] = static_cast<std::uint8_t>(v);
+    }
+    return out;
+}
 
 std::string sha256_hex(std::string_view data)
 {
     const auto d = sha256(data);
-    return hex(d);
+    return to_hex(d);
+}
+
+P256Verifier::P256Verifier(const std::string& pem)
+{
+    BIO* bio = BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size()));
+    if (bio != nullptr) {
+        key_ = PEM_read_bio_PUBKEY(bio, nullptr, nullptr, nullptr);
+        BIO_free(bio);
+    }
+}
+
+P256Verifier::~P256Verifier() { EVP_PKEY_free(key_); }
+
+bool P256Verifier::verify(const std::array<std::uint8_t, 32>& digest, std::span<const std::uint8_t> sig) const
+{
+    if (key_ == nullptr || sig.size() != 64)
+        return false;
+    // OpenSSL wants DER; the token gives r | s.
+    ECDSA_SIG* es = ECDSA_SIG_new();
+    BIGNUM* r = BN_bin2bn(sig.data(), 32, nullptr);
+    BIGNUM* s = BN_bin2bn(sig.data() + 32, 32, nullptr);
+    if (es == nullptr || r == nullptr || s == nullptr || ECDSA_SIG_set0(es, r, s) != 1) {
+        BN_free(r);
+        BN_free(s);
+        ECDSA_SIG_free(es);
+        return false;
+    }
+    unsigned char* der = nullptr;
+    const int der_len = i2d_ECDSA_SIG(es, &der);
+    ECDSA_SIG_free(es);
+    if (der_len <= 0)
+        return false;
+    EVP_PKEY_CTX* ctx = EVP_PKEY_CTX_new(key_, nullptr);
+    const bool ok = ctx != nullptr && EVP_PKEY_verify_init(ctx) == 1 &&
+                    EVP_PKEY_verify(ctx, der, static_cast<std::size_t>(der_len), digest.data(), digest.size()) == 1;
+    EVP_PKEY_CTX_free(ctx);
+    OPENSSL_free(der);
+    return ok;
 }
 
 tl::expected<SealedRecord, std::string> seal_record(nlohmann::json& record, const SignDigest& sign)
@@ -65,7 +127,7 @@ tl::expected<SealedRecord, std::string> seal_record(nlohmann::json& record, cons
         auto sig = sign(std::span<const std::uint8_t, 32>(digest));
         if (!sig)
             return tl::unexpected(sig.error().message);
-        record["sig"] = hex(*sig);
+        record["sig"] = to_hex(*sig);
     }
     const std::string hash = sha256_hex(canonical(record));
     record["hash"] = hash;

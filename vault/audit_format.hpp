@@ -12,6 +12,7 @@
 #include <array>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -21,6 +22,8 @@
 
 #include "hsm/error.hpp"
 #include "vault/types.hpp"
+
+struct evp_pkey_st;  // OpenSSL's EVP_PKEY
 
 namespace vaultfs::vault {
 
@@ -32,6 +35,24 @@ const std::string& genesis_hash();
 std::string canonical(const nlohmann::json& record);
 std::string sha256_hex(std::string_view data);
 std::array<std::uint8_t, 32> sha256(std::string_view data);
+
+std::string to_hex(std::span<const std::uint8_t> bytes);
+std::optional<std::vector<std::uint8_t>> from_hex(std::string_view hex);
+
+// Checks ECDSA P-256 signatures (r | s, 64 bytes) over SHA-256 digests with
+// a PEM public key; needs no token.
+class P256Verifier {
+public:
+    explicit P256Verifier(const std::string& public_key_pem);
+    ~P256Verifier();
+    P256Verifier(const P256Verifier&) = delete;
+    P256Verifier& operator=(const P256Verifier&) = delete;
+    bool usable() const { return key_ != nullptr; }
+    bool verify(const std::array<std::uint8_t, 32>& digest, std::span<const std::uint8_t> signature) const;
+
+private:
+    ::evp_pkey_st* key_ = nullptr;
+};
 
 using SignDigest = std::function<hsm::Result<std::vector<std::uint8_t>>(std::span<const std::uint8_t, 32>)>;
 

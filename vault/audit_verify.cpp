@@ -31,60 +31,6 @@ using Pkey = std::unique_ptr<EVP_PKEY, PkeyFree>;
 
 const std::set<std::string> signed_ops{"init", "start", "checkpoint", "rotate", "shutdown"};
 
-std::optional<std::vector<std::uint8_t>> unhex(const std::string& s)
-{
-    if (s.size() % 2 != 0)
-        return std::nullopt;
-    std::vector<std::uint8_t> out(s.size() / 2);
-    for (std::size_t i = 0; i < out.size(); ++i) {
-        int v = 0;
-        for (int k = 0; k < 2; ++k) {
-            const char c = s[2 * i + k];
-            v <<= 4;
-            if (c >= '0' && c <= '9')
-                v |= c - '0';
-            else if (c >= 'a' && c <= 'f')
-                v |= c - 'a' + 10;
-            else
-                return std::nullopt;
-        }
-        out[i] = static_cast<std::uint8_t>(v);
-    }
-    return out;
-}
-
-Pkey load_public_key(const std::string& pem)
-{
-    std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())), BIO_free);
-    return Pkey(bio ? PEM_read_bio_PUBKEY(bio.get(), nullptr, nullptr, nullptr) : nullptr);
-}
-
-// `sig` is r | s; OpenSSL wants DER.
-bool verify_signature(EVP_PKEY* key, const std::array<std::uint8_t, 32>& digest, const std::vector<std::uint8_t>& sig)
-{
-    if (sig.size() != 64)
-        return false;
-    ECDSA_SIG* es = ECDSA_SIG_new();
-    BIGNUM* r = BN_bin2bn(sig.data(), 32, nullptr);
-    BIGNUM* s = BN_bin2bn(sig.data() + 32, 32, nullptr);
-    if (es == nullptr || r == nullptr || s == nullptr || ECDSA_SIG_set0(es, r, s) != 1) {
-        BN_free(r);
-        BN_free(s);
-        ECDSA_SIG_free(es);
-        return false;
-    }
-    unsigned char* der = nullptr;
-    const int der_len = i2d_ECDSA_SIG(es, &der);
-    ECDSA_SIG_free(es);
-    if (der_len <= 0)
-        return false;
-    std::unique_ptr<EVP_PKEY_CTX, decltype(&EVP_PKEY_CTX_free)> ctx(EVP_PKEY_CTX_new(key, nullptr), EVP_PKEY_CTX_free);
-    const bool ok = ctx && EVP_PKEY_verify_init(ctx.get()) == 1 &&
-                    EVP_PKEY_verify(ctx.get(), der, static_cast<std::size_t>(der_len), digest.data(), digest.size()) == 1;
-    OPENSSL_free(der);
-    return ok;
-}
-
 struct Line {
     std::string text;
     bool terminated = true;
@@ -171,8 +117,8 @@ VerifyReport verify_audit(const std::vector<std::string>& files, const std::stri
         rep.problem = std::move(problem);
         return rep;
     };
-    Pkey key = load_public_key(public_key_pem);
-    if (!key)
+    const P256Verifier key(public_key_pem);
+    if (!key.usable())
         return bad("", 0, "the audit public key cannot be read (not a PEM public key)");
     if (files.empty())
         return bad("", 0, "no audit files given");
@@ -249,10 +195,10 @@ VerifyReport verify_audit(const std::vector<std::string>& files, const std::stri
             if (signed_ops.count(p->op) != 0) {
                 if (!p->record.contains("sig") || !p->record["sig"].is_string())
                     return bad(file, line_no, "forged " + p->op + " record: it carries no signature");
-                const auto sig = unhex(p->record["sig"].get<std::string>());
+                const auto sig = from_hex(p->record["sig"].get<std::string>());
                 json unsigned_part = without_hash;
                 unsigned_part.erase("sig");
-                if (!sig || !verify_signature(key.get(), sha256(canonical(unsigned_part)), *sig))
+                if (!sig || !key.verify(sha256(canonical(unsigned_part)), *sig))
                     return bad(file, line_no, "forged " + p->op +
                                                   " record: its signature does not verify with the audit public key");
                 ++rep.checkpoints;

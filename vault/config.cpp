@@ -113,6 +113,8 @@ Result<Config> parse_config(std::string_view text, const std::string& state_dir)
             c.audit_file = v;
         } else if (key == "audit_public_key") {
             c.audit_public_key = v;
+        } else if (key == "control_socket") {
+            c.control_socket = v;
         } else if (key == "audit_sync") {
             if (v == "always")
                 c.audit_sync = AuditSync::always;
@@ -205,6 +207,7 @@ std::string render_config(const Config& c)
     out << "database = " << c.database << "\n"
         << "audit_file = " << c.audit_file << "\n"
         << "audit_public_key = " << c.audit_public_key << "\n"
+        << "control_socket = " << c.control_socket << "\n"
         << "audit_sync = " << (c.audit_sync == AuditSync::always ? "always" : "interval") << "\n"
         << "audit_sync_interval_ms = " << c.audit_sync_interval.count() << "\n"
         << "audit_checkpoint_records = " << c.audit_checkpoint_records << "\n"
@@ -215,6 +218,10 @@ std::string render_config(const Config& c)
         out << "admin_group = " << *c.admin_group << "\n";
     out << "threads = " << c.threads << "\n"
         << "secure_heap_kib = " << c.secure_heap_kib << "\n";
+    if (c.retention_day_seconds != 86400)
+        out << "retention_day_seconds = " << c.retention_day_seconds << "\n";
+    if (c.purge_interval != std::chrono::seconds(3600))
+        out << "purge_interval_seconds = " << c.purge_interval.count() << "\n";
     return out.str();
 }
 

@@ -34,6 +34,10 @@ struct Config {
     std::string database = "vault.db";
     std::string audit_file = "audit.jsonl";
     std::string audit_public_key = "audit-signing.pub.pem";
+    // The management socket. The state directory is 0700, so by default only
+    // root reaches it; put it elsewhere (e.g. /run/vaultfs/control.sock) to
+    // let an admin group in. The daemon checks every caller (SO_PEERCRED).
+    std::string control_socket = "control.sock";
     AuditSync audit_sync = AuditSync::interval;
     std::chrono::milliseconds audit_sync_interval{1000};
     std::uint64_t audit_checkpoint_records = 1000;

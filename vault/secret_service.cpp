@@ -16,16 +16,14 @@ namespace vaultfs::vault {
 
 using policy::Permission;
 
-namespace {
-
-std::string rule_of(const policy::Decision& d)
+std::string SecretService::rule_of(const policy::Decision& d)
 {
     if (d.rule_line == 0)
         return "default-deny";
     return std::to_string(d.rule_line) + ": " + d.rule_text;
 }
 
-Error from_hsm(const hsm::Error& e)
+Error SecretService::from_hsm(const hsm::Error& e)
 {
     switch (e.code) {
     case hsm::Errc::authentication_failed:
@@ -36,8 +34,6 @@ Error from_hsm(const hsm::Error& e)
         return Error{Errc::key_unavailable, e.message};
     }
 }
-
-}  // namespace
 
 std::string_view result_name(Errc code)
 {
@@ -72,6 +68,8 @@ std::string_view result_name(Errc code)
         return "ENOMEM";
     case Errc::busy:
         return "EBUSY";
+    case Errc::no_attribute:
+        return "ENODATA";
     }
     return "EIO";
 }
@@ -673,6 +671,17 @@ Result<policy::PermissionSet> SecretService::vault_permissions(const Caller& cal
     if (!v)
         return tl::unexpected(v.error());
     return (*v)->policy->effective(caller.who);
+}
+
+Result<void> SecretService::audit_management(const Caller& caller, std::string_view op, std::string_view vault,
+                                             bool allowed, std::string_view rule, Errc* failure)
+{
+    return record(AuditEvent{.op = op,
+                             .caller = &caller,
+                             .vault = vault,
+                             .allowed = allowed,
+                             .rule = rule,
+                             .result = failure != nullptr ? result_name(*failure) : std::string_view("ok")});
 }
 
 // ---- names ---------------------------------------------------------------------------

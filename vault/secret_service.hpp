@@ -65,6 +65,18 @@ struct SecretView {
     policy::PermissionSet permissions;
 };
 
+// A soft-deleted secret as `.deleted/S` names it.
+struct DeletedView {
+    VaultId vault;
+    std::string vault_name;
+    SecretId id;
+    std::string name;
+    Micros secret_created = 0;
+    Micros deleted_at = 0;
+    Micros purge_at = 0;
+    policy::PermissionSet permissions;
+};
+
 // Permission to commit new versions of one secret, granted at open.
 struct WriteGrant {
     VaultId vault;
@@ -83,6 +95,9 @@ struct ListingGrant {
 struct Options {
     std::optional<gid_t> admin_gid;
     std::int64_t retention_day_seconds = 86400;
+    // Signs backups (the state's token-held signing key) and checks them.
+    hsm::KeyId signing_key;
+    std::string signing_public_pem;
 };
 
 class SecretService {
@@ -150,7 +165,64 @@ public:
     // The permissions the caller holds on the vault (for .policy's mode).
     Result<policy::PermissionSet> vault_permissions(const Caller& caller, VaultId vault);
 
+    // ---- lifecycle (Azure Key Vault's soft delete) ------------------------------
+    // Needs `delete`. Moves the secret to `.deleted` until its vault's
+    // retention ends. Audited ("delete").
+    Result<void> delete_secret(const Caller& caller, VaultId vault, std::string_view name);
+    Result<DeletedView> find_deleted(const Caller& caller, VaultId vault, std::string_view name);
+    Result<DeletedView> deleted_by_id(const Caller& caller, SecretId id);
+    Result<std::vector<SecretRow>> deleted_page(const ListingGrant& grant, SecretId after, std::size_t limit);
+    // Needs `recover`: the secret comes back with all versions. Audited.
+    Result<void> recover(const Caller& caller, VaultId vault, std::string_view name);
+    // Needs `purge`: gone for good. Errc::not_permitted while the vault's
+    // purge protection holds it (before its purge date). Audited.
+    Result<void> purge(const Caller& caller, VaultId vault, std::string_view name);
+    // Purges every soft-deleted secret whose retention has ended; each purge
+    // is audited as the daemon's. Returns how many went.
+    Result<std::size_t> purge_expired();
+
+    // ---- attributes (names without the xattr prefix "user.vault.") ----------
+    // Reading needs `get` or `list`; audited ("xattr_list", "xattr_get").
+    // A missing attribute is Errc::no_attribute.
+    Result<std::vector<std::string>> list_attributes(const Caller& caller, const SecretView& target);
+    Result<std::string> get_attribute(const Caller& caller, const SecretView& target, std::string_view name);
+    // Needs `set`; applies to the version `target` stands for. nullopt
+    // removes (tags, not_before, expires, content_type). Invalid names or
+    // values: Errc::invalid_argument; read-only ones: Errc::not_permitted.
+    // Audited ("xattr_set").
+    Result<void> set_attribute(const Caller& caller, const SecretView& target, std::string_view name,
+                               std::optional<std::string_view> value);
+    // `deleted` and `scheduled_purge` of a soft-deleted secret.
+    Result<std::vector<std::pair<std::string, std::string>>> deleted_attributes(const Caller& caller,
+                                                                                 const DeletedView& target);
+    // `retention_days` and `purge_protection` of a vault; set by admins only.
+    // Purge protection can be turned on, never off (Errc::not_permitted).
+    Result<std::vector<std::pair<std::string, std::string>>> vault_attributes(const Caller& caller, VaultId vault);
+    Result<void> set_vault_attribute(const Caller& caller, VaultId vault, std::string_view name,
+                                     std::string_view value);
+
+    // ---- backup and restore (data plane: needs `backup` / `restore`) ---------
+    // A signed JSON document holding the vault's (or one secret's) live
+    // secrets as ciphertext and sealed DEKs — never plaintext. Audited.
+    Result<std::string> backup(const Caller& caller, std::string_view vault, std::optional<std::string_view> secret);
+    // Restores a backup into `into` (default: its own vault, which must
+    // exist). Needs the backup's KEK in this token (else
+    // Errc::key_unavailable, with a message saying so) and a valid signature
+    // from this state (else Errc::integrity). Refuses to overwrite any
+    // existing or soft-deleted secret (Errc::already_exists) and then
+    // restores nothing. Returns the restored names. Audited.
+    Result<std::vector<std::string>> restore(const Caller& caller, std::string_view document,
+                                             std::optional<std::string_view> into);
+
+    // Records a management call that does nothing else (status, vault
+    // show/list, refused socket callers).
+    Result<void> audit_management(const Caller& caller, std::string_view op, std::string_view vault, bool allowed,
+                                  std::string_view rule, Errc* failure = nullptr);
+
     DekCache& dek_cache() { return deks_; }
+    hsm::KeyService& keys() { return keys_; }
+    AuditLog& audit_log() { return audit_; }
+    Store& store() { return store_; }
 
 private:
     struct VaultEntry {
@@ -159,6 +231,12 @@ private:
         std::size_t policy_size = 0;
     };
     static std::shared_ptr<const VaultEntry> make_entry(VaultRow row, policy::Policy policy);
+    // "3: allow uid:1001 get", or "default-deny": the `rule` of a record.
+    static std::string rule_of(const policy::Decision& d);
+    static Error from_hsm(const hsm::Error& e);
+    Result<DeletedView> deleted_view(const Caller& caller, const VaultEntry& v, const SecretRow& s);
+    // Purges one secret inside a write, auditing it as `ev`.
+    Result<void> purge_row(const SecretRow& s, AuditEvent ev);
     Result<std::shared_ptr<const VaultEntry>> load_vault(VaultId id);
     Result<std::shared_ptr<const VaultEntry>> load_vault(std::string_view name);
     void forget_vault(VaultId id);

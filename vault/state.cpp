@@ -14,6 +14,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 namespace vaultfs::vault {
 
@@ -259,8 +260,14 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
         if (!audit)
             return tl::unexpected(audit.error());
         st->audit = std::move(*audit);
-        st->service = std::make_unique<SecretService>(*st->store, *st->keys, *st->deks, *st->audit, st->names,
-                                                      Options{st->admin_gid, c.retention_day_seconds});
+        std::ifstream pem_file(c.path_of(c.audit_public_key));
+        std::stringstream pem;
+        pem << pem_file.rdbuf();
+        if (pem.str().empty())
+            return fail(Errc::storage, "cannot read " + c.path_of(c.audit_public_key) + "; it was made by vaultfs init");
+        st->service = std::make_unique<SecretService>(
+            *st->store, *st->keys, *st->deks, *st->audit, st->names,
+            Options{st->admin_gid, c.retention_day_seconds, signing_key, pem.str()});
     }
     return st;
 }

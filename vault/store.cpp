@@ -613,6 +613,30 @@ Result<std::optional<SecretRow>> Store::Transaction::secret(SecretId id)
         [&](sqlite::Query& q) { q.bind(1, id.value); }, read_secret);
 }
 
+Result<std::optional<SecretRow>> Store::Transaction::secret_by_name(VaultId vault, std::string_view name)
+{
+    return first<SecretRow>(
+        conn_,
+        "SELECT id, vault_id, name, created, next_version, deleted_at, purge_at FROM secrets "
+        "WHERE vault_id = ? AND name = ?",
+        [&](sqlite::Query& q) { q.bind(1, vault.value).bind(2, name); }, read_secret);
+}
+
+Result<std::optional<VersionRow>> Store::Transaction::version_by_id(VersionId id)
+{
+    return first<VersionRow>(
+        conn_, "SELECT " VERSION_COLUMNS " FROM versions WHERE id = ?", [&](sqlite::Query& q) { q.bind(1, id.value); },
+        read_version);
+}
+
+Result<std::vector<Tag>> Store::Transaction::tags(VersionId version)
+{
+    return collect<Tag>(
+        conn_, "SELECT name, value FROM tags WHERE version_id = ? ORDER BY name",
+        [&](sqlite::Query& q) { q.bind(1, version.value); },
+        [](const sqlite::Query& q) { return Tag{q.text(0), q.text(1)}; });
+}
+
 Result<SecretRow> Store::Transaction::ensure_secret(VaultId vault, std::string_view name, Micros now)
 {
     auto r = run(conn_, "INSERT INTO secrets (vault_id, name, created) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",

@@ -198,8 +198,11 @@ public:
 
     // The row for `name`, created (without versions) if missing.
     Result<SecretRow> ensure_secret(VaultId vault, std::string_view name, Micros now);
-    // Re-reads a secret row inside the transaction.
+    // Reads inside the transaction (they see its own and its batch's writes).
     Result<std::optional<SecretRow>> secret(SecretId id);
+    Result<std::optional<SecretRow>> secret_by_name(VaultId vault, std::string_view name);
+    Result<std::optional<VersionRow>> version_by_id(VersionId id);
+    Result<std::vector<Tag>> tags(VersionId version);
     // Claims the next version number of a secret.
     Result<std::uint64_t> claim_version_number(SecretId secret);
     Result<VersionId> insert_version(const SealedVersion& version);

@@ -1,0 +1,299 @@
+#include "fs/control.hpp"
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <spdlog/spdlog.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "fs/control_protocol.hpp"
+#include "fs/filesystem.hpp"
+#include "hsm/secure_buffer.hpp"
+
+namespace vaultfs::fs {
+
+using json = nlohmann::json;
+
+namespace {
+
+bool make_address(const std::string& path, sockaddr_un& addr)
+{
+    if (path.size() >= sizeof addr.sun_path)
+        return false;
+    std::memset(&addr, 0, sizeof addr);
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    return true;
+}
+
+bool send_all(int fd, const std::string& data)
+{
+    std::size_t done = 0;
+    while (done < data.size()) {
+        const ssize_t n = ::send(fd, data.data() + done, data.size() - done, MSG_NOSIGNAL);
+        if (n <= 0)
+            return false;
+        done += static_cast<std::size_t>(n);
+    }
+    return true;
+}
+
+// Reads until the peer shuts down its side, up to `limit` bytes.
+bool receive_all(int fd, std::string& out, std::size_t limit)
+{
+    char buf[65536];
+    for (;;) {
+        const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+        if (n < 0)
+            return false;
+        if (n == 0)
+            return true;
+        out.append(buf, static_cast<std::size_t>(n));
+        if (out.size() > limit)
+            return false;
+    }
+}
+
+json error_reply(const vault::Error& e)
+{
+    return json{{"ok", false}, {"errno", std::string(vault::result_name(e.code))}, {"error", e.message}};
+}
+
+json vault_json(const vault::VaultView& v)
+{
+    return json{{"name", v.name},
+                {"created", v.created},
+                {"retention_days", v.settings.retention_days},
+                {"purge_protection", v.settings.purge_protection}};
+}
+
+}  // namespace
+
+vault::Result<std::unique_ptr<ControlServer>> ControlServer::start(vault::State& state, const Filesystem& filesystem)
+{
+    const std::string path = state.config.path_of(state.config.control_socket);
+    sockaddr_un addr{};
+    if (!make_address(path, addr))
+        return vault::fail(vault::Errc::invalid_argument, "control_socket path is too long: " + path);
+    const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return vault::fail(vault::Errc::storage, std::string("socket: ") + std::strerror(errno));
+    ::unlink(path.c_str());  // a stale socket from a daemon that died
+    const mode_t old = ::umask(0);
+    const int bound = ::bind(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
+    ::umask(old);
+    if (bound != 0 || ::chmod(path.c_str(), 0666) != 0 || ::listen(fd, 16) != 0) {
+        const std::string why = std::strerror(errno);
+        ::close(fd);
+        return vault::fail(vault::Errc::storage, "cannot listen on " + path + ": " + why);
+    }
+    const int stop = ::eventfd(0, EFD_CLOEXEC);
+    return std::unique_ptr<ControlServer>(new ControlServer(state, filesystem, fd, stop, path));
+}
+
+ControlServer::ControlServer(vault::State& state, const Filesystem& filesystem, int listen_fd, int stop_fd,
+                             std::string path)
+    : state_(state), filesystem_(filesystem), listen_fd_(listen_fd), stop_fd_(stop_fd), path_(std::move(path))
+{
+    thread_ = std::thread([this] { serve(); });
+}
+
+ControlServer::~ControlServer()
+{
+    const std::uint64_t one = 1;
+    (void)!::write(stop_fd_, &one, sizeof one);
+    thread_.join();
+    ::close(listen_fd_);
+    ::close(stop_fd_);
+    ::unlink(path_.c_str());
+}
+
+void ControlServer::serve()
+{
+    for (;;) {
+        pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
+        if (::poll(fds, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            spdlog::error("control socket: poll failed: {}", std::strerror(errno));
+            return;
+        }
+        if (fds[1].revents != 0)
+            return;
+        const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+        if (fd < 0)
+            continue;
+        try {
+            handle(fd);
+        } catch (const std::exception& e) {
+            spdlog::error("control socket: {}", e.what());
+        }
+        ::close(fd);
+    }
+}
+
+void ControlServer::handle(int fd)
+{
+    // A stuck client must not hold the management plane for long.
+    const timeval timeout{30, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+    ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof timeout);
+
+    ucred cred{};
+    socklen_t len = sizeof cred;
+    if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0)
+        return;
+    vault::Caller caller;
+    caller.who.uid = cred.uid;
+    caller.who.gid = cred.gid;
+    caller.pid = cred.pid;
+    std::vector<gid_t> groups(256);
+    socklen_t glen = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
+    if (::getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &glen) == 0)
+        groups.resize(glen / sizeof(gid_t));
+    else
+        groups.clear();
+    caller.who.groups = std::move(groups);
+
+    auto& service = *state_.service;
+    const bool admin = service.is_admin(caller);
+    // Read the request even from a refused caller: closing with unread data
+    // would reset the connection before the refusal arrives.
+    std::string text;
+    const bool readable = receive_all(fd, text, admin ? max_request_size : 64 * 1024);
+    json reply;
+    if (!admin) {
+        vault::Errc denied = vault::Errc::access_denied;
+        (void)service.audit_management(caller, "control", "", false, "not-admin", &denied);
+        reply = error_reply({denied, "the control socket serves uid 0 and the admin group only"});
+    } else if (!readable) {
+        reply = error_reply({vault::Errc::invalid_argument, "request unreadable or too large"});
+    } else {
+        reply = dispatch(caller, text);
+    }
+    send_all(fd, reply.dump(-1, ' ', false, json::error_handler_t::replace));
+}
+
+json ControlServer::dispatch(const vault::Caller& caller, const std::string& text)
+{
+    auto& service = *state_.service;
+    auto request = parse_request(text);
+    if (!request) {
+        vault::Errc bad = vault::Errc::invalid_argument;
+        (void)service.audit_management(caller, "control", "", true, "admin", &bad);
+        return error_reply({bad, request.error()});
+    }
+    using C = ControlRequest::Command;
+    switch (request->command) {
+    case C::vault_create: {
+        auto v = service.create_vault(caller, request->vault,
+                                      vault::VaultSettings{request->retention_days, request->purge_protection});
+        if (!v)
+            return error_reply(v.error());
+        return json{{"ok", true}, {"result", vault_json(*v)}};
+    }
+    case C::vault_show: {
+        auto v = service.find_vault(caller, request->vault);
+        vault::Errc missing = vault::Errc::not_found;
+        if (auto a = service.audit_management(caller, "vault_show", request->vault, true, "admin", v ? nullptr : &missing);
+            !a)
+            return error_reply(a.error());
+        if (!v)
+            return error_reply(v.error());
+        json out = vault_json(*v);
+        auto count = service.store().secret_count(v->id);
+        out["secrets"] = count ? *count : -1;
+        auto policy = service.store().policy(v->id);
+        out["policy"] = policy && *policy ? (*policy)->text : "";
+        return json{{"ok", true}, {"result", out}};
+    }
+    case C::vault_list: {
+        auto vaults = service.list_vaults(caller);
+        if (!vaults)
+            return error_reply(vaults.error());
+        if (auto a = service.audit_management(caller, "vault_list", "", true, "admin"); !a)
+            return error_reply(a.error());
+        json out = json::array();
+        for (const auto& v : *vaults)
+            out.push_back(vault_json(v));
+        return json{{"ok", true}, {"result", out}};
+    }
+    case C::status: {
+        if (auto a = service.audit_management(caller, "status", "", true, "admin"); !a)
+            return error_reply(a.error());
+        const auto token = service.keys().ping();
+        const auto stats = service.dek_cache().stats();
+        auto vaults = service.store().vaults();
+        return json{{"ok", true},
+                    {"result",
+                     json{{"mounted", true},
+                          {"state", state_.config.state_dir},
+                          {"token", token ? "ok" : token.error().message},
+                          {"audit", service.audit_log().healthy() ? "ok" : "failing"},
+                          {"audit_records", service.audit_log().last_seq()},
+                          {"vaults", vaults ? static_cast<std::int64_t>(vaults->size()) : -1},
+                          {"open_handles", filesystem_.open_handles()},
+                          {"dek_cache",
+                           json{{"enabled", service.dek_cache().enabled()},
+                                {"hits", stats.hits},
+                                {"misses", stats.misses},
+                                {"entries", stats.entries}}},
+                          {"locked_memory_bytes", hsm::secure_heap_used()}}}};
+    }
+    case C::backup: {
+        auto doc = service.backup(caller, request->vault,
+                                  request->secret ? std::optional<std::string_view>(*request->secret) : std::nullopt);
+        if (!doc)
+            return error_reply(doc.error());
+        return json{{"ok", true}, {"result", *doc}};
+    }
+    case C::restore: {
+        auto names = service.restore(caller, request->backup,
+                                     request->into ? std::optional<std::string_view>(*request->into) : std::nullopt);
+        if (!names)
+            return error_reply(names.error());
+        return json{{"ok", true}, {"result", *names}};
+    }
+    }
+    return error_reply({vault::Errc::invalid_argument, "unknown command"});
+}
+
+vault::Result<json> control_call(const std::string& state_dir, const std::string& socket, const std::string& request)
+{
+    std::string path = socket;
+    if (path.empty()) {
+        // The state's config names the socket; a caller who may not read the
+        // config (a non-root admin) names it with --socket instead.
+        auto config = vault::load_config(vault::absolute_path(state_dir));
+        path = config ? config->path_of(config->control_socket) : vault::absolute_path(state_dir) + "/control.sock";
+    }
+    sockaddr_un addr{};
+    if (!make_address(path, addr))
+        return vault::fail(vault::Errc::invalid_argument, "control socket path is too long");
+    const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return vault::fail(vault::Errc::storage, std::strerror(errno));
+    if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) {
+        const std::string why = std::strerror(errno);
+        ::close(fd);
+        return vault::fail(vault::Errc::not_found,
+                           "no vaultfs daemon answers on " + path + " (" + why + "); is it mounted?");
+    }
+    std::string reply;
+    const bool ok = send_all(fd, request) && ::shutdown(fd, SHUT_WR) == 0 && receive_all(fd, reply, max_request_size);
+    ::close(fd);
+    if (!ok)
+        return vault::fail(vault::Errc::storage, "the daemon closed the control connection");
+    json j = json::parse(reply, nullptr, false);
+    if (j.is_discarded() || !j.is_object())
+        return vault::fail(vault::Errc::storage, "the daemon sent an unreadable reply");
+    return j;
+}
+
+}  // namespace vaultfs::fs

@@ -1,0 +1,114 @@
+#include "fs/control_protocol.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+
+namespace vaultfs::fs {
+
+using json = nlohmann::json;
+
+namespace {
+
+constexpr std::pair<const char*, ControlRequest::Command> commands[] = {
+    {"vault_create", ControlRequest::Command::vault_create},
+    {"vault_show", ControlRequest::Command::vault_show},
+    {"vault_list", ControlRequest::Command::vault_list},
+    {"status", ControlRequest::Command::status},
+    {"backup", ControlRequest::Command::backup},
+    {"restore", ControlRequest::Command::restore},
+};
+
+}  // namespace
+
+tl::expected<ControlRequest, std::string> parse_request(std::string_view text)
+{
+    if (text.size() > max_request_size)
+        return tl::unexpected(std::string("request too large"));
+    const json j = json::parse(text, nullptr, false);
+    if (j.is_discarded() || !j.is_object())
+        return tl::unexpected(std::string("a request is one JSON object"));
+    if (!j.contains("cmd") || !j["cmd"].is_string())
+        return tl::unexpected(std::string("missing \"cmd\""));
+    ControlRequest r;
+    const std::string cmd = j["cmd"].get<std::string>();
+    bool known = false;
+    for (const auto& [name, c] : commands)
+        if (cmd == name) {
+            r.command = c;
+            known = true;
+        }
+    if (!known)
+        return tl::unexpected("unknown command '" + cmd.substr(0, 64) + "'");
+
+    const auto string_field = [&](const char* key, bool required) -> tl::expected<std::optional<std::string>, std::string> {
+        if (!j.contains(key))
+            return required ? tl::expected<std::optional<std::string>, std::string>(
+                                  tl::unexpected(std::string("missing \"") + key + "\""))
+                            : std::optional<std::string>();
+        if (!j[key].is_string())
+            return tl::unexpected(std::string("\"") + key + "\" must be a string");
+        return std::optional<std::string>(j[key].get<std::string>());
+    };
+    for (const auto& [key, value] : j.items()) {
+        static const char* allowed[] = {"cmd", "vault", "secret", "retention_days", "purge_protection", "backup", "into"};
+        if (std::find_if(std::begin(allowed), std::end(allowed), [&](const char* a) { return key == a; }) ==
+            std::end(allowed))
+            return tl::unexpected("unknown field \"" + key.substr(0, 64) + "\"");
+    }
+    using C = ControlRequest::Command;
+    const bool needs_vault = r.command == C::vault_create || r.command == C::vault_show || r.command == C::backup;
+    auto vault = string_field("vault", needs_vault);
+    if (!vault)
+        return tl::unexpected(vault.error());
+    r.vault = vault->value_or("");
+    auto secret = string_field("secret", false);
+    if (!secret)
+        return tl::unexpected(secret.error());
+    r.secret = *secret;
+    auto into = string_field("into", false);
+    if (!into)
+        return tl::unexpected(into.error());
+    r.into = *into;
+    auto backup = string_field("backup", r.command == C::restore);
+    if (!backup)
+        return tl::unexpected(backup.error());
+    r.backup = backup->value_or("");
+    if (j.contains("retention_days")) {
+        if (!j["retention_days"].is_number_integer())
+            return tl::unexpected(std::string("\"retention_days\" must be an integer"));
+        const auto days = j["retention_days"].get<std::int64_t>();
+        if (days < 7 || days > 90)
+            return tl::unexpected(std::string("\"retention_days\" must be 7 to 90"));
+        r.retention_days = static_cast<int>(days);
+    }
+    if (j.contains("purge_protection")) {
+        if (!j["purge_protection"].is_boolean())
+            return tl::unexpected(std::string("\"purge_protection\" must be true or false"));
+        r.purge_protection = j["purge_protection"].get<bool>();
+    }
+    return r;
+}
+
+std::string render_request(const ControlRequest& r)
+{
+    json j;
+    for (const auto& [name, c] : commands)
+        if (c == r.command)
+            j["cmd"] = name;
+    if (!r.vault.empty())
+        j["vault"] = r.vault;
+    if (r.secret)
+        j["secret"] = *r.secret;
+    if (r.command == ControlRequest::Command::vault_create) {
+        j["retention_days"] = r.retention_days;
+        j["purge_protection"] = r.purge_protection;
+    }
+    if (r.command == ControlRequest::Command::restore)
+        j["backup"] = r.backup;
+    if (r.into)
+        j["into"] = *r.into;
+    return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+}  // namespace vaultfs::fs

@@ -1,0 +1,39 @@
+// control_protocol: the requests of the control socket, one JSON object per
+// connection, and their parsing (strict: unknown commands, missing or
+// mistyped fields are errors). The libFuzzer target drives parse_request.
+//
+//   {"cmd":"vault_create","vault":"payments","retention_days":30,"purge_protection":true}
+//   {"cmd":"vault_show","vault":"payments"}   {"cmd":"vault_list"}   {"cmd":"status"}
+//   {"cmd":"backup","vault":"payments","secret":"db-password"}   (secret optional)
+//   {"cmd":"restore","backup":"<backup document>","into":"payments2"}   (into optional)
+//
+// Replies: {"ok":true,"result":...} or {"ok":false,"errno":"EACCES","error":"..."}.
+#pragma once
+
+#include <cstddef>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include <tl/expected.hpp>
+
+namespace vaultfs::fs {
+
+// The largest request accepted (a restore carries a whole backup).
+inline constexpr std::size_t max_request_size = 256u << 20;
+
+struct ControlRequest {
+    enum class Command { vault_create, vault_show, vault_list, status, backup, restore };
+    Command command = Command::status;
+    std::string vault;
+    std::optional<std::string> secret;
+    int retention_days = 90;
+    bool purge_protection = false;
+    std::string backup;  // restore: the document
+    std::optional<std::string> into;
+};
+
+tl::expected<ControlRequest, std::string> parse_request(std::string_view text);
+std::string render_request(const ControlRequest& request);
+
+}  // namespace vaultfs::fs

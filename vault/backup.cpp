@@ -1,0 +1,292 @@
+// SecretService: backup and restore.
+//
+// A backup is a JSON document ("format": "vaultfs-backup/1") holding each
+// live secret's versions exactly as stored — ciphertext, nonce, sealed DEK,
+// KEK id and attributes — and `sig`, an ECDSA P-256 signature by the state's
+// token-held signing key over the SHA-256 of the document without `sig`.
+// It never holds plaintext or an unsealed key.
+//
+// Restore checks that the backup's KEK is in this token and that the
+// signature verifies with this state's public key, then re-binds each
+// version to its new home: the DEK is unsealed under the old KEK and AAD and
+// sealed again under the target vault's KEK with the new AAD, and the value
+// re-encrypted under the new AAD — inside the daemon, in locked memory.
+
+#include <spdlog/spdlog.h>
+
+#include <nlohmann/json.hpp>
+
+#include "vault/audit_format.hpp"
+#include "vault/envelope.hpp"
+#include "vault/names.hpp"
+#include "vault/secret_service.hpp"
+
+namespace vaultfs::vault {
+
+using json = nlohmann::json;
+using policy::Permission;
+
+namespace {
+
+constexpr const char* backup_format = "vaultfs-backup/1";
+
+json optional_json(const std::optional<Micros>& v) { return v ? json(*v) : json(nullptr); }
+
+std::optional<Micros> optional_micros(const json& v)
+{
+    if (v.is_null())
+        return std::nullopt;
+    return v.get<Micros>();
+}
+
+}  // namespace
+
+Result<std::string> SecretService::backup(const Caller& caller, std::string_view vault_name,
+                                          std::optional<std::string_view> secret)
+{
+    auto v = load_vault(vault_name);
+    if (!v || (!is_admin(caller) && !(*v)->policy->holds_any(caller.who)))
+        return refuse(AuditEvent{.op = "backup", .caller = &caller, .vault = vault_name,
+                                 .secret = secret.value_or(""), .rule = "default-deny"},
+                      Errc::not_found, "no such vault");
+    const VaultEntry& vault = **v;
+
+    std::vector<SecretRow> rows;
+    if (secret) {
+        auto s = store_.secret_by_name(vault.row.id, *secret);
+        if (!s)
+            return tl::unexpected(s.error());
+        if (!*s || !(*s)->has_versions() || (*s)->deleted())
+            return refuse(AuditEvent{.op = "backup", .caller = &caller, .vault = vault_name, .secret = *secret,
+                                     .allowed = true, .rule = "lookup"},
+                          Errc::not_found, "no such secret");
+        rows.push_back(std::move(**s));
+    } else {
+        SecretId after{0};
+        for (;;) {
+            auto page = store_.live_secrets(vault.row.id, after, 1000);
+            if (!page)
+                return tl::unexpected(page.error());
+            rows.insert(rows.end(), page->begin(), page->end());
+            if (page->size() < 1000)
+                break;
+            after = page->back().id;
+        }
+    }
+
+    json secrets = json::array();
+    for (const auto& s : rows) {
+        const auto d = vault.policy->evaluate(caller.who, Permission::backup, s.name);
+        if (!d.allowed) {
+            const auto rule = rule_of(d);
+            return refuse(AuditEvent{.op = "backup", .caller = &caller, .vault = vault_name, .secret = s.name,
+                                     .allowed = false, .rule = rule},
+                          Errc::access_denied, "no backup permission for " + s.name);
+        }
+        auto versions = store_.versions_of(s.id);
+        if (!versions)
+            return tl::unexpected(versions.error());
+        json vs = json::array();
+        for (const auto& meta : *versions) {
+            auto sealed = store_.sealed_version(meta.id);
+            if (!sealed || !*sealed)
+                return fail(Errc::storage, "version vanished during backup");
+            auto tags = store_.tags(meta.id);
+            if (!tags)
+                return tl::unexpected(tags.error());
+            json t = json::object();
+            for (const auto& tag : *tags)
+                t[tag.name] = tag.value;
+            vs.push_back(json{{"version", meta.number},
+                              {"kek_id", (*sealed)->kek_id},
+                              {"nonce", to_hex((*sealed)->nonce)},
+                              {"ciphertext", to_hex((*sealed)->ciphertext)},
+                              {"sealed_dek", to_hex((*sealed)->sealed_dek)},
+                              {"size", meta.size},
+                              {"created", meta.created},
+                              {"created_by", meta.created_by},
+                              {"updated", meta.updated},
+                              {"enabled", meta.enabled},
+                              {"not_before", optional_json(meta.not_before)},
+                              {"expires", optional_json(meta.expires)},
+                              {"content_type", meta.content_type ? json(*meta.content_type) : json(nullptr)},
+                              {"tags", t}});
+        }
+        secrets.push_back(json{{"name", s.name}, {"created", s.created}, {"next_version", s.next_version}, {"versions", vs}});
+    }
+    json doc{{"format", backup_format},
+             {"created", now_micros()},
+             {"vault", json{{"id", vault.row.id.value}, {"name", vault.row.name}, {"kek_id", vault.row.kek_id}}},
+             {"secrets", secrets}};
+    auto sealed = seal_record(doc, [&](std::span<const std::uint8_t, 32> digest) {
+        return keys_.sign_digest(options_.signing_key, digest);
+    });
+    AuditEvent ev{.op = "backup", .caller = &caller, .vault = vault_name, .secret = secret.value_or(""),
+                  .allowed = true, .rule = "backup"};
+    if (!sealed)
+        return refuse(ev, Errc::key_unavailable, "cannot sign the backup: " + sealed.error());
+    ev.bytes = sealed->line.size();
+    if (auto r = record(ev); !r)
+        return tl::unexpected(r.error());
+    return std::move(sealed->line);
+}
+
+Result<std::vector<std::string>> SecretService::restore(const Caller& caller, std::string_view document,
+                                                        std::optional<std::string_view> into)
+{
+    AuditEvent ev{.op = "restore", .caller = &caller, .vault = into.value_or(""), .rule = "default-deny"};
+    json doc = json::parse(document, nullptr, false);
+    if (doc.is_discarded() || !doc.is_object() || doc.value("format", "") != backup_format || !doc.contains("vault") ||
+        !doc["vault"].is_object() || !doc.contains("secrets") || !doc["secrets"].is_array() || !doc.contains("sig") ||
+        !doc.contains("hash"))
+        return refuse(ev, Errc::invalid_argument, "not a vaultfs backup (format vaultfs-backup/1)");
+
+    std::string source_name, source_kek;
+    VaultId source_id{};
+    try {
+        source_name = doc["vault"]["name"].get<std::string>();
+        source_kek = doc["vault"]["kek_id"].get<std::string>();
+        source_id = VaultId{doc["vault"]["id"].get<std::int64_t>()};
+    } catch (const json::exception&) {
+        return refuse(ev, Errc::invalid_argument, "the backup's vault section is malformed");
+    }
+    const std::string target_name(into.value_or(source_name));
+    ev.vault = target_name;
+
+    // Where the key is, first: the most useful thing to say on another host.
+    if (auto k = keys_.find_key(hsm::KeyId{source_kek}); !k) {
+        ev.reason = "KEK not in this token";
+        return refuse(ev, k.error().code == hsm::Errc::key_not_found ? Errc::key_unavailable : from_hsm(k.error()).code,
+                      "this backup's vault key (KEK " + source_kek +
+                          ") is not in this token: a backup can only be restored where its vault's KEK exists");
+    }
+    {
+        json body = doc;
+        const std::string hash = body["hash"].is_string() ? body["hash"].get<std::string>() : std::string();
+        body.erase("hash");
+        const bool hash_ok = sha256_hex(canonical(body)) == hash;
+        const auto sig = from_hex(body["sig"].is_string() ? body["sig"].get<std::string>() : std::string("x"));
+        body.erase("sig");
+        const P256Verifier verifier(options_.signing_public_pem);
+        if (!hash_ok || !sig || !verifier.verify(sha256(canonical(body)), *sig)) {
+            ev.reason = "bad signature";
+            return refuse(ev, Errc::integrity,
+                          "the backup's signature does not verify: it was altered, or made by another vaultfs state");
+        }
+    }
+
+    auto v = load_vault(target_name);
+    if (!v || (!is_admin(caller) && !(*v)->policy->holds_any(caller.who)))
+        return refuse(ev, Errc::not_found, "no vault " + target_name + " to restore into (create it first)");
+    const VaultEntry& target = **v;
+
+    struct Restored {
+        std::string name;
+        Micros created;
+        std::uint64_t next_version;
+        std::vector<SealedVersion> versions;
+        std::vector<std::vector<Tag>> tags;
+    };
+    std::vector<Restored> plan;
+    try {
+        for (const auto& s : doc["secrets"]) {
+            Restored r{s["name"].get<std::string>(), s["created"].get<Micros>(), s["next_version"].get<std::uint64_t>(),
+                       {}, {}};
+            ev.secret = r.name;
+            if (!is_valid_secret_name(r.name))
+                return refuse(ev, Errc::invalid_argument, "the backup names an invalid secret");
+            const auto d = target.policy->evaluate(caller.who, Permission::restore, r.name);
+            if (!d.allowed) {
+                const auto rule = rule_of(d);
+                ev.rule = rule;
+                return refuse(ev, Errc::access_denied, "no restore permission for " + r.name);
+            }
+            for (const auto& jv : s["versions"]) {
+                const auto number = jv["version"].get<std::uint64_t>();
+                const std::string kek = jv["kek_id"].get<std::string>();
+                const auto nonce = from_hex(jv["nonce"].get<std::string>());
+                const auto ciphertext = from_hex(jv["ciphertext"].get<std::string>());
+                const auto sealed_dek = from_hex(jv["sealed_dek"].get<std::string>());
+                if (!nonce || !ciphertext || !sealed_dek)
+                    return refuse(ev, Errc::invalid_argument, "the backup holds malformed hex");
+                // Re-bind: open under the old binding, seal under the new.
+                const Binding old_binding{source_id, r.name, number, kek};
+                auto dek = keys_.unseal(hsm::KeyId{kek}, *sealed_dek, dek_aad(old_binding));
+                if (!dek)
+                    return refuse(ev, from_hsm(dek.error()).code, dek.error().message);
+                auto value = open_value(*dek, *nonce, *ciphertext, value_aad(old_binding));
+                if (!value)
+                    return refuse(ev, value.error().code, "a version in the backup fails authentication");
+                const Binding new_binding{target.row.id, r.name, number, target.row.kek_id};
+                auto resealed_dek = keys_.seal(hsm::KeyId{target.row.kek_id}, *dek, dek_aad(new_binding));
+                if (!resealed_dek)
+                    return refuse(ev, from_hsm(resealed_dek.error()).code, resealed_dek.error().message);
+                auto resealed = seal_value(*dek, value->bytes(), value_aad(new_binding));
+                if (!resealed)
+                    return refuse(ev, resealed.error().code, resealed.error().message);
+                VersionRow meta{VersionId{},
+                                SecretId{},
+                                number,
+                                value->size(),
+                                jv["created"].get<Micros>(),
+                                jv["updated"].get<Micros>(),
+                                jv["created_by"].get<uid_t>(),
+                                jv["enabled"].get<bool>(),
+                                optional_micros(jv["not_before"]),
+                                optional_micros(jv["expires"]),
+                                jv["content_type"].is_null() ? std::nullopt
+                                                             : std::optional<std::string>(jv["content_type"].get<std::string>())};
+                r.versions.push_back(SealedVersion{std::move(meta), target.row.kek_id, std::move(resealed->nonce),
+                                                   std::move(resealed->ciphertext), std::move(*resealed_dek)});
+                std::vector<Tag> tags;
+                for (const auto& [k, tv] : jv["tags"].items())
+                    tags.push_back(Tag{k, tv.get<std::string>()});
+                r.tags.push_back(std::move(tags));
+            }
+            plan.push_back(std::move(r));
+        }
+    } catch (const json::exception& e) {
+        return refuse(ev, Errc::invalid_argument, std::string("the backup is malformed: ") + e.what());
+    }
+
+    std::vector<std::string> names;
+    auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
+        for (auto& r : plan) {
+            auto existing = tx.secret_by_name(target.row.id, r.name);
+            if (!existing)
+                return tl::unexpected(existing.error());
+            if (*existing && ((*existing)->has_versions() || (*existing)->deleted()))
+                return fail(Errc::already_exists, "secret " + r.name + " exists in " + target_name +
+                                                      " (live or soft-deleted); restore overwrites nothing");
+            if (*existing)  // an abandoned create: no versions, nothing to keep
+                if (auto p = tx.purge_secret((*existing)->id); !p)
+                    return p;
+            auto id = tx.insert_secret(target.row.id, r.name, r.created, r.next_version);
+            if (!id)
+                return tl::unexpected(id.error());
+            for (std::size_t i = 0; i < r.versions.size(); ++i) {
+                r.versions[i].meta.secret = *id;
+                auto vid = tx.insert_version(r.versions[i]);
+                if (!vid)
+                    return tl::unexpected(vid.error());
+                if (auto t = tx.replace_tags(*vid, r.tags[i]); !t)
+                    return t;
+            }
+            AuditEvent one{.op = "restore", .caller = &caller, .vault = target_name, .secret = r.name,
+                           .allowed = true, .rule = "restore", .bytes = r.versions.size()};
+            if (auto a = record(one); !a)
+                return a;
+            names.push_back(r.name);
+        }
+        return {};
+    });
+    if (!w) {
+        ev.secret = "";
+        if (w.error().code == Errc::audit_unavailable)
+            return tl::unexpected(w.error());
+        return refuse(ev, w.error().code, w.error().message);
+    }
+    return names;
+}
+
+}  // namespace vaultfs::vault
