@@ -612,6 +612,8 @@ Reply Filesystem::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi)
             return Reply::err(view.error());
         return open_value(caller, *view, fi);
     }
+    case NodeKind::deleted_secret:
+        return Reply::err(EACCES);  // no value until it is recovered
     default:
         return Reply::err(EISDIR);
     }

@@ -159,11 +159,11 @@ Result<Config> parse_config(std::string_view text, const std::string& state_dir)
             if (!n)
                 return bad("secure_heap_kib must be 64..4194304");
             c.secure_heap_kib = *n;
-        } else if (key == "retention_day_seconds") {
-            const auto n = number(std::int64_t{1}, std::int64_t{86400});
+        } else if (key == "retention_day_ms") {
+            const auto n = number(std::int64_t{1}, std::int64_t{86400000});
             if (!n)
-                return bad("retention_day_seconds must be 1..86400");
-            c.retention_day_seconds = *n;
+                return bad("retention_day_ms must be 1..86400000");
+            c.retention_day_ms = *n;
         } else if (key == "purge_interval_seconds") {
             const auto n = number(std::int64_t{1}, std::int64_t{86400});
             if (!n)
@@ -218,8 +218,8 @@ std::string render_config(const Config& c)
         out << "admin_group = " << *c.admin_group << "\n";
     out << "threads = " << c.threads << "\n"
         << "secure_heap_kib = " << c.secure_heap_kib << "\n";
-    if (c.retention_day_seconds != 86400)
-        out << "retention_day_seconds = " << c.retention_day_seconds << "\n";
+    if (c.retention_day_ms != 86400000)
+        out << "retention_day_ms = " << c.retention_day_ms << "\n";
     if (c.purge_interval != std::chrono::seconds(3600))
         out << "purge_interval_seconds = " << c.purge_interval.count() << "\n";
     return out.str();

@@ -50,8 +50,8 @@ struct Config {
     unsigned threads = 8;                    // FUSE worker threads
     std::size_t secure_heap_kib = 16 * 1024;  // locked memory for plaintext and DEKs
 
-    // Retention is counted in days of this many seconds; tests shorten it.
-    std::int64_t retention_day_seconds = 86400;
+    // Retention is counted in days of this many milliseconds; tests shorten it.
+    std::int64_t retention_day_ms = 86400000;
     std::chrono::seconds purge_interval{3600};  // how often the purge task runs
 
     // An absolute path for a file named in the config.

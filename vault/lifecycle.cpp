@@ -48,7 +48,7 @@ Result<void> SecretService::delete_secret(const Caller& caller, VaultId vault, s
     if (!d.allowed)
         return refuse(ev, Errc::access_denied);
     const Micros now = now_micros();
-    const Micros purge_at = now + static_cast<Micros>((*v)->row.retention_days) * options_.retention_day_seconds * 1000000;
+    const Micros purge_at = now + static_cast<Micros>((*v)->row.retention_days) * options_.retention_day_ms * 1000;
     auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
         auto s = tx.secret_by_name(vault, name);
         if (!s)

@@ -94,7 +94,7 @@ struct ListingGrant {
 
 struct Options {
     std::optional<gid_t> admin_gid;
-    std::int64_t retention_day_seconds = 86400;
+    std::int64_t retention_day_ms = 86400000;
     // Signs backups (the state's token-held signing key) and checks them.
     hsm::KeyId signing_key;
     std::string signing_public_pem;

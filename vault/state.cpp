@@ -267,7 +267,7 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
             return fail(Errc::storage, "cannot read " + c.path_of(c.audit_public_key) + "; it was made by vaultfs init");
         st->service = std::make_unique<SecretService>(
             *st->store, *st->keys, *st->deks, *st->audit, st->names,
-            Options{st->admin_gid, c.retention_day_seconds, signing_key, pem.str()});
+            Options{st->admin_gid, c.retention_day_ms, signing_key, pem.str()});
     }
     return st;
 }
