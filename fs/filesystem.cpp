@@ -681,7 +681,7 @@ Reply Filesystem::write(fuse_req_t, fuse_ino_t, const char* buf, size_t size, of
         if (end > p.text.size())
             p.text.resize(end, '\0');
         p.text.replace(static_cast<std::size_t>(off), size, buf, size);
-        p.dirty = true;
+        p.written = true;
         return Reply{Reply::Written{size}};
     }
     return Reply::err(EBADF);
@@ -714,12 +714,14 @@ Reply Filesystem::flush(fuse_req_t, fuse_ino_t, fuse_file_info* fi)
     if (h->kind == Handle::Kind::policy) {
         auto& p = static_cast<PolicyHandle&>(*h);
         std::lock_guard lock(p.mutex);
-        if (!p.writing || !p.dirty)
-            return Reply::ok();
         if (p.too_large)
             return Reply::err(EFBIG);
+        // As for secrets, only a close after written bytes swaps the policy
+        // in; an empty write never replaces it.
+        if (!p.writing || !p.written)
+            return Reply::ok();
         auto r = service_.write_policy(p.caller, p.vault, p.text);
-        p.dirty = false;
+        p.written = false;
         if (!r)
             return Reply::err(r.error());
         return Reply::ok();

@@ -55,15 +55,15 @@ struct WriteHandle final : Handle {
 
 struct PolicyHandle final : Handle {
     PolicyHandle(vault::Caller c, vault::VaultId v, bool w, std::string t)
-        : Handle(Kind::policy), caller(std::move(c)), vault(v), writing(w), text(std::move(t)), dirty(w)
+        : Handle(Kind::policy), caller(std::move(c)), vault(v), writing(w), text(std::move(t))
     {
     }
     std::mutex mutex;
     const vault::Caller caller;
     const vault::VaultId vault;
     const bool writing;
-    std::string text;  // current policy (reading) or the new one (writing)
-    bool dirty;
+    std::string text;      // current policy (reading) or the new one (writing)
+    bool written = false;  // bytes written since the last swap (like WriteHandle)
     bool too_large = false;
 };
 

@@ -634,6 +634,15 @@ Result<void> SecretService::write_policy(const Caller& caller, VaultId vault, st
         ev.reason = why;
         return refuse(ev, Errc::invalid_argument, why);
     }
+    // Refuse a lock-out: with no one able to manage the vault, no one could
+    // ever change its policy again (admins have no data-plane rights).
+    const bool someone_manages = std::any_of(parsed->rules().begin(), parsed->rules().end(), [](const policy::Rule& r) {
+        return r.allow && !r.glob && r.permissions.contains(Permission::manage);
+    });
+    if (!someone_manages) {
+        ev.reason = "no rule grants manage: the vault could never be managed again";
+        return refuse(ev, Errc::invalid_argument, std::string(ev.reason));
+    }
     const std::string canonical = parsed->print();
     auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
         if (auto r = tx.set_policy(vault, PolicyRow{canonical, now_micros(), caller.who.uid}); !r)

@@ -45,6 +45,15 @@ TEST_CASE("the DESIGN walkthrough works as shown", "[fs]")
     CHECK(value_of(list_dir(m.path("payments/.versions"))) == "db-password@1\ndb-password@2");
     CHECK(value_of(read_file(m.path("payments/.policy"))) == "allow uid:0 *\n");
     CHECK(value_of(list_dir(m.path())) == "payments");
+    // A policy written by a shell redirection lands once, whole.
+    const auto before = m.audit_count();
+    REQUIRE(shell("printf 'allow uid:0 *\\nallow gid:33 get,list\\n' > " + m.path("payments/.policy")).err == 0);
+    CHECK(value_of(read_file(m.path("payments/.policy"))) == "allow uid:0 *\nallow gid:33 get,list\n");
+    std::size_t policy_writes = 0;
+    const auto records = m.audit();
+    for (std::size_t i = before; i < records.size(); ++i)
+        policy_writes += records[i]["op"] == "policy_set" ? 1 : 0;
+    CHECK(policy_writes == 1);
     // Bytes are stored exactly as written: echo's newline stays.
     REQUIRE(shell("echo hello > " + m.path("payments/echoed")).err == 0);
     CHECK(value_of(read_file(m.path("payments/echoed"))) == "hello\n");
