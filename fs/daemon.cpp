@@ -317,7 +317,9 @@ int run_mount(const MountOptions& options)
         Maintenance maintenance(**state);
         fuse_loop_config* cfg = fuse_loop_cfg_create();
         fuse_loop_cfg_set_max_threads(cfg, threads);
-        fuse_loop_cfg_set_idle_threads(cfg, std::max(1u, threads / 2));
+        // Keep every worker: letting idle ones exit means creating threads again
+        // under load, which costs more than the requests.
+        fuse_loop_cfg_set_idle_threads(cfg, threads);
         rc = fuse_session_loop_mt(se.get(), cfg);
         fuse_loop_cfg_destroy(cfg);
     }

@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstring>
 #include <ctime>
+#include <unordered_map>
 #include <variant>
 
 #include <nlohmann/json.hpp>
@@ -23,10 +24,8 @@ namespace {
 
 using json = nlohmann::json;
 
-std::string exe_of(pid_t pid)
+std::string read_exe(pid_t pid)
 {
-    if (pid <= 0)
-        return {};
     char link[64];
     std::snprintf(link, sizeof link, "/proc/%d/exe", static_cast<int>(pid));
     char target[4096];
@@ -34,37 +33,59 @@ std::string exe_of(pid_t pid)
     return n > 0 ? std::string(target, static_cast<std::size_t>(n)) : std::string();
 }
 
-json nullable(std::string_view s) { return s.empty() ? json(nullptr) : json(std::string(s)); }
-
-// The record for `event` without seq, prev, hash and sig.
-json record_body(const AuditEvent& e)
+// `exe` is best effort (the process may be gone, or exec something else);
+// a pid's answer is reused for a second, from a table of at most 1024.
+std::string exe_of(pid_t pid)
 {
-    json r;
-    r["time"] = audit_time(now_micros());
-    r["op"] = std::string(e.op);
-    r["vault"] = nullable(e.vault);
-    r["secret"] = nullable(e.secret);
-    r["version"] = e.version ? json(*e.version) : json(nullptr);
-    if (e.caller != nullptr) {
-        r["uid"] = e.caller->who.uid;
-        r["gid"] = e.caller->who.gid;
-        r["pid"] = e.caller->pid;
-        r["exe"] = nullable(exe_of(e.caller->pid));
-    } else {
-        r["uid"] = ::geteuid();
-        r["gid"] = ::getegid();
-        r["pid"] = ::getpid();
-        r["exe"] = "vaultfs";
+    if (pid <= 0)
+        return {};
+    struct Seen {
+        std::string exe;
+        std::chrono::steady_clock::time_point at;
+    };
+    static std::mutex mutex;
+    static std::unordered_map<pid_t, Seen> seen;
+    const auto now = std::chrono::steady_clock::now();
+    {
+        std::lock_guard lock(mutex);
+        if (const auto it = seen.find(pid); it != seen.end() && now - it->second.at < std::chrono::seconds(1))
+            return it->second.exe;
     }
-    r["decision"] = e.allowed ? "allow" : "deny";
-    r["rule"] = nullable(e.rule);
-    r["result"] = e.result.empty() ? "ok" : std::string(e.result);
-    r["bytes"] = e.bytes ? json(*e.bytes) : json(nullptr);
-    if (!e.reason.empty())
-        r["reason"] = std::string(e.reason);
-    if (!e.attribute.empty())
-        r["attribute"] = std::string(e.attribute);
-    return r;
+    std::string exe = read_exe(pid);
+    std::lock_guard lock(mutex);
+    if (seen.size() >= 1024)
+        seen.clear();
+    seen[pid] = Seen{exe, now};
+    return exe;
+}
+
+// The fields of `event`, but for the time, which is taken under the lock
+// so that times follow the sequence.
+RecordFields fields_of(const AuditEvent& e)
+{
+    RecordFields f;
+    f.op = e.op;
+    f.vault = e.vault;
+    f.secret = e.secret;
+    f.version = e.version;
+    if (e.caller != nullptr) {
+        f.uid = e.caller->who.uid;
+        f.gid = e.caller->who.gid;
+        f.pid = e.caller->pid;
+        f.exe = exe_of(e.caller->pid);
+    } else {
+        f.uid = ::geteuid();
+        f.gid = ::getegid();
+        f.pid = ::getpid();
+        f.exe = "vaultfs";
+    }
+    f.allowed = e.allowed;
+    f.rule = e.rule;
+    f.result = e.result;
+    f.bytes = e.bytes;
+    f.reason = e.reason;
+    f.attribute = e.attribute;
+    return f;
 }
 
 // Reads the last complete line of the file and the offset where complete
@@ -113,7 +134,9 @@ Result<void> AuditLog::create(const std::string& path, const AuditSigner& signer
     const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, 0600);
     if (fd < 0)
         return fail(Errc::audit_unavailable, "cannot create " + path + ": " + std::strerror(errno));
-    json r = record_body(AuditEvent{.op = "init", .allowed = true, .rule = "", .result = "ok"});
+    RecordFields init = fields_of(AuditEvent{.op = "init", .allowed = true, .result = "ok"});
+    init.time = audit_time(now_micros());
+    json r = to_json(init);
     r["seq"] = 1;
     r["prev"] = genesis_hash();
     auto sealed = seal_record(
@@ -209,22 +232,37 @@ std::uint64_t AuditLog::last_seq() const
 
 Result<void> AuditLog::append(const AuditEvent& event)
 {
+    RecordFields fields = fields_of(event);  // outside the lock: exe lookup
     std::lock_guard lock(mutex_);
     if (reopen_requested_.exchange(false, std::memory_order_relaxed)) {
         if (auto r = reopen_locked(); !r)
             return r;
     }
-    if (auto r = append_locked(event, false, {}); !r)
+    fields.time = audit_time(now_micros());
+    if (auto fast = render_fast(fields, seq_ + 1, head_)) {
+        if (auto w = write_line_locked(fast->line + "\n"); !w)
+            return w;
+        ++seq_;
+        head_ = std::move(fast->hash);
+        dirty_ = true;
+    } else if (auto r = append_fields_locked(std::move(fields), false, {}); !r) {
         return r;
+    }
     if (++since_checkpoint_ >= options_.checkpoint_records)
         (void)checkpoint_locked();
     return {};
 }
 
-Result<void> AuditLog::append_locked(const AuditEvent& event, bool signed_record,
-                                     const ExtraFields& extra)
+Result<void> AuditLog::append_locked(const AuditEvent& event, bool signed_record, const ExtraFields& extra)
 {
-    json r = record_body(event);
+    RecordFields fields = fields_of(event);
+    fields.time = audit_time(now_micros());
+    return append_fields_locked(std::move(fields), signed_record, extra);
+}
+
+Result<void> AuditLog::append_fields_locked(RecordFields fields, bool signed_record, const ExtraFields& extra)
+{
+    json r = to_json(fields);
     for (const auto& [key, value] : extra)
         std::visit([&, &key = key](const auto& v) { r[key] = v; }, value);
     r["seq"] = seq_ + 1;
@@ -234,7 +272,7 @@ Result<void> AuditLog::append_locked(const AuditEvent& event, bool signed_record
         sign = [&](std::span<const std::uint8_t, 32> d) { return signer_.keys->sign_digest(signer_.key, d); };
     auto sealed = seal_record(r, sign);
     if (!sealed) {
-        spdlog::error("audit: cannot sign a {} record: {}", event.op, sealed.error());
+        spdlog::error("audit: cannot sign a {} record: {}", fields.op, sealed.error());
         return fail(Errc::audit_unavailable, "cannot sign audit record: " + sealed.error());
     }
     if (auto w = write_line_locked(sealed->line + "\n"); !w)
@@ -247,13 +285,6 @@ Result<void> AuditLog::append_locked(const AuditEvent& event, bool signed_record
 
 Result<void> AuditLog::write_line_locked(const std::string& line)
 {
-    struct stat st{};
-    if (::fstat(fd_, &st) == 0 && st.st_nlink == 0) {
-        // The file was removed under us: records would vanish with it.
-        spdlog::error("audit: {} was removed; reopening it", options_.path);
-        if (auto r = reopen_locked(); !r)
-            return r;
-    }
     const ssize_t n = ::write(fd_, line.data(), line.size());
     if (n != static_cast<ssize_t>(line.size())) {
         const int err = n < 0 ? errno : ENOSPC;
@@ -344,6 +375,13 @@ void AuditLog::background()
         stop.unlock();
         {
             std::lock_guard lock(mutex_);
+            // A file removed under us would take its records with it: every
+            // interval, check and start a new one (linked by a rotate record).
+            struct stat st{};
+            if (::fstat(fd_, &st) == 0 && st.st_nlink == 0) {
+                spdlog::error("audit: {} was removed; reopening it", options_.path);
+                reopen_requested_.store(true, std::memory_order_relaxed);
+            }
             if (reopen_requested_.exchange(false, std::memory_order_relaxed))
                 (void)reopen_locked();
             if (since_checkpoint_ > 0 &&

@@ -116,6 +116,7 @@ private:
     explicit AuditLog(Options options, AuditSigner signer, Store* anchor_store);
     using ExtraFields = std::vector<std::pair<std::string, std::variant<std::int64_t, bool>>>;
     Result<void> append_locked(const AuditEvent& event, bool signed_record, const ExtraFields& extra);
+    Result<void> append_fields_locked(struct RecordFields fields, bool signed_record, const ExtraFields& extra);
     Result<void> write_line_locked(const std::string& line);
     Result<void> reopen_locked();
     Result<void> checkpoint_locked();

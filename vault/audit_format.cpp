@@ -34,9 +34,11 @@ std::string canonical(const nlohmann::json& record)
 
 std::array<std::uint8_t, 32> sha256(std::string_view data)
 {
+    // Fetched once: an implicit fetch costs a provider lookup per digest.
+    static EVP_MD* const md = EVP_MD_fetch(nullptr, "SHA256", nullptr);
     std::array<std::uint8_t, 32> out{};
     unsigned int len = 0;
-    EVP_Digest(data.data(), data.size(), out.data(), &len, EVP_sha256(), nullptr);
+    EVP_Digest(data.data(), data.size(), out.data(), &len, md, nullptr);
     return out;
 }
 
@@ -116,6 +118,117 @@ bool P256Verifier::verify(const std::array<std::uint8_t, 32>& digest, std::span<
     EVP_PKEY_CTX_free(ctx);
     OPENSSL_free(der);
     return ok;
+}
+
+namespace {
+
+bool plain(std::string_view s)
+{
+    for (const char c : s)
+        if (c < 0x20 || c > 0x7e || c == '"' || c == '\\')
+            return false;
+    return true;
+}
+
+void put_key(std::string& out, const char* key)
+{
+    out += '"';
+    out += key;
+    out += "\":";
+}
+
+void put_string(std::string& out, const char* key, std::string_view value)
+{
+    put_key(out, key);
+    if (value.empty()) {
+        out += "null";
+    } else {
+        out += '"';
+        out += value;
+        out += '"';
+    }
+    out += ',';
+}
+
+void put_number(std::string& out, const char* key, std::optional<std::uint64_t> value)
+{
+    put_key(out, key);
+    out += value ? std::to_string(*value) : std::string("null");
+    out += ',';
+}
+
+}  // namespace
+
+nlohmann::json to_json(const RecordFields& f)
+{
+    const auto nullable = [](const std::string& s) { return s.empty() ? nlohmann::json(nullptr) : nlohmann::json(s); };
+    nlohmann::json r;
+    r["time"] = f.time;
+    r["op"] = f.op;
+    r["vault"] = nullable(f.vault);
+    r["secret"] = nullable(f.secret);
+    r["version"] = f.version ? nlohmann::json(*f.version) : nlohmann::json(nullptr);
+    r["uid"] = f.uid;
+    r["gid"] = f.gid;
+    r["pid"] = f.pid;
+    r["exe"] = nullable(f.exe);
+    r["decision"] = f.allowed ? "allow" : "deny";
+    r["rule"] = nullable(f.rule);
+    r["result"] = f.result.empty() ? std::string("ok") : f.result;
+    r["bytes"] = f.bytes ? nlohmann::json(*f.bytes) : nlohmann::json(nullptr);
+    if (!f.reason.empty())
+        r["reason"] = f.reason;
+    if (!f.attribute.empty())
+        r["attribute"] = f.attribute;
+    return r;
+}
+
+std::optional<SealedRecord> render_fast(const RecordFields& f, std::uint64_t seq, const std::string& prev)
+{
+    for (const std::string* s : {&f.time, &f.op, &f.vault, &f.secret, &f.exe, &f.rule, &f.result, &f.reason,
+                                 &f.attribute, &prev})
+        if (!plain(*s))
+            return std::nullopt;
+    if (f.pid < 0)
+        return std::nullopt;
+    // Keys in sorted order, as nlohmann's std::map keeps them; "hash" goes
+    // between "gid" and "op".
+    std::string head;
+    head.reserve(512);
+    head += '{';
+    if (!f.attribute.empty())
+        put_string(head, "attribute", f.attribute);
+    put_number(head, "bytes", f.bytes);
+    put_string(head, "decision", f.allowed ? "allow" : "deny");
+    put_string(head, "exe", f.exe);
+    put_number(head, "gid", f.gid);
+    std::string tail;
+    tail.reserve(512);
+    put_string(tail, "op", f.op);
+    put_number(tail, "pid", static_cast<std::uint64_t>(f.pid));
+    put_string(tail, "prev", prev);
+    if (!f.reason.empty())
+        put_string(tail, "reason", f.reason);
+    put_string(tail, "result", f.result.empty() ? std::string_view("ok") : std::string_view(f.result));
+    put_string(tail, "rule", f.rule);
+    put_string(tail, "secret", f.secret);
+    put_number(tail, "seq", seq);
+    put_string(tail, "time", f.time);
+    put_number(tail, "uid", f.uid);
+    put_string(tail, "vault", f.vault);
+    put_number(tail, "version", f.version);
+    tail.back() = '}';
+
+    const std::string hash = sha256_hex(head + tail);
+    SealedRecord out;
+    out.hash = hash;
+    out.line.reserve(head.size() + tail.size() + 80);
+    out.line += head;
+    out.line += "\"hash\":\"";
+    out.line += hash;
+    out.line += "\",";
+    out.line += tail;
+    return out;
 }
 
 tl::expected<SealedRecord, std::string> seal_record(nlohmann::json& record, const SignDigest& sign)

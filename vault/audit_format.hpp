@@ -54,6 +54,35 @@ private:
     ::evp_pkey_st* key_ = nullptr;
 };
 
+// The fields of one ordinary record, before `seq`, `prev` and `hash`.
+// Empty strings and nullopt numbers are JSON null (reason and attribute are
+// left out when empty).
+struct RecordFields {
+    std::string time;
+    std::string op;
+    std::string vault;
+    std::string secret;
+    std::optional<std::uint64_t> version;
+    std::uint64_t uid = 0;
+    std::uint64_t gid = 0;
+    std::int64_t pid = 0;
+    std::string exe;
+    bool allowed = false;
+    std::string rule;
+    std::string result;
+    std::optional<std::uint64_t> bytes;
+    std::string reason;
+    std::string attribute;
+};
+
+nlohmann::json to_json(const RecordFields& f);
+
+// Renders an unsigned record without building a JSON tree: the same bytes
+// canonical() would give (the verifier recomputes it that way), for the
+// common case where every string is printable ASCII without quotes or
+// backslashes. nullopt otherwise: the caller falls back to the JSON path.
+std::optional<struct SealedRecord> render_fast(const RecordFields& f, std::uint64_t seq, const std::string& prev);
+
 using SignDigest = std::function<hsm::Result<std::vector<std::uint8_t>>(std::span<const std::uint8_t, 32>)>;
 
 struct SealedRecord {

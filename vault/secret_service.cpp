@@ -308,65 +308,52 @@ Result<SecretView> SecretService::find_secret(const Caller& caller, VaultId vaul
     const auto path = parse_secret_path(component);
     if (!path)
         return fail(Errc::not_found);
-    auto s = store_.secret_by_name(vault, path->name);
-    if (!s)
-        return tl::unexpected(s.error());
-    if (!*s || !(*s)->has_versions() || (*s)->deleted())
+    auto found = store_.secret_with_version(vault, path->name, path->version);
+    if (!found)
+        return tl::unexpected(found.error());
+    // Names resolve only once a first version exists, and never while deleted.
+    if (!*found || !(*found)->version || (*found)->secret.deleted())
         return fail(Errc::not_found);
-    auto version = path->version ? store_.version((*s)->id, *path->version) : store_.current_version((*s)->id);
-    if (!version)
-        return tl::unexpected(version.error());
-    if (!*version)
-        return fail(Errc::not_found);
-    return view_of(caller, **v, **s, std::move(**version), path->version.has_value());
+    return view_of(caller, **v, (*found)->secret, std::move(*(*found)->version), path->version.has_value());
 }
 
 Result<SecretView> SecretService::secret_by_id(const Caller& caller, SecretId id)
 {
-    auto s = store_.secret_by_id(id);
-    if (!s)
-        return tl::unexpected(s.error());
-    if (!*s || (*s)->deleted())
+    auto found = store_.secret_with_current(id);
+    if (!found)
+        return tl::unexpected(found.error());
+    if (!*found || (*found)->secret.deleted())
         return fail(Errc::not_found);
-    auto v = load_vault((*s)->vault);
+    const SecretRow& s = (*found)->secret;
+    auto v = load_vault(s.vault);
     if (!v)
         return tl::unexpected(v.error());
     if (!(*v)->policy->holds_any(caller.who))
         return fail(Errc::access_denied);
-    if (!(*s)->has_versions()) {
+    if (!(*found)->version) {
         // Being created: a writer holds it open, its first version not yet
         // committed. It has no value to read.
         VersionRow none;
         none.secret = id;
-        none.created = none.updated = (*s)->created;
-        return view_of(caller, **v, **s, none, false);
+        none.created = none.updated = s.created;
+        return view_of(caller, **v, s, none, false);
     }
-    auto version = store_.current_version(id);
-    if (!version)
-        return tl::unexpected(version.error());
-    if (!*version)
-        return fail(Errc::not_found);
-    return view_of(caller, **v, **s, std::move(**version), false);
+    return view_of(caller, **v, s, std::move(*(*found)->version), false);
 }
 
 Result<SecretView> SecretService::version_by_id(const Caller& caller, VersionId id)
 {
-    auto version = store_.version_by_id(id);
-    if (!version)
-        return tl::unexpected(version.error());
-    if (!*version)
+    auto found = store_.secret_with_version_id(id);
+    if (!found)
+        return tl::unexpected(found.error());
+    if (!*found || (*found)->secret.deleted() || !(*found)->version)
         return fail(Errc::not_found);
-    auto s = store_.secret_by_id((*version)->secret);
-    if (!s)
-        return tl::unexpected(s.error());
-    if (!*s || (*s)->deleted())
-        return fail(Errc::not_found);
-    auto v = load_vault((*s)->vault);
+    auto v = load_vault((*found)->secret.vault);
     if (!v)
         return tl::unexpected(v.error());
     if (!(*v)->policy->holds_any(caller.who))
         return fail(Errc::access_denied);
-    return view_of(caller, **v, **s, std::move(**version), true);
+    return view_of(caller, **v, (*found)->secret, std::move(*(*found)->version), true);
 }
 
 // ---- listing ---------------------------------------------------------------------
@@ -400,25 +387,20 @@ Result<std::vector<VersionEntry>> SecretService::versions_page(const ListingGran
 
 // ---- values ------------------------------------------------------------------------
 
-Result<hsm::SecureBuffer> SecretService::decrypt(const VaultEntry& v, const SecretRow& s, const VersionRow& version)
+Result<hsm::SecureBuffer> SecretService::decrypt(const VaultEntry& v, const SecretRow& s, const SealedVersion& sealed)
 {
-    auto sealed = store_.sealed_version(version.id);
-    if (!sealed)
-        return tl::unexpected(sealed.error());
-    if (!*sealed)
-        return fail(Errc::not_found);
-    const Binding binding{v.row.id, s.name, version.number, (*sealed)->kek_id};
-    const auto dek_binding = dek_aad(binding);
-
-    DekCache::Dek dek = deks_.find((*sealed)->kek_id, (*sealed)->sealed_dek);
+    // Everything the AAD binds comes from where the row sits now: moved,
+    // renamed or renumbered rows fail authentication.
+    const Binding binding{v.row.id, s.name, sealed.meta.number, sealed.kek_id};
+    DekCache::Dek dek = deks_.find(sealed.kek_id, sealed.sealed_dek);
     if (!dek) {
-        auto unsealed = keys_.unseal(hsm::KeyId{(*sealed)->kek_id}, (*sealed)->sealed_dek, dek_binding);
+        auto unsealed = keys_.unseal(hsm::KeyId{sealed.kek_id}, sealed.sealed_dek, dek_aad(binding));
         if (!unsealed)
             return tl::unexpected(from_hsm(unsealed.error()));
         dek = std::make_shared<const hsm::SecureBuffer>(std::move(*unsealed));
-        deks_.insert((*sealed)->kek_id, (*sealed)->sealed_dek, dek);
+        deks_.insert(sealed.kek_id, sealed.sealed_dek, dek);
     }
-    return open_value(*dek, (*sealed)->nonce, (*sealed)->ciphertext, value_aad(binding));
+    return open_value(*dek, sealed.nonce, sealed.ciphertext, value_aad(binding));
 }
 
 Result<hsm::SecureBuffer> SecretService::read_value(const Caller& caller, const SecretView& target)
@@ -437,16 +419,17 @@ Result<hsm::SecureBuffer> SecretService::read_value(const Caller& caller, const 
                   .rule = rule};
     if (!d.allowed)
         return refuse(ev, Errc::access_denied);
-
     if (target.version.number == 0)
         return refuse(ev, Errc::not_found);
-    // Re-read the row: attributes may have changed since the lookup.
-    auto current = store_.version_by_id(target.version.id);
-    if (!current)
-        return refuse(ev, current.error().code, current.error().message);
-    if (!*current)
+
+    // One query for the row as it is now: attributes may have changed, or
+    // the secret been deleted, since the lookup.
+    auto read = store_.sealed_for_read(target.version.id);
+    if (!read)
+        return refuse(ev, read.error().code, read.error().message);
+    if (!*read || (*read)->secret.deleted() || (*read)->secret.vault != target.vault)
         return refuse(ev, Errc::not_found);
-    const VersionRow& version = **current;
+    const VersionRow& version = (*read)->sealed.meta;
     const Micros now = now_micros();
     if (!version.enabled) {
         ev.reason = "disabled";
@@ -460,11 +443,8 @@ Result<hsm::SecureBuffer> SecretService::read_value(const Caller& caller, const 
         ev.reason = "expired";
         return refuse(ev, Errc::not_valid_now);
     }
-    auto s = store_.secret_by_id(target.id);
-    if (!s || !*s || (*s)->deleted())
-        return refuse(ev, Errc::not_found);
 
-    auto value = decrypt(**v, **s, version);
+    auto value = decrypt(**v, (*read)->secret, (*read)->sealed);
     if (!value) {
         spdlog::error("reading {}/{}@{} failed: {}", target.vault_name, target.name, version.number,
                       value.error().message);

@@ -243,7 +243,7 @@ private:
     VaultView view_of(const Caller& caller, const VaultEntry& v) const;
     Result<SecretView> view_of(const Caller& caller, const VaultEntry& v, const SecretRow& s, VersionRow version,
                                bool pinned);
-    Result<hsm::SecureBuffer> decrypt(const VaultEntry& v, const SecretRow& s, const VersionRow& version);
+    Result<hsm::SecureBuffer> decrypt(const VaultEntry& v, const SecretRow& s, const SealedVersion& sealed);
     // Appends a record; maps a failure to Errc::audit_unavailable.
     Result<void> record(const AuditEvent& event);
     // Records a denial/failure and returns `code` (or audit_unavailable).

@@ -61,6 +61,7 @@ CREATE TABLE versions (
   content_type TEXT,
   UNIQUE (secret_id, version)
 );
+CREATE INDEX versions_current ON versions (secret_id, enabled, version);
 CREATE TABLE tags (
   version_id INTEGER NOT NULL REFERENCES versions(id) ON DELETE CASCADE,
   name       TEXT NOT NULL,
@@ -119,6 +120,34 @@ VersionRow read_version(const sqlite::Query& q)
                       q.optional_int64(8),
                       q.optional_int64(9),
                       q.optional_text(10)};
+}
+
+// Secret columns then version columns, as the joined hot-path queries select them.
+#define JOINED_COLUMNS                                                                                          \
+    "s.id, s.vault_id, s.name, s.created, s.next_version, s.deleted_at, s.purge_at, v.id, v.secret_id, v.version, " \
+    "v.size, v.created, v.updated, v.created_by, v.enabled, v.not_before, v.expires, v.content_type"
+
+VersionRow read_version_at(const sqlite::Query& q, int c)
+{
+    return VersionRow{VersionId{q.int64(c)},
+                      SecretId{q.int64(c + 1)},
+                      static_cast<std::uint64_t>(q.int64(c + 2)),
+                      static_cast<std::uint64_t>(q.int64(c + 3)),
+                      q.int64(c + 4),
+                      q.int64(c + 5),
+                      static_cast<uid_t>(q.int64(c + 6)),
+                      q.int64(c + 7) != 0,
+                      q.optional_int64(c + 8),
+                      q.optional_int64(c + 9),
+                      q.optional_text(c + 10)};
+}
+
+SecretVersion read_joined(const sqlite::Query& q)
+{
+    SecretVersion out{read_secret(q), std::nullopt};
+    if (!q.is_null(7))
+        out.version = read_version_at(q, 7);
+    return out;
 }
 
 // Runs a prepared query and collects every row through `read`.
@@ -399,6 +428,73 @@ Result<std::int64_t> Store::secret_count(VaultId vault)
     });
 }
 
+Result<std::optional<SecretVersion>> Store::secret_with_version(VaultId vault, std::string_view name,
+                                                               std::optional<std::uint64_t> number)
+{
+    if (!number) {
+        const std::string key = std::to_string(vault.value) + "/" + std::string(name);
+        return cached(by_name_, key, [&] { return secret_with_version_uncached(vault, name); });
+    }
+    return with_reader([&](sqlite::Connection& c) {
+        return first<SecretVersion>(
+            c,
+            "SELECT " JOINED_COLUMNS " FROM secrets s JOIN versions v ON v.secret_id = s.id "
+            "WHERE s.vault_id = ? AND s.name = ? AND v.version = ?",
+            [&](sqlite::Query& q) {
+                q.bind(1, vault.value).bind(2, name).bind(3, static_cast<std::int64_t>(*number));
+            },
+            read_joined);
+    });
+}
+
+Result<std::optional<SecretVersion>> Store::secret_with_version_uncached(VaultId vault, std::string_view name)
+{
+    return with_reader([&](sqlite::Connection& c) {
+        return first<SecretVersion>(
+            c,
+            "SELECT " JOINED_COLUMNS " FROM secrets s LEFT JOIN versions v ON v.secret_id = s.id "
+            "WHERE s.vault_id = ? AND s.name = ? ORDER BY v.enabled DESC, v.version DESC LIMIT 1",
+            [&](sqlite::Query& q) { q.bind(1, vault.value).bind(2, name); }, read_joined);
+    });
+}
+
+Result<std::optional<SecretVersion>> Store::secret_with_current(SecretId id)
+{
+    return cached(by_id_, id.value, [&] {
+        return with_reader([&](sqlite::Connection& c) {
+        return first<SecretVersion>(
+            c,
+            "SELECT " JOINED_COLUMNS " FROM secrets s LEFT JOIN versions v ON v.secret_id = s.id "
+            "WHERE s.id = ? ORDER BY v.enabled DESC, v.version DESC LIMIT 1",
+            [&](sqlite::Query& q) { q.bind(1, id.value); }, read_joined);
+        });
+    });
+}
+
+Result<std::optional<SecretVersion>> Store::secret_with_version_id(VersionId id)
+{
+    return with_reader([&](sqlite::Connection& c) {
+        return first<SecretVersion>(
+            c, "SELECT " JOINED_COLUMNS " FROM versions v JOIN secrets s ON s.id = v.secret_id WHERE v.id = ?",
+            [&](sqlite::Query& q) { q.bind(1, id.value); }, read_joined);
+    });
+}
+
+Result<std::optional<SealedRead>> Store::sealed_for_read(VersionId id)
+{
+    return with_reader([&](sqlite::Connection& c) {
+        return first<SealedRead>(
+            c,
+            "SELECT " JOINED_COLUMNS ", v.kek_id, v.nonce, v.ciphertext, v.sealed_dek "
+            "FROM versions v JOIN secrets s ON s.id = v.secret_id WHERE v.id = ?",
+            [&](sqlite::Query& q) { q.bind(1, id.value); },
+            [](const sqlite::Query& q) {
+                return SealedRead{read_secret(q),
+                                  SealedVersion{read_version_at(q, 7), q.text(18), q.blob(19), q.blob(20), q.blob(21)}};
+            });
+    });
+}
+
 Result<std::optional<VersionRow>> Store::version(SecretId secret, std::uint64_t number)
 {
     return with_reader([&](sqlite::Connection& c) {
@@ -524,9 +620,32 @@ Result<void> Store::write(const Work& work)
             p->result = tl::unexpected(committed.error());
         p->done = true;
     }
+    // Whatever committed (or did not), cached lookups may be stale now.
+    generation_.fetch_add(1);
     leader_active_ = false;
     queue_cv_.notify_all();
     return mine.result;
+}
+
+template <class Map, class Key, class Load>
+Result<std::optional<SecretVersion>> Store::cached(Map& map, const Key& key, Load&& load)
+{
+    const std::uint64_t generation = generation_.load();
+    {
+        std::lock_guard lock(cache_mutex_);
+        if (const auto it = map.find(key); it != map.end() && it->second.generation == generation)
+            return it->second.value;
+    }
+    auto fresh = load();
+    if (!fresh)
+        return fresh;
+    std::lock_guard lock(cache_mutex_);
+    if (map.size() >= cache_limit)
+        map.clear();
+    // Stamped with the generation read before the query: a write that
+    // committed meanwhile has already moved past it.
+    map[key] = Cached{generation, *fresh};
+    return fresh;
 }
 
 // Runs every unit of `batch` in one transaction; each unit's result is stored

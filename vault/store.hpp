@@ -11,6 +11,12 @@
 // - Readers borrow a connection from a pool; each sees the last commit.
 // - Schema versioned with PRAGMA user_version and forward migrations;
 //   `quick_check` runs before the store is used.
+// - The two lookups every open makes (a secret by name, and by id, with the
+//   version `S` stands for) are cached in memory, bounded, and the cache is
+//   dropped by every write this store commits. It assumes this process is
+//   the database's only writer, which the daemon is. Values and their
+//   attributes are always read fresh (sealed_for_read), so a row altered
+//   behind the daemon's back still fails authentication.
 //
 // Rows hold ciphertext, sealed DEKs and metadata only — never plaintext.
 //
@@ -19,6 +25,7 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -28,6 +35,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "vault/error.hpp"
@@ -98,6 +106,18 @@ struct Tag {
     bool operator==(const Tag&) const = default;
 };
 
+// A secret with one of its versions (none while its first is being written).
+struct SecretVersion {
+    SecretRow secret;
+    std::optional<VersionRow> version;
+};
+
+// What a read needs, in one query: the version as stored, and its secret.
+struct SealedRead {
+    SecretRow secret;
+    SealedVersion sealed;
+};
+
 // One entry of a vault's `.versions` listing.
 struct VersionEntry {
     VersionId id;
@@ -142,6 +162,14 @@ public:
     // Live or soft-deleted secrets in a vault (what keeps rmdir from working).
     Result<std::int64_t> secret_count(VaultId vault);
 
+    // The hot path: one query each. `number` nullopt means the version `S`
+    // stands for: the highest enabled one, else the highest.
+    Result<std::optional<SecretVersion>> secret_with_version(VaultId vault, std::string_view name,
+                                                             std::optional<std::uint64_t> number);
+    Result<std::optional<SecretVersion>> secret_with_current(SecretId id);
+    Result<std::optional<SecretVersion>> secret_with_version_id(VersionId id);
+    Result<std::optional<SealedRead>> sealed_for_read(VersionId id);
+
     Result<std::optional<VersionRow>> version(SecretId secret, std::uint64_t number);
     Result<std::optional<VersionRow>> version_by_id(VersionId id);
     // The version `S` stands for: the highest enabled one, else the highest.
@@ -171,6 +199,7 @@ private:
     Store(std::string path, std::unique_ptr<sqlite::Connection> writer, bool read_only);
     template <class F>
     auto with_reader(F&& f) -> decltype(f(std::declval<sqlite::Connection&>()));
+    Result<std::optional<SecretVersion>> secret_with_version_uncached(VaultId vault, std::string_view name);
     Result<void> run_batch(std::deque<struct PendingWrite*>& batch);
 
     const std::string path_;
@@ -179,6 +208,19 @@ private:
 
     std::mutex readers_mutex_;
     std::vector<std::unique_ptr<sqlite::Connection>> idle_readers_;
+
+    // The lookup cache: entries are valid while their generation is current.
+    struct Cached {
+        std::uint64_t generation = 0;
+        std::optional<SecretVersion> value;
+    };
+    std::atomic<std::uint64_t> generation_{1};
+    std::mutex cache_mutex_;
+    std::unordered_map<std::string, Cached> by_name_;
+    std::unordered_map<std::int64_t, Cached> by_id_;
+    static constexpr std::size_t cache_limit = 4096;
+    template <class Map, class Key, class Load>
+    Result<std::optional<SecretVersion>> cached(Map& map, const Key& key, Load&& load);
 
     std::mutex queue_mutex_;
     std::condition_variable queue_cv_;
