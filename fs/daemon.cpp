@@ -301,6 +301,7 @@ int run_mount(const MountOptions& options)
         channel.failed("cannot mount at " + mountpoint + " (is /dev/fuse available, and fuse3 installed?)");
         return 1;
     }
+    filesystem.start_invalidations(se.get());
     const unsigned threads = options.threads != 0 ? options.threads : (*state)->config.threads;
     spdlog::info("serving {} at {} ({} threads, DEK cache {}, audit {})", state_dir, mountpoint, threads,
                  (*state)->deks->enabled() ? "on" : "off", (*state)->config.path_of((*state)->config.audit_file));
@@ -325,6 +326,7 @@ int run_mount(const MountOptions& options)
     }
     if (control)
         control->reset();
+    filesystem.stop_invalidations();
     fuse_session_unmount(se.get());
     fuse_remove_signal_handlers(se.get());
     hup_target.store(nullptr);

@@ -22,6 +22,10 @@ using vault::Errc;
 
 namespace {
 
+// How long the kernel may keep a node's entry and attributes (see the
+// header's note on caching).
+double cache_seconds(NodeKind kind) { return kind == NodeKind::secret ? 1.0 : 0.0; }
+
 // Offsets in directory listings: 1 and 2 follow "." and "..", 3..5 the
 // special entries of a vault; rows continue from their id + row_offset.
 constexpr off_t row_offset = 16;
@@ -63,6 +67,7 @@ struct Filesystem::Reply {
     };
     struct Attr {
         struct stat st;
+        double timeout;
     };
     struct Open {
         fuse_file_info fi;
@@ -109,7 +114,7 @@ void send(fuse_req_t req, const Reply& r)
             else if constexpr (std::is_same_v<T, Reply::Entry>)
                 fuse_reply_entry(req, &x.e);
             else if constexpr (std::is_same_v<T, Reply::Attr>)
-                fuse_reply_attr(req, &x.st, 0.0);
+                fuse_reply_attr(req, &x.st, x.timeout);
             else if constexpr (std::is_same_v<T, Reply::Open>)
                 fuse_reply_open(req, &x.fi);
             else if constexpr (std::is_same_v<T, Reply::Create>)
@@ -198,6 +203,61 @@ const fuse_lowlevel_ops& Filesystem::operations()
 Filesystem::Filesystem(vault::SecretService& service) : service_(service)
 {
     ::clock_gettime(CLOCK_REALTIME, &mounted_at_);
+}
+
+Filesystem::~Filesystem() { stop_invalidations(); }
+
+void Filesystem::start_invalidations(fuse_session* session)
+{
+    session_ = session;
+    inval_thread_ = std::thread([this] { run_invalidations(); });
+}
+
+void Filesystem::stop_invalidations()
+{
+    {
+        std::lock_guard lock(inval_mutex_);
+        inval_stop_ = true;
+    }
+    inval_cv_.notify_all();
+    if (inval_thread_.joinable())
+        inval_thread_.join();
+}
+
+void Filesystem::invalidate_inode(Node node)
+{
+    if (cache_seconds(node.kind) == 0.0)
+        return;
+    std::lock_guard lock(inval_mutex_);
+    inval_queue_.emplace_back(to_ino(node), std::string());
+    inval_cv_.notify_one();
+}
+
+void Filesystem::invalidate_entry(Node parent, const std::string& name)
+{
+    std::lock_guard lock(inval_mutex_);
+    inval_queue_.emplace_back(to_ino(parent), name);
+    inval_cv_.notify_one();
+}
+
+// The kernel may need this daemon to answer while it invalidates, so this
+// runs on its own thread, never inside a request handler.
+void Filesystem::run_invalidations()
+{
+    std::unique_lock lock(inval_mutex_);
+    for (;;) {
+        inval_cv_.wait(lock, [&] { return inval_stop_ || !inval_queue_.empty(); });
+        if (inval_stop_)
+            return;
+        auto [ino, name] = std::move(inval_queue_.front());
+        inval_queue_.pop_front();
+        lock.unlock();
+        if (name.empty())
+            fuse_lowlevel_notify_inval_inode(session_, ino, 0, 0);
+        else
+            fuse_lowlevel_notify_inval_entry(session_, ino, name.c_str(), name.size());
+        lock.lock();
+    }
 }
 
 Reply Filesystem::init(fuse_conn_info* conn)
@@ -326,8 +386,8 @@ Reply Filesystem::entry_for(const vault::Caller& caller, Node node)
     e.ino = to_ino(node);
     e.attr = attr->st;
     e.generation = attr->generation;
-    e.attr_timeout = 0.0;
-    e.entry_timeout = 0.0;
+    e.attr_timeout = cache_seconds(node.kind);
+    e.entry_timeout = cache_seconds(node.kind);
     return Reply{Reply::Entry{e}};
 }
 
@@ -402,13 +462,13 @@ Reply Filesystem::getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi)
             st.st_gid = caller.who.gid;
             st.st_size = static_cast<off_t>(w->buffer.size());
             st.st_blksize = 4096;
-            return Reply{Reply::Attr{st}};
+            return Reply{Reply::Attr{st, 0.0}};
         }
     }
     auto attr = stat_node(caller, *node);
     if (!attr)
         return Reply::err(attr.error());
-    return Reply{Reply::Attr{attr->st}};
+    return Reply{Reply::Attr{attr->st, cache_seconds(node->kind)}};
 }
 
 Reply Filesystem::setattr(fuse_req_t req, fuse_ino_t ino, struct stat*, int to_set, fuse_file_info* fi)
@@ -477,7 +537,10 @@ Reply Filesystem::unlink(fuse_req_t req, fuse_ino_t parent, const char* name_c)
         if (name == ".policy" || vault::parse_secret_path(name).value_or(vault::SecretPath{}).version)
             return Reply::err(EPERM);
         auto r = service_.delete_secret(caller_of(req), vault::VaultId{p->id}, name);
-        return r ? Reply::ok() : Reply::err(r.error());
+        if (!r)
+            return Reply::err(r.error());
+        invalidate_entry(*p, std::string(name));
+        return Reply::ok();
     }
     if (p->kind == NodeKind::deleted_dir) {
         auto r = service_.purge(caller_of(req), vault::VaultId{p->id}, name);
@@ -496,7 +559,10 @@ Reply Filesystem::rename(fuse_req_t req, fuse_ino_t parent, const char* name, fu
         std::string_view(name) != newname || (flags & RENAME_EXCHANGE))
         return Reply::err(EPERM);
     auto r = service_.recover(caller_of(req), vault::VaultId{from->id}, name);
-    return r ? Reply::ok() : Reply::err(r.error());
+    if (!r)
+        return Reply::err(r.error());
+    invalidate_entry(*from, name);
+    return Reply::ok();
 }
 
 Reply Filesystem::refuse_link(fuse_req_t, fuse_ino_t, fuse_ino_t, const char*) { return Reply::err(EPERM); }
@@ -709,6 +775,7 @@ Reply Filesystem::flush(fuse_req_t, fuse_ino_t, fuse_file_info* fi)
         w.dirty = false;
         if (!version)
             return Reply::err(version.error());
+        invalidate_inode(Node{NodeKind::secret, w.grant.secret.value});
         return Reply::ok();
     }
     if (h->kind == Handle::Kind::policy) {
@@ -741,6 +808,8 @@ Reply Filesystem::release(fuse_req_t, fuse_ino_t, fuse_file_info* fi)
             if (auto r = service_.commit(w.caller, w.grant, w.buffer); !r)
                 spdlog::error("commit at release of {}/{} failed: {}", w.grant.vault_name, w.grant.name,
                               r.error().message);
+            else
+                invalidate_inode(Node{NodeKind::secret, w.grant.secret.value});
         }
     }
     return Reply::ok();  // the buffer is wiped as the handle goes
@@ -1015,7 +1084,11 @@ Reply Filesystem::setxattr(fuse_req_t req, fuse_ino_t ino, const char* name_c, c
     if (!target)
         return Reply::err(target.error());
     auto r = service_.set_attribute(caller, *target, *name, text);
-    return r ? Reply::ok() : Reply::err(r.error());
+    if (!r)
+        return Reply::err(r.error());
+    // Enabling or disabling a version can change what S stands for.
+    invalidate_inode(Node{NodeKind::secret, target->id.value});
+    return Reply::ok();
 }
 
 Reply Filesystem::removexattr(fuse_req_t req, fuse_ino_t ino, const char* name_c)
@@ -1033,7 +1106,10 @@ Reply Filesystem::removexattr(fuse_req_t req, fuse_ino_t ino, const char* name_c
     if (!target)
         return Reply::err(target.error());
     auto r = service_.set_attribute(caller, *target, *name, std::nullopt);
-    return r ? Reply::ok() : Reply::err(r.error());
+    if (!r)
+        return Reply::err(r.error());
+    invalidate_inode(Node{NodeKind::secret, target->id.value});
+    return Reply::ok();
 }
 
 }  // namespace vaultfs::fs

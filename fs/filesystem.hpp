@@ -6,20 +6,34 @@
 // so each request gets exactly one fuse_reply_*; exceptions never reach
 // libfuse (they become EIO and a log line).
 //
-// Caching (entry_timeout = attr_timeout = 0): a node's attributes depend on
-// who asks (the mode shows the caller's permissions; lookup needs some
-// permission), while the kernel's caches are shared by all callers — any
-// positive timeout would let one caller see what another looked up, and let
-// a revoked caller keep resolving names. So every lookup and stat comes
-// here. OPEN always comes here regardless (no default_permissions), which is
-// what makes a policy change apply at the next open. Secret files are opened
-// with FOPEN_DIRECT_IO, so plaintext never enters the page cache.
+// Caching. The kernel's entry and attribute caches are shared by all
+// callers, while what a caller may see is decided per caller. So:
+//  - The root, vault directories, .policy, .versions, .deleted and S@N have
+//    timeouts of 0: every path walk asks the daemon at the vault level, and
+//    a caller who holds nothing in a vault stops there (ENOENT).
+//  - A secret `S` is cached for one second (entry and attributes). Only
+//    callers who passed the vault-level check walk on to it, and the
+//    contract lets any of them look up and stat anything in the vault; what
+//    the cache can show one of them that is meant for another is the mode
+//    bits (which reflect the other caller's permissions) for at most a
+//    second. It saves one round trip per open, and most of `ls -l`.
+//  - Correctness after writes: every change this daemon makes to `S` — a new
+//    version, an attribute, a delete or recover — invalidates its cached
+//    attributes or entry at once (notify_inval_*, from a separate thread,
+//    never inside the request that caused it).
+//  - OPEN always comes here (no default_permissions): a policy change —
+//    a revocation included — applies at the next open, whatever is cached.
+// Secret files are opened with FOPEN_DIRECT_IO: no plaintext in the page
+// cache.
 #pragma once
 
 #define FUSE_USE_VERSION 312
 #include <fuse_lowlevel.h>
 
+#include <condition_variable>
+#include <deque>
 #include <memory>
+#include <thread>
 #include <mutex>
 #include <unordered_map>
 
@@ -34,8 +48,15 @@ class Filesystem {
 public:
     explicit Filesystem(vault::SecretService& service);
 
+    ~Filesystem();
+
     // The operations table for fuse_session_new(); userdata must be `this`.
     static const fuse_lowlevel_ops& operations();
+
+    // Starts sending cache invalidations to the kernel through `session`
+    // (call after mounting); stop_invalidations() before unmounting.
+    void start_invalidations(fuse_session* session);
+    void stop_invalidations();
 
     // Open handles right now (for status and tests).
     std::size_t open_handles() const { return handles_.size(); }
@@ -89,8 +110,20 @@ private:
     vault::Result<vault::SecretView> attribute_target(const vault::Caller& caller, Node node);
 
     vault::SecretService& service_;
+    // Queues a kernel cache invalidation: an inode's attributes, or a name.
+    void invalidate_inode(Node node);
+    void invalidate_entry(Node parent, const std::string& name);
+    void run_invalidations();
+
     CallerCache callers_;
     timespec mounted_at_{};  // the root directory's times
+
+    std::mutex inval_mutex_;
+    std::condition_variable inval_cv_;
+    std::deque<std::pair<std::uint64_t, std::string>> inval_queue_;  // (ino, "") or (parent, name)
+    fuse_session* session_ = nullptr;
+    bool inval_stop_ = false;
+    std::thread inval_thread_;
     HandleTable handles_;
 };
 

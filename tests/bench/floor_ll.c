@@ -3,8 +3,8 @@
  * to serve one file. Adapted from libfuse's example/hello_ll.c (installed at
  * /usr/share/doc/libfuse3-dev/examples/hello_ll.c): one in-memory 1 KiB file
  * at dir/file — the same depth as a secret at vault/secret — opened with
- * FOPEN_DIRECT_IO and no flush, entry and attr timeouts 0 like vaultfs, and
- * the multi-threaded loop.
+ * FOPEN_DIRECT_IO and no flush, vaultfs's entry and attr timeouts (0 for the
+ * directory, 1 s for the file), and the multi-threaded loop.
  *
  *   floor_ll MOUNTPOINT     (foreground; SIGTERM or fusermount3 -u ends it)
  */
@@ -55,6 +55,8 @@ static void floor_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 		return;
 	}
 	floor_stat(e.ino, &e.attr);
+	/* vaultfs's timeouts: 0 for directories, 1 s for a secret */
+	e.entry_timeout = e.attr_timeout = e.ino == FILE_INO ? 1.0 : 0.0;
 	fuse_reply_entry(req, &e);
 }
 
@@ -65,7 +67,7 @@ static void floor_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info 
 	if (floor_stat(ino, &st) != 0)
 		fuse_reply_err(req, ENOENT);
 	else
-		fuse_reply_attr(req, &st, 0.0);
+		fuse_reply_attr(req, &st, ino == FILE_INO ? 1.0 : 0.0);
 }
 
 static void floor_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)

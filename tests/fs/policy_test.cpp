@@ -92,7 +92,9 @@ TEST_CASE("policies decide every open, for users and groups", "[fs][policy]")
         audited(m, "commit", erin.uid, "allow", "ok", "new-secret");
         CHECK(as(erin, [&] { return read_file(m.path("team/new-secret")); }).err == EACCES);
         CHECK(ok(read_file(m.path("team/new-secret"))) == "from erin");
-        // The mode shows what the caller may do: write only.
+        // The mode shows what the caller may do: write only (once another
+        // caller's cached attributes, kept for up to a second, have expired).
+        std::this_thread::sleep_for(std::chrono::milliseconds(1100));
         CHECK(ok(as(erin, [&] { return Outcome{0, shell("stat -c %a " + m.path("team/db-pass")).data}; })) == "200\n");
     }
     SECTION("list without get: ls works, cat is denied")
