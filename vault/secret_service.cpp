@@ -475,10 +475,12 @@ Result<WriteGrant> SecretService::open_for_write(const Caller& caller, VaultId v
     if (!d.allowed)
         return refuse(ev, Errc::access_denied);
 
-    auto s = store_.secret_by_name(vault, name);
+    auto s = store_.secret_with_version(vault, name, std::nullopt);  // cached
     if (!s)
         return refuse(ev, s.error().code, s.error().message);
-    std::optional<SecretRow> row = *s;
+    std::optional<SecretRow> row;
+    if (*s)
+        row = (*s)->secret;
     if (row && row->deleted()) {
         ev.reason = "soft-deleted";
         return refuse(ev, Errc::already_exists);
@@ -525,8 +527,40 @@ Result<std::uint64_t> SecretService::commit(const Caller& caller, const WriteGra
     if (value.size() > max_value_size)
         return refuse(ev, Errc::too_large, "values are at most 25 KiB");
 
+    // The version number is reserved first, so that the DEK can be sealed by
+    // the token and the value encrypted outside the write transaction (the
+    // AAD binds the number); concurrent writers then only queue for the
+    // insert and the shared fsync.
     const std::string& kek = (*v)->row.kek_id;
-    std::uint64_t number = 0;
+    auto reserved = reserve_version(grant.secret);
+    if (!reserved)
+        return refuse(ev, reserved.error().code, reserved.error().message);
+    const std::uint64_t number = *reserved;
+    struct Release {
+        SecretService& self;
+        SecretId id;
+        ~Release() { self.release_version(id); }
+    } release{*this, grant.secret};
+
+    ev.version = number;
+    const Binding binding{grant.vault, grant.name, number, kek};
+    auto dek = new_dek();
+    if (!dek)
+        return refuse(ev, dek.error().code, dek.error().message);
+    auto sealed_dek = keys_.seal(hsm::KeyId{kek}, *dek, dek_aad(binding));
+    if (!sealed_dek) {
+        spdlog::error("commit to {}/{}: the token cannot seal a DEK: {}", grant.vault_name, grant.name,
+                      sealed_dek.error().message);
+        return refuse(ev, from_hsm(sealed_dek.error()).code, sealed_dek.error().message);
+    }
+    auto sealed = seal_value(*dek, value.bytes(), value_aad(binding));
+    if (!sealed)
+        return refuse(ev, sealed.error().code, sealed.error().message);
+    const Micros now = now_micros();
+    const SealedVersion row{VersionRow{VersionId{}, grant.secret, number, value.size(), now, now, caller.who.uid, true,
+                                       std::nullopt, std::nullopt, std::nullopt},
+                            kek, std::move(sealed->nonce), std::move(sealed->ciphertext), std::move(*sealed_dek)};
+
     bool audited = false;
     auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
         auto s = tx.secret(grant.secret);
@@ -536,31 +570,14 @@ Result<std::uint64_t> SecretService::commit(const Caller& caller, const WriteGra
             return fail(Errc::not_found, "the secret was purged while open");
         if ((*s)->deleted())
             return fail(Errc::not_found, "the secret was deleted while open");
-        auto claimed = tx.claim_version_number(grant.secret);
-        if (!claimed)
-            return tl::unexpected(claimed.error());
-        const Binding binding{grant.vault, grant.name, *claimed, kek};
-        auto dek = new_dek();
-        if (!dek)
-            return tl::unexpected(dek.error());
-        auto sealed_dek = keys_.seal(hsm::KeyId{kek}, *dek, dek_aad(binding));
-        if (!sealed_dek)
-            return tl::unexpected(from_hsm(sealed_dek.error()));
-        auto sealed = seal_value(*dek, value.bytes(), value_aad(binding));
-        if (!sealed)
-            return tl::unexpected(sealed.error());
-        const Micros now = now_micros();
-        SealedVersion row{VersionRow{VersionId{}, grant.secret, *claimed, value.size(), now, now, caller.who.uid, true,
-                                     std::nullopt, std::nullopt, std::nullopt},
-                          kek, std::move(sealed->nonce), std::move(sealed->ciphertext), std::move(*sealed_dek)};
         if (auto r = tx.insert_version(row); !r)
             return tl::unexpected(r.error());
-        ev.version = *claimed;
+        if (auto r = tx.raise_next_version(grant.secret, number + 1); !r)
+            return r;
         // Written before COMMIT: if the audit cannot take it, nothing commits.
         if (auto r = record(ev); !r)
             return r;
         audited = true;
-        number = *claimed;
         return {};
     });
     if (!w) {
@@ -572,6 +589,33 @@ Result<std::uint64_t> SecretService::commit(const Caller& caller, const WriteGra
         return refuse(ev, w.error().code, w.error().message);
     }
     return number;
+}
+
+Result<std::uint64_t> SecretService::reserve_version(SecretId id)
+{
+    std::lock_guard lock(versions_mutex_);
+    auto it = next_versions_.find(id.value);
+    if (it == next_versions_.end()) {
+        // First writer since start (or since the entry was dropped while
+        // idle): the database's counter is current, as nothing is in flight.
+        auto s = store_.secret_by_id(id);
+        if (!s)
+            return tl::unexpected(s.error());
+        if (!*s)
+            return fail(Errc::not_found, "the secret was purged while open");
+        if (next_versions_.size() >= 4096)
+            std::erase_if(next_versions_, [](const auto& e) { return e.second.in_flight == 0; });
+        it = next_versions_.emplace(id.value, NextVersion{(*s)->next_version, 0}).first;
+    }
+    ++it->second.in_flight;
+    return it->second.next++;
+}
+
+void SecretService::release_version(SecretId id)
+{
+    std::lock_guard lock(versions_mutex_);
+    if (auto it = next_versions_.find(id.value); it != next_versions_.end())
+        --it->second.in_flight;
 }
 
 // ---- policies ------------------------------------------------------------------------

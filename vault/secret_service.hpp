@@ -20,6 +20,8 @@
 #include <sys/types.h>
 
 #include <map>
+#include <mutex>
+#include <unordered_map>
 #include <memory>
 #include <optional>
 #include <shared_mutex>
@@ -255,6 +257,19 @@ private:
     AuditLog& audit_;
     const policy::NameResolver& names_;
     Options options_;
+
+    // Version numbers are handed out here, ahead of the write transaction.
+    // This process is the database's only writer, so the counter loaded from
+    // `secrets.next_version` stays authoritative; an entry is dropped only
+    // while no commit holds a number from it.
+    struct NextVersion {
+        std::uint64_t next;
+        int in_flight;
+    };
+    Result<std::uint64_t> reserve_version(SecretId id);
+    void release_version(SecretId id);
+    std::mutex versions_mutex_;
+    std::unordered_map<std::int64_t, NextVersion> next_versions_;
 
     std::shared_mutex vaults_mutex_;
     std::map<std::int64_t, std::shared_ptr<const VaultEntry>> vaults_;  // by id

@@ -653,21 +653,41 @@ Result<std::optional<SecretVersion>> Store::cached(Map& map, const Key& key, Loa
 Result<void> Store::run_batch(std::deque<PendingWrite*>& batch)
 {
     sqlite::Connection& c = *writer_;
-    if (auto r = c.exec("BEGIN IMMEDIATE"); !r)
+    // Transaction control through cached statements: parsing these on every
+    // commit showed up in profiles.
+    const auto control = [&](const char* sql) -> Result<void> {
+        auto q = c.query(sql);
+        if (!q)
+            return tl::unexpected(q.error());
+        return q->run();
+    };
+    if (auto r = control("BEGIN IMMEDIATE"); !r)
         return fail(r.error().code, "cannot start a write transaction: " + r.error().message);
     Transaction tx(c);
+    // A lone unit needs no savepoint: its failure rolls back the whole.
+    const bool alone = batch.size() == 1;
+    bool any_ok = false;
     for (auto* p : batch) {
-        if (auto r = c.exec("SAVEPOINT unit"); !r) {
-            p->result = tl::unexpected(r.error());
-            continue;
+        if (!alone) {
+            if (auto r = control("SAVEPOINT unit"); !r) {
+                p->result = tl::unexpected(r.error());
+                continue;
+            }
         }
         p->result = (*p->work)(tx);
-        if (!p->result)
-            (void)c.exec("ROLLBACK TO unit");
-        (void)c.exec("RELEASE unit");
+        any_ok = any_ok || p->result.has_value();
+        if (!alone) {
+            if (!p->result)
+                (void)control("ROLLBACK TO unit");
+            (void)control("RELEASE unit");
+        }
     }
-    if (auto r = c.exec("COMMIT"); !r) {
-        (void)c.exec("ROLLBACK");
+    if (!any_ok) {
+        (void)control("ROLLBACK");
+        return {};  // every unit carries its own error
+    }
+    if (auto r = control("COMMIT"); !r) {
+        (void)control("ROLLBACK");
         return fail(r.error().code, "commit failed: " + r.error().message);
     }
     return {};
@@ -784,6 +804,12 @@ Result<std::uint64_t> Store::Transaction::claim_version_number(SecretId secret)
     if (!*n)
         return fail(Errc::not_found, "secret vanished");
     return static_cast<std::uint64_t>(**n);
+}
+
+Result<void> Store::Transaction::raise_next_version(SecretId secret, std::uint64_t next)
+{
+    return run(conn_, "UPDATE secrets SET next_version = max(next_version, ?) WHERE id = ?",
+               [&](sqlite::Query& q) { q.bind(1, static_cast<std::int64_t>(next)).bind(2, secret.value); });
 }
 
 Result<VersionId> Store::Transaction::insert_version(const SealedVersion& v)

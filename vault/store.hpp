@@ -247,6 +247,8 @@ public:
     Result<std::vector<Tag>> tags(VersionId version);
     // Claims the next version number of a secret.
     Result<std::uint64_t> claim_version_number(SecretId secret);
+    // Raises next_version to at least `next` (numbers reserved elsewhere).
+    Result<void> raise_next_version(SecretId secret, std::uint64_t next);
     Result<VersionId> insert_version(const SealedVersion& version);
     Result<void> update_version(const VersionRow& row);
     Result<void> replace_tags(VersionId version, const std::vector<Tag>& tags);
