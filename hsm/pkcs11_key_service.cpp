@@ -14,7 +14,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <chrono>
 #include <mutex>
+#include <shared_mutex>
 #include <optional>
 #include <unordered_map>
 
@@ -168,6 +170,17 @@ public:
     ~Module() { fn_->C_Finalize(nullptr); }
     ck_function_list* operator->() const { return fn_; }
 
+    // Finalizes and initialises the module again: the way back after the
+    // token went away (a removed device, SoftHSM's directory vanishing).
+    // REQUIRES: no other thread is inside the module.
+    ck_rv_t reinitialize()
+    {
+        fn_->C_Finalize(nullptr);
+        ck_c_initialize_args args{};
+        args.flags = CKF_OS_LOCKING_OK;
+        return fn_->C_Initialize(&args);
+    }
+
     // The slot holding the initialised token labelled `label`.
     Result<ck_slot_id_t> find_token(const std::string& label) const
     {
@@ -232,6 +245,12 @@ struct Pkcs11KeyService::Impl {
     std::string label;
     SecureBuffer pin;
 
+    // Held shared by every operation, exclusively by reconnect(): PKCS#11
+    // forbids C_Finalize while other threads are inside the module.
+    std::shared_mutex module_mutex;
+    std::mutex reconnect_mutex;
+    std::chrono::steady_clock::time_point last_reconnect{};
+
     std::mutex pool_mutex;
     std::vector<ck_session_handle_t> idle;  // logged-in sessions nobody is using
     std::size_t open_sessions = 0;
@@ -246,6 +265,37 @@ struct Pkcs11KeyService::Impl {
         std::lock_guard lock(pool_mutex);
         for (const auto s : idle)
             (*module)->C_CloseSession(s);
+    }
+
+    // After the token failed: drop every session and cached handle,
+    // reinitialise the module and find the token again. At most once a
+    // second; never presents a PIN that was rejected (open_session checks).
+    // Returns true when the token is back.
+    bool reconnect()
+    {
+        std::lock_guard once(reconnect_mutex);
+        const auto now = std::chrono::steady_clock::now();
+        if (now - last_reconnect < std::chrono::seconds(1))
+            return false;
+        last_reconnect = now;
+        std::unique_lock exclusive(module_mutex);
+        {
+            std::lock_guard lock(pool_mutex);
+            idle.clear();  // C_Finalize closes them
+            open_sessions = 0;
+            logged_in = false;
+        }
+        {
+            std::lock_guard lock(handles_mutex);
+            handles.clear();
+        }
+        if (module->reinitialize() != CKR_OK)
+            return false;
+        auto found = module->find_token(label);
+        if (!found)
+            return false;
+        slot = *found;
+        return true;
     }
 
     // Opens a session and, when the application is not logged in, logs in.
@@ -309,6 +359,7 @@ struct Pkcs11KeyService::Impl {
     template <class Op>
     Result<ck_rv_t> with_session(Op&& op)
     {
+        std::shared_lock inside(module_mutex);
         ck_rv_t rv = CKR_OK;
         for (int attempt = 0; attempt < 2; ++attempt) {
             auto s = acquire();
@@ -367,6 +418,21 @@ struct Pkcs11KeyService::Impl {
     // looked up again once.
     template <class Op>
     Result<ck_rv_t> with_key(ck_object_class_t cls, const KeyId& id, Op&& op)
+    {
+        auto rv = with_key_once(cls, id, op);
+        // A key that is missing or a token that fails may mean the token
+        // went away and came back: reconnect (rate-limited) and try once more.
+        const bool token_trouble =
+            (!rv && (rv.error().code == Errc::key_not_found || rv.error().code == Errc::device_error)) ||
+            (rv && (*rv == CKR_DEVICE_ERROR || *rv == CKR_DEVICE_REMOVED || *rv == CKR_TOKEN_NOT_PRESENT ||
+                    *rv == CKR_CRYPTOKI_NOT_INITIALIZED));
+        if (token_trouble && reconnect())
+            return with_key_once(cls, id, op);
+        return rv;
+    }
+
+    template <class Op>
+    Result<ck_rv_t> with_key_once(ck_object_class_t cls, const KeyId& id, Op& op)
     {
         for (int attempt = 0; attempt < 2; ++attempt) {
             auto h = find_object(cls, id);
@@ -628,10 +694,15 @@ Result<std::vector<std::uint8_t>> Pkcs11KeyService::sign_digest(const KeyId& key
 
 Result<void> Pkcs11KeyService::ping()
 {
-    auto rv = impl_->with_session([&](ck_session_handle_t s) {
-        ck_session_info info{};
-        return (*impl_->module)->C_GetSessionInfo(s, &info);
-    });
+    const auto once = [&] {
+        return impl_->with_session([&](ck_session_handle_t s) {
+            ck_session_info info{};
+            return (*impl_->module)->C_GetSessionInfo(s, &info);
+        });
+    };
+    auto rv = once();
+    if ((!rv || *rv != CKR_OK) && impl_->reconnect())
+        rv = once();
     if (!rv)
         return tl::unexpected(rv.error());
     if (*rv != CKR_OK)
