@@ -1,0 +1,396 @@
+// Integration: crashes, faults and hostile input (SECURITY.md has the
+// threat model these come from).
+#include <catch2/catch.hpp>
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/mount.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <random>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "fs_support.hpp"
+
+using namespace vaultfs::testing;
+
+namespace {
+
+std::string ok(const Outcome& o)
+{
+    INFO("errno " << o.err << " " << o.data);
+    REQUIRE(o.err == 0);
+    return o.data;
+}
+
+std::string slurp(const std::string& path)
+{
+    std::ifstream in(path, std::ios::binary);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+}
+
+struct SmallTmpfs {
+    SmallTmpfs(const std::string& dir, const std::string& size) : path(dir)
+    {
+        std::filesystem::create_directories(dir);
+        if (::mount("tmpfs", dir.c_str(), "tmpfs", 0, ("size=" + size + ",mode=0700").c_str()) != 0)
+            throw std::runtime_error("cannot mount a tmpfs at " + dir);
+    }
+    ~SmallTmpfs() { ::umount2(path.c_str(), MNT_DETACH); }
+    std::string path;
+};
+
+// A crash-test value: its writer, its sequence number, and a fill whose
+// length and byte depend on both — a torn or mixed value cannot pass.
+std::string crash_value(int writer, long seq)
+{
+    return "w" + std::to_string(writer) + "-" + std::to_string(seq) + ":" +
+           std::string(static_cast<std::size_t>(50 + (seq * 7 + writer * 13) % 900), static_cast<char>('a' + writer));
+}
+
+bool well_formed(const std::string& v)
+{
+    const auto dash = v.find('-');
+    const auto colon = v.find(':');
+    if (v.size() < 4 || v[0] != 'w' || dash == std::string::npos || colon == std::string::npos || colon < dash)
+        return false;
+    try {
+        const int writer = std::stoi(v.substr(1, dash - 1));
+        const long seq = std::stol(v.substr(dash + 1, colon - dash - 1));
+        return v == crash_value(writer, seq);
+    } catch (...) {
+        return false;
+    }
+}
+
+}  // namespace
+
+TEST_CASE("crash consistency: SIGKILL during concurrent writes loses no committed version", "[fs][crash]")
+{
+    const char* long_mode = std::getenv("VAULTFS_LONG");
+    const int kills = long_mode != nullptr && std::string(long_mode) == "1" ? 500 : 20;
+    Mount m;
+    REQUIRE(make_dir(m.path("crash")).err == 0);
+    std::mutex mutex;
+    std::vector<std::pair<int, std::string>> committed;  // (secret, value) whose close() returned 0
+    std::mt19937 rng(std::random_device{}());
+    long seq = 0;
+
+    for (int k = 0; k < kills; ++k) {
+        std::atomic<bool> stop{false};
+        std::vector<std::thread> writers;
+        for (int w = 0; w < 4; ++w) {
+            writers.emplace_back([&, w, base = seq + 100000L * w] {
+                for (long i = 0; !stop; ++i) {
+                    const std::string value = crash_value(w, base + i);
+                    const int secret = w % 2;  // two writers per secret
+                    if (write_file(m.path("crash/s" + std::to_string(secret)), value).err == 0) {
+                        std::lock_guard lock(mutex);
+                        committed.emplace_back(secret, value);
+                    } else if (stop) {
+                        break;
+                    }
+                }
+            });
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(std::uniform_int_distribution<int>(15, 90)(rng)));
+        m.kill_daemon();  // mid-write, mid-commit, mid-audit
+        stop = true;
+        for (auto& t : writers)
+            t.join();
+        seq += 1000000;
+        m.start();  // cleans the stale mount
+    }
+    m.stop();
+    m.start();
+
+    std::set<std::string> found[2];
+    for (int s = 0; s < 2; ++s) {
+        const auto versions = ok(list_dir(m.path("crash/.versions")));
+        std::istringstream names(versions);
+        for (std::string name; std::getline(names, name);) {
+            if (name.rfind("s" + std::to_string(s) + "@", 0) != 0)
+                continue;
+            const auto v = read_file(m.path("crash/" + name));
+            INFO(name);
+            REQUIRE(v.err == 0);
+            CHECK(well_formed(v.data));  // never partial, never a mix of two writes
+            found[s].insert(v.data);
+        }
+    }
+    std::size_t missing = 0;
+    for (const auto& [s, value] : committed)
+        missing += found[s].count(value) == 0 ? 1 : 0;
+    INFO(committed.size() << " committed versions over " << kills << " kills");
+    CHECK(committed.size() > static_cast<std::size_t>(kills));
+    CHECK(missing == 0);
+    m.stop();
+    CHECK(shell("sqlite3 " + m.state_file("vault.db") + " 'PRAGMA integrity_check'").data == "ok\n");
+    const auto verify = shell(m.binary + " audit verify --state " + m.state);
+    INFO(verify.data);
+    CHECK(verify.err == 0);
+    std::printf("crash test: %d kills, %zu committed versions, all read back; audit: %s", kills, committed.size(),
+                verify.data.c_str());
+}
+
+TEST_CASE("the token going away: uncached reads and writes fail with EIO, cached DEKs serve, service returns",
+          "[fs][faults]")
+{
+    Mount m;
+    REQUIRE(make_dir(m.path("tok")).err == 0);
+    REQUIRE(write_file(m.path("tok/cached"), "in the cache").err == 0);
+    REQUIRE(write_file(m.path("tok/cold"), "needs the token").err == 0);
+    REQUIRE(ok(read_file(m.path("tok/cached"))) == "in the cache");  // its DEK is now cached
+
+    std::filesystem::rename(m.state_file("tokens"), m.state_file("tokens.away"));
+    CHECK(read_file(m.path("tok/cold")).err == EIO);
+    const auto r = m.last_audit("get");
+    CHECK(r["result"] == "EIO");
+    CHECK(r["reason"] == "key service unavailable");
+    CHECK(ok(read_file(m.path("tok/cached"))) == "in the cache");
+    const auto w = write_file(m.path("tok/cold"), "new value");
+    CHECK(w.err == EIO);
+    CHECK(w.data == "close");
+
+    std::filesystem::rename(m.state_file("tokens.away"), m.state_file("tokens"));
+    std::this_thread::sleep_for(std::chrono::milliseconds(1100));  // reconnects are at most once a second
+    CHECK(ok(read_file(m.path("tok/cold"))) == "needs the token");
+    CHECK(write_file(m.path("tok/cold"), "new value").err == 0);
+    CHECK(ok(read_file(m.path("tok/cold"))) == "new value");
+}
+
+TEST_CASE("start-up faults: wrong PIN, corrupt database, too little locked memory", "[fs][faults]")
+{
+    Mount m;
+    REQUIRE(make_dir(m.path("faults")).err == 0);
+    for (int i = 0; i < 200; ++i)
+        REQUIRE(write_file(m.path("faults/s" + std::to_string(i)), std::string(500, 'x')).err == 0);
+    m.stop();
+
+    SECTION("a wrong PIN refuses the mount, once, with a message")
+    {
+        const std::string pin = slurp(m.state_file("pin"));
+        std::ofstream(m.state_file("pin"), std::ios::trunc) << "not-the-pin";
+        const auto o = m.start_expecting_failure();
+        CHECK(o.err == 1);
+        CHECK(o.data.find("rejected the PIN") != std::string::npos);
+        CHECK(o.data.find("not retrying") != std::string::npos);
+        CHECK_FALSE(m.mounted());
+        std::ofstream(m.state_file("pin"), std::ios::trunc) << pin;
+        m.start();
+        CHECK(ok(read_file(m.path("faults/s1"))) == std::string(500, 'x'));
+    }
+    SECTION("a corrupt database file refuses the mount, naming the file")
+    {
+        {
+            std::fstream db(m.state_file("vault.db"), std::ios::in | std::ios::out | std::ios::binary);
+            db.seekp(4096 * 3);
+            const std::string garbage(4096, '\xa5');
+            db.write(garbage.data(), static_cast<std::streamsize>(garbage.size()));
+        }
+        const auto o = m.start_expecting_failure();
+        CHECK(o.err == 1);
+        CHECK(o.data.find(m.state_file("vault.db")) != std::string::npos);
+        CHECK_FALSE(m.mounted());
+    }
+    SECTION("an mlock limit too low for the locked heap is a clear start-up error")
+    {
+        const auto o = shell("setpriv --bounding-set -ipc_lock prlimit --memlock=65536 " + m.binary +
+                             " mount -f --state " + m.state + " " + m.mountpoint + " 2>&1");
+        CHECK(o.err == 1);
+        CHECK(o.data.find("RLIMIT_MEMLOCK") != std::string::npos);
+        CHECK_FALSE(m.mounted());
+    }
+}
+
+TEST_CASE("one corrupted version row: EIO for that version only, audited", "[fs][faults]")
+{
+    Mount m;
+    REQUIRE(make_dir(m.path("rows")).err == 0);
+    REQUIRE(write_file(m.path("rows/s"), "version one").err == 0);
+    REQUIRE(write_file(m.path("rows/s"), "version two").err == 0);
+    REQUIRE(write_file(m.path("rows/other"), "untouched").err == 0);
+    m.stop();
+    REQUIRE(shell("sqlite3 " + m.state_file("vault.db") +
+                  " \"UPDATE versions SET ciphertext = zeroblob(length(ciphertext)) WHERE version = 1 AND "
+                  "secret_id = (SELECT id FROM secrets WHERE name = 's')\"")
+                .err == 0);
+    m.start();
+    CHECK(read_file(m.path("rows/s@1")).err == EIO);
+    const auto r = m.last_audit("get");
+    CHECK(r["result"] == "EIO");
+    CHECK(r["reason"] == "integrity check failed");
+    CHECK(r["version"] == 1);
+    CHECK(ok(read_file(m.path("rows/s"))) == "version two");
+    CHECK(ok(read_file(m.path("rows/other"))) == "untouched");
+}
+
+TEST_CASE("the database's disk full: close() gives ENOSPC, the previous version stays", "[fs][faults]")
+{
+    Mount m(MountOptions{{}, 8, false});
+    REQUIRE(shell(m.binary + " init --state " + m.state + " >/dev/null").err == 0);
+    SmallTmpfs tmpfs(m.root + "/dbfs", "1m");
+    std::filesystem::copy_file(m.state_file("vault.db"), tmpfs.path + "/vault.db");
+    std::filesystem::remove(m.state_file("vault.db"));
+    std::ofstream(m.state_file("vaultfs.conf"), std::ios::app) << "database = " << tmpfs.path << "/vault.db\n";
+    m.start();
+    REQUIRE(make_dir(m.path("full")).err == 0);
+    REQUIRE(write_file(m.path("full/s"), "the last good value").err == 0);
+    REQUIRE(shell("dd if=/dev/zero of=" + tmpfs.path + "/filler bs=4k 2>/dev/null; true").err == 0);
+    Outcome w;
+    for (int i = 0; i < 200; ++i) {
+        w = write_file(m.path("full/s"), std::string(20000, static_cast<char>('a' + i % 26)));
+        if (w.err != 0)
+            break;
+    }
+    CHECK(w.err == ENOSPC);
+    CHECK(w.data == "close");
+    const auto last = read_file(m.path("full/s"));
+    REQUIRE(last.err == 0);
+    CHECK((last.data == "the last good value" || last.data.size() == 20000));
+    std::filesystem::remove(tmpfs.path + "/filler");
+    CHECK(write_file(m.path("full/s"), "room again").err == 0);
+    CHECK(ok(read_file(m.path("full/s"))) == "room again");
+}
+
+TEST_CASE("restart with open files: ENOTCONN while down, served again after", "[fs][faults]")
+{
+    Mount m;
+    REQUIRE(make_dir(m.path("restart")).err == 0);
+    REQUIRE(write_file(m.path("restart/s"), "value").err == 0);
+    const int fd = ::open(m.path("restart/s").c_str(), O_RDONLY);
+    REQUIRE(fd >= 0);
+    m.kill_daemon();
+    char buf[16];
+    CHECK(::read(fd, buf, sizeof buf) == -1);
+    CHECK(errno == ENOTCONN);
+    CHECK(read_file(m.path("restart/s")).err == ENOTCONN);
+    ::close(fd);
+    m.start();
+    CHECK(m.daemon_stderr().find("stale mount") != std::string::npos);
+    CHECK(ok(read_file(m.path("restart/s"))) == "value");
+}
+
+TEST_CASE("hostile callers: descriptors, namespaces, setuid, /proc, core dumps", "[fs][hostile]")
+{
+    TestUser user("h");
+    Mount m;
+    REQUIRE(make_dir(m.path("hostile")).err == 0);
+    REQUIRE(write_file(m.path("hostile/.policy"),
+                       "allow uid:0 *\nallow uid:" + std::to_string(user.uid) + " get,set,list\n").err == 0);
+    REQUIRE(write_file(m.path("hostile/s"), "shared value").err == 0);
+
+    SECTION("10,000 descriptors open on one secret")
+    {
+        const auto o = as_root([&] {
+            const rlimit lim{20000, 20000};
+            if (::setrlimit(RLIMIT_NOFILE, &lim) != 0)
+                return Outcome{errno, "setrlimit"};
+            std::vector<int> fds;
+            for (int i = 0; i < 10000; ++i) {
+                const int fd = ::open(m.path("hostile/s").c_str(), O_RDONLY);
+                if (fd < 0)
+                    return Outcome{errno, "open " + std::to_string(i)};
+                fds.push_back(fd);
+            }
+            char buf[32];
+            const ssize_t n = ::pread(fds.back(), buf, sizeof buf, 0);
+            for (const int fd : fds)
+                ::close(fd);
+            return Outcome{0, std::string(buf, static_cast<std::size_t>(std::max<ssize_t>(n, 0)))};
+        });
+        CHECK(ok(o) == "shared value");
+    }
+    SECTION("a write while the same uid holds a read handle")
+    {
+        const auto o = as(user, [&] {
+            const int fd = ::open(m.path("hostile/s").c_str(), O_RDONLY);
+            if (fd < 0)
+                return Outcome{errno, "open"};
+            const auto w = write_file(m.path("hostile/s"), "written meanwhile");
+            char buf[64];
+            const ssize_t n = ::read(fd, buf, sizeof buf);
+            ::close(fd);
+            return Outcome{w.err, std::string(buf, static_cast<std::size_t>(std::max<ssize_t>(n, 0)))};
+        });
+        CHECK(o.err == 0);
+        CHECK(o.data == "shared value");
+        CHECK(ok(read_file(m.path("hostile/s"))) == "written meanwhile");
+    }
+    SECTION("a caller in a user namespace is seen as its real uid")
+    {
+        // Root inside `unshare -U -r` is the user outside: the policy sees that uid.
+        const auto o = as(user, [&] { return shell("unshare -U -r cat " + m.path("hostile/s")); });
+        CHECK(o.err == 0);
+        CHECK(o.data == "shared value");
+        CHECK(m.last_audit("get")["uid"] == user.uid);
+        const auto w = as(user, [&] { return shell("unshare -U -r sh -c 'cat " + m.path("hostile/.policy") + "' 2>&1"); });
+        CHECK(w.err != 0);  // namespace root is not real root: no manage
+    }
+    SECTION("a setuid program acts with its effective uid")
+    {
+        // A setuid-root copy of cat, run by the user: the kernel reports uid 0.
+        const std::string suid = m.root + "/suid-cat";
+        REQUIRE(shell("cp /bin/cat " + suid + " && chmod 4755 " + suid).err == 0);
+        TestUser stranger("t");
+        const auto o = as(stranger, [&] { return shell(suid + " " + m.path("hostile/s")); });
+        CHECK(o.err == 0);
+        const auto r = m.last_audit("get");
+        CHECK(r["uid"] == 0);
+        CHECK(r["exe"] == suid);
+        CHECK(as(stranger, [&] { return read_file(m.path("hostile/s")); }).err == ENOENT);
+    }
+    SECTION("the daemon's memory is closed to a root process without CAP_SYS_PTRACE")
+    {
+        const std::string mem = "/proc/" + std::to_string(m.daemon_pid()) + "/mem";
+        const auto o = shell("setpriv --bounding-set -sys_ptrace,-dac_override,-dac_read_search dd if=" + mem +
+                             " bs=1 count=1 2>&1 >/dev/null");
+        CHECK(o.err != 0);
+        CHECK(o.data.find("Permission denied") != std::string::npos);
+        // A root process that keeps CAP_SYS_PTRACE can still read it: see SECURITY.md.
+    }
+    SECTION("SIGABRT leaves no core file")
+    {
+        const std::string limits = slurp("/proc/" + std::to_string(m.daemon_pid()) + "/limits");
+        CHECK(limits.find("Max core file size        0                    0") != std::string::npos);
+        const std::string cwd = std::filesystem::read_symlink("/proc/" + std::to_string(m.daemon_pid()) + "/cwd");
+        ::kill(m.daemon_pid(), SIGABRT);
+        m.stop();
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        bool core = false;
+        for (const auto& e : std::filesystem::directory_iterator(cwd))
+            core = core || e.path().filename().string().rfind("core", 0) == 0;
+        CHECK_FALSE(core);
+    }
+}
+
+TEST_CASE("a canary value appears nowhere but in the reader's hands", "[fs][hostile]")
+{
+    Mount m;
+    const std::string canary = "CANARY-" + random_hex(16);
+    REQUIRE(make_dir(m.path("canary")).err == 0);
+    REQUIRE(write_file(m.path("canary/s"), canary).err == 0);
+    REQUIRE(write_file(m.path("canary/s"), canary + "-2").err == 0);
+    REQUIRE(ok(read_file(m.path("canary/s@1"))) == canary);
+    REQUIRE(shell(m.binary + " backup canary -o " + m.root + "/canary.backup --state " + m.state).err == 0);
+    m.stop();  // checkpoints the WAL into vault.db
+    const std::string daemon_log = m.daemon_stderr();
+    for (const auto& entry : std::filesystem::recursive_directory_iterator(m.root)) {
+        if (!entry.is_regular_file())
+            continue;
+        INFO(entry.path());
+        CHECK(slurp(entry.path()).find(canary) == std::string::npos);
+    }
+    CHECK(daemon_log.find(canary) == std::string::npos);
+}
