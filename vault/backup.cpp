@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "vault/audit_format.hpp"
+#include "vault/backup_format.hpp"
 #include "vault/envelope.hpp"
 #include "vault/names.hpp"
 #include "vault/secret_service.hpp"
@@ -28,16 +29,7 @@ using policy::Permission;
 
 namespace {
 
-constexpr const char* backup_format = "vaultfs-backup/1";
-
 json optional_json(const std::optional<Micros>& v) { return v ? json(*v) : json(nullptr); }
-
-std::optional<Micros> optional_micros(const json& v)
-{
-    if (v.is_null())
-        return std::nullopt;
-    return v.get<Micros>();
-}
 
 }  // namespace
 
@@ -135,44 +127,23 @@ Result<std::vector<std::string>> SecretService::restore(const Caller& caller, st
                                                         std::optional<std::string_view> into)
 {
     AuditEvent ev{.op = "restore", .caller = &caller, .vault = into.value_or(""), .rule = "default-deny"};
-    json doc = json::parse(document, nullptr, false);
-    if (doc.is_discarded() || !doc.is_object() || doc.value("format", "") != backup_format || !doc.contains("vault") ||
-        !doc["vault"].is_object() || !doc.contains("secrets") || !doc["secrets"].is_array() || !doc.contains("sig") ||
-        !doc.contains("hash"))
-        return refuse(ev, Errc::invalid_argument, "not a vaultfs backup (format vaultfs-backup/1)");
-
-    std::string source_name, source_kek;
-    VaultId source_id{};
-    try {
-        source_name = doc["vault"]["name"].get<std::string>();
-        source_kek = doc["vault"]["kek_id"].get<std::string>();
-        source_id = VaultId{doc["vault"]["id"].get<std::int64_t>()};
-    } catch (const json::exception&) {
-        return refuse(ev, Errc::invalid_argument, "the backup's vault section is malformed");
-    }
-    const std::string target_name(into.value_or(source_name));
+    auto doc = parse_backup(document);
+    if (!doc)
+        return refuse(ev, Errc::invalid_argument, doc.error().message);
+    const std::string target_name(into.value_or(doc->source_name));
     ev.vault = target_name;
 
     // Where the key is, first: the most useful thing to say on another host.
-    if (auto k = keys_.find_key(hsm::KeyId{source_kek}); !k) {
+    if (auto k = keys_.find_key(hsm::KeyId{doc->source_kek}); !k) {
         ev.reason = "KEK not in this token";
         return refuse(ev, k.error().code == hsm::Errc::key_not_found ? Errc::key_unavailable : from_hsm(k.error()).code,
-                      "this backup's vault key (KEK " + source_kek +
+                      "this backup's vault key (KEK " + doc->source_kek +
                           ") is not in this token: a backup can only be restored where its vault's KEK exists");
     }
-    {
-        json body = doc;
-        const std::string hash = body["hash"].is_string() ? body["hash"].get<std::string>() : std::string();
-        body.erase("hash");
-        const bool hash_ok = sha256_hex(canonical(body)) == hash;
-        const auto sig = from_hex(body["sig"].is_string() ? body["sig"].get<std::string>() : std::string("x"));
-        body.erase("sig");
-        const P256Verifier verifier(options_.signing_public_pem);
-        if (!hash_ok || !sig || !verifier.verify(sha256(canonical(body)), *sig)) {
-            ev.reason = "bad signature";
-            return refuse(ev, Errc::integrity,
-                          "the backup's signature does not verify: it was altered, or made by another vaultfs state");
-        }
+    if (!doc->hash_matches || !P256Verifier(options_.signing_public_pem).verify(doc->signed_digest, doc->signature)) {
+        ev.reason = "bad signature";
+        return refuse(ev, Errc::integrity,
+                      "the backup's signature does not verify: it was altered, or made by another vaultfs state");
     }
 
     auto v = load_vault(target_name);
@@ -188,65 +159,37 @@ Result<std::vector<std::string>> SecretService::restore(const Caller& caller, st
         std::vector<std::vector<Tag>> tags;
     };
     std::vector<Restored> plan;
-    try {
-        for (const auto& s : doc["secrets"]) {
-            Restored r{s["name"].get<std::string>(), s["created"].get<Micros>(), s["next_version"].get<std::uint64_t>(),
-                       {}, {}};
-            ev.secret = r.name;
-            if (!is_valid_secret_name(r.name))
-                return refuse(ev, Errc::invalid_argument, "the backup names an invalid secret");
-            const auto d = target.policy->evaluate(caller.who, Permission::restore, r.name);
-            if (!d.allowed) {
-                const auto rule = rule_of(d);
-                ev.rule = rule;
-                return refuse(ev, Errc::access_denied, "no restore permission for " + r.name);
-            }
-            for (const auto& jv : s["versions"]) {
-                const auto number = jv["version"].get<std::uint64_t>();
-                const std::string kek = jv["kek_id"].get<std::string>();
-                const auto nonce = from_hex(jv["nonce"].get<std::string>());
-                const auto ciphertext = from_hex(jv["ciphertext"].get<std::string>());
-                const auto sealed_dek = from_hex(jv["sealed_dek"].get<std::string>());
-                if (!nonce || !ciphertext || !sealed_dek)
-                    return refuse(ev, Errc::invalid_argument, "the backup holds malformed hex");
-                // Re-bind: open under the old binding, seal under the new.
-                const Binding old_binding{source_id, r.name, number, kek};
-                auto dek = keys_.unseal(hsm::KeyId{kek}, *sealed_dek, dek_aad(old_binding));
-                if (!dek)
-                    return refuse(ev, from_hsm(dek.error()).code, dek.error().message);
-                auto value = open_value(*dek, *nonce, *ciphertext, value_aad(old_binding));
-                if (!value)
-                    return refuse(ev, value.error().code, "a version in the backup fails authentication");
-                const Binding new_binding{target.row.id, r.name, number, target.row.kek_id};
-                auto resealed_dek = keys_.seal(hsm::KeyId{target.row.kek_id}, *dek, dek_aad(new_binding));
-                if (!resealed_dek)
-                    return refuse(ev, from_hsm(resealed_dek.error()).code, resealed_dek.error().message);
-                auto resealed = seal_value(*dek, value->bytes(), value_aad(new_binding));
-                if (!resealed)
-                    return refuse(ev, resealed.error().code, resealed.error().message);
-                VersionRow meta{VersionId{},
-                                SecretId{},
-                                number,
-                                value->size(),
-                                jv["created"].get<Micros>(),
-                                jv["updated"].get<Micros>(),
-                                jv["created_by"].get<uid_t>(),
-                                jv["enabled"].get<bool>(),
-                                optional_micros(jv["not_before"]),
-                                optional_micros(jv["expires"]),
-                                jv["content_type"].is_null() ? std::nullopt
-                                                             : std::optional<std::string>(jv["content_type"].get<std::string>())};
-                r.versions.push_back(SealedVersion{std::move(meta), target.row.kek_id, std::move(resealed->nonce),
-                                                   std::move(resealed->ciphertext), std::move(*resealed_dek)});
-                std::vector<Tag> tags;
-                for (const auto& [k, tv] : jv["tags"].items())
-                    tags.push_back(Tag{k, tv.get<std::string>()});
-                r.tags.push_back(std::move(tags));
-            }
-            plan.push_back(std::move(r));
+    for (auto& s : doc->secrets) {
+        ev.secret = s.name;
+        const auto d = target.policy->evaluate(caller.who, Permission::restore, s.name);
+        if (!d.allowed) {
+            const auto rule = rule_of(d);
+            ev.rule = rule;
+            return refuse(ev, Errc::access_denied, "no restore permission for " + s.name);
         }
-    } catch (const json::exception& e) {
-        return refuse(ev, Errc::invalid_argument, std::string("the backup is malformed: ") + e.what());
+        Restored r{s.name, s.created, s.next_version, {}, {}};
+        for (auto& bv : s.versions) {
+            // Re-bind: open under the old binding, seal under the new.
+            const Binding old_binding{doc->source_vault, s.name, bv.meta.number, bv.kek_id};
+            auto dek = keys_.unseal(hsm::KeyId{bv.kek_id}, bv.sealed_dek, dek_aad(old_binding));
+            if (!dek)
+                return refuse(ev, from_hsm(dek.error()).code, dek.error().message);
+            auto value = open_value(*dek, bv.nonce, bv.ciphertext, value_aad(old_binding));
+            if (!value)
+                return refuse(ev, value.error().code, "a version in the backup fails authentication");
+            const Binding new_binding{target.row.id, s.name, bv.meta.number, target.row.kek_id};
+            auto resealed_dek = keys_.seal(hsm::KeyId{target.row.kek_id}, *dek, dek_aad(new_binding));
+            if (!resealed_dek)
+                return refuse(ev, from_hsm(resealed_dek.error()).code, resealed_dek.error().message);
+            auto resealed = seal_value(*dek, value->bytes(), value_aad(new_binding));
+            if (!resealed)
+                return refuse(ev, resealed.error().code, resealed.error().message);
+            bv.meta.size = value->size();
+            r.versions.push_back(SealedVersion{bv.meta, target.row.kek_id, std::move(resealed->nonce),
+                                               std::move(resealed->ciphertext), std::move(*resealed_dek)});
+            r.tags.push_back(std::move(bv.tags));
+        }
+        plan.push_back(std::move(r));
     }
 
     std::vector<std::string> names;

@@ -378,7 +378,11 @@ void Mount::start()
         int status = 0;
         if (::waitpid(pid_, &status, WNOHANG) == pid_) {
             pid_ = -1;
-            throw std::runtime_error("vaultfs mount exited during start-up:\n" + daemon_stderr());
+            const std::string how = WIFSIGNALED(status) ? "killed by signal " + std::to_string(WTERMSIG(status))
+                                                        : "exit status " + std::to_string(WEXITSTATUS(status));
+            const std::string log = daemon_stderr();
+            throw std::runtime_error("vaultfs mount exited during start-up (" + how + "):\n" +
+                                     log.substr(log.size() > 2000 ? log.size() - 2000 : 0));
         }
         // A stale mount may be listed too, but only a live one answers stat.
         struct stat st{};

@@ -1,0 +1,103 @@
+#include "vault/backup_format.hpp"
+
+#include <set>
+
+#include <nlohmann/json.hpp>
+
+#include "vault/attributes.hpp"
+#include "vault/audit_format.hpp"
+#include "vault/names.hpp"
+
+namespace vaultfs::vault {
+
+using json = nlohmann::json;
+
+namespace {
+
+std::optional<Micros> optional_micros(const json& v)
+{
+    if (v.is_null())
+        return std::nullopt;
+    return v.get<Micros>();
+}
+
+std::vector<std::uint8_t> hex_field(const json& v, const char* what)
+{
+    auto bytes = from_hex(v.get<std::string>());
+    if (!bytes)
+        throw std::invalid_argument(std::string("malformed hex in ") + what);
+    return std::move(*bytes);
+}
+
+}  // namespace
+
+Result<BackupDocument> parse_backup(std::string_view text)
+{
+    const json doc = json::parse(text, nullptr, false);
+    if (doc.is_discarded() || !doc.is_object() || !doc.contains("format") || doc["format"] != backup_format)
+        return fail(Errc::invalid_argument, "not a vaultfs backup (format vaultfs-backup/1)");
+    BackupDocument out;
+    try {
+        const json& vault = doc.at("vault");
+        out.source_vault = VaultId{vault.at("id").get<std::int64_t>()};
+        out.source_name = vault.at("name").get<std::string>();
+        out.source_kek = vault.at("kek_id").get<std::string>();
+        if (!is_valid_vault_name(out.source_name) || !from_hex(out.source_kek))
+            throw std::invalid_argument("the vault section names an invalid vault or key");
+
+        std::set<std::string> names;
+        for (const json& s : doc.at("secrets")) {
+            BackupSecret secret{s.at("name").get<std::string>(), s.at("created").get<Micros>(),
+                                s.at("next_version").get<std::uint64_t>(), {}};
+            if (!is_valid_secret_name(secret.name) || !names.insert(secret.name).second)
+                throw std::invalid_argument("an invalid or repeated secret name");
+            std::set<std::uint64_t> numbers;
+            for (const json& v : s.at("versions")) {
+                BackupVersion version;
+                VersionRow& m = version.meta;
+                m.number = v.at("version").get<std::uint64_t>();
+                if (m.number == 0 || m.number >= secret.next_version || !numbers.insert(m.number).second)
+                    throw std::invalid_argument("an invalid or repeated version number");
+                m.size = v.at("size").get<std::uint64_t>();
+                m.created = v.at("created").get<Micros>();
+                m.updated = v.at("updated").get<Micros>();
+                m.created_by = v.at("created_by").get<uid_t>();
+                m.enabled = v.at("enabled").get<bool>();
+                m.not_before = optional_micros(v.at("not_before"));
+                m.expires = optional_micros(v.at("expires"));
+                if (!v.at("content_type").is_null()) {
+                    m.content_type = v.at("content_type").get<std::string>();
+                    if (!is_valid_content_type(*m.content_type))
+                        throw std::invalid_argument("an invalid content_type");
+                }
+                version.kek_id = v.at("kek_id").get<std::string>();
+                version.nonce = hex_field(v.at("nonce"), "nonce");
+                version.ciphertext = hex_field(v.at("ciphertext"), "ciphertext");
+                version.sealed_dek = hex_field(v.at("sealed_dek"), "sealed_dek");
+                for (const auto& [name, value] : v.at("tags").items()) {
+                    const std::string tag_value = value.get<std::string>();
+                    if (!is_valid_tag_name(name) || !is_valid_tag_value(tag_value))
+                        throw std::invalid_argument("an invalid tag");
+                    version.tags.push_back(Tag{name, tag_value});
+                }
+                if (version.tags.size() > max_tags)
+                    throw std::invalid_argument("too many tags");
+                secret.versions.push_back(std::move(version));
+            }
+            out.secrets.push_back(std::move(secret));
+        }
+
+        json body = doc;
+        const std::string hash = body.at("hash").get<std::string>();
+        body.erase("hash");
+        out.hash_matches = sha256_hex(canonical(body)) == hash;
+        out.signature = hex_field(body.at("sig"), "sig");
+        body.erase("sig");
+        out.signed_digest = sha256(canonical(body));
+    } catch (const std::exception& e) {
+        return fail(Errc::invalid_argument, std::string("the backup is malformed: ") + e.what());
+    }
+    return out;
+}
+
+}  // namespace vaultfs::vault
