@@ -50,8 +50,9 @@ tl::expected<ControlRequest, std::string> parse_request(std::string_view text)
             return tl::unexpected(std::string("\"") + key + "\" must be a string");
         return std::optional<std::string>(j[key].get<std::string>());
     };
-    for (const auto& [key, value] : j.items()) {
+    for (const auto& item : j.items()) {
         static const char* allowed[] = {"cmd", "vault", "secret", "retention_days", "purge_protection", "backup", "into"};
+        const std::string key = item.key();
         if (std::find_if(std::begin(allowed), std::end(allowed), [&](const char* a) { return key == a; }) ==
             std::end(allowed))
             return tl::unexpected("unknown field \"" + key.substr(0, 64) + "\"");
