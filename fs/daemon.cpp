@@ -282,6 +282,7 @@ int run_mount(const MountOptions& options)
     fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
     std::unique_ptr<fuse_session, SessionFree> se(
         fuse_session_new(&args, &Filesystem::operations(), sizeof(fuse_lowlevel_ops), &filesystem));
+    fuse_opt_free_args(&args);  // the session keeps what it needs
     if (!se) {
         channel.failed("cannot create the FUSE session");
         return 1;

@@ -1,5 +1,7 @@
 #include "fs_support.hpp"
 
+#include <catch2/catch.hpp>
+
 #include <dirent.h>
 #include <fcntl.h>
 #include <grp.h>
@@ -340,6 +342,17 @@ Mount::~Mount()
     try {
         stop();
     } catch (...) {
+    }
+    // A sanitizer report from the daemon (run under ASan/UBSan/TSan by
+    // `scripts/test --sanitize|--tsan`) fails the test that started it.
+    const std::string log = daemon_stderr();
+    for (const char* marker : {"ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
+                               "WARNING: ThreadSanitizer"}) {
+        if (log.find(marker) != std::string::npos) {
+            const auto at = log.find(marker);
+            FAIL_CHECK("the daemon reported a sanitizer error:\n" << log.substr(at > 200 ? at - 200 : 0, 4000));
+            break;
+        }
     }
     std::error_code ec;
     std::filesystem::remove_all(root, ec);
