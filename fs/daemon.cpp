@@ -18,6 +18,8 @@
 #include <condition_variable>
 #include <cstring>
 #include <fstream>
+#include <functional>
+#include <sched.h>
 #include <sstream>
 #include <thread>
 
@@ -231,6 +233,42 @@ private:
     std::thread thread_;
 };
 
+// Runs `action` in a child process that first joins the mount namespace at
+// `ns_path` (when not empty): a sandboxed service (systemd's ProtectSystem=
+// gives it a private mount namespace) mounts and unmounts where the rest of
+// the host sees it. The child is single-threaded, as setns(CLONE_NEWNS)
+// requires. Returns 0 or the errno that stopped the action.
+int in_mount_namespace(const std::string& ns_path, const std::function<int()>& action)
+{
+    if (ns_path.empty())
+        return action();
+    const pid_t pid = ::fork();
+    if (pid < 0)
+        return errno;
+    if (pid == 0) {
+        const int ns = ::open(ns_path.c_str(), O_RDONLY | O_CLOEXEC);
+        if (ns < 0 || ::setns(ns, CLONE_NEWNS) != 0)
+            ::_exit(errno != 0 ? errno : EPERM);
+        ::_exit(action());
+    }
+    int status = 0;
+    if (::waitpid(pid, &status, 0) != pid)
+        return errno;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : EINTR;
+}
+
+// Mounts the FUSE connection `fd` at `mountpoint` (as fusermount3 would).
+int mount_fuse_fd(int fd, const std::string& mountpoint, bool allow_other)
+{
+    std::string options = "fd=" + std::to_string(fd) + ",rootmode=40000,user_id=" + std::to_string(::geteuid()) +
+                          ",group_id=" + std::to_string(::getegid());
+    if (allow_other)
+        options += ",allow_other";
+    if (::mount("vaultfs", mountpoint.c_str(), "fuse.vaultfs", MS_NOSUID | MS_NODEV | MS_NOATIME, options.c_str()) != 0)
+        return errno;
+    return 0;
+}
+
 struct SessionFree {
     void operator()(fuse_session* se) const { fuse_session_destroy(se); }
 };
@@ -260,8 +298,13 @@ int run_mount(const MountOptions& options)
         channel.failed(heap.error().message);
         return 1;
     }
-    if (std::string error; !clean_stale_mount(mountpoint, error)) {
-        channel.failed(error);
+    std::string stale_error;
+    if (const int rc = in_mount_namespace(options.mount_namespace,
+                                          [&] { return clean_stale_mount(mountpoint, stale_error) ? 0 : EEXIST; });
+        rc != 0) {
+        channel.failed(stale_error.empty() ? "cannot enter mount namespace " + options.mount_namespace + ": " +
+                                                 std::strerror(rc)
+                                           : stale_error);
         return 1;
     }
     auto state = vault::State::open(state_dir, vault::State::Purpose::serve);
@@ -297,7 +340,23 @@ int run_mount(const MountOptions& options)
     sigemptyset(&hup.sa_mask);
     ::sigaction(SIGHUP, &hup, nullptr);
 
-    if (fuse_session_mount(se.get(), mountpoint.c_str()) != 0) {
+    // In another mount namespace, the kernel mount is made there and libfuse
+    // is handed the connection as /dev/fd/N; otherwise libfuse mounts.
+    int fuse_fd = -1;
+    if (!options.mount_namespace.empty()) {
+        fuse_fd = ::open("/dev/fuse", O_RDWR | O_CLOEXEC);
+        const int rc = fuse_fd < 0 ? errno : in_mount_namespace(options.mount_namespace, [&] {
+            return mount_fuse_fd(fuse_fd, mountpoint, ::geteuid() == 0);
+        });
+        if (rc != 0) {
+            fuse_remove_signal_handlers(se.get());
+            channel.failed("cannot mount at " + mountpoint + " in " + options.mount_namespace + ": " +
+                           std::strerror(rc));
+            return 1;
+        }
+    }
+    const std::string mount_target = fuse_fd >= 0 ? "/dev/fd/" + std::to_string(fuse_fd) : mountpoint;
+    if (fuse_session_mount(se.get(), mount_target.c_str()) != 0) {
         fuse_remove_signal_handlers(se.get());
         channel.failed("cannot mount at " + mountpoint + " (is /dev/fuse available, and fuse3 installed?)");
         return 1;
@@ -329,11 +388,16 @@ int run_mount(const MountOptions& options)
         control->reset();
     filesystem.stop_invalidations();
     fuse_session_unmount(se.get());
+    if (fuse_fd >= 0)
+        in_mount_namespace(options.mount_namespace,
+                           [&] { return ::umount2(mountpoint.c_str(), MNT_DETACH) == 0 ? 0 : errno; });
     fuse_remove_signal_handlers(se.get());
     hup_target.store(nullptr);
     (*state)->close();
     spdlog::info("unmounted {}", mountpoint);
-    return rc == 0 ? 0 : 1;
+    // libfuse reports the signal that ended the loop; SIGINT and SIGTERM are
+    // how a daemon is asked to stop, so they end it successfully.
+    return rc == 0 || rc == SIGINT || rc == SIGTERM ? 0 : 1;
 }
 
 }  // namespace vaultfs::fs

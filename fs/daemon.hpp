@@ -22,6 +22,9 @@ struct MountOptions {
     bool foreground = false;
     unsigned threads = 0;  // 0: the config's `threads`
     bool debug = false;    // log every FUSE request (libfuse -d)
+    // Mount (and unmount) in this mount namespace (e.g. /proc/1/ns/mnt)
+    // instead of the daemon's own: for a sandboxed service.
+    std::string mount_namespace;
 };
 
 // Runs the daemon; returns the process exit status.

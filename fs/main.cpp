@@ -151,6 +151,8 @@ int main(int argc, char** argv)
     mount->add_option("--threads", mount_options.threads, "FUSE worker threads (default: config `threads`)")
         ->check(CLI::Range(1, 256));
     mount->add_flag("-d,--debug", mount_options.debug, "Log every FUSE request (implies nothing about secrets)");
+    mount->add_option("--mount-namespace", mount_options.mount_namespace,
+                      "Mount in this mount namespace, e.g. /proc/1/ns/mnt (for a sandboxed systemd service)");
 
     auto* audit = app.add_subcommand("audit", "Audit trail tools");
     audit->require_subcommand(1);

@@ -274,9 +274,13 @@ Result<hsm::SecureBuffer> read_pin(const Config& c)
         return fail(Errc::out_of_memory, r.error().message);
     }
     const ssize_t n = ::read(fd, pin->data(), pin->size());
+    char more = 0;
+    const bool too_long = n == static_cast<ssize_t>(pin->size()) && ::read(fd, &more, 1) == 1;
     ::close(fd);
     if (n < 0)
         return fail(Errc::key_unavailable, "cannot read PIN file " + path + ": " + std::strerror(errno));
+    if (too_long)
+        return fail(Errc::key_unavailable, "PIN file " + path + " is longer than 255 bytes");
     std::size_t len = static_cast<std::size_t>(n);
     while (len > 0 && (pin->data()[len - 1] == '\n' || pin->data()[len - 1] == '\r'))
         --len;

@@ -140,6 +140,10 @@ Result<std::vector<std::string>> init_state(const std::string& dir_arg, const In
         }
     } cleanup{dir, made_dir};
 
+    // vaultfs.conf cannot hold '#' (a comment) or a line break in a value.
+    for (const std::string* v : {&options.module_path, options.admin_group ? &*options.admin_group : nullptr})
+        if (v != nullptr && v->find_first_of("#\n\r") != std::string::npos)
+            return fail(Errc::invalid_argument, "'" + *v + "' cannot go into vaultfs.conf ('#' or a line break)");
     Config config;
     config.state_dir = dir;
     config.pkcs11_module = options.module_path;

@@ -4,7 +4,9 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <signal.h>
 #include <sys/sysmacros.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <set>
@@ -355,4 +357,32 @@ TEST_CASE("the daemon: SIGTERM unmounts, a stale mount is cleaned at start, stde
     CHECK(m.daemon_stderr().find("stale mount") != std::string::npos);
     CHECK(value_of(read_file(m.path("dvault/s"))) == canary);
     CHECK(m.daemon_stderr().find(canary) == std::string::npos);
+}
+
+TEST_CASE("a daemon in a private mount namespace mounts where the host sees it", "[fs]")
+{
+    // What the systemd unit does: its sandbox gives the daemon a private
+    // mount namespace, and --mount-namespace puts the mount in the host's.
+    Mount m(MountOptions{{}, 8, false});
+    REQUIRE(shell(m.binary + " init --state " + m.state + " >/dev/null").err == 0);
+    const std::string ns = "/proc/" + std::to_string(::getpid()) + "/ns/mnt";
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+        ::execlp("unshare", "unshare", "-m", "--propagation", "private", m.binary.c_str(), "mount", "-f",
+                 "--mount-namespace", ns.c_str(), "--state", m.state.c_str(), m.mountpoint.c_str(),
+                 static_cast<char*>(nullptr));
+        ::_exit(127);
+    }
+    for (int i = 0; i < 200 && !m.mounted(); ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    CHECK(m.mounted());
+    CHECK(make_dir(m.path("sandboxed")).err == 0);
+    CHECK(write_file(m.path("sandboxed/s"), "seen from outside").err == 0);
+    CHECK(value_of(read_file(m.path("sandboxed/s"))) == "seen from outside");
+    ::kill(pid, SIGTERM);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+    CHECK_FALSE(m.mounted());  // unmounted in the host's namespace too
 }

@@ -1,1 +1,422 @@
-// placeholder
+// Unit tests for hsm::Pkcs11KeyService against a real SoftHSM2 token in a
+// temporary directory: how KEKs are made (attributes read back from the
+// token), sealing and its failure modes, signing, login errors, and
+// concurrent use.
+//
+// The PKCS#11 module is process-wide and reads SOFTHSM2_CONF when it is
+// initialised, so only one TempToken / key service is alive at a time: each
+// test makes its own and lets it go before the next.
+#include "hsm/pkcs11_key_service.hpp"
+
+#include <catch2/catch.hpp>
+
+// Constants for the attribute checks (tests only; production code keeps
+// PKCS#11 inside hsm/).
+#define CRYPTOKI_GNU 1
+#include <p11-kit/pkcs11.h>
+
+#include <openssl/bn.h>
+#include <openssl/core_names.h>
+#include <openssl/ec.h>
+#include <openssl/evp.h>
+#include <openssl/param_build.h>
+#include <openssl/rand.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tests/support/temp_token.hpp"
+
+namespace vaultfs::hsm {
+namespace {
+
+using testing::TempToken;
+using Bytes = std::vector<std::uint8_t>;
+
+Bytes bytes_of(const std::string& s) { return {s.begin(), s.end()}; }
+
+SecureBuffer random_dek()
+{
+    auto dek = SecureBuffer::allocate(dek_size);
+    REQUIRE(dek);
+    REQUIRE(RAND_bytes(dek->data(), static_cast<int>(dek->size())) == 1);
+    return std::move(*dek);
+}
+
+std::unique_ptr<Pkcs11KeyService> open_service(const TempToken& token)
+{
+    auto keys = token.open();
+    if (!keys)
+        FAIL("cannot log in to the test token: " << keys.error().message);
+    return std::move(*keys);
+}
+
+KeyId new_kek(KeyService& keys, const std::string& label = "test-kek")
+{
+    auto kek = keys.create_kek(label);
+    if (!kek)
+        FAIL("create_kek failed: " << kek.error().message);
+    return *kek;
+}
+
+// Verifies an r|s P-256 signature over `digest` with OpenSSL alone, from
+// the uncompressed public point the token exported.
+bool openssl_verifies(const Bytes& point, const std::array<std::uint8_t, 32>& digest, const Bytes& sig)
+{
+    OSSL_PARAM_BLD* bld = OSSL_PARAM_BLD_new();
+    OSSL_PARAM_BLD_push_utf8_string(bld, OSSL_PKEY_PARAM_GROUP_NAME, "prime256v1", 0);
+    OSSL_PARAM_BLD_push_octet_string(bld, OSSL_PKEY_PARAM_PUB_KEY, point.data(), point.size());
+    OSSL_PARAM* params = OSSL_PARAM_BLD_to_param(bld);
+    EVP_PKEY_CTX* from = EVP_PKEY_CTX_new_from_name(nullptr, "EC", nullptr);
+    EVP_PKEY* key = nullptr;
+    const bool have_key = params != nullptr && from != nullptr && EVP_PKEY_fromdata_init(from) == 1 &&
+                          EVP_PKEY_fromdata(from, &key, EVP_PKEY_PUBLIC_KEY, params) == 1;
+    EVP_PKEY_CTX_free(from);
+    OSSL_PARAM_free(params);
+    OSSL_PARAM_BLD_free(bld);
+    REQUIRE(have_key);
+
+    ECDSA_SIG* es = ECDSA_SIG_new();
+    ECDSA_SIG_set0(es, BN_bin2bn(sig.data(), 32, nullptr), BN_bin2bn(sig.data() + 32, 32, nullptr));
+    unsigned char* der = nullptr;
+    const int der_len = i2d_ECDSA_SIG(es, &der);
+    ECDSA_SIG_free(es);
+    EVP_PKEY_CTX* ctx = EVP_PKEY_CTX_new(key, nullptr);
+    const bool ok = der_len > 0 && ctx != nullptr && EVP_PKEY_verify_init(ctx) == 1 &&
+                    EVP_PKEY_verify(ctx, der, static_cast<std::size_t>(der_len), digest.data(), digest.size()) == 1;
+    EVP_PKEY_CTX_free(ctx);
+    OPENSSL_free(der);
+    EVP_PKEY_free(key);
+    return ok;
+}
+
+std::array<std::uint8_t, 32> sha256_of(const std::string& text)
+{
+    std::array<std::uint8_t, 32> d{};
+    unsigned int len = 0;
+    REQUIRE(EVP_Digest(text.data(), text.size(), d.data(), &len, EVP_sha256(), nullptr) == 1);
+    return d;
+}
+
+TEST_CASE("a KEK is generated sensitive, not extractable, for encrypt/decrypt only", "[pkcs11]")
+{
+    TempToken token;
+    auto keys = open_service(token);
+    const KeyId kek = new_kek(*keys);
+    CHECK(kek.hex.size() == 32);  // a 16-byte CKA_ID in lowercase hex
+    CHECK(kek.hex.find_first_not_of("0123456789abcdef") == std::string::npos);
+
+    struct Expected {
+        unsigned long type;
+        const char* name;
+        bool value;
+    };
+    // SoftHSM defaults every usage flag to true: a false here was set on purpose.
+    const Expected expected[] = {
+        {CKA_SENSITIVE, "CKA_SENSITIVE", true},   {CKA_EXTRACTABLE, "CKA_EXTRACTABLE", false},
+        {CKA_ENCRYPT, "CKA_ENCRYPT", true},       {CKA_DECRYPT, "CKA_DECRYPT", true},
+        {CKA_WRAP, "CKA_WRAP", false},            {CKA_UNWRAP, "CKA_UNWRAP", false},
+        {CKA_SIGN, "CKA_SIGN", false},            {CKA_VERIFY, "CKA_VERIFY", false},
+        {CKA_DERIVE, "CKA_DERIVE", false},        {CKA_TOKEN, "CKA_TOKEN", true},
+        {CKA_PRIVATE, "CKA_PRIVATE", true},       {CKA_NEVER_EXTRACTABLE, "CKA_NEVER_EXTRACTABLE", true},
+        {CKA_ALWAYS_SENSITIVE, "CKA_ALWAYS_SENSITIVE", true},
+    };
+    for (const auto& e : expected) {
+        INFO(e.name);
+        auto v = keys->read_bool_attribute(kek, e.type);
+        REQUIRE(v);
+        CHECK(*v == e.value);
+    }
+
+    // The key's value never leaves the token.
+    CHECK(keys->read_attribute_rv(kek, CKA_VALUE) == CKR_ATTRIBUTE_SENSITIVE);
+    // The seam itself reports success for a readable attribute.
+    CHECK(keys->read_attribute_rv(kek, CKA_LABEL) == CKR_OK);
+}
+
+TEST_CASE("every KEK gets its own id", "[pkcs11]")
+{
+    TempToken token;
+    auto keys = open_service(token);
+    const KeyId a = new_kek(*keys, "a");
+    const KeyId b = new_kek(*keys, "b");
+    CHECK(a.hex != b.hex);
+    CHECK(keys->find_key(a));
+    CHECK(keys->find_key(b));
+}
+
+TEST_CASE("seal and unseal round trip a DEK under a KEK", "[pkcs11]")
+{
+    TempToken token;
+    auto keys = open_service(token);
+    const KeyId kek = new_kek(*keys);
+    const SecureBuffer dek = random_dek();
+    const Bytes aad = bytes_of("vault 1 / db-password / version 3");
+
+    auto sealed = keys->seal(kek, dek, aad);
+    REQUIRE(sealed);
+    REQUIRE(sealed->size() == 12 + 32 + 16);
+    // The DEK does not appear in the blob.
+    const Bytes raw(dek.bytes().begin(), dek.bytes().end());
+    CHECK(std::search(sealed->begin(), sealed->end(), raw.begin(), raw.end()) == sealed->end());
+
+    auto unsealed = keys->unseal(kek, *sealed, aad);
+    REQUIRE(unsealed);
+    CHECK(unsealed->size() == dek_size);
+    CHECK(unsealed->equals(dek.bytes()));
+    CHECK(CRYPTO_secure_allocated(unsealed->data()) == 1);
+
+    // A fresh IV every time: sealing the same DEK twice gives different blobs.
+    auto again = keys->seal(kek, dek, aad);
+    REQUIRE(again);
+    CHECK(*again != *sealed);
+    CHECK(!std::equal(again->begin(), again->begin() + 12, sealed->begin()));
+    auto unsealed_again = keys->unseal(kek, *again, aad);
+    REQUIRE(unsealed_again);
+    CHECK(unsealed_again->equals(dek.bytes()));
+
+    // Empty AAD is allowed (and is not the same as some AAD).
+    auto no_aad = keys->seal(kek, dek, {});
+    REQUIRE(no_aad);
+    auto back = keys->unseal(kek, *no_aad, {});
+    REQUIRE(back);
+    CHECK(back->equals(dek.bytes()));
+    auto with_aad = keys->unseal(kek, *no_aad, aad);
+    REQUIRE_FALSE(with_aad);
+    CHECK(with_aad.error().code == Errc::authentication_failed);
+}
+
+TEST_CASE("keys outlive the session that made them", "[pkcs11]")
+{
+    TempToken token;
+    KeyId kek;
+    Bytes sealed;
+    const SecureBuffer dek = random_dek();
+    const Bytes aad = bytes_of("binding");
+    {
+        auto keys = open_service(token);
+        kek = new_kek(*keys);
+        auto s = keys->seal(kek, dek, aad);
+        REQUIRE(s);
+        sealed = *s;
+    }
+    auto keys = open_service(token);
+    REQUIRE(keys->find_key(kek));
+    auto unsealed = keys->unseal(kek, sealed, aad);
+    REQUIRE(unsealed);
+    CHECK(unsealed->equals(dek.bytes()));
+}
+
+TEST_CASE("unseal fails authentication for any change, never yielding a wrong key", "[pkcs11]")
+{
+    TempToken token;
+    auto keys = open_service(token);
+    const KeyId kek = new_kek(*keys);
+    const KeyId other = new_kek(*keys, "other");
+    const SecureBuffer dek = random_dek();
+    const Bytes aad = bytes_of("vault 1 / api-key / version 1");
+    auto sealed_r = keys->seal(kek, dek, aad);
+    REQUIRE(sealed_r);
+    const Bytes sealed = *sealed_r;
+
+    const auto expect_auth_failure = [&](const KeyId& key, const Bytes& blob, const Bytes& with_aad) {
+        auto r = keys->unseal(key, blob, with_aad);
+        REQUIRE_FALSE(r);
+        CHECK(r.error().code == Errc::authentication_failed);
+        CHECK_FALSE(r.error().message.empty());
+    };
+
+    SECTION("different AAD")
+    {
+        expect_auth_failure(kek, sealed, bytes_of("vault 1 / api-key / version 2"));
+        expect_auth_failure(kek, sealed, bytes_of("vault 2 / api-key / version 1"));
+    }
+    SECTION("a flipped bit in the IV")
+    {
+        for (std::size_t i : {0u, 5u, 11u}) {
+            Bytes b = sealed;
+            b[i] ^= 0x01;
+            expect_auth_failure(kek, b, aad);
+        }
+    }
+    SECTION("a flipped bit in the ciphertext")
+    {
+        for (std::size_t i : {12u, 30u, 43u}) {
+            Bytes b = sealed;
+            b[i] ^= 0x80;
+            expect_auth_failure(kek, b, aad);
+        }
+    }
+    SECTION("a flipped bit in the tag")
+    {
+        for (std::size_t i : {44u, 52u, 59u}) {
+            Bytes b = sealed;
+            b[i] ^= 0x10;
+            expect_auth_failure(kek, b, aad);
+        }
+    }
+    SECTION("another KEK") { expect_auth_failure(other, sealed, aad); }
+    SECTION("a blob of the wrong length")
+    {
+        expect_auth_failure(kek, Bytes(sealed.begin(), sealed.end() - 1), aad);
+        Bytes longer = sealed;
+        longer.push_back(0);
+        expect_auth_failure(kek, longer, aad);
+        expect_auth_failure(kek, {}, aad);
+    }
+
+    // The failures left the pooled sessions usable.
+    auto fine = keys->unseal(kek, sealed, aad);
+    REQUIRE(fine);
+    CHECK(fine->equals(dek.bytes()));
+}
+
+TEST_CASE("seal refuses a DEK that is not 32 bytes", "[pkcs11]")
+{
+    TempToken token;
+    auto keys = open_service(token);
+    const KeyId kek = new_kek(*keys);
+    auto short_dek = SecureBuffer::allocate(16);
+    REQUIRE(short_dek);
+    auto r = keys->seal(kek, *short_dek, {});
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code == Errc::invalid_argument);
+}
+
+TEST_CASE("a key id the token does not hold is key_not_found", "[pkcs11]")
+{
+    TempToken token;
+    auto keys = open_service(token);
+    const KeyId kek = new_kek(*keys);
+    REQUIRE(keys->find_key(kek));
+
+    const KeyId missing{"00112233445566778899aabbccddeeff"};
+    auto r = keys->find_key(missing);
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code == Errc::key_not_found);
+    CHECK_THAT(r.error().message, Catch::Contains(missing.hex));
+
+    auto sealed = keys->seal(missing, random_dek(), {});
+    REQUIRE_FALSE(sealed);
+    CHECK(sealed.error().code == Errc::key_not_found);
+
+    auto malformed = keys->find_key(KeyId{"not-hex"});
+    REQUIRE_FALSE(malformed);
+    CHECK(malformed.error().code == Errc::invalid_argument);
+}
+
+TEST_CASE("a wrong PIN is refused once, and no service is created", "[pkcs11]")
+{
+    TempToken token;
+    // One attempt only: SoftHSM never locks, a real HSM would.
+    auto r = token.open("not-the-pin");
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code == Errc::pin_incorrect);
+    CHECK_THAT(r.error().message, Catch::Contains("CKR_PIN_INCORRECT"));
+    CHECK_THAT(r.error().message, Catch::Contains(TempToken::label));
+    CHECK_THAT(r.error().message, !Catch::Contains("not-the-pin"));
+}
+
+TEST_CASE("a module that cannot be loaded is module_unavailable", "[pkcs11]")
+{
+    const std::string path = "/nonexistent/vaultfs/libno-such-module.so";
+    auto r = Pkcs11KeyService::open(Pkcs11Config{path, "vaultfs", testing::secure("1234"), {}});
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code == Errc::module_unavailable);
+    CHECK_THAT(r.error().message, Catch::Contains(path));
+}
+
+TEST_CASE("a token label no slot holds is token_not_found", "[pkcs11]")
+{
+    TempToken token;
+    auto r = Pkcs11KeyService::open(
+        Pkcs11Config{VAULTFS_SOFTHSM_MODULE, "no-such-token", testing::secure(TempToken::pin), token.environment()});
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code == Errc::token_not_found);
+    CHECK_THAT(r.error().message, Catch::Contains("no-such-token"));
+
+    // The right label still works afterwards.
+    auto keys = open_service(token);
+    CHECK(keys->ping());
+}
+
+TEST_CASE("the signing key exports its public point and signs digests that verify", "[pkcs11]")
+{
+    TempToken token;
+    auto keys = open_service(token);
+    auto key = keys->create_signing_key("audit");
+    REQUIRE(key);
+    REQUIRE(keys->find_key(*key));
+
+    auto point = keys->public_point(*key);
+    REQUIRE(point);
+    REQUIRE(point->size() == 65);
+    CHECK((*point)[0] == 0x04);
+
+    const auto digest = sha256_of("chain head 1234");
+    auto sig = keys->sign_digest(*key, digest);
+    REQUIRE(sig);
+    REQUIRE(sig->size() == 64);
+    CHECK(openssl_verifies(*point, digest, *sig));
+
+    // The check can fail: another digest or a changed signature does not verify.
+    CHECK_FALSE(openssl_verifies(*point, sha256_of("chain head 1235"), *sig));
+    Bytes bent = *sig;
+    bent[10] ^= 0x01;
+    CHECK_FALSE(openssl_verifies(*point, digest, bent));
+
+    // A second key has a different point, and the first key's signature
+    // does not verify under it.
+    auto key2 = keys->create_signing_key("audit-2");
+    REQUIRE(key2);
+    auto point2 = keys->public_point(*key2);
+    REQUIRE(point2);
+    CHECK(*point2 != *point);
+    CHECK_FALSE(openssl_verifies(*point2, digest, *sig));
+}
+
+TEST_CASE("several threads seal and unseal at once", "[pkcs11][concurrency]")
+{
+    TempToken token;
+    auto keys = open_service(token);
+    const KeyId kek = new_kek(*keys);
+    constexpr int threads = 8;
+    constexpr int rounds = 40;
+    std::atomic<int> ok{0};
+    std::atomic<int> failed{0};
+    std::vector<std::thread> workers;
+    for (int t = 0; t < threads; ++t) {
+        workers.emplace_back([&, t] {
+            for (int i = 0; i < rounds; ++i) {
+                auto dek = SecureBuffer::allocate(dek_size);
+                if (!dek || RAND_bytes(dek->data(), static_cast<int>(dek_size)) != 1) {
+                    ++failed;
+                    continue;
+                }
+                const Bytes aad = bytes_of("thread " + std::to_string(t) + " round " + std::to_string(i));
+                auto sealed = keys->seal(kek, *dek, aad);
+                if (!sealed) {
+                    ++failed;
+                    continue;
+                }
+                auto back = keys->unseal(kek, *sealed, aad);
+                if (back && back->equals(dek->bytes()))
+                    ++ok;
+                else
+                    ++failed;
+            }
+        });
+    }
+    for (auto& w : workers)
+        w.join();
+    CHECK(failed.load() == 0);
+    CHECK(ok.load() == threads * rounds);
+}
+
+}  // namespace
+}  // namespace vaultfs::hsm
