@@ -1,6 +1,8 @@
 #include "vault/backup_format.hpp"
 
+#include <limits>
 #include <set>
+#include <stdexcept>
 
 #include <nlohmann/json.hpp>
 
@@ -14,11 +16,28 @@ using json = nlohmann::json;
 
 namespace {
 
-std::optional<Micros> optional_micros(const json& v)
+// An integer field; a float, a string or an out-of-range number is malformed
+// (converting those is undefined behaviour in nlohmann::json's get<>()).
+template <class T>
+T integer(const json& v, const char* what)
+{
+    if (v.is_number_unsigned()) {
+        const auto u = v.get<std::uint64_t>();
+        if (u <= static_cast<std::uint64_t>(std::numeric_limits<T>::max()))
+            return static_cast<T>(u);
+    } else if (v.is_number_integer()) {
+        const auto i = v.get<std::int64_t>();
+        if (i >= 0 && static_cast<std::uint64_t>(i) <= static_cast<std::uint64_t>(std::numeric_limits<T>::max()))
+            return static_cast<T>(i);
+    }
+    throw std::invalid_argument(std::string("a malformed ") + what);
+}
+
+std::optional<Micros> optional_micros(const json& v, const char* what)
 {
     if (v.is_null())
         return std::nullopt;
-    return v.get<Micros>();
+    return integer<Micros>(v, what);
 }
 
 std::vector<std::uint8_t> hex_field(const json& v, const char* what)
@@ -39,7 +58,7 @@ Result<BackupDocument> parse_backup(std::string_view text)
     BackupDocument out;
     try {
         const json& vault = doc.at("vault");
-        out.source_vault = VaultId{vault.at("id").get<std::int64_t>()};
+        out.source_vault = VaultId{integer<std::int64_t>(vault.at("id"), "vault id")};
         out.source_name = vault.at("name").get<std::string>();
         out.source_kek = vault.at("kek_id").get<std::string>();
         if (!is_valid_vault_name(out.source_name) || !from_hex(out.source_kek))
@@ -47,24 +66,24 @@ Result<BackupDocument> parse_backup(std::string_view text)
 
         std::set<std::string> names;
         for (const json& s : doc.at("secrets")) {
-            BackupSecret secret{s.at("name").get<std::string>(), s.at("created").get<Micros>(),
-                                s.at("next_version").get<std::uint64_t>(), {}};
+            BackupSecret secret{s.at("name").get<std::string>(), integer<Micros>(s.at("created"), "created"),
+                                integer<std::uint64_t>(s.at("next_version"), "next_version"), {}};
             if (!is_valid_secret_name(secret.name) || !names.insert(secret.name).second)
                 throw std::invalid_argument("an invalid or repeated secret name");
             std::set<std::uint64_t> numbers;
             for (const json& v : s.at("versions")) {
                 BackupVersion version;
                 VersionRow& m = version.meta;
-                m.number = v.at("version").get<std::uint64_t>();
+                m.number = integer<std::uint64_t>(v.at("version"), "version");
                 if (m.number == 0 || m.number >= secret.next_version || !numbers.insert(m.number).second)
                     throw std::invalid_argument("an invalid or repeated version number");
-                m.size = v.at("size").get<std::uint64_t>();
-                m.created = v.at("created").get<Micros>();
-                m.updated = v.at("updated").get<Micros>();
-                m.created_by = v.at("created_by").get<uid_t>();
+                m.size = integer<std::uint64_t>(v.at("size"), "size");
+                m.created = integer<Micros>(v.at("created"), "created");
+                m.updated = integer<Micros>(v.at("updated"), "updated");
+                m.created_by = integer<uid_t>(v.at("created_by"), "created_by");
                 m.enabled = v.at("enabled").get<bool>();
-                m.not_before = optional_micros(v.at("not_before"));
-                m.expires = optional_micros(v.at("expires"));
+                m.not_before = optional_micros(v.at("not_before"), "not_before");
+                m.expires = optional_micros(v.at("expires"), "expires");
                 if (!v.at("content_type").is_null()) {
                     m.content_type = v.at("content_type").get<std::string>();
                     if (!is_valid_content_type(*m.content_type))
