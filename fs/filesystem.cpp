@@ -1005,6 +1005,17 @@ vault::Result<vault::SecretView> Filesystem::attribute_target(const vault::Calle
     return vault::fail(Errc::no_attribute);
 }
 
+// A vault's settings or a soft-deleted secret's dates.
+vault::Result<std::vector<std::pair<std::string, std::string>>> Filesystem::fixed_attributes(
+    const vault::Caller& caller, Node node)
+{
+    if (node.kind == NodeKind::vault)
+        return service_.vault_attributes(caller, vault::VaultId{node.id});
+    return service_.deleted_by_id(caller, vault::SecretId{node.id}).and_then([&](const vault::DeletedView& d) {
+        return service_.deleted_attributes(caller, d);
+    });
+}
+
 Reply Filesystem::getxattr(fuse_req_t req, fuse_ino_t ino, const char* name_c, size_t size)
 {
     const auto node = from_ino(ino);
@@ -1015,10 +1026,7 @@ Reply Filesystem::getxattr(fuse_req_t req, fuse_ino_t ino, const char* name_c, s
         return Reply::err(ENODATA);  // security.*, system.*, trusted.*: never set here
     const auto caller = caller_of(req);
     if (node->kind == NodeKind::vault || node->kind == NodeKind::deleted_secret) {
-        auto attrs = node->kind == NodeKind::vault
-                         ? service_.vault_attributes(caller, vault::VaultId{node->id})
-                         : service_.deleted_by_id(caller, vault::SecretId{node->id})
-                               .and_then([&](const vault::DeletedView& d) { return service_.deleted_attributes(caller, d); });
+        auto attrs = fixed_attributes(caller, *node);
         if (!attrs)
             return Reply::err(attrs.error());
         for (auto& [key, value] : *attrs)
@@ -1042,10 +1050,7 @@ Reply Filesystem::listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
         return Reply::err(ENOENT);
     const auto caller = caller_of(req);
     if (node->kind == NodeKind::vault || node->kind == NodeKind::deleted_secret) {
-        auto attrs = node->kind == NodeKind::vault
-                         ? service_.vault_attributes(caller, vault::VaultId{node->id})
-                         : service_.deleted_by_id(caller, vault::SecretId{node->id})
-                               .and_then([&](const vault::DeletedView& d) { return service_.deleted_attributes(caller, d); });
+        auto attrs = fixed_attributes(caller, *node);
         if (!attrs)
             return Reply::err(attrs.error());
         std::vector<std::string> names;

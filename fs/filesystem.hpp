@@ -108,6 +108,8 @@ private:
                          vault::SecretService::WriteIntent intent, fuse_file_info* fi, bool reply_create);
     Reply open_policy(const vault::Caller& caller, vault::VaultId vault, fuse_file_info* fi);
     vault::Result<vault::SecretView> attribute_target(const vault::Caller& caller, Node node);
+    vault::Result<std::vector<std::pair<std::string, std::string>>> fixed_attributes(const vault::Caller& caller,
+                                                                                      Node node);
 
     vault::SecretService& service_;
     // Queues a kernel cache invalidation: an inode's attributes, or a name.

@@ -1,5 +1,7 @@
 #include "hsm/pkcs11_key_service.hpp"
 
+#include "hsm/hex.hpp"
+
 // GNU names only: the compatibility names are macros (`value`, `flags`...)
 // that would rewrite unrelated C++ identifiers.
 #define CRYPTOKI_GNU 1
@@ -81,40 +83,6 @@ bool session_lost(ck_rv_t rv)
 }
 
 bool handle_stale(ck_rv_t rv) { return rv == CKR_OBJECT_HANDLE_INVALID || rv == CKR_KEY_HANDLE_INVALID; }
-
-std::string to_hex(std::span<const std::uint8_t> bytes)
-{
-    static const char digits[] = "0123456789abcdef";
-    std::string s;
-    s.reserve(bytes.size() * 2);
-    for (const auto b : bytes) {
-        s.push_back(digits[b >> 4]);
-        s.push_back(digits[b & 0xf]);
-    }
-    return s;
-}
-
-std::optional<Bytes> from_hex(const std::string& hex)
-{
-    if (hex.empty() || hex.size() % 2 != 0)
-        return std::nullopt;
-    Bytes out(hex.size() / 2);
-    for (std::size_t i = 0; i < out.size(); ++i) {
-        unsigned v = 0;
-        for (int k = 0; k < 2; ++k) {
-            const char c = hex[2 * i + k];
-            v <<= 4;
-            if (c >= '0' && c <= '9')
-                v |= c - '0';
-            else if (c >= 'a' && c <= 'f')
-                v |= c - 'a' + 10;
-            else
-                return std::nullopt;
-        }
-        out[i] = static_cast<std::uint8_t>(v);
-    }
-    return out;
-}
 
 std::string trimmed_label(const unsigned char (&label)[32])
 {
@@ -384,7 +352,7 @@ struct Pkcs11KeyService::Impl {
                 return it->second;
         }
         const auto raw = from_hex(id.hex);
-        if (!raw)
+        if (!raw || raw->empty())
             return fail(Errc::invalid_argument, "malformed key id '" + id.hex + "'");
         ck_object_handle_t found = 0;
         unsigned long count = 0;

@@ -42,40 +42,6 @@ std::array<std::uint8_t, 32> sha256(std::string_view data)
     return out;
 }
 
-std::string to_hex(std::span<const std::uint8_t> bytes)
-{
-    static const char digits[] = "0123456789abcdef";
-    std::string s;
-    s.reserve(bytes.size() * 2);
-    for (const auto b : bytes) {
-        s.push_back(digits[b >> 4]);
-        s.push_back(digits[b & 0xf]);
-    }
-    return s;
-}
-
-std::optional<std::vector<std::uint8_t>> from_hex(std::string_view s)
-{
-    if (s.size() % 2 != 0)
-        return std::nullopt;
-    std::vector<std::uint8_t> out(s.size() / 2);
-    for (std::size_t i = 0; i < out.size(); ++i) {
-        int v = 0;
-        for (int k = 0; k < 2; ++k) {
-            const char c = s[2 * i + k];
-            v <<= 4;
-            if (c >= '0' && c <= '9')
-                v |= c - '0';
-            else if (c >= 'a' && c <= 'f')
-                v |= c - 'a' + 10;
-            else
-                return std::nullopt;
-        }
-        out[i] = static_cast<std::uint8_t>(v);
-    }
-    return out;
-}
-
 std::string sha256_hex(std::string_view data)
 {
     const auto d = sha256(data);

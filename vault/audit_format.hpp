@@ -21,6 +21,7 @@
 #include <tl/expected.hpp>
 
 #include "hsm/error.hpp"
+#include "hsm/hex.hpp"
 #include "vault/types.hpp"
 
 struct evp_pkey_st;  // OpenSSL's EVP_PKEY
@@ -36,8 +37,8 @@ std::string canonical(const nlohmann::json& record);
 std::string sha256_hex(std::string_view data);
 std::array<std::uint8_t, 32> sha256(std::string_view data);
 
-std::string to_hex(std::span<const std::uint8_t> bytes);
-std::optional<std::vector<std::uint8_t>> from_hex(std::string_view hex);
+using hsm::from_hex;
+using hsm::to_hex;
 
 // Checks ECDSA P-256 signatures (r | s, 64 bytes) over SHA-256 digests with
 // a PEM public key; needs no token.

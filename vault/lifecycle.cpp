@@ -49,7 +49,7 @@ Result<void> SecretService::delete_secret(const Caller& caller, VaultId vault, s
         return refuse(ev, Errc::access_denied);
     const Micros now = now_micros();
     const Micros purge_at = now + static_cast<Micros>((*v)->row.retention_days) * options_.retention_day_ms * 1000;
-    auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
+    auto w = write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
         auto s = tx.secret_by_name(vault, name);
         if (!s)
             return tl::unexpected(s.error());
@@ -57,13 +57,10 @@ Result<void> SecretService::delete_secret(const Caller& caller, VaultId vault, s
             return fail(Errc::not_found);
         if (auto r = tx.set_deleted((*s)->id, now, purge_at); !r)
             return r;
-        return record(ev);
+        return {};
     });
-    if (!w) {
-        if (w.error().code == Errc::audit_unavailable)
-            return w;
-        return refuse(ev, w.error().code, w.error().message);
-    }
+    if (!w)
+        return tl::unexpected(w.error());
     return {};
 }
 
@@ -116,7 +113,7 @@ Result<void> SecretService::recover(const Caller& caller, VaultId vault, std::st
                   .rule = rule};
     if (!d.allowed)
         return refuse(ev, Errc::access_denied);
-    auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
+    auto w = write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
         auto s = tx.secret_by_name(vault, name);
         if (!s)
             return tl::unexpected(s.error());
@@ -124,13 +121,10 @@ Result<void> SecretService::recover(const Caller& caller, VaultId vault, std::st
             return fail(Errc::not_found);
         if (auto r = tx.set_deleted((*s)->id, std::nullopt, std::nullopt); !r)
             return r;
-        return record(ev);
+        return {};
     });
-    if (!w) {
-        if (w.error().code == Errc::audit_unavailable)
-            return w;
-        return refuse(ev, w.error().code, w.error().message);
-    }
+    if (!w)
+        return tl::unexpected(w.error());
     return {};
 }
 
@@ -290,7 +284,7 @@ Result<void> SecretService::set_attribute(const Caller& caller, const SecretView
     if (name == "version" || name == "created" || name == "updated")
         return refuse(ev, Errc::not_permitted, "read-only attribute");
 
-    auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
+    auto w = write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
         auto current = tx.version_by_id(target.version.id);
         if (!current)
             return tl::unexpected(current.error());
@@ -347,13 +341,10 @@ Result<void> SecretService::set_attribute(const Caller& caller, const SecretView
         row.updated = now_micros();
         if (auto r = tx.update_version(row); !r)
             return r;
-        return record(ev);
+        return {};
     });
-    if (!w) {
-        if (w.error().code == Errc::audit_unavailable)
-            return w;
-        return refuse(ev, w.error().code, w.error().message);
-    }
+    if (!w)
+        return tl::unexpected(w.error());
     return {};
 }
 
@@ -416,16 +407,13 @@ Result<void> SecretService::set_vault_attribute(const Caller& caller, VaultId va
     } else {
         return refuse(ev, Errc::invalid_argument, "unknown vault setting");
     }
-    auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
+    auto w = write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
         if (auto r = tx.update_vault_settings(vault, row.retention_days, row.purge_protection); !r)
             return r;
-        return record(ev);
+        return {};
     });
-    if (!w) {
-        if (w.error().code == Errc::audit_unavailable)
-            return w;
-        return refuse(ev, w.error().code, w.error().message);
-    }
+    if (!w)
+        return tl::unexpected(w.error());
     forget_vault(vault);
     return {};
 }

@@ -103,6 +103,22 @@ tl::unexpected<Error> SecretService::refuse(AuditEvent event, Errc code, std::st
     return tl::unexpected(Error{code, std::move(message)});
 }
 
+Result<void> SecretService::write_audited(AuditEvent event,
+                                          const std::function<Result<void>(Store::Transaction&)>& work)
+{
+    auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
+        if (auto r = work(tx); !r)
+            return r;
+        return record(event);
+    });
+    if (!w) {
+        if (w.error().code == Errc::audit_unavailable)
+            return w;
+        return refuse(event, w.error().code, w.error().message);
+    }
+    return {};
+}
+
 Result<std::shared_ptr<const SecretService::VaultEntry>> SecretService::load_vault(VaultId id)
 {
     {
@@ -243,18 +259,15 @@ Result<VaultView> SecretService::create_vault(const Caller& caller, std::string_
     VaultRow row{VaultId{}, std::string(name), kek->hex, settings.retention_days, settings.purge_protection, now,
                  caller.who.uid};
     VaultId id;
-    auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
+    auto w = write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
         auto inserted = tx.insert_vault(row, PolicyRow{owner.print(), now, caller.who.uid});
         if (!inserted)
             return tl::unexpected(inserted.error());
         id = *inserted;
-        return record(ev);
+        return {};
     });
-    if (!w) {
-        if (w.error().code == Errc::audit_unavailable)
-            return tl::unexpected(w.error());
-        return refuse(ev, w.error().code, w.error().message);
-    }
+    if (!w)
+        return tl::unexpected(w.error());
     auto v = load_vault(id);
     if (!v)
         return tl::unexpected(v.error());
@@ -272,7 +285,7 @@ Result<void> SecretService::remove_vault(const Caller& caller, std::string_view 
     if (!v)
         return refuse(ev, v.error().code);
     const VaultId id = (*v)->row.id;
-    auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
+    auto w = write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
         // Counted inside the transaction so a concurrent create cannot slip in.
         auto live = tx.remove_empty_secrets(id);
         if (!live)
@@ -284,13 +297,10 @@ Result<void> SecretService::remove_vault(const Caller& caller, std::string_view 
             return fail(Errc::not_empty);
         if (auto r = tx.delete_vault(id); !r)
             return r;
-        return record(ev);
+        return {};
     });
-    if (!w) {
-        if (w.error().code == Errc::audit_unavailable)
-            return w;
-        return refuse(ev, w.error().code, w.error().message);
-    }
+    if (!w)
+        return tl::unexpected(w.error());
     forget_vault(id);
     // The KEK stays in the token: backups of this vault may still need it.
     return {};
@@ -668,16 +678,13 @@ Result<void> SecretService::write_policy(const Caller& caller, VaultId vault, st
         return refuse(ev, Errc::invalid_argument, std::string(ev.reason));
     }
     const std::string canonical = parsed->print();
-    auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
+    auto w = write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
         if (auto r = tx.set_policy(vault, PolicyRow{canonical, now_micros(), caller.who.uid}); !r)
             return r;
-        return record(ev);
+        return {};
     });
-    if (!w) {
-        if (w.error().code == Errc::audit_unavailable)
-            return w;
-        return refuse(ev, w.error().code, w.error().message);
-    }
+    if (!w)
+        return tl::unexpected(w.error());
     // Swap in the new policy: the next open sees it.
     auto entry = make_entry((*v)->row, std::move(*parsed));
     std::unique_lock lock(vaults_mutex_);

@@ -19,6 +19,7 @@
 
 #include <sys/types.h>
 
+#include <functional>
 #include <map>
 #include <mutex>
 #include <unordered_map>
@@ -250,6 +251,10 @@ private:
     Result<void> record(const AuditEvent& event);
     // Records a denial/failure and returns `code` (or audit_unavailable).
     tl::unexpected<Error> refuse(AuditEvent event, Errc code, std::string message = {});
+    // Runs `work` in a write transaction and records `event` in it, before
+    // COMMIT: if the audit cannot take the record, nothing commits. A failure
+    // of `work` (or of the commit) is recorded as `event`'s refusal.
+    Result<void> write_audited(AuditEvent event, const std::function<Result<void>(Store::Transaction&)>& work);
 
     Store& store_;
     hsm::KeyService& keys_;

@@ -13,18 +13,11 @@
 #include <thread>
 
 #include "fs_support.hpp"
+#include "../support/small_tmpfs.hpp"
 
 using namespace vaultfs::testing;
 
 namespace {
-
-std::string slurp(const std::string& path)
-{
-    std::ifstream in(path, std::ios::binary);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-}
 
 // The records appended by `action`.
 std::vector<nlohmann::json> records_of(const Mount& m, const std::function<void()>& action)
@@ -55,16 +48,6 @@ void expect_one(const std::vector<nlohmann::json>& records, const std::string& o
 }
 
 // A tmpfs mounted for one test, always unmounted.
-struct SmallTmpfs {
-    explicit SmallTmpfs(const std::string& dir, const std::string& size) : path(dir)
-    {
-        std::filesystem::create_directories(dir);
-        if (::mount("tmpfs", dir.c_str(), "tmpfs", 0, ("size=" + size + ",mode=0700").c_str()) != 0)
-            throw std::runtime_error("cannot mount a tmpfs at " + dir);
-    }
-    ~SmallTmpfs() { ::umount2(path.c_str(), MNT_DETACH); }
-    std::string path;
-};
 
 }  // namespace
 
@@ -173,10 +156,10 @@ TEST_CASE("disk full: reads fail with EIO and serve nothing, and recover", "[fs]
 {
     Mount m(MountOptions{{}, 8, false});
     REQUIRE(shell(m.binary + " init --state " + m.state + " >/dev/null").err == 0);
-    SmallTmpfs tmpfs(m.root + "/auditfs", "256k");
-    std::filesystem::copy_file(m.state_file("audit.jsonl"), tmpfs.path + "/audit.jsonl");
+    SmallTmpfs tmpfs(m.root + "/auditfs", "size=256k,mode=0700");
+    std::filesystem::copy_file(m.state_file("audit.jsonl"), tmpfs.path() + "/audit.jsonl");
     std::filesystem::remove(m.state_file("audit.jsonl"));
-    std::ofstream(m.state_file("vaultfs.conf"), std::ios::app) << "audit_file = " << tmpfs.path << "/audit.jsonl\n";
+    std::ofstream(m.state_file("vaultfs.conf"), std::ios::app) << "audit_file = " << tmpfs.path() << "/audit.jsonl\n";
     m.start();
 
     const std::string canary = "CANARY-" + random_hex(12);
@@ -185,7 +168,7 @@ TEST_CASE("disk full: reads fail with EIO and serve nothing, and recover", "[fs]
     REQUIRE(read_file(m.path("full/s")).data == canary);
 
     // Fill the audit's filesystem.
-    REQUIRE(shell("dd if=/dev/zero of=" + tmpfs.path + "/filler bs=4k 2>/dev/null; true").err == 0);
+    REQUIRE(shell("dd if=/dev/zero of=" + tmpfs.path() + "/filler bs=4k 2>/dev/null; true").err == 0);
     // Records still fit in the audit file's last page; the first that does
     // not fails its operation.
     Outcome denied;
@@ -201,11 +184,11 @@ TEST_CASE("disk full: reads fail with EIO and serve nothing, and recover", "[fs]
     CHECK(m.daemon_stderr().find("audit") != std::string::npos);
 
     // The daemon survived and serves again once there is room.
-    std::filesystem::remove(tmpfs.path + "/filler");
+    std::filesystem::remove(tmpfs.path() + "/filler");
     CHECK(read_file(m.path("full/s")).data == canary);
     CHECK(m.daemon_stderr().find("writable again") != std::string::npos);
     m.stop();
-    CHECK(slurp(tmpfs.path + "/audit.jsonl").find(canary) == std::string::npos);
+    CHECK(slurp(tmpfs.path() + "/audit.jsonl").find(canary) == std::string::npos);
     CHECK(m.daemon_stderr().find(canary) == std::string::npos);
     const auto v = shell(m.binary + " audit verify --state " + m.state);
     INFO(v.data);

@@ -27,8 +27,6 @@
 
 namespace vaultfs::testing {
 
-namespace {
-
 std::string slurp(const std::string& path)
 {
     std::ifstream in(path, std::ios::binary);
@@ -36,6 +34,8 @@ std::string slurp(const std::string& path)
     ss << in.rdbuf();
     return ss.str();
 }
+
+namespace {
 
 int run(const std::vector<std::string>& argv, bool quiet = true)
 {

@@ -23,14 +23,6 @@ std::string ok(const Outcome& o)
     return o.data;
 }
 
-std::string slurp(const std::string& path)
-{
-    std::ifstream in(path, std::ios::binary);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-}
-
 }  // namespace
 
 TEST_CASE("attributes are user.vault.* xattrs, validated", "[fs][lifecycle]")

@@ -20,6 +20,7 @@
 #include <thread>
 
 #include "fs_support.hpp"
+#include "../support/small_tmpfs.hpp"
 
 using namespace vaultfs::testing;
 
@@ -32,24 +33,6 @@ std::string ok(const Outcome& o)
     return o.data;
 }
 
-std::string slurp(const std::string& path)
-{
-    std::ifstream in(path, std::ios::binary);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-}
-
-struct SmallTmpfs {
-    SmallTmpfs(const std::string& dir, const std::string& size) : path(dir)
-    {
-        std::filesystem::create_directories(dir);
-        if (::mount("tmpfs", dir.c_str(), "tmpfs", 0, ("size=" + size + ",mode=0700").c_str()) != 0)
-            throw std::runtime_error("cannot mount a tmpfs at " + dir);
-    }
-    ~SmallTmpfs() { ::umount2(path.c_str(), MNT_DETACH); }
-    std::string path;
-};
 
 // A crash-test value: its writer, its sequence number, and a fill whose
 // length and byte depend on both — a torn or mixed value cannot pass.
@@ -240,14 +223,14 @@ TEST_CASE("the database's disk full: close() gives ENOSPC, the previous version 
 {
     Mount m(MountOptions{{}, 8, false});
     REQUIRE(shell(m.binary + " init --state " + m.state + " >/dev/null").err == 0);
-    SmallTmpfs tmpfs(m.root + "/dbfs", "1m");
-    std::filesystem::copy_file(m.state_file("vault.db"), tmpfs.path + "/vault.db");
+    SmallTmpfs tmpfs(m.root + "/dbfs", "size=1m,mode=0700");
+    std::filesystem::copy_file(m.state_file("vault.db"), tmpfs.path() + "/vault.db");
     std::filesystem::remove(m.state_file("vault.db"));
-    std::ofstream(m.state_file("vaultfs.conf"), std::ios::app) << "database = " << tmpfs.path << "/vault.db\n";
+    std::ofstream(m.state_file("vaultfs.conf"), std::ios::app) << "database = " << tmpfs.path() << "/vault.db\n";
     m.start();
     REQUIRE(make_dir(m.path("full")).err == 0);
     REQUIRE(write_file(m.path("full/s"), "the last good value").err == 0);
-    REQUIRE(shell("dd if=/dev/zero of=" + tmpfs.path + "/filler bs=4k 2>/dev/null; true").err == 0);
+    REQUIRE(shell("dd if=/dev/zero of=" + tmpfs.path() + "/filler bs=4k 2>/dev/null; true").err == 0);
     Outcome w;
     for (int i = 0; i < 200; ++i) {
         w = write_file(m.path("full/s"), std::string(20000, static_cast<char>('a' + i % 26)));
@@ -259,7 +242,7 @@ TEST_CASE("the database's disk full: close() gives ENOSPC, the previous version 
     const auto last = read_file(m.path("full/s"));
     REQUIRE(last.err == 0);
     CHECK((last.data == "the last good value" || last.data.size() == 20000));
-    std::filesystem::remove(tmpfs.path + "/filler");
+    std::filesystem::remove(tmpfs.path() + "/filler");
     CHECK(write_file(m.path("full/s"), "room again").err == 0);
     CHECK(ok(read_file(m.path("full/s"))) == "room again");
 }

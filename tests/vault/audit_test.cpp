@@ -26,7 +26,7 @@
 #include <nlohmann/json.hpp>
 
 #include "tests/support/temp_token.hpp"
-#include "tests/vault/small_tmpfs.hpp"
+#include "tests/support/small_tmpfs.hpp"
 #include "vault/audit_format.hpp"
 #include "vault/store.hpp"
 

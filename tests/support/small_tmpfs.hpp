@@ -1,4 +1,4 @@
-// Test support for vault tests: a small tmpfs mounted for one test, to
+// Test support: a small tmpfs mounted for one test, to
 // make a file system run out of space for real. Needs root (CAP_SYS_ADMIN).
 #pragma once
 
