@@ -18,12 +18,6 @@ using namespace vaultfs::testing;
 
 namespace {
 
-std::string value_of(const Outcome& o)
-{
-    REQUIRE(o.err == 0);
-    return o.data;
-}
-
 // A value left empty (O_TRUNC, nothing written) commits at release, which
 // the kernel sends just after close() returns.
 void wait_for_release_commit(const std::string& path)
@@ -40,17 +34,17 @@ TEST_CASE("the DESIGN walkthrough works as shown", "[fs]")
     REQUIRE(make_dir(m.path("payments")).err == 0);
     REQUIRE(write_file(m.path("payments/db-password"), "hunter2").err == 0);
     REQUIRE(write_file(m.path("payments/db-password"), "correct horse").err == 0);
-    CHECK(value_of(read_file(m.path("payments/db-password"))) == "correct horse");
-    CHECK(value_of(read_file(m.path("payments/db-password@1"))) == "hunter2");
-    CHECK(value_of(read_file(m.path("payments/db-password@2"))) == "correct horse");
-    CHECK(value_of(list_dir(m.path("payments"))) == ".deleted\n.policy\n.versions\ndb-password");
-    CHECK(value_of(list_dir(m.path("payments/.versions"))) == "db-password@1\ndb-password@2");
-    CHECK(value_of(read_file(m.path("payments/.policy"))) == "allow uid:0 *\n");
-    CHECK(value_of(list_dir(m.path())) == "payments");
+    CHECK(ok(read_file(m.path("payments/db-password"))) == "correct horse");
+    CHECK(ok(read_file(m.path("payments/db-password@1"))) == "hunter2");
+    CHECK(ok(read_file(m.path("payments/db-password@2"))) == "correct horse");
+    CHECK(ok(list_dir(m.path("payments"))) == ".deleted\n.policy\n.versions\ndb-password");
+    CHECK(ok(list_dir(m.path("payments/.versions"))) == "db-password@1\ndb-password@2");
+    CHECK(ok(read_file(m.path("payments/.policy"))) == "allow uid:0 *\n");
+    CHECK(ok(list_dir(m.path())) == "payments");
     // A policy written by a shell redirection lands once, whole.
     const auto before = m.audit_count();
     REQUIRE(shell("printf 'allow uid:0 *\\nallow gid:33 get,list\\n' > " + m.path("payments/.policy")).err == 0);
-    CHECK(value_of(read_file(m.path("payments/.policy"))) == "allow uid:0 *\nallow gid:33 get,list\n");
+    CHECK(ok(read_file(m.path("payments/.policy"))) == "allow uid:0 *\nallow gid:33 get,list\n");
     std::size_t policy_writes = 0;
     const auto records = m.audit();
     for (std::size_t i = before; i < records.size(); ++i)
@@ -58,7 +52,7 @@ TEST_CASE("the DESIGN walkthrough works as shown", "[fs]")
     CHECK(policy_writes == 1);
     // Bytes are stored exactly as written: echo's newline stays.
     REQUIRE(shell("echo hello > " + m.path("payments/echoed")).err == 0);
-    CHECK(value_of(read_file(m.path("payments/echoed"))) == "hello\n");
+    CHECK(ok(read_file(m.path("payments/echoed"))) == "hello\n");
 }
 
 TEST_CASE("shell idioms: printf >, cat, cp, ls -l, stat", "[fs]")
@@ -97,8 +91,8 @@ TEST_CASE("values round-trip exactly: empty, one byte, 25 KiB, binary", "[fs]")
         REQUIRE(write_file(m.path("bin/" + name), value).err == 0);
         if (value.empty())
             wait_for_release_commit(m.path("bin/" + name));
-        CHECK(value_of(read_file(m.path("bin/" + name))) == value);
-        CHECK(value_of(stat_path(m.path("bin/" + name))) == std::to_string(value.size()));
+        CHECK(ok(read_file(m.path("bin/" + name))) == value);
+        CHECK(ok(stat_path(m.path("bin/" + name))) == std::to_string(value.size()));
     }
 }
 
@@ -117,8 +111,8 @@ TEST_CASE("writes: offsets assemble, EFBIG commits nothing, S@N is read-only", "
         return Outcome{::close(fd) == 0 ? 0 : errno, {}};
     });
     REQUIRE(assembled.err == 0);
-    CHECK(value_of(read_file(m.path("wvault/pieces"))) == std::string("hello\0world", 11));
-    CHECK(value_of(list_dir(m.path("wvault/.versions"))) == "pieces@1");
+    CHECK(ok(read_file(m.path("wvault/pieces"))) == std::string("hello\0world", 11));
+    CHECK(ok(list_dir(m.path("wvault/.versions"))) == "pieces@1");
 
     // Past 25 KiB: EFBIG at the write, EFBIG again at close, no version.
     const auto big = as_root([&] {
@@ -132,7 +126,7 @@ TEST_CASE("writes: offsets assemble, EFBIG commits nothing, S@N is read-only", "
     CHECK(big.err == EFBIG);
     CHECK(big.data == std::to_string(EFBIG));
     CHECK(read_file(m.path("wvault/big")).err == ENOENT);
-    CHECK(value_of(list_dir(m.path("wvault/.versions"))) == "pieces@1");
+    CHECK(ok(list_dir(m.path("wvault/.versions"))) == "pieces@1");
 
     // A write at offset 30,000 of an existing secret: EFBIG, old value stays.
     const auto far = as_root([&] {
@@ -143,7 +137,7 @@ TEST_CASE("writes: offsets assemble, EFBIG commits nothing, S@N is read-only", "
         return Outcome{e, {}};
     });
     CHECK(far.err == EFBIG);
-    CHECK(value_of(read_file(m.path("wvault/pieces"))) == std::string("hello\0world", 11));
+    CHECK(ok(read_file(m.path("wvault/pieces"))) == std::string("hello\0world", 11));
 
     CHECK(write_file(m.path("wvault/pieces@1"), "nope").err == EROFS);
     CHECK(write_file(m.path("wvault/pieces@7"), "nope").err == EROFS);
@@ -175,7 +169,7 @@ TEST_CASE("names: invalid ones are EINVAL on create and ENOENT on lookup", "[fs]
         INFO(bad);
         CHECK(read_file(m.path("names/" + bad)).err == ENOENT);
     }
-    CHECK(value_of(read_file(m.path("names/ok-Name-1@1"))) == "v");
+    CHECK(ok(read_file(m.path("names/ok-Name-1@1"))) == "v");
     // Vault names: 3-24, letter first.
     CHECK(make_dir(m.path("ab")).err == EINVAL);
     CHECK(make_dir(m.path("1abc")).err == EINVAL);
@@ -203,7 +197,7 @@ TEST_CASE("refusals: link, symlink, mknod, chmod, chown, rename are EPERM", "[fs
     CHECK(rename_path(m.path("rvault/s"), m.path("other/s")).err == EPERM);
     CHECK(make_dir(m.path("rvault/sub")).err == EPERM);
     CHECK(write_file(m.path("file-in-root"), "v").err == EPERM);
-    CHECK(value_of(read_file(m.path("rvault/s"))) == "v");
+    CHECK(ok(read_file(m.path("rvault/s"))) == "v");
 }
 
 TEST_CASE("vault directories: mkdir by admins, rmdir only when empty", "[fs]")
@@ -217,7 +211,7 @@ TEST_CASE("vault directories: mkdir by admins, rmdir only when empty", "[fs]")
     REQUIRE(make_dir(m.path("vault-c")).err == 0);
     CHECK(as(user, [&] { return remove_dir(m.path("vault-c")); }).err == ENOENT);  // hidden from the user
     CHECK(remove_dir(m.path("vault-c")).err == 0);
-    CHECK(value_of(list_dir(m.path())) == "vault-a");
+    CHECK(ok(list_dir(m.path())) == "vault-a");
     CHECK(stat_path(m.path("vault-c")).err == ENOENT);
 }
 
@@ -284,7 +278,7 @@ TEST_CASE("an open reader keeps the version it opened", "[fs][concurrency]")
     });
     REQUIRE(o.err == 0);
     CHECK(o.data == "first value|first value");
-    CHECK(value_of(read_file(m.path("pin/s"))) == "second, longer value");
+    CHECK(ok(read_file(m.path("pin/s"))) == "second, longer value");
 }
 
 TEST_CASE("1,000 secrets are listed", "[fs]")
@@ -313,7 +307,7 @@ TEST_CASE("1,000 secrets are listed", "[fs]")
     CHECK(names.size() == 1003);  // + .policy .versions .deleted
     for (int i = 0; i < 1000; ++i)
         CHECK(names.count("secret-" + std::to_string(i)) == 1);
-    CHECK(value_of(read_file(m.path("many/secret-999"))) == "v999");
+    CHECK(ok(read_file(m.path("many/secret-999"))) == "v999");
 }
 
 TEST_CASE("inodes are stable and statfs answers", "[fs]")
@@ -344,7 +338,7 @@ TEST_CASE("the daemon: SIGTERM unmounts, a stale mount is cleaned at start, stde
     const std::string canary = "CANARY-" + random_hex(12);
     REQUIRE(make_dir(m.path("dvault")).err == 0);
     REQUIRE(write_file(m.path("dvault/s"), canary).err == 0);
-    REQUIRE(value_of(read_file(m.path("dvault/s"))) == canary);
+    REQUIRE(ok(read_file(m.path("dvault/s"))) == canary);
 
     m.stop();
     CHECK_FALSE(m.mounted());
@@ -355,7 +349,7 @@ TEST_CASE("the daemon: SIGTERM unmounts, a stale mount is cleaned at start, stde
     CHECK(stat_path(m.path("dvault")).err == ENOTCONN);
     m.start();  // cleans the stale mount
     CHECK(m.daemon_stderr().find("stale mount") != std::string::npos);
-    CHECK(value_of(read_file(m.path("dvault/s"))) == canary);
+    CHECK(ok(read_file(m.path("dvault/s"))) == canary);
     CHECK(m.daemon_stderr().find(canary) == std::string::npos);
 }
 
@@ -378,7 +372,7 @@ TEST_CASE("a daemon in a private mount namespace mounts where the host sees it",
     CHECK(m.mounted());
     CHECK(make_dir(m.path("sandboxed")).err == 0);
     CHECK(write_file(m.path("sandboxed/s"), "seen from outside").err == 0);
-    CHECK(value_of(read_file(m.path("sandboxed/s"))) == "seen from outside");
+    CHECK(ok(read_file(m.path("sandboxed/s"))) == "seen from outside");
     ::kill(pid, SIGTERM);
     int status = 0;
     ::waitpid(pid, &status, 0);

@@ -27,6 +27,13 @@
 
 namespace vaultfs::testing {
 
+std::string ok(const Outcome& o)
+{
+    INFO("errno " << o.err << " (" << std::strerror(o.err) << ") " << o.data);
+    REQUIRE(o.err == 0);
+    return o.data;
+}
+
 std::string slurp(const std::string& path)
 {
     std::ifstream in(path, std::ios::binary);

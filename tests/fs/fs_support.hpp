@@ -65,6 +65,9 @@ Outcome get_xattr(const std::string& path, const std::string& name);
 Outcome set_xattr(const std::string& path, const std::string& name, const std::string& value);
 Outcome list_xattr(const std::string& path);  // names joined by '\n', sorted
 
+// The data of a successful outcome; fails the test (with the errno) otherwise.
+std::string ok(const Outcome& o);
+
 // The whole content of a file ("" when it cannot be read).
 std::string slurp(const std::string& path);
 

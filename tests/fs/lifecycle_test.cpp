@@ -16,13 +16,6 @@ using namespace vaultfs::testing;
 
 namespace {
 
-std::string ok(const Outcome& o)
-{
-    INFO("errno " << o.err << " " << o.data);
-    REQUIRE(o.err == 0);
-    return o.data;
-}
-
 }  // namespace
 
 TEST_CASE("attributes are user.vault.* xattrs, validated", "[fs][lifecycle]")

@@ -12,13 +12,6 @@ using namespace vaultfs::testing;
 
 namespace {
 
-std::string ok(const Outcome& o)
-{
-    INFO("errno " << o.err);
-    REQUIRE(o.err == 0);
-    return o.data;
-}
-
 // Checks the last audit record of `op` by `user`.
 void audited(const Mount& m, const std::string& op, uid_t uid, const std::string& decision, const std::string& result,
              const std::string& secret = "")

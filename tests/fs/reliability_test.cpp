@@ -26,13 +26,6 @@ using namespace vaultfs::testing;
 
 namespace {
 
-std::string ok(const Outcome& o)
-{
-    INFO("errno " << o.err << " " << o.data);
-    REQUIRE(o.err == 0);
-    return o.data;
-}
-
 
 // A crash-test value: its writer, its sequence number, and a fill whose
 // length and byte depend on both — a torn or mixed value cannot pass.
