@@ -14,10 +14,6 @@
 
 using namespace vaultfs::testing;
 
-namespace {
-
-}  // namespace
-
 TEST_CASE("attributes are user.vault.* xattrs, validated", "[fs][lifecycle]")
 {
     TestUser reader("r");
