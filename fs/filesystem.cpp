@@ -4,6 +4,7 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -102,33 +103,47 @@ using Reply = Filesystem::Reply;
 
 namespace {
 
-void send(fuse_req_t req, const Reply& r)
+// Sends the reply; returns libfuse's result (nonzero: the kernel did not
+// take it, e.g. the request was interrupted).
+int send(fuse_req_t req, const Reply& r)
 {
-    std::visit(
-        [&](const auto& x) {
+    return std::visit(
+        [&](const auto& x) -> int {
             using T = std::decay_t<decltype(x)>;
             if constexpr (std::is_same_v<T, Reply::Error>)
-                fuse_reply_err(req, x.code);
+                return fuse_reply_err(req, x.code);
             else if constexpr (std::is_same_v<T, Reply::None>)
-                fuse_reply_none(req);
+                return fuse_reply_none(req), 0;
             else if constexpr (std::is_same_v<T, Reply::Entry>)
-                fuse_reply_entry(req, &x.e);
+                return fuse_reply_entry(req, &x.e);
             else if constexpr (std::is_same_v<T, Reply::Attr>)
-                fuse_reply_attr(req, &x.st, x.timeout);
+                return fuse_reply_attr(req, &x.st, x.timeout);
             else if constexpr (std::is_same_v<T, Reply::Open>)
-                fuse_reply_open(req, &x.fi);
+                return fuse_reply_open(req, &x.fi);
             else if constexpr (std::is_same_v<T, Reply::Create>)
-                fuse_reply_create(req, &x.e, &x.fi);
+                return fuse_reply_create(req, &x.e, &x.fi);
             else if constexpr (std::is_same_v<T, Reply::Buffer>)
-                fuse_reply_buf(req, static_cast<const char*>(x.data), x.size);
+                return fuse_reply_buf(req, static_cast<const char*>(x.data), x.size);
             else if constexpr (std::is_same_v<T, Reply::Written>)
-                fuse_reply_write(req, x.count);
+                return fuse_reply_write(req, x.count);
             else if constexpr (std::is_same_v<T, Reply::Statfs>)
-                fuse_reply_statfs(req, &x.st);
+                return fuse_reply_statfs(req, &x.st);
             else if constexpr (std::is_same_v<T, Reply::XattrSize>)
-                fuse_reply_xattr(req, x.size);
+                return fuse_reply_xattr(req, x.size);
+            else
+                return 0;
         },
         r.v);
+}
+
+// The file handle a reply hands to the kernel, if any.
+std::optional<std::uint64_t> handed_out(const Reply& r)
+{
+    if (const auto* o = std::get_if<Reply::Open>(&r.v))
+        return o->fi.fh;
+    if (const auto* c = std::get_if<Reply::Create>(&r.v))
+        return c->fi.fh;
+    return std::nullopt;
 }
 
 // One noexcept wrapper for every callback: calls the handler, sends its
@@ -142,7 +157,12 @@ struct Callback<Method> {
     {
         auto* self = static_cast<Filesystem*>(fuse_req_userdata(req));
         try {
-            send(req, (self->*Method)(req, args...));
+            const Reply reply = (self->*Method)(req, args...);
+            // An open the kernel never took gets no RELEASE: drop its handle
+            // (and the plaintext in it) now.
+            if (send(req, reply) != 0)
+                if (const auto fh = handed_out(reply))
+                    self->drop_handle(*fh);
         } catch (const std::exception& e) {
             spdlog::error("internal error in a filesystem operation: {}", e.what());
             fuse_reply_err(req, EIO);
@@ -232,6 +252,15 @@ void Filesystem::invalidate_inode(Node node)
     inval_queue_.emplace_back(to_ino(node), std::string());
     inval_cv_.notify_one();
 }
+
+void Filesystem::drop_page_cache(std::uint64_t ino)
+{
+    std::lock_guard lock(inval_mutex_);
+    inval_queue_.emplace_back(ino, std::string());
+    inval_cv_.notify_one();
+}
+
+void Filesystem::drop_handle(std::uint64_t fh) { handles_.remove(fh); }
 
 void Filesystem::invalidate_entry(Node parent, const std::string& name)
 {
@@ -471,7 +500,7 @@ Reply Filesystem::getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi)
     return Reply{Reply::Attr{attr->st, cache_seconds(node->kind)}};
 }
 
-Reply Filesystem::setattr(fuse_req_t req, fuse_ino_t ino, struct stat*, int to_set, fuse_file_info* fi)
+Reply Filesystem::setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fuse_file_info* fi)
 {
     if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID))
         return Reply::err(EPERM);
@@ -479,7 +508,7 @@ Reply Filesystem::setattr(fuse_req_t req, fuse_ino_t ino, struct stat*, int to_s
         // Only an open writer may truncate, and only to empty: a value is
         // written whole, never patched.
         auto w = fi != nullptr ? handles_.find_as<WriteHandle>(fi->fh, Handle::Kind::write) : nullptr;
-        if (!w)
+        if (!w || attr->st_size != 0)
             return Reply::err(EINVAL);
         std::lock_guard lock(w->mutex);
         (void)w->buffer.resize(0);
@@ -731,6 +760,8 @@ Reply Filesystem::write(fuse_req_t, fuse_ino_t, const char* buf, size_t size, of
                 return Reply::err(ENOMEM);
         }
         std::memcpy(w.buffer.data() + off, buf, size);
+        // libfuse's receive buffer is ordinary, reused heap: wipe our copy's source.
+        OPENSSL_cleanse(const_cast<char*>(buf), size);
         w.dirty = true;
         w.written = true;
         return Reply{Reply::Written{size}};
@@ -796,9 +827,13 @@ Reply Filesystem::flush(fuse_req_t, fuse_ino_t, fuse_file_info* fi)
     return Reply::ok();
 }
 
-Reply Filesystem::release(fuse_req_t, fuse_ino_t, fuse_file_info* fi)
+Reply Filesystem::release(fuse_req_t, fuse_ino_t ino, fuse_file_info* fi)
 {
     auto h = handles_.remove(fi->fh);
+    // FOPEN_DIRECT_IO keeps read() out of the page cache, but a MAP_PRIVATE
+    // mmap still fills it: drop whatever a reader's mapping left there.
+    if (h && h->kind == Handle::Kind::value)
+        drop_page_cache(ino);
     if (h && h->kind == Handle::Kind::write) {
         auto& w = static_cast<WriteHandle&>(*h);
         std::lock_guard lock(w.mutex);

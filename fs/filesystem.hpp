@@ -58,6 +58,9 @@ public:
     void start_invalidations(fuse_session* session);
     void stop_invalidations();
 
+    // Forgets a handle the kernel never received.
+    void drop_handle(std::uint64_t fh);
+
     // Open handles right now (for status and tests).
     std::size_t open_handles() const { return handles_.size(); }
 
@@ -115,6 +118,7 @@ private:
     // Queues a kernel cache invalidation: an inode's attributes, or a name.
     void invalidate_inode(Node node);
     void invalidate_entry(Node parent, const std::string& name);
+    void drop_page_cache(std::uint64_t ino);
     void run_invalidations();
 
     CallerCache callers_;

@@ -182,11 +182,21 @@ private:
     ck_function_list* fn_;
 };
 
+// Every answer that says the PIN itself is wrong: never presented again.
+bool pin_problem(ck_rv_t rv)
+{
+    return rv == CKR_PIN_INCORRECT || rv == CKR_PIN_LOCKED || rv == CKR_PIN_INVALID || rv == CKR_PIN_LEN_RANGE ||
+           rv == CKR_PIN_EXPIRED;
+}
+
 Error login_error(ck_rv_t rv, const std::string& label)
 {
     switch (rv) {
     case CKR_PIN_INCORRECT:
-        return {Errc::pin_incorrect, "token '" + label + "' rejected the PIN (CKR_PIN_INCORRECT); not retrying"};
+    case CKR_PIN_INVALID:
+    case CKR_PIN_LEN_RANGE:
+    case CKR_PIN_EXPIRED:
+        return {Errc::pin_incorrect, "token '" + label + "' rejected the PIN (" + rv_name(rv) + "); not retrying"};
     case CKR_PIN_LOCKED:
         return {Errc::pin_locked, "token '" + label + "' has locked its user PIN (CKR_PIN_LOCKED)"};
     case CKR_USER_PIN_NOT_INITIALIZED:
@@ -283,7 +293,7 @@ struct Pkcs11KeyService::Impl {
         if (!logged_in) {
             rv = (*module)->C_Login(s, CKU_USER, pin.data(), pin.size());
             if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN) {
-                if (rv == CKR_PIN_INCORRECT || rv == CKR_PIN_LOCKED)
+                if (pin_problem(rv))
                     pin_rejected = true;
                 (*module)->C_CloseSession(s);
                 --open_sessions;
@@ -328,6 +338,13 @@ struct Pkcs11KeyService::Impl {
     Result<ck_rv_t> with_session(Op&& op)
     {
         std::shared_lock inside(module_mutex);
+        return with_session_held(op);
+    }
+
+    // REQUIRES: module_mutex held (shared).
+    template <class Op>
+    Result<ck_rv_t> with_session_held(Op&& op)
+    {
         ck_rv_t rv = CKR_OK;
         for (int attempt = 0; attempt < 2; ++attempt) {
             auto s = acquire();
@@ -345,6 +362,15 @@ struct Pkcs11KeyService::Impl {
 
     Result<ck_object_handle_t> find_object(ck_object_class_t cls, const KeyId& id)
     {
+        std::shared_lock inside(module_mutex);
+        return find_object_held(cls, id);
+    }
+
+    // REQUIRES: module_mutex held (shared), so that no reconnect() can come
+    // between finding a handle, caching it and using it: handle numbers from
+    // before a reinitialisation may name another key after it.
+    Result<ck_object_handle_t> find_object_held(ck_object_class_t cls, const KeyId& id)
+    {
         const std::string cache_key = std::to_string(cls) + ":" + id.hex;
         {
             std::lock_guard lock(handles_mutex);
@@ -356,7 +382,7 @@ struct Pkcs11KeyService::Impl {
             return fail(Errc::invalid_argument, "malformed key id '" + id.hex + "'");
         ck_object_handle_t found = 0;
         unsigned long count = 0;
-        auto rv = with_session([&](ck_session_handle_t s) {
+        auto rv = with_session_held([&](ck_session_handle_t s) {
             ck_attribute tmpl[] = {attr(CKA_CLASS, &cls, sizeof cls), attr(CKA_ID, raw->data(), raw->size())};
             ck_rv_t r = (*module)->C_FindObjectsInit(s, tmpl, 2);
             if (r != CKR_OK)
@@ -402,11 +428,12 @@ struct Pkcs11KeyService::Impl {
     template <class Op>
     Result<ck_rv_t> with_key_once(ck_object_class_t cls, const KeyId& id, Op& op)
     {
+        std::shared_lock inside(module_mutex);
         for (int attempt = 0; attempt < 2; ++attempt) {
-            auto h = find_object(cls, id);
+            auto h = find_object_held(cls, id);
             if (!h)
                 return tl::unexpected(h.error());
-            auto rv = with_session([&](ck_session_handle_t s) { return op(s, *h); });
+            auto rv = with_session_held([&](ck_session_handle_t s) { return op(s, *h); });
             if (!rv || !handle_stale(*rv))
                 return rv;
             forget_object(cls, id);

@@ -234,10 +234,8 @@ Result<void> AuditLog::append(const AuditEvent& event)
 {
     RecordFields fields = fields_of(event);  // outside the lock: exe lookup
     std::lock_guard lock(mutex_);
-    if (reopen_requested_.exchange(false, std::memory_order_relaxed)) {
-        if (auto r = reopen_locked(); !r)
-            return r;
-    }
+    if (auto r = reopen_if_needed_locked(); !r)
+        return r;
     fields.time = audit_time(now_micros());
     if (auto fast = render_fast(fields, seq_ + 1, head_)) {
         if (auto w = write_line_locked(fast->line + "\n"); !w)
@@ -309,6 +307,24 @@ Result<void> AuditLog::write_line_locked(const std::string& line)
     return {};
 }
 
+// Reopens when asked to (SIGHUP) or when the file was removed under us (its
+// records would vanish with it). A failed reopen stays pending, so every
+// append fails until one succeeds: records never go to a file that is gone.
+Result<void> AuditLog::reopen_if_needed_locked()
+{
+    struct stat st{};
+    if (::fstat(fd_, &st) == 0 && st.st_nlink == 0 && !reopen_requested_.load(std::memory_order_relaxed)) {
+        spdlog::error("audit: {} was removed; reopening it", options_.path);
+        reopen_requested_.store(true, std::memory_order_relaxed);
+    }
+    if (!reopen_requested_.load(std::memory_order_relaxed))
+        return {};
+    if (auto r = reopen_locked(); !r)
+        return r;
+    reopen_requested_.store(false, std::memory_order_relaxed);
+    return {};
+}
+
 Result<void> AuditLog::reopen_locked()
 {
     const int fd = ::open(options_.path.c_str(), O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
@@ -375,15 +391,7 @@ void AuditLog::background()
         stop.unlock();
         {
             std::lock_guard lock(mutex_);
-            // A file removed under us would take its records with it: every
-            // interval, check and start a new one (linked by a rotate record).
-            struct stat st{};
-            if (::fstat(fd_, &st) == 0 && st.st_nlink == 0) {
-                spdlog::error("audit: {} was removed; reopening it", options_.path);
-                reopen_requested_.store(true, std::memory_order_relaxed);
-            }
-            if (reopen_requested_.exchange(false, std::memory_order_relaxed))
-                (void)reopen_locked();
+            (void)reopen_if_needed_locked();
             if (since_checkpoint_ > 0 &&
                 std::chrono::steady_clock::now() - last_checkpoint_ >= options_.checkpoint_interval)
                 (void)checkpoint_locked();

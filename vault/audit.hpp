@@ -119,6 +119,7 @@ private:
     Result<void> append_fields_locked(struct RecordFields fields, bool signed_record, const ExtraFields& extra);
     Result<void> write_line_locked(const std::string& line);
     Result<void> reopen_locked();
+    Result<void> reopen_if_needed_locked();
     Result<void> checkpoint_locked();
     void background();
     void sync_and_anchor(bool clean);

@@ -150,6 +150,22 @@ Result<std::vector<std::string>> SecretService::restore(const Caller& caller, st
     if (!v || (!is_admin(caller) && !(*v)->policy->holds_any(caller.who)))
         return refuse(ev, Errc::not_found, "no vault " + target_name + " to restore into (create it first)");
     const VaultEntry& target = **v;
+    // Into another vault, the caller must also hold `restore` in the vault the
+    // backup came from — else an admin could make a vault (owning it) and
+    // read any vault's backup there. A backup whose vault is gone restores
+    // only into a vault of its own name.
+    if (target.row.name != doc->source_name) {
+        auto source = load_vault(doc->source_name);
+        if (!source) {
+            ev.reason = "source vault gone";
+            return refuse(ev, Errc::access_denied,
+                          "the backup's vault " + doc->source_name + " no longer exists: restore into a vault of that name");
+        }
+        if (!(*source)->policy->evaluate(caller.who, Permission::restore).allowed) {
+            ev.reason = "no restore permission in the source vault";
+            return refuse(ev, Errc::access_denied, "restoring into another vault needs `restore` in " + doc->source_name);
+        }
+    }
 
     struct Restored {
         std::string name;

@@ -4,6 +4,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
+
 #include <charconv>
 #include <cstdlib>
 #include <cstring>
@@ -236,6 +238,9 @@ Result<hsm::SecureBuffer> read_pin(const Config& c)
         if (v == nullptr || *v == '\0')
             return fail(Errc::key_unavailable, "pin_source " + c.pin_source + ": $" + arg + " is not set");
         auto pin = hsm::SecureBuffer::copy_of({reinterpret_cast<const std::uint8_t*>(v), std::strlen(v)});
+        // Not left where /proc/PID/environ shows it.
+        OPENSSL_cleanse(const_cast<char*>(v), std::strlen(v));
+        ::unsetenv(arg.c_str());
         if (!pin)
             return fail(Errc::out_of_memory, pin.error().message);
         return std::move(*pin);

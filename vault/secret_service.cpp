@@ -121,9 +121,13 @@ Result<void> SecretService::write_audited(AuditEvent event,
 
 Result<std::shared_ptr<const SecretService::VaultEntry>> SecretService::load_vault(VaultId id)
 {
+    // Entries are good for one store generation: any committed write — a
+    // policy, a setting, a vault removed — makes the next use reload, so no
+    // path can leave an older policy in force.
+    const std::uint64_t generation = store_.generation();
     {
         std::shared_lock lock(vaults_mutex_);
-        if (const auto it = vaults_.find(id.value); it != vaults_.end())
+        if (const auto it = vaults_.find(id.value); it != vaults_.end() && it->second->generation == generation)
             return it->second;
     }
     auto row = store_.vault_by_id(id);
@@ -142,17 +146,18 @@ Result<std::shared_ptr<const SecretService::VaultEntry>> SecretService::load_vau
                       parsed.error().message());
         parsed = policy::Policy();
     }
-    auto entry = make_entry(std::move(**row), std::move(*parsed));
+    auto entry = make_entry(std::move(**row), std::move(*parsed), generation);
     std::unique_lock lock(vaults_mutex_);
     vaults_[id.value] = entry;
     return entry;
 }
 
-std::shared_ptr<const SecretService::VaultEntry> SecretService::make_entry(VaultRow row, policy::Policy policy)
+std::shared_ptr<const SecretService::VaultEntry> SecretService::make_entry(VaultRow row, policy::Policy policy,
+                                                                          std::uint64_t generation)
 {
     const std::size_t size = policy.print().size();
     return std::make_shared<const VaultEntry>(
-        VaultEntry{std::move(row), std::make_shared<const policy::Policy>(std::move(policy)), size});
+        VaultEntry{std::move(row), std::make_shared<const policy::Policy>(std::move(policy)), size, generation});
 }
 
 Result<std::shared_ptr<const SecretService::VaultEntry>> SecretService::load_vault(std::string_view name)
@@ -160,9 +165,10 @@ Result<std::shared_ptr<const SecretService::VaultEntry>> SecretService::load_vau
     if (!is_valid_vault_name(name))
         return fail(Errc::not_found);
     {
+        const std::uint64_t generation = store_.generation();
         std::shared_lock lock(vaults_mutex_);
         for (const auto& [id, entry] : vaults_)
-            if (entry->row.name == name)
+            if (entry->row.name == name && entry->generation == generation)
                 return entry;
     }
     auto row = store_.vault_by_name(name);
@@ -670,8 +676,16 @@ Result<void> SecretService::write_policy(const Caller& caller, VaultId vault, st
     }
     // Refuse a lock-out: with no one able to manage the vault, no one could
     // ever change its policy again (admins have no data-plane rights).
-    const bool someone_manages = std::any_of(parsed->rules().begin(), parsed->rules().end(), [](const policy::Rule& r) {
-        return r.allow && !r.glob && r.permissions.contains(Permission::manage);
+    // Someone named by a manage grant must still hold manage after the denies.
+    const bool someone_manages = std::any_of(parsed->rules().begin(), parsed->rules().end(), [&](const policy::Rule& r) {
+        if (!r.allow || r.glob || !r.permissions.contains(Permission::manage))
+            return false;
+        policy::Subject who{static_cast<uid_t>(-2), static_cast<gid_t>(-2), {}};
+        if (r.principal.kind == policy::Principal::Kind::uid)
+            who.uid = r.principal.id;
+        else if (r.principal.kind == policy::Principal::Kind::gid)
+            who.gid = r.principal.id;
+        return parsed->evaluate(who, Permission::manage).allowed;
     });
     if (!someone_manages) {
         ev.reason = "no rule grants manage: the vault could never be managed again";
@@ -685,10 +699,8 @@ Result<void> SecretService::write_policy(const Caller& caller, VaultId vault, st
     });
     if (!w)
         return tl::unexpected(w.error());
-    // Swap in the new policy: the next open sees it.
-    auto entry = make_entry((*v)->row, std::move(*parsed));
-    std::unique_lock lock(vaults_mutex_);
-    vaults_[vault.value] = std::move(entry);
+    // The commit moved the store's generation: the next open reloads the
+    // vault and sees the new policy.
     return {};
 }
 

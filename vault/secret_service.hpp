@@ -232,8 +232,9 @@ private:
         VaultRow row;
         std::shared_ptr<const policy::Policy> policy;
         std::size_t policy_size = 0;
+        std::uint64_t generation = 0;  // the store generation it was read in
     };
-    static std::shared_ptr<const VaultEntry> make_entry(VaultRow row, policy::Policy policy);
+    static std::shared_ptr<const VaultEntry> make_entry(VaultRow row, policy::Policy policy, std::uint64_t generation);
     // "3: allow uid:1001 get", or "default-deny": the `rule` of a record.
     static std::string rule_of(const policy::Decision& d);
     static Error from_hsm(const hsm::Error& e);

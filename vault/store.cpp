@@ -613,7 +613,14 @@ Result<void> Store::write(const Work& work)
     std::deque<PendingWrite*> batch;
     batch.swap(queue_);
     lock.unlock();
-    const auto committed = run_batch(batch);
+    Result<void> committed;
+    try {
+        committed = run_batch(batch);
+    } catch (const std::exception& e) {
+        // Never leave the transaction open or the followers waiting.
+        (void)writer_->exec("ROLLBACK");
+        committed = fail(Errc::storage, std::string("write failed: ") + e.what());
+    }
     lock.lock();
     for (auto* p : batch) {
         if (!committed)
@@ -681,6 +688,12 @@ Result<void> Store::run_batch(std::deque<PendingWrite*>& batch)
                 (void)control("ROLLBACK TO unit");
             (void)control("RELEASE unit");
         }
+        // Some errors (SQLITE_FULL, IOERR, NOMEM) roll the whole transaction
+        // back by themselves: nothing of this batch can commit any more.
+        if (sqlite3_get_autocommit(c.get()) != 0)
+            return fail(p->result ? Errc::storage : p->result.error().code,
+                        "the write transaction was rolled back: " +
+                            (p->result ? std::string("by SQLite") : p->result.error().message));
     }
     if (!any_ok) {
         (void)control("ROLLBACK");

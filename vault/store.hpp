@@ -146,6 +146,10 @@ public:
 
     const std::string& path() const { return path_; }
 
+    // Moves on with every write batch (committed or not): what was read
+    // under an older generation may be stale.
+    std::uint64_t generation() const { return generation_.load(); }
+
     // ---- reads -------------------------------------------------------------
     Result<std::optional<VaultRow>> vault_by_name(std::string_view name);
     Result<std::optional<VaultRow>> vault_by_id(VaultId id);

@@ -146,6 +146,13 @@ TEST_CASE("writes: offsets assemble, EFBIG commits nothing, S@N is read-only", "
     CHECK(write_file(m.path("wvault/pieces"), "x", O_RDWR).err == EINVAL);
     CHECK(write_file(m.path("wvault/pieces"), "x", O_WRONLY | O_APPEND).err == EINVAL);
     // truncate: only to empty, only through an open writer.
+    const auto ftrunc = as_root([&] {
+        const int fd = ::open(m.path("wvault/pieces").c_str(), O_WRONLY);
+        const int rc = ::ftruncate(fd, 5) == 0 ? 0 : errno;
+        ::close(fd);
+        return Outcome{rc, {}};
+    });
+    CHECK(ftrunc.err == EINVAL);
     CHECK(::truncate(m.path("wvault/pieces").c_str(), 3) != 0);
     CHECK(errno == EINVAL);
 }

@@ -289,3 +289,26 @@ TEST_CASE("the control socket serves admins only, and audits everyone", "[fs][li
     CHECK(m.last_audit("vault_list", 0)["result"] == "ok");
     CHECK(shell(m.binary + " vault create x --socket " + socket + " 2>/dev/null").err == 1);
 }
+
+TEST_CASE("restore into another vault needs restore in the backup's own vault", "[fs][lifecycle]")
+{
+    TestGroup admins("adm");
+    TestUser ann("n", {&admins});
+    Mount m(MountOptions{{"admin_group = " + admins.name, "control_socket = ../control.sock"}});
+    const std::string socket = m.root + "/control.sock";
+    REQUIRE(make_dir(m.path("roots-vault")).err == 0);
+    REQUIRE(write_file(m.path("roots-vault/s"), "root's secret").err == 0);
+    const std::string file = m.root + "/roots.backup";
+    REQUIRE(shell(m.binary + " backup roots-vault -o " + file + " --socket " + socket).err == 0);
+    REQUIRE(::chmod(file.c_str(), 0644) == 0);
+    // An admin makes a vault of her own (she owns it) and tries to restore
+    // root's backup there, to read it.
+    REQUIRE(as(ann, [&] { return make_dir(m.path("anns-vault")); }).err == 0);
+    const auto r = as(ann, [&] {
+        return shell(m.binary + " restore " + file + " --into anns-vault --socket " + socket + " 2>&1");
+    });
+    CHECK(r.err == 1);
+    CHECK(r.data.find("needs `restore` in roots-vault") != std::string::npos);
+    CHECK(ok(as(ann, [&] { return list_dir(m.path("anns-vault")); })) == ".deleted\n.policy\n.versions");
+    CHECK(m.last_audit("restore", ann.uid)["result"] == "EACCES");
+}

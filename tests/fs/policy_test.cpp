@@ -108,6 +108,7 @@ TEST_CASE("policies decide every open, for users and groups", "[fs][policy]")
     SECTION("an invalid policy fails with EINVAL at close and leaves the old one in force")
     {
         for (const std::string bad : {"allow uid:0 get,list,set\n" /* no one could manage it again */,
+                                      "allow uid:0 *\ndeny any manage\n" /* nor here */,
                                       "allow uid:0 *\nallow nobody-here get\n", "allow user:no-such-user-xyz get\n",
                                       "allow uid:0 fly\n"}) {
             INFO(bad);
