@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <set>
 #include <variant>
 
 #include "fs/errno_map.hpp"
@@ -256,8 +257,9 @@ void Filesystem::invalidate_inode(Node node)
 void Filesystem::drop_page_cache(std::uint64_t ino)
 {
     std::lock_guard lock(inval_mutex_);
-    inval_queue_.emplace_back(ino, std::string());
-    inval_cv_.notify_one();
+    if (page_cache_drops_.empty())
+        inval_cv_.notify_one();  // start the 100 ms clock
+    page_cache_drops_.insert(ino);
 }
 
 void Filesystem::drop_handle(std::uint64_t fh) { handles_.remove(fh); }
@@ -275,16 +277,31 @@ void Filesystem::run_invalidations()
 {
     std::unique_lock lock(inval_mutex_);
     for (;;) {
-        inval_cv_.wait(lock, [&] { return inval_stop_ || !inval_queue_.empty(); });
+        // Page-cache drops are gathered for up to 100 ms and sent once per
+        // inode: a reader's close costs no kernel round trip of its own.
+        const auto ready = [&] { return inval_stop_ || !inval_queue_.empty(); };
+        if (page_cache_drops_.empty())
+            inval_cv_.wait(lock, [&] { return ready() || !page_cache_drops_.empty(); });
+        else
+            inval_cv_.wait_for(lock, std::chrono::milliseconds(100), ready);
         if (inval_stop_)
             return;
-        auto [ino, name] = std::move(inval_queue_.front());
-        inval_queue_.pop_front();
+        std::deque<std::pair<std::uint64_t, std::string>> work;
+        work.swap(inval_queue_);
+        std::set<std::uint64_t> drops;
+        if (std::chrono::steady_clock::now() - last_drops_ >= std::chrono::milliseconds(100)) {
+            drops.swap(page_cache_drops_);
+            last_drops_ = std::chrono::steady_clock::now();
+        }
         lock.unlock();
-        if (name.empty())
+        for (const auto& [ino, name] : work) {
+            if (name.empty())
+                fuse_lowlevel_notify_inval_inode(session_, ino, 0, 0);
+            else
+                fuse_lowlevel_notify_inval_entry(session_, ino, name.c_str(), name.size());
+        }
+        for (const auto ino : drops)
             fuse_lowlevel_notify_inval_inode(session_, ino, 0, 0);
-        else
-            fuse_lowlevel_notify_inval_entry(session_, ino, name.c_str(), name.size());
         lock.lock();
     }
 }
@@ -831,7 +848,8 @@ Reply Filesystem::release(fuse_req_t, fuse_ino_t ino, fuse_file_info* fi)
 {
     auto h = handles_.remove(fi->fh);
     // FOPEN_DIRECT_IO keeps read() out of the page cache, but a MAP_PRIVATE
-    // mmap still fills it: drop whatever a reader's mapping left there.
+    // mmap still fills it: whatever a reader's mapping left there is dropped
+    // within 100 ms (and a new mmap of the file drops it first anyway).
     if (h && h->kind == Handle::Kind::value)
         drop_page_cache(ino);
     if (h && h->kind == Handle::Kind::write) {

@@ -31,7 +31,9 @@
 #include <fuse_lowlevel.h>
 
 #include <condition_variable>
+#include <chrono>
 #include <deque>
+#include <set>
 #include <memory>
 #include <thread>
 #include <mutex>
@@ -127,6 +129,8 @@ private:
     std::mutex inval_mutex_;
     std::condition_variable inval_cv_;
     std::deque<std::pair<std::uint64_t, std::string>> inval_queue_;  // (ino, "") or (parent, name)
+    std::set<std::uint64_t> page_cache_drops_;  // inodes a reader released
+    std::chrono::steady_clock::time_point last_drops_{};
     fuse_session* session_ = nullptr;
     bool inval_stop_ = false;
     std::thread inval_thread_;
