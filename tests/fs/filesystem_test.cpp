@@ -2,6 +2,7 @@
 #include <catch2/catch.hpp>
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <signal.h>
@@ -94,6 +95,57 @@ TEST_CASE("values round-trip exactly: empty, one byte, 25 KiB, binary", "[fs]")
         CHECK(ok(read_file(m.path("bin/" + name))) == value);
         CHECK(ok(stat_path(m.path("bin/" + name))) == std::to_string(value.size()));
     }
+}
+
+TEST_CASE("a reader's mmap leaves no plaintext in the page cache once it closes", "[fs][mmap]")
+{
+    Mount m;
+    REQUIRE(make_dir(m.path("mapped")).err == 0);
+    const long page = ::sysconf(_SC_PAGESIZE);
+    const std::size_t pages = 3;
+    const std::string value(pages * static_cast<std::size_t>(page), 'k');
+    REQUIRE(write_file(m.path("mapped/key"), value).err == 0);
+
+    // A watcher maps the file first and never touches its mapping: mincore()
+    // on it reports which of the file's pages sit in the page cache. (Every
+    // open and mmap of a direct-I/O file flushes that cache, so the watcher
+    // must be in place before the reader fills it.)
+    const auto o = as_root([&] {
+        const std::string path = m.path("mapped/key");
+        const int watcher_fd = ::open(path.c_str(), O_RDONLY);
+        void* watcher = ::mmap(nullptr, value.size(), PROT_READ, MAP_PRIVATE, watcher_fd, 0);
+        if (watcher_fd < 0 || watcher == MAP_FAILED)
+            return Outcome{errno, "watcher"};
+        const auto resident = [&] {
+            std::vector<unsigned char> in(pages);
+            if (::mincore(watcher, value.size(), in.data()) != 0)
+                return -1;
+            int n = 0;
+            for (const auto b : in)
+                n += b & 1;
+            return n;
+        };
+        const int reader_fd = ::open(path.c_str(), O_RDONLY);
+        void* reader = ::mmap(nullptr, value.size(), PROT_READ, MAP_PRIVATE, reader_fd, 0);
+        if (reader_fd < 0 || reader == MAP_FAILED)
+            return Outcome{errno, "reader"};
+        const bool same = std::string(static_cast<const char*>(reader), value.size()) == value;
+        const int while_mapped = resident();
+        ::munmap(reader, value.size());
+        ::close(reader_fd);
+        int after_close = resident();
+        for (int i = 0; i < 500 && after_close != 0; ++i) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(10));
+            after_close = resident();
+        }
+        ::munmap(watcher, value.size());
+        ::close(watcher_fd);
+        return Outcome{0, (same ? "same " : "differs ") + std::to_string(while_mapped) + " " +
+                              std::to_string(after_close)};
+    });
+    // The mapping read the value and filled the cache (so mincore sees it
+    // here); after the reader closed, the daemon had the kernel drop it.
+    CHECK(ok(o) == "same " + std::to_string(pages) + " 0");
 }
 
 TEST_CASE("writes: offsets assemble, EFBIG commits nothing, S@N is read-only", "[fs]")
