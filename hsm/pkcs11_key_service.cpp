@@ -84,6 +84,17 @@ bool session_lost(ck_rv_t rv)
 
 bool handle_stale(ck_rv_t rv) { return rv == CKR_OBJECT_HANDLE_INVALID || rv == CKR_KEY_HANDLE_INVALID; }
 
+// The outcome of a call made through a session: the session's own error,
+// or "<what> failed: CKR_…" for a call the token refused.
+Result<void> call_ok(const Result<ck_rv_t>& rv, const std::string& what)
+{
+    if (!rv)
+        return tl::unexpected(rv.error());
+    if (*rv != CKR_OK)
+        return fail(Errc::device_error, what + " failed: " + rv_name(*rv));
+    return {};
+}
+
 std::string trimmed_label(const unsigned char (&label)[32])
 {
     std::string s(reinterpret_cast<const char*>(label), 32);
@@ -391,10 +402,8 @@ struct Pkcs11KeyService::Impl {
             (*module)->C_FindObjectsFinal(s);
             return r;
         });
-        if (!rv)
-            return tl::unexpected(rv.error());
-        if (*rv != CKR_OK)
-            return fail(Errc::device_error, "C_FindObjects failed: " + rv_name(*rv));
+        if (auto ok = call_ok(rv, "C_FindObjects"); !ok)
+            return tl::unexpected(ok.error());
         if (count == 0)
             return fail(Errc::key_not_found, "no key with id " + id.hex + " in token '" + label + "'");
         std::lock_guard lock(handles_mutex);
@@ -508,10 +517,8 @@ Result<KeyId> Pkcs11KeyService::create_kek(const std::string& label)
         ck_mechanism mech{CKM_AES_KEY_GEN, nullptr, 0};
         return (*impl_->module)->C_GenerateKey(s, &mech, tmpl, std::size(tmpl), &key);
     });
-    if (!rv)
-        return tl::unexpected(rv.error());
-    if (*rv != CKR_OK)
-        return fail(Errc::device_error, "C_GenerateKey (AES-256 KEK) failed: " + rv_name(*rv));
+    if (auto ok = call_ok(rv, "C_GenerateKey (AES-256 KEK)"); !ok)
+        return tl::unexpected(ok.error());
     return KeyId{to_hex(*id)};
 }
 
@@ -550,10 +557,8 @@ Result<std::vector<std::uint8_t>> Pkcs11KeyService::seal(const KeyId& kek, const
             r = CKR_GENERAL_ERROR;
         return r;
     });
-    if (!rv)
-        return tl::unexpected(rv.error());
-    if (*rv != CKR_OK)
-        return fail(Errc::device_error, "sealing a DEK with key " + kek.hex + " failed: " + rv_name(*rv));
+    if (auto ok = call_ok(rv, "sealing a DEK with key " + kek.hex); !ok)
+        return tl::unexpected(ok.error());
     return blob;
 }
 
@@ -635,10 +640,8 @@ Result<KeyId> Pkcs11KeyService::create_signing_key(const std::string& label)
         return (*impl_->module)->C_GenerateKeyPair(s, &mech, pub, std::size(pub), priv, std::size(priv), &pub_h,
                                                    &priv_h);
     });
-    if (!rv)
-        return tl::unexpected(rv.error());
-    if (*rv != CKR_OK)
-        return fail(Errc::device_error, "C_GenerateKeyPair (EC P-256) failed: " + rv_name(*rv));
+    if (auto ok = call_ok(rv, "C_GenerateKeyPair (EC P-256)"); !ok)
+        return tl::unexpected(ok.error());
     return KeyId{to_hex(*id)};
 }
 
@@ -652,10 +655,8 @@ Result<std::vector<std::uint8_t>> Pkcs11KeyService::public_point(const KeyId& ke
         len = a.value_len;
         return r;
     });
-    if (!rv)
-        return tl::unexpected(rv.error());
-    if (*rv != CKR_OK)
-        return fail(Errc::device_error, "reading the public point of " + key.hex + " failed: " + rv_name(*rv));
+    if (auto ok = call_ok(rv, "reading the public point of " + key.hex); !ok)
+        return tl::unexpected(ok.error());
     der.resize(len);
     // CKA_EC_POINT is a DER OCTET STRING around the uncompressed point.
     if (der.size() == 67 && der[0] == 0x04 && der[1] == 0x41 && der[2] == 0x04)
@@ -680,10 +681,8 @@ Result<std::vector<std::uint8_t>> Pkcs11KeyService::sign_digest(const KeyId& key
             r = CKR_GENERAL_ERROR;
         return r;
     });
-    if (!rv)
-        return tl::unexpected(rv.error());
-    if (*rv != CKR_OK)
-        return fail(Errc::device_error, "signing with key " + key.hex + " failed: " + rv_name(*rv));
+    if (auto ok = call_ok(rv, "signing with key " + key.hex); !ok)
+        return tl::unexpected(ok.error());
     return sig;
 }
 
@@ -723,10 +722,8 @@ Result<bool> Pkcs11KeyService::read_bool_attribute(const KeyId& id, unsigned lon
         ck_attribute a = attr(attribute_type, &value, 1);
         return (*impl_->module)->C_GetAttributeValue(s, h, &a, 1);
     });
-    if (!rv)
-        return tl::unexpected(rv.error());
-    if (*rv != CKR_OK)
-        return fail(Errc::device_error, "C_GetAttributeValue failed: " + rv_name(*rv));
+    if (auto ok = call_ok(rv, "C_GetAttributeValue"); !ok)
+        return tl::unexpected(ok.error());
     return value != 0;
 }
 
