@@ -2,6 +2,11 @@
 #include <catch2/catch.hpp>
 
 #include <fcntl.h>
+#include <sched.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <thread>
@@ -22,6 +27,75 @@ void audited(const Mount& m, const std::string& op, uid_t uid, const std::string
     CHECK(r["result"] == result);
     if (!secret.empty())
         CHECK(r["secret"] == secret);
+}
+
+// Writes `text` to a /proc file (the id maps of a new user namespace).
+bool write_proc(const std::string& path, const std::string& text)
+{
+    const int fd = ::open(path.c_str(), O_WRONLY);
+    if (fd < 0)
+        return false;
+    const bool whole = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+    ::close(fd);
+    return whole;
+}
+
+// What a rootless container runtime does for its first process: new user,
+// mount and pid namespaces, in which this unprivileged caller is root (uid
+// and gid 0 mapped to its own ids outside), `source` bound at `target` as
+// the container's config directory, and `action` run as pid 1 of the new
+// pid namespace. Returns the action's outcome, or the errno of the step that
+// failed with that step's name as data.
+Outcome in_rootless_container(const std::string& source, const std::string& target,
+                              const std::function<Outcome()>& action)
+{
+    const std::string uid_map = "0 " + std::to_string(::getuid()) + " 1\n";
+    const std::string gid_map = "0 " + std::to_string(::getgid()) + " 1\n";
+    // A process that changed its uids is not dumpable, and its /proc files
+    // (the id maps among them) then belong to root; an exec'd runtime is.
+    if (::prctl(PR_SET_DUMPABLE, 1) != 0 || ::unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID) != 0)
+        return {errno, "unshare"};
+    if (!write_proc("/proc/self/setgroups", "deny") || !write_proc("/proc/self/uid_map", uid_map) ||
+        !write_proc("/proc/self/gid_map", gid_map))
+        return {errno, "id maps"};
+    if (::mount(source.c_str(), target.c_str(), nullptr, MS_BIND, nullptr) != 0)
+        return {errno, "bind mount"};
+    int fds[2];
+    if (::pipe(fds) != 0)
+        return {errno, "pipe"};
+    const pid_t pid = ::fork();  // the first child in the new pid namespace
+    if (pid < 0)
+        return {errno, "fork"};
+    if (pid == 0) {
+        ::close(fds[0]);
+        const Outcome o = action();
+        const std::string reply = std::to_string(o.err) + " " + o.data;
+        (void)!::write(fds[1], reply.data(), reply.size());
+        ::_exit(0);
+    }
+    ::close(fds[1]);
+    std::string reply;
+    char buf[4096];
+    for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;)
+        reply.append(buf, static_cast<std::size_t>(n));
+    ::close(fds[0]);
+    ::waitpid(pid, nullptr, 0);
+    const auto space = reply.find(' ');
+    if (space == std::string::npos)
+        return {EPROTO, "the container's first process gave no answer"};
+    return {std::stoi(reply.substr(0, space)), reply.substr(space + 1)};
+}
+
+// A one-line summary of what a caller managed to do through a config
+// directory: each step's errno (0 = done) or, for reads, the value.
+std::string try_config_dir(const std::string& dir)
+{
+    const auto show = [](const Outcome& o) { return o.err == 0 ? o.data : "errno " + std::to_string(o.err); };
+    std::string line = "uid " + std::to_string(::getuid()) + "; ls: " + show(list_dir(dir));
+    line += "; db-password: " + show(read_file(dir + "/db-password"));
+    line += "; api-key: " + show(read_file(dir + "/api-key"));
+    line += "; write: " + show(write_file(dir + "/db-password", "overwritten"));
+    return line;
 }
 
 }  // namespace
@@ -190,4 +264,65 @@ TEST_CASE("members of the admin group create vaults and own them", "[fs][policy]
     CHECK(as(ann, [&] { return write_file(m.path("anns-vault/s"), "v"); }).err == 0);
     CHECK(read_file(m.path("anns-vault/s")).err == EACCES);  // root is not in this vault's policy
     CHECK(as(ann, [&] { return remove_dir(m.path("anns-vault")); }).err == ENOTEMPTY);
+}
+
+TEST_CASE("a container bind-mounts a vault as its config directory", "[fs][policy][container]")
+{
+    TestUser svc("s");
+    Mount m;
+    REQUIRE(make_dir(m.path("app")).err == 0);
+    REQUIRE(write_file(m.path("app/db-password"), "pw").err == 0);
+    REQUIRE(write_file(m.path("app/api-key"), "key").err == 0);
+    REQUIRE(write_file(m.path("app/.policy"),
+                       "allow uid:0 *\nallow user:" + svc.name + " list\nallow user:" + svc.name + " get db-*\n")
+                .err == 0);
+    const std::string config = m.root + "/config";  // the container's /config
+    REQUIRE(::mkdir(config.c_str(), 0755) == 0);
+    // What the service may do, whichever way it is contained: list, read
+    // db-password; not read api-key, not write.
+    const std::string allowed = "; ls: .deleted\n.policy\n.versions\napi-key\ndb-password; db-password: pw; "
+                                "api-key: errno " + std::to_string(EACCES) + "; write: errno " +
+                                std::to_string(EACCES);
+
+    SECTION("bound by root in the container's mount namespace, read by the service's uid")
+    {
+        const auto o = as_root([&] {
+            if (::unshare(CLONE_NEWNS) != 0 || ::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0 ||
+                ::mount(m.path("app").c_str(), config.c_str(), nullptr, MS_BIND, nullptr) != 0)
+                return Outcome{errno, "bind"};
+            return as(svc, [&] { return Outcome{0, try_config_dir(config)}; });
+        });
+        CHECK(ok(o) == "uid " + std::to_string(svc.uid) + allowed);
+    }
+    SECTION("rootless: the container's root is the outer user, not root")
+    {
+        std::string host_pid;
+        const auto o = as(svc, [&] {
+            return in_rootless_container(m.path("app"), config, [&] {
+                char self[32] = {};
+                // The host's /proc names this process by its pid outside.
+                (void)!::readlink("/proc/self", self, sizeof self - 1);
+                return Outcome{0, "pid " + std::to_string(::getpid()) + " (" + self + ") " + try_config_dir(config)};
+            });
+        });
+        const std::string out = ok(o);
+        const auto open_paren = out.find('('), close_paren = out.find(')');
+        REQUIRE(close_paren != std::string::npos);
+        host_pid = out.substr(open_paren + 1, close_paren - open_paren - 1);
+        CHECK(out.substr(0, open_paren) == "pid 1 ");
+        CHECK(out.substr(close_paren + 2) == "uid 0" + allowed);
+        // The daemon saw, and audited, the outer uid and the host pid.
+        const auto denied = m.last_audit("get", svc.uid);
+        INFO(denied.dump());
+        CHECK(denied["secret"] == "api-key");
+        CHECK(denied["decision"] == "deny");
+        CHECK(denied["result"] == "EACCES");
+        CHECK(std::to_string(denied["pid"].get<long>()) == host_pid);
+        CHECK(m.last_audit("set", svc.uid)["result"] == "EACCES");
+    }
+    // Nothing was written through either binding, and neither is left on the host.
+    CHECK(ok(read_file(m.path("app/db-password"))) == "pw");
+    CHECK(ok(list_dir(m.path("app/.versions"))) == "api-key@1\ndb-password@1");
+    CHECK(ok(list_dir(config)) == "");
+    ::rmdir(config.c_str());
 }
