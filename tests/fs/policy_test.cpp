@@ -6,7 +6,6 @@
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <thread>
@@ -29,17 +28,6 @@ void audited(const Mount& m, const std::string& op, uid_t uid, const std::string
         CHECK(r["secret"] == secret);
 }
 
-// Writes `text` to a /proc file (the id maps of a new user namespace).
-bool write_proc(const std::string& path, const std::string& text)
-{
-    const int fd = ::open(path.c_str(), O_WRONLY);
-    if (fd < 0)
-        return false;
-    const bool whole = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
-    ::close(fd);
-    return whole;
-}
-
 // What a rootless container runtime does for its first process: new user,
 // mount and pid namespaces, in which this unprivileged caller is root (uid
 // and gid 0 mapped to its own ids outside), `source` bound at `target` as
@@ -55,35 +43,13 @@ Outcome in_rootless_container(const std::string& source, const std::string& targ
     // (the id maps among them) then belong to root; an exec'd runtime is.
     if (::prctl(PR_SET_DUMPABLE, 1) != 0 || ::unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID) != 0)
         return {errno, "unshare"};
-    if (!write_proc("/proc/self/setgroups", "deny") || !write_proc("/proc/self/uid_map", uid_map) ||
-        !write_proc("/proc/self/gid_map", gid_map))
-        return {errno, "id maps"};
+    for (const auto& [file, text] : std::vector<std::pair<std::string, std::string>>{
+             {"setgroups", "deny"}, {"uid_map", uid_map}, {"gid_map", gid_map}})
+        if (const auto w = write_file("/proc/self/" + file, text, O_WRONLY); w.err != 0)
+            return {w.err, file};
     if (::mount(source.c_str(), target.c_str(), nullptr, MS_BIND, nullptr) != 0)
         return {errno, "bind mount"};
-    int fds[2];
-    if (::pipe(fds) != 0)
-        return {errno, "pipe"};
-    const pid_t pid = ::fork();  // the first child in the new pid namespace
-    if (pid < 0)
-        return {errno, "fork"};
-    if (pid == 0) {
-        ::close(fds[0]);
-        const Outcome o = action();
-        const std::string reply = std::to_string(o.err) + " " + o.data;
-        (void)!::write(fds[1], reply.data(), reply.size());
-        ::_exit(0);
-    }
-    ::close(fds[1]);
-    std::string reply;
-    char buf[4096];
-    for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;)
-        reply.append(buf, static_cast<std::size_t>(n));
-    ::close(fds[0]);
-    ::waitpid(pid, nullptr, 0);
-    const auto space = reply.find(' ');
-    if (space == std::string::npos)
-        return {EPROTO, "the container's first process gave no answer"};
-    return {std::stoi(reply.substr(0, space)), reply.substr(space + 1)};
+    return as_root(action);  // the first child of a new pid namespace is its pid 1
 }
 
 // A one-line summary of what a caller managed to do through a config
@@ -302,7 +268,6 @@ TEST_CASE("a container bind-mounts a vault as its config directory", "[fs][polic
         WARN("not run under ThreadSanitizer");
         return;
 #endif
-        std::string host_pid;
         const auto o = as(svc, [&] {
             return in_rootless_container(m.path("app"), config, [&] {
                 char self[32] = {};
@@ -314,7 +279,7 @@ TEST_CASE("a container bind-mounts a vault as its config directory", "[fs][polic
         const std::string out = ok(o);
         const auto open_paren = out.find('('), close_paren = out.find(')');
         REQUIRE(close_paren != std::string::npos);
-        host_pid = out.substr(open_paren + 1, close_paren - open_paren - 1);
+        const std::string host_pid = out.substr(open_paren + 1, close_paren - open_paren - 1);
         CHECK(out.substr(0, open_paren) == "pid 1 ");
         CHECK(out.substr(close_paren + 2) == "uid 0" + allowed);
         // The daemon saw, and audited, the outer uid and the host pid.
