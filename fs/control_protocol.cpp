@@ -48,6 +48,9 @@ tl::expected<ControlRequest, std::string> parse_request(std::string_view text)
                             : std::optional<std::string>();
         if (!j[key].is_string())
             return tl::unexpected(std::string("\"") + key + "\" must be a string");
+        // Names and documents are never empty; "" would read as absent.
+        if (j[key].get_ref<const std::string&>().empty())
+            return tl::unexpected(std::string("\"") + key + "\" must not be empty");
         return std::optional<std::string>(j[key].get<std::string>());
     };
     for (const auto& item : j.items()) {

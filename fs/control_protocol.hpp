@@ -1,5 +1,5 @@
 // control_protocol: the requests of the control socket, one JSON object per
-// connection, and their parsing (strict: unknown commands, missing or
+// connection, and their parsing (strict: unknown commands, missing, empty or
 // mistyped fields are errors). The libFuzzer target drives parse_request.
 //
 //   {"cmd":"vault_create","vault":"payments","retention_days":30,"purge_protection":true}
