@@ -33,7 +33,7 @@ namespace vaultfs::fs {
 namespace {
 
 // The audit log whose file SIGHUP reopens. Set while serving.
-std::atomic<vault::AuditLog*> hup_target{nullptr};
+std::atomic<vault::audit::Log*> hup_target{nullptr};
 
 void on_sighup(int)
 {

@@ -18,7 +18,9 @@
 #include "fs/control_protocol.hpp"
 #include "fs/daemon.hpp"
 #include "hsm/secure_buffer.hpp"
-#include "vault/audit.hpp"
+#include "vault/audit/log.hpp"
+#include "vault/audit/verify.hpp"
+#include "vault/signing.hpp"
 #include "vault/state.hpp"
 
 namespace {
@@ -58,48 +60,83 @@ std::string read_file(const std::string& path)
 
 int run_verify(const std::string& state, std::vector<std::string> files, std::string public_key)
 {
-    std::optional<vault::AuditAnchor> anchor;
+    vault::audit::VerifyOptions options;
+    std::string pem;
+    std::vector<std::string> key_problems;
+    std::vector<std::string> notes;
     if (!state.empty()) {
         if (auto heap = hsm::init_secure_heap(command_heap_bytes); !heap)
             return fail(heap.error().message);
-        auto config = vault::load_config(vault::absolute_path(state));
+        const std::string dir = vault::absolute_path(state);
+        auto config = vault::load_config(dir);
         if (!config)
             return fail(config.error().message);
+        const std::string live_file = config->path_of(config->audit_file);
         if (files.empty())
-            files.push_back(config->path_of(config->audit_file));
-        if (public_key.empty())
-            public_key = config->path_of(config->audit_public_key);
+            files.push_back(live_file);
+        const auto daemon = vault::StateLock::holder(dir);
+        options.live = daemon.has_value() && vault::absolute_path(files.back()) == live_file;
+        if (daemon)
+            notes.push_back("the daemon (pid " + std::to_string(*daemon) + ") is running");
         auto store = vault::Store::open(config->path_of(config->database), vault::Store::Mode::read_only);
         if (!store)
             return fail(store.error().message);
         auto a = (*store)->audit_anchor();
         if (!a)
             return fail(a.error().message);
-        anchor = *a;
+        options.anchor = *a;
+        options.anchor_expected = true;
+        // The key file is a copy; the token holds the key itself.
+        const std::string file_pem = read_file(config->path_of(config->audit_public_key));
+        if (public_key.empty()) {
+            auto token_pem = vault::token_audit_public_key(*config);
+            if (!token_pem) {
+                notes.push_back("the token could not be asked for the audit key (" + token_pem.error().message +
+                                "); checking with " + config->path_of(config->audit_public_key));
+                pem = file_pem;
+            } else {
+                pem = *token_pem;
+                if (!vault::same_public_key(file_pem, pem))
+                    key_problems.push_back(config->path_of(config->audit_public_key) +
+                                           " is not the token's audit key: it was replaced (checked with the "
+                                           "token's key instead)");
+            }
+        }
     }
     if (files.empty())
         return fail("name audit files, or a state directory with --state");
-    if (public_key.empty())
-        return fail("--public-key is needed without --state");
-    const std::string pem = read_file(public_key);
-    if (pem.empty())
-        return fail("cannot read the public key " + public_key);
+    if (pem.empty()) {
+        if (public_key.empty())
+            return fail("--public-key is needed without --state");
+        pem = read_file(public_key);
+        if (pem.empty())
+            return fail("cannot read the public key " + public_key);
+    }
 
-    const auto report = vault::verify_audit(files, pem, anchor);
+    const auto report = vault::audit::verify_files(files, pem, options);
+    for (const auto& n : notes)
+        std::printf("note: %s\n", n.c_str());
     for (const auto& w : report.warnings)
         std::printf("warning: %s\n", w.c_str());
-    if (!report.ok) {
-        if (report.line != 0)
-            std::printf("FAILED: %s line %llu: %s\n", report.file.c_str(),
-                        static_cast<unsigned long long>(report.line), report.problem.c_str());
-        else
-            std::printf("FAILED: %s%s%s\n", report.file.c_str(), report.file.empty() ? "" : ": ",
-                        report.problem.c_str());
+    for (const auto& b : report.breaks)
+        std::printf("break: %s\n", b.c_str());
+    const bool ok = report.ok && key_problems.empty();
+    if (!ok) {
+        std::vector<std::string> problems = key_problems;
+        problems.insert(problems.end(), report.problems.begin(), report.problems.end());
+        std::printf("FAILED: %s\n", problems.front().c_str());
+        for (std::size_t i = 1; i < problems.size(); ++i)
+            std::printf("  and: %s\n", problems[i].c_str());
         return 1;
     }
-    std::printf("OK: %llu records, %llu signed, chain intact%s\n", static_cast<unsigned long long>(report.records),
-                static_cast<unsigned long long>(report.checkpoints),
-                anchor ? ", reaches the database anchor" : "");
+    std::string tail = report.unsigned_tail == 0
+                           ? "every record signed over"
+                           : "unsigned tail: " + std::to_string(report.unsigned_tail) + " record(s) over " +
+                                 std::to_string(report.tail_seconds) + " s after the signature at seq " +
+                                 std::to_string(report.last_signed_seq);
+    std::printf("OK: %llu records, %llu signed, chain intact%s; %s\n", static_cast<unsigned long long>(report.records),
+                static_cast<unsigned long long>(report.signed_records),
+                options.anchor ? ", reaches the signed database anchor" : "", tail.c_str());
     return 0;
 }
 

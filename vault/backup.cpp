@@ -16,10 +16,10 @@
 
 #include <nlohmann/json.hpp>
 
-#include "vault/audit_format.hpp"
 #include "vault/backup_format.hpp"
 #include "vault/envelope.hpp"
 #include "vault/names.hpp"
+#include "vault/signing.hpp"
 #include "vault/secret_service.hpp"
 
 namespace vaultfs::vault {
@@ -38,7 +38,7 @@ Result<std::string> SecretService::backup(const Caller& caller, std::string_view
 {
     auto v = load_vault(vault_name);
     if (!v || (!is_admin(caller) && !(*v)->policy->holds_any(caller.who)))
-        return refuse(AuditEvent{.op = "backup", .caller = &caller, .vault = vault_name,
+        return refuse(audit::Event{.op = "backup", .caller = &caller, .vault = vault_name,
                                  .secret = secret.value_or(""), .rule = "default-deny"},
                       Errc::not_found, "no such vault");
     const VaultEntry& vault = **v;
@@ -49,7 +49,7 @@ Result<std::string> SecretService::backup(const Caller& caller, std::string_view
         if (!s)
             return tl::unexpected(s.error());
         if (!*s || !(*s)->has_versions() || (*s)->deleted())
-            return refuse(AuditEvent{.op = "backup", .caller = &caller, .vault = vault_name, .secret = *secret,
+            return refuse(audit::Event{.op = "backup", .caller = &caller, .vault = vault_name, .secret = *secret,
                                      .allowed = true, .rule = "lookup"},
                           Errc::not_found, "no such secret");
         rows.push_back(std::move(**s));
@@ -71,7 +71,7 @@ Result<std::string> SecretService::backup(const Caller& caller, std::string_view
         const auto d = vault.policy->evaluate(caller.who, Permission::backup, s.name);
         if (!d.allowed) {
             const auto rule = rule_of(d);
-            return refuse(AuditEvent{.op = "backup", .caller = &caller, .vault = vault_name, .secret = s.name,
+            return refuse(audit::Event{.op = "backup", .caller = &caller, .vault = vault_name, .secret = s.name,
                                      .allowed = false, .rule = rule},
                           Errc::access_denied, "no backup permission for " + s.name);
         }
@@ -110,23 +110,23 @@ Result<std::string> SecretService::backup(const Caller& caller, std::string_view
              {"created", now_micros()},
              {"vault", json{{"id", vault.row.id.value}, {"name", vault.row.name}, {"kek_id", vault.row.kek_id}}},
              {"secrets", secrets}};
-    auto sealed = seal_record(doc, [&](std::span<const std::uint8_t, 32> digest) {
+    auto sealed = seal_document(doc, [&](std::span<const std::uint8_t, 32> digest) {
         return keys_.sign_digest(options_.signing_key, digest);
     });
-    AuditEvent ev{.op = "backup", .caller = &caller, .vault = vault_name, .secret = secret.value_or(""),
+    audit::Event ev{.op = "backup", .caller = &caller, .vault = vault_name, .secret = secret.value_or(""),
                   .allowed = true, .rule = "backup"};
     if (!sealed)
         return refuse(ev, Errc::key_unavailable, "cannot sign the backup: " + sealed.error());
-    ev.bytes = sealed->line.size();
+    ev.bytes = sealed->size();
     if (auto r = record(ev); !r)
         return tl::unexpected(r.error());
-    return std::move(sealed->line);
+    return std::move(*sealed);
 }
 
 Result<std::vector<std::string>> SecretService::restore(const Caller& caller, std::string_view document,
                                                         std::optional<std::string_view> into)
 {
-    AuditEvent ev{.op = "restore", .caller = &caller, .vault = into.value_or(""), .rule = "default-deny"};
+    audit::Event ev{.op = "restore", .caller = &caller, .vault = into.value_or(""), .rule = "default-deny"};
     auto doc = parse_backup(document);
     if (!doc)
         return refuse(ev, Errc::invalid_argument, doc.error().message);
@@ -231,7 +231,7 @@ Result<std::vector<std::string>> SecretService::restore(const Caller& caller, st
                 if (auto t = tx.replace_tags(*vid, r.tags[i]); !t)
                     return t;
             }
-            AuditEvent one{.op = "restore", .caller = &caller, .vault = target_name, .secret = r.name,
+            audit::Event one{.op = "restore", .caller = &caller, .vault = target_name, .secret = r.name,
                            .allowed = true, .rule = "restore", .bytes = r.versions.size()};
             if (auto a = record(one); !a)
                 return a;

@@ -7,7 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "vault/attributes.hpp"
-#include "vault/audit_format.hpp"
+#include "vault/signing.hpp"
 #include "vault/names.hpp"
 
 namespace vaultfs::vault {
@@ -49,6 +49,24 @@ std::vector<std::uint8_t> hex_field(const json& v, const char* what)
 }
 
 }  // namespace
+
+std::string canonical(const json& document)
+{
+    return document.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+tl::expected<std::string, std::string> seal_document(json& document, const SignDigest& sign)
+{
+    document.erase("hash");
+    document.erase("sig");
+    const auto digest = sha256(canonical(document));
+    auto sig = sign(std::span<const std::uint8_t, 32>(digest));
+    if (!sig)
+        return tl::unexpected(sig.error().message);
+    document["sig"] = to_hex(*sig);
+    document["hash"] = sha256_hex(canonical(document));
+    return canonical(document);
+}
 
 Result<BackupDocument> parse_backup(std::string_view text)
 {

@@ -13,6 +13,12 @@
 #include <string_view>
 #include <vector>
 
+#include <functional>
+#include <span>
+
+#include <nlohmann/json.hpp>
+
+#include "hsm/error.hpp"
 #include "vault/error.hpp"
 #include "vault/store.hpp"
 #include "vault/types.hpp"
@@ -47,6 +53,17 @@ struct BackupDocument {
     std::vector<std::uint8_t> signature;
     bool hash_matches = false;  // `hash` agrees with the document
 };
+
+// A document's canonical text: nlohmann::json's dump with sorted keys and no
+// whitespace (invalid UTF-8 replaced). The signature and hash of a backup
+// cover the canonical text of the document without them.
+std::string canonical(const nlohmann::json& document);
+
+using SignDigest = std::function<hsm::Result<std::vector<std::uint8_t>>(std::span<const std::uint8_t, 32>)>;
+
+// Adds `sig` (over the canonical document) and `hash` (over the canonical
+// document with `sig`) and renders it. The error is the signer's message.
+tl::expected<std::string, std::string> seal_document(nlohmann::json& document, const SignDigest& sign);
 
 // Errc::invalid_argument, with what is wrong, for anything that is not a
 // well-formed backup: bad JSON, missing or mistyped fields, bad hex, invalid

@@ -130,15 +130,35 @@ Result<Config> parse_config(std::string_view text, const std::string& state_dir)
                 return bad("audit_sync_interval_ms must be 1..3600000");
             c.audit_sync_interval = std::chrono::milliseconds(*n);
         } else if (key == "audit_checkpoint_records") {
-            const auto n = number(std::uint64_t{1}, std::uint64_t{10000000});
+            const auto n = number(std::uint64_t{1}, std::uint64_t{10000});
             if (!n)
-                return bad("audit_checkpoint_records must be 1..10000000");
+                return bad("audit_checkpoint_records must be 1..10000");
             c.audit_checkpoint_records = *n;
         } else if (key == "audit_checkpoint_seconds") {
-            const auto n = number(std::int64_t{1}, std::int64_t{86400});
+            const auto n = number(std::int64_t{1}, std::int64_t{3600});
             if (!n)
-                return bad("audit_checkpoint_seconds must be 1..86400");
+                return bad("audit_checkpoint_seconds must be 1..3600");
             c.audit_checkpoint_interval = std::chrono::seconds(*n);
+        } else if (key == "audit_coalesce_seconds") {
+            const auto n = number(std::int64_t{1}, std::int64_t{3600});
+            if (!n)
+                return bad("audit_coalesce_seconds must be 1..3600");
+            c.audit_coalesce_interval = std::chrono::seconds(*n);
+        } else if (key == "audit_reserve_mib") {
+            const auto n = number(std::uint64_t{0}, std::uint64_t{1} << 20);
+            if (!n)
+                return bad("audit_reserve_mib must be 0..1048576");
+            c.audit_reserve_mib = *n;
+        } else if (key == "max_open_files_per_uid") {
+            const auto n = number(std::size_t{1}, std::size_t{1} << 20);
+            if (!n)
+                return bad("max_open_files_per_uid must be 1..1048576");
+            c.max_open_files_per_uid = *n;
+        } else if (key == "max_buffered_kib_per_uid") {
+            const auto n = number(std::size_t{26}, std::size_t{4} << 20);
+            if (!n)
+                return bad("max_buffered_kib_per_uid must be 26..4194304 (a value is up to 25 KiB)");
+            c.max_buffered_kib_per_uid = *n;
         } else if (key == "dek_cache_entries") {
             const auto n = number(std::size_t{0}, std::size_t{1} << 20);
             if (!n)
@@ -214,12 +234,16 @@ std::string render_config(const Config& c)
         << "audit_sync_interval_ms = " << c.audit_sync_interval.count() << "\n"
         << "audit_checkpoint_records = " << c.audit_checkpoint_records << "\n"
         << "audit_checkpoint_seconds = " << c.audit_checkpoint_interval.count() << "\n"
+        << "audit_coalesce_seconds = " << c.audit_coalesce_interval.count() << "\n"
+        << "audit_reserve_mib = " << c.audit_reserve_mib << "\n"
         << "dek_cache_entries = " << c.dek_cache_entries << "\n"
         << "dek_cache_ttl_seconds = " << c.dek_cache_ttl.count() << "\n";
     if (c.admin_group)
         out << "admin_group = " << *c.admin_group << "\n";
     out << "threads = " << c.threads << "\n"
-        << "secure_heap_kib = " << c.secure_heap_kib << "\n";
+        << "secure_heap_kib = " << c.secure_heap_kib << "\n"
+        << "max_open_files_per_uid = " << c.max_open_files_per_uid << "\n"
+        << "max_buffered_kib_per_uid = " << c.max_buffered_kib_per_uid << "\n";
     if (c.retention_day_ms != 86400000)
         out << "retention_day_ms = " << c.retention_day_ms << "\n";
     if (c.purge_interval != std::chrono::seconds(3600))

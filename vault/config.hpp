@@ -40,8 +40,21 @@ struct Config {
     std::string control_socket = "control.sock";
     AuditSync audit_sync = AuditSync::interval;
     std::chrono::milliseconds audit_sync_interval{1000};
+    // The signed coverage bound (audit/log.hpp): a checkpoint at least every
+    // this many records and seconds; at most 10000 and 3600.
     std::uint64_t audit_checkpoint_records = 1000;
     std::chrono::seconds audit_checkpoint_interval{60};
+    // Refusals of callers who hold nothing: one record per (uid, op,
+    // result) per window, plus one counting the rest.
+    std::chrono::seconds audit_coalesce_interval{10};
+    // Below this much free space on the audit file's disk, those refusals
+    // are counted, not written.
+    std::uint64_t audit_reserve_mib = 64;
+
+    // Per-uid limits on what open files hold in the daemon: EMFILE past the
+    // handle limit, ENOMEM past the byte limit, for that uid only.
+    std::size_t max_open_files_per_uid = 1024;
+    std::size_t max_buffered_kib_per_uid = 1024;
 
     std::size_t dek_cache_entries = 4096;
     std::chrono::seconds dek_cache_ttl{300};  // 0 turns the cache off

@@ -43,7 +43,7 @@ Result<void> SecretService::delete_secret(const Caller& caller, VaultId vault, s
         return tl::unexpected(v.error());
     const auto d = (*v)->policy->evaluate(caller.who, Permission::remove, name);
     const auto rule = rule_of(d);
-    AuditEvent ev{.op = "delete", .caller = &caller, .vault = (*v)->row.name, .secret = name, .allowed = d.allowed,
+    audit::Event ev{.op = "delete", .caller = &caller, .vault = (*v)->row.name, .secret = name, .allowed = d.allowed,
                   .rule = rule};
     if (!d.allowed)
         return refuse(ev, Errc::access_denied);
@@ -109,7 +109,7 @@ Result<void> SecretService::recover(const Caller& caller, VaultId vault, std::st
         return tl::unexpected(v.error());
     const auto d = (*v)->policy->evaluate(caller.who, Permission::recover, name);
     const auto rule = rule_of(d);
-    AuditEvent ev{.op = "recover", .caller = &caller, .vault = (*v)->row.name, .secret = name, .allowed = d.allowed,
+    audit::Event ev{.op = "recover", .caller = &caller, .vault = (*v)->row.name, .secret = name, .allowed = d.allowed,
                   .rule = rule};
     if (!d.allowed)
         return refuse(ev, Errc::access_denied);
@@ -128,7 +128,7 @@ Result<void> SecretService::recover(const Caller& caller, VaultId vault, std::st
     return {};
 }
 
-Result<void> SecretService::purge_row(const SecretRow& s, AuditEvent ev)
+Result<void> SecretService::purge_row(const SecretRow& s, audit::Event ev)
 {
     return store_.write([&](Store::Transaction& tx) -> Result<void> {
         auto current = tx.secret(s.id);
@@ -149,7 +149,7 @@ Result<void> SecretService::purge(const Caller& caller, VaultId vault, std::stri
         return tl::unexpected(v.error());
     const auto d = (*v)->policy->evaluate(caller.who, Permission::purge, name);
     const auto rule = rule_of(d);
-    AuditEvent ev{.op = "purge", .caller = &caller, .vault = (*v)->row.name, .secret = name, .allowed = d.allowed,
+    audit::Event ev{.op = "purge", .caller = &caller, .vault = (*v)->row.name, .secret = name, .allowed = d.allowed,
                   .rule = rule};
     if (!d.allowed)
         return refuse(ev, Errc::access_denied);
@@ -182,7 +182,7 @@ Result<std::size_t> SecretService::purge_expired()
         for (const auto& s : *due) {
             auto v = load_vault(s.vault);
             const std::string vault_name = v ? (*v)->row.name : std::string();
-            AuditEvent ev{.op = "purge", .vault = vault_name, .secret = s.name, .allowed = true,
+            audit::Event ev{.op = "purge", .vault = vault_name, .secret = s.name, .allowed = true,
                           .rule = "retention-ended", .reason = "automatic purge"};
             if (auto r = purge_row(s, ev); !r) {
                 spdlog::error("automatic purge of {}/{} failed: {}", vault_name, s.name, r.error().message);
@@ -197,7 +197,7 @@ Result<std::size_t> SecretService::purge_expired()
 
 Result<std::vector<std::string>> SecretService::list_attributes(const Caller& caller, const SecretView& target)
 {
-    AuditEvent ev{.op = "xattr_list", .caller = &caller, .vault = target.vault_name, .secret = target.name,
+    audit::Event ev{.op = "xattr_list", .caller = &caller, .vault = target.vault_name, .secret = target.name,
                   .version = target.version.number, .allowed = false, .rule = "needs get or list"};
     if (!target.permissions.contains(Permission::get) && !target.permissions.contains(Permission::list))
         return refuse(ev, Errc::access_denied);
@@ -225,7 +225,7 @@ Result<std::vector<std::string>> SecretService::list_attributes(const Caller& ca
 
 Result<std::string> SecretService::get_attribute(const Caller& caller, const SecretView& target, std::string_view name)
 {
-    AuditEvent ev{.op = "xattr_get", .caller = &caller, .vault = target.vault_name, .secret = target.name,
+    audit::Event ev{.op = "xattr_get", .caller = &caller, .vault = target.vault_name, .secret = target.name,
                   .version = target.version.number, .allowed = false, .rule = "needs get or list",
                   .attribute = name};
     if (!target.permissions.contains(Permission::get) && !target.permissions.contains(Permission::list))
@@ -275,7 +275,7 @@ Result<void> SecretService::set_attribute(const Caller& caller, const SecretView
         return tl::unexpected(v.error());
     const auto d = (*v)->policy->evaluate(caller.who, Permission::set, target.name);
     const auto rule = rule_of(d);
-    AuditEvent ev{.op = "xattr_set", .caller = &caller, .vault = target.vault_name, .secret = target.name,
+    audit::Event ev{.op = "xattr_set", .caller = &caller, .vault = target.vault_name, .secret = target.name,
                   .version = target.version.number, .allowed = d.allowed, .rule = rule, .attribute = name};
     if (!d.allowed)
         return refuse(ev, Errc::access_denied);
@@ -351,7 +351,7 @@ Result<void> SecretService::set_attribute(const Caller& caller, const SecretView
 Result<std::vector<std::pair<std::string, std::string>>> SecretService::deleted_attributes(const Caller& caller,
                                                                                            const DeletedView& target)
 {
-    AuditEvent ev{.op = "xattr_get", .caller = &caller, .vault = target.vault_name, .secret = target.name,
+    audit::Event ev{.op = "xattr_get", .caller = &caller, .vault = target.vault_name, .secret = target.name,
                   .allowed = false, .rule = "needs list or recover"};
     if (!target.permissions.contains(Permission::list) && !target.permissions.contains(Permission::recover))
         return refuse(ev, Errc::access_denied);
@@ -383,7 +383,7 @@ Result<void> SecretService::set_vault_attribute(const Caller& caller, VaultId va
     auto v = load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
-    AuditEvent ev{.op = "vault_set", .caller = &caller, .vault = (*v)->row.name, .allowed = false, .rule = "not-admin",
+    audit::Event ev{.op = "vault_set", .caller = &caller, .vault = (*v)->row.name, .allowed = false, .rule = "not-admin",
                   .attribute = name};
     if (!is_admin(caller))
         return refuse(ev, Errc::access_denied, "only admins change vault settings");

@@ -74,7 +74,7 @@ std::string_view result_name(Errc code)
     return "EIO";
 }
 
-SecretService::SecretService(Store& store, hsm::KeyService& keys, DekCache& deks, AuditLog& audit,
+SecretService::SecretService(Store& store, hsm::KeyService& keys, DekCache& deks, audit::Log& audit,
                              const policy::NameResolver& names, Options options)
     : store_(store), keys_(keys), deks_(deks), audit_(audit), names_(names), options_(options)
 {
@@ -87,14 +87,14 @@ bool SecretService::is_admin(const Caller& caller) const
     return caller.who.uid == 0 || (options_.admin_gid && caller.who.in_group(*options_.admin_gid));
 }
 
-Result<void> SecretService::record(const AuditEvent& event)
+Result<void> SecretService::record(const audit::Event& event)
 {
     if (auto r = audit_.append(event); !r)
         return fail(Errc::audit_unavailable, r.error().message);
     return {};
 }
 
-tl::unexpected<Error> SecretService::refuse(AuditEvent event, Errc code, std::string message)
+tl::unexpected<Error> SecretService::refuse(audit::Event event, Errc code, std::string message)
 {
     const auto name = result_name(code);
     event.result = name;
@@ -103,7 +103,7 @@ tl::unexpected<Error> SecretService::refuse(AuditEvent event, Errc code, std::st
     return tl::unexpected(Error{code, std::move(message)});
 }
 
-Result<void> SecretService::write_audited(AuditEvent event,
+Result<void> SecretService::write_audited(audit::Event event,
                                           const std::function<Result<void>(Store::Transaction&)>& work)
 {
     auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
@@ -243,7 +243,7 @@ Result<VaultView> SecretService::vault(const Caller& caller, VaultId id)
 
 Result<VaultView> SecretService::create_vault(const Caller& caller, std::string_view name, VaultSettings settings)
 {
-    AuditEvent ev{.op = "vault_create", .caller = &caller, .vault = name, .allowed = false, .rule = "not-admin"};
+    audit::Event ev{.op = "vault_create", .caller = &caller, .vault = name, .allowed = false, .rule = "not-admin"};
     if (!is_admin(caller))
         return refuse(ev, Errc::access_denied, "only admins create vaults");
     ev.allowed = true;
@@ -282,7 +282,7 @@ Result<VaultView> SecretService::create_vault(const Caller& caller, std::string_
 
 Result<void> SecretService::remove_vault(const Caller& caller, std::string_view name)
 {
-    AuditEvent ev{.op = "vault_remove", .caller = &caller, .vault = name, .allowed = false, .rule = "not-admin"};
+    audit::Event ev{.op = "vault_remove", .caller = &caller, .vault = name, .allowed = false, .rule = "not-admin"};
     if (!is_admin(caller))
         return refuse(ev, Errc::access_denied, "only admins remove vaults");
     ev.allowed = true;
@@ -381,7 +381,7 @@ Result<ListingGrant> SecretService::open_listing(const Caller& caller, VaultId v
         return tl::unexpected(v.error());
     const auto d = (*v)->policy->evaluate(caller.who, Permission::list);
     const auto rule = rule_of(d);
-    AuditEvent ev{.op = "list", .caller = &caller, .vault = (*v)->row.name, .allowed = d.allowed, .rule = rule};
+    audit::Event ev{.op = "list", .caller = &caller, .vault = (*v)->row.name, .allowed = d.allowed, .rule = rule};
     if (!d.allowed)
         return refuse(ev, Errc::access_denied);
     if (auto r = record(ev); !r)
@@ -426,7 +426,7 @@ Result<hsm::SecureBuffer> SecretService::read_value(const Caller& caller, const 
         return tl::unexpected(v.error());
     const auto d = (*v)->policy->evaluate(caller.who, Permission::get, target.name);
     const auto rule = rule_of(d);
-    AuditEvent ev{.op = "get",
+    audit::Event ev{.op = "get",
                   .caller = &caller,
                   .vault = target.vault_name,
                   .secret = target.name,
@@ -479,7 +479,7 @@ Result<WriteGrant> SecretService::open_for_write(const Caller& caller, VaultId v
     auto v = load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
-    AuditEvent ev{.op = "set", .caller = &caller, .vault = (*v)->row.name, .secret = name};
+    audit::Event ev{.op = "set", .caller = &caller, .vault = (*v)->row.name, .secret = name};
     if (!is_valid_secret_name(name)) {
         ev.rule = "invalid-name";
         return refuse(ev, Errc::invalid_argument, "secret names are 1-127 letters, digits and hyphens");
@@ -533,7 +533,7 @@ Result<std::uint64_t> SecretService::commit(const Caller& caller, const WriteGra
     auto v = load_vault(grant.vault);
     if (!v)
         return tl::unexpected(v.error());
-    AuditEvent ev{.op = "commit",
+    audit::Event ev{.op = "commit",
                   .caller = &caller,
                   .vault = grant.vault_name,
                   .secret = grant.name,
@@ -643,7 +643,7 @@ Result<std::string> SecretService::read_policy(const Caller& caller, VaultId vau
         return tl::unexpected(v.error());
     const auto d = (*v)->policy->evaluate(caller.who, Permission::manage);
     const auto rule = rule_of(d);
-    AuditEvent ev{.op = "policy_get", .caller = &caller, .vault = (*v)->row.name, .allowed = d.allowed, .rule = rule};
+    audit::Event ev{.op = "policy_get", .caller = &caller, .vault = (*v)->row.name, .allowed = d.allowed, .rule = rule};
     if (!d.allowed)
         return refuse(ev, Errc::access_denied);
     std::string text = (*v)->policy->print();
@@ -660,7 +660,7 @@ Result<void> SecretService::write_policy(const Caller& caller, VaultId vault, st
         return tl::unexpected(v.error());
     const auto d = (*v)->policy->evaluate(caller.who, Permission::manage);
     const auto rule = rule_of(d);
-    AuditEvent ev{.op = "policy_set",
+    audit::Event ev{.op = "policy_set",
                   .caller = &caller,
                   .vault = (*v)->row.name,
                   .allowed = d.allowed,
@@ -713,7 +713,7 @@ Result<void> SecretService::authorize(const Caller& caller, VaultId vault, Permi
     if (d.allowed)
         return {};
     const auto rule = rule_of(d);
-    return refuse(AuditEvent{.op = op, .caller = &caller, .vault = (*v)->row.name, .allowed = false, .rule = rule},
+    return refuse(audit::Event{.op = op, .caller = &caller, .vault = (*v)->row.name, .allowed = false, .rule = rule},
                   Errc::access_denied);
 }
 
@@ -728,7 +728,7 @@ Result<policy::PermissionSet> SecretService::vault_permissions(const Caller& cal
 Result<void> SecretService::audit_management(const Caller& caller, std::string_view op, std::string_view vault,
                                              bool allowed, std::string_view rule, Errc* failure)
 {
-    return record(AuditEvent{.op = op,
+    return record(audit::Event{.op = op,
                              .caller = &caller,
                              .vault = vault,
                              .allowed = allowed,

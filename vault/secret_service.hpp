@@ -33,7 +33,7 @@
 #include "hsm/key_service.hpp"
 #include "hsm/secure_buffer.hpp"
 #include "policy/policy.hpp"
-#include "vault/audit.hpp"
+#include "vault/audit/log.hpp"
 #include "vault/dek_cache.hpp"
 #include "vault/error.hpp"
 #include "vault/store.hpp"
@@ -105,7 +105,7 @@ struct Options {
 
 class SecretService {
 public:
-    SecretService(Store& store, hsm::KeyService& keys, DekCache& deks, AuditLog& audit,
+    SecretService(Store& store, hsm::KeyService& keys, DekCache& deks, audit::Log& audit,
                   const policy::NameResolver& names, Options options);
 
     // ---- vaults ----------------------------------------------------------------
@@ -224,7 +224,7 @@ public:
 
     DekCache& dek_cache() { return deks_; }
     hsm::KeyService& keys() { return keys_; }
-    AuditLog& audit_log() { return audit_; }
+    audit::Log& audit_log() { return audit_; }
     Store& store() { return store_; }
 
 private:
@@ -240,7 +240,7 @@ private:
     static Error from_hsm(const hsm::Error& e);
     Result<DeletedView> deleted_view(const Caller& caller, const VaultEntry& v, const SecretRow& s);
     // Purges one secret inside a write, auditing it as `ev`.
-    Result<void> purge_row(const SecretRow& s, AuditEvent ev);
+    Result<void> purge_row(const SecretRow& s, audit::Event ev);
     Result<std::shared_ptr<const VaultEntry>> load_vault(VaultId id);
     Result<std::shared_ptr<const VaultEntry>> load_vault(std::string_view name);
     void forget_vault(VaultId id);
@@ -249,18 +249,18 @@ private:
                                bool pinned);
     Result<hsm::SecureBuffer> decrypt(const VaultEntry& v, const SecretRow& s, const SealedVersion& sealed);
     // Appends a record; maps a failure to Errc::audit_unavailable.
-    Result<void> record(const AuditEvent& event);
+    Result<void> record(const audit::Event& event);
     // Records a denial/failure and returns `code` (or audit_unavailable).
-    tl::unexpected<Error> refuse(AuditEvent event, Errc code, std::string message = {});
+    tl::unexpected<Error> refuse(audit::Event event, Errc code, std::string message = {});
     // Runs `work` in a write transaction and records `event` in it, before
     // COMMIT: if the audit cannot take the record, nothing commits. A failure
     // of `work` (or of the commit) is recorded as `event`'s refusal.
-    Result<void> write_audited(AuditEvent event, const std::function<Result<void>(Store::Transaction&)>& work);
+    Result<void> write_audited(audit::Event event, const std::function<Result<void>(Store::Transaction&)>& work);
 
     Store& store_;
     hsm::KeyService& keys_;
     DekCache& deks_;
-    AuditLog& audit_;
+    audit::Log& audit_;
     const policy::NameResolver& names_;
     Options options_;
 

@@ -16,6 +16,8 @@
 #include <fstream>
 #include <sstream>
 
+#include "vault/signing.hpp"
+
 namespace vaultfs::vault {
 
 namespace {
@@ -74,6 +76,34 @@ Result<void> write_file(const std::string& path, const void* data, std::size_t s
 Result<void> write_text(const std::string& path, const std::string& text, mode_t mode)
 {
     return write_file(path, text.data(), text.size(), mode);
+}
+
+// The audit key's public half, from the token. The file in the state
+// directory is only a copy for verifiers without the token; if it no longer
+// holds this key (replaced, so that forged signatures would check out), it is
+// rewritten from the token and the replacement logged.
+Result<std::string> public_key_of(hsm::KeyService& keys, const hsm::KeyId& key, const Config& c)
+{
+    auto point = keys.public_point(key);
+    if (!point)
+        return fail(Errc::key_unavailable, "cannot read the audit signing key: " + point.error().message);
+    auto pem = p256_public_key_pem(*point);
+    if (!pem)
+        return tl::unexpected(pem.error());
+    const std::string path = c.path_of(c.audit_public_key);
+    std::ifstream in(path);
+    std::stringstream file;
+    file << in.rdbuf();
+    if (!same_public_key(file.str(), *pem)) {
+        spdlog::error("{} does not hold the token's audit key (replaced or damaged); rewriting it from the token. "
+                      "Verify shipped copies of the audit trail with a copy of the key you keep elsewhere",
+                      path);
+        const std::string tmp = path + ".new";
+        ::unlink(tmp.c_str());
+        if (auto r = write_text(tmp, *pem, 0644); !r || ::rename(tmp.c_str(), path.c_str()) != 0)
+            spdlog::error("cannot rewrite {}", path);
+    }
+    return pem;
 }
 
 std::optional<gid_t> resolve_group(const std::string& g)
@@ -207,7 +237,11 @@ Result<std::vector<std::string>> init_state(const std::string& dir_arg, const In
         return tl::unexpected(r.error());
     made.push_back(config.database + "                 SQLite database (WAL, synchronous=FULL), no vaults yet");
 
-    if (auto r = AuditLog::create(config.path_of(config.audit_file), AuditSigner{keys->get(), *signing}); !r)
+    const audit::Bound bound{config.audit_checkpoint_records,
+                             static_cast<std::uint64_t>(config.audit_checkpoint_interval.count())};
+    if (auto r = audit::Log::create(config.path_of(config.audit_file), audit::Signer{keys->get(), *signing}, bound,
+                                    store->get());
+        !r)
         return tl::unexpected(r.error());
     made.push_back(config.audit_file + "              audit trail, started with a signed init record");
 
@@ -226,6 +260,10 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
     if (!config)
         return tl::unexpected(config.error());
     st->config = std::move(*config);
+    auto lock = StateLock::acquire(dir);
+    if (!lock)
+        return tl::unexpected(lock.error());
+    st->lock.emplace(std::move(*lock));
     const Config& c = st->config;
     if (c.admin_group) {
         st->admin_gid = resolve_group(*c.admin_group);
@@ -258,22 +296,46 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
 
     st->deks = std::make_unique<DekCache>(c.dek_cache_entries, c.dek_cache_ttl);
     if (purpose == Purpose::serve) {
-        AuditLog::Options ao{c.path_of(c.audit_file), c.audit_sync, c.audit_sync_interval, c.audit_checkpoint_records,
-                             c.audit_checkpoint_interval};
-        auto audit = AuditLog::open(ao, AuditSigner{st->keys.get(), signing_key}, st->store.get());
-        if (!audit)
-            return tl::unexpected(audit.error());
-        st->audit = std::move(*audit);
-        std::ifstream pem_file(c.path_of(c.audit_public_key));
-        std::stringstream pem;
-        pem << pem_file.rdbuf();
-        if (pem.str().empty())
-            return fail(Errc::storage, "cannot read " + c.path_of(c.audit_public_key) + "; it was made by vaultfs init");
-        st->service = std::make_unique<SecretService>(
-            *st->store, *st->keys, *st->deks, *st->audit, st->names,
-            Options{st->admin_gid, c.retention_day_ms, signing_key, pem.str()});
+        auto pem = public_key_of(*st->keys, signing_key, c);
+        if (!pem)
+            return tl::unexpected(pem.error());
+        vault::audit::Log::Options ao;
+        ao.path = c.path_of(c.audit_file);
+        ao.sync = c.audit_sync;
+        ao.sync_interval = c.audit_sync_interval;
+        ao.bound = audit::Bound{c.audit_checkpoint_records,
+                                static_cast<std::uint64_t>(c.audit_checkpoint_interval.count())};
+        ao.coalesce_window = c.audit_coalesce_interval;
+        ao.reserve_bytes = c.audit_reserve_mib << 20;
+        auto log = vault::audit::Log::open(std::move(ao), vault::audit::Signer{st->keys.get(), signing_key},
+                                           st->store.get());
+        if (!log)
+            return tl::unexpected(log.error());
+        st->audit = std::move(*log);
+        st->service = std::make_unique<SecretService>(*st->store, *st->keys, *st->deks, *st->audit, st->names,
+                                                      Options{st->admin_gid, c.retention_day_ms, signing_key, *pem});
     }
     return st;
+}
+
+Result<std::string> token_audit_public_key(const Config& c)
+{
+    auto store = Store::open(c.path_of(c.database), Store::Mode::read_only);
+    if (!store)
+        return tl::unexpected(store.error());
+    auto signing = (*store)->setting(signing_key_setting);
+    if (!signing || !*signing)
+        return fail(Errc::storage, "the database names no audit signing key");
+    auto pin = read_pin(c);
+    if (!pin)
+        return tl::unexpected(pin.error());
+    auto keys = hsm::Pkcs11KeyService::open(hsm::Pkcs11Config{c.pkcs11_module, c.token_label, std::move(*pin), c.module_env});
+    if (!keys)
+        return fail(Errc::key_unavailable, hsm_hint(keys.error(), c));
+    auto point = (*keys)->public_point(hsm::KeyId{**signing});
+    if (!point)
+        return fail(Errc::key_unavailable, hsm_hint(point.error(), c));
+    return p256_public_key_pem(*point);
 }
 
 State::~State() { close(); }

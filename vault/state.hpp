@@ -9,6 +9,7 @@
 //     vault.db          SQLite: vaults, policies, secrets, versions (ciphertext)
 //     audit.jsonl       the audit trail
 //     audit-signing.pub.pem  public half of the audit signing key
+//     lock              held by the process that serves the state (its pid)
 #pragma once
 
 #include <memory>
@@ -17,11 +18,12 @@
 #include <vector>
 
 #include "hsm/pkcs11_key_service.hpp"
-#include "vault/audit.hpp"
+#include "vault/audit/log.hpp"
 #include "vault/config.hpp"
 #include "vault/dek_cache.hpp"
 #include "vault/error.hpp"
 #include "vault/secret_service.hpp"
+#include "vault/state_lock.hpp"
 #include "vault/store.hpp"
 
 namespace vaultfs::vault {
@@ -42,9 +44,10 @@ class State {
 public:
     enum class Purpose { serve, inspect };
 
-    // Reads the config and PIN, logs in to the token, opens the database
-    // (quick_check) and, for `serve`, the audit log. Every failure comes
-    // with a one-line message that says what to do.
+    // Takes the state's lock (state_lock.hpp), reads the config and PIN,
+    // logs in to the token, opens the database (quick_check) and, for
+    // `serve`, the audit log. Every failure comes with a one-line message
+    // that says what to do.
     static Result<std::unique_ptr<State>> open(const std::string& dir, Purpose purpose);
     ~State();
 
@@ -52,10 +55,11 @@ public:
     void close();
 
     Config config;
+    std::optional<StateLock> lock;
     std::optional<gid_t> admin_gid;
     std::unique_ptr<hsm::Pkcs11KeyService> keys;
     std::unique_ptr<Store> store;
-    std::unique_ptr<AuditLog> audit;  // null for `inspect`
+    std::unique_ptr<audit::Log> audit;  // null for `inspect`
     std::unique_ptr<DekCache> deks;
     SystemNameResolver names;
     std::unique_ptr<SecretService> service;  // null for `inspect`
@@ -64,6 +68,11 @@ private:
     State() = default;
     bool closed_ = false;
 };
+
+// The audit key's public half as the state's token holds it (PEM), for
+// `audit verify --state`: the file in the state directory may have been
+// replaced. Needs the PIN; the database is opened read-only.
+Result<std::string> token_audit_public_key(const Config& config);
 
 // The absolute, normalised form of a directory path (need not exist).
 std::string absolute_path(const std::string& path);

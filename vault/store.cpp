@@ -9,7 +9,7 @@ namespace vaultfs::vault {
 
 namespace {
 
-constexpr int schema_version = 1;
+constexpr int schema_version = 2;
 
 // Version 1. Times are microseconds since the epoch (UTC). Ids use
 // AUTOINCREMENT so that a purged secret's id (and so its inode number) is
@@ -80,8 +80,14 @@ CREATE TABLE audit_anchor (
 );
 )sql";
 
+// Version 2: the audit anchor is signed by the token (audit/format.hpp).
+constexpr const char* schema_v2 = R"sql(
+ALTER TABLE audit_anchor ADD COLUMN time INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE audit_anchor ADD COLUMN sig BLOB;
+)sql";
+
 // Forward migrations: migrations[i] takes user_version i to i + 1.
-constexpr const char* migrations[] = {schema_v1};
+constexpr const char* migrations[] = {schema_v1, schema_v2};
 static_assert(std::size(migrations) == schema_version);
 
 constexpr const char* vault_columns = "id, name, kek_id, retention_days, purge_protection, created, created_by";
@@ -583,9 +589,10 @@ Result<std::optional<AuditAnchor>> Store::audit_anchor()
 {
     return with_reader([&](sqlite::Connection& c) {
         return first<AuditAnchor>(
-            c, "SELECT seq, hash, clean_shutdown FROM audit_anchor WHERE id = 1", [](sqlite::Query&) {},
+            c, "SELECT seq, hash, clean_shutdown, time, sig FROM audit_anchor WHERE id = 1", [](sqlite::Query&) {},
             [](const sqlite::Query& q) {
-                return AuditAnchor{static_cast<std::uint64_t>(q.int64(0)), q.text(1), q.int64(2) != 0};
+                return AuditAnchor{static_cast<std::uint64_t>(q.int64(0)), q.text(1), q.int64(2) != 0, q.int64(3),
+                                   q.blob(4)};
             });
     });
 }
@@ -931,11 +938,14 @@ Result<void> Store::Transaction::set_setting(std::string_view key, std::string_v
 
 Result<void> Store::Transaction::set_audit_anchor(const AuditAnchor& a)
 {
-    return run(conn_, "INSERT OR REPLACE INTO audit_anchor (id, seq, hash, clean_shutdown) VALUES (1, ?, ?, ?)",
+    return run(conn_,
+               "INSERT OR REPLACE INTO audit_anchor (id, seq, hash, clean_shutdown, time, sig) VALUES (1, ?, ?, ?, ?, ?)",
                [&](sqlite::Query& q) {
                    q.bind(1, static_cast<std::int64_t>(a.seq))
                        .bind(2, a.hash)
-                       .bind(3, static_cast<std::int64_t>(a.clean_shutdown));
+                       .bind(3, static_cast<std::int64_t>(a.clean_shutdown))
+                       .bind(4, a.time)
+                       .bind_blob(5, a.sig);
                });
 }
 

@@ -125,11 +125,15 @@ struct VersionEntry {
     std::uint64_t number = 0;
 };
 
-// The anchor of the audit chain: the last record known to be durable.
+// The anchor of the audit chain: the last record known to be durable,
+// signed by the token's audit key over audit::anchor_digest() so that an
+// edited row is caught (an older signed row put back is not: see SECURITY.md).
 struct AuditAnchor {
     std::uint64_t seq = 0;
     std::string hash;
     bool clean_shutdown = false;
+    Micros time = 0;
+    std::vector<std::uint8_t> sig;  // empty: not signed (a schema-1 row)
 };
 
 class Store {

@@ -67,6 +67,10 @@ void check_same(const Config& a, const Config& b)
     CHECK(a.audit_sync_interval == b.audit_sync_interval);
     CHECK(a.audit_checkpoint_records == b.audit_checkpoint_records);
     CHECK(a.audit_checkpoint_interval == b.audit_checkpoint_interval);
+    CHECK(a.audit_coalesce_interval == b.audit_coalesce_interval);
+    CHECK(a.audit_reserve_mib == b.audit_reserve_mib);
+    CHECK(a.max_open_files_per_uid == b.max_open_files_per_uid);
+    CHECK(a.max_buffered_kib_per_uid == b.max_buffered_kib_per_uid);
     CHECK(a.dek_cache_entries == b.dek_cache_entries);
     CHECK(a.dek_cache_ttl == b.dek_cache_ttl);
     CHECK(a.admin_group == b.admin_group);
@@ -94,6 +98,10 @@ TEST_CASE("parse_config reads back what render_config wrote", "[config]")
         c.audit_sync_interval = std::chrono::milliseconds(250);
         c.audit_checkpoint_records = 77;
         c.audit_checkpoint_interval = std::chrono::seconds(30);
+        c.audit_coalesce_interval = std::chrono::seconds(3);
+        c.audit_reserve_mib = 5;
+        c.max_open_files_per_uid = 17;
+        c.max_buffered_kib_per_uid = 300;
         c.dek_cache_entries = 0;
         c.dek_cache_ttl = std::chrono::seconds(0);
         c.admin_group = "vault-admins";

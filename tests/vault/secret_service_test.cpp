@@ -30,6 +30,7 @@
 
 #include "tests/support/temp_token.hpp"
 #include "tests/support/small_tmpfs.hpp"
+#include "vault/signing.hpp"
 
 namespace vaultfs::vault {
 namespace {
@@ -86,13 +87,13 @@ struct Stack {
         auto pem = p256_public_key_pem(*point);
         REQUIRE(pem);
         public_pem = *pem;
-        const AuditSigner signer{keys.get(), signing};
-        auto created = AuditLog::create(audit_path(), signer);
+        const audit::Signer signer{keys.get(), signing};
+        auto created = audit::Log::create(audit_path(), signer, audit::Bound{}, store.get());
         if (!created)
             FAIL("cannot create the audit log: " << created.error().message);
-        AuditLog::Options audit_options;
+        audit::Log::Options audit_options;
         audit_options.path = audit_path();
-        auto log = AuditLog::open(audit_options, signer, store.get());
+        auto log = audit::Log::open(audit_options, signer, store.get());
         if (!log)
             FAIL("cannot open the audit log: " << log.error().message);
         audit = std::move(*log);
@@ -172,7 +173,7 @@ struct Stack {
     std::unique_ptr<Store> store;
     hsm::KeyId signing;
     std::string public_pem;
-    std::unique_ptr<AuditLog> audit;
+    std::unique_ptr<audit::Log> audit;
     DekCache deks;
     SystemNameResolver names;
     std::unique_ptr<SecretService> service;

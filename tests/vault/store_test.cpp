@@ -135,7 +135,7 @@ Result<std::uint64_t> add_version(Store& store, SecretId secret, std::size_t blo
     return number;
 }
 
-TEST_CASE("create makes a new WAL database at schema 1, readable only by its owner", "[store]")
+TEST_CASE("create makes a new WAL database at schema 2, readable only by its owner", "[store]")
 {
     TempDir dir;
     const std::string path = dir / "vault.db";
@@ -146,7 +146,7 @@ TEST_CASE("create makes a new WAL database at schema 1, readable only by its own
         REQUIRE(::stat(path.c_str(), &st) == 0);
         CHECK((st.st_mode & 0777) == 0600);
         Db db(path, SQLITE_OPEN_READONLY);
-        CHECK(db.integer("PRAGMA user_version") == 1);
+        CHECK(db.integer("PRAGMA user_version") == 2);
         CHECK(db.text("PRAGMA journal_mode") == "wal");
         CHECK(db.integer("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN "
                          "('vaults', 'policies', 'secrets', 'versions', 'tags', 'settings', 'audit_anchor')") == 7);
@@ -450,13 +450,42 @@ TEST_CASE("the audit anchor is stored and read back", "[store]")
     CHECK_FALSE(*none);
     const std::string hash(64, 'c');
     REQUIRE(store->write([&](Store::Transaction& tx) { return tx.set_audit_anchor(AuditAnchor{42, hash, true}); }));
-    REQUIRE(store->write([&](Store::Transaction& tx) { return tx.set_audit_anchor(AuditAnchor{43, hash, false}); }));
+    const std::vector<std::uint8_t> sig(64, 0x5a);
+    REQUIRE(store->write(
+        [&](Store::Transaction& tx) { return tx.set_audit_anchor(AuditAnchor{43, hash, false, 1234567, sig}); }));
     auto a = store->audit_anchor();
     REQUIRE(a);
     REQUIRE(*a);
     CHECK((*a)->seq == 43);
     CHECK((*a)->hash == hash);
     CHECK_FALSE((*a)->clean_shutdown);
+    CHECK((*a)->time == 1234567);
+    CHECK((*a)->sig == sig);
+}
+
+TEST_CASE("a schema-1 database migrates to schema 2: its anchor reads back unsigned", "[store]")
+{
+    TempDir dir;
+    const std::string path = dir / "vault.db";
+    {
+        sqlite3* db = nullptr;
+        REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
+        const char* v1 =
+            "CREATE TABLE audit_anchor (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT NOT "
+            "NULL, clean_shutdown INTEGER NOT NULL);"
+            "INSERT INTO audit_anchor VALUES (1, 5, 'abc', 1);"
+            "PRAGMA user_version = 1;";
+        REQUIRE(sqlite3_exec(db, v1, nullptr, nullptr, nullptr) == SQLITE_OK);
+        sqlite3_close(db);
+    }
+    auto store = Store::open(path, Store::Mode::open_existing);
+    REQUIRE(store);
+    auto a = (*store)->audit_anchor();
+    REQUIRE(a);
+    REQUIRE(*a);
+    CHECK((*a)->seq == 5);
+    CHECK((*a)->sig.empty());
+    CHECK((*a)->time == 0);
 }
 
 TEST_CASE("a read-only store refuses writes", "[store]")

@@ -1,0 +1,382 @@
+#include "vault/audit/verify.hpp"
+
+#include <fstream>
+#include <sstream>
+
+namespace vaultfs::vault::audit {
+
+namespace {
+
+struct FileLine {
+    std::string text;
+    bool terminated = true;
+};
+
+bool read_lines(const std::string& path, std::vector<FileLine>& lines)
+{
+    std::ifstream in(path, std::ios::binary);
+    if (!in)
+        return false;
+    std::stringstream ss;
+    ss << in.rdbuf();
+    const std::string all = ss.str();
+    std::size_t pos = 0;
+    while (pos < all.size()) {
+        const auto nl = all.find('\n', pos);
+        if (nl == std::string::npos) {
+            lines.push_back(FileLine{all.substr(pos), false});
+            break;
+        }
+        lines.push_back(FileLine{all.substr(pos, nl - pos), true});
+        pos = nl + 1;
+    }
+    return true;
+}
+
+std::string seq_text(std::uint64_t seq) { return std::to_string(seq); }
+
+// The checks of verify.hpp, fed one line at a time.
+class Verifier {
+public:
+    Verifier(const P256Verifier& key, const VerifyOptions& options) : key_(key), opt_(options) {}
+
+    // verify_tail: the first record is where trust starts.
+    void trust_first_record() { trust_first_ = true; }
+
+    void begin_file(const std::string& file)
+    {
+        prev_file_ = file_;
+        file_ = file;
+    }
+
+    // `next` is the line after this one in the same file, if any (to tell a
+    // reordering from a deletion).
+    void line(std::uint64_t line_no, std::string_view text, bool first_in_file, const std::string* next)
+    {
+        auto parsed = parse(text);
+        if (parsed)
+            ++rep_.records;
+        if (resync_) {
+            if (parsed && is_break(*parsed) && signature_ok(*parsed)) {
+                note_break(*parsed, line_no);
+                resume(*parsed, line_no);
+            }
+            return;
+        }
+        if (!parsed)
+            return problem(line_no, parsed.error());
+        const Record& r = *parsed;
+
+        if (trust_first_ && !have_prev_) {
+            if (!r.is_signed())
+                return problem(line_no, "no signed record within the last " + std::to_string(max_bound.records) +
+                                            " records");
+            if (!signature_ok(r))
+                return problem(line_no, "forged " + r.op + " record: its signature does not verify with the audit "
+                                                           "public key");
+            return resume(r, line_no);
+        }
+        if (is_break(r)) {
+            // A segment the daemon started after finding the chain broken:
+            // it does not continue what comes before it.
+            if (!signature_ok(r))
+                return problem(line_no, "forged start record: its signature does not verify with the audit public "
+                                        "key");
+            note_break(r, line_no);
+            return resume(r, line_no);
+        }
+
+        if (!have_prev_) {
+            if (r.op == "init") {
+                if (r.seq != 1 || r.prev != genesis_hash())
+                    return problem(line_no, "the init record does not start a chain");
+            } else if (r.op == "rotate") {
+                rep_.warnings.push_back(file_ + " starts at a rotation (seq " + seq_text(r.seq) +
+                                        "); earlier files were not given, so the link to them is not checked");
+            } else {
+                return problem(line_no, "the log starts in the middle of the chain (seq " + seq_text(r.seq) +
+                                            "): earlier records or files are missing");
+            }
+        } else if (first_in_file) {
+            if (r.op != "rotate" || r.prev != prev_hash_ || r.seq != prev_seq_ + 1)
+                return problem(line_no, "file missing from the rotation: " + file_ + " does not continue " +
+                                            prev_file_ + " (which ends at seq " + seq_text(prev_seq_) + ")");
+        } else if (r.seq != prev_seq_ + 1) {
+            if (r.seq == prev_seq_ + 2 && next != nullptr) {
+                auto after = parse(*next);
+                if (after && after->seq == prev_seq_ + 1)
+                    return problem(line_no, "records reordered: seq " + seq_text(r.seq) + " comes before seq " +
+                                                seq_text(after->seq));
+            }
+            if (r.seq > prev_seq_ + 1)
+                return problem(line_no, "record(s) deleted: seq jumps from " + seq_text(prev_seq_) + " to " +
+                                            seq_text(r.seq));
+            return problem(line_no, "records reordered: seq " + seq_text(r.seq) + " follows seq " +
+                                        seq_text(prev_seq_));
+        } else if (r.prev != prev_hash_) {
+            return problem(line_no, "chain broken: prev does not match the hash of the record before (a record was "
+                                    "edited, deleted or replaced)");
+        }
+
+        if (!is_known_op(r.op))
+            return problem(line_no, "unknown op '" + r.op.substr(0, 40) + "' (edited)");
+        if (is_signed_op(r.op) && !r.is_signed())
+            return problem(line_no, "forged " + r.op + " record: it carries no signature");
+        if (!is_signed_op(r.op) && r.is_signed())
+            return problem(line_no, "a " + r.op + " record cannot carry a signature (edited)");
+        if (r.is_signed()) {
+            if (!signature_ok(r))
+                return problem(line_no, "forged " + r.op + " record: its signature does not verify with the audit "
+                                                           "public key");
+            close_stretch();
+            if (!take_bound(r, line_no))
+                return;
+            ++rep_.signed_records;
+            rep_.last_signed_seq = r.seq;
+        } else {
+            if (stretch_ == 0) {
+                stretch_first_ = r.time;
+                stretch_first_line_ = line_no;
+            }
+            ++stretch_;
+            const bool too_many = stretch_ > bound_.records;
+            const bool too_long = r.time - stretch_first_ >= static_cast<Micros>(bound_.seconds) * 1000000;
+            if (!over_ && (too_many || too_long)) {
+                over_ = true;
+                over_file_ = file_;
+                over_line_ = line_no;
+                over_why_ = too_many ? "more than " + std::to_string(bound_.records) + " unsigned records"
+                                     : "unsigned records spanning " + std::to_string(bound_.seconds) +
+                                           " s or more";
+                over_why_ += " since the signature at seq " + seq_text(rep_.last_signed_seq) +
+                             ": a signature is missing where one was due (removed, or never written)";
+            }
+        }
+        advance(r, line_no);
+    }
+
+    void torn_last_line(std::uint64_t line_no, std::size_t bytes)
+    {
+        rep_.warnings.push_back(file_ + " line " + std::to_string(line_no) + ": the last record is torn (" +
+                                std::to_string(bytes) +
+                                " bytes, no newline): a crash during a write, not tampering; the next start of the "
+                                "daemon removes it");
+    }
+
+    void fail_file(std::uint64_t line_no, const std::string& why) { problem(line_no, why); }
+
+    VerifyReport finish(const std::string& last_file)
+    {
+        if (!resync_ && over_) {
+            const std::string tail = "unsigned tail: " + over_why_;
+            if (opt_.live)
+                rep_.warnings.push_back(tail + " (the daemon is running; it signs within the bound)");
+            else
+                add_problem(over_file_, over_line_, tail);
+        }
+        rep_.unsigned_tail = stretch_;
+        rep_.tail_seconds = stretch_ > 0 ? static_cast<std::uint64_t>((last_time_ - stretch_first_) / 1000000) : 0;
+        if (opt_.anchor) {
+            const AuditAnchor& a = *opt_.anchor;
+            if (a.sig.empty())
+                add_problem("", 0, "the database anchor is not signed (edited, or left by an older vaultfs)");
+            else if (!key_.verify(anchor_digest(a), a.sig))
+                add_problem("", 0, "the database anchor's signature does not verify: it was edited");
+            if (!anchor_seen_) {
+                if (prev_seq_ < a.seq)
+                    add_problem(last_file, 0, "tail truncated: the database anchors record " + seq_text(a.seq) +
+                                                  " but the log ends at record " + seq_text(prev_seq_));
+                else
+                    rep_.warnings.push_back("the database anchor (record " + seq_text(a.seq) +
+                                            ") lies in an earlier file that was not given");
+            }
+        } else if (opt_.anchor_expected) {
+            add_problem("", 0, "the database holds no audit anchor: it was deleted");
+        } else if (last_op_ != "shutdown") {
+            rep_.warnings.push_back("the log does not end with a shutdown record: the daemon is running or "
+                                    "crashed, or the tail was cut; `vaultfs audit verify --state DIR` checks it "
+                                    "against the database");
+        }
+        rep_.anchor_reached = anchor_seen_;
+        rep_.ok = rep_.problems.empty();
+        return rep_;
+    }
+
+private:
+    static bool is_break(const Record& r) { return r.op == "start" && r.fields.contains("break"); }
+
+    bool signature_ok(const Record& r) const
+    {
+        return r.is_signed() && key_.verify(std::span<const std::uint8_t, 32>(body_digest(r.body)), r.sig);
+    }
+
+    bool take_bound(const Record& r, std::uint64_t line_no)
+    {
+        const auto records = r.count("bound_records");
+        const auto seconds = r.count("bound_seconds");
+        if (!records || !seconds || *records == 0 || *seconds == 0 || *records > max_bound.records ||
+            *seconds > max_bound.seconds) {
+            problem(line_no, "the " + r.op + " record declares no valid coverage bound");
+            return false;
+        }
+        bound_ = Bound{*records, *seconds};
+        return true;
+    }
+
+    void close_stretch()
+    {
+        if (over_)
+            add_problem(over_file_, over_line_, over_why_);
+        over_ = false;
+        stretch_ = 0;
+    }
+
+    void note_break(const Record& r, std::uint64_t line_no)
+    {
+        const auto& f = r.fields;
+        const std::string reason = f["break"].is_string() ? f["break"].get<std::string>() : "unknown";
+        const auto at = r.count("break_line");
+        const auto trusted = r.count("trusted_seq");
+        rep_.breaks.push_back(file_ + " line " + std::to_string(line_no) + ": when the daemon started at " +
+                              f.value("time", std::string()) + " it found the chain broken" +
+                              (at ? " at line " + std::to_string(*at) : std::string()) + ": " + reason +
+                              (trusted ? "; records after seq " + seq_text(*trusted) + " before this line are not "
+                                                                                        "covered by a signature"
+                                       : std::string()));
+        add_problem(file_, line_no, "the daemon recorded a break in the chain when it started: " + reason);
+    }
+
+    void resume(const Record& r, std::uint64_t line_no)
+    {
+        resync_ = false;
+        over_ = false;
+        stretch_ = 0;
+        if (!take_bound(r, line_no))
+            bound_ = max_bound;
+        ++rep_.signed_records;
+        rep_.last_signed_seq = r.seq;
+        advance(r, line_no);
+    }
+
+    void advance(const Record& r, std::uint64_t line_no)
+    {
+        if (opt_.anchor && r.seq == opt_.anchor->seq) {
+            if (r.hash != opt_.anchor->hash)
+                add_problem(file_, line_no, "record " + seq_text(r.seq) +
+                                                " differs from the one anchored in the database");
+            anchor_seen_ = true;
+        }
+        have_prev_ = true;
+        prev_seq_ = r.seq;
+        prev_hash_ = r.hash;
+        last_op_ = r.op;
+        last_time_ = r.time;
+    }
+
+    // A problem ends the stretch it is in: a bound that stretch had already
+    // broken is reported first, as it came first.
+    void problem(std::uint64_t line_no, const std::string& why)
+    {
+        if (over_ && !resync_)
+            add_problem(over_file_, over_line_, over_why_);
+        over_ = false;
+        add_problem(file_, line_no, why);
+        resync_ = true;
+    }
+
+    void add_problem(const std::string& file, std::uint64_t line_no, const std::string& why)
+    {
+        if (rep_.problems.empty()) {
+            rep_.file = file;
+            rep_.line = line_no;
+            rep_.problem = why;
+        }
+        std::string where = file;
+        if (line_no != 0)
+            where += " line " + std::to_string(line_no);
+        rep_.problems.push_back(where.empty() ? why : where + ": " + why);
+    }
+
+    const P256Verifier& key_;
+    const VerifyOptions& opt_;
+    VerifyReport rep_;
+    bool trust_first_ = false;
+    std::string file_;
+    std::string prev_file_;
+    bool have_prev_ = false;
+    std::uint64_t prev_seq_ = 0;
+    std::string prev_hash_;
+    std::string last_op_;
+    Micros last_time_ = 0;
+    bool resync_ = false;
+
+    Bound bound_ = max_bound;
+    std::uint64_t stretch_ = 0;
+    Micros stretch_first_ = 0;
+    std::uint64_t stretch_first_line_ = 0;
+    bool over_ = false;
+    std::string over_file_;
+    std::uint64_t over_line_ = 0;
+    std::string over_why_;
+
+    bool anchor_seen_ = false;
+};
+
+}  // namespace
+
+VerifyReport verify_files(const std::vector<std::string>& files, const std::string& public_key_pem,
+                          const VerifyOptions& options)
+{
+    const P256Verifier key(public_key_pem);
+    Verifier v(key, options);
+    if (!key.usable()) {
+        v.fail_file(0, "the audit public key cannot be read (not a PEM public key)");
+        return v.finish("");
+    }
+    if (files.empty()) {
+        v.fail_file(0, "no audit files given");
+        return v.finish("");
+    }
+    for (std::size_t fi = 0; fi < files.size(); ++fi) {
+        const std::string& file = files[fi];
+        v.begin_file(file);
+        std::vector<FileLine> lines;
+        if (!read_lines(file, lines)) {
+            v.fail_file(0, "cannot read the file");
+            return v.finish(file);
+        }
+        if (lines.empty()) {
+            v.fail_file(0, "the file is empty");
+            return v.finish(file);
+        }
+        for (std::size_t li = 0; li < lines.size(); ++li) {
+            const std::uint64_t line_no = li + 1;
+            if (!lines[li].terminated) {
+                if (fi + 1 == files.size() && li + 1 == lines.size()) {
+                    v.torn_last_line(line_no, lines[li].text.size());
+                    break;
+                }
+                v.fail_file(line_no, "incomplete record inside the log (edited)");
+                continue;
+            }
+            const std::string* next = li + 1 < lines.size() ? &lines[li + 1].text : nullptr;
+            v.line(line_no, lines[li].text, li == 0, next);
+        }
+    }
+    return v.finish(files.back());
+}
+
+VerifyReport verify_tail(const std::string& file, const std::vector<std::string>& lines, std::uint64_t first_line,
+                         const P256Verifier& key, const VerifyOptions& options)
+{
+    Verifier v(key, options);
+    v.trust_first_record();
+    v.begin_file(file);
+    for (std::size_t i = 0; i < lines.size(); ++i) {
+        const std::uint64_t line_no = first_line == 0 ? 0 : first_line + i;
+        v.line(line_no, lines[i], false, i + 1 < lines.size() ? &lines[i + 1] : nullptr);
+    }
+    return v.finish(file);
+}
+
+}  // namespace vaultfs::vault::audit
