@@ -2,8 +2,7 @@
 
 namespace vaultfs::fs {
 
-std::vector<gid_t> CallerCache::groups(pid_t pid, uid_t uid, gid_t gid,
-                                       const std::function<std::vector<gid_t>()>& fetch)
+std::optional<std::vector<gid_t>> CallerCache::groups(pid_t pid, uid_t uid, gid_t gid, const Fetch& fetch)
 {
     const auto now = Clock::now();
     {
@@ -13,10 +12,12 @@ std::vector<gid_t> CallerCache::groups(pid_t pid, uid_t uid, gid_t gid,
             return it->second.groups;
     }
     auto fresh = fetch();
+    if (!fresh)
+        return std::nullopt;
     std::lock_guard lock(mutex_);
     if (entries_.size() >= capacity)
         entries_.clear();
-    entries_[pid] = Entry{uid, gid, fresh, now};
+    entries_[pid] = Entry{uid, gid, *fresh, now};
     return fresh;
 }
 

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <unordered_map>
 #include <vector>
 
@@ -30,7 +31,9 @@ public:
     static constexpr std::size_t capacity = 4096;
 
     // The groups for (pid, uid, gid), from the cache or from `fetch`.
-    std::vector<gid_t> groups(pid_t pid, uid_t uid, gid_t gid, const std::function<std::vector<gid_t>()>& fetch);
+    // nullopt when `fetch` could not read them; that is not cached.
+    using Fetch = std::function<std::optional<std::vector<gid_t>>()>;
+    std::optional<std::vector<gid_t>> groups(pid_t pid, uid_t uid, gid_t gid, const Fetch& fetch);
 
 private:
     struct Entry {

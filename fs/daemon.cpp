@@ -312,7 +312,8 @@ int run_mount(const MountOptions& options)
         channel.failed(state.error().message);
         return 1;
     }
-    Filesystem filesystem(*(*state)->service);
+    Filesystem filesystem(*(*state)->service, Filesystem::Limits{(*state)->config.max_open_files_per_uid,
+                                                                 (*state)->config.max_buffered_kib_per_uid * 1024});
 
     std::vector<std::string> arg_text{"vaultfs", "-o", "fsname=vaultfs,subtype=vaultfs,noatime"};
     if (::geteuid() == 0)

@@ -40,6 +40,8 @@ int to_errno(vault::Errc code)
         return ENOMEM;
     case Errc::busy:
         return EBUSY;
+    case Errc::too_many_open:
+        return EMFILE;
     case Errc::no_attribute:
         return ENODATA;
     }

@@ -26,7 +26,7 @@ namespace {
 
 // How long the kernel may keep a node's entry and attributes (see the
 // header's note on caching).
-double cache_seconds(NodeKind kind) { return kind == NodeKind::secret ? 1.0 : 0.0; }
+double cache_seconds(NodeKind kind) { return kind == NodeKind::secret || kind == NodeKind::current ? 1.0 : 0.0; }
 
 // Offsets in directory listings: 1 and 2 follow "." and "..", 3..5 the
 // special entries of a vault; rows continue from their id + row_offset.
@@ -81,7 +81,7 @@ struct Filesystem::Reply {
     struct Buffer {
         const void* data;
         std::size_t size;
-        std::shared_ptr<const void> keep_alive;  // owner of `data`
+        std::shared_ptr<const void> keep_alive;  // owner of `data` (wiped when it goes, if secret)
     };
     struct Written {
         std::size_t count;
@@ -221,7 +221,8 @@ const fuse_lowlevel_ops& Filesystem::operations()
     return ops;
 }
 
-Filesystem::Filesystem(vault::SecretService& service) : service_(service)
+Filesystem::Filesystem(vault::SecretService& service, Limits limits)
+    : service_(service), quota_(limits.open_files_per_uid, limits.buffered_bytes_per_uid)
 {
     ::clock_gettime(CLOCK_REALTIME, &mounted_at_);
 }
@@ -263,6 +264,13 @@ void Filesystem::drop_page_cache(std::uint64_t ino)
 }
 
 void Filesystem::drop_handle(std::uint64_t fh) { handles_.remove(fh); }
+
+void Filesystem::invalidate_secret(vault::VaultId vault, const std::string& name, std::uint64_t ino)
+{
+    invalidate_entry(Node{NodeKind::vault, vault.value}, name);
+    if (const auto node = from_ino(ino))
+        invalidate_inode(*node);
+}
 
 void Filesystem::invalidate_entry(Node parent, const std::string& name)
 {
@@ -323,16 +331,26 @@ vault::Caller Filesystem::caller_of(fuse_req_t req)
     c.who.uid = ctx->uid;
     c.who.gid = ctx->gid;
     c.pid = ctx->pid;
-    c.who.groups = callers_.groups(ctx->pid, ctx->uid, ctx->gid, [req] {
-        std::vector<gid_t> list(64);
-        int n = fuse_req_getgroups(req, static_cast<int>(list.size()), list.data());
-        if (n > static_cast<int>(list.size())) {
-            list.resize(static_cast<std::size_t>(n));
-            n = fuse_req_getgroups(req, n, list.data());
-        }
-        list.resize(n > 0 ? static_cast<std::size_t>(n) : 0);
-        return list;
-    });
+    // A caller without a pid in this daemon's pid namespace (the daemon in
+    // a container of its own) has no /proc entry to read its groups from.
+    auto groups = ctx->pid <= 0 ? std::nullopt
+                                : callers_.groups(ctx->pid, ctx->uid, ctx->gid,
+                                                  [req]() -> std::optional<std::vector<gid_t>> {
+                                                      std::vector<gid_t> list(64);
+                                                      int n = fuse_req_getgroups(
+                                                          req, static_cast<int>(list.size()), list.data());
+                                                      if (n > static_cast<int>(list.size())) {
+                                                          list.resize(static_cast<std::size_t>(n));
+                                                          n = fuse_req_getgroups(req, n, list.data());
+                                                      }
+                                                      if (n < 0 || n > static_cast<int>(list.size()))
+                                                          return std::nullopt;
+                                                      list.resize(static_cast<std::size_t>(n));
+                                                      return list;
+                                                  });
+    c.who.groups_known = groups.has_value();
+    if (groups)
+        c.who.groups = std::move(*groups);
     return c;
 }
 
@@ -410,6 +428,14 @@ vault::Result<Filesystem::NodeAttr> Filesystem::stat_node(const vault::Caller& c
         fill_file(*s, false);
         return attr;
     }
+    case NodeKind::current: {
+        auto s = service_.secret_at_version(caller, vault::VersionId{node.id});
+        if (!s)
+            return tl::unexpected(s.error());
+        fill_file(*s, true);
+        attr.generation = static_cast<std::uint64_t>(s->version.created);
+        return attr;
+    }
     case NodeKind::deleted_secret: {
         auto d = service_.deleted_by_id(caller, vault::SecretId{node.id});
         if (!d)
@@ -461,8 +487,7 @@ Reply Filesystem::lookup(fuse_req_t req, fuse_ino_t parent, const char* name_c)
         auto s = service_.find_secret(caller, vault::VaultId{p->id}, name);
         if (!s)
             return Reply::err(s.error());
-        return entry_for(caller, s->pinned ? Node{NodeKind::version, s->version.id.value}
-                                           : Node{NodeKind::secret, s->id.value});
+        return entry_for(caller, Node{s->pinned ? NodeKind::version : NodeKind::current, s->version.id.value});
     }
     case NodeKind::versions_dir: {
         const auto path = vault::parse_secret_path(name);
@@ -619,10 +644,13 @@ Reply Filesystem::refuse_mknod(fuse_req_t, fuse_ino_t, const char*, mode_t, dev_
 
 Reply Filesystem::open_value(const vault::Caller& caller, const vault::SecretView& view, fuse_file_info* fi)
 {
-    auto value = service_.read_value(caller, view);
+    auto charge = this->charge(caller);
+    if (!charge)
+        return Reply::err(service_.refuse_over_limit(caller, "get", view.vault_name, view.name, vault::Errc::too_many_open));
+    auto value = service_.open_value(caller, view);
     if (!value)
         return Reply::err(value.error());
-    fi->fh = handles_.add(std::make_shared<ValueHandle>(std::move(*value)));
+    fi->fh = handles_.add(std::make_shared<ValueHandle>(std::move(*value), std::move(*charge)));
     fi->direct_io = 1;
     fi->keep_cache = 0;
     fi->noflush = 1;  // nothing to commit on close of a reader
@@ -632,11 +660,15 @@ Reply Filesystem::open_value(const vault::Caller& caller, const vault::SecretVie
 Reply Filesystem::open_for_write(const vault::Caller& caller, vault::VaultId vault, const std::string& name,
                                  vault::SecretService::WriteIntent intent, fuse_file_info* fi, bool reply_create)
 {
+    auto charge = this->charge(caller);
+    if (!charge)
+        return Reply::err(service_.refuse_over_limit(caller, "set", "", name, vault::Errc::too_many_open));
     auto grant = service_.open_for_write(caller, vault, name, intent);
     if (!grant)
         return Reply::err(grant.error());
     // Every writer starts from an empty value: it writes a whole new version.
-    auto handle = std::make_shared<WriteHandle>(caller, std::move(*grant), (fi->flags & O_TRUNC) != 0 || intent.create);
+    auto handle = std::make_shared<WriteHandle>(caller, std::move(*grant), (fi->flags & O_TRUNC) != 0 || intent.create,
+                                                std::move(*charge));
     fi->fh = handles_.add(handle);
     fi->direct_io = 1;
     fi->keep_cache = 0;
@@ -659,16 +691,20 @@ Reply Filesystem::open_policy(const vault::Caller& caller, vault::VaultId vault,
     const int mode = fi->flags & O_ACCMODE;
     if (mode == O_RDWR || (fi->flags & O_APPEND))
         return Reply::err(EINVAL);
+    auto charge = this->charge(caller);
+    if (!charge)
+        return Reply::err(service_.refuse_over_limit(caller, mode == O_RDONLY ? "policy_get" : "policy_set", "", "",
+                                                     vault::Errc::too_many_open));
     std::shared_ptr<PolicyHandle> handle;
     if (mode == O_RDONLY) {
         auto text = service_.read_policy(caller, vault);
         if (!text)
             return Reply::err(text.error());
-        handle = std::make_shared<PolicyHandle>(caller, vault, false, std::move(*text));
+        handle = std::make_shared<PolicyHandle>(caller, vault, false, std::move(*text), std::move(*charge));
     } else {
         if (auto r = service_.authorize(caller, vault, Permission::manage, "policy_set"); !r)
             return Reply::err(r.error());
-        handle = std::make_shared<PolicyHandle>(caller, vault, true, std::string());
+        handle = std::make_shared<PolicyHandle>(caller, vault, true, std::string(), std::move(*charge));
     }
     fi->fh = handles_.add(handle);
     fi->direct_io = 1;
@@ -710,18 +746,28 @@ Reply Filesystem::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi)
             return Reply::err(view.error());
         return open_value(caller, *view, fi);
     }
-    case NodeKind::secret: {
+    case NodeKind::secret:
+    case NodeKind::current: {
         if (mode == O_RDWR || (fi->flags & O_APPEND))
             return Reply::err(EINVAL);
-        if (mode == O_WRONLY) {
-            auto s = service_.secret_by_id(caller, vault::SecretId{node->id});
-            if (!s)
-                return Reply::err(s.error());
-            return open_for_write(caller, s->vault, s->name, {false, false}, fi, false);
-        }
-        auto view = service_.secret_by_id(caller, vault::SecretId{node->id});
+        auto view = node->kind == NodeKind::secret ? service_.secret_by_id(caller, vault::SecretId{node->id})
+                                                   : service_.secret_at_version(caller, vault::VersionId{node->id});
         if (!view)
             return Reply::err(view.error());
+        if (mode == O_WRONLY)
+            return open_for_write(caller, view->vault, view->name, {false, false}, fi, false);
+        if (node->kind == NodeKind::current) {
+            // A reader gets what S stands for now. If this inode is of an
+            // older version (a dentry not yet invalidated), ESTALE makes the
+            // kernel look S up again and open the inode of the version now.
+            auto now = service_.secret_by_id(caller, view->id);
+            if (!now)
+                return Reply::err(now.error());
+            if (now->version.id != view->version.id) {
+                invalidate_entry(Node{NodeKind::vault, view->vault.value}, view->name);
+                return Reply::err(ESTALE);
+            }
+        }
         return open_value(caller, *view, fi);
     }
     case NodeKind::deleted_secret:
@@ -745,7 +791,17 @@ Reply Filesystem::read(fuse_req_t, fuse_ino_t, size_t size, off_t off, fuse_file
     };
     if (h->kind == Handle::Kind::value) {
         const auto& v = static_cast<const ValueHandle&>(*h).value;
-        return slice(v.data(), v.size());
+        if (static_cast<std::uint64_t>(off) >= v.size())
+            return Reply{Reply::Buffer{nullptr, 0, nullptr}};  // end of file: nothing to decrypt
+        // Decrypted for this read only, into locked memory wiped once the
+        // reply is sent.
+        auto plain = v.plaintext();
+        if (!plain)
+            return Reply::err(plain.error());
+        auto owned = std::make_shared<const hsm::SecureBuffer>(std::move(*plain));
+        const auto start = static_cast<std::size_t>(off);
+        const auto n = std::min(size, owned->size() - start);
+        return Reply{Reply::Buffer{owned->data() + start, n, owned}};
     }
     if (h->kind == Handle::Kind::policy) {
         auto& p = static_cast<PolicyHandle&>(*h);
@@ -767,14 +823,25 @@ Reply Filesystem::write(fuse_req_t, fuse_ino_t, const char* buf, size_t size, of
     if (h->kind == Handle::Kind::write) {
         auto& w = static_cast<WriteHandle&>(*h);
         std::lock_guard lock(w.mutex);
+        // After a failed write nothing from this handle will ever commit,
+        // and every later write says so (a shell's `printf > S` never sees
+        // close()'s error, so write() must carry it).
+        if (w.failed != 0)
+            return Reply::err(w.failed);
         if (end > vault::max_value_size) {
-            // Nothing from this handle will ever be committed.
-            w.too_large = true;
+            w.failed = EFBIG;
             return Reply::err(EFBIG);
         }
         if (end > w.buffer.size()) {
-            if (auto r = w.buffer.resize(end); !r)
+            if (!w.charge.grow(end - w.buffer.size())) {
+                w.failed = ENOMEM;
+                return Reply::err(service_.refuse_over_limit(w.caller, "commit", w.grant.vault_name, w.grant.name,
+                                                             vault::Errc::out_of_memory));
+            }
+            if (auto r = w.buffer.resize(end); !r) {
+                w.failed = ENOMEM;
                 return Reply::err(ENOMEM);
+            }
         }
         std::memcpy(w.buffer.data() + off, buf, size);
         // libfuse's receive buffer is ordinary, reused heap: wipe our copy's source.
@@ -788,12 +855,19 @@ Reply Filesystem::write(fuse_req_t, fuse_ino_t, const char* buf, size_t size, of
         std::lock_guard lock(p.mutex);
         if (!p.writing)
             return Reply::err(EBADF);
+        if (p.failed != 0)
+            return Reply::err(p.failed);
         if (end > max_policy_size) {
-            p.too_large = true;
+            p.failed = EFBIG;
             return Reply::err(EFBIG);
         }
-        if (end > p.text.size())
+        if (end > p.text.size()) {
+            if (!p.charge.grow(end - p.text.size())) {
+                p.failed = ENOMEM;
+                return Reply::err(service_.refuse_over_limit(p.caller, "policy_set", "", "", vault::Errc::out_of_memory));
+            }
             p.text.resize(end, '\0');
+        }
         p.text.replace(static_cast<std::size_t>(off), size, buf, size);
         p.written = true;
         return Reply{Reply::Written{size}};
@@ -801,7 +875,7 @@ Reply Filesystem::write(fuse_req_t, fuse_ino_t, const char* buf, size_t size, of
     return Reply::err(EBADF);
 }
 
-Reply Filesystem::flush(fuse_req_t, fuse_ino_t, fuse_file_info* fi)
+Reply Filesystem::flush(fuse_req_t, fuse_ino_t ino, fuse_file_info* fi)
 {
     auto h = handles_.find(fi->fh);
     if (!h)
@@ -809,8 +883,8 @@ Reply Filesystem::flush(fuse_req_t, fuse_ino_t, fuse_file_info* fi)
     if (h->kind == Handle::Kind::write) {
         auto& w = static_cast<WriteHandle&>(*h);
         std::lock_guard lock(w.mutex);
-        if (w.too_large)
-            return Reply::err(EFBIG);
+        if (w.failed != 0)
+            return Reply::err(w.failed);
         // A flush comes with every close(), including that of a shell's
         // temporary duplicate before anything is written; only a flush that
         // follows written bytes commits. One version per such flush, and
@@ -823,14 +897,14 @@ Reply Filesystem::flush(fuse_req_t, fuse_ino_t, fuse_file_info* fi)
         w.dirty = false;
         if (!version)
             return Reply::err(version.error());
-        invalidate_inode(Node{NodeKind::secret, w.grant.secret.value});
+        invalidate_secret(w.grant.vault, w.grant.name, ino);
         return Reply::ok();
     }
     if (h->kind == Handle::Kind::policy) {
         auto& p = static_cast<PolicyHandle&>(*h);
         std::lock_guard lock(p.mutex);
-        if (p.too_large)
-            return Reply::err(EFBIG);
+        if (p.failed != 0)
+            return Reply::err(p.failed);
         // As for secrets, only a close after written bytes swaps the policy
         // in; an empty write never replaces it.
         if (!p.writing || !p.written)
@@ -857,12 +931,12 @@ Reply Filesystem::release(fuse_req_t, fuse_ino_t ino, fuse_file_info* fi)
         std::lock_guard lock(w.mutex);
         // A flush normally committed already; this covers a writer whose
         // flush never came (there is no one left to report an error to).
-        if (w.dirty && !w.too_large) {
+        if (w.dirty && w.failed == 0) {
             if (auto r = service_.commit(w.caller, w.grant, w.buffer); !r)
                 spdlog::error("commit at release of {}/{} failed: {}", w.grant.vault_name, w.grant.name,
                               r.error().message);
             else
-                invalidate_inode(Node{NodeKind::secret, w.grant.secret.value});
+                invalidate_secret(w.grant.vault, w.grant.name, ino);
         }
     }
     return Reply::ok();  // the buffer is wiped as the handle goes
@@ -876,13 +950,16 @@ Reply Filesystem::opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi)
     if (!node)
         return Reply::err(ENOENT);
     const auto caller = caller_of(req);
+    auto charge = this->charge(caller);
+    if (!charge)
+        return Reply::err(service_.refuse_over_limit(caller, "list", "", "", vault::Errc::too_many_open));
     std::shared_ptr<DirHandle> handle;
     switch (node->kind) {
     case NodeKind::root: {
         auto vaults = service_.list_vaults(caller);
         if (!vaults)
             return Reply::err(vaults.error());
-        handle = std::make_shared<DirHandle>(NodeKind::root, std::nullopt);
+        handle = std::make_shared<DirHandle>(NodeKind::root, caller, std::nullopt, std::move(*charge));
         for (const auto& v : *vaults)
             handle->vaults.emplace_back(v.name, Node{NodeKind::vault, v.id.value});
         break;
@@ -893,7 +970,7 @@ Reply Filesystem::opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi)
         auto grant = service_.open_listing(caller, vault::VaultId{node->id});
         if (!grant)
             return Reply::err(grant.error());
-        handle = std::make_shared<DirHandle>(node->kind, std::move(*grant));
+        handle = std::make_shared<DirHandle>(node->kind, caller, std::move(*grant), std::move(*charge));
         break;
     }
     default:
@@ -930,9 +1007,13 @@ Reply Filesystem::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off
         return reply();
 
     if (d->node_kind == NodeKind::root) {
-        for (std::size_t i = off < 2 ? 0 : static_cast<std::size_t>(off - 2); i < d->vaults.size(); ++i)
+        // Taken at opendir; a vault the caller may no longer see is left out.
+        for (std::size_t i = off < 2 ? 0 : static_cast<std::size_t>(off - 2); i < d->vaults.size(); ++i) {
+            if (!service_.visible(d->caller, vault::VaultId{d->vaults[i].second.id}))
+                continue;
             if (!add(d->vaults[i].first.c_str(), to_ino(d->vaults[i].second), S_IFDIR, static_cast<off_t>(i + 3)))
                 break;
+        }
         return reply();
     }
 
@@ -1053,10 +1134,18 @@ vault::Result<vault::SecretView> Filesystem::attribute_target(const vault::Calle
 {
     if (node.kind == NodeKind::secret)
         return service_.secret_by_id(caller, vault::SecretId{node.id});
+    if (node.kind == NodeKind::current)
+        return service_.secret_at_version(caller, vault::VersionId{node.id});
     if (node.kind == NodeKind::version)
         return service_.version_by_id(caller, vault::VersionId{node.id});
     return vault::fail(Errc::no_attribute);
 }
+
+namespace {
+
+bool is_value_node(NodeKind k) { return k == NodeKind::secret || k == NodeKind::current || k == NodeKind::version; }
+
+}  // namespace
 
 // A vault's settings or a soft-deleted secret's dates.
 vault::Result<std::vector<std::pair<std::string, std::string>>> Filesystem::fixed_attributes(
@@ -1111,7 +1200,7 @@ Reply Filesystem::listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
             names.push_back(key);
         return xattr_list(names, size);
     }
-    if (node->kind != NodeKind::secret && node->kind != NodeKind::version)
+    if (!is_value_node(node->kind))
         return xattr_list({}, size);
     auto target = attribute_target(caller, *node);
     if (!target)
@@ -1136,7 +1225,7 @@ Reply Filesystem::setxattr(fuse_req_t req, fuse_ino_t ino, const char* name_c, c
         auto r = service_.set_vault_attribute(caller, vault::VaultId{node->id}, *name, text);
         return r ? Reply::ok() : Reply::err(r.error());
     }
-    if (node->kind != NodeKind::secret && node->kind != NodeKind::version)
+    if (!is_value_node(node->kind))
         return Reply::err(EPERM);
     auto target = attribute_target(caller, *node);
     if (!target)
@@ -1145,7 +1234,7 @@ Reply Filesystem::setxattr(fuse_req_t req, fuse_ino_t ino, const char* name_c, c
     if (!r)
         return Reply::err(r.error());
     // Enabling or disabling a version can change what S stands for.
-    invalidate_inode(Node{NodeKind::secret, target->id.value});
+    invalidate_secret(target->vault, target->name, ino);
     return Reply::ok();
 }
 
@@ -1157,7 +1246,7 @@ Reply Filesystem::removexattr(fuse_req_t req, fuse_ino_t ino, const char* name_c
     const auto name = vault_attribute(name_c);
     if (!name)
         return Reply::err(ENODATA);
-    if (node->kind != NodeKind::secret && node->kind != NodeKind::version)
+    if (!is_value_node(node->kind))
         return Reply::err(EPERM);
     const auto caller = caller_of(req);
     auto target = attribute_target(caller, *node);
@@ -1166,7 +1255,7 @@ Reply Filesystem::removexattr(fuse_req_t req, fuse_ino_t ino, const char* name_c
     auto r = service_.set_attribute(caller, *target, *name, std::nullopt);
     if (!r)
         return Reply::err(r.error());
-    invalidate_inode(Node{NodeKind::secret, target->id.value});
+    invalidate_secret(target->vault, target->name, ino);
     return Reply::ok();
 }
 

@@ -17,14 +17,21 @@
 //    the cache can show one of them that is meant for another is the mode
 //    bits (which reflect the other caller's permissions) for at most a
 //    second. It saves one round trip per open, and most of `ls -l`.
+//  - S has an inode per version it stands for (inode.hpp: `current`), so
+//    the kernel's page cache -- filled only by a reader's own mmap -- is
+//    per version: pages a reader keeps alive never reach an opener of
+//    another version.
 //  - Correctness after writes: every change this daemon makes to `S` — a new
 //    version, an attribute, a delete or recover — invalidates its cached
-//    attributes or entry at once (notify_inval_*, from a separate thread,
-//    never inside the request that caused it).
+//    entry and attributes at once (notify_inval_*, from a separate thread,
+//    never inside the request that caused it). An open that still arrives
+//    on the inode of a version S no longer stands for gets ESTALE, and the
+//    kernel looks S up again: what an open reads is always what S stands
+//    for at that open.
 //  - OPEN always comes here (no default_permissions): a policy change —
 //    a revocation included — applies at the next open, whatever is cached.
 // Secret files are opened with FOPEN_DIRECT_IO: no plaintext in the page
-// cache.
+// cache from read().
 #pragma once
 
 #define FUSE_USE_VERSION 312
@@ -42,13 +49,18 @@
 #include "fs/caller_cache.hpp"
 #include "fs/handles.hpp"
 #include "fs/inode.hpp"
+#include "fs/uid_quota.hpp"
 #include "vault/secret_service.hpp"
 
 namespace vaultfs::fs {
 
 class Filesystem {
 public:
-    explicit Filesystem(vault::SecretService& service);
+    struct Limits {
+        std::size_t open_files_per_uid = 1024;
+        std::size_t buffered_bytes_per_uid = 1 << 20;
+    };
+    Filesystem(vault::SecretService& service, Limits limits);
 
     ~Filesystem();
 
@@ -109,6 +121,8 @@ private:
     vault::Result<NodeAttr> stat_node(const vault::Caller& caller, Node node);
     Reply entry_for(const vault::Caller& caller, Node node);
     Reply open_value(const vault::Caller& caller, const vault::SecretView& view, fuse_file_info* fi);
+    // After a change to what S stands for: its name and its inode.
+    void invalidate_secret(vault::VaultId vault, const std::string& name, std::uint64_t ino);
     Reply open_for_write(const vault::Caller& caller, vault::VaultId vault, const std::string& name,
                          vault::SecretService::WriteIntent intent, fuse_file_info* fi, bool reply_create);
     Reply open_policy(const vault::Caller& caller, vault::VaultId vault, fuse_file_info* fi);
@@ -117,6 +131,9 @@ private:
                                                                                       Node node);
 
     vault::SecretService& service_;
+    UidQuota quota_;
+    // A handle charge for the caller's uid, or nullopt at its limit.
+    std::optional<UidQuota::Charge> charge(const vault::Caller& caller) { return quota_.open(caller.who.uid); }
     // Queues a kernel cache invalidation: an inode's attributes, or a name.
     void invalidate_inode(Node node);
     void invalidate_entry(Node parent, const std::string& name);

@@ -2,10 +2,12 @@
 // indexes this table — never a pointer — so a stale or forged fh finds
 // nothing instead of freed memory.
 //
-// Value handles hold the plaintext of the version they opened (pinned: a
-// later write never changes what an open reader sees) in locked memory,
-// wiped when the handle is released. Write handles assemble a new value in
-// locked memory and commit it at flush.
+// Value handles keep the version they opened (pinned: a later write never
+// changes what an open reader sees) as ciphertext and a shared DEK; each
+// read decrypts into a transient locked buffer. Write handles assemble a
+// new value in locked memory and commit it at flush. Every handle carries
+// its charge against its opener's per-uid quota (uid_quota.hpp), given back
+// when the handle goes.
 //
 // Thread-safety: the table is synchronised; a handle's own mutex guards its
 // mutable state (several fds can share one handle after dup/fork).
@@ -22,6 +24,7 @@
 #include <vector>
 
 #include "fs/inode.hpp"
+#include "fs/uid_quota.hpp"
 #include "hsm/secure_buffer.hpp"
 #include "vault/secret_service.hpp"
 
@@ -29,33 +32,37 @@ namespace vaultfs::fs {
 
 struct Handle {
     enum class Kind { value, write, policy, directory };
-    explicit Handle(Kind k) : kind(k) {}
+    Handle(Kind k, UidQuota::Charge c) : kind(k), charge(std::move(c)) {}
     virtual ~Handle() = default;
     const Kind kind;
+    UidQuota::Charge charge;
 };
 
 struct ValueHandle final : Handle {
-    explicit ValueHandle(hsm::SecureBuffer v) : Handle(Kind::value), value(std::move(v)) {}
-    const hsm::SecureBuffer value;
+    ValueHandle(vault::OpenValue v, UidQuota::Charge c) : Handle(Kind::value, std::move(c)), value(std::move(v)) {}
+    const vault::OpenValue value;
 };
 
 struct WriteHandle final : Handle {
-    WriteHandle(vault::Caller c, vault::WriteGrant g, bool truncated)
-        : Handle(Kind::write), caller(std::move(c)), grant(std::move(g)), dirty(truncated)
+    WriteHandle(vault::Caller c, vault::WriteGrant g, bool truncated, UidQuota::Charge q)
+        : Handle(Kind::write, std::move(q)), caller(std::move(c)), grant(std::move(g)), dirty(truncated)
     {
     }
     std::mutex mutex;
     const vault::Caller caller;
     const vault::WriteGrant grant;
     hsm::SecureBuffer buffer;
-    bool dirty;              // a value (maybe empty) not yet committed
-    bool written = false;    // bytes written since the last commit
-    bool too_large = false;  // a write went past 25 KiB: nothing will commit
+    bool dirty;            // a value (maybe empty) not yet committed
+    bool written = false;  // bytes written since the last commit
+    // The errno of a write that failed (EFBIG past 25 KiB, ENOMEM past the
+    // quota or the locked heap): nothing from this handle will commit, and
+    // every later write and flush reports it.
+    int failed = 0;
 };
 
 struct PolicyHandle final : Handle {
-    PolicyHandle(vault::Caller c, vault::VaultId v, bool w, std::string t)
-        : Handle(Kind::policy), caller(std::move(c)), vault(v), writing(w), text(std::move(t))
+    PolicyHandle(vault::Caller c, vault::VaultId v, bool w, std::string t, UidQuota::Charge q)
+        : Handle(Kind::policy, std::move(q)), caller(std::move(c)), vault(v), writing(w), text(std::move(t))
     {
     }
     std::mutex mutex;
@@ -64,12 +71,16 @@ struct PolicyHandle final : Handle {
     const bool writing;
     std::string text;      // current policy (reading) or the new one (writing)
     bool written = false;  // bytes written since the last swap (like WriteHandle)
-    bool too_large = false;
+    int failed = 0;        // as for WriteHandle
 };
 
 struct DirHandle final : Handle {
-    DirHandle(NodeKind k, std::optional<vault::ListingGrant> g) : Handle(Kind::directory), node_kind(k), grant(std::move(g)) {}
+    DirHandle(NodeKind k, vault::Caller c, std::optional<vault::ListingGrant> g, UidQuota::Charge q)
+        : Handle(Kind::directory, std::move(q)), node_kind(k), caller(std::move(c)), grant(std::move(g))
+    {
+    }
     const NodeKind node_kind;
+    const vault::Caller caller;
     const std::optional<vault::ListingGrant> grant;
     std::vector<std::pair<std::string, Node>> vaults;  // root listing, taken at opendir
 };

@@ -23,7 +23,13 @@ enum class NodeKind : std::uint8_t {
     secret = 5,          // /V/S               id: secret id
     version = 6,         // /V/S@N             id: version row id
     deleted_secret = 7,  // /V/.deleted/S      id: secret id
+    current = 8,         // /V/S as it stands  id: version row id of the version S stands for
 };
+// S has an inode per version it stands for: a new version, or a disable
+// that makes S stand for another one, gives S a new inode (and the kernel a
+// new page cache), so pages a reader's mmap of one version keeps alive can
+// never be served to an opener of another. `secret` names S while its first
+// version is being written, and writers' handles.
 
 struct Node {
     NodeKind kind = NodeKind::root;

@@ -167,7 +167,7 @@ Parsed<PermissionSet> parse_permissions(std::string_view list)
     }
 }
 
-Parsed<std::string> parse_glob(std::string_view glob)
+Parsed<Glob> parse_glob(std::string_view glob)
 {
     if (glob.size() > max_glob_chars)
         return reject("glob longer than " + std::to_string(max_glob_chars) + " characters");
@@ -178,7 +178,7 @@ Parsed<std::string> parse_glob(std::string_view glob)
             return reject("invalid character " + quoted(std::string_view(&c, 1)) + " in glob " + quoted(glob) +
                           " (allowed: letters, digits, '-', '*', '?')");
     }
-    return std::string(glob);
+    return Glob(glob);
 }
 
 // Parses one line (without its '\n'). nullopt: blank or comment only.
@@ -265,19 +265,30 @@ std::string canonical_text(const Rule& rule)
     text += to_string(rule.permissions);
     if (rule.glob) {
         text += ' ';
-        text += *rule.glob;
+        text += rule.glob->text();
     }
     return text;
 }
 
-// Whether `rule` speaks about this caller and this target at all.
-bool applies(const Rule& rule, const Subject& who, std::optional<std::string_view> secret)
+// Which supplementary groups a decision assumes: the caller's own, or --
+// when they could not be read -- none of them, or every one.
+enum class Membership { listed, none, every };
+
+bool names(const Principal& p, const Subject& who, Membership m)
 {
-    if (!rule.principal.matches(who))
+    if (p.kind != Principal::Kind::gid || m == Membership::listed)
+        return p.matches(who);
+    return m == Membership::every || who.gid == p.id;
+}
+
+// Whether `rule` speaks about this caller and this target at all.
+bool applies(const Rule& rule, const Subject& who, std::optional<std::string_view> secret, Membership m)
+{
+    if (!names(rule.principal, who, m))
         return false;
     if (!rule.glob)
         return true;
-    return secret && glob_match(*rule.glob, *secret);
+    return secret && rule.glob->matches(*secret);
 }
 
 Decision decided_by(bool allowed, std::size_t index, const Rule& rule)
@@ -373,12 +384,15 @@ std::string Policy::print() const
     return text;
 }
 
-Decision Policy::evaluate(const Subject& who, Permission wanted, std::optional<std::string_view> secret) const
+namespace {
+
+Decision evaluate_as(const std::vector<Rule>& rules, const Subject& who, Permission wanted,
+                     std::optional<std::string_view> secret, Membership m)
 {
     std::optional<std::size_t> first_allow;
-    for (std::size_t i = 0; i < rules_.size(); ++i) {
-        const Rule& rule = rules_[i];
-        if (!rule.permissions.contains(wanted) || !applies(rule, who, secret))
+    for (std::size_t i = 0; i < rules.size(); ++i) {
+        const Rule& rule = rules[i];
+        if (!rule.permissions.contains(wanted) || !applies(rule, who, secret, m))
             continue;
         if (!rule.allow)
             return decided_by(false, i, rule);
@@ -386,16 +400,17 @@ Decision Policy::evaluate(const Subject& who, Permission wanted, std::optional<s
             first_allow = i;
     }
     if (first_allow)
-        return decided_by(true, *first_allow, rules_[*first_allow]);
+        return decided_by(true, *first_allow, rules[*first_allow]);
     return Decision{};
 }
 
-PermissionSet Policy::effective(const Subject& who, std::optional<std::string_view> secret) const
+PermissionSet effective_as(const std::vector<Rule>& rules, const Subject& who, std::optional<std::string_view> secret,
+                           Membership m)
 {
     PermissionSet allowed;
     PermissionSet denied;
-    for (const Rule& rule : rules_) {
-        if (!applies(rule, who, secret))
+    for (const Rule& rule : rules) {
+        if (!applies(rule, who, secret, m))
             continue;
         if (rule.allow)
             allowed = allowed | rule.permissions;
@@ -405,14 +420,14 @@ PermissionSet Policy::effective(const Subject& who, std::optional<std::string_vi
     return allowed.without(denied);
 }
 
-bool Policy::holds_any(const Subject& who) const
+bool holds_any_as(const std::vector<Rule>& rules, const Subject& who, Membership m)
 {
     // A glob deny cannot take a permission away everywhere: some secret may
     // fall outside it. Only glob-less denies count against allows here.
     PermissionSet allowed;
     PermissionSet denied_everywhere;
-    for (const Rule& rule : rules_) {
-        if (!rule.principal.matches(who))
+    for (const Rule& rule : rules) {
+        if (!names(rule.principal, who, m))
             continue;
         if (rule.allow)
             allowed = allowed | rule.permissions;
@@ -422,33 +437,166 @@ bool Policy::holds_any(const Subject& who) const
     return !allowed.without(denied_everywhere).empty();
 }
 
-bool glob_match(std::string_view pattern, std::string_view name)
+}  // namespace
+
+Decision Policy::evaluate(const Subject& who, Permission wanted, std::optional<std::string_view> secret) const
 {
-    // Greedy match with one backtrack point: on a mismatch only the most
-    // recent `*` needs to absorb one more character, because any earlier `*`
-    // could only ever re-create a state already tried. O(|pattern|·|name|)
-    // at worst, no recursion.
-    std::size_t p = 0;
-    std::size_t n = 0;
-    std::size_t star = std::string_view::npos;
-    std::size_t star_resume = 0;
-    while (n < name.size()) {
-        if (p < pattern.size() && pattern[p] == '*') {
-            star = p++;
-            star_resume = n;
-        } else if (p < pattern.size() && (pattern[p] == '?' || pattern[p] == name[n])) {
-            ++p;
-            ++n;
-        } else if (star != std::string_view::npos) {
-            p = star + 1;
-            n = ++star_resume;
-        } else {
+    if (who.groups_known)
+        return evaluate_as(rules_, who, wanted, secret, Membership::listed);
+    Decision none = evaluate_as(rules_, who, wanted, secret, Membership::none);
+    Decision every = evaluate_as(rules_, who, wanted, secret, Membership::every);
+    if (none.allowed == every.allowed)
+        return none;  // no group rule changes it
+    // A group rule decides, and the groups are unknown: deny, naming the rule
+    // that would have denied (or the default deny).
+    Decision d = none.allowed ? std::move(every) : std::move(none);
+    d.groups_unknown = true;
+    return d;
+}
+
+PermissionSet Policy::effective(const Subject& who, std::optional<std::string_view> secret) const
+{
+    if (who.groups_known)
+        return effective_as(rules_, who, secret, Membership::listed);
+    return effective_as(rules_, who, secret, Membership::none) & effective_as(rules_, who, secret, Membership::every);
+}
+
+bool Policy::holds_any(const Subject& who) const
+{
+    if (who.groups_known)
+        return holds_any_as(rules_, who, Membership::listed);
+    return holds_any_as(rules_, who, Membership::none) && holds_any_as(rules_, who, Membership::every);
+}
+
+bool Policy::someone_can_manage(const NameResolver& names) const
+{
+    return std::any_of(rules_.begin(), rules_.end(), [&](const Rule& r) {
+        if (!r.allow || r.glob || !r.permissions.contains(Permission::manage))
             return false;
+        // A caller this rule names, in no other group: does manage survive
+        // the denies that name it too?
+        Subject who{static_cast<uid_t>(-2), static_cast<gid_t>(-2), {}};
+        switch (r.principal.kind) {
+        case Principal::Kind::uid:
+            if (!names.user_exists(r.principal.id))
+                return false;
+            who.uid = r.principal.id;
+            break;
+        case Principal::Kind::gid:
+            if (!names.group_has_members(r.principal.id))
+                return false;
+            who.gid = r.principal.id;
+            break;
+        case Principal::Kind::any:
+            break;
+        }
+        return evaluate(who, Permission::manage).allowed;
+    });
+}
+
+// ---- globs ------------------------------------------------------------------------------
+//
+// The automaton's states are the positions of the pattern (runs of '*'
+// collapsed to one): state i means "the name so far matches the pattern's
+// first i characters". A '*' at i keeps state i on any character and also
+// stands for state i + 1 at once (it may match nothing); a '?' or a literal
+// at i moves to i + 1 on a character it accepts. All states advance together
+// as bits of a few 64-bit words: time linear in the name, no backtracking.
+
+Glob::Glob(std::string_view pattern) : text_(pattern), slot_(256, 0)
+{
+    std::string collapsed;
+    for (const char c : pattern)
+        if (c != '*' || collapsed.empty() || collapsed.back() != '*')
+            collapsed += c;
+    accept_ = collapsed.size();
+    words_ = accept_ / 64 + 1;
+    star_.assign(words_, 0);
+    any_.assign(words_, 0);
+    for (std::size_t i = 0; i < collapsed.size(); ++i) {
+        const std::uint64_t bit = std::uint64_t{1} << (i % 64);
+        const auto c = static_cast<unsigned char>(collapsed[i]);
+        if (c == '*') {
+            star_[i / 64] |= bit;
+        } else if (c == '?') {
+            any_[i / 64] |= bit;
+        } else {
+            if (slot_[c] == 0) {
+                literal_.resize(literal_.size() + words_, 0);
+                slot_[c] = static_cast<std::uint8_t>(literal_.size() / words_);
+            }
+            literal_[(slot_[c] - 1) * words_ + i / 64] |= bit;
         }
     }
-    while (p < pattern.size() && pattern[p] == '*')
-        ++p;
-    return p == pattern.size();
+    if (words_ <= 2) {
+        const std::size_t slots = literal_.size() / words_ + 1;
+        accepts_.assign(slots * 2, 0);
+        for (std::size_t k = 0; k < slots; ++k)
+            for (std::size_t w = 0; w < words_; ++w)
+                accepts_[k * 2 + w] = any_[w] | (k == 0 ? 0 : literal_[(k - 1) * words_ + w]);
+    }
+}
+
+bool Glob::matches(std::string_view name) const
+{
+    if (words_ <= 2) {
+        // Every policy glob (127 characters at most): one 128-bit word.
+        __extension__ using u128 = unsigned __int128;
+        const auto wide = [](std::uint64_t low, std::uint64_t high) { return low | (static_cast<u128>(high) << 64); };
+        const u128 star = wide(star_[0], words_ == 2 ? star_[1] : 0);
+        const std::uint64_t* accepts = accepts_.data();
+        u128 state = 1;
+        state |= (state & star) << 1;
+        for (const char ch : name) {
+            const std::size_t k = slot_[static_cast<unsigned char>(ch)];
+            state = ((state & wide(accepts[k * 2], accepts[k * 2 + 1])) << 1) | (state & star);
+            if (state == 0)
+                return false;
+            state |= (state & star) << 1;
+        }
+        return ((state >> accept_) & 1) != 0;
+    }
+    // Longer patterns (only from callers of glob_match) take the heap.
+    std::vector<std::uint64_t> both(words_ * 2, 0);
+    std::uint64_t* state = both.data();
+    std::uint64_t* next = both.data() + words_;
+    const auto close = [&](std::uint64_t* s) {
+        // Each '*' also stands for the state after it (runs are collapsed,
+        // so one pass reaches every such state).
+        std::uint64_t carry = 0;
+        for (std::size_t w = 0; w < words_; ++w) {
+            s[w] |= carry;
+            const std::uint64_t at_star = s[w] & star_[w];
+            s[w] |= at_star << 1;
+            carry = at_star >> 63;
+        }
+    };
+    for (std::size_t w = 0; w < words_; ++w)
+        state[w] = 0;
+    state[0] = 1;
+    close(state);
+    for (const char ch : name) {
+        const auto c = static_cast<unsigned char>(ch);
+        const std::uint64_t* lit = slot_[c] == 0 ? nullptr : &literal_[(slot_[c] - 1) * words_];
+        std::uint64_t carry = 0;
+        std::uint64_t alive = 0;
+        for (std::size_t w = 0; w < words_; ++w) {
+            const std::uint64_t step = state[w] & (any_[w] | (lit != nullptr ? lit[w] : 0));
+            next[w] = (step << 1) | carry | (state[w] & star_[w]);
+            carry = step >> 63;
+            alive |= next[w];
+        }
+        if (alive == 0)
+            return false;
+        close(next);
+        std::swap(state, next);
+    }
+    return ((state[accept_ / 64] >> (accept_ % 64)) & 1) != 0;
+}
+
+bool glob_match(std::string_view pattern, std::string_view name)
+{
+    return Glob(pattern).matches(name);
 }
 
 }  // namespace vaultfs::policy

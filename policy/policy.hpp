@@ -79,6 +79,11 @@ struct Subject {
     uid_t uid = 0;
     gid_t gid = 0;
     std::vector<gid_t> groups;  // supplementary groups
+    // False when the supplementary groups could not be read (the caller has
+    // no pid in the daemon's pid namespace, or /proc did not answer). Then
+    // any decision a gid rule naming another group could change is a deny:
+    // see Policy::evaluate.
+    bool groups_known = true;
 
     bool in_group(gid_t g) const;
 };
@@ -92,11 +97,35 @@ struct Principal {
     bool operator==(const Principal&) const = default;
 };
 
+// A secret-name pattern: `*` matches any run of characters (including
+// none), `?` exactly one. Compiled once into a bit-parallel automaton, so a
+// match takes time linear in the name whatever the pattern (a policy's
+// globs are at most 127 characters: two 64-bit words per name character).
+class Glob {
+public:
+    explicit Glob(std::string_view pattern);
+    const std::string& text() const { return text_; }
+    bool matches(std::string_view name) const;
+    bool operator==(const Glob& other) const { return text_ == other.text_; }
+
+private:
+    std::string text_;
+    std::size_t accept_ = 0;  // the final state: the pattern's length with runs of '*' collapsed
+    std::size_t words_ = 0;
+    std::vector<std::uint64_t> star_;  // states at a '*'
+    std::vector<std::uint64_t> any_;   // states at a '?'
+    std::vector<std::uint64_t> literal_;  // words_ per distinct byte of the pattern
+    std::vector<std::uint8_t> slot_;      // byte -> 1 + its index in literal_, 0: not in the pattern
+    // For patterns of at most 127 states (every policy glob): per slot, the
+    // states that accept such a byte, as two words (low, high).
+    std::vector<std::uint64_t> accepts_;
+};
+
 struct Rule {
     bool allow = true;
     Principal principal;
     PermissionSet permissions;
-    std::optional<std::string> glob;  // absent: the whole vault
+    std::optional<Glob> glob;  // absent: the whole vault
 
     bool operator==(const Rule&) const = default;
 };
@@ -116,6 +145,11 @@ public:
     virtual ~NameResolver() = default;
     virtual std::optional<uid_t> user_id(std::string_view name) const = 0;
     virtual std::optional<gid_t> group_id(std::string_view name) const = 0;
+    // Whether the uid is a user the system knows, and whether the group has
+    // members (listed, or users whose primary group it is). For the check
+    // that someone can manage a vault.
+    virtual bool user_exists(uid_t uid) const = 0;
+    virtual bool group_has_members(gid_t gid) const = 0;
 };
 
 // The outcome of one evaluation. `rule_line` is the 1-based line of the
@@ -125,6 +159,9 @@ struct Decision {
     bool allowed = false;
     int rule_line = 0;
     std::string rule_text;  // canonical text of that line, empty for default deny
+    // Denied because the caller's groups are unknown and a gid rule could
+    // have changed the answer (Subject::groups_known).
+    bool groups_unknown = false;
 };
 
 class Policy {
@@ -132,7 +169,8 @@ public:
     Policy() = default;  // the empty policy: denies everything
 
     // Parses policy text. Any error rejects the whole text.
-    // Limits: at most 1000 rules, lines at most 4096 bytes.
+    // Limits: at most 1000 rules, lines at most 4096 bytes, globs at most
+    // 127 characters (a secret name's length).
     static tl::expected<Policy, ParseError> parse(std::string_view text, const NameResolver& names);
 
     // A policy granting `*` on the whole vault to one uid (a new vault's).
@@ -146,17 +184,28 @@ public:
 
     // Decides `wanted` for `who`. `secret` names the secret the operation
     // touches; nullopt for vault-level operations (list, manage, ...), which
-    // only glob-less rules can grant or deny.
+    // only glob-less rules can grant or deny. When who.groups_known is
+    // false, the answer is decided twice -- as if the caller were in no
+    // supplementary group and as if in every one -- and is an allow only if
+    // both allow (otherwise groups_unknown tells why it is a deny).
     Decision evaluate(const Subject& who, Permission wanted, std::optional<std::string_view> secret = std::nullopt) const;
 
     // Every permission `who` holds on `secret` (or vault-wide when nullopt),
-    // after denies. Used to show a caller's access in file modes.
+    // after denies. Used to show a caller's access in file modes. With
+    // unknown groups, only what holds either way.
     PermissionSet effective(const Subject& who, std::optional<std::string_view> secret = std::nullopt) const;
 
     // True when some allow rule grants `who` at least one permission that no
     // glob-less deny for `who` takes away — "holds any permission in the
-    // vault", which decides whether the vault is visible at all.
+    // vault", which decides whether the vault is visible at all. With
+    // unknown groups, only if that holds either way.
     bool holds_any(const Subject& who) const;
+
+    // Whether someone could manage the vault under this policy: a glob-less
+    // allow of `manage` whose principal has members (`any`, a user that
+    // exists, a group with members) and still holds manage after the denies.
+    // A policy without one would leave the vault unmanageable for ever.
+    bool someone_can_manage(const NameResolver& names) const;
 
     bool operator==(const Policy&) const = default;
 

@@ -68,12 +68,11 @@ Result<std::string> SecretService::backup(const Caller& caller, std::string_view
 
     json secrets = json::array();
     for (const auto& s : rows) {
-        const auto d = vault.policy->evaluate(caller.who, Permission::backup, s.name);
+        const Decided d = decide(caller, vault, Permission::backup, s.name);
         if (!d.allowed) {
-            const auto rule = rule_of(d);
-            return refuse(audit::Event{.op = "backup", .caller = &caller, .vault = vault_name, .secret = s.name,
-                                     .allowed = false, .rule = rule},
-                          Errc::access_denied, "no backup permission for " + s.name);
+            audit::Event ev{.op = "backup", .caller = &caller, .vault = vault_name, .secret = s.name};
+            d.fill(ev);
+            return refuse(ev, Errc::access_denied, "no backup permission for " + s.name);
         }
         auto versions = store_.versions_of(s.id);
         if (!versions)
@@ -177,10 +176,9 @@ Result<std::vector<std::string>> SecretService::restore(const Caller& caller, st
     std::vector<Restored> plan;
     for (auto& s : doc->secrets) {
         ev.secret = s.name;
-        const auto d = target.policy->evaluate(caller.who, Permission::restore, s.name);
+        const Decided d = decide(caller, target, Permission::restore, s.name);
         if (!d.allowed) {
-            const auto rule = rule_of(d);
-            ev.rule = rule;
+            d.fill(ev);
             return refuse(ev, Errc::access_denied, "no restore permission for " + s.name);
         }
         Restored r{s.name, s.created, s.next_version, {}, {}};
@@ -190,7 +188,7 @@ Result<std::vector<std::string>> SecretService::restore(const Caller& caller, st
             auto dek = keys_.unseal(hsm::KeyId{bv.kek_id}, bv.sealed_dek, dek_aad(old_binding));
             if (!dek)
                 return refuse(ev, from_hsm(dek.error()).code, dek.error().message);
-            auto value = open_value(*dek, bv.nonce, bv.ciphertext, value_aad(old_binding));
+            auto value = vault::open_value(*dek, bv.nonce, bv.ciphertext, value_aad(old_binding));
             if (!value)
                 return refuse(ev, value.error().code, "a version in the backup fails authentication");
             const Binding new_binding{target.row.id, s.name, bv.meta.number, target.row.kek_id};

@@ -29,6 +29,7 @@ enum class Errc {
     audit_unavailable,  // the audit record could not be written: fail closed
     out_of_memory,      // the locked heap is exhausted
     busy,               // a resource is in use
+    too_many_open,      // the caller's uid holds as many open files as it may
     no_attribute,       // the attribute is not set
 };
 

@@ -41,10 +41,9 @@ Result<void> SecretService::delete_secret(const Caller& caller, VaultId vault, s
     auto v = load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
-    const auto d = (*v)->policy->evaluate(caller.who, Permission::remove, name);
-    const auto rule = rule_of(d);
-    audit::Event ev{.op = "delete", .caller = &caller, .vault = (*v)->row.name, .secret = name, .allowed = d.allowed,
-                  .rule = rule};
+    const Decided d = decide(caller, **v, Permission::remove, name);
+    audit::Event ev{.op = "delete", .caller = &caller, .vault = (*v)->row.name, .secret = name};
+    d.fill(ev);
     if (!d.allowed)
         return refuse(ev, Errc::access_denied);
     const Micros now = now_micros();
@@ -69,8 +68,8 @@ Result<DeletedView> SecretService::find_deleted(const Caller& caller, VaultId va
     auto v = load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
-    if (!(*v)->policy->holds_any(caller.who))
-        return fail(Errc::access_denied);
+    if (auto r = reach(caller, **v, name, false, Errc::access_denied); !r)
+        return tl::unexpected(r.error());
     if (!is_valid_secret_name(name))
         return fail(Errc::not_found);
     auto s = store_.secret_by_name(vault, name);
@@ -91,14 +90,16 @@ Result<DeletedView> SecretService::deleted_by_id(const Caller& caller, SecretId 
     auto v = load_vault((*s)->vault);
     if (!v)
         return tl::unexpected(v.error());
-    if (!(*v)->policy->holds_any(caller.who))
-        return fail(Errc::access_denied);
+    if (auto r = reach(caller, **v, (*s)->name, false, Errc::access_denied); !r)
+        return tl::unexpected(r.error());
     return deleted_view(caller, **v, **s);
 }
 
 Result<std::vector<SecretRow>> SecretService::deleted_page(const ListingGrant& grant, SecretId after,
                                                            std::size_t limit)
 {
+    if (auto r = still_listing(grant); !r)
+        return tl::unexpected(r.error());
     return store_.deleted_secrets(grant.vault, after, limit);
 }
 
@@ -107,10 +108,9 @@ Result<void> SecretService::recover(const Caller& caller, VaultId vault, std::st
     auto v = load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
-    const auto d = (*v)->policy->evaluate(caller.who, Permission::recover, name);
-    const auto rule = rule_of(d);
-    audit::Event ev{.op = "recover", .caller = &caller, .vault = (*v)->row.name, .secret = name, .allowed = d.allowed,
-                  .rule = rule};
+    const Decided d = decide(caller, **v, Permission::recover, name);
+    audit::Event ev{.op = "recover", .caller = &caller, .vault = (*v)->row.name, .secret = name};
+    d.fill(ev);
     if (!d.allowed)
         return refuse(ev, Errc::access_denied);
     auto w = write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
@@ -147,10 +147,9 @@ Result<void> SecretService::purge(const Caller& caller, VaultId vault, std::stri
     auto v = load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
-    const auto d = (*v)->policy->evaluate(caller.who, Permission::purge, name);
-    const auto rule = rule_of(d);
-    audit::Event ev{.op = "purge", .caller = &caller, .vault = (*v)->row.name, .secret = name, .allowed = d.allowed,
-                  .rule = rule};
+    const Decided d = decide(caller, **v, Permission::purge, name);
+    audit::Event ev{.op = "purge", .caller = &caller, .vault = (*v)->row.name, .secret = name};
+    d.fill(ev);
     if (!d.allowed)
         return refuse(ev, Errc::access_denied);
     auto s = store_.secret_by_name(vault, name);
@@ -273,10 +272,10 @@ Result<void> SecretService::set_attribute(const Caller& caller, const SecretView
     auto v = load_vault(target.vault);
     if (!v)
         return tl::unexpected(v.error());
-    const auto d = (*v)->policy->evaluate(caller.who, Permission::set, target.name);
-    const auto rule = rule_of(d);
+    const Decided d = decide(caller, **v, Permission::set, target.name);
     audit::Event ev{.op = "xattr_set", .caller = &caller, .vault = target.vault_name, .secret = target.name,
-                  .version = target.version.number, .allowed = d.allowed, .rule = rule, .attribute = name};
+                    .version = target.version.number, .attribute = name};
+    d.fill(ev);
     if (!d.allowed)
         return refuse(ev, Errc::access_denied);
     if (target.version.number == 0)

@@ -23,6 +23,57 @@ std::string SecretService::rule_of(const policy::Decision& d)
     return std::to_string(d.rule_line) + ": " + d.rule_text;
 }
 
+void SecretService::Decided::fill(audit::Event& ev) const
+{
+    ev.allowed = allowed;
+    ev.rule = rule;
+    if (!reason.empty())
+        ev.reason = reason;
+    ev.coalesce = outsider;
+}
+
+SecretService::Decided SecretService::decide(const Caller& caller, const VaultEntry& v, Permission wanted,
+                                             std::optional<std::string_view> secret) const
+{
+    const policy::Decision d = v.policy->evaluate(caller.who, wanted, secret);
+    Decided out{d.allowed, rule_of(d), {}, false};
+    if (d.groups_unknown)
+        out.reason = "the caller's supplementary groups could not be read, and a group rule decides";
+    if (!d.allowed)
+        out.outsider = !v.policy->holds_any(caller.who);
+    return out;
+}
+
+Result<void> SecretService::reach(const Caller& caller, const VaultEntry& v, std::string_view secret, bool admins_see,
+                                  Errc code)
+{
+    if (v.policy->holds_any(caller.who) || (admins_see && is_admin(caller)))
+        return {};
+    audit::Event ev{.op = "lookup",
+                    .caller = &caller,
+                    .vault = v.row.name,
+                    .secret = secret,
+                    .rule = "holds-nothing",
+                    .reason = caller.who.groups_known ? std::string_view("the caller holds nothing in the vault")
+                                                      : std::string_view("the caller holds nothing in the vault that "
+                                                                         "does not depend on unread groups"),
+                    .coalesce = true};
+    return refuse(ev, code);
+}
+
+Result<void> SecretService::missed_vault(const Caller& caller, std::string_view name, std::string_view why)
+{
+    if (is_admin(caller))
+        return fail(Errc::not_found);
+    return refuse(audit::Event{.op = "lookup",
+                               .caller = &caller,
+                               .vault = name,
+                               .rule = "holds-nothing",
+                               .reason = why,
+                               .coalesce = true},
+                  Errc::not_found);
+}
+
 Error SecretService::from_hsm(const hsm::Error& e)
 {
     switch (e.code) {
@@ -68,6 +119,8 @@ std::string_view result_name(Errc code)
         return "ENOMEM";
     case Errc::busy:
         return "EBUSY";
+    case Errc::too_many_open:
+        return "EMFILE";
     case Errc::no_attribute:
         return "ENODATA";
     }
@@ -224,10 +277,14 @@ Result<std::vector<VaultView>> SecretService::list_vaults(const Caller& caller)
 Result<VaultView> SecretService::find_vault(const Caller& caller, std::string_view name)
 {
     auto v = load_vault(name);
-    if (!v)
-        return tl::unexpected(v.error());
-    if (!is_admin(caller) && !(*v)->policy->holds_any(caller.who))
-        return fail(Errc::not_found);
+    if (!v) {
+        if (v.error().code != Errc::not_found)
+            return tl::unexpected(v.error());
+        if (auto r = missed_vault(caller, name, is_valid_vault_name(name) ? "no such vault" : "not a vault name"); !r)
+            return tl::unexpected(r.error());
+    }
+    if (auto r = reach(caller, **v, {}, true, Errc::not_found); !r)
+        return tl::unexpected(r.error());
     return view_of(caller, **v);
 }
 
@@ -236,14 +293,21 @@ Result<VaultView> SecretService::vault(const Caller& caller, VaultId id)
     auto v = load_vault(id);
     if (!v)
         return tl::unexpected(v.error());
-    if (!is_admin(caller) && !(*v)->policy->holds_any(caller.who))
-        return fail(Errc::not_found);
+    if (auto r = reach(caller, **v, {}, true, Errc::not_found); !r)
+        return tl::unexpected(r.error());
     return view_of(caller, **v);
+}
+
+bool SecretService::visible(const Caller& caller, VaultId id)
+{
+    auto v = load_vault(id);
+    return v && (is_admin(caller) || (*v)->policy->holds_any(caller.who));
 }
 
 Result<VaultView> SecretService::create_vault(const Caller& caller, std::string_view name, VaultSettings settings)
 {
-    audit::Event ev{.op = "vault_create", .caller = &caller, .vault = name, .allowed = false, .rule = "not-admin"};
+    audit::Event ev{.op = "vault_create", .caller = &caller, .vault = name, .allowed = false, .rule = "not-admin",
+                    .coalesce = !is_admin(caller)};
     if (!is_admin(caller))
         return refuse(ev, Errc::access_denied, "only admins create vaults");
     ev.allowed = true;
@@ -282,7 +346,8 @@ Result<VaultView> SecretService::create_vault(const Caller& caller, std::string_
 
 Result<void> SecretService::remove_vault(const Caller& caller, std::string_view name)
 {
-    audit::Event ev{.op = "vault_remove", .caller = &caller, .vault = name, .allowed = false, .rule = "not-admin"};
+    audit::Event ev{.op = "vault_remove", .caller = &caller, .vault = name, .allowed = false, .rule = "not-admin",
+                    .coalesce = !is_admin(caller)};
     if (!is_admin(caller))
         return refuse(ev, Errc::access_denied, "only admins remove vaults");
     ev.allowed = true;
@@ -319,8 +384,8 @@ Result<SecretView> SecretService::find_secret(const Caller& caller, VaultId vaul
     auto v = load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
-    if (!(*v)->policy->holds_any(caller.who))
-        return fail(Errc::access_denied);
+    if (auto r = reach(caller, **v, component, false, Errc::access_denied); !r)
+        return tl::unexpected(r.error());
     const auto path = parse_secret_path(component);
     if (!path)
         return fail(Errc::not_found);
@@ -344,8 +409,8 @@ Result<SecretView> SecretService::secret_by_id(const Caller& caller, SecretId id
     auto v = load_vault(s.vault);
     if (!v)
         return tl::unexpected(v.error());
-    if (!(*v)->policy->holds_any(caller.who))
-        return fail(Errc::access_denied);
+    if (auto r = reach(caller, **v, s.name, false, Errc::access_denied); !r)
+        return tl::unexpected(r.error());
     if (!(*found)->version) {
         // Being created: a writer holds it open, its first version not yet
         // committed. It has no value to read.
@@ -359,6 +424,16 @@ Result<SecretView> SecretService::secret_by_id(const Caller& caller, SecretId id
 
 Result<SecretView> SecretService::version_by_id(const Caller& caller, VersionId id)
 {
+    return by_version_id(caller, id, true);
+}
+
+Result<SecretView> SecretService::secret_at_version(const Caller& caller, VersionId id)
+{
+    return by_version_id(caller, id, false);
+}
+
+Result<SecretView> SecretService::by_version_id(const Caller& caller, VersionId id, bool pinned)
+{
     auto found = store_.secret_with_version_id(id);
     if (!found)
         return tl::unexpected(found.error());
@@ -367,9 +442,9 @@ Result<SecretView> SecretService::version_by_id(const Caller& caller, VersionId 
     auto v = load_vault((*found)->secret.vault);
     if (!v)
         return tl::unexpected(v.error());
-    if (!(*v)->policy->holds_any(caller.who))
-        return fail(Errc::access_denied);
-    return view_of(caller, **v, (*found)->secret, std::move(*(*found)->version), true);
+    if (auto r = reach(caller, **v, (*found)->secret.name, false, Errc::access_denied); !r)
+        return tl::unexpected(r.error());
+    return view_of(caller, **v, (*found)->secret, std::move(*(*found)->version), pinned);
 }
 
 // ---- listing ---------------------------------------------------------------------
@@ -379,31 +454,54 @@ Result<ListingGrant> SecretService::open_listing(const Caller& caller, VaultId v
     auto v = load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
-    const auto d = (*v)->policy->evaluate(caller.who, Permission::list);
-    const auto rule = rule_of(d);
-    audit::Event ev{.op = "list", .caller = &caller, .vault = (*v)->row.name, .allowed = d.allowed, .rule = rule};
+    const Decided d = decide(caller, **v, Permission::list);
+    audit::Event ev{.op = "list", .caller = &caller, .vault = (*v)->row.name};
+    d.fill(ev);
     if (!d.allowed)
         return refuse(ev, Errc::access_denied);
     if (auto r = record(ev); !r)
         return tl::unexpected(r.error());
-    return ListingGrant{vault, (*v)->row.name};
+    return ListingGrant{vault, (*v)->row.name, caller};
+}
+
+Result<void> SecretService::still_listing(const ListingGrant& grant)
+{
+    auto v = load_vault(grant.vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    const Decided d = decide(grant.caller, **v, Permission::list);
+    if (d.allowed)
+        return {};
+    audit::Event ev{.op = "list", .caller = &grant.caller, .vault = grant.vault_name};
+    d.fill(ev);
+    ev.reason = "revoked since the directory was opened";
+    return refuse(ev, Errc::access_denied);
 }
 
 Result<std::vector<SecretRow>> SecretService::secrets_page(const ListingGrant& grant, SecretId after,
                                                            std::size_t limit)
 {
+    if (auto r = still_listing(grant); !r)
+        return tl::unexpected(r.error());
     return store_.live_secrets(grant.vault, after, limit);
 }
 
 Result<std::vector<VersionEntry>> SecretService::versions_page(const ListingGrant& grant, VersionId after,
                                                                std::size_t limit)
 {
+    if (auto r = still_listing(grant); !r)
+        return tl::unexpected(r.error());
     return store_.versions_in_vault(grant.vault, after, limit);
 }
 
 // ---- values ------------------------------------------------------------------------
 
-Result<hsm::SecureBuffer> SecretService::decrypt(const VaultEntry& v, const SecretRow& s, const SealedVersion& sealed)
+Result<hsm::SecureBuffer> OpenValue::plaintext() const
+{
+    return vault::open_value(*dek_, nonce_, ciphertext_, aad_);
+}
+
+Result<DekCache::Dek> SecretService::unseal_dek(const VaultEntry& v, const SecretRow& s, const SealedVersion& sealed)
 {
     // Everything the AAD binds comes from where the row sits now: moved,
     // renamed or renumbered rows fail authentication.
@@ -416,23 +514,21 @@ Result<hsm::SecureBuffer> SecretService::decrypt(const VaultEntry& v, const Secr
         dek = std::make_shared<const hsm::SecureBuffer>(std::move(*unsealed));
         deks_.insert(sealed.kek_id, sealed.sealed_dek, dek);
     }
-    return open_value(*dek, sealed.nonce, sealed.ciphertext, value_aad(binding));
+    return dek;
 }
 
-Result<hsm::SecureBuffer> SecretService::read_value(const Caller& caller, const SecretView& target)
+Result<OpenValue> SecretService::open_value(const Caller& caller, const SecretView& target)
 {
     auto v = load_vault(target.vault);
     if (!v)
         return tl::unexpected(v.error());
-    const auto d = (*v)->policy->evaluate(caller.who, Permission::get, target.name);
-    const auto rule = rule_of(d);
+    const Decided d = decide(caller, **v, Permission::get, target.name);
     audit::Event ev{.op = "get",
-                  .caller = &caller,
-                  .vault = target.vault_name,
-                  .secret = target.name,
-                  .version = target.version.number,
-                  .allowed = d.allowed,
-                  .rule = rule};
+                    .caller = &caller,
+                    .vault = target.vault_name,
+                    .secret = target.name,
+                    .version = target.version.number};
+    d.fill(ev);
     if (!d.allowed)
         return refuse(ev, Errc::access_denied);
     if (target.version.number == 0)
@@ -445,7 +541,8 @@ Result<hsm::SecureBuffer> SecretService::read_value(const Caller& caller, const 
         return refuse(ev, read.error().code, read.error().message);
     if (!*read || (*read)->secret.deleted() || (*read)->secret.vault != target.vault)
         return refuse(ev, Errc::not_found);
-    const VersionRow& version = (*read)->sealed.meta;
+    SealedVersion& sealed = (*read)->sealed;
+    const VersionRow& version = sealed.meta;
     const Micros now = now_micros();
     if (!version.enabled) {
         ev.reason = "disabled";
@@ -460,17 +557,24 @@ Result<hsm::SecureBuffer> SecretService::read_value(const Caller& caller, const 
         return refuse(ev, Errc::not_valid_now);
     }
 
-    auto value = decrypt(**v, (*read)->secret, (*read)->sealed);
-    if (!value) {
-        spdlog::error("reading {}/{}@{} failed: {}", target.vault_name, target.name, version.number,
-                      value.error().message);
-        ev.reason = value.error().code == Errc::integrity ? "integrity check failed" : "key service unavailable";
-        return refuse(ev, value.error().code, value.error().message);
-    }
-    ev.bytes = value->size();
+    const auto failed = [&](const Error& e) {
+        spdlog::error("reading {}/{}@{} failed: {}", target.vault_name, target.name, version.number, e.message);
+        ev.reason = e.code == Errc::integrity ? "integrity check failed" : "key service unavailable";
+        return refuse(ev, e.code, e.message);
+    };
+    auto dek = unseal_dek(**v, (*read)->secret, sealed);
+    if (!dek)
+        return failed(dek.error());
+    const Binding binding{target.vault, (*read)->secret.name, version.number, sealed.kek_id};
+    OpenValue opened(std::move(*dek), std::move(sealed.nonce), std::move(sealed.ciphertext), value_aad(binding),
+                     version.size);
+    // Authenticated once here, so that a tampered row fails the open.
+    if (auto check = opened.plaintext(); !check)
+        return failed(check.error());
+    ev.bytes = version.size;
     if (auto r = record(ev); !r)
-        return tl::unexpected(r.error());  // the value is wiped on return
-    return std::move(*value);
+        return tl::unexpected(r.error());
+    return opened;
 }
 
 Result<WriteGrant> SecretService::open_for_write(const Caller& caller, VaultId vault, std::string_view name,
@@ -484,10 +588,8 @@ Result<WriteGrant> SecretService::open_for_write(const Caller& caller, VaultId v
         ev.rule = "invalid-name";
         return refuse(ev, Errc::invalid_argument, "secret names are 1-127 letters, digits and hyphens");
     }
-    const auto d = (*v)->policy->evaluate(caller.who, Permission::set, name);
-    const auto rule = rule_of(d);
-    ev.allowed = d.allowed;
-    ev.rule = rule;
+    const Decided d = decide(caller, **v, Permission::set, name);
+    d.fill(ev);
     if (!d.allowed)
         return refuse(ev, Errc::access_denied);
 
@@ -533,13 +635,16 @@ Result<std::uint64_t> SecretService::commit(const Caller& caller, const WriteGra
     auto v = load_vault(grant.vault);
     if (!v)
         return tl::unexpected(v.error());
-    audit::Event ev{.op = "commit",
-                  .caller = &caller,
-                  .vault = grant.vault_name,
-                  .secret = grant.name,
-                  .allowed = true,
-                  .rule = "granted-at-open",
-                  .bytes = value.size()};
+    audit::Event ev{.op = "commit", .caller = &caller, .vault = grant.vault_name, .secret = grant.name,
+                    .bytes = value.size()};
+    // The grant was checked at open; the policy may have changed since.
+    const Decided d = decide(caller, **v, Permission::set, grant.name);
+    d.fill(ev);
+    if (!d.allowed) {
+        if (ev.reason.empty())
+            ev.reason = "revoked since open";
+        return refuse(ev, Errc::access_denied);
+    }
     if (value.size() > max_value_size)
         return refuse(ev, Errc::too_large, "values are at most 25 KiB");
 
@@ -641,9 +746,9 @@ Result<std::string> SecretService::read_policy(const Caller& caller, VaultId vau
     auto v = load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
-    const auto d = (*v)->policy->evaluate(caller.who, Permission::manage);
-    const auto rule = rule_of(d);
-    audit::Event ev{.op = "policy_get", .caller = &caller, .vault = (*v)->row.name, .allowed = d.allowed, .rule = rule};
+    const Decided d = decide(caller, **v, Permission::manage);
+    audit::Event ev{.op = "policy_get", .caller = &caller, .vault = (*v)->row.name};
+    d.fill(ev);
     if (!d.allowed)
         return refuse(ev, Errc::access_denied);
     std::string text = (*v)->policy->print();
@@ -658,14 +763,9 @@ Result<void> SecretService::write_policy(const Caller& caller, VaultId vault, st
     auto v = load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
-    const auto d = (*v)->policy->evaluate(caller.who, Permission::manage);
-    const auto rule = rule_of(d);
-    audit::Event ev{.op = "policy_set",
-                  .caller = &caller,
-                  .vault = (*v)->row.name,
-                  .allowed = d.allowed,
-                  .rule = rule,
-                  .bytes = text.size()};
+    const Decided d = decide(caller, **v, Permission::manage);
+    audit::Event ev{.op = "policy_set", .caller = &caller, .vault = (*v)->row.name, .bytes = text.size()};
+    d.fill(ev);
     if (!d.allowed)
         return refuse(ev, Errc::access_denied);
     auto parsed = policy::Policy::parse(text, names_);
@@ -675,20 +775,10 @@ Result<void> SecretService::write_policy(const Caller& caller, VaultId vault, st
         return refuse(ev, Errc::invalid_argument, why);
     }
     // Refuse a lock-out: with no one able to manage the vault, no one could
-    // ever change its policy again (admins have no data-plane rights).
-    // Someone named by a manage grant must still hold manage after the denies.
-    const bool someone_manages = std::any_of(parsed->rules().begin(), parsed->rules().end(), [&](const policy::Rule& r) {
-        if (!r.allow || r.glob || !r.permissions.contains(Permission::manage))
-            return false;
-        policy::Subject who{static_cast<uid_t>(-2), static_cast<gid_t>(-2), {}};
-        if (r.principal.kind == policy::Principal::Kind::uid)
-            who.uid = r.principal.id;
-        else if (r.principal.kind == policy::Principal::Kind::gid)
-            who.gid = r.principal.id;
-        return parsed->evaluate(who, Permission::manage).allowed;
-    });
-    if (!someone_manages) {
-        ev.reason = "no rule grants manage: the vault could never be managed again";
+    // ever change its policy again (admins have no data-plane rights; their
+    // way back is the audited `vaultfs policy reset`).
+    if (!parsed->someone_can_manage(names_)) {
+        ev.reason = "no rule grants manage to anyone who exists: the vault could never be managed again";
         return refuse(ev, Errc::invalid_argument, std::string(ev.reason));
     }
     const std::string canonical = parsed->print();
@@ -709,12 +799,35 @@ Result<void> SecretService::authorize(const Caller& caller, VaultId vault, Permi
     auto v = load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
-    const auto d = (*v)->policy->evaluate(caller.who, wanted);
+    const Decided d = decide(caller, **v, wanted);
     if (d.allowed)
         return {};
-    const auto rule = rule_of(d);
-    return refuse(audit::Event{.op = op, .caller = &caller, .vault = (*v)->row.name, .allowed = false, .rule = rule},
-                  Errc::access_denied);
+    audit::Event ev{.op = op, .caller = &caller, .vault = (*v)->row.name};
+    d.fill(ev);
+    return refuse(ev, Errc::access_denied);
+}
+
+Result<void> SecretService::reset_policy(const Caller& caller, std::string_view name, std::optional<uid_t> owner)
+{
+    const uid_t new_owner = owner.value_or(caller.who.uid);
+    const std::string text = policy::Policy::owner_only(new_owner).print();
+    audit::Event ev{.op = "policy_reset", .caller = &caller, .vault = name, .rule = "not-admin",
+                    .bytes = text.size(), .reason = "break-glass reset through the management plane"};
+    if (!is_admin(caller)) {
+        ev.coalesce = true;
+        return refuse(ev, Errc::access_denied, "only admins reset policies");
+    }
+    ev.allowed = true;
+    ev.rule = "admin";
+    auto v = load_vault(name);
+    if (!v)
+        return refuse(ev, v.error().code, "no such vault");
+    if (!names_.user_exists(new_owner))
+        return refuse(ev, Errc::invalid_argument, "uid " + std::to_string(new_owner) + " is no user of this system");
+    const VaultId id = (*v)->row.id;
+    return write_audited(ev, [&](Store::Transaction& tx) {
+        return tx.set_policy(id, PolicyRow{text, now_micros(), caller.who.uid});
+    });
 }
 
 Result<policy::PermissionSet> SecretService::vault_permissions(const Caller& caller, VaultId vault)
@@ -725,15 +838,33 @@ Result<policy::PermissionSet> SecretService::vault_permissions(const Caller& cal
     return (*v)->policy->effective(caller.who);
 }
 
+Error SecretService::refuse_over_limit(const Caller& caller, std::string_view op, std::string_view vault,
+                                       std::string_view secret, Errc code)
+{
+    const std::string_view reason = code == Errc::too_many_open ? "the uid holds as many open files as it may"
+                                                                : "the uid buffers as many bytes as it may";
+    auto r = refuse(audit::Event{.op = op,
+                                 .caller = &caller,
+                                 .vault = vault,
+                                 .secret = secret,
+                                 .allowed = false,
+                                 .rule = "per-uid-limit",
+                                 .reason = reason,
+                                 .coalesce = true},
+                    code);
+    return r.value();
+}
+
 Result<void> SecretService::audit_management(const Caller& caller, std::string_view op, std::string_view vault,
                                              bool allowed, std::string_view rule, Errc* failure)
 {
     return record(audit::Event{.op = op,
-                             .caller = &caller,
-                             .vault = vault,
-                             .allowed = allowed,
-                             .rule = rule,
-                             .result = failure != nullptr ? result_name(*failure) : std::string_view("ok")});
+                               .caller = &caller,
+                               .vault = vault,
+                               .allowed = allowed,
+                               .rule = rule,
+                               .result = failure != nullptr ? result_name(*failure) : std::string_view("ok"),
+                               .coalesce = !allowed && !is_admin(caller)});
 }
 
 // ---- names ---------------------------------------------------------------------------
@@ -747,6 +878,40 @@ std::optional<uid_t> SystemNameResolver::user_id(std::string_view name) const
     if (::getpwnam_r(n.c_str(), &pw, buf.data(), buf.size(), &out) != 0 || out == nullptr)
         return std::nullopt;
     return out->pw_uid;
+}
+
+bool SystemNameResolver::user_exists(uid_t uid) const
+{
+    passwd pw{};
+    passwd* out = nullptr;
+    std::vector<char> buf(16384);
+    return ::getpwuid_r(uid, &pw, buf.data(), buf.size(), &out) == 0 && out != nullptr;
+}
+
+bool SystemNameResolver::group_has_members(gid_t gid) const
+{
+    {
+        group gr{};
+        group* out = nullptr;
+        std::vector<char> buf(65536);
+        if (::getgrgid_r(gid, &gr, buf.data(), buf.size(), &out) != 0 || out == nullptr)
+            return false;
+        if (out->gr_mem != nullptr && out->gr_mem[0] != nullptr)
+            return true;
+    }
+    // Members by primary group are not listed in the group: ask every user.
+    // (Rare: only when a policy's sole manager is a group.)
+    static std::mutex mutex;  // the passwd enumeration is process-wide
+    std::lock_guard lock(mutex);
+    bool found = false;
+    ::setpwent();
+    passwd pw{};
+    passwd* out = nullptr;
+    std::vector<char> buf(16384);
+    while (!found && ::getpwent_r(&pw, buf.data(), buf.size(), &out) == 0 && out != nullptr)
+        found = out->pw_gid == gid;
+    ::endpwent();
+    return found;
 }
 
 std::optional<gid_t> SystemNameResolver::group_id(std::string_view name) const

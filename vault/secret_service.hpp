@@ -13,6 +13,12 @@
 //   - looking at anything inside a vault needs some permission on it;
 //   - reading needs `get`, writing `set`, listing `list`, the policy
 //     `manage`.
+// A caller who holds nothing where it knocks -- a lookup of a hidden or
+// missing vault by a non-admin, any look into a vault it holds nothing in,
+// a non-admin at the root -- is refused and audited as an outsider (op
+// `lookup` for looks): the audit coalesces those records (audit/log.hpp).
+// Decisions with unknown supplementary groups follow policy::Policy::evaluate
+// and are audited with the reason.
 //
 // Thread-safety: all methods may be called concurrently.
 #pragma once
@@ -89,10 +95,38 @@ struct WriteGrant {
     Micros secret_created = 0;
 };
 
-// A vault listing opened by a caller holding `list` (audited once).
+// A vault listing opened by a caller holding `list` (audited once). Each
+// page re-checks `list` for that caller against the policy in force.
 struct ListingGrant {
     VaultId vault;
     std::string vault_name;
+    Caller caller;
+};
+
+// A version opened for reading: what a reader's file handle keeps. It holds
+// the sealed value and its unsealed DEK (in locked memory, shared with the
+// DEK cache and other readers of the version) -- never the plaintext, which
+// plaintext() decrypts into a fresh locked buffer for each read. So an open
+// handle pins a few dozen bytes of locked memory, however large its value.
+class OpenValue {
+public:
+    OpenValue(std::shared_ptr<const hsm::SecureBuffer> dek, std::vector<std::uint8_t> nonce,
+              std::vector<std::uint8_t> ciphertext, std::vector<std::uint8_t> aad, std::uint64_t size)
+        : dek_(std::move(dek)), nonce_(std::move(nonce)), ciphertext_(std::move(ciphertext)), aad_(std::move(aad)),
+          size_(size)
+    {
+    }
+    std::uint64_t size() const { return size_; }
+    // The value, authenticated again. Errc::out_of_memory when the locked
+    // heap is full; Errc::integrity never, unless memory was corrupted.
+    Result<hsm::SecureBuffer> plaintext() const;
+
+private:
+    std::shared_ptr<const hsm::SecureBuffer> dek_;
+    std::vector<std::uint8_t> nonce_;
+    std::vector<std::uint8_t> ciphertext_;
+    std::vector<std::uint8_t> aad_;
+    std::uint64_t size_;
 };
 
 struct Options {
@@ -130,18 +164,24 @@ public:
     // number 0 and size 0.
     Result<SecretView> secret_by_id(const Caller& caller, SecretId id);
     Result<SecretView> version_by_id(const Caller& caller, VersionId id);
+    // `S` as it stood for this version (the filesystem's inode of S for that
+    // version): the version's view, not pinned (writable as S is).
+    Result<SecretView> secret_at_version(const Caller& caller, VersionId id);
 
     // ---- listing ---------------------------------------------------------------
     // Needs `list`. Audited ("list").
     Result<ListingGrant> open_listing(const Caller& caller, VaultId vault);
-    // Pages of a listing already granted; not audited again.
+    // Pages of a listing already granted: `list` is checked again (a
+    // refusal is audited, "list"), an allowed page is not audited again.
     Result<std::vector<SecretRow>> secrets_page(const ListingGrant& grant, SecretId after, std::size_t limit);
     Result<std::vector<VersionEntry>> versions_page(const ListingGrant& grant, VersionId after, std::size_t limit);
 
     // ---- values ----------------------------------------------------------------
-    // Needs `get`. Checks enabled / not_before / expires, decrypts the
-    // version `target` stands for, audits ("get"), and returns the value.
-    Result<hsm::SecureBuffer> read_value(const Caller& caller, const SecretView& target);
+    // Needs `get`. Checks enabled / not_before / expires, unseals the DEK of
+    // the version `target` stands for and authenticates its value (a
+    // tampered row is Errc::integrity here, not at a later read), audits
+    // ("get"), and returns it opened.
+    Result<OpenValue> open_value(const Caller& caller, const SecretView& target);
 
     struct WriteIntent {
         bool create = false;     // O_CREAT
@@ -152,8 +192,11 @@ public:
     // it is new. Audited ("set").
     Result<WriteGrant> open_for_write(const Caller& caller, VaultId vault, std::string_view name, WriteIntent intent);
     // Commits `value` as the next version: sealed under a fresh DEK, durable
-    // when this returns. Errc::too_large above 25 KiB (nothing committed).
-    // Audited ("commit").
+    // when this returns. Re-checks `set` against the policy in force, so a
+    // writer whose grant was revoked since open commits nothing
+    // (Errc::access_denied). Errc::too_large above 25 KiB, Errc::not_found
+    // when the secret was deleted meanwhile (nothing committed). Audited
+    // ("commit").
     Result<std::uint64_t> commit(const Caller& caller, const WriteGrant& grant, const hsm::SecureBuffer& value);
 
     // ---- policies --------------------------------------------------------------
@@ -167,6 +210,13 @@ public:
     Result<void> authorize(const Caller& caller, VaultId vault, policy::Permission wanted, std::string_view op);
     // The permissions the caller holds on the vault (for .policy's mode).
     Result<policy::PermissionSet> vault_permissions(const Caller& caller, VaultId vault);
+    // Admins only, through the management plane: the break-glass way back
+    // into a vault nobody can manage. Replaces its policy with
+    // `allow uid:OWNER *` (the caller by default). Audited ("policy_reset").
+    Result<void> reset_policy(const Caller& caller, std::string_view vault, std::optional<uid_t> owner);
+    // Whether the vault is visible to the caller now (no audit record; for
+    // filtering a root listing taken earlier).
+    bool visible(const Caller& caller, VaultId vault);
 
     // ---- lifecycle (Azure Key Vault's soft delete) ------------------------------
     // Needs `delete`. Moves the secret to `.deleted` until its vault's
@@ -217,6 +267,12 @@ public:
     Result<std::vector<std::string>> restore(const Caller& caller, std::string_view document,
                                              std::optional<std::string_view> into);
 
+    // Refuses an operation past one of the caller's per-uid limits (open
+    // files: Errc::too_many_open; buffered bytes: Errc::out_of_memory),
+    // audited as a coalesced refusal. Returns the error to report.
+    Error refuse_over_limit(const Caller& caller, std::string_view op, std::string_view vault, std::string_view secret,
+                            Errc code);
+
     // Records a management call that does nothing else (status, vault
     // show/list, refused socket callers).
     Result<void> audit_management(const Caller& caller, std::string_view op, std::string_view vault, bool allowed,
@@ -237,6 +293,26 @@ private:
     static std::shared_ptr<const VaultEntry> make_entry(VaultRow row, policy::Policy policy, std::uint64_t generation);
     // "3: allow uid:1001 get", or "default-deny": the `rule` of a record.
     static std::string rule_of(const policy::Decision& d);
+
+    // The policy's answer for one operation in a vault, ready for its
+    // record: the rule that decided, why when that is not the rule alone
+    // (unknown groups), and whether the caller holds nothing in the vault
+    // at all (an outsider, whose refusals the audit coalesces).
+    struct Decided {
+        bool allowed = false;
+        std::string rule;
+        std::string_view reason;
+        bool outsider = false;
+        void fill(audit::Event& ev) const;
+    };
+    Decided decide(const Caller& caller, const VaultEntry& v, policy::Permission wanted,
+                   std::optional<std::string_view> secret = std::nullopt) const;
+    // Whether the caller may look into `v` (some permission there, or an
+    // admin where `admins_see`); if not, the look is audited as an
+    // outsider's `lookup` and refused with `code`.
+    Result<void> reach(const Caller& caller, const VaultEntry& v, std::string_view secret, bool admins_see, Errc code);
+    // A non-admin's look for a vault that is not there (or not a name).
+    Result<void> missed_vault(const Caller& caller, std::string_view name, std::string_view why);
     static Error from_hsm(const hsm::Error& e);
     Result<DeletedView> deleted_view(const Caller& caller, const VaultEntry& v, const SecretRow& s);
     // Purges one secret inside a write, auditing it as `ev`.
@@ -247,7 +323,11 @@ private:
     VaultView view_of(const Caller& caller, const VaultEntry& v) const;
     Result<SecretView> view_of(const Caller& caller, const VaultEntry& v, const SecretRow& s, VersionRow version,
                                bool pinned);
-    Result<hsm::SecureBuffer> decrypt(const VaultEntry& v, const SecretRow& s, const SealedVersion& sealed);
+    Result<SecretView> by_version_id(const Caller& caller, VersionId id, bool pinned);
+    // The version's DEK, from the cache or unsealed by the token.
+    Result<DekCache::Dek> unseal_dek(const VaultEntry& v, const SecretRow& s, const SealedVersion& sealed);
+    // `list` still granted to the caller of a listing, or an audited refusal.
+    Result<void> still_listing(const ListingGrant& grant);
     // Appends a record; maps a failure to Errc::audit_unavailable.
     Result<void> record(const audit::Event& event);
     // Records a denial/failure and returns `code` (or audit_unavailable).
@@ -286,6 +366,8 @@ class SystemNameResolver final : public policy::NameResolver {
 public:
     std::optional<uid_t> user_id(std::string_view name) const override;
     std::optional<gid_t> group_id(std::string_view name) const override;
+    bool user_exists(uid_t uid) const override;
+    bool group_has_members(gid_t gid) const override;
 };
 
 }  // namespace vaultfs::vault

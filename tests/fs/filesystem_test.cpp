@@ -369,23 +369,33 @@ TEST_CASE("1,000 secrets are listed", "[fs]")
     CHECK(ok(read_file(m.path("many/secret-999"))) == "v999");
 }
 
-TEST_CASE("inodes are stable and statfs answers", "[fs]")
+TEST_CASE("inodes are stable per version and statfs answers", "[fs]")
 {
     Mount m;
     REQUIRE(make_dir(m.path("ino")).err == 0);
     REQUIRE(write_file(m.path("ino/s"), "one").err == 0);
-    struct stat a{}, b{}, c{};
+    struct stat a{}, b{}, c{}, again{};
     REQUIRE(::stat(m.path("ino/s").c_str(), &a) == 0);
+    REQUIRE(::stat(m.path("ino/s").c_str(), &again) == 0);
+    CHECK(again.st_ino == a.st_ino);
     REQUIRE(write_file(m.path("ino/s"), "two").err == 0);
     REQUIRE(::stat(m.path("ino/s").c_str(), &b) == 0);
-    CHECK(a.st_ino == b.st_ino);  // S stays S across versions
+    CHECK(a.st_ino != b.st_ino);  // S has an inode per version it stands for
+    CHECK(b.st_size == 3);
     REQUIRE(::stat(m.path("ino/s@1").c_str(), &c) == 0);
     CHECK(c.st_ino != a.st_ino);
+    // Disabling version 2 makes S stand for version 1 again: its inode follows.
+    REQUIRE(set_xattr(m.path("ino/s@2"), "user.vault.enabled", "false").err == 0);
+    struct stat back{};
+    REQUIRE(::stat(m.path("ino/s").c_str(), &back) == 0);
+    CHECK(back.st_ino == a.st_ino);
+    CHECK(ok(read_file(m.path("ino/s"))) == "one");
+    REQUIRE(set_xattr(m.path("ino/s@2"), "user.vault.enabled", "true").err == 0);
     m.stop();
     m.start();
     struct stat d{};
     REQUIRE(::stat(m.path("ino/s").c_str(), &d) == 0);
-    CHECK(d.st_ino == a.st_ino);  // and across restarts
+    CHECK(d.st_ino == b.st_ino);  // and the same across restarts
     struct statvfs sv{};
     REQUIRE(::statvfs(m.path().c_str(), &sv) == 0);
     CHECK(sv.f_namemax >= 127);

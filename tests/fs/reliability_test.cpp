@@ -267,26 +267,38 @@ TEST_CASE("hostile callers: descriptors, namespaces, setuid, /proc, core dumps",
                        "allow uid:0 *\nallow uid:" + std::to_string(user.uid) + " get,set,list\n").err == 0);
     REQUIRE(write_file(m.path("hostile/s"), "shared value").err == 0);
 
-    SECTION("10,000 descriptors open on one secret")
+    SECTION("10,000 descriptors open on one secret: the uid's limit is EMFILE, for that uid only")
     {
         const auto o = as_root([&] {
             const rlimit lim{20000, 20000};
             if (::setrlimit(RLIMIT_NOFILE, &lim) != 0)
                 return Outcome{errno, "setrlimit"};
             std::vector<int> fds;
+            int err = 0;
             for (int i = 0; i < 10000; ++i) {
                 const int fd = ::open(m.path("hostile/s").c_str(), O_RDONLY);
-                if (fd < 0)
-                    return Outcome{errno, "open " + std::to_string(i)};
+                if (fd < 0) {
+                    err = errno;
+                    break;
+                }
                 fds.push_back(fd);
             }
+            // Another uid is not held back by this one's descriptors.
+            const auto other = as(user, [&] { return read_file(m.path("hostile/s")); });
             char buf[32];
             const ssize_t n = ::pread(fds.back(), buf, sizeof buf, 0);
             for (const int fd : fds)
                 ::close(fd);
-            return Outcome{0, std::string(buf, static_cast<std::size_t>(std::max<ssize_t>(n, 0)))};
+            return Outcome{err, std::to_string(fds.size()) + " " + std::string(buf, static_cast<std::size_t>(std::max<ssize_t>(n, 0))) +
+                                    " " + std::to_string(other.err) + " " + other.data};
         });
-        CHECK(ok(o) == "shared value");
+        CHECK(o.err == EMFILE);
+        CHECK(o.data == "1024 shared value 0 shared value");
+        const auto refused = m.last_audit("get", 0);
+        CHECK(refused["result"] == "EMFILE");
+        CHECK(refused["rule"] == "per-uid-limit");
+        // And once closed, the uid opens again.
+        CHECK(ok(read_file(m.path("hostile/s"))) == "shared value");
     }
     SECTION("a write while the same uid holds a read handle")
     {

@@ -57,6 +57,15 @@ Caller caller(uid_t uid, gid_t gid, std::vector<gid_t> groups = {})
 
 const Caller root = caller(0, 0);
 
+// What a reader gets: the value opened (audited), then decrypted.
+Result<hsm::SecureBuffer> read_value(SecretService& service, const Caller& who, const SecretView& view)
+{
+    auto opened = service.open_value(who, view);
+    if (!opened)
+        return tl::unexpected(opened.error());
+    return opened->plaintext();
+}
+
 struct StackOptions {
     std::size_t cache_entries = 256;
     std::chrono::milliseconds cache_ttl = 300s;
@@ -134,7 +143,7 @@ struct Stack {
         auto view = service->find_secret(who, vault, component);
         if (!view)
             return tl::unexpected(view.error());
-        return service->read_value(who, *view);
+        return read_value(*service, who, *view);
     }
 
     SecretView view(VaultId vault, const std::string& component)
@@ -409,7 +418,7 @@ TEST_CASE("values round trip exactly: empty, one byte, 25 KiB, binary", "[secret
         CHECK(view.version.number == 1);
         CHECK(view.version.size == value.size());
         CHECK_FALSE(view.pinned);
-        auto read = s.service->read_value(root, view);
+        auto read = read_value(*s.service, root, view);
         REQUIRE(read);
         CHECK(read->size() == value.size());
         CHECK(read->equals(value));
@@ -443,7 +452,7 @@ TEST_CASE("each commit is a new version; S is the latest, S@N each one", "[secre
         const SecretView view = s.view(v, "db-password@" + std::to_string(n));
         CHECK(view.pinned);
         CHECK(view.version.number == n);
-        auto value = s.service->read_value(root, view);
+        auto value = read_value(*s.service, root, view);
         REQUIRE(value);
         CHECK(value->equals(values[n - 1]));
     }
@@ -537,7 +546,7 @@ TEST_CASE("the policy decides, and a denial is audited", "[secret_service]")
     {
         auto view = s.service->find_secret(lister, v, "api-key");
         REQUIRE(view);  // visible: the caller holds a permission in the vault
-        auto value = s.service->read_value(lister, *view);
+        auto value = read_value(*s.service, lister, *view);
         REQUIRE_FALSE(value);
         CHECK(value.error().code == Errc::access_denied);
         const json rec = s.last_record("get");
@@ -581,7 +590,7 @@ TEST_CASE("the policy decides, and a denial is audited", "[secret_service]")
         REQUIRE_FALSE(secret);
         CHECK(secret.error().code == Errc::access_denied);
         // A view obtained elsewhere still cannot be read.
-        auto value = s.service->read_value(stranger, s.view(v, "api-key"));
+        auto value = read_value(*s.service, stranger, s.view(v, "api-key"));
         REQUIRE_FALSE(value);
         CHECK(value.error().code == Errc::access_denied);
         CHECK(s.last_record("get")["uid"] == 2000);
@@ -656,7 +665,7 @@ TEST_CASE("rows edited in the database fail authentication, never yield other by
         auto view = s.service->find_secret(root, vault, component);
         if (!view)
             FAIL("the tampered secret cannot be found: " << view.error().message);
-        auto value = s.service->read_value(root, *view);
+        auto value = read_value(*s.service, root, *view);
         if (value)
             FAIL("read " << value->size() << " bytes from a tampered row");
         return value.error().code;
@@ -874,14 +883,14 @@ TEST_CASE("when the audit record cannot be written, no secret byte is served", "
     const VaultId v = s.make_vault("payments").id;
     s.must_put(v, "db-password", bytes_of("hunter2"));
     const SecretView view = s.view(v, "db-password");
-    REQUIRE(s.service->read_value(root, view));
+    REQUIRE(read_value(*s.service, root, view));
 
     CHECK(small.fill("filler") > 0);
     // The audit file's last page may take a few more records.
     Result<hsm::SecureBuffer> value = fail(Errc::storage);
     int reads = 0;
     for (; reads < 200; ++reads) {
-        value = s.service->read_value(root, view);
+        value = read_value(*s.service, root, view);
         if (!value)
             break;
     }
@@ -899,7 +908,7 @@ TEST_CASE("when the audit record cannot be written, no secret byte is served", "
 
     // With space again, reads are served (and audited) again.
     REQUIRE(::unlink((small / "filler").c_str()) == 0);
-    auto again = s.service->read_value(root, view);
+    auto again = read_value(*s.service, root, view);
     REQUIRE(again);
     CHECK(again->equals(bytes_of("hunter2")));
     CHECK(s.audit->healthy());

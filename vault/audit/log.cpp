@@ -55,14 +55,14 @@ std::string exe_of(pid_t pid)
     return exe;
 }
 
-// Names an outsider chose are cut short in its records.
-constexpr std::size_t outsider_name_bytes = 64;
+// Names in coalesced refusals (chosen by whoever repeats them) are cut short.
+constexpr std::size_t coalesced_name_bytes = 64;
 
 std::string cut(std::string_view s)
 {
-    if (s.size() <= outsider_name_bytes)
+    if (s.size() <= coalesced_name_bytes)
         return std::string(s);
-    return std::string(s.substr(0, outsider_name_bytes)) + "...";
+    return std::string(s.substr(0, coalesced_name_bytes)) + "...";
 }
 
 // The last lines of the file, from its last signed record (if one is found
@@ -393,7 +393,7 @@ Result<void> Log::append(const Event& event)
     if (auto r = reopen_if_needed_locked(); !r)
         return r;
     const Micros now = options_.clock();
-    if (event.outsider && !event.allowed) {
+    if (event.coalesce && !event.allowed) {
         f.vault = cut(f.vault);
         f.secret = cut(f.secret);
         const auto verdict = coalescer_.admit({f.uid, f.op, f.result}, f.gid, now);

@@ -26,10 +26,11 @@
 // and records the break (`break`, `break_line`, `trusted_seq`), which
 // `audit verify` reports for ever. Either way the daemon serves.
 //
-// Refusals of outsiders (Event::outsider): callers who hold nothing where
-// they knocked are coalesced (audit/coalescer.hpp) and their names cut to 64
-// bytes, so such a caller writes at most two records per (uid, op, result)
-// per `coalesce_window`. When the audit file's disk has less than
+// Refusals a caller can repeat at will (Event::coalesce) -- of callers who
+// hold nothing where they knocked, or of a uid past its open-file limits --
+// are coalesced (audit/coalescer.hpp) and their names cut to 64 bytes, so
+// such a caller writes at most two records per (uid, op, result) per
+// `coalesce_window`. When the audit file's disk has less than
 // `reserve_bytes` free, these records are not written but counted; the count
 // goes into the next signed record (`dropped`), and allowed operations keep
 // their room.
@@ -91,10 +92,11 @@ struct Event {
     std::optional<std::uint64_t> bytes;  // plaintext bytes served or stored
     std::string_view reason;             // why it failed, when that is not obvious from `result`
     std::string_view attribute;          // for xattr and settings operations
-    // A refusal of a caller who holds nothing where it knocked: no
-    // permission in the vault, or a non-admin at the mount root or on the
-    // control socket. Coalesced; see the header comment.
-    bool outsider = false;
+    // A refusal the caller can repeat at will: it holds nothing where it
+    // knocked (no permission in the vault; a non-admin at the mount root or
+    // on the control socket), or its uid is past a per-uid limit. Coalesced;
+    // see the header comment.
+    bool coalesce = false;
 };
 
 // The token-held key that signs records and anchors.
@@ -131,7 +133,7 @@ public:
     Log& operator=(const Log&) = delete;
 
     // Records one event before returning. Errc::audit_unavailable if it
-    // could not be written; the log is then left as it was. An outsider's
+    // could not be written; the log is then left as it was. A coalesced
     // refusal that is only counted returns success.
     Result<void> append(const Event& event);
 
@@ -154,8 +156,8 @@ public:
 
     struct Stats {
         std::uint64_t last_seq = 0;
-        std::uint64_t coalesced = 0;  // outsider refusals counted, not written
-        std::uint64_t dropped = 0;    // outsider records not written for lack of space
+        std::uint64_t coalesced = 0;  // coalesced refusals counted, not written
+        std::uint64_t dropped = 0;    // such records not written for lack of space
         bool low_space = false;
     };
     Stats stats() const;

@@ -47,7 +47,7 @@ Event outsider_refusal(std::string_view op = "vault_create", std::string_view va
                  .allowed = false,
                  .rule = "not-admin",
                  .result = "EACCES",
-                 .outsider = true};
+                 .coalesce = true};
 }
 
 TEST_CASE("create writes a signed init record; open adds a signed start record", "[audit][log]")
