@@ -32,11 +32,35 @@ bool make_address(const std::string& path, sockaddr_un& addr)
     return true;
 }
 
-bool send_all(int fd, const std::string& data)
+using Clock = std::chrono::steady_clock;
+
+// Waits until `fd` is ready for `events`, the deadline passes (false) or the
+// server stops (false).
+bool wait_for(int fd, short events, int stop_fd, Clock::time_point deadline)
+{
+    for (;;) {
+        const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+        if (left <= 0)
+            return false;
+        pollfd fds[2] = {{fd, events, 0}, {stop_fd, POLLIN, 0}};
+        const int n = ::poll(fds, stop_fd >= 0 ? 2 : 1, static_cast<int>(left));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0 || (stop_fd >= 0 && fds[1].revents != 0))
+            return false;
+        return true;
+    }
+}
+
+bool send_all(int fd, const std::string& data, int stop_fd, Clock::time_point deadline)
 {
     std::size_t done = 0;
     while (done < data.size()) {
-        const ssize_t n = ::send(fd, data.data() + done, data.size() - done, MSG_NOSIGNAL);
+        if (!wait_for(fd, POLLOUT, stop_fd, deadline))
+            return false;
+        const ssize_t n = ::send(fd, data.data() + done, data.size() - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+            continue;
         if (n <= 0)
             return false;
         done += static_cast<std::size_t>(n);
@@ -45,11 +69,15 @@ bool send_all(int fd, const std::string& data)
 }
 
 // Reads until the peer shuts down its side, up to `limit` bytes.
-bool receive_all(int fd, std::string& out, std::size_t limit)
+bool receive_all(int fd, std::string& out, std::size_t limit, int stop_fd, Clock::time_point deadline)
 {
     char buf[65536];
     for (;;) {
-        const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+        if (!wait_for(fd, POLLIN, stop_fd, deadline))
+            return false;
+        const ssize_t n = ::recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+            continue;
         if (n < 0)
             return false;
         if (n == 0)
@@ -58,6 +86,32 @@ bool receive_all(int fd, std::string& out, std::size_t limit)
         if (out.size() > limit)
             return false;
     }
+}
+
+vault::Caller peer_of(int fd)
+{
+    vault::Caller caller;
+    ucred cred{};
+    socklen_t len = sizeof cred;
+    if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+        caller.who.uid = static_cast<uid_t>(-1);
+        caller.who.gid = static_cast<gid_t>(-1);
+        caller.who.groups_known = false;
+        return caller;
+    }
+    caller.who.uid = cred.uid;
+    caller.who.gid = cred.gid;
+    caller.pid = cred.pid;
+    std::vector<gid_t> groups(256);
+    socklen_t glen = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
+    if (::getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &glen) == 0) {
+        groups.resize(glen / sizeof(gid_t));
+    } else {
+        groups.clear();
+        caller.who.groups_known = false;
+    }
+    caller.who.groups = std::move(groups);
+    return caller;
 }
 
 json error_reply(const vault::Error& e)
@@ -114,70 +168,111 @@ ControlServer::~ControlServer()
     ::unlink(path_.c_str());
 }
 
+bool ControlServer::admit(uid_t uid)
+{
+    std::lock_guard lock(clients_mutex_);
+    int& mine = clients_by_uid_[uid];
+    if (clients_ >= max_clients || mine >= max_clients_per_uid) {
+        if (mine == 0)
+            clients_by_uid_.erase(uid);
+        return false;
+    }
+    ++clients_;
+    ++mine;
+    return true;
+}
+
+void ControlServer::leave(uid_t uid)
+{
+    std::lock_guard lock(clients_mutex_);
+    --clients_;
+    if (--clients_by_uid_[uid] <= 0)
+        clients_by_uid_.erase(uid);
+}
+
 void ControlServer::serve()
 {
+    const auto reap = [&](bool all) {
+        for (auto it = workers_.begin(); it != workers_.end();) {
+            if (all || it->first->load()) {
+                it->second.join();
+                it = workers_.erase(it);
+            } else {
+                ++it;
+            }
+        }
+    };
     for (;;) {
         pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
-        if (::poll(fds, 2, -1) < 0) {
+        // Wake now and then to join finished clients.
+        if (::poll(fds, 2, 1000) < 0) {
             if (errno == EINTR)
                 continue;
             spdlog::error("control socket: poll failed: {}", std::strerror(errno));
-            return;
+            break;
         }
+        reap(false);
         if (fds[1].revents != 0)
-            return;
+            break;
+        if (fds[0].revents == 0)
+            continue;
         const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
         if (fd < 0)
             continue;
-        try {
-            handle(fd);
-        } catch (const std::exception& e) {
-            spdlog::error("control socket: {}", e.what());
+        const vault::Caller caller = peer_of(fd);
+        if (!admit(caller.who.uid)) {
+            // Busy: say so at once, read nothing, keep no one waiting.
+            vault::Errc busy = vault::Errc::busy;
+            (void)state_.service->audit_management(caller, "control", "", false, "busy", &busy);
+            send_all(fd, error_reply({busy, "the control socket is busy (too many clients); try again"}).dump(), -1,
+                     Clock::now() + std::chrono::seconds(1));
+            ::close(fd);
+            continue;
         }
-        ::close(fd);
+        auto done = std::make_shared<std::atomic<bool>>(false);
+        try {
+            workers_.emplace_back(done, std::thread([this, fd, caller, done] {
+                handle(fd, caller);
+                leave(caller.who.uid);
+                done->store(true);
+            }));
+        } catch (const std::exception& e) {
+            spdlog::error("control socket: cannot start a client thread: {}", e.what());
+            leave(caller.who.uid);
+            ::close(fd);
+        }
     }
+    reap(true);
 }
 
-void ControlServer::handle(int fd)
+void ControlServer::handle(int fd, const vault::Caller& caller)
 {
-    // A stuck client must not hold the management plane for long.
-    const timeval timeout{30, 0};
-    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
-    ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof timeout);
-
-    ucred cred{};
-    socklen_t len = sizeof cred;
-    if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0)
-        return;
-    vault::Caller caller;
-    caller.who.uid = cred.uid;
-    caller.who.gid = cred.gid;
-    caller.pid = cred.pid;
-    std::vector<gid_t> groups(256);
-    socklen_t glen = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
-    if (::getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &glen) == 0)
-        groups.resize(glen / sizeof(gid_t));
-    else
-        groups.clear();
-    caller.who.groups = std::move(groups);
-
-    auto& service = *state_.service;
-    const bool admin = service.is_admin(caller);
-    // Read the request even from a refused caller: closing with unread data
-    // would reset the connection before the refusal arrives.
-    std::string text;
-    const bool readable = receive_all(fd, text, admin ? max_request_size : 64 * 1024);
-    json reply;
-    if (!admin) {
-        vault::Errc denied = vault::Errc::access_denied;
-        (void)service.audit_management(caller, "control", "", false, "not-admin", &denied);
-        reply = error_reply({denied, "the control socket serves uid 0 and the admin group only"});
-    } else if (!readable) {
-        reply = error_reply({vault::Errc::invalid_argument, "request unreadable or too large"});
-    } else {
-        reply = dispatch(caller, text);
+    const auto deadline = Clock::now() + ControlServer::deadline;
+    try {
+        auto& service = *state_.service;
+        const bool admin = service.is_admin(caller);
+        // Read the request even from a refused caller: closing with unread
+        // data would reset the connection before the refusal arrives.
+        std::string text;
+        const bool readable = receive_all(fd, text, admin ? max_request_size : 64 * 1024, stop_fd_, deadline);
+        json reply;
+        if (!admin) {
+            vault::Errc denied = vault::Errc::access_denied;
+            (void)service.audit_management(caller, "control", "", false, "not-admin", &denied);
+            reply = error_reply({denied, "the control socket serves uid 0 and the admin group only"});
+        } else if (!readable) {
+            reply = error_reply({vault::Errc::invalid_argument,
+                                 "request unreadable, too large, or not sent within " +
+                                     std::to_string(ControlServer::deadline.count()) + " s"});
+        } else {
+            reply = dispatch(caller, text);
+        }
+        send_all(fd, reply.dump(-1, ' ', false, json::error_handler_t::replace), stop_fd_,
+                 Clock::now() + ControlServer::deadline);
+    } catch (const std::exception& e) {
+        spdlog::error("control socket: {}", e.what());
     }
-    send_all(fd, reply.dump(-1, ' ', false, json::error_handler_t::replace));
+    ::close(fd);
 }
 
 json ControlServer::dispatch(const vault::Caller& caller, const std::string& text)
@@ -253,6 +348,13 @@ json ControlServer::dispatch(const vault::Caller& caller, const std::string& tex
             return error_reply(doc.error());
         return json{{"ok", true}, {"result", *doc}};
     }
+    case C::policy_reset: {
+        if (auto r = service.reset_policy(caller, request->vault,
+                                          request->owner ? std::optional<uid_t>(*request->owner) : std::nullopt);
+            !r)
+            return error_reply(r.error());
+        return json{{"ok", true}, {"result", request->vault}};
+    }
     case C::restore: {
         auto names = service.restore(caller, request->backup,
                                      request->into ? std::optional<std::string_view>(*request->into) : std::nullopt);
@@ -286,7 +388,11 @@ vault::Result<json> control_call(const std::string& state_dir, const std::string
                            "no vaultfs daemon answers on " + path + " (" + why + "); is it mounted?");
     }
     std::string reply;
-    const bool ok = send_all(fd, request) && ::shutdown(fd, SHUT_WR) == 0 && receive_all(fd, reply, max_request_size);
+    // A restore may take the daemon a while: wait for its reply as long as
+    // it takes to re-seal a large backup.
+    const auto deadline = Clock::now() + std::chrono::minutes(10);
+    const bool ok = send_all(fd, request, -1, deadline) && ::shutdown(fd, SHUT_WR) == 0 &&
+                    receive_all(fd, reply, max_request_size, -1, deadline);
     ::close(fd);
     if (!ok)
         return vault::fail(vault::Errc::storage, "the daemon closed the control connection");

@@ -7,12 +7,25 @@
 // The socket file is world-connectable (0666) on purpose: the daemon must
 // see a refused caller to audit it. Its directory decides who can reach it
 // (by default the 0700 state directory: root only).
+//
+// Clients are served concurrently, each on a thread of its own, so a slow
+// one holds up no one else: at most `max_clients` at once, and at most
+// `max_clients_per_uid` of one uid (past either, an immediate EBUSY reply);
+// each exchange must be done within `deadline` -- the request read and the
+// reply written -- or the connection is dropped.
 #pragma once
 
+#include <sys/types.h>
+
 #include <atomic>
+#include <chrono>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -25,6 +38,10 @@ class Filesystem;
 
 class ControlServer {
 public:
+    static constexpr int max_clients = 32;
+    static constexpr int max_clients_per_uid = 4;
+    static constexpr std::chrono::seconds deadline{10};
+
     // Binds the socket (replacing a stale one) and starts serving.
     static vault::Result<std::unique_ptr<ControlServer>> start(vault::State& state, const Filesystem& filesystem);
     ~ControlServer();
@@ -34,15 +51,25 @@ public:
 private:
     ControlServer(vault::State& state, const Filesystem& filesystem, int listen_fd, int stop_fd, std::string path);
     void serve();
-    void handle(int fd);
+    // Serves one connection to the end (on its own thread); closes `fd`.
+    void handle(int fd, const vault::Caller& caller);
     nlohmann::json dispatch(const vault::Caller& caller, const std::string& text);
+    // Takes a client slot for the uid, or false when none is free.
+    bool admit(uid_t uid);
+    void leave(uid_t uid);
 
     vault::State& state_;
     const Filesystem& filesystem_;
     int listen_fd_;
-    int stop_fd_;  // eventfd that ends serve()
+    int stop_fd_;  // eventfd that ends serve() and every client's wait
     std::string path_;
     std::thread thread_;
+
+    std::mutex clients_mutex_;
+    int clients_ = 0;
+    std::unordered_map<uid_t, int> clients_by_uid_;
+    // Client threads, started and joined by serve() only; the flag says done.
+    std::vector<std::pair<std::shared_ptr<std::atomic<bool>>, std::thread>> workers_;
 };
 
 // Sends one request to the daemon serving `state_dir` (through `socket`

@@ -17,6 +17,7 @@ constexpr std::pair<const char*, ControlRequest::Command> commands[] = {
     {"status", ControlRequest::Command::status},
     {"backup", ControlRequest::Command::backup},
     {"restore", ControlRequest::Command::restore},
+    {"policy_reset", ControlRequest::Command::policy_reset},
 };
 
 }  // namespace
@@ -54,14 +55,16 @@ tl::expected<ControlRequest, std::string> parse_request(std::string_view text)
         return std::optional<std::string>(j[key].get<std::string>());
     };
     for (const auto& item : j.items()) {
-        static const char* allowed[] = {"cmd", "vault", "secret", "retention_days", "purge_protection", "backup", "into"};
+        static const char* allowed[] = {"cmd",    "vault", "secret", "retention_days", "purge_protection",
+                                        "backup", "into",  "owner"};
         const std::string key = item.key();
         if (std::find_if(std::begin(allowed), std::end(allowed), [&](const char* a) { return key == a; }) ==
             std::end(allowed))
             return tl::unexpected("unknown field \"" + key.substr(0, 64) + "\"");
     }
     using C = ControlRequest::Command;
-    const bool needs_vault = r.command == C::vault_create || r.command == C::vault_show || r.command == C::backup;
+    const bool needs_vault = r.command == C::vault_create || r.command == C::vault_show || r.command == C::backup ||
+                             r.command == C::policy_reset;
     auto vault = string_field("vault", needs_vault);
     if (!vault)
         return tl::unexpected(vault.error());
@@ -85,6 +88,11 @@ tl::expected<ControlRequest, std::string> parse_request(std::string_view text)
         if (days < 7 || days > 90)
             return tl::unexpected(std::string("\"retention_days\" must be 7 to 90"));
         r.retention_days = static_cast<int>(days);
+    }
+    if (j.contains("owner")) {
+        if (!j["owner"].is_number_unsigned() || j["owner"].get<std::uint64_t>() >= 0xffffffffu)
+            return tl::unexpected(std::string("\"owner\" must be a uid"));
+        r.owner = static_cast<std::uint32_t>(j["owner"].get<std::uint64_t>());
     }
     if (j.contains("purge_protection")) {
         if (!j["purge_protection"].is_boolean())
@@ -112,6 +120,8 @@ std::string render_request(const ControlRequest& r)
         j["backup"] = r.backup;
     if (r.into)
         j["into"] = *r.into;
+    if (r.owner)
+        j["owner"] = *r.owner;
     return j.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 

@@ -6,11 +6,13 @@
 //   {"cmd":"vault_show","vault":"payments"}   {"cmd":"vault_list"}   {"cmd":"status"}
 //   {"cmd":"backup","vault":"payments","secret":"db-password"}   (secret optional)
 //   {"cmd":"restore","backup":"<backup document>","into":"payments2"}   (into optional)
+//   {"cmd":"policy_reset","vault":"payments","owner":1001}   (owner optional: the caller)
 //
 // Replies: {"ok":true,"result":...} or {"ok":false,"errno":"EACCES","error":"..."}.
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -23,7 +25,7 @@ namespace vaultfs::fs {
 inline constexpr std::size_t max_request_size = 256u << 20;
 
 struct ControlRequest {
-    enum class Command { vault_create, vault_show, vault_list, status, backup, restore };
+    enum class Command { vault_create, vault_show, vault_list, status, backup, restore, policy_reset };
     Command command = Command::status;
     std::string vault;
     std::optional<std::string> secret;
@@ -31,6 +33,7 @@ struct ControlRequest {
     bool purge_protection = false;
     std::string backup;  // restore: the document
     std::optional<std::string> into;
+    std::optional<std::uint32_t> owner;  // policy_reset: who gets `*`
 };
 
 tl::expected<ControlRequest, std::string> parse_request(std::string_view text);

@@ -294,6 +294,12 @@ int run_mount(const MountOptions& options)
         channel.failed(config.error().message);
         return 1;
     }
+    // One process serves a state: a second mount stops here, naming the first.
+    auto lock = vault::StateLock::acquire(state_dir);
+    if (!lock) {
+        channel.failed(lock.error().message);
+        return 1;
+    }
     if (auto heap = hsm::init_secure_heap(config->secure_heap_kib * 1024); !heap) {
         channel.failed(heap.error().message);
         return 1;
@@ -307,7 +313,7 @@ int run_mount(const MountOptions& options)
                                            : stale_error);
         return 1;
     }
-    auto state = vault::State::open(state_dir, vault::State::Purpose::serve);
+    auto state = vault::State::open(state_dir, vault::State::Purpose::serve, std::move(*lock));
     if (!state) {
         channel.failed(state.error().message);
         return 1;

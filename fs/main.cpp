@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <charconv>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -221,11 +222,18 @@ int main(int argc, char** argv)
     auto* backup = app.add_subcommand("backup", "Back up a vault or one secret (ciphertext only, signed)");
     backup->add_option("target", target, "VAULT or VAULT/SECRET")->required();
     backup->add_option("-o,--output", output, "File to write (mode 0600)")->required();
+    auto* policy_cmd = app.add_subcommand("policy", "Vault policies through the management plane");
+    policy_cmd->require_subcommand(1);
+    std::string owner;
+    auto* policy_reset = policy_cmd->add_subcommand(
+        "reset", "Break glass: replace a vault's policy with `allow uid:OWNER *` (admins; audited)");
+    policy_reset->add_option("vault", request.vault, "Vault name")->required();
+    policy_reset->add_option("--owner", owner, "User name or uid to own the vault (default: you)");
     auto* restore = app.add_subcommand("restore", "Restore a backup into a vault on the same token");
     restore->add_option("file", backup_file, "Backup file")->required();
     restore->add_option("--into", request.into, "Target vault (default: the backup's own)");
     std::string socket;
-    for (auto* sub : {vault_create, vault_show, vault_list, status, backup, restore}) {
+    for (auto* sub : {vault_create, vault_show, vault_list, status, backup, restore, policy_reset}) {
         sub->add_option("--state", mstate, "State directory (default: $VAULTFS_STATE or /var/lib/vaultfs)");
         sub->add_option("--socket", socket, "Control socket (default: the state's control_socket)");
     }
@@ -282,6 +290,24 @@ int main(int argc, char** argv)
             }
             ::close(fd);
             std::printf("wrote %s (%zu bytes, ciphertext and sealed keys only)\n", output.c_str(), doc.size());
+        });
+    }
+    if (*policy_reset) {
+        request.command = C::policy_reset;
+        if (!owner.empty()) {
+            vault::SystemNameResolver names;
+            std::uint32_t uid = 0;
+            const auto [p, ec] = std::from_chars(owner.data(), owner.data() + owner.size(), uid);
+            if (ec == std::errc() && p == owner.data() + owner.size())
+                request.owner = uid;
+            else if (const auto id = names.user_id(owner))
+                request.owner = *id;
+            else
+                return fail("no user " + owner);
+        }
+        return manage(mstate, socket, request, [&](const nlohmann::json&) {
+            std::printf("policy of %s reset: allow uid:%u *\n", request.vault.c_str(),
+                        request.owner ? *request.owner : static_cast<unsigned>(::getuid()));
         });
     }
     if (*restore) {

@@ -465,7 +465,10 @@ bool Policy::holds_any(const Subject& who) const
 {
     if (who.groups_known)
         return holds_any_as(rules_, who, Membership::listed);
-    return holds_any_as(rules_, who, Membership::none) && holds_any_as(rules_, who, Membership::every);
+    // Visibility shows names, never values: a caller that could hold
+    // something sees the vault, and each decision in it is then made
+    // conservatively (evaluate, effective).
+    return holds_any_as(rules_, who, Membership::none) || holds_any_as(rules_, who, Membership::every);
 }
 
 bool Policy::someone_can_manage(const NameResolver& names) const

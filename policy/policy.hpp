@@ -198,7 +198,8 @@ public:
     // True when some allow rule grants `who` at least one permission that no
     // glob-less deny for `who` takes away — "holds any permission in the
     // vault", which decides whether the vault is visible at all. With
-    // unknown groups, only if that holds either way.
+    // unknown groups, if it holds either way (visibility shows names, not
+    // values; the decisions inside are conservative).
     bool holds_any(const Subject& who) const;
 
     // Whether someone could manage the vault under this policy: a glob-less

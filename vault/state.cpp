@@ -252,7 +252,7 @@ Result<std::vector<std::string>> init_state(const std::string& dir_arg, const In
     return made;
 }
 
-Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose purpose)
+Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose purpose, std::optional<StateLock> lock)
 {
     const std::string dir = absolute_path(dir_arg);
     std::unique_ptr<State> st(new State());
@@ -260,10 +260,13 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
     if (!config)
         return tl::unexpected(config.error());
     st->config = std::move(*config);
-    auto lock = StateLock::acquire(dir);
-    if (!lock)
-        return tl::unexpected(lock.error());
-    st->lock.emplace(std::move(*lock));
+    if (!lock) {
+        auto taken = StateLock::acquire(dir);
+        if (!taken)
+            return tl::unexpected(taken.error());
+        lock.emplace(std::move(*taken));
+    }
+    st->lock = std::move(lock);
     const Config& c = st->config;
     if (c.admin_group) {
         st->admin_gid = resolve_group(*c.admin_group);

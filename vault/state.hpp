@@ -48,7 +48,10 @@ public:
     // logs in to the token, opens the database (quick_check) and, for
     // `serve`, the audit log. Every failure comes with a one-line message
     // that says what to do.
-    static Result<std::unique_ptr<State>> open(const std::string& dir, Purpose purpose);
+    // `lock`: the state's lock when the caller took it already (to fail
+    // fast, before other start-up work).
+    static Result<std::unique_ptr<State>> open(const std::string& dir, Purpose purpose,
+                                               std::optional<StateLock> lock = std::nullopt);
     ~State();
 
     // Writes the audit log's shutdown record. Call once before exit.

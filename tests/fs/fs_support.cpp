@@ -196,6 +196,93 @@ Outcome as_root(const std::function<Outcome()>& action)
     return in_child([] {}, action);
 }
 
+namespace {
+
+void send_outcome(int fd, const Outcome& o)
+{
+    const std::uint64_t len = o.data.size();
+    write_all(fd, &o.err, sizeof o.err);
+    write_all(fd, &len, sizeof len);
+    write_all(fd, o.data.data(), o.data.size());
+}
+
+bool read_exact(int fd, void* out, std::size_t n)
+{
+    auto* p = static_cast<char*>(out);
+    while (n > 0) {
+        const ssize_t r = ::read(fd, p, n);
+        if (r <= 0)
+            return false;
+        p += r;
+        n -= static_cast<std::size_t>(r);
+    }
+    return true;
+}
+
+Outcome receive_outcome(int fd)
+{
+    Outcome o;
+    std::uint64_t len = 0;
+    if (!read_exact(fd, &o.err, sizeof o.err) || !read_exact(fd, &len, sizeof len))
+        throw std::runtime_error("test child died without an answer");
+    o.data.resize(len);
+    if (!read_exact(fd, o.data.data(), len))
+        throw std::runtime_error("test child died mid-answer");
+    return o;
+}
+
+}  // namespace
+
+Paused::Paused(const TestUser* user, std::function<Outcome()> first, std::function<Outcome()> second)
+{
+    int results[2];
+    int go[2];
+    if (::pipe(results) != 0 || ::pipe(go) != 0)
+        throw std::runtime_error("pipe failed");
+    pid_ = ::fork();
+    if (pid_ == 0) {
+        ::close(results[0]);
+        ::close(go[1]);
+        if (user != nullptr && (::setgroups(user->groups.size(), user->groups.data()) != 0 ||
+                                ::setresgid(user->gid, user->gid, user->gid) != 0 ||
+                                ::setresuid(user->uid, user->uid, user->uid) != 0))
+            ::_exit(99);
+        send_outcome(results[1], first());
+        char c;
+        if (::read(go[0], &c, 1) != 1)
+            ::_exit(0);
+        send_outcome(results[1], second());
+        ::_exit(0);
+    }
+    ::close(results[1]);
+    ::close(go[0]);
+    results_ = results[0];
+    go_ = go[1];
+    first_ = receive_outcome(results_);
+}
+
+Outcome Paused::finish()
+{
+    const char c = 'g';
+    if (::write(go_, &c, 1) != 1)
+        throw std::runtime_error("the paused child is gone");
+    Outcome o = receive_outcome(results_);
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return o;
+}
+
+Paused::~Paused()
+{
+    if (pid_ > 0) {
+        ::kill(pid_, SIGKILL);
+        ::waitpid(pid_, nullptr, 0);
+    }
+    ::close(results_);
+    ::close(go_);
+}
+
 // ---- actions ---------------------------------------------------------------------
 
 Outcome read_file(const std::string& path)
@@ -388,9 +475,15 @@ void Mount::start()
         const int null = ::open("/dev/null", O_RDWR);
         ::dup2(null, 0);
         ::dup2(null, 1);
-        const std::string threads = std::to_string(options_.threads);
-        ::execl(binary.c_str(), binary.c_str(), "mount", "-f", "--threads", threads.c_str(), "--state", state.c_str(),
-                mountpoint.c_str(), static_cast<char*>(nullptr));
+        std::vector<std::string> argv = options_.wrapper;
+        for (const std::string& a : {binary, std::string("mount"), std::string("-f"), std::string("--threads"),
+                                     std::to_string(options_.threads), std::string("--state"), state, mountpoint})
+            argv.push_back(a);
+        std::vector<char*> args;
+        for (auto& a : argv)
+            args.push_back(a.data());
+        args.push_back(nullptr);
+        ::execvp(args[0], args.data());
         ::_exit(127);
     }
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
@@ -461,9 +554,14 @@ std::vector<nlohmann::json> Mount::audit() const
     std::vector<nlohmann::json> out;
     std::istringstream in(slurp(state + "/audit.jsonl"));
     std::string line;
-    while (std::getline(in, line))
-        if (!line.empty())
-            out.push_back(nlohmann::json::parse(line));
+    while (std::getline(in, line)) {
+        if (line.empty())
+            continue;
+        auto j = nlohmann::json::parse(line, nullptr, false);
+        if (j.is_discarded() || !j.is_object())
+            throw std::runtime_error("audit line is not a JSON object: " + line.substr(0, 200));
+        out.push_back(std::move(j));
+    }
     return out;
 }
 
@@ -471,9 +569,21 @@ nlohmann::json Mount::last_audit(const std::string& op, std::optional<uid_t> uid
 {
     const auto records = audit();
     for (auto it = records.rbegin(); it != records.rend(); ++it)
-        if ((*it)["op"] == op && (!uid || (*it)["uid"] == *uid))
+        if (it->value("op", "") == op && (!uid || it->value("uid", -1) == static_cast<std::int64_t>(*uid)))
             return *it;
     throw std::runtime_error("no audit record with op " + op);
 }
+
+std::vector<nlohmann::json> Mount::records_of(const std::function<void()>& action) const
+{
+    const auto before = audit_count();
+    action();
+    auto all = audit();
+    if (all.size() < before)
+        return {};
+    return std::vector<nlohmann::json>(all.begin() + static_cast<std::ptrdiff_t>(before), all.end());
+}
+
+Outcome Mount::verify() const { return shell(binary + " audit verify --state " + state + " 2>&1"); }
 
 }  // namespace vaultfs::testing

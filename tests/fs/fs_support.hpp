@@ -52,6 +52,26 @@ Outcome as(const TestUser& user, const std::function<Outcome()>& action);
 // Runs `action` in a child process as root (for a fresh pid and clean fds).
 Outcome as_root(const std::function<Outcome()>& action);
 
+// A child process that acts in two steps as `user` (root when null): `first`
+// runs at once; then the child holds what it opened until finish() lets
+// `second` run. Meanwhile the test acts as others. The child is killed if
+// the test ends first.
+class Paused {
+public:
+    Paused(const TestUser* user, std::function<Outcome()> first, std::function<Outcome()> second);
+    ~Paused();
+    Paused(const Paused&) = delete;
+    Paused& operator=(const Paused&) = delete;
+    const Outcome& first() const { return first_; }
+    Outcome finish();
+
+private:
+    pid_t pid_ = -1;
+    int results_ = -1;  // child -> test
+    int go_ = -1;       // test -> child
+    Outcome first_;
+};
+
 // Actions (run them inside as()); each reports the first failing errno.
 Outcome read_file(const std::string& path);
 Outcome write_file(const std::string& path, const std::string& data, int flags = 0);  // 0: O_WRONLY|O_CREAT|O_TRUNC
@@ -78,6 +98,9 @@ struct MountOptions {
     std::vector<std::string> config_lines;  // appended to vaultfs.conf
     unsigned threads = 8;
     bool init = true;  // run `vaultfs init` first
+    // Runs the daemon under this command (e.g. unshare into namespaces of
+    // its own); it must pass SIGTERM on to the daemon.
+    std::vector<std::string> wrapper;
 };
 
 class Mount {
@@ -108,6 +131,10 @@ public:
     std::vector<nlohmann::json> audit() const;
     // The last audit record with this op (and, if given, this uid); throws if none.
     nlohmann::json last_audit(const std::string& op, std::optional<uid_t> uid = std::nullopt) const;
+    // The records `action` appends.
+    std::vector<nlohmann::json> records_of(const std::function<void()>& action) const;
+    // `vaultfs audit verify --state`: its exit status and output.
+    Outcome verify() const;
     std::size_t audit_count() const { return audit().size(); }
 
     std::string root;        // temp dir holding everything
