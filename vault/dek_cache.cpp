@@ -2,7 +2,10 @@
 
 namespace vaultfs::vault {
 
-DekCache::DekCache(std::size_t capacity, std::chrono::milliseconds ttl) : capacity_(capacity), ttl_(ttl) {}
+DekCache::DekCache(std::size_t capacity, std::chrono::milliseconds ttl, std::function<Clock::time_point()> now)
+    : capacity_(capacity), ttl_(ttl), now_(std::move(now))
+{
+}
 
 std::string DekCache::make_key(std::string_view kek_id, std::span<const std::uint8_t> sealed)
 {
@@ -24,7 +27,7 @@ DekCache::Dek DekCache::find(std::string_view kek_id, std::span<const std::uint8
         ++misses_;
         return nullptr;
     }
-    if (it->second->expires <= Clock::now()) {
+    if (it->second->expires <= now_()) {
         lru_.erase(it->second);
         index_.erase(it);
         ++misses_;
@@ -45,7 +48,7 @@ void DekCache::insert(std::string_view kek_id, std::span<const std::uint8_t> sea
         lru_.erase(it->second);
         index_.erase(it);
     }
-    lru_.push_front(Entry{key, std::move(dek), Clock::now() + ttl_});
+    lru_.push_front(Entry{key, std::move(dek), now_() + ttl_});
     index_.emplace(std::move(key), lru_.begin());
     while (lru_.size() > capacity_) {
         index_.erase(lru_.back().key);
@@ -56,7 +59,7 @@ void DekCache::insert(std::string_view kek_id, std::span<const std::uint8_t> sea
 void DekCache::sweep()
 {
     std::lock_guard lock(mutex_);
-    const auto now = Clock::now();
+    const auto now = now_();
     for (auto it = lru_.begin(); it != lru_.end();) {
         if (it->expires <= now) {
             index_.erase(it->key);

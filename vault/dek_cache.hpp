@@ -13,6 +13,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -29,7 +30,9 @@ public:
     using Clock = std::chrono::steady_clock;
     using Dek = std::shared_ptr<const hsm::SecureBuffer>;
 
-    DekCache(std::size_t capacity, std::chrono::milliseconds ttl);
+    // `now` tells the time (tests step it; the daemon uses the steady clock).
+    DekCache(std::size_t capacity, std::chrono::milliseconds ttl,
+             std::function<Clock::time_point()> now = [] { return Clock::now(); });
 
     bool enabled() const { return capacity_ != 0 && ttl_.count() != 0; }
 
@@ -59,6 +62,7 @@ private:
 
     const std::size_t capacity_;
     const std::chrono::milliseconds ttl_;
+    const std::function<Clock::time_point()> now_;
     mutable std::mutex mutex_;
     std::list<Entry> lru_;  // front = most recently used
     std::unordered_map<std::string, std::list<Entry>::iterator> index_;

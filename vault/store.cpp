@@ -641,6 +641,12 @@ Result<void> Store::write(const Work& work)
     return mine.result;
 }
 
+std::size_t Store::pending_writes()
+{
+    std::lock_guard lock(queue_mutex_);
+    return queue_.size();
+}
+
 template <class Map, class Key, class Load>
 Result<std::optional<SecretVersion>> Store::cached(Map& map, const Key& key, Load&& load)
 {
@@ -812,18 +818,6 @@ Result<SecretRow> Store::Transaction::ensure_secret(VaultId vault, std::string_v
     if (!*row)
         return fail(Errc::storage, "secret row vanished inside its transaction");
     return std::move(**row);
-}
-
-Result<std::uint64_t> Store::Transaction::claim_version_number(SecretId secret)
-{
-    auto n = first<std::int64_t>(
-        conn_, "UPDATE secrets SET next_version = next_version + 1 WHERE id = ? RETURNING next_version - 1",
-        [&](sqlite::Query& q) { q.bind(1, secret.value); }, [](const sqlite::Query& q) { return q.int64(0); });
-    if (!n)
-        return tl::unexpected(n.error());
-    if (!*n)
-        return fail(Errc::not_found, "secret vanished");
-    return static_cast<std::uint64_t>(**n);
 }
 
 Result<void> Store::Transaction::raise_next_version(SecretId secret, std::uint64_t next)

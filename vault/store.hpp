@@ -203,6 +203,9 @@ public:
     // rolled back and its error returned; others' work is unaffected.
     Result<void> write(const Work& work);
 
+    // Units queued behind the running batch (tests use it to build a batch).
+    std::size_t pending_writes();
+
 private:
     Store(std::string path, std::unique_ptr<sqlite::Connection> writer, bool read_only);
     template <class F>
@@ -253,9 +256,9 @@ public:
     Result<std::optional<SecretRow>> secret_by_name(VaultId vault, std::string_view name);
     Result<std::optional<VersionRow>> version_by_id(VersionId id);
     Result<std::vector<Tag>> tags(VersionId version);
-    // Claims the next version number of a secret.
-    Result<std::uint64_t> claim_version_number(SecretId secret);
-    // Raises next_version to at least `next` (numbers reserved elsewhere).
+    // Raises next_version to at least `next`, never lowers it. Version
+    // numbers are handed out by SecretService ahead of the transaction (this
+    // process is the only writer); the commit raises the counter with them.
     Result<void> raise_next_version(SecretId secret, std::uint64_t next);
     Result<VersionId> insert_version(const SealedVersion& version);
     Result<void> update_version(const VersionRow& row);

@@ -58,7 +58,7 @@ std::string original_path(const Mount& m, const std::string& text)
 std::size_t count(const std::vector<json>& records, const std::string& op, std::optional<uid_t> uid = std::nullopt)
 {
     std::size_t n = 0;
-    for (const auto& r : records)
+    for (auto r : records)
         n += r.value("op", "") == op && (!uid || r.value("uid", -1) == static_cast<std::int64_t>(*uid)) ? 1 : 0;
     return n;
 }
@@ -173,7 +173,7 @@ TEST_CASE("attack: the audit trail rewritten while the daemon is stopped is neve
     m.stop();
     const auto after = m.audit();
     std::size_t breaks = 0;
-    for (const auto& r : after)
+    for (auto r : after)
         if (r.value("op", "") == "start" && r.contains("break")) {
             ++breaks;
             CHECK(r.contains("sig"));
@@ -272,7 +272,7 @@ TEST_CASE("attack: a caller with no grant floods refusals for 5 s; the audit sta
         CHECK(as(intruder, [&] { return stat_path(m.path("hidden/s")); }).err == ENOENT);
     });
     REQUIRE(count(probe, "lookup", intruder.uid) == 1);
-    for (const auto& r : probe)
+    for (auto r : probe)
         if (r.value("op", "") == "lookup") {
             CHECK(r["decision"] == "deny");
             CHECK(r["result"] == "ENOENT");
@@ -320,18 +320,18 @@ TEST_CASE("attack: a caller with no grant floods refusals for 5 s; the audit sta
     const auto all = m.audit();
     // A few records per (op, result) and window, not one per attempt.
     std::size_t by_intruder = 0;
-    for (const auto& r : all)
+    for (auto r : all)
         by_intruder += r.value("uid", -1) == static_cast<std::int64_t>(intruder.uid) ? 1 : 0;
     CHECK(by_intruder <= 12);
     CHECK(count(all, "vault_create", intruder.uid) >= 1);
     CHECK(count(all, "lookup", intruder.uid) >= 1);
     std::uint64_t counted = 0;
-    for (const auto& r : all)
+    for (auto r : all)
         if (r.value("op", "") == "repeats" && r.value("uid", -1) == static_cast<std::int64_t>(intruder.uid))
             counted += r.value("count", std::uint64_t{0});
     CHECK(counted > static_cast<std::uint64_t>(attempts));
     // Names an intruder chose are cut short.
-    for (const auto& r : all)
+    for (auto r : all)
         if (r.value("uid", -1) == static_cast<std::int64_t>(intruder.uid) && r["vault"].is_string())
             CHECK(r["vault"].get<std::string>().size() <= 67);
     CHECK(m.verify().err == 0);
@@ -392,6 +392,8 @@ TEST_CASE("attack: one uid hoards descriptors and write buffers; another uid sti
                                   std::to_string(writers) + " " + std::to_string(write_err)};
         },
         [&] {
+            if (fds.empty())
+                return Outcome{EBADF, "no writer was opened"};
             // A write that failed fails its close too, and commits nothing.
             const int close_err = ::close(fds.back()) == 0 ? 0 : errno;
             fds.pop_back();
@@ -407,7 +409,7 @@ TEST_CASE("attack: one uid hoards descriptors and write buffers; another uid sti
     CHECK(ok(hoard.finish()) == std::to_string(ENOMEM));
     CHECK(ok(read_file(m.path("heap/others"))) == "fine");
     CHECK(stat_path(m.path("heap/w4")).err == ENOENT);  // the failed writer committed nothing
-    const auto refused = m.last_audit("get", hoarder.uid);
+    auto refused = m.last_audit("get", hoarder.uid);
     CHECK(refused["result"] == "EMFILE");
     CHECK(refused["rule"] == "per-uid-limit");
 }
@@ -524,10 +526,6 @@ TEST_CASE("attack: pages a reader's mmap keeps alive are never served to a new o
 TEST_CASE("attack: a daemon in its own pid namespace cannot read callers' groups, and denies what they decide",
           "[fs][attack][groups]")
 {
-#if defined(__SANITIZE_THREAD__)
-    WARN("not run under ThreadSanitizer: unshare into a pid namespace");
-    return;
-#endif
     TestGroup banned("b");
     TestUser member("gm", {&banned});
     TestUser named("gn");
@@ -541,7 +539,7 @@ TEST_CASE("attack: a daemon in its own pid namespace cannot read callers' groups
     // its groups read as none. Now: EACCES, audited with the reason.
     const auto denied = m.records_of([&] { CHECK(as(member, [&] { return read_file(m.path("grouped/s")); }).err == EACCES); });
     REQUIRE(count(denied, "get", member.uid) == 1);
-    for (const auto& r : denied)
+    for (auto r : denied)
         if (r.value("op", "") == "get") {
             CHECK(r["decision"] == "deny");
             CHECK(r["pid"] == 0);
@@ -597,10 +595,10 @@ TEST_CASE("attack: a writer removed from the policy commits nothing through an f
     REQUIRE(write_file(m.path("revoke/.policy"), "allow uid:0 *\n").err == 0);
     CHECK(ok(held.finish()) == "2 " + std::to_string(EACCES) + " " + std::to_string(EACCES));
     CHECK(ok(list_dir(m.path("revoke/.versions"))) == "s@1\ns@2");
-    const auto commit = m.last_audit("commit", writer.uid);
+    auto commit = m.last_audit("commit", writer.uid);
     CHECK(commit["decision"] == "deny");
     CHECK(commit["reason"] == "revoked since open");
-    const auto list = m.last_audit("list", writer.uid);
+    auto list = m.last_audit("list", writer.uid);
     CHECK(list["decision"] == "deny");
     CHECK(list["reason"] == "revoked since the directory was opened");
 }
@@ -637,6 +635,8 @@ TEST_CASE("attack: a slow control client holds up no one; one uid cannot take ev
                 fds.push_back(fd);
             }
             // The fifth is told at once that the socket is busy for this uid.
+            if (fds.empty())
+                return Outcome{EBADF, "no connection"};
             char buf[512] = {};
             pollfd p{fds.back(), POLLIN, 0};
             ::poll(&p, 1, 2000);
@@ -684,7 +684,7 @@ TEST_CASE("attack: a policy no one can manage is refused; admins have an audited
     INFO(reset.data);
     CHECK(reset.err == 0);
     CHECK(ok(read_file(m.path("orphan/s"))) == "kept");
-    const auto r = m.last_audit("policy_reset", 0);
+    auto r = m.last_audit("policy_reset", 0);
     CHECK(r["decision"] == "allow");
     CHECK(r["vault"] == "orphan");
     // Only admins may.

@@ -49,7 +49,7 @@ TEST_CASE("the DESIGN walkthrough works as shown", "[fs]")
     std::size_t policy_writes = 0;
     const auto records = m.audit();
     for (std::size_t i = before; i < records.size(); ++i)
-        policy_writes += records[i]["op"] == "policy_set" ? 1 : 0;
+        policy_writes += records[i].value("op", "") == "policy_set" ? 1 : 0;
     CHECK(policy_writes == 1);
     // Bytes are stored exactly as written: echo's newline stays.
     REQUIRE(shell("echo hello > " + m.path("payments/echoed")).err == 0);
@@ -422,16 +422,11 @@ TEST_CASE("the daemon: SIGTERM unmounts, a stale mount is cleaned at start, stde
     CHECK(m.daemon_stderr().find(canary) == std::string::npos);
 }
 
-TEST_CASE("a daemon in a private mount namespace mounts where the host sees it", "[fs]")
+// setns() into a mount namespace needs a single-threaded process: not under TSan.
+TEST_CASE("a daemon in a private mount namespace mounts where the host sees it", "[fs]" VAULTFS_SINGLE_THREADED_ONLY)
 {
     // What the systemd unit does: its sandbox gives the daemon a private
     // mount namespace, and --mount-namespace puts the mount in the host's.
-#if defined(__SANITIZE_THREAD__)
-    // setns() into a mount namespace needs a single-threaded process, and
-    // ThreadSanitizer's runtime keeps a thread of its own in every child.
-    WARN("not run under ThreadSanitizer");
-    return;
-#endif
     Mount m(MountOptions{{}, 8, false});
     REQUIRE(shell(m.binary + " init --state " + m.state + " >/dev/null").err == 0);
     const std::string ns = "/proc/" + std::to_string(::getpid()) + "/ns/mnt";

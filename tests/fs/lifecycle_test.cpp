@@ -2,6 +2,7 @@
 // purge, automatic purge, backup and restore, the control socket.
 #include <catch2/catch.hpp>
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -72,7 +73,7 @@ TEST_CASE("attributes are user.vault.* xattrs, validated", "[fs][lifecycle]")
     // Reading needs get or list; writing needs set.
     CHECK(ok(as(reader, [&] { return get_xattr(m.path("attrs/s"), "user.vault.tag.env"); })) == "prod");
     CHECK(as(reader, [&] { return set_xattr(m.path("attrs/s"), "user.vault.tag.env", "dev"); }).err == EACCES);
-    const auto r = m.last_audit("xattr_set", reader.uid);
+    auto r = m.last_audit("xattr_set", reader.uid);
     CHECK(r["decision"] == "deny");
     CHECK(r["attribute"] == "tag.env");
     CHECK(m.last_audit("xattr_get", reader.uid)["result"] == "ok");
@@ -169,6 +170,33 @@ TEST_CASE("delete, .deleted, name reuse refused, recover with all versions, purg
     CHECK(shell("sqlite3 " + m.state_file("vault.db") + " \"SELECT count(*) FROM versions\"").data == "1\n");
 }
 
+TEST_CASE("a secret deleted while a writer holds it open: the close fails, nothing appears after recover",
+          "[fs][lifecycle]")
+{
+    Mount m;
+    REQUIRE(make_dir(m.path("gone")).err == 0);
+    REQUIRE(write_file(m.path("gone/s"), "v1").err == 0);
+    int fd = -1;
+    Paused writer(
+        nullptr,
+        [&] {
+            fd = ::open(m.path("gone/s").c_str(), O_WRONLY | O_TRUNC);
+            if (fd < 0 || ::write(fd, "late", 4) != 4)
+                return Outcome{errno, "write"};
+            return Outcome{};
+        },
+        [&] { return Outcome{::close(fd) == 0 ? 0 : errno, {}}; });
+    REQUIRE(writer.first().err == 0);
+    REQUIRE(remove_file(m.path("gone/s")).err == 0);
+    auto close = m.records_of([&] { CHECK(writer.finish().err == ENOENT); });
+    REQUIRE(close.size() == 1);
+    CHECK(close.front()["op"] == "commit");
+    CHECK(close.front()["result"] == "ENOENT");
+    REQUIRE(rename_path(m.path("gone/.deleted/s"), m.path("gone/s")).err == 0);
+    CHECK(ok(list_dir(m.path("gone/.versions"))) == "s@1");
+    CHECK(ok(read_file(m.path("gone/s"))) == "v1");
+}
+
 TEST_CASE("purge protection refuses purge until retention ends; the automatic purge then takes it", "[fs][lifecycle]")
 {
     // Days of 200 ms: a 7-day retention ends after 1.4 s.
@@ -191,7 +219,7 @@ TEST_CASE("purge protection refuses purge until retention ends; the automatic pu
         gone = list_dir(m.path("guarded/.deleted")).data.empty();
     }
     CHECK(gone);
-    const auto r = m.last_audit("purge");
+    auto r = m.last_audit("purge");
     CHECK(r["reason"] == "automatic purge");
     CHECK(r["secret"] == "s");
     CHECK(write_file(m.path("guarded/s"), "again").err == 0);
@@ -279,7 +307,7 @@ TEST_CASE("the control socket serves admins only, and audits everyone", "[fs][li
     });
     CHECK(refused.err == 1);
     CHECK(refused.data.find("EACCES") != std::string::npos);
-    const auto r = m.last_audit("control", outsider.uid);
+    auto r = m.last_audit("control", outsider.uid);
     CHECK(r["decision"] == "deny");
     CHECK(r["result"] == "EACCES");
 

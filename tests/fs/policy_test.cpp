@@ -20,7 +20,7 @@ namespace {
 void audited(const Mount& m, const std::string& op, uid_t uid, const std::string& decision, const std::string& result,
              const std::string& secret = "")
 {
-    const auto r = m.last_audit(op, uid);
+    auto r = m.last_audit(op, uid);
     INFO(r.dump());
     CHECK(r["decision"] == decision);
     CHECK(r["result"] == result);
@@ -108,7 +108,7 @@ TEST_CASE("policies decide every open, for users and groups", "[fs][policy]")
     SECTION("deny wins over a group allow")
     {
         CHECK(as(grace, [&] { return read_file(m.path("team/app-key")); }).err == EACCES);
-        const auto r = m.last_audit("get", grace.uid);
+        auto r = m.last_audit("get", grace.uid);
         CHECK(r["decision"] == "deny");
         CHECK(r["rule"] == "5: deny uid:" + std::to_string(grace.uid) + " get");
     }
@@ -137,6 +137,29 @@ TEST_CASE("policies decide every open, for users and groups", "[fs][policy]")
         CHECK(as(frank, [&] { return read_file(m.path("team/db-pass")); }).err == EACCES);
         CHECK(as(alice, [&] { return write_file(m.path("team/db-pass"), "x"); }).err == EACCES);
     }
+    SECTION("an old version is refused to a caller without get: list-only, glob-scoped, denied")
+    {
+        REQUIRE(write_file(m.path("team/db-pass"), "db-value-2").err == 0);
+        REQUIRE(write_file(m.path("team/app-key"), "app-value-2").err == 0);
+        const auto refused = [&](const TestUser& who, const std::string& name) {
+            INFO(who.name << " " << name);
+            const auto records = m.records_of([&] { CHECK(as(who, [&] { return read_file(m.path("team/" + name)); }).err == EACCES); });
+            REQUIRE(records.size() == 1);
+            auto r = records.front();
+            CHECK(r["op"] == "get");
+            CHECK(r["uid"] == who.uid);
+            CHECK(r["decision"] == "deny");
+            CHECK(r["result"] == "EACCES");
+            CHECK(r["version"] == 1);
+            CHECK(r["secret"] == name.substr(0, name.find('@')));
+        };
+        refused(frank, "db-pass@1");  // list only
+        refused(dave, "app-key@1");   // get on db-* only
+        refused(grace, "app-key@1");  // get denied outright
+        // Those with get read the old version.
+        CHECK(ok(as(alice, [&] { return read_file(m.path("team/db-pass@1")); })) == "db-value");
+        CHECK(ok(as(dave, [&] { return read_file(m.path("team/db-pass@1")); })) == "db-value");
+    }
     SECTION("a policy edit without manage is denied")
     {
         CHECK(as(alice, [&] { return write_file(m.path("team/.policy"), "allow any *\n"); }).err == EACCES);
@@ -157,7 +180,7 @@ TEST_CASE("policies decide every open, for users and groups", "[fs][policy]")
             CHECK(w.data == "close");
             CHECK(ok(read_file(m.path("team/.policy"))) == stored);
         }
-        const auto r = m.last_audit("policy_set", 0);
+        auto r = m.last_audit("policy_set", 0);
         CHECK(r["result"] == "EINVAL");
         CHECK(r["reason"].get<std::string>().find("line 1") != std::string::npos);
         CHECK(ok(as(alice, [&] { return read_file(m.path("team/db-pass")); })) == "db-value");
@@ -232,68 +255,81 @@ TEST_CASE("members of the admin group create vaults and own them", "[fs][policy]
     CHECK(as(ann, [&] { return remove_dir(m.path("anns-vault")); }).err == ENOTEMPTY);
 }
 
-TEST_CASE("a container bind-mounts a vault as its config directory", "[fs][policy][container]")
-{
-    TestUser svc("s");
+namespace {
+
+// A vault bound as a container's config directory: the service may list it
+// and read db-password, not read api-key, not write.
+struct ConfigVault {
+    ConfigVault()
+    {
+        REQUIRE(make_dir(m.path("app")).err == 0);
+        REQUIRE(write_file(m.path("app/db-password"), "pw").err == 0);
+        REQUIRE(write_file(m.path("app/api-key"), "key").err == 0);
+        REQUIRE(write_file(m.path("app/.policy"),
+                           "allow uid:0 *\nallow user:" + svc.name + " list\nallow user:" + svc.name + " get db-*\n")
+                    .err == 0);
+        REQUIRE(::mkdir(config.c_str(), 0755) == 0);
+    }
+    // Nothing was written through the binding, and none is left on the host.
+    void check_untouched()
+    {
+        CHECK(ok(read_file(m.path("app/db-password"))) == "pw");
+        CHECK(ok(list_dir(m.path("app/.versions"))) == "api-key@1\ndb-password@1");
+        CHECK(ok(list_dir(config)) == "");
+    }
+    ~ConfigVault() { ::rmdir(config.c_str()); }
+
+    TestUser svc{"s"};
     Mount m;
-    REQUIRE(make_dir(m.path("app")).err == 0);
-    REQUIRE(write_file(m.path("app/db-password"), "pw").err == 0);
-    REQUIRE(write_file(m.path("app/api-key"), "key").err == 0);
-    REQUIRE(write_file(m.path("app/.policy"),
-                       "allow uid:0 *\nallow user:" + svc.name + " list\nallow user:" + svc.name + " get db-*\n")
-                .err == 0);
     const std::string config = m.root + "/config";  // the container's /config
-    REQUIRE(::mkdir(config.c_str(), 0755) == 0);
-    // What the service may do, whichever way it is contained: list, read
-    // db-password; not read api-key, not write.
     const std::string allowed = "; ls: .deleted\n.policy\n.versions\napi-key\ndb-password; db-password: pw; "
                                 "api-key: errno " + std::to_string(EACCES) + "; write: errno " +
                                 std::to_string(EACCES);
+};
 
-    SECTION("bound by root in the container's mount namespace, read by the service's uid")
-    {
-        const auto o = as_root([&] {
-            if (::unshare(CLONE_NEWNS) != 0 || ::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0 ||
-                ::mount(m.path("app").c_str(), config.c_str(), nullptr, MS_BIND, nullptr) != 0)
-                return Outcome{errno, "bind"};
-            return as(svc, [&] { return Outcome{0, try_config_dir(config)}; });
+}  // namespace
+
+TEST_CASE("a container bind-mounts a vault as its config directory: bound by root, read by the service's uid",
+          "[fs][policy][container]")
+{
+    ConfigVault c;
+    const auto o = as_root([&] {
+        if (::unshare(CLONE_NEWNS) != 0 || ::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0 ||
+            ::mount(c.m.path("app").c_str(), c.config.c_str(), nullptr, MS_BIND, nullptr) != 0)
+            return Outcome{errno, "bind"};
+        return as(c.svc, [&] { return Outcome{0, try_config_dir(c.config)}; });
+    });
+    CHECK(ok(o) == "uid " + std::to_string(c.svc.uid) + c.allowed);
+    c.check_untouched();
+}
+
+// unshare(CLONE_NEWUSER) needs a single-threaded process: not under TSan.
+TEST_CASE("a rootless container binds a vault itself: its root is the outer user, not root",
+          "[fs][policy][container]" VAULTFS_SINGLE_THREADED_ONLY)
+{
+    ConfigVault c;
+    const auto o = as(c.svc, [&] {
+        return in_rootless_container(c.m.path("app"), c.config, [&] {
+            char self[32] = {};
+            // The host's /proc names this process by its pid outside.
+            (void)!::readlink("/proc/self", self, sizeof self - 1);
+            return Outcome{0, "pid " + std::to_string(::getpid()) + " (" + self + ") " + try_config_dir(c.config)};
         });
-        CHECK(ok(o) == "uid " + std::to_string(svc.uid) + allowed);
-    }
-    SECTION("rootless: the container's root is the outer user, not root")
-    {
-#if defined(__SANITIZE_THREAD__)
-        // unshare(CLONE_NEWUSER) needs a single-threaded process, and
-        // ThreadSanitizer's runtime keeps a thread of its own in every child.
-        WARN("not run under ThreadSanitizer");
-        return;
-#endif
-        const auto o = as(svc, [&] {
-            return in_rootless_container(m.path("app"), config, [&] {
-                char self[32] = {};
-                // The host's /proc names this process by its pid outside.
-                (void)!::readlink("/proc/self", self, sizeof self - 1);
-                return Outcome{0, "pid " + std::to_string(::getpid()) + " (" + self + ") " + try_config_dir(config)};
-            });
-        });
-        const std::string out = ok(o);
-        const auto open_paren = out.find('('), close_paren = out.find(')');
-        REQUIRE(close_paren != std::string::npos);
-        const std::string host_pid = out.substr(open_paren + 1, close_paren - open_paren - 1);
-        CHECK(out.substr(0, open_paren) == "pid 1 ");
-        CHECK(out.substr(close_paren + 2) == "uid 0" + allowed);
-        // The daemon saw, and audited, the outer uid and the host pid.
-        const auto denied = m.last_audit("get", svc.uid);
-        INFO(denied.dump());
-        CHECK(denied["secret"] == "api-key");
-        CHECK(denied["decision"] == "deny");
-        CHECK(denied["result"] == "EACCES");
-        CHECK(std::to_string(denied["pid"].get<long>()) == host_pid);
-        CHECK(m.last_audit("set", svc.uid)["result"] == "EACCES");
-    }
-    // Nothing was written through either binding, and neither is left on the host.
-    CHECK(ok(read_file(m.path("app/db-password"))) == "pw");
-    CHECK(ok(list_dir(m.path("app/.versions"))) == "api-key@1\ndb-password@1");
-    CHECK(ok(list_dir(config)) == "");
-    ::rmdir(config.c_str());
+    });
+    const std::string out = ok(o);
+    const auto open_paren = out.find('('), close_paren = out.find(')');
+    REQUIRE(open_paren != std::string::npos);
+    REQUIRE(close_paren != std::string::npos);
+    const std::string host_pid = out.substr(open_paren + 1, close_paren - open_paren - 1);
+    CHECK(out.substr(0, open_paren) == "pid 1 ");
+    CHECK(out.substr(close_paren + 2) == "uid 0" + c.allowed);
+    // The daemon saw, and audited, the outer uid and the host pid.
+    auto denied = c.m.last_audit("get", c.svc.uid);
+    INFO(denied.dump());
+    CHECK(denied["secret"] == "api-key");
+    CHECK(denied["decision"] == "deny");
+    CHECK(denied["result"] == "EACCES");
+    CHECK(std::to_string(denied.value("pid", 0L)) == host_pid);
+    CHECK(c.m.last_audit("set", c.svc.uid)["result"] == "EACCES");
+    c.check_untouched();
 }

@@ -1,4 +1,5 @@
-// fs unit tests: inode numbering, the errno mapping, control requests.
+// fs unit tests: inode numbering, the errno mapping, control requests, the
+// caller cache.
 #include <catch2/catch.hpp>
 
 #include <cstring>
@@ -6,6 +7,7 @@
 #include <utility>
 #include <vector>
 
+#include "fs/caller_cache.hpp"
 #include "fs/control_protocol.hpp"
 #include "fs/errno_map.hpp"
 #include "fs/inode.hpp"
@@ -66,4 +68,37 @@ TEST_CASE("control requests: an empty name or document is refused, not taken as 
     const auto r = fs::parse_request(R"({"cmd":"backup","vault":"payments","secret":"db-password"})");
     REQUIRE(r);
     CHECK(fs::parse_request(fs::render_request(*r))->secret == "db-password");
+}
+
+TEST_CASE("the caller cache refetches when the same pid comes back with another uid or gid", "[fs]")
+{
+    fs::CallerCache cache;
+    int fetches = 0;
+    const auto fetch = [&](std::vector<gid_t> groups) {
+        return [&fetches, groups]() -> std::optional<std::vector<gid_t>> {
+            ++fetches;
+            return groups;
+        };
+    };
+    CHECK(cache.groups(42, 1000, 1000, fetch({7, 8})) == std::vector<gid_t>{7, 8});
+    CHECK(fetches == 1);
+    // Same pid, uid and gid within the second: from the cache.
+    CHECK(cache.groups(42, 1000, 1000, fetch({9})) == std::vector<gid_t>{7, 8});
+    CHECK(fetches == 1);
+    // The same pid now another uid (setuid, or a recycled pid): fetched again.
+    CHECK(cache.groups(42, 1001, 1000, fetch({9})) == std::vector<gid_t>{9});
+    CHECK(fetches == 2);
+    // ... or another gid.
+    CHECK(cache.groups(42, 1001, 1002, fetch({10})) == std::vector<gid_t>{10});
+    CHECK(fetches == 3);
+    // Back to the first identity: the entry was replaced, so fetched again.
+    CHECK(cache.groups(42, 1000, 1000, fetch({7})) == std::vector<gid_t>{7});
+    CHECK(fetches == 4);
+    // A fetch that fails is not cached: the next call asks again.
+    CHECK_FALSE(cache.groups(43, 5, 5, [&]() -> std::optional<std::vector<gid_t>> {
+        ++fetches;
+        return std::nullopt;
+    }));
+    CHECK(cache.groups(43, 5, 5, fetch({11})) == std::vector<gid_t>{11});
+    CHECK(fetches == 6);
 }

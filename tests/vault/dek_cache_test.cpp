@@ -30,6 +30,18 @@ DekCache::Dek dek_of(char fill)
 
 const std::string kek = "kek-1";
 
+// A clock the test steps: expiry is decided by it, not by how fast the
+// machine happens to run.
+struct SteppedClock {
+    std::shared_ptr<DekCache::Clock::time_point> now =
+        std::make_shared<DekCache::Clock::time_point>(DekCache::Clock::time_point{} + 1000h);
+    std::function<DekCache::Clock::time_point()> fn() const
+    {
+        return [n = now] { return *n; };
+    }
+    void advance(std::chrono::milliseconds d) { *now += d; }
+};
+
 TEST_CASE("a miss, an insert, then hits; stats count both", "[dek_cache]")
 {
     DekCache cache(16, 60s);
@@ -97,32 +109,36 @@ TEST_CASE("at capacity the least recently used entry is evicted", "[dek_cache]")
 
 TEST_CASE("entries expire after the TTL", "[dek_cache]")
 {
-    DekCache cache(16, 50ms);
+    SteppedClock clock;
+    DekCache cache(16, 50ms, clock.fn());
     cache.insert(kek, sealed('a'), dek_of('A'));
     REQUIRE(cache.find(kek, sealed('a')) != nullptr);
-    std::this_thread::sleep_for(80ms);
+    clock.advance(49ms);
+    REQUIRE(cache.find(kek, sealed('a')) != nullptr);
+    clock.advance(1ms);  // the TTL, to the millisecond
     CHECK(cache.find(kek, sealed('a')) == nullptr);
     CHECK(cache.stats().entries == 0);  // the expired entry was dropped by the lookup
-    CHECK(cache.stats().hits == 1);
+    CHECK(cache.stats().hits == 2);
     CHECK(cache.stats().misses == 1);
 
     // A hit does not extend an entry's life.
-    DekCache slower(16, 200ms);
+    DekCache slower(16, 200ms, clock.fn());
     slower.insert(kek, sealed('b'), dek_of('B'));
-    std::this_thread::sleep_for(100ms);
+    clock.advance(150ms);
     REQUIRE(slower.find(kek, sealed('b')) != nullptr);
-    std::this_thread::sleep_for(150ms);
+    clock.advance(50ms);
     CHECK(slower.find(kek, sealed('b')) == nullptr);
 }
 
 TEST_CASE("sweep drops expired entries without a lookup", "[dek_cache]")
 {
-    DekCache cache(16, 100ms);
+    SteppedClock clock;
+    DekCache cache(16, 100ms, clock.fn());
     const auto held = dek_of('A');
     cache.insert(kek, sealed('a'), held);
     cache.insert(kek, sealed('b'), dek_of('B'));
     CHECK(held.use_count() == 2);
-    std::this_thread::sleep_for(150ms);
+    clock.advance(100ms);
     cache.insert(kek, sealed('c'), dek_of('C'));  // fresh
     cache.sweep();
     CHECK(cache.stats().entries == 1);

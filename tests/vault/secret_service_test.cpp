@@ -106,8 +106,16 @@ struct Stack {
         if (!log)
             FAIL("cannot open the audit log: " << log.error().message);
         audit = std::move(*log);
-        service = std::make_unique<SecretService>(*store, *keys, deks, *audit, names,
-                                                  Options{options.admin_gid, 86400000, signing, public_pem});
+        service_options = Options{options.admin_gid, 86400000, signing, public_pem};
+        restart_service();
+    }
+
+    // A new service over the same store, audit and token: what a restart of
+    // the daemon gives (version counters come from the database again).
+    void restart_service()
+    {
+        service.reset();
+        service = std::make_unique<SecretService>(*store, *keys, deks, *audit, names, service_options);
     }
 
     std::string db_path() const { return dir / "vault.db"; }
@@ -159,8 +167,12 @@ struct Stack {
         std::ifstream in(audit_path());
         std::vector<json> out;
         std::string line;
-        while (std::getline(in, line))
-            out.push_back(json::parse(line));
+        while (std::getline(in, line)) {
+            auto j = json::parse(line, nullptr, false);
+            if (j.is_discarded() || !j.is_object())
+                FAIL("not an audit record: " << line);
+            out.push_back(std::move(j));
+        }
         return out;
     }
 
@@ -169,7 +181,7 @@ struct Stack {
     {
         const auto all = audit_records();
         for (auto it = all.rbegin(); it != all.rend(); ++it)
-            if ((*it)["op"] == op)
+            if (it->value("op", "") == op)
                 return *it;
         FAIL("no audit record with op " << op);
         return {};
@@ -185,6 +197,7 @@ struct Stack {
     std::unique_ptr<audit::Log> audit;
     DekCache deks;
     SystemNameResolver names;
+    Options service_options;
     std::unique_ptr<SecretService> service;
 };
 
@@ -514,10 +527,16 @@ TEST_CASE("invalid secret names are refused at open for write", "[secret_service
                                    std::string("a b"), std::string("a@1"), std::string(".policy"),
                                    std::string("caf\xc3\xa9"), std::string("a/b")}) {
         INFO(name);
+        const auto before = s.audit_records().size();
         auto grant = s.service->open_for_write(root, v, name, SecretService::WriteIntent{true, false});
         REQUIRE_FALSE(grant);
         CHECK(grant.error().code == Errc::invalid_argument);
-        CHECK(s.last_record("set")["rule"] == "invalid-name");
+        // This attempt's own record: exactly one more, naming this name.
+        const auto records = s.audit_records();
+        REQUIRE(records.size() == before + 1);
+        CHECK(records.back()["op"] == "set");
+        CHECK(records.back()["rule"] == "invalid-name");
+        CHECK(records.back()["secret"] == (name.empty() ? json(nullptr) : json(name)));
     }
     // The longest valid name works.
     CHECK(s.must_put(v, std::string(127, 'a'), bytes_of("x")) == 1);
@@ -964,6 +983,51 @@ TEST_CASE("concurrent commits to one secret get distinct versions that read back
         auto read = s.get(v, "shared@" + std::to_string(n));
         REQUIRE(read);
         CHECK(read->equals(bytes_of(value)));
+    }
+}
+
+// ---- version numbers, as the daemon hands them out --------------------------------------
+
+TEST_CASE("version numbers: reserved before the transaction, raised by the commit, gaps only from failures",
+          "[secret_service][versions]")
+{
+    Stack s;
+    const VaultId v = s.make_vault("payments").id;
+    REQUIRE(s.put(v, "n", bytes_of("one")) == 1u);
+    REQUIRE(s.put(v, "n", bytes_of("two")) == 2u);
+    const auto next_in_db = [&] {
+        auto row = s.store->secret_by_name(v, "n");
+        REQUIRE(row);
+        REQUIRE(*row);
+        return (*row)->next_version;
+    };
+    CHECK(next_in_db() == 3);
+
+    // A writer whose secret is deleted before its close: the close fails
+    // with not_found, having reserved number 3, and nothing is committed.
+    auto grant = s.service->open_for_write(root, v, "n", SecretService::WriteIntent{false, false});
+    REQUIRE(grant);
+    REQUIRE(s.service->delete_secret(root, v, "n"));
+    auto lost = s.service->commit(root, *grant, secure_bytes(bytes_of("never")));
+    REQUIRE_FALSE(lost);
+    CHECK(lost.error().code == Errc::not_found);
+    CHECK(s.last_record("commit")["result"] == "ENOENT");
+    REQUIRE(s.service->recover(root, v, "n"));
+    CHECK_FALSE(s.service->find_secret(root, v, "n@3"));
+    CHECK(next_in_db() == 3);  // the failed commit raised nothing
+
+    SECTION("the daemon goes on: number 3 stays a gap")
+    {
+        CHECK(s.put(v, "n", bytes_of("four")) == 4u);
+        CHECK(next_in_db() == 5);
+        CHECK_FALSE(s.service->find_secret(root, v, "n@3"));
+    }
+    SECTION("after a restart the database's counter is current again: 3 is handed out")
+    {
+        s.restart_service();
+        CHECK(s.put(v, "n", bytes_of("three")) == 3u);
+        CHECK(next_in_db() == 4);
+        CHECK(s.put(v, "n", bytes_of("four")) == 4u);
     }
 }
 

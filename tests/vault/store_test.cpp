@@ -116,15 +116,21 @@ SealedVersion version_row(SecretId secret, std::uint64_t number, std::size_t blo
                          std::vector<std::uint8_t>(60, 0x22)};
 }
 
-// Inserts the next version of `secret` in one write; returns its number.
+// Inserts the next version of `secret` in one write, numbered as the
+// daemon numbers them (SecretService reserves; the commit raises the
+// counter); returns its number.
 Result<std::uint64_t> add_version(Store& store, SecretId secret, std::size_t blob_size = 48)
 {
     std::uint64_t number = 0;
     auto w = store.write([&](Store::Transaction& tx) -> Result<void> {
-        auto n = tx.claim_version_number(secret);
-        if (!n)
-            return tl::unexpected(n.error());
-        number = *n;
+        auto row = tx.secret(secret);
+        if (!row)
+            return tl::unexpected(row.error());
+        if (!*row)
+            return fail(Errc::not_found);
+        number = (*row)->next_version;
+        if (auto r = tx.raise_next_version(secret, number + 1); !r)
+            return r;
         auto v = tx.insert_version(version_row(secret, number, blob_size));
         if (!v)
             return tl::unexpected(v.error());
@@ -345,22 +351,25 @@ TEST_CASE("a failing unit in a batch does not undo the others", "[store][concurr
 
     // One writer holds the lead while the others queue behind it, so that
     // they run together as one batch (each in its own savepoint).
-    std::atomic<int> queued{0};
     constexpr int writers = 6;
     std::vector<Result<void>> results(writers);
     std::vector<std::thread> threads;
+    std::atomic<bool> leading{false};
     auto leader = std::thread([&] {
         auto r = store->write([&](Store::Transaction&) -> Result<void> {
-            while (queued.load() < writers)
+            leading = true;
+            // Hold the lead until every writer is queued behind it.
+            while (store->pending_writes() < writers)
                 std::this_thread::yield();
-            std::this_thread::sleep_for(std::chrono::milliseconds(100));
             return {};
         });
         (void)r;
     });
+    while (!leading)
+        std::this_thread::yield();
+    const std::uint64_t generation = store->generation();
     for (int i = 0; i < writers; ++i) {
         threads.emplace_back([&, i] {
-            queued.fetch_add(1);
             results[i] = store->write([&, i](Store::Transaction& tx) -> Result<void> {
                 // Every writer inserts a version numbered 100 + i ...
                 if (auto r = tx.insert_version(version_row(secret, 100 + i)); !r)
@@ -375,6 +384,9 @@ TEST_CASE("a failing unit in a batch does not undo the others", "[store][concurr
     leader.join();
     for (auto& t : threads)
         t.join();
+    // The leader's batch, then one batch of all six (each batch moves the
+    // generation once).
+    CHECK(store->generation() == generation + 2);
 
     for (int i = 0; i < writers; ++i) {
         INFO("writer " << i);
@@ -403,6 +415,33 @@ TEST_CASE("a failing unit in a batch does not undo the others", "[store][concurr
     auto touched = store->setting("touched");
     REQUIRE(touched);
     CHECK_FALSE(*touched);
+}
+
+TEST_CASE("raise_next_version only raises, and is undone with its unit", "[store]")
+{
+    TempDir dir;
+    auto store = create_store(dir / "vault.db");
+    const VaultId vault = add_vault(*store, "payments");
+    const SecretId secret = add_secret(*store, vault, "numbered");
+    const auto next = [&] {
+        auto row = store->secret_by_id(secret);
+        REQUIRE(row);
+        REQUIRE(*row);
+        return (*row)->next_version;
+    };
+    CHECK(next() == 1);
+    REQUIRE(store->write([&](Store::Transaction& tx) { return tx.raise_next_version(secret, 5); }));
+    CHECK(next() == 5);
+    // Numbers reserved out of order commit out of order: never lowered.
+    REQUIRE(store->write([&](Store::Transaction& tx) { return tx.raise_next_version(secret, 3); }));
+    CHECK(next() == 5);
+    auto failed = store->write([&](Store::Transaction& tx) -> Result<void> {
+        if (auto r = tx.raise_next_version(secret, 9); !r)
+            return r;
+        return fail(Errc::invalid_argument, "the commit gives up");
+    });
+    REQUIRE_FALSE(failed);
+    CHECK(next() == 5);
 }
 
 TEST_CASE("reads see every committed write, through the lookup cache", "[store]")
