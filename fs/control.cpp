@@ -324,6 +324,7 @@ json ControlServer::dispatch(const vault::Caller& caller, const std::string& tex
             return error_reply(a.error());
         const auto token = service.keys().ping();
         const auto stats = service.dek_cache().stats();
+        const auto audit = service.audit_log().stats();
         auto vaults = service.store().vaults();
         return json{{"ok", true},
                     {"result",
@@ -331,7 +332,10 @@ json ControlServer::dispatch(const vault::Caller& caller, const std::string& tex
                           {"state", state_.config.state_dir},
                           {"token", token ? "ok" : token.error().message},
                           {"audit", service.audit_log().healthy() ? "ok" : "failing"},
-                          {"audit_records", service.audit_log().last_seq()},
+                          {"audit_records", audit.last_seq},
+                          {"audit_refusals_coalesced", audit.coalesced},
+                          {"audit_records_dropped", audit.dropped},
+                          {"audit_disk_below_reserve", audit.low_space},
                           {"vaults", vaults ? static_cast<std::int64_t>(vaults->size()) : -1},
                           {"open_handles", filesystem_.open_handles()},
                           {"dek_cache",
