@@ -42,6 +42,8 @@ int to_errno(vault::Errc code)
         return EBUSY;
     case Errc::too_many_open:
         return EMFILE;
+    case Errc::stale:
+        return ESTALE;
     case Errc::no_attribute:
         return ENODATA;
     }

@@ -246,12 +246,13 @@ void Filesystem::stop_invalidations()
         inval_thread_.join();
 }
 
-void Filesystem::invalidate_inode(Node node)
+void Filesystem::invalidate_attributes(std::uint64_t ino)
 {
-    if (cache_seconds(node.kind) == 0.0)
+    const auto node = from_ino(ino);
+    if (!node || cache_seconds(node->kind) == 0.0)
         return;
     std::lock_guard lock(inval_mutex_);
-    inval_queue_.emplace_back(to_ino(node), std::string());
+    inval_queue_.push_back(ino);
     inval_cv_.notify_one();
 }
 
@@ -265,22 +266,11 @@ void Filesystem::drop_page_cache(std::uint64_t ino)
 
 void Filesystem::drop_handle(std::uint64_t fh) { handles_.remove(fh); }
 
-void Filesystem::invalidate_secret(vault::VaultId vault, const std::string& name, std::uint64_t ino)
-{
-    invalidate_entry(Node{NodeKind::vault, vault.value}, name);
-    if (const auto node = from_ino(ino))
-        invalidate_inode(*node);
-}
-
-void Filesystem::invalidate_entry(Node parent, const std::string& name)
-{
-    std::lock_guard lock(inval_mutex_);
-    inval_queue_.emplace_back(to_ino(parent), name);
-    inval_cv_.notify_one();
-}
-
 // The kernel may need this daemon to answer while it invalidates, so this
-// runs on its own thread, never inside a request handler.
+// runs on its own thread, never inside a request handler. Entries (names)
+// are never invalidated from here: that takes the directory's lock in the
+// kernel, which a lookup in flight may hold while it waits for this daemon,
+// and a daemon killed at that moment would leave the mount hung for good.
 void Filesystem::run_invalidations()
 {
     std::unique_lock lock(inval_mutex_);
@@ -294,7 +284,7 @@ void Filesystem::run_invalidations()
             inval_cv_.wait_for(lock, std::chrono::milliseconds(100), ready);
         if (inval_stop_)
             return;
-        std::deque<std::pair<std::uint64_t, std::string>> work;
+        std::deque<std::uint64_t> work;
         work.swap(inval_queue_);
         std::set<std::uint64_t> drops;
         if (std::chrono::steady_clock::now() - last_drops_ >= std::chrono::milliseconds(100)) {
@@ -302,12 +292,8 @@ void Filesystem::run_invalidations()
             last_drops_ = std::chrono::steady_clock::now();
         }
         lock.unlock();
-        for (const auto& [ino, name] : work) {
-            if (name.empty())
-                fuse_lowlevel_notify_inval_inode(session_, ino, 0, 0);
-            else
-                fuse_lowlevel_notify_inval_entry(session_, ino, name.c_str(), name.size());
-        }
+        for (const auto ino : work)
+            fuse_lowlevel_notify_inval_inode(session_, ino, -1, 0);  // attributes only
         for (const auto ino : drops)
             fuse_lowlevel_notify_inval_inode(session_, ino, 0, 0);
         lock.lock();
@@ -608,10 +594,8 @@ Reply Filesystem::unlink(fuse_req_t req, fuse_ino_t parent, const char* name_c)
         if (name == ".policy" || vault::parse_secret_path(name).value_or(vault::SecretPath{}).version)
             return Reply::err(EPERM);
         auto r = service_.delete_secret(caller_of(req), vault::VaultId{p->id}, name);
-        if (!r)
-            return Reply::err(r.error());
-        invalidate_entry(*p, std::string(name));
-        return Reply::ok();
+        // The kernel drops its own entry for a name it unlinked.
+        return r ? Reply::ok() : Reply::err(r.error());
     }
     if (p->kind == NodeKind::deleted_dir) {
         auto r = service_.purge(caller_of(req), vault::VaultId{p->id}, name);
@@ -629,11 +613,10 @@ Reply Filesystem::rename(fuse_req_t req, fuse_ino_t parent, const char* name, fu
     if (!from || !to || from->kind != NodeKind::deleted_dir || to->kind != NodeKind::vault || from->id != to->id ||
         std::string_view(name) != newname || (flags & RENAME_EXCHANGE))
         return Reply::err(EPERM);
+    // The kernel moves its own entry; the node it names (a deleted secret's,
+    // never cached) is looked up again at the next path walk.
     auto r = service_.recover(caller_of(req), vault::VaultId{from->id}, name);
-    if (!r)
-        return Reply::err(r.error());
-    invalidate_entry(*from, name);
-    return Reply::ok();
+    return r ? Reply::ok() : Reply::err(r.error());
 }
 
 Reply Filesystem::refuse_link(fuse_req_t, fuse_ino_t, fuse_ino_t, const char*) { return Reply::err(EPERM); }
@@ -750,24 +733,20 @@ Reply Filesystem::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi)
     case NodeKind::current: {
         if (mode == O_RDWR || (fi->flags & O_APPEND))
             return Reply::err(EINVAL);
+        if (mode == O_WRONLY) {
+            auto view = node->kind == NodeKind::secret ? service_.secret_by_id(caller, vault::SecretId{node->id})
+                                                       : service_.secret_at_version(caller, vault::VersionId{node->id});
+            if (!view)
+                return Reply::err(view.error());
+            return open_for_write(caller, view->vault, view->name, {false, false}, fi, false);
+        }
+        // A reader gets what S stands for now: on the inode of an older
+        // version (a name the kernel still caches), ESTALE makes the kernel
+        // look S up again and open the inode of the version now.
         auto view = node->kind == NodeKind::secret ? service_.secret_by_id(caller, vault::SecretId{node->id})
-                                                   : service_.secret_at_version(caller, vault::VersionId{node->id});
+                                                   : current_view(caller, node->id);
         if (!view)
             return Reply::err(view.error());
-        if (mode == O_WRONLY)
-            return open_for_write(caller, view->vault, view->name, {false, false}, fi, false);
-        if (node->kind == NodeKind::current) {
-            // A reader gets what S stands for now. If this inode is of an
-            // older version (a dentry not yet invalidated), ESTALE makes the
-            // kernel look S up again and open the inode of the version now.
-            auto now = service_.secret_by_id(caller, view->id);
-            if (!now)
-                return Reply::err(now.error());
-            if (now->version.id != view->version.id) {
-                invalidate_entry(Node{NodeKind::vault, view->vault.value}, view->name);
-                return Reply::err(ESTALE);
-            }
-        }
         return open_value(caller, *view, fi);
     }
     case NodeKind::deleted_secret:
@@ -897,7 +876,7 @@ Reply Filesystem::flush(fuse_req_t, fuse_ino_t ino, fuse_file_info* fi)
         w.dirty = false;
         if (!version)
             return Reply::err(version.error());
-        invalidate_secret(w.grant.vault, w.grant.name, ino);
+        invalidate_attributes(ino);
         return Reply::ok();
     }
     if (h->kind == Handle::Kind::policy) {
@@ -936,7 +915,7 @@ Reply Filesystem::release(fuse_req_t, fuse_ino_t ino, fuse_file_info* fi)
                 spdlog::error("commit at release of {}/{} failed: {}", w.grant.vault_name, w.grant.name,
                               r.error().message);
             else
-                invalidate_secret(w.grant.vault, w.grant.name, ino);
+                invalidate_attributes(ino);
         }
     }
     return Reply::ok();  // the buffer is wiped as the handle goes
@@ -1135,10 +1114,23 @@ vault::Result<vault::SecretView> Filesystem::attribute_target(const vault::Calle
     if (node.kind == NodeKind::secret)
         return service_.secret_by_id(caller, vault::SecretId{node.id});
     if (node.kind == NodeKind::current)
-        return service_.secret_at_version(caller, vault::VersionId{node.id});
+        return current_view(caller, node.id);
     if (node.kind == NodeKind::version)
         return service_.version_by_id(caller, vault::VersionId{node.id});
     return vault::fail(Errc::no_attribute);
+}
+
+vault::Result<vault::SecretView> Filesystem::current_view(const vault::Caller& caller, std::int64_t version_id)
+{
+    auto view = service_.secret_at_version(caller, vault::VersionId{version_id});
+    if (!view)
+        return view;
+    auto now = service_.secret_by_id(caller, view->id);
+    if (!now)
+        return tl::unexpected(now.error());
+    if (now->version.id != view->version.id)
+        return vault::fail(Errc::stale);  // the kernel looks the name up again
+    return view;
 }
 
 namespace {
@@ -1234,7 +1226,7 @@ Reply Filesystem::setxattr(fuse_req_t req, fuse_ino_t ino, const char* name_c, c
     if (!r)
         return Reply::err(r.error());
     // Enabling or disabling a version can change what S stands for.
-    invalidate_secret(target->vault, target->name, ino);
+    invalidate_attributes(ino);
     return Reply::ok();
 }
 
@@ -1255,7 +1247,7 @@ Reply Filesystem::removexattr(fuse_req_t req, fuse_ino_t ino, const char* name_c
     auto r = service_.set_attribute(caller, *target, *name, std::nullopt);
     if (!r)
         return Reply::err(r.error());
-    invalidate_secret(target->vault, target->name, ino);
+    invalidate_attributes(ino);
     return Reply::ok();
 }
 

@@ -21,13 +21,14 @@
 //    the kernel's page cache -- filled only by a reader's own mmap -- is
 //    per version: pages a reader keeps alive never reach an opener of
 //    another version.
-//  - Correctness after writes: every change this daemon makes to `S` — a new
-//    version, an attribute, a delete or recover — invalidates its cached
-//    entry and attributes at once (notify_inval_*, from a separate thread,
-//    never inside the request that caused it). An open that still arrives
-//    on the inode of a version S no longer stands for gets ESTALE, and the
-//    kernel looks S up again: what an open reads is always what S stands
-//    for at that open.
+//  - Correctness after writes: a change this daemon makes through an inode
+//    (a new version, an attribute) invalidates that inode's cached
+//    attributes at once (notify_inval_inode, from a separate thread, never
+//    inside the request that caused it). Names are not invalidated (see
+//    run_invalidations): an open that arrives on the inode of a version S
+//    no longer stands for gets ESTALE, and the kernel looks S up again, so
+//    what an open reads is always what S stands for at that open; a `stat`
+//    of S may show the version before for up to the entry's second.
 //  - OPEN always comes here (no default_permissions): a policy change —
 //    a revocation included — applies at the next open, whatever is cached.
 // Secret files are opened with FOPEN_DIRECT_IO: no plaintext in the page
@@ -121,12 +122,14 @@ private:
     vault::Result<NodeAttr> stat_node(const vault::Caller& caller, Node node);
     Reply entry_for(const vault::Caller& caller, Node node);
     Reply open_value(const vault::Caller& caller, const vault::SecretView& view, fuse_file_info* fi);
-    // After a change to what S stands for: its name and its inode.
-    void invalidate_secret(vault::VaultId vault, const std::string& name, std::uint64_t ino);
     Reply open_for_write(const vault::Caller& caller, vault::VaultId vault, const std::string& name,
                          vault::SecretService::WriteIntent intent, fuse_file_info* fi, bool reply_create);
     Reply open_policy(const vault::Caller& caller, vault::VaultId vault, fuse_file_info* fi);
     vault::Result<vault::SecretView> attribute_target(const vault::Caller& caller, Node node);
+    // What a `current` inode stands for, or Errc::stale when S stands for
+    // another version now (for opens and attribute calls, which the kernel
+    // then retries with a fresh lookup of the name).
+    vault::Result<vault::SecretView> current_view(const vault::Caller& caller, std::int64_t version_id);
     vault::Result<std::vector<std::pair<std::string, std::string>>> fixed_attributes(const vault::Caller& caller,
                                                                                       Node node);
 
@@ -134,9 +137,8 @@ private:
     UidQuota quota_;
     // A handle charge for the caller's uid, or nullopt at its limit.
     std::optional<UidQuota::Charge> charge(const vault::Caller& caller) { return quota_.open(caller.who.uid); }
-    // Queues a kernel cache invalidation: an inode's attributes, or a name.
-    void invalidate_inode(Node node);
-    void invalidate_entry(Node parent, const std::string& name);
+    // Queues the invalidation of an inode's cached attributes.
+    void invalidate_attributes(std::uint64_t ino);
     void drop_page_cache(std::uint64_t ino);
     void run_invalidations();
 
@@ -145,7 +147,7 @@ private:
 
     std::mutex inval_mutex_;
     std::condition_variable inval_cv_;
-    std::deque<std::pair<std::uint64_t, std::string>> inval_queue_;  // (ino, "") or (parent, name)
+    std::deque<std::uint64_t> inval_queue_;  // inodes whose attributes changed
     std::set<std::uint64_t> page_cache_drops_;  // inodes a reader released
     std::chrono::steady_clock::time_point last_drops_{};
     fuse_session* session_ = nullptr;

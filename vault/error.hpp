@@ -30,6 +30,7 @@ enum class Errc {
     out_of_memory,      // the locked heap is exhausted
     busy,               // a resource is in use
     too_many_open,      // the caller's uid holds as many open files as it may
+    stale,              // a name's inode stands for a version that is no longer current
     no_attribute,       // the attribute is not set
 };
 

@@ -121,6 +121,8 @@ std::string_view result_name(Errc code)
         return "EBUSY";
     case Errc::too_many_open:
         return "EMFILE";
+    case Errc::stale:
+        return "ESTALE";
     case Errc::no_attribute:
         return "ENODATA";
     }

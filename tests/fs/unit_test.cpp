@@ -43,7 +43,7 @@ TEST_CASE("audit result names agree with the errno the fs layer returns", "[fs]"
     for (const auto code : {Errc::not_found, Errc::already_exists, Errc::invalid_argument, Errc::too_large,
                             Errc::access_denied, Errc::disabled, Errc::not_valid_now, Errc::not_permitted,
                             Errc::read_only, Errc::not_empty, Errc::integrity, Errc::key_unavailable, Errc::storage,
-                            Errc::no_space, Errc::audit_unavailable, Errc::out_of_memory, Errc::busy,
+                            Errc::no_space, Errc::audit_unavailable, Errc::out_of_memory, Errc::busy, Errc::too_many_open, Errc::stale,
                             Errc::no_attribute}) {
         const int e = fs::to_errno(code);
         INFO(static_cast<int>(code));
