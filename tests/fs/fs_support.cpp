@@ -497,9 +497,13 @@ void Mount::start()
             throw std::runtime_error("vaultfs mount exited during start-up (" + how + "):\n" +
                                      log.substr(log.size() > 2000 ? log.size() - 2000 : 0));
         }
-        // A stale mount may be listed too, but only a live one answers stat.
+        // Live: the mountpoint answers stat as another file system than its
+        // parent. (A stale mount answers ENOTCONN; once the new daemon has
+        // detached it, the bare directory answers, on the parent's device,
+        // until the new mount is made.)
         struct stat st{};
-        if (mounted() && ::stat(mountpoint.c_str(), &st) == 0)
+        struct stat parent{};
+        if (::stat(mountpoint.c_str(), &st) == 0 && ::stat(root.c_str(), &parent) == 0 && st.st_dev != parent.st_dev)
             return;
         std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
