@@ -217,8 +217,12 @@ void ControlServer::serve()
         if (fds[0].revents == 0)
             continue;
         const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-        if (fd < 0)
+        if (fd < 0) {
+            // Out of descriptors (EMFILE, ENFILE): do not spin; try again shortly.
+            if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED)
+                std::this_thread::sleep_for(std::chrono::milliseconds(100));
             continue;
+        }
         const vault::Caller caller = peer_of(fd);
         if (!admit(caller.who.uid)) {
             // Busy: say so at once, read nothing, keep no one waiting.

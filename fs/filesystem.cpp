@@ -683,6 +683,8 @@ Reply Filesystem::open_policy(const vault::Caller& caller, vault::VaultId vault,
         auto text = service_.read_policy(caller, vault);
         if (!text)
             return Reply::err(text.error());
+        if (!charge->grow(text->size()))
+            return Reply::err(service_.refuse_over_limit(caller, "policy_get", "", "", Errc::out_of_memory));
         handle = std::make_shared<PolicyHandle>(caller, vault, false, std::move(*text), std::move(*charge));
     } else {
         if (auto r = service_.authorize(caller, vault, Permission::manage, "policy_set"); !r)
@@ -778,7 +780,7 @@ Reply Filesystem::read(fuse_req_t, fuse_ino_t, size_t size, off_t off, fuse_file
         if (!plain)
             return Reply::err(plain.error());
         auto owned = std::make_shared<const hsm::SecureBuffer>(std::move(*plain));
-        const auto start = static_cast<std::size_t>(off);
+        const auto start = std::min(static_cast<std::size_t>(off), owned->size());
         const auto n = std::min(size, owned->size() - start);
         return Reply{Reply::Buffer{owned->data() + start, n, owned}};
     }

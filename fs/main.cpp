@@ -75,9 +75,7 @@ int run_verify(const std::string& state, std::vector<std::string> files, std::st
         const std::string live_file = config->path_of(config->audit_file);
         if (files.empty())
             files.push_back(live_file);
-        const auto daemon = vault::StateLock::holder(dir);
-        options.live = daemon.has_value() && vault::absolute_path(files.back()) == live_file;
-        if (daemon)
+        if (const auto daemon = vault::StateLock::holder(dir))
             notes.push_back("the daemon (pid " + std::to_string(*daemon) + ") is running");
         auto store = vault::Store::open(config->path_of(config->database), vault::Store::Mode::read_only);
         if (!store)

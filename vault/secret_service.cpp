@@ -568,12 +568,19 @@ Result<OpenValue> SecretService::open_value(const Caller& caller, const SecretVi
     if (!dek)
         return failed(dek.error());
     const Binding binding{target.vault, (*read)->secret.name, version.number, sealed.kek_id};
-    OpenValue opened(std::move(*dek), std::move(sealed.nonce), std::move(sealed.ciphertext), value_aad(binding),
-                     version.size);
+    // The size is the authenticated plaintext's, never the row's `size`
+    // column (which no AEAD covers): a reader is never told of, or sent,
+    // bytes past the value.
+    const std::uint64_t size =
+        sealed.ciphertext.size() >= value_tag_size ? sealed.ciphertext.size() - value_tag_size : 0;
+    OpenValue opened(std::move(*dek), std::move(sealed.nonce), std::move(sealed.ciphertext), value_aad(binding), size);
     // Authenticated once here, so that a tampered row fails the open.
-    if (auto check = opened.plaintext(); !check)
+    auto check = opened.plaintext();
+    if (!check)
         return failed(check.error());
-    ev.bytes = version.size;
+    if (check->size() != size || size != version.size)
+        return failed(Error{Errc::integrity, "the row's size does not match its value"});
+    ev.bytes = size;
     if (auto r = record(ev); !r)
         return tl::unexpected(r.error());
     return opened;

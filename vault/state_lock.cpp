@@ -1,7 +1,6 @@
 #include "vault/state_lock.hpp"
 
 #include <fcntl.h>
-#include <sys/file.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -14,6 +13,17 @@ namespace vaultfs::vault {
 namespace {
 
 std::string lock_path(const std::string& dir) { return dir + "/lock"; }
+
+// The whole file, exclusively.
+struct flock whole(short type)
+{
+    struct flock l{};
+    l.l_type = type;
+    l.l_whence = SEEK_SET;
+    l.l_start = 0;
+    l.l_len = 0;
+    return l;
+}
 
 std::optional<pid_t> read_pid(int fd)
 {
@@ -33,11 +43,13 @@ Result<StateLock> StateLock::acquire(const std::string& dir)
     const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (fd < 0)
         return fail(Errc::storage, "cannot open " + path + ": " + std::strerror(errno));
-    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    struct flock l = whole(F_WRLCK);
+    if (::fcntl(fd, F_OFD_SETLK, &l) != 0) {
         const int err = errno;
-        const auto pid = err == EWOULDBLOCK ? read_pid(fd) : std::nullopt;
+        const bool held = err == EAGAIN || err == EACCES;
+        const auto pid = held ? read_pid(fd) : std::nullopt;
         ::close(fd);
-        if (err != EWOULDBLOCK)
+        if (!held)
             return fail(Errc::storage, "cannot lock " + path + ": " + std::strerror(err));
         return fail(Errc::busy, "state " + dir + " is in use by process " +
                                     (pid ? std::to_string(*pid) : std::string("(unknown)")) +
@@ -58,7 +70,8 @@ std::optional<pid_t> StateLock::holder(const std::string& dir)
     if (fd < 0)
         return std::nullopt;
     std::optional<pid_t> pid;
-    if (::flock(fd, LOCK_SH | LOCK_NB) != 0)
+    struct flock l = whole(F_WRLCK);
+    if (::fcntl(fd, F_OFD_GETLK, &l) == 0 && l.l_type != F_UNLCK)
         pid = read_pid(fd).value_or(0);
     ::close(fd);
     return pid;

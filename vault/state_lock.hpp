@@ -3,9 +3,11 @@
 // Two daemons serving one state would hand out the same version numbers,
 // lose writes and break the audit chain for good. So whatever opens a state
 // to change it (`vaultfs mount`, and any command that writes the database)
-// first takes an exclusive flock(2) on STATE/lock, writes its pid there, and
-// holds the lock until it exits; the kernel drops it when the process dies,
-// however it dies. A second taker fails at once, naming the holder's pid.
+// first takes an exclusive open-file-description lock (fcntl F_OFD_SETLK)
+// on STATE/lock, writes its pid there, and holds the lock until it exits;
+// the kernel drops it when the process dies, however it dies. A second
+// taker fails at once, naming the holder's pid. holder() only tests the
+// lock (F_OFD_GETLK): it never takes it, so it cannot make a mount fail.
 #pragma once
 
 #include <sys/types.h>

@@ -83,6 +83,7 @@ CREATE TABLE audit_anchor (
 // Version 2: the audit anchor is signed by the token (audit/format.hpp).
 constexpr const char* schema_v2 = R"sql(
 ALTER TABLE audit_anchor ADD COLUMN time INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE audit_anchor ADD COLUMN file_start INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE audit_anchor ADD COLUMN sig BLOB;
 )sql";
 
@@ -589,10 +590,11 @@ Result<std::optional<AuditAnchor>> Store::audit_anchor()
 {
     return with_reader([&](sqlite::Connection& c) {
         return first<AuditAnchor>(
-            c, "SELECT seq, hash, clean_shutdown, time, sig FROM audit_anchor WHERE id = 1", [](sqlite::Query&) {},
+            c, "SELECT seq, hash, clean_shutdown, time, file_start, sig FROM audit_anchor WHERE id = 1",
+            [](sqlite::Query&) {},
             [](const sqlite::Query& q) {
                 return AuditAnchor{static_cast<std::uint64_t>(q.int64(0)), q.text(1), q.int64(2) != 0, q.int64(3),
-                                   q.blob(4)};
+                                   static_cast<std::uint64_t>(q.int64(4)), q.blob(5)};
             });
     });
 }
@@ -933,13 +935,15 @@ Result<void> Store::Transaction::set_setting(std::string_view key, std::string_v
 Result<void> Store::Transaction::set_audit_anchor(const AuditAnchor& a)
 {
     return run(conn_,
-               "INSERT OR REPLACE INTO audit_anchor (id, seq, hash, clean_shutdown, time, sig) VALUES (1, ?, ?, ?, ?, ?)",
+               "INSERT OR REPLACE INTO audit_anchor (id, seq, hash, clean_shutdown, time, file_start, sig) "
+               "VALUES (1, ?, ?, ?, ?, ?, ?)",
                [&](sqlite::Query& q) {
                    q.bind(1, static_cast<std::int64_t>(a.seq))
                        .bind(2, a.hash)
                        .bind(3, static_cast<std::int64_t>(a.clean_shutdown))
                        .bind(4, a.time)
-                       .bind_blob(5, a.sig);
+                       .bind(5, static_cast<std::int64_t>(a.file_start))
+                       .bind_blob(6, a.sig);
                });
 }
 

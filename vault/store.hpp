@@ -133,6 +133,9 @@ struct AuditAnchor {
     std::string hash;
     bool clean_shutdown = false;
     Micros time = 0;
+    // seq of the first record of the audit file that holds `seq`: a file
+    // replaced, emptied or cut from the front does not begin there.
+    std::uint64_t file_start = 0;
     std::vector<std::uint8_t> sig;  // empty: not signed (a schema-1 row)
 };
 

@@ -714,6 +714,17 @@ TEST_CASE("rows edited in the database fail authentication, never yield other by
         CHECK(refused(a, "target@2") == Errc::integrity);
         check_audited_failure();
     }
+    SECTION("versions.size claiming more bytes than the value holds")
+    {
+        // The size column is not under the AEAD: a reader must never be
+        // sent (or told of) bytes past the authenticated value.
+        db.exec("UPDATE versions SET size = 25600 WHERE id = " + std::to_string(t2.version.id.value));
+        CHECK(refused(a, "target") == Errc::integrity);
+        check_audited_failure();
+        auto other = s.get(a, "target@1");
+        REQUIRE(other);
+        CHECK(other->equals(v1));
+    }
     SECTION("a flipped byte in versions.nonce")
     {
         db.flip("nonce", t1.version.id, 0);

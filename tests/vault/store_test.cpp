@@ -491,7 +491,7 @@ TEST_CASE("the audit anchor is stored and read back", "[store]")
     REQUIRE(store->write([&](Store::Transaction& tx) { return tx.set_audit_anchor(AuditAnchor{42, hash, true}); }));
     const std::vector<std::uint8_t> sig(64, 0x5a);
     REQUIRE(store->write(
-        [&](Store::Transaction& tx) { return tx.set_audit_anchor(AuditAnchor{43, hash, false, 1234567, sig}); }));
+        [&](Store::Transaction& tx) { return tx.set_audit_anchor(AuditAnchor{43, hash, false, 1234567, 7, sig}); }));
     auto a = store->audit_anchor();
     REQUIRE(a);
     REQUIRE(*a);
@@ -499,6 +499,7 @@ TEST_CASE("the audit anchor is stored and read back", "[store]")
     CHECK((*a)->hash == hash);
     CHECK_FALSE((*a)->clean_shutdown);
     CHECK((*a)->time == 1234567);
+    CHECK((*a)->file_start == 7);
     CHECK((*a)->sig == sig);
 }
 

@@ -256,7 +256,8 @@ tl::expected<Record, std::string> parse(std::string_view line)
 std::array<std::uint8_t, 32> anchor_digest(const AuditAnchor& a)
 {
     return sha256("vaultfs-audit-anchor/2 seq=" + std::to_string(a.seq) + " hash=" + a.hash +
-                  " clean=" + (a.clean_shutdown ? "1" : "0") + " time=" + std::to_string(a.time));
+                  " clean=" + (a.clean_shutdown ? "1" : "0") + " time=" + std::to_string(a.time) +
+                  " file_start=" + std::to_string(a.file_start));
 }
 
 }  // namespace vaultfs::vault::audit

@@ -103,6 +103,21 @@ Result<Back> read_back(int fd, off_t end, std::size_t limit)
     return back;
 }
 
+// The seq of the file's first record (nullopt when it is not a record).
+std::optional<std::uint64_t> first_seq(int fd)
+{
+    std::string buf(64 * 1024, '\0');
+    const ssize_t n = ::pread(fd, buf.data(), buf.size(), 0);
+    if (n <= 0)
+        return std::nullopt;
+    buf.resize(static_cast<std::size_t>(n));
+    const auto nl = buf.find('\n');
+    if (nl == std::string::npos)
+        return std::nullopt;
+    auto r = parse(std::string_view(buf).substr(0, nl));
+    return r ? std::optional<std::uint64_t>(r->seq) : std::nullopt;
+}
+
 // 1-based number of the line that starts at `offset`.
 std::uint64_t line_number_at(int fd, off_t offset)
 {
@@ -227,7 +242,7 @@ Result<void> Log::create(const std::string& path, const Signer& signer, Bound bo
         return fail(Errc::audit_unavailable, "cannot write " + path);
     if (anchor_store == nullptr)
         return {};
-    AuditAnchor anchor{1, line.hash, true, now, {}};
+    AuditAnchor anchor{1, line.hash, true, now, 1, {}};
     auto anchor_sig = signer.keys->sign_digest(signer.key, anchor_digest(anchor));
     if (!anchor_sig)
         return fail(Errc::audit_unavailable, "cannot sign the audit anchor: " + anchor_sig.error().message);
@@ -246,6 +261,10 @@ Result<std::unique_ptr<Log>> Log::open(Options options, Signer signer, Store* an
         if (auto r = log->start_locked(); !r)
             return tl::unexpected(r.error());
     }
+    // Anchored at once: from here on the anchor says "running, not clean",
+    // so that records added after a clean stop are never mistaken for ours.
+    log->anchor_due_ = true;
+    log->sync_and_anchor(false);
     log->worker_ = std::thread([raw = log.get()] { raw->background(); });
     return log;
 }
@@ -257,8 +276,8 @@ Result<void> Log::start_locked()
     fd_ = ::open(path.c_str(), O_RDWR | O_APPEND | O_CLOEXEC);
     if (fd_ < 0)
         return fail(Errc::audit_unavailable, "cannot open audit file " + path + ": " + std::strerror(errno) +
-                                                 "; run `vaultfs init`, or restore the file (an empty file continues "
-                                                 "the chain from the database anchor)");
+                                                 "; run `vaultfs init`, or restore the file (an empty file starts a "
+                                                 "new segment that records the break)");
     auto point = signer_.keys->public_point(signer_.key);
     if (!point)
         return fail(Errc::key_unavailable, "cannot read the audit signing key: " + point.error().message);
@@ -307,19 +326,17 @@ Result<void> Log::start_locked()
     std::uint64_t break_line = 0;
     std::uint64_t trusted_seq = 0;
     std::string trusted_hash = genesis_hash();
-    std::string_view op = "start";
     if (back->lines.empty()) {
-        // Rotated away while the daemon was down: continue from the anchor.
+        // Emptied, or rotated away while the daemon was down (rotation is
+        // done with SIGHUP while it runs): either way the history this file
+        // held is not here to check.
+        broken = !anchor         ? "the audit file is empty, and the database holds no anchor"
+                 : anchor_signed ? "the audit file is empty: emptied, or rotated away while the daemon was down"
+                                 : "the audit file is empty, and the database anchor is not signed by the audit key";
+        seq_ = anchor ? anchor->seq : 0;
         if (anchor_signed) {
-            seq_ = anchor->seq;
-            head_ = anchor->hash;
-            op = "rotate";
-        } else {
-            broken = anchor_store_ == nullptr ? "the audit file is empty"
-                     : !anchor                ? "the audit file is empty and the database holds no anchor"
-                                              : "the audit file is empty and the database anchor is not signed by "
-                                                "the audit key";
-            seq_ = anchor ? anchor->seq : 0;
+            trusted_seq = anchor->seq;
+            trusted_hash = anchor->hash;
         }
     } else {
         VerifyOptions vo;
@@ -332,17 +349,25 @@ Result<void> Log::start_locked()
             trusted_hash = first->hash;
         }
         auto last = parse(back->lines.back());
-        if (rep.ok && last) {
+        const auto file_start = first_seq(fd_);
+        // (Records appended after a clean shutdown fail verify_tail: only a
+        // signed start or rotate may follow a shutdown.)
+        if (rep.ok && last && anchor_signed && file_start && anchor->seq >= *file_start &&
+                   anchor->file_start != *file_start) {
+            broken = "the audit file begins at seq " + std::to_string(*file_start) + ", the anchored file at seq " +
+                     std::to_string(anchor->file_start) + ": it was replaced or cut while the daemon was down";
+        } else if (!rep.ok || !last) {
+            const std::uint64_t first_line = line_number_at(fd_, back->first_offset);
+            rep = verify_tail(path, back->lines, first_line, key, vo);
+            break_line = rep.line;
+            broken = rep.ok ? "the last record cannot be read" : rep.problem;
+        }
+        if (broken.empty()) {
             seq_ = last->seq;
             head_ = last->hash;
             unsigned_ = rep.unsigned_tail;
+            file_start_ = file_start.value_or(last->seq);
         } else {
-            if (rep.line != 0) {
-                const std::uint64_t first_line = line_number_at(fd_, back->first_offset);
-                rep = verify_tail(path, back->lines, first_line, key, vo);
-                break_line = rep.line;
-            }
-            broken = rep.ok ? "the last record cannot be read" : rep.problem;
             seq_ = std::max({trusted_seq + back->lines.size() - 1, last ? last->seq : 0, anchor ? anchor->seq : 0});
         }
     }
@@ -354,6 +379,10 @@ Result<void> Log::start_locked()
                       path, break_line != 0 ? "line " + std::to_string(break_line) + ": " : std::string(), broken);
         head_ = trusted_hash;
         unsigned_ = 0;
+        if (back->lines.empty())
+            file_start_ = seq_ + 1;  // the start record is this file's first
+        else if (const auto fs = first_seq(fd_))
+            file_start_ = *fs;
         extras.emplace_back("break", broken);
         if (break_line != 0)
             extras.emplace_back("break_line", break_line);
@@ -362,7 +391,7 @@ Result<void> Log::start_locked()
     } else {
         extras.emplace_back("clean", anchor && anchor->clean_shutdown && anchor->seq == seq_);
     }
-    return signed_locked(op, now, std::move(extras));
+    return signed_locked("start", now, std::move(extras));
 }
 
 Log::~Log()
@@ -387,6 +416,14 @@ Log::Stats Log::stats() const
 Result<void> Log::append(const Event& event)
 {
     Fields f = Fields::of(event);  // outside the lock: exe lookup
+    auto r = append_fields(f, event);
+    if (anchor_due_)
+        sync_and_anchor(false);  // a rotation: the new file's start is anchored at once
+    return r;
+}
+
+Result<void> Log::append_fields(Fields& f, const Event& event)
+{
     std::lock_guard lock(mutex_);
     if (closed_)
         return fail(Errc::audit_unavailable, "the audit log is closed");
@@ -398,8 +435,10 @@ Result<void> Log::append(const Event& event)
         f.secret = cut(f.secret);
         const auto verdict = coalescer_.admit({f.uid, f.op, f.result}, f.gid, now);
         if (verdict.flush)
-            if (auto r = summary_locked(*verdict.flush, now); !r)
+            if (auto r = summary_locked(*verdict.flush, now); !r) {
+                unwritten_.push_back(*verdict.flush);
                 return r;
+            }
         if (!verdict.write) {
             ++coalesced_total_;
             return {};
@@ -481,8 +520,8 @@ Result<void> Log::write_locked(const Fields& f, Micros now, bool signed_record, 
 Result<void> Log::summary_locked(const RefusalCoalescer::Summary& s, Micros now)
 {
     if (low_on_space_locked(now)) {
-        ++dropped_since_signed_;
-        ++dropped_total_;
+        dropped_since_signed_ += s.count;
+        dropped_total_ += s.count;
         return {};
     }
     Fields f;
@@ -559,23 +598,23 @@ Result<void> Log::write_line_locked(const std::string& line)
 Result<void> Log::reopen_if_needed_locked()
 {
     struct stat st{};
-    if (::fstat(fd_, &st) == 0 && st.st_nlink == 0 && !reopen_requested_.load(std::memory_order_relaxed)) {
-        spdlog::error("audit: {} was removed; reopening it", options_.path);
-        reopen_requested_.store(true, std::memory_order_relaxed);
-    }
-    if (!reopen_requested_.load(std::memory_order_relaxed))
+    const bool removed = ::fstat(fd_, &st) == 0 && st.st_nlink == 0;
+    if (removed && !reopen_requested_.load(std::memory_order_relaxed))
+        spdlog::error("audit: {} was removed while the daemon ran; a new file records the break", options_.path);
+    if (!removed && !reopen_requested_.load(std::memory_order_relaxed))
         return {};
-    if (auto r = reopen_locked(); !r)
+    if (auto r = reopen_locked(removed); !r)
         return r;
     reopen_requested_.store(false, std::memory_order_relaxed);
     return {};
 }
 
-Result<void> Log::reopen_locked()
+Result<void> Log::reopen_locked(bool removed)
 {
     const Micros now = options_.clock();
-    // The file being left ends covered by a signature of its own.
-    if (unsigned_ > 0)
+    // The file being left ends covered by a signature of its own (unless it
+    // is gone: then there is nothing left to cover).
+    if (unsigned_ > 0 && !removed)
         if (auto r = signed_locked("checkpoint", now); !r)
             return r;
     const int fd = ::open(options_.path.c_str(), O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
@@ -593,8 +632,17 @@ Result<void> Log::reopen_locked()
     size_ = st.st_size;
     space_checked_ = 0;
     spdlog::info("audit: reopened {}", options_.path);
-    // The new file starts with a signed record linking it to the old one.
-    return signed_locked("rotate", now);
+    // The new file starts with a signed record linking it to the old one,
+    // anchored at once as the new file's start. A removed file's records
+    // are gone: that is a break.
+    file_start_ = seq_ + 1;
+    anchor_due_ = true;
+    Extras extras;
+    if (removed) {
+        extras.emplace_back("break", std::string("the audit file was removed while the daemon ran"));
+        extras.emplace_back("trusted_seq", seq_);
+    }
+    return signed_locked("rotate", now, std::move(extras));
 }
 
 void Log::duties_locked(Micros now)
@@ -602,10 +650,20 @@ void Log::duties_locked(Micros now)
     if (closed_)
         return;
     (void)reopen_if_needed_locked();
-    for (const auto& s : coalescer_.drain(now))
-        if (auto r = summary_locked(s, now); !r)
-            break;
+    write_summaries_locked(coalescer_.drain(now), now);
     (void)ensure_covered_locked(now);
+}
+
+// Summaries that cannot be written now are kept and tried again: a count
+// of refusals is never lost to a passing audit fault.
+void Log::write_summaries_locked(std::vector<RefusalCoalescer::Summary> more, Micros now)
+{
+    std::vector<RefusalCoalescer::Summary> all = std::move(unwritten_);
+    unwritten_.clear();
+    all.insert(all.end(), more.begin(), more.end());
+    for (const auto& s : all)
+        if (!summary_locked(s, now))
+            unwritten_.push_back(s);
 }
 
 void Log::tick()
@@ -630,10 +688,11 @@ void Log::sync_and_anchor(bool clean)
             return;
         }
         dirty_ = false;
-        anchor = AuditAnchor{seq_, head_, clean, options_.clock(), {}};
+        anchor = AuditAnchor{seq_, head_, clean, options_.clock(), file_start_, {}};
     }
-    if (anchor_store_ == nullptr || (anchor.seq <= anchored_seq_ && !clean))
+    if (anchor_store_ == nullptr || (anchor.seq <= anchored_seq_ && !clean && !anchor_due_))
         return;
+    anchor_due_ = false;
     auto sig = signer_.keys->sign_digest(signer_.key, anchor_digest(anchor));
     if (!sig) {
         spdlog::error("audit: cannot sign the chain head for the database anchor: {}", sig.error().message);
@@ -662,7 +721,7 @@ void Log::background()
             std::lock_guard lock(mutex_);
             duties_locked(options_.clock());
         }
-        if (std::chrono::steady_clock::now() - last_sync >= options_.sync_interval) {
+        if (anchor_due_ || std::chrono::steady_clock::now() - last_sync >= options_.sync_interval) {
             sync_and_anchor(false);
             last_sync = std::chrono::steady_clock::now();
         }
@@ -677,8 +736,12 @@ Result<void> Log::close()
         if (closed_)
             return {};
         const Micros now = options_.clock();
-        for (const auto& s : coalescer_.drain(now, true))
-            (void)summary_locked(s, now);
+        write_summaries_locked(coalescer_.drain(now, true), now);
+        // What still could not be written is at least counted in the
+        // shutdown record.
+        for (const auto& s : unwritten_)
+            dropped_since_signed_ += s.count;
+        unwritten_.clear();
         if (auto r = signed_locked("shutdown", now); !r)
             return r;
         closed_ = true;

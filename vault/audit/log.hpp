@@ -176,8 +176,10 @@ private:
     Result<void> summary_locked(const RefusalCoalescer::Summary& s, Micros now);
     bool low_on_space_locked(Micros now);
     Result<void> write_line_locked(const std::string& line);
+    Result<void> append_fields(Fields& f, const Event& event);
+    void write_summaries_locked(std::vector<RefusalCoalescer::Summary> more, Micros now);
     Result<void> reopen_if_needed_locked();
-    Result<void> reopen_locked();
+    Result<void> reopen_locked(bool removed);
     void duties_locked(Micros now);
     void background();
     void sync_and_anchor(bool clean);
@@ -191,12 +193,14 @@ private:
     off_t size_ = 0;  // bytes of complete records in the file
     std::uint64_t seq_ = 0;
     std::string head_;  // hash of the last record
+    std::uint64_t file_start_ = 1;  // seq of the first record of the current file
     std::uint64_t unsigned_ = 0;  // records since the last signature
     Micros first_unsigned_ = 0;   // time of the first of them
     std::uint64_t dropped_since_signed_ = 0;
     std::uint64_t dropped_total_ = 0;
     std::uint64_t coalesced_total_ = 0;
     RefusalCoalescer coalescer_;
+    std::vector<RefusalCoalescer::Summary> unwritten_;  // summaries to try again
     bool low_space_ = false;
     Micros space_checked_ = 0;
     bool dirty_ = false;
@@ -204,6 +208,7 @@ private:
 
     std::mutex anchor_mutex_;  // one anchor write at a time, newest last
     std::uint64_t anchored_seq_ = 0;
+    std::atomic<bool> anchor_due_{false};  // a new file's start to anchor at once
 
     std::atomic<bool> reopen_requested_{false};
     std::atomic<bool> healthy_{true};

@@ -56,6 +56,8 @@ public:
         auto parsed = parse(text);
         if (parsed)
             ++rep_.records;
+        if (parsed && (first_in_file || rep_.records == 1))
+            file_first_seq_ = parsed->seq;
         if (resync_) {
             if (parsed && is_break(*parsed) && signature_ok(*parsed)) {
                 note_break(*parsed, line_no);
@@ -80,11 +82,14 @@ public:
             // A segment the daemon started after finding the chain broken:
             // it does not continue what comes before it.
             if (!signature_ok(r))
-                return problem(line_no, "forged start record: its signature does not verify with the audit public "
-                                        "key");
+                return problem(line_no, "forged " + r.op + " record: its signature does not verify with the audit "
+                                                           "public key");
             note_break(r, line_no);
             return resume(r, line_no);
         }
+        if (have_prev_ && last_op_ == "shutdown" && !((r.op == "start" || r.op == "rotate") && r.is_signed()))
+            return problem(line_no, "a " + r.op.substr(0, 40) + " record follows the shutdown at seq " +
+                                        seq_text(prev_seq_) + ": records were added while the daemon was down");
 
         if (!have_prev_) {
             if (r.op == "init") {
@@ -128,6 +133,11 @@ public:
             if (!signature_ok(r))
                 return problem(line_no, "forged " + r.op + " record: its signature does not verify with the audit "
                                                            "public key");
+            if (have_prev_ && r.count("records") != stretch_)
+                return problem(line_no, "the " + r.op + " record counts " +
+                                            std::to_string(r.count("records").value_or(0)) +
+                                            " records since the signature before it, the log holds " +
+                                            std::to_string(stretch_));
             close_stretch();
             if (!take_bound(r, line_no))
                 return;
@@ -167,13 +177,8 @@ public:
 
     VerifyReport finish(const std::string& last_file)
     {
-        if (!resync_ && over_) {
-            const std::string tail = "unsigned tail: " + over_why_;
-            if (opt_.live)
-                rep_.warnings.push_back(tail + " (the daemon is running; it signs within the bound)");
-            else
-                add_problem(over_file_, over_line_, tail);
-        }
+        if (!resync_ && over_)
+            add_problem(over_file_, over_line_, "unsigned tail: " + over_why_);
         rep_.unsigned_tail = stretch_;
         rep_.tail_seconds = stretch_ > 0 ? static_cast<std::uint64_t>((last_time_ - stretch_first_) / 1000000) : 0;
         if (opt_.anchor) {
@@ -182,6 +187,10 @@ public:
                 add_problem("", 0, "the database anchor is not signed (edited, or left by an older vaultfs)");
             else if (!key_.verify(anchor_digest(a), a.sig))
                 add_problem("", 0, "the database anchor's signature does not verify: it was edited");
+            if (anchor_seen_ && !trust_first_ && anchor_file_first_ != a.file_start)
+                add_problem(anchor_file_, 0, "the audit file begins at seq " + seq_text(anchor_file_first_) +
+                                                 ", the database anchor's file at seq " + seq_text(a.file_start) +
+                                                 ": it was replaced or cut from the front");
             if (!anchor_seen_) {
                 if (prev_seq_ < a.seq)
                     add_problem(last_file, 0, "tail truncated: the database anchors record " + seq_text(a.seq) +
@@ -203,7 +212,10 @@ public:
     }
 
 private:
-    static bool is_break(const Record& r) { return r.op == "start" && r.fields.contains("break"); }
+    static bool is_break(const Record& r)
+    {
+        return (r.op == "start" || r.op == "rotate") && r.fields.contains("break");
+    }
 
     bool signature_ok(const Record& r) const
     {
@@ -265,6 +277,8 @@ private:
                 add_problem(file_, line_no, "record " + seq_text(r.seq) +
                                                 " differs from the one anchored in the database");
             anchor_seen_ = true;
+            anchor_file_ = file_;
+            anchor_file_first_ = file_first_seq_;
         }
         have_prev_ = true;
         prev_seq_ = r.seq;
@@ -320,6 +334,9 @@ private:
     std::string over_why_;
 
     bool anchor_seen_ = false;
+    std::string anchor_file_;
+    std::uint64_t anchor_file_first_ = 0;
+    std::uint64_t file_first_seq_ = 0;  // of the file being read
 };
 
 }  // namespace

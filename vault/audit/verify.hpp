@@ -10,14 +10,18 @@
 //  - coverage: between two signed records lie at most `bound_records`
 //    unsigned records, none more than `bound_seconds` after the first of
 //    them (the bound the opening signed record declares, never more than
-//    audit::max_bound). The records after the last signature are the
-//    unsigned tail: reported with its length, and a failure when it exceeds
-//    the bound, unless the file is live (the daemon is running and may be
-//    about to sign);
-//  - the database anchor, when given: its signature, and that the chain
-//    reaches the anchored record with the anchored hash (a cut-off tail);
-//  - breaks: a signed `start` record carrying `break` says the daemon found
-//    the chain broken when it started; it is reported, always, as a failure.
+//    audit::max_bound), and each signed record's `records` counts them. The
+//    records after the last signature are the unsigned tail: reported with
+//    its length, and a failure when it exceeds the bound. (The writer signs
+//    before it would break the bound, running or not, so a longer tail is
+//    never the daemon's.) After a `shutdown` only a signed `start` or
+//    `rotate` may follow;
+//  - the database anchor, when given: its signature, that the chain reaches
+//    the anchored record with the anchored hash (a cut-off tail), and that
+//    the file holding it begins where the anchor says (a replaced file);
+//  - breaks: a signed `start` (or `rotate`) record carrying `break` says the
+//    daemon found the chain broken when it started (or its file removed); it
+//    is reported, always, as a failure.
 //    Verification picks up again at such a record after a bad stretch, so
 //    a later problem is still found.
 #pragma once
@@ -36,7 +40,6 @@ namespace vaultfs::vault::audit {
 struct VerifyOptions {
     std::optional<AuditAnchor> anchor;  // from the database
     bool anchor_expected = false;       // a state was given: no anchor is a failure
-    bool live = false;                  // the daemon is running and writes the last file
 };
 
 struct VerifyReport {

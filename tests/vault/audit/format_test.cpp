@@ -139,7 +139,7 @@ TEST_CASE("known and signed ops", "[audit][format]")
 
 TEST_CASE("the anchor digest covers every field of the anchor", "[audit][format]")
 {
-    const AuditAnchor a{12, std::string(64, 'a'), true, 99, {}};
+    const AuditAnchor a{12, std::string(64, 'a'), true, 99, 3, {}};
     const auto d = anchor_digest(a);
     AuditAnchor b = a;
     b.seq = 13;
@@ -152,6 +152,9 @@ TEST_CASE("the anchor digest covers every field of the anchor", "[audit][format]
     CHECK(anchor_digest(b) != d);
     b = a;
     b.time = 100;
+    CHECK(anchor_digest(b) != d);
+    b = a;
+    b.file_start = 4;
     CHECK(anchor_digest(b) != d);
     b = a;
     b.sig = {1, 2, 3};

@@ -256,11 +256,13 @@ TEST_CASE("the chain head is anchored in the database, signed by the token", "[a
     REQUIRE(store);
     auto log = create_and_open(signing, path, store->get());
     {
-        // init anchors the first record.
+        // init anchors the first record, and open its start record at once
+        // (not clean: a daemon is running).
         auto a = (*store)->audit_anchor();
         REQUIRE(a);
         REQUIRE(*a);
-        CHECK((*a)->seq == 1);
+        CHECK((*a)->seq == 2);
+        CHECK_FALSE((*a)->clean_shutdown);
     }
     append_n(*log, 4);
     log->tick();
@@ -398,7 +400,7 @@ TEST_CASE("a chain broken while the daemon was down is not continued, and the br
         write_lines(r.path, cut);
         auto last = parse(cut.back());
         REQUIRE(r.store->write([&](Store::Transaction& tx) {
-            return tx.set_audit_anchor(AuditAnchor{last->seq, last->hash, true, 0, std::vector<std::uint8_t>(64, 7)});
+            return tx.set_audit_anchor(AuditAnchor{last->seq, last->hash, true, 0, 1, std::vector<std::uint8_t>(64, 7)});
         }));
     }
     SECTION("the file cut back behind the anchor")
@@ -453,7 +455,7 @@ TEST_CASE("a chain broken while the daemon was down is not continued, and the br
     CHECK_THAT(joined(more.problems), Catch::Contains("line " + std::to_string(n - 1) + ": "));
 }
 
-TEST_CASE("an empty file continues from the signed anchor; without one it records a break", "[audit][log][start]")
+TEST_CASE("an emptied, removed, cut or appended-to file is a break, not a continuation", "[audit][log][start][tamper]")
 {
     Restartable r;
     {
@@ -461,25 +463,76 @@ TEST_CASE("an empty file continues from the signed anchor; without one it record
         append_n(*log, 2);
         REQUIRE(log->close());
     }
-    const std::uint64_t last = parse(read_lines(r.path).back())->seq;
-    std::filesystem::rename(r.path, r.path + ".1");
-    std::ofstream(r.path).close();
-    { auto log = r.open(); }
-    const Lines fresh = read_lines(r.path);
-    REQUIRE(fresh.size() == 1);
-    CHECK(op_of(fresh[0]) == "rotate");
-    CHECK(parse(fresh[0])->seq == last + 1);
-    CHECK(verify_files({r.path + ".1", r.path}, r.signing.pem, with_anchor(*r.store)).ok);
+    const Lines lines = read_lines(r.path);
+    const std::uint64_t last = parse(lines.back())->seq;
+    const auto expect_break = [&](const std::string& why) {
+        { auto log = r.open(); }
+        const Lines now = read_lines(r.path);
+        json start;
+        for (const auto& l : now)
+            if (op_of(l) == "start" && fields(l).contains("break"))
+                start = fields(l);
+        INFO(why);
+        REQUIRE(start.is_object());
+        CHECK_THAT(start["break"].get<std::string>(), Catch::Contains(why));
+        const VerifyReport rep = verify(r.path, r.signing.pem, with_anchor(*r.store));
+        CHECK_FALSE(rep.ok);
+        CHECK(rep.breaks.size() == 1);
+    };
 
-    std::filesystem::remove(r.path);
-    std::ofstream(r.path).close();
-    REQUIRE(r.store->write([&](Store::Transaction& tx) {
-        return tx.set_audit_anchor(AuditAnchor{last, std::string(64, 'f'), true, 0, {}});
-    }));
-    { auto log = r.open(); }
-    const json start = fields(read_lines(r.path).front());
-    CHECK(start["op"] == "start");
-    CHECK_THAT(start["break"].get<std::string>(), Catch::Contains("not signed"));
+    SECTION("emptied while the daemon was down (the history gone)")
+    {
+        std::ofstream(r.path, std::ios::trunc).close();
+        expect_break("the audit file is empty");
+        CHECK(parse(read_lines(r.path).front())->seq == last + 1);
+    }
+    SECTION("records appended after the clean shutdown, chained and within the bound")
+    {
+        Lines more = lines;
+        more.push_back(lines[lines.size() - 2]);  // a get, re-chained after the shutdown
+        more = forge(more, more.size() - 1, [](json& f) { f["uid"] = 4242; });
+        write_lines(r.path, more);
+        // The files alone already say so.
+        const VerifyReport files_only = verify(r.path, r.signing.pem);
+        CHECK_FALSE(files_only.ok);
+        CHECK_THAT(files_only.problem, Catch::Contains("follows the shutdown"));
+        expect_break("added while the daemon was down");
+    }
+    SECTION("the file's first records cut away")
+    {
+        write_lines(r.path, Lines(lines.begin() + 2, lines.end()));
+        CHECK_FALSE(verify(r.path, r.signing.pem, with_anchor(*r.store)).ok);  // starts in the middle
+        expect_break("replaced or cut");
+    }
+}
+
+TEST_CASE("a file removed while the daemon runs: the new file records the break; a rotation does not",
+          "[audit][log][tamper]")
+{
+    Restartable r;
+    auto log = r.open();
+    append_n(*log, 2);
+    // logrotate's way: renamed, then SIGHUP. The new file starts where the
+    // anchor says it does.
+    REQUIRE(::rename(r.path.c_str(), (r.path + ".1").c_str()) == 0);
+    log->request_reopen();
+    append_n(*log, 1);
+    auto anchor = r.store->audit_anchor();
+    REQUIRE(anchor);
+    REQUIRE(*anchor);
+    CHECK((*anchor)->file_start == parse(read_lines(r.path).front())->seq);
+    CHECK_FALSE(fields(read_lines(r.path).front()).contains("break"));
+
+    // Removed outright: its records are gone, and that is said.
+    REQUIRE(::unlink(r.path.c_str()) == 0);
+    append_n(*log, 1);
+    const json first = fields(read_lines(r.path).front());
+    CHECK(first["op"] == "rotate");
+    CHECK_THAT(first["break"].get<std::string>(), Catch::Contains("removed while the daemon ran"));
+    REQUIRE(log->close());
+    const VerifyReport rep = verify(r.path, r.signing.pem, with_anchor(*r.store));
+    CHECK_FALSE(rep.ok);
+    CHECK(rep.breaks.size() == 1);
 }
 
 // ---- refusals of callers who hold nothing --------------------------------------------
@@ -536,8 +589,9 @@ TEST_CASE("below the disk reserve an outsider's records are counted, allowed one
     TempDir dir;
     vaultfs::testing::SmallTmpfs small(dir / "small", "size=2m,mode=0700");
     const std::string path = small / "audit.jsonl";
+    TestClock clock;
     REQUIRE(Log::create(path, signing.signer(), Bound{}, nullptr));
-    Log::Options o = options_for(path);
+    Log::Options o = options_for(path, Bound{}, clock.fn());
     o.reserve_bytes = 1 << 20;
     auto opened = Log::open(o, signing.signer(), nullptr);
     REQUIRE(opened);
@@ -552,12 +606,19 @@ TEST_CASE("below the disk reserve an outsider's records are counted, allowed one
         std::ofstream filler(small / "filler", std::ios::binary);
         filler << std::string(1200 * 1024, 'F');
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the free-space check is cached for 250 ms
+    clock.advance_seconds(0.3);  // the free-space check is cached for 250 ms
     const std::size_t before = read_lines(path).size();
     REQUIRE(log.append(outsider_refusal("lookup", "other")));  // a new group, but no room for it
     CHECK(read_lines(path).size() == before);
     CHECK(log.stats().dropped == 1);
     CHECK(log.stats().low_space);
+    // Repeats of the first group are counted, and when their window ends
+    // the count is dropped too -- as a count, not as one.
+    for (int i = 0; i < 5; ++i)
+        REQUIRE(log.append(outsider_refusal("vault_create")));
+    clock.advance_seconds(11);
+    log.tick();
+    CHECK(log.stats().dropped == 1 + 5);
     append_n(log, 2);  // allowed work still gets its records
     CHECK(read_lines(path).size() == before + 2);
 
@@ -565,7 +626,10 @@ TEST_CASE("below the disk reserve an outsider's records are counted, allowed one
     REQUIRE(log.close());
     const json shutdown = fields(read_lines(path).back());
     CHECK(shutdown["op"] == "shutdown");
-    CHECK(shutdown["dropped"] == 1);
+    std::uint64_t dropped = 0;
+    for (const auto& l : read_lines(path))
+        dropped += fields(l).value("dropped", std::uint64_t{0});
+    CHECK(dropped == 6);
     opened->reset();
     CHECK(verify(path, signing.pem).ok);
 }
