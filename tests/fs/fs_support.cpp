@@ -408,13 +408,19 @@ Outcome shell(const std::string& command)
 
 // ---- the mount -----------------------------------------------------------------------
 
-Mount::Mount(MountOptions options) : binary(vaultfs_binary()), options_(std::move(options))
+Mount::Mount(MountOptions options) : options_(std::move(options))
 {
     std::string tmpl = (std::filesystem::temp_directory_path() / "vaultfs-it-XXXXXX").string();
     if (::mkdtemp(tmpl.data()) == nullptr)
         throw std::runtime_error("mkdtemp failed");
     root = tmpl;
     ::chmod(root.c_str(), 0755);  // other users must reach the mountpoint
+    // Tests run the binary as other uids too, and the build tree may sit in a
+    // directory they cannot reach (a clone in root's 0700 home): each mount
+    // runs its own copy.
+    binary = root + "/vaultfs";
+    std::filesystem::copy_file(vaultfs_binary(), binary);
+    ::chmod(binary.c_str(), 0755);
     state = root + "/state";
     mountpoint = root + "/mnt";
     stderr_path_ = root + "/daemon.stderr";

@@ -150,7 +150,7 @@ public:
     std::string root;        // temp dir holding everything
     std::string state;       // root/state
     std::string mountpoint;  // root/mnt
-    std::string binary;      // the vaultfs executable
+    std::string binary;      // root/vaultfs: a copy of the executable every uid can run
 
 private:
     MountOptions options_;
