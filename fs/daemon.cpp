@@ -318,8 +318,10 @@ int run_mount(const MountOptions& options)
         channel.failed(state.error().message);
         return 1;
     }
-    Filesystem filesystem(*(*state)->service, Filesystem::Limits{(*state)->config.max_open_files_per_uid,
-                                                                 (*state)->config.max_buffered_kib_per_uid * 1024});
+    const auto& conf = (*state)->config;
+    Filesystem filesystem(*(*state)->service,
+                          Filesystem::Limits{conf.max_open_files_per_uid, conf.max_buffered_kib_per_uid * 1024,
+                                             conf.secure_heap_kib * 1024 / 2});
 
     std::vector<std::string> arg_text{"vaultfs", "-o", "fsname=vaultfs,subtype=vaultfs,noatime"};
     if (::geteuid() == 0)

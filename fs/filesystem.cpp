@@ -222,7 +222,8 @@ const fuse_lowlevel_ops& Filesystem::operations()
 }
 
 Filesystem::Filesystem(vault::SecretService& service, Limits limits)
-    : service_(service), quota_(limits.open_files_per_uid, limits.buffered_bytes_per_uid)
+    : service_(service),
+      quota_(limits.open_files_per_uid, limits.buffered_bytes_per_uid, limits.buffered_bytes_total)
 {
     ::clock_gettime(CLOCK_REALTIME, &mounted_at_);
 }

@@ -60,6 +60,7 @@ public:
     struct Limits {
         std::size_t open_files_per_uid = 1024;
         std::size_t buffered_bytes_per_uid = 1 << 20;
+        std::size_t buffered_bytes_total = 8 << 20;  // half the default locked heap
     };
     Filesystem(vault::SecretService& service, Limits limits);
 

@@ -27,9 +27,10 @@ bool UidQuota::Charge::grow(std::size_t more)
         return true;
     std::lock_guard lock(quota_->mutex_);
     Usage& u = quota_->used_[uid_];
-    if (u.bytes + more > quota_->max_bytes_)
+    if (u.bytes + more > quota_->max_bytes_ || quota_->total_bytes_ + more > quota_->max_total_bytes_)
         return false;
     u.bytes += more;
+    quota_->total_bytes_ += more;
     bytes_ += more;
     return true;
 }
@@ -40,6 +41,7 @@ void UidQuota::Charge::release()
         return;
     std::lock_guard lock(quota_->mutex_);
     const auto it = quota_->used_.find(uid_);
+    quota_->total_bytes_ -= bytes_;
     if (it != quota_->used_.end()) {
         it->second.bytes -= bytes_;
         if (--it->second.handles == 0)

@@ -8,6 +8,9 @@
 // stops one caller from filling the locked heap (16 MiB by default) that
 // every caller's plaintext and keys come from. The limits are
 // `max_open_files_per_uid` and `max_buffered_kib_per_uid` in vaultfs.conf.
+// All uids together buffer at most `max_total_bytes` (half the locked heap):
+// many uids at their limits still leave the other half to readers' transient
+// plaintext and to DEKs.
 //
 // Thread-safety: all methods may be called concurrently; a Charge belongs to
 // one handle and is used under that handle's lock.
@@ -24,7 +27,10 @@ namespace vaultfs::fs {
 
 class UidQuota {
 public:
-    UidQuota(std::size_t max_handles, std::size_t max_bytes) : max_handles_(max_handles), max_bytes_(max_bytes) {}
+    UidQuota(std::size_t max_handles, std::size_t max_bytes, std::size_t max_total_bytes)
+        : max_handles_(max_handles), max_bytes_(max_bytes), max_total_bytes_(max_total_bytes)
+    {
+    }
 
     // What one handle holds; given back when it is destroyed.
     class Charge {
@@ -35,7 +41,8 @@ public:
         Charge(const Charge&) = delete;
         Charge& operator=(const Charge&) = delete;
         ~Charge();
-        // Charges `more` bytes; false (and nothing charged) past the uid's limit.
+        // Charges `more` bytes; false (and nothing charged) past the uid's
+        // limit or the total.
         bool grow(std::size_t more);
 
     private:
@@ -59,7 +66,9 @@ public:
 private:
     const std::size_t max_handles_;
     const std::size_t max_bytes_;
+    const std::size_t max_total_bytes_;
     mutable std::mutex mutex_;
+    std::size_t total_bytes_ = 0;
     std::unordered_map<uid_t, Usage> used_;
 };
 

@@ -1,5 +1,5 @@
 // fs unit tests: inode numbering, the errno mapping, control requests, the
-// caller cache.
+// caller cache, per-uid quotas.
 #include <catch2/catch.hpp>
 
 #include <cstring>
@@ -11,6 +11,7 @@
 #include "fs/control_protocol.hpp"
 #include "fs/errno_map.hpp"
 #include "fs/inode.hpp"
+#include "fs/uid_quota.hpp"
 #include "vault/error.hpp"
 
 using namespace vaultfs;
@@ -101,4 +102,40 @@ TEST_CASE("the caller cache refetches when the same pid comes back with another 
     }));
     CHECK(cache.groups(43, 5, 5, fetch({11})) == std::vector<gid_t>{11});
     CHECK(fetches == 6);
+}
+
+TEST_CASE("per-uid quotas: handles and bytes per uid, bytes in total; charges come back with their handles", "[fs]")
+{
+    fs::UidQuota quota(2, 100, 150);
+    auto a1 = quota.open(1001);
+    auto a2 = quota.open(1001);
+    REQUIRE(a1);
+    REQUIRE(a2);
+    CHECK_FALSE(quota.open(1001));  // at its handle limit
+    auto b1 = quota.open(1002);     // another uid is not
+    REQUIRE(b1);
+
+    CHECK(a1->grow(60));
+    CHECK_FALSE(a2->grow(41));  // 101 > the uid's 100
+    CHECK(a2->grow(40));
+    CHECK(quota.usage(1001).bytes == 100);
+    CHECK(b1->grow(50));
+    CHECK_FALSE(b1->grow(1));  // 151 > the total's 150, although uid 1002 holds only 50
+    CHECK(quota.usage(1002).bytes == 50);
+
+    a1.reset();  // its 60 bytes and its handle come back
+    CHECK(quota.usage(1001).bytes == 40);
+    CHECK(quota.usage(1001).handles == 1);
+    CHECK(b1->grow(50));
+    auto a3 = quota.open(1001);
+    REQUIRE(a3);
+    a2.reset();
+    a3.reset();
+    b1.reset();
+    CHECK(quota.usage(1001).handles == 0);
+    CHECK(quota.usage(1002).bytes == 0);
+    auto c = quota.open(1003);
+    auto d = quota.open(1004);
+    CHECK(c->grow(100));  // everything was given back
+    CHECK(d->grow(50));
 }
