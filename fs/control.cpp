@@ -168,24 +168,28 @@ ControlServer::~ControlServer()
     ::unlink(path_.c_str());
 }
 
-bool ControlServer::admit(uid_t uid)
+bool ControlServer::admit(uid_t uid, bool admin)
 {
     std::lock_guard lock(clients_mutex_);
     int& mine = clients_by_uid_[uid];
-    if (clients_ >= max_clients || mine >= max_clients_per_uid) {
+    if (clients_ >= max_clients || mine >= max_clients_per_uid || (!admin && outsiders_ >= max_outsider_clients)) {
         if (mine == 0)
             clients_by_uid_.erase(uid);
         return false;
     }
     ++clients_;
     ++mine;
+    if (!admin)
+        ++outsiders_;
     return true;
 }
 
-void ControlServer::leave(uid_t uid)
+void ControlServer::leave(uid_t uid, bool admin)
 {
     std::lock_guard lock(clients_mutex_);
     --clients_;
+    if (!admin)
+        --outsiders_;
     if (--clients_by_uid_[uid] <= 0)
         clients_by_uid_.erase(uid);
 }
@@ -224,7 +228,8 @@ void ControlServer::serve()
             continue;
         }
         const vault::Caller caller = peer_of(fd);
-        if (!admit(caller.who.uid)) {
+        const bool admin = state_.service->is_admin(caller);
+        if (!admit(caller.who.uid, admin)) {
             // Busy: say so at once, read nothing, keep no one waiting.
             vault::Errc busy = vault::Errc::busy;
             (void)state_.service->audit_management(caller, "control", "", false, "busy", &busy);
@@ -235,14 +240,14 @@ void ControlServer::serve()
         }
         auto done = std::make_shared<std::atomic<bool>>(false);
         try {
-            workers_.emplace_back(done, std::thread([this, fd, caller, done] {
+            workers_.emplace_back(done, std::thread([this, fd, caller, admin, done] {
                 handle(fd, caller);
-                leave(caller.who.uid);
+                leave(caller.who.uid, admin);
                 done->store(true);
             }));
         } catch (const std::exception& e) {
             spdlog::error("control socket: cannot start a client thread: {}", e.what());
-            leave(caller.who.uid);
+            leave(caller.who.uid, admin);
             ::close(fd);
         }
     }

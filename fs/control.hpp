@@ -9,10 +9,12 @@
 // (by default the 0700 state directory: root only).
 //
 // Clients are served concurrently, each on a thread of its own, so a slow
-// one holds up no one else: at most `max_clients` at once, and at most
-// `max_clients_per_uid` of one uid (past either, an immediate EBUSY reply);
-// each exchange must be done within `deadline` -- the request read and the
-// reply written -- or the connection is dropped.
+// one holds up no one else: at most `max_clients` at once, at most
+// `max_clients_per_uid` of one uid, and at most `max_outsider_clients` of
+// callers who are not admins, so that outsiders (who are only ever refused)
+// can never take the slots admins need; past any of them, an immediate EBUSY
+// reply. Each exchange must be done within `deadline` -- the request read
+// and the reply written -- or the connection is dropped.
 #pragma once
 
 #include <sys/types.h>
@@ -40,6 +42,7 @@ class ControlServer {
 public:
     static constexpr int max_clients = 32;
     static constexpr int max_clients_per_uid = 4;
+    static constexpr int max_outsider_clients = 8;
     static constexpr std::chrono::seconds deadline{10};
 
     // Binds the socket (replacing a stale one) and starts serving.
@@ -55,8 +58,8 @@ private:
     void handle(int fd, const vault::Caller& caller);
     nlohmann::json dispatch(const vault::Caller& caller, const std::string& text);
     // Takes a client slot for the uid, or false when none is free.
-    bool admit(uid_t uid);
-    void leave(uid_t uid);
+    bool admit(uid_t uid, bool admin);
+    void leave(uid_t uid, bool admin);
 
     vault::State& state_;
     const Filesystem& filesystem_;
@@ -67,6 +70,7 @@ private:
 
     std::mutex clients_mutex_;
     int clients_ = 0;
+    int outsiders_ = 0;
     std::unordered_map<uid_t, int> clients_by_uid_;
     // Client threads, started and joined by serve() only; the flag says done.
     std::vector<std::pair<std::shared_ptr<std::atomic<bool>>, std::thread>> workers_;
