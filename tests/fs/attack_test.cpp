@@ -278,6 +278,16 @@ TEST_CASE("attack: a caller with no grant floods refusals for 5 s; the audit sta
             CHECK(r["result"] == "ENOENT");
             CHECK(r["vault"] == "hidden");
         }
+    // Another's first probe, with a name of its choosing: cut short in the record.
+    TestUser prober("p");
+    const std::string long_name(200, 'q');
+    const auto long_probe = m.records_of([&] {
+        CHECK(as(prober, [&] { return stat_path(m.path(long_name + "/s")); }).err == ENOENT);
+    });
+    REQUIRE(count(long_probe, "lookup", prober.uid) == 1);
+    for (auto r : long_probe)
+        if (r.value("op", "") == "lookup")
+            CHECK(r.value("vault", "") == long_name.substr(0, 64) + "...");
 
     const auto size_before = std::filesystem::file_size(m.state_file("audit.jsonl"));
     std::atomic<bool> stop{false};
@@ -292,7 +302,6 @@ TEST_CASE("attack: a caller with no grant floods refusals for 5 s; the audit sta
     const auto flood = as(intruder, [&] {
         const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(5);
         long n = 0;
-        const std::string long_name(200, 'q');
         while (std::chrono::steady_clock::now() < end) {
             ::mkdir(m.path("v" + std::to_string(n % 1000)).c_str(), 0700);
             ::rmdir(m.path("hidden").c_str());
@@ -455,33 +464,7 @@ TEST_CASE("attack: pages a reader's mmap keeps alive are never served to a new o
     REQUIRE(make_dir(m.path("mapped")).err == 0);
     REQUIRE(write_file(m.path("mapped/s"), "OLD-VALUE-1111").err == 0);
     const std::string path = m.path("mapped/s");
-    // Holders map the old version and keep touching it, so that its pages
-    // stay in (and come back to) the page cache.
-    std::atomic<bool> stop{false};
-    int ready[2];
-    REQUIRE(::pipe(ready) == 0);
     std::vector<pid_t> holders;
-    for (int h = 0; h < 2; ++h) {
-        const pid_t pid = ::fork();
-        if (pid == 0) {
-            const int fd = ::open(path.c_str(), O_RDONLY);
-            auto* p = static_cast<volatile char*>(::mmap(nullptr, 4096, PROT_READ, MAP_PRIVATE, fd, 0));
-            if (fd < 0 || p == MAP_FAILED)
-                ::_exit(1);
-            char c = p[0];
-            (void)!::write(ready[1], &c, 1);
-            const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-            while (std::chrono::steady_clock::now() < end)
-                c = p[0];
-            ::_exit(0);
-        }
-        holders.push_back(pid);
-    }
-    char c;
-    for (std::size_t h = 0; h < holders.size(); ++h)
-        REQUIRE(::read(ready[0], &c, 1) == 1);
-    ::close(ready[0]);
-    ::close(ready[1]);
     struct Reap {
         std::vector<pid_t>& pids;
         ~Reap()
@@ -492,7 +475,37 @@ TEST_CASE("attack: pages a reader's mmap keeps alive are never served to a new o
             }
         }
     } reap{holders};
-
+    // A holder maps what S stands for now and keeps touching it, so that its
+    // pages stay in (and come back to) the page cache. It says '1' once it
+    // holds the mapping, '0' if it could not map it.
+    const auto hold = [&] {
+        int ready[2];
+        REQUIRE(::pipe(ready) == 0);
+        const pid_t pid = ::fork();
+        if (pid == 0) {
+            ::close(ready[0]);
+            const int fd = ::open(path.c_str(), O_RDONLY);
+            auto* p = fd < 0 ? MAP_FAILED : ::mmap(nullptr, 4096, PROT_READ, MAP_PRIVATE, fd, 0);
+            char c = p == MAP_FAILED ? '0' : '1';
+            (void)!::write(ready[1], &c, 1);
+            if (p == MAP_FAILED)
+                ::_exit(1);
+            const auto* page = static_cast<volatile const char*>(p);
+            const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+            while (std::chrono::steady_clock::now() < end)
+                c = page[0];
+            ::_exit(0);
+        }
+        ::close(ready[1]);
+        if (pid > 0)
+            holders.push_back(pid);
+        char c = 0;
+        const bool said = ::read(ready[0], &c, 1) == 1;  // 0 bytes: the child died first
+        ::close(ready[0]);
+        REQUIRE(pid > 0);
+        REQUIRE(said);
+        REQUIRE(c == '1');
+    };
     const auto map_and_read = [&] {
         return as_root([&] {
             const int fd = ::open(path.c_str(), O_RDONLY);
@@ -505,6 +518,8 @@ TEST_CASE("attack: pages a reader's mmap keeps alive are never served to a new o
             return Outcome{0, seen};
         });
     };
+    hold();
+    hold();
     // A new version written without O_TRUNC (dd conv=notrunc), the old one disabled.
     REQUIRE(shell("printf NEW-VALUE-2222 | dd of=" + path + " conv=notrunc status=none").err == 0);
     REQUIRE(set_xattr(m.path("mapped/s@1"), "user.vault.enabled", "false").err == 0);
@@ -512,10 +527,15 @@ TEST_CASE("attack: pages a reader's mmap keeps alive are never served to a new o
     for (int i = 0; i < 50; ++i)
         stale += ok(map_and_read()) == "OLD-VALUE-1111" ? 1 : 0;
     CHECK(stale == 0);
-    // A disable alone: S stands for version 1 again (re-enabled), then not.
+    // A disable alone: version 2 mapped and held, version 1 enabled again,
+    // version 2 disabled. S stands for version 1 now, whatever is cached.
+    hold();
     REQUIRE(set_xattr(m.path("mapped/s@1"), "user.vault.enabled", "true").err == 0);
     REQUIRE(set_xattr(m.path("mapped/s@2"), "user.vault.enabled", "false").err == 0);
-    CHECK(ok(map_and_read()) == "OLD-VALUE-1111");
+    stale = 0;
+    for (int i = 0; i < 50; ++i)
+        stale += ok(map_and_read()) == "NEW-VALUE-2222" ? 1 : 0;
+    CHECK(stale == 0);
     REQUIRE(set_xattr(m.path("mapped/s@2"), "user.vault.enabled", "true").err == 0);
     for (int i = 0; i < 20; ++i)
         CHECK(ok(map_and_read()) == "NEW-VALUE-2222");
@@ -658,6 +678,55 @@ TEST_CASE("attack: a slow control client holds up no one; one uid cannot take ev
     CHECK(took < std::chrono::seconds(3));  // not the 10 s deadline of the idle clients
     squat.finish();
     ::close(slow);
+}
+
+TEST_CASE("attack: outsiders of several uids together cannot take the slots admins need", "[fs][attack][control]")
+{
+    TestUser a("oa"), b("ob"), c("oc");
+    Mount m(MountOptions{{"control_socket = ../control.sock"}});
+    const std::string socket = m.root + "/control.sock";
+    // Each outsider opens `n` idle connections; the outcome is the reply to
+    // its last one, if the daemon sent one within 2 s ("" when it waits).
+    std::vector<int> fds;
+    const auto squat = [&](int n) {
+        return [&, n] {
+            for (int i = 0; i < n; ++i) {
+                const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+                sockaddr_un addr{};
+                addr.sun_family = AF_UNIX;
+                std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", socket.c_str());
+                if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0)
+                    return Outcome{errno, "connect"};
+                fds.push_back(fd);
+            }
+            char buf[512] = {};
+            pollfd p{fds.back(), POLLIN, 0};
+            ::poll(&p, 1, 2000);
+            const ssize_t got = ::recv(fds.back(), buf, sizeof buf - 1, MSG_DONTWAIT);
+            return Outcome{0, got > 0 ? std::string(buf, static_cast<std::size_t>(got)) : std::string()};
+        };
+    };
+    const auto release = [&] {
+        for (const int fd : fds)
+            ::close(fd);
+        return Outcome{};
+    };
+    // Two uids at four each hold every outsider slot (8); a third is turned away at once.
+    Paused first(&a, squat(4), release);
+    Paused second(&b, squat(4), release);
+    CHECK(first.first().data.empty());
+    CHECK(second.first().data.empty());
+    Paused third(&c, squat(1), release);
+    CHECK(third.first().data.find("EBUSY") != std::string::npos);
+    // Root is served at once all the same.
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto status = shell(m.binary + " status --socket " + socket);
+    INFO(status.data);
+    CHECK(status.err == 0);
+    CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(3));
+    third.finish();
+    second.finish();
+    first.finish();
 }
 
 TEST_CASE("attack: a policy no one can manage is refused; admins have an audited way back", "[fs][attack][manage]")

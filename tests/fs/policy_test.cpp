@@ -69,7 +69,8 @@ std::string try_config_dir(const std::string& dir)
 TEST_CASE("policies decide every open, for users and groups", "[fs][policy]")
 {
     TestGroup devs("g");
-    TestUser alice("a"), bob("b"), carol("c", {&devs}), dave("d"), erin("e"), frank("f"), grace("g", {&devs});
+    TestUser alice("a"), bob("b"), carol("c", {&devs}), dave("d"), erin("e"), frank("f"), grace("g", {&devs}),
+        henry("h");
     Mount m;
     REQUIRE(make_dir(m.path("team")).err == 0);
     REQUIRE(write_file(m.path("team/db-pass"), "db-value").err == 0);
@@ -81,7 +82,9 @@ TEST_CASE("policies decide every open, for users and groups", "[fs][policy]")
                                "deny user:" + grace.name + " get\n"
                                "allow user:" + dave.name + " get db-*\n"
                                "allow user:" + erin.name + " set\n"
-                               "allow user:" + frank.name + " list\n";
+                               "allow user:" + frank.name + " list\n"
+                               "allow user:" + henry.name + " get,list\n"
+                               "deny user:" + henry.name + " get app-*\n";
     REQUIRE(write_file(m.path("team/.policy"), policy).err == 0);
     // Names were resolved to ids when written.
     const std::string stored = ok(read_file(m.path("team/.policy")));
@@ -137,7 +140,7 @@ TEST_CASE("policies decide every open, for users and groups", "[fs][policy]")
         CHECK(as(frank, [&] { return read_file(m.path("team/db-pass")); }).err == EACCES);
         CHECK(as(alice, [&] { return write_file(m.path("team/db-pass"), "x"); }).err == EACCES);
     }
-    SECTION("an old version is refused to a caller without get: list-only, glob-scoped, denied")
+    SECTION("an old version is refused to a caller without get: list-only, glob-scoped, denied, glob-denied")
     {
         REQUIRE(write_file(m.path("team/db-pass"), "db-value-2").err == 0);
         REQUIRE(write_file(m.path("team/app-key"), "app-value-2").err == 0);
@@ -156,9 +159,11 @@ TEST_CASE("policies decide every open, for users and groups", "[fs][policy]")
         refused(frank, "db-pass@1");  // list only
         refused(dave, "app-key@1");   // get on db-* only
         refused(grace, "app-key@1");  // get denied outright
+        refused(henry, "app-key@1");  // get, but denied on app-* by a glob
         // Those with get read the old version.
         CHECK(ok(as(alice, [&] { return read_file(m.path("team/db-pass@1")); })) == "db-value");
         CHECK(ok(as(dave, [&] { return read_file(m.path("team/db-pass@1")); })) == "db-value");
+        CHECK(ok(as(henry, [&] { return read_file(m.path("team/db-pass@1")); })) == "db-value");
     }
     SECTION("a policy edit without manage is denied")
     {
@@ -208,13 +213,17 @@ TEST_CASE("policies decide every open, for users and groups", "[fs][policy]")
                 return Outcome{again.err, std::string(buf, static_cast<std::size_t>(std::max<ssize_t>(n, 0)))};
             });
         });
-        char c;
-        REQUIRE(::read(opened[0], &c, 1) == 1);
+        // Nothing may throw while the reader runs: a REQUIRE here would
+        // leave its thread joinable (std::terminate) and its child waiting.
+        char c = 'o';
+        const bool reader_opened = ::read(opened[0], &c, 1) == 1;
         const auto w = write_file(m.path("team/.policy"), "allow uid:0 *\n");
-        REQUIRE(::write(changed[1], &c, 1) == 1);
+        const bool released = ::write(changed[1], &c, 1) == 1;
         reader.join();
         for (const int fd : {opened[0], opened[1], changed[0], changed[1]})
             ::close(fd);
+        REQUIRE(reader_opened);
+        REQUIRE(released);
         REQUIRE(w.err == 0);
         CHECK(o.data == "db-value");
         CHECK(o.err == ENOENT);  // the vault is now hidden from her: nothing left to open
