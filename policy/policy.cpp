@@ -181,8 +181,10 @@ Parsed<Glob> parse_glob(std::string_view glob)
     return Glob(glob);
 }
 
+std::string canonical_text(const Rule& rule);
+
 // Parses one line (without its '\n'). nullopt: blank or comment only.
-Parsed<std::optional<Rule>> parse_line(std::string_view line, const NameResolver& names)
+Parsed<std::optional<Rule>> parse_line(std::string_view line, const NameResolver& names, bool strict)
 {
     if (line.size() > max_line_bytes)
         return reject("line longer than " + std::to_string(max_line_bytes) + " bytes");
@@ -244,7 +246,35 @@ Parsed<std::optional<Rule>> parse_line(std::string_view line, const NameResolver
     }
     if (count == 5)
         return reject("unexpected " + quoted(tokens[4]) + " after the glob (a rule has at most four fields)");
+    // A rule that names a vault-wide permission and a glob could never give
+    // or take it: those permissions are decided for the vault, not for a
+    // named secret. (`*` with a glob means every permission a secret has.)
+    if (strict && rule.glob && tokens[2] != "*") {
+        for (const Permission p : {Permission::list, Permission::manage}) {
+            if (rule.permissions.contains(p))
+                return reject(quoted(canonical_text(rule)) + " can never take effect: " +
+                              quoted(to_string(p)) + " applies to the whole vault, never to the secrets " +
+                              quoted(rule.glob->text()) + " matches; give it in a rule of its own without a glob");
+        }
+    }
     return std::optional<Rule>(std::move(rule));
+}
+
+// A rule whose every permission a glob-less deny takes from everyone it
+// names could never take effect (deny wins, wherever it stands).
+std::optional<std::string> shadowed(const std::vector<Rule>& rules, std::size_t i)
+{
+    const Rule& allow = rules[i];
+    if (!allow.allow)
+        return std::nullopt;
+    for (std::size_t j = 0; j < rules.size(); ++j) {
+        const Rule& deny = rules[j];
+        if (deny.allow || deny.glob || (deny.permissions & allow.permissions) != allow.permissions)
+            continue;
+        if (deny.principal.kind == Principal::Kind::any || deny.principal == allow.principal)
+            return "line " + std::to_string(j + 1) + " (" + canonical_text(deny) + ") denies all of it";
+    }
+    return std::nullopt;
 }
 
 std::string canonical_text(const Rule& rule)
@@ -345,26 +375,40 @@ std::string ParseError::message() const
     return "line " + std::to_string(line) + ": " + reason;
 }
 
-tl::expected<Policy, ParseError> Policy::parse(std::string_view text, const NameResolver& names)
+tl::expected<Policy, ParseError> Policy::parse(std::string_view text, const NameResolver& names, Origin origin)
 {
     Policy policy;
     int line_number = 0;
+    std::vector<int> lines;  // the input line of each rule
     std::size_t start = 0;
     while (start < text.size()) {
         ++line_number;
         const std::size_t newline = text.find('\n', start);
         const std::size_t end = newline == std::string_view::npos ? text.size() : newline;
-        auto rule = parse_line(text.substr(start, end - start), names);
+        auto rule = parse_line(text.substr(start, end - start), names, origin == Origin::written);
         if (!rule)
             return tl::unexpected(ParseError{line_number, std::move(rule.error())});
         if (*rule) {
             if (policy.rules_.size() == max_rules)
                 return tl::unexpected(ParseError{line_number, "more than " + std::to_string(max_rules) + " rules"});
             policy.rules_.push_back(std::move(**rule));
+            lines.push_back(line_number);
         }
         start = end + 1;
     }
+    for (std::size_t i = 0; origin == Origin::written && i < policy.rules_.size(); ++i)
+        if (const auto why = shadowed(policy.rules_, i))
+            return tl::unexpected(ParseError{lines[i], quoted(canonical_text(policy.rules_[i])) +
+                                                           " can never take effect: " + *why});
     return policy;
+}
+
+tl::expected<void, ParseError> Policy::check_line(std::string_view line, int number, const NameResolver& names)
+{
+    auto rule = parse_line(line, names, true);
+    if (!rule)
+        return tl::unexpected(ParseError{number, std::move(rule.error())});
+    return {};
 }
 
 Policy Policy::owner_only(uid_t owner)

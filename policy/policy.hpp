@@ -171,7 +171,20 @@ public:
     // Parses policy text. Any error rejects the whole text.
     // Limits: at most 1000 rules, lines at most 4096 bytes, globs at most
     // 127 characters (a secret name's length).
-    static tl::expected<Policy, ParseError> parse(std::string_view text, const NameResolver& names);
+    // Rules that could never take effect are errors too in text being
+    // written: a glob with a vault-wide permission (list, manage), an allow
+    // whose every permission a glob-less deny takes from everyone it names.
+    // Text read back from storage was accepted when written (perhaps under
+    // older rules) and is not held to them again.
+    enum class Origin { written, stored };
+    static tl::expected<Policy, ParseError> parse(std::string_view text, const NameResolver& names,
+                                                  Origin origin = Origin::written);
+
+    // Checks one line (without its '\n'; `number` is its line number) the
+    // way parse() would, for text that arrives a line at a time: what only
+    // the whole text can show (the rule count, shadowed rules, who may
+    // manage) is left to parse().
+    static tl::expected<void, ParseError> check_line(std::string_view line, int number, const NameResolver& names);
 
     // A policy granting `*` on the whole vault to one uid (a new vault's).
     static Policy owner_only(uid_t owner);
