@@ -9,7 +9,7 @@ namespace vaultfs::vault {
 
 namespace {
 
-constexpr int schema_version = 2;
+constexpr int schema_version = 3;
 
 // Version 1. Times are microseconds since the epoch (UTC). Ids use
 // AUTOINCREMENT so that a purged secret's id (and so its inode number) is
@@ -87,12 +87,24 @@ ALTER TABLE audit_anchor ADD COLUMN file_start INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE audit_anchor ADD COLUMN sig BLOB;
 )sql";
 
+// Version 3: owners, groups and modes of secrets (NULL: the vault's default)
+// and each vault's defaults (root:root 0400).
+constexpr const char* schema_v3 = R"sql(
+ALTER TABLE secrets ADD COLUMN owner INTEGER;
+ALTER TABLE secrets ADD COLUMN grp INTEGER;
+ALTER TABLE secrets ADD COLUMN mode INTEGER CHECK (mode BETWEEN 0 AND 511);
+ALTER TABLE vaults ADD COLUMN default_owner INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE vaults ADD COLUMN default_group INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE vaults ADD COLUMN default_mode INTEGER NOT NULL DEFAULT 256 CHECK (default_mode BETWEEN 0 AND 511);
+)sql";
+
 // Forward migrations: migrations[i] takes user_version i to i + 1.
-constexpr const char* migrations[] = {schema_v1, schema_v2};
+constexpr const char* migrations[] = {schema_v1, schema_v2, schema_v3};
 static_assert(std::size(migrations) == schema_version);
 
-constexpr const char* vault_columns = "id, name, kek_id, retention_days, purge_protection, created, created_by";
-constexpr const char* secret_columns = "id, vault_id, name, created, next_version, deleted_at, purge_at";
+#define VAULT_COLUMNS \
+    "id, name, kek_id, retention_days, purge_protection, created, created_by, default_owner, default_group, default_mode"
+#define SECRET_COLUMNS "id, vault_id, name, created, next_version, deleted_at, purge_at, owner, grp, mode"
 
 VaultRow read_vault(const sqlite::Query& q)
 {
@@ -102,13 +114,25 @@ VaultRow read_vault(const sqlite::Query& q)
                     static_cast<int>(q.int64(3)),
                     q.int64(4) != 0,
                     q.int64(5),
-                    static_cast<uid_t>(q.int64(6))};
+                    static_cast<uid_t>(q.int64(6)),
+                    Ownership{static_cast<uid_t>(q.int64(7)), static_cast<gid_t>(q.int64(8)),
+                              static_cast<std::uint32_t>(q.int64(9))}};
 }
+
+// The number of SECRET_COLUMNS: joined queries select a version's after them.
+constexpr int secret_column_count = 10;
 
 SecretRow read_secret(const sqlite::Query& q)
 {
-    return SecretRow{SecretId{q.int64(0)},      VaultId{q.int64(1)}, q.text(2), q.int64(3),
-                     static_cast<std::uint64_t>(q.int64(4)), q.optional_int64(5), q.optional_int64(6)};
+    SecretRow s{SecretId{q.int64(0)},      VaultId{q.int64(1)}, q.text(2), q.int64(3),
+                static_cast<std::uint64_t>(q.int64(4)), q.optional_int64(5), q.optional_int64(6)};
+    if (const auto o = q.optional_int64(7))
+        s.owner = static_cast<uid_t>(*o);
+    if (const auto g = q.optional_int64(8))
+        s.group = static_cast<gid_t>(*g);
+    if (const auto m = q.optional_int64(9))
+        s.mode = static_cast<std::uint32_t>(*m);
+    return s;
 }
 
 #define VERSION_COLUMNS \
@@ -130,9 +154,10 @@ VersionRow read_version(const sqlite::Query& q)
 }
 
 // Secret columns then version columns, as the joined hot-path queries select them.
-#define JOINED_COLUMNS                                                                                          \
-    "s.id, s.vault_id, s.name, s.created, s.next_version, s.deleted_at, s.purge_at, v.id, v.secret_id, v.version, " \
-    "v.size, v.created, v.updated, v.created_by, v.enabled, v.not_before, v.expires, v.content_type"
+#define JOINED_COLUMNS                                                                                      \
+    "s.id, s.vault_id, s.name, s.created, s.next_version, s.deleted_at, s.purge_at, s.owner, s.grp, s.mode, " \
+    "v.id, v.secret_id, v.version, v.size, v.created, v.updated, v.created_by, v.enabled, v.not_before, "     \
+    "v.expires, v.content_type"
 
 VersionRow read_version_at(const sqlite::Query& q, int c)
 {
@@ -152,8 +177,8 @@ VersionRow read_version_at(const sqlite::Query& q, int c)
 SecretVersion read_joined(const sqlite::Query& q)
 {
     SecretVersion out{read_secret(q), std::nullopt};
-    if (!q.is_null(7))
-        out.version = read_version_at(q, 7);
+    if (!q.is_null(secret_column_count))
+        out.version = read_version_at(q, secret_column_count);
     return out;
 }
 
@@ -329,7 +354,7 @@ Result<std::optional<VaultRow>> Store::vault_by_name(std::string_view name)
     return with_reader([&](sqlite::Connection& c) {
         return first<VaultRow>(
             c,
-            "SELECT id, name, kek_id, retention_days, purge_protection, created, created_by FROM vaults WHERE name = ?",
+            "SELECT " VAULT_COLUMNS " FROM vaults WHERE name = ?",
             [&](sqlite::Query& q) { q.bind(1, name); }, read_vault);
     });
 }
@@ -338,7 +363,7 @@ Result<std::optional<VaultRow>> Store::vault_by_id(VaultId id)
 {
     return with_reader([&](sqlite::Connection& c) {
         return first<VaultRow>(
-            c, "SELECT id, name, kek_id, retention_days, purge_protection, created, created_by FROM vaults WHERE id = ?",
+            c, "SELECT " VAULT_COLUMNS " FROM vaults WHERE id = ?",
             [&](sqlite::Query& q) { q.bind(1, id.value); }, read_vault);
     });
 }
@@ -347,7 +372,7 @@ Result<std::vector<VaultRow>> Store::vaults()
 {
     return with_reader([&](sqlite::Connection& c) {
         return collect<VaultRow>(
-            c, "SELECT id, name, kek_id, retention_days, purge_protection, created, created_by FROM vaults ORDER BY id",
+            c, "SELECT " VAULT_COLUMNS " FROM vaults ORDER BY id",
             [](sqlite::Query&) {}, read_vault);
     });
 }
@@ -369,7 +394,7 @@ Result<std::optional<SecretRow>> Store::secret_by_name(VaultId vault, std::strin
     return with_reader([&](sqlite::Connection& c) {
         return first<SecretRow>(
             c,
-            "SELECT id, vault_id, name, created, next_version, deleted_at, purge_at FROM secrets "
+            "SELECT " SECRET_COLUMNS " FROM secrets "
             "WHERE vault_id = ? AND name = ?",
             [&](sqlite::Query& q) { q.bind(1, vault.value).bind(2, name); }, read_secret);
     });
@@ -379,7 +404,7 @@ Result<std::optional<SecretRow>> Store::secret_by_id(SecretId id)
 {
     return with_reader([&](sqlite::Connection& c) {
         return first<SecretRow>(
-            c, "SELECT id, vault_id, name, created, next_version, deleted_at, purge_at FROM secrets WHERE id = ?",
+            c, "SELECT " SECRET_COLUMNS " FROM secrets WHERE id = ?",
             [&](sqlite::Query& q) { q.bind(1, id.value); }, read_secret);
     });
 }
@@ -389,7 +414,7 @@ Result<std::vector<SecretRow>> Store::live_secrets(VaultId vault, SecretId after
     return with_reader([&](sqlite::Connection& c) {
         return collect<SecretRow>(
             c,
-            "SELECT id, vault_id, name, created, next_version, deleted_at, purge_at FROM secrets "
+            "SELECT " SECRET_COLUMNS " FROM secrets "
             "WHERE vault_id = ? AND deleted_at IS NULL AND id > ? AND next_version > 1 ORDER BY id LIMIT ?",
             [&](sqlite::Query& q) {
                 q.bind(1, vault.value).bind(2, after.value).bind(3, static_cast<std::int64_t>(limit));
@@ -398,12 +423,27 @@ Result<std::vector<SecretRow>> Store::live_secrets(VaultId vault, SecretId after
     });
 }
 
+Result<std::vector<SecretVersion>> Store::live_secrets_with_current(VaultId vault, SecretId after, std::size_t limit)
+{
+    return with_reader([&](sqlite::Connection& c) {
+        return collect<SecretVersion>(
+            c,
+            "SELECT " JOINED_COLUMNS " FROM secrets s JOIN versions v ON v.id = (SELECT id FROM versions "
+            "WHERE secret_id = s.id ORDER BY enabled DESC, version DESC LIMIT 1) "
+            "WHERE s.vault_id = ? AND s.deleted_at IS NULL AND s.id > ? AND s.next_version > 1 ORDER BY s.id LIMIT ?",
+            [&](sqlite::Query& q) {
+                q.bind(1, vault.value).bind(2, after.value).bind(3, static_cast<std::int64_t>(limit));
+            },
+            read_joined);
+    });
+}
+
 Result<std::vector<SecretRow>> Store::deleted_secrets(VaultId vault, SecretId after, std::size_t limit)
 {
     return with_reader([&](sqlite::Connection& c) {
         return collect<SecretRow>(
             c,
-            "SELECT id, vault_id, name, created, next_version, deleted_at, purge_at FROM secrets "
+            "SELECT " SECRET_COLUMNS " FROM secrets "
             "WHERE vault_id = ? AND deleted_at IS NOT NULL AND id > ? ORDER BY id LIMIT ?",
             [&](sqlite::Query& q) {
                 q.bind(1, vault.value).bind(2, after.value).bind(3, static_cast<std::int64_t>(limit));
@@ -417,7 +457,7 @@ Result<std::vector<SecretRow>> Store::purge_due(Micros now, std::size_t limit)
     return with_reader([&](sqlite::Connection& c) {
         return collect<SecretRow>(
             c,
-            "SELECT id, vault_id, name, created, next_version, deleted_at, purge_at FROM secrets "
+            "SELECT " SECRET_COLUMNS " FROM secrets "
             "WHERE purge_at IS NOT NULL AND purge_at <= ? ORDER BY purge_at LIMIT ?",
             [&](sqlite::Query& q) { q.bind(1, now).bind(2, static_cast<std::int64_t>(limit)); }, read_secret);
     });
@@ -496,8 +536,9 @@ Result<std::optional<SealedRead>> Store::sealed_for_read(VersionId id)
             "FROM versions v JOIN secrets s ON s.id = v.secret_id WHERE v.id = ?",
             [&](sqlite::Query& q) { q.bind(1, id.value); },
             [](const sqlite::Query& q) {
-                return SealedRead{read_secret(q),
-                                  SealedVersion{read_version_at(q, 7), q.text(18), q.blob(19), q.blob(20), q.blob(21)}};
+                constexpr int c = secret_column_count + 11;  // after the version's columns
+                return SealedRead{read_secret(q), SealedVersion{read_version_at(q, secret_column_count), q.text(c),
+                                                                q.blob(c + 1), q.blob(c + 2), q.blob(c + 3)}};
             });
     });
 }
@@ -724,15 +765,18 @@ Result<void> Store::run_batch(std::deque<PendingWrite*>& batch)
 Result<VaultId> Store::Transaction::insert_vault(const VaultRow& row, const PolicyRow& policy)
 {
     auto r = run(conn_,
-                 "INSERT INTO vaults (name, kek_id, retention_days, purge_protection, created, created_by) "
-                 "VALUES (?, ?, ?, ?, ?, ?)",
+                 "INSERT INTO vaults (name, kek_id, retention_days, purge_protection, created, created_by, "
+                 "default_owner, default_group, default_mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                  [&](sqlite::Query& q) {
                      q.bind(1, row.name)
                          .bind(2, row.kek_id)
                          .bind(3, static_cast<std::int64_t>(row.retention_days))
                          .bind(4, static_cast<std::int64_t>(row.purge_protection))
                          .bind(5, row.created)
-                         .bind(6, static_cast<std::int64_t>(row.created_by));
+                         .bind(6, static_cast<std::int64_t>(row.created_by))
+                         .bind(7, static_cast<std::int64_t>(row.defaults.owner))
+                         .bind(8, static_cast<std::int64_t>(row.defaults.group))
+                         .bind(9, static_cast<std::int64_t>(row.defaults.mode));
                  });
     if (!r)
         return tl::unexpected(r.error());
@@ -759,6 +803,28 @@ Result<void> Store::Transaction::update_vault_settings(VaultId vault, int retent
                });
 }
 
+Result<void> Store::Transaction::set_vault_defaults(VaultId vault, const Ownership& d)
+{
+    return run(conn_, "UPDATE vaults SET default_owner = ?, default_group = ?, default_mode = ? WHERE id = ?",
+               [&](sqlite::Query& q) {
+                   q.bind(1, static_cast<std::int64_t>(d.owner))
+                       .bind(2, static_cast<std::int64_t>(d.group))
+                       .bind(3, static_cast<std::int64_t>(d.mode))
+                       .bind(4, vault.value);
+               });
+}
+
+Result<void> Store::Transaction::set_ownership(SecretId secret, std::optional<uid_t> owner, std::optional<gid_t> group,
+                                               std::optional<std::uint32_t> mode)
+{
+    const auto wide = [](auto v) {
+        return v ? std::optional<std::int64_t>(static_cast<std::int64_t>(*v)) : std::nullopt;
+    };
+    return run(conn_, "UPDATE secrets SET owner = ?, grp = ?, mode = ? WHERE id = ?", [&](sqlite::Query& q) {
+        q.bind(1, wide(owner)).bind(2, wide(group)).bind(3, wide(mode)).bind(4, secret.value);
+    });
+}
+
 Result<void> Store::Transaction::set_policy(VaultId vault, const PolicyRow& policy)
 {
     return run(conn_,
@@ -776,7 +842,7 @@ Result<void> Store::Transaction::set_policy(VaultId vault, const PolicyRow& poli
 Result<std::optional<SecretRow>> Store::Transaction::secret(SecretId id)
 {
     return first<SecretRow>(
-        conn_, "SELECT id, vault_id, name, created, next_version, deleted_at, purge_at FROM secrets WHERE id = ?",
+        conn_, "SELECT " SECRET_COLUMNS " FROM secrets WHERE id = ?",
         [&](sqlite::Query& q) { q.bind(1, id.value); }, read_secret);
 }
 
@@ -784,7 +850,7 @@ Result<std::optional<SecretRow>> Store::Transaction::secret_by_name(VaultId vaul
 {
     return first<SecretRow>(
         conn_,
-        "SELECT id, vault_id, name, created, next_version, deleted_at, purge_at FROM secrets "
+        "SELECT " SECRET_COLUMNS " FROM secrets "
         "WHERE vault_id = ? AND name = ?",
         [&](sqlite::Query& q) { q.bind(1, vault.value).bind(2, name); }, read_secret);
 }
@@ -812,7 +878,7 @@ Result<SecretRow> Store::Transaction::ensure_secret(VaultId vault, std::string_v
         return tl::unexpected(r.error());
     auto row = first<SecretRow>(
         conn_,
-        "SELECT id, vault_id, name, created, next_version, deleted_at, purge_at FROM secrets "
+        "SELECT " SECRET_COLUMNS " FROM secrets "
         "WHERE vault_id = ? AND name = ?",
         [&](sqlite::Query& q) { q.bind(1, vault.value).bind(2, name); }, read_secret);
     if (!row)

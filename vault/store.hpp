@@ -55,6 +55,7 @@ struct VaultRow {
     bool purge_protection = false;
     Micros created = 0;
     uid_t created_by = 0;
+    Ownership defaults;  // what a new secret's stat shows until a manager changes it
 };
 
 struct PolicyRow {
@@ -71,6 +72,15 @@ struct SecretRow {
     std::uint64_t next_version = 1;  // versions are 1..next_version-1
     std::optional<Micros> deleted_at;
     std::optional<Micros> purge_at;
+    // Set by a manager (chown, chmod); nullopt: the vault's default.
+    std::optional<uid_t> owner;
+    std::optional<gid_t> group;
+    std::optional<std::uint32_t> mode;
+
+    Ownership ownership(const Ownership& defaults) const
+    {
+        return Ownership{owner.value_or(defaults.owner), group.value_or(defaults.group), mode.value_or(defaults.mode)};
+    }
 
     // A row is created when a writer opens a new name; it becomes a secret
     // once its first version commits.
@@ -167,6 +177,9 @@ public:
     Result<std::optional<SecretRow>> secret_by_id(SecretId id);
     // Secrets with at least one version, ordered by id, after `after`.
     Result<std::vector<SecretRow>> live_secrets(VaultId vault, SecretId after, std::size_t limit);
+    // The same page with the version each secret stands for (a listing
+    // with attributes: readdirplus).
+    Result<std::vector<SecretVersion>> live_secrets_with_current(VaultId vault, SecretId after, std::size_t limit);
     Result<std::vector<SecretRow>> deleted_secrets(VaultId vault, SecretId after, std::size_t limit);
     // Secrets past their purge date, across all vaults.
     Result<std::vector<SecretRow>> purge_due(Micros now, std::size_t limit);
@@ -250,6 +263,10 @@ public:
     Result<VaultId> insert_vault(const VaultRow& row, const PolicyRow& policy);
     Result<void> delete_vault(VaultId vault);
     Result<void> update_vault_settings(VaultId vault, int retention_days, bool purge_protection);
+    Result<void> set_vault_defaults(VaultId vault, const Ownership& defaults);
+    // A secret's owner, group and mode (nullopt: the vault's default).
+    Result<void> set_ownership(SecretId secret, std::optional<uid_t> owner, std::optional<gid_t> group,
+                               std::optional<std::uint32_t> mode);
     Result<void> set_policy(VaultId vault, const PolicyRow& policy);
 
     // The row for `name`, created (without versions) if missing.

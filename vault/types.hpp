@@ -32,6 +32,16 @@ struct Caller {
     pid_t pid = 0;
 };
 
+// What `stat` shows of a secret: its owner, group and permission bits, the
+// same for every caller. Metadata for the consumers that check it (ssh,
+// PostgreSQL): the vault's policy alone decides who may do what.
+struct Ownership {
+    uid_t owner = 0;
+    gid_t group = 0;
+    std::uint32_t mode = 0400;  // permission bits only (0777)
+    bool operator==(const Ownership&) const = default;
+};
+
 // Values above this are refused (DESIGN §1).
 inline constexpr std::size_t max_value_size = 25 * 1024;
 

@@ -141,7 +141,7 @@ Result<std::uint64_t> add_version(Store& store, SecretId secret, std::size_t blo
     return number;
 }
 
-TEST_CASE("create makes a new WAL database at schema 2, readable only by its owner", "[store]")
+TEST_CASE("create makes a new WAL database at schema 3, readable only by its owner", "[store]")
 {
     TempDir dir;
     const std::string path = dir / "vault.db";
@@ -152,7 +152,7 @@ TEST_CASE("create makes a new WAL database at schema 2, readable only by its own
         REQUIRE(::stat(path.c_str(), &st) == 0);
         CHECK((st.st_mode & 0777) == 0600);
         Db db(path, SQLITE_OPEN_READONLY);
-        CHECK(db.integer("PRAGMA user_version") == 2);
+        CHECK(db.integer("PRAGMA user_version") == 3);
         CHECK(db.text("PRAGMA journal_mode") == "wal");
         CHECK(db.integer("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN "
                          "('vaults', 'policies', 'secrets', 'versions', 'tags', 'settings', 'audit_anchor')") == 7);
@@ -503,14 +503,24 @@ TEST_CASE("the audit anchor is stored and read back", "[store]")
     CHECK((*a)->sig == sig);
 }
 
-TEST_CASE("a schema-1 database migrates to schema 2: its anchor reads back unsigned", "[store]")
+TEST_CASE("a schema-1 database migrates to schema 3: its anchor reads back unsigned, owners are the defaults",
+          "[store]")
 {
     TempDir dir;
     const std::string path = dir / "vault.db";
     {
         sqlite3* db = nullptr;
         REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
+        // The tables the migrations alter, as schema 1 had them.
         const char* v1 =
+            "CREATE TABLE vaults (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, kek_id TEXT NOT "
+            "NULL, retention_days INTEGER NOT NULL DEFAULT 90, purge_protection INTEGER NOT NULL DEFAULT 0, created "
+            "INTEGER NOT NULL, created_by INTEGER NOT NULL);"
+            "CREATE TABLE secrets (id INTEGER PRIMARY KEY AUTOINCREMENT, vault_id INTEGER NOT NULL, name TEXT NOT "
+            "NULL, created INTEGER NOT NULL, next_version INTEGER NOT NULL DEFAULT 1, deleted_at INTEGER, purge_at "
+            "INTEGER, UNIQUE (vault_id, name));"
+            "INSERT INTO vaults (name, kek_id, created, created_by) VALUES ('old', 'ab', 1, 0);"
+            "INSERT INTO secrets (vault_id, name, created, next_version) VALUES (1, 's', 1, 2);"
             "CREATE TABLE audit_anchor (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT NOT "
             "NULL, clean_shutdown INTEGER NOT NULL);"
             "INSERT INTO audit_anchor VALUES (1, 5, 'abc', 1);"
@@ -526,6 +536,15 @@ TEST_CASE("a schema-1 database migrates to schema 2: its anchor reads back unsig
     CHECK((*a)->seq == 5);
     CHECK((*a)->sig.empty());
     CHECK((*a)->time == 0);
+    auto v = (*store)->vault_by_name("old");
+    REQUIRE(v);
+    REQUIRE(*v);
+    CHECK((*v)->defaults == Ownership{0, 0, 0400});
+    auto sec = (*store)->secret_by_name((*v)->id, "s");
+    REQUIRE(sec);
+    REQUIRE(*sec);
+    CHECK_FALSE((*sec)->owner);
+    CHECK_FALSE((*sec)->mode);
 }
 
 TEST_CASE("a read-only store refuses writes", "[store]")
