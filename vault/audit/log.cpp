@@ -150,6 +150,7 @@ struct Log::Fields {
     std::optional<std::uint64_t> bytes;
     std::string reason;
     std::string attribute;
+    std::string from;
 
     static Fields of(const Event& e)
     {
@@ -175,6 +176,7 @@ struct Log::Fields {
         f.bytes = e.bytes;
         f.reason = e.reason;
         f.attribute = e.attribute;
+        f.from = e.from;
         return f;
     }
 
@@ -202,6 +204,8 @@ struct Log::Fields {
             b.text("reason", reason);
         if (!attribute.empty())
             b.text("attribute", attribute);
+        if (!from.empty())
+            b.text("from", from);
         for (const auto& [key, value] : extras)
             b.value(key, value);
         b.text("prev", prev);
@@ -541,6 +545,21 @@ Result<void> Log::summary_locked(const RefusalCoalescer::Summary& s, Micros now)
         return r;
     if (unsigned_ >= options_.bound.records)
         (void)signed_locked("checkpoint", now);
+    return {};
+}
+
+Result<void> Log::ready()
+{
+    std::lock_guard lock(mutex_);
+    if (closed_)
+        return fail(Errc::audit_unavailable, "the audit log is closed");
+    if (!healthy_.load())
+        return fail(Errc::audit_unavailable, "the audit log " + options_.path + " is failing (see the daemon's log)");
+    struct statvfs vfs{};
+    // Room for a record and the checkpoint that may have to come first.
+    constexpr std::uint64_t room = 64 * 1024;
+    if (fd_ >= 0 && ::fstatvfs(fd_, &vfs) == 0 && static_cast<std::uint64_t>(vfs.f_bavail) * vfs.f_frsize < room)
+        return fail(Errc::audit_unavailable, "the disk of the audit log " + options_.path + " is full");
     return {};
 }
 

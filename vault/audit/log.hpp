@@ -92,6 +92,7 @@ struct Event {
     std::optional<std::uint64_t> bytes;  // plaintext bytes served or stored
     std::string_view reason;             // why it failed, when that is not obvious from `result`
     std::string_view attribute;          // for xattr and settings operations
+    std::string_view from;               // a rename's source name
     // A refusal the caller can repeat at will: it holds nothing where it
     // knocked (no permission in the vault; a non-admin at the mount root or
     // on the control socket), or its uid is past a per-uid limit. Coalesced;
@@ -153,6 +154,11 @@ public:
 
     // True while records are being written.
     bool healthy() const { return healthy_.load(std::memory_order_relaxed); }
+    // Whether the records of an operation could be written now: the log is
+    // healthy and its disk has room for them. Errc::audit_unavailable (with
+    // the reason) otherwise. A check ahead of the work, for write() to fail
+    // early; append() still decides.
+    Result<void> ready();
 
     struct Stats {
         std::uint64_t last_seq = 0;
