@@ -1,6 +1,7 @@
 #include "vault/attributes.hpp"
 
 #include <algorithm>
+#include <charconv>
 #include <cstdio>
 #include <ctime>
 
@@ -115,6 +116,24 @@ bool is_valid_tag_value(std::string_view text)
                const auto u = static_cast<unsigned char>(c);
                return u >= 0x20 && u != 0x7f;
            });
+}
+
+std::optional<std::uint32_t> parse_mode(std::string_view text)
+{
+    std::uint32_t mode = 0;
+    if (text.empty() || text.size() > 4)
+        return std::nullopt;
+    const auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), mode, 8);
+    if (ec != std::errc() || p != text.data() + text.size() || mode > 0777)
+        return std::nullopt;
+    return mode;
+}
+
+std::string format_mode(std::uint32_t mode)
+{
+    char buf[8];
+    std::snprintf(buf, sizeof buf, "%04o", mode & 0777u);
+    return buf;
 }
 
 }  // namespace vaultfs::vault

@@ -12,9 +12,14 @@
 //                                    limits a whole xattr name to 255 bytes),
 //                                    value at most 512 bytes without control
 //                                    characters
+//
+// Of a vault directory: retention_days (7-90), purge_protection (true |
+// false), default_owner and default_group (ids; names when set), and
+// default_mode (octal, permission bits only: "0400").
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -36,6 +41,10 @@ std::string format_rfc3339(Micros t);
 
 std::optional<bool> parse_bool(std::string_view text);
 std::string format_bool(bool b);
+
+// Octal permission bits, 1-4 digits, at most 0777; formatted as "0400".
+std::optional<std::uint32_t> parse_mode(std::string_view text);
+std::string format_mode(std::uint32_t mode);
 
 bool is_valid_content_type(std::string_view text);
 bool is_valid_tag_name(std::string_view text);

@@ -4,6 +4,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <charconv>
 #include <mutex>
 
 #include "vault/attributes.hpp"
@@ -33,7 +34,8 @@ Result<DeletedView> SecretService::deleted_view(const Caller& caller, const Vaul
                        s.created,
                        s.deleted_at.value_or(0),
                        s.purge_at.value_or(0),
-                       v.policy->effective(caller.who, s.name)};
+                       v.policy->effective(caller.who, s.name),
+                       s.ownership(v.row.defaults)};
 }
 
 Result<void> SecretService::delete_secret(const Caller& caller, VaultId vault, std::string_view name)
@@ -48,18 +50,50 @@ Result<void> SecretService::delete_secret(const Caller& caller, VaultId vault, s
         return refuse(ev, Errc::access_denied);
     const Micros now = now_micros();
     const Micros purge_at = now + static_cast<Micros>((*v)->row.retention_days) * options_.retention_day_ms * 1000;
+    // What goes for good instead of to .deleted: a name whose first version
+    // is still being written (its writer then commits nothing), and a fresh
+    // secret its own uid removes (a tool's temporary file). Decided from the
+    // row as it is inside the transaction.
+    std::string gone_for_good;
+    auto row = store_.secret_by_name(vault, name);
+    if (!row)
+        return refuse(ev, row.error().code, row.error().message);
+    if (*row && !(*row)->deleted()) {
+        if (!(*row)->has_versions()) {
+            gone_for_good = "being created: removed, its writer commits nothing";
+        } else if ((*row)->next_version == 2) {
+            auto first = store_.version((*row)->id, 1);
+            if (!first)
+                return refuse(ev, first.error().code, first.error().message);
+            if (*first && (*first)->size == 0 && is_fresh(caller, **row, *first))
+                gone_for_good = "fresh and empty: made by this uid moments ago, removed for good";
+        }
+    }
+    if (!gone_for_good.empty())
+        ev.reason = gone_for_good;
     auto w = write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
         auto s = tx.secret_by_name(vault, name);
         if (!s)
             return tl::unexpected(s.error());
-        if (!*s || !(*s)->has_versions() || (*s)->deleted())
+        if (!*s || (*s)->deleted())
             return fail(Errc::not_found);
-        if (auto r = tx.set_deleted((*s)->id, now, purge_at); !r)
-            return r;
-        return {};
+        if (!gone_for_good.empty()) {
+            // Only if nothing was committed meanwhile (a rare race: say so).
+            if ((*s)->next_version != (*row)->next_version)
+                return fail(Errc::busy, "a version was committed while it was being removed; try again");
+            return tx.purge_secret((*s)->id);
+        }
+        if (!(*s)->has_versions())
+            return fail(Errc::not_found);
+        return tx.set_deleted((*s)->id, now, purge_at);
     });
     if (!w)
         return tl::unexpected(w.error());
+    if (gone_for_good.empty()) {
+        std::lock_guard lock(deletes_mutex_);
+        std::erase_if(recent_deletes_, [&](const auto& e) { return now - e.second.at > fresh_window; });
+        recent_deletes_[{vault.value, std::string(name)}] = RecentDelete{caller.who.uid, now};
+    }
     return {};
 }
 
@@ -373,7 +407,10 @@ Result<std::vector<std::pair<std::string, std::string>>> SecretService::vault_at
         return tl::unexpected(v.error());
     return std::vector<std::pair<std::string, std::string>>{
         {"retention_days", std::to_string(v->settings.retention_days)},
-        {"purge_protection", format_bool(v->settings.purge_protection)}};
+        {"purge_protection", format_bool(v->settings.purge_protection)},
+        {"default_owner", std::to_string(v->defaults.owner)},
+        {"default_group", std::to_string(v->defaults.group)},
+        {"default_mode", format_mode(v->defaults.mode)}};
 }
 
 Result<void> SecretService::set_vault_attribute(const Caller& caller, VaultId vault, std::string_view name,
@@ -384,11 +421,43 @@ Result<void> SecretService::set_vault_attribute(const Caller& caller, VaultId va
         return tl::unexpected(v.error());
     audit::Event ev{.op = "vault_set", .caller = &caller, .vault = (*v)->row.name, .allowed = false, .rule = "not-admin",
                   .attribute = name};
+    VaultRow row = (*v)->row;
+    if (name == "default_owner" || name == "default_group" || name == "default_mode") {
+        // What new secrets show: the vault's managers decide, as they do chown.
+        const Decided d = decide(caller, **v, Permission::manage);
+        d.fill(ev);
+        if (!d.allowed)
+            return refuse(ev, Errc::access_denied, "setting a vault's defaults needs manage");
+        const std::string text(value);
+        std::uint32_t id = 0;
+        const auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), id);
+        const bool numeric = !text.empty() && ec == std::errc() && p == text.data() + text.size();
+        if (name == "default_mode") {
+            const auto mode = parse_mode(text);
+            if (!mode)
+                return refuse(ev, Errc::invalid_argument, "default_mode is octal permission bits, e.g. 0400");
+            row.defaults.mode = *mode;
+        } else if (name == "default_owner") {
+            const auto uid = numeric ? std::optional<uid_t>(id) : names_.user_id(text);
+            if (!uid)
+                return refuse(ev, Errc::invalid_argument, "default_owner is a user name or a uid");
+            row.defaults.owner = *uid;
+        } else {
+            const auto gid = numeric ? std::optional<gid_t>(id) : names_.group_id(text);
+            if (!gid)
+                return refuse(ev, Errc::invalid_argument, "default_group is a group name or a gid");
+            row.defaults.group = *gid;
+        }
+        auto w = write_audited(ev, [&](Store::Transaction& tx) { return tx.set_vault_defaults(vault, row.defaults); });
+        if (!w)
+            return tl::unexpected(w.error());
+        forget_vault(vault);
+        return {};
+    }
     if (!is_admin(caller))
         return refuse(ev, Errc::access_denied, "only admins change vault settings");
     ev.allowed = true;
     ev.rule = "admin";
-    VaultRow row = (*v)->row;
     if (name == "retention_days") {
         int days = 0;
         const std::string text(value);

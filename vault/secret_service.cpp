@@ -195,7 +195,7 @@ Result<std::shared_ptr<const SecretService::VaultEntry>> SecretService::load_vau
         return tl::unexpected(text.error());
     // A stored policy was valid when written; if a name it used has gone,
     // it still parses because stored policies hold ids only.
-    auto parsed = policy::Policy::parse(*text ? (*text)->text : std::string(), names_);
+    auto parsed = policy::Policy::parse(*text ? (*text)->text : std::string(), names_, policy::Policy::Origin::stored);
     if (!parsed) {
         spdlog::error("vault {}: stored policy does not parse ({}); denying everything", (*row)->name,
                       parsed.error().message());
@@ -248,14 +248,15 @@ VaultView SecretService::view_of(const Caller& caller, const VaultEntry& v) cons
                      VaultSettings{v.row.retention_days, v.row.purge_protection},
                      v.policy->effective(caller.who),
                      is_admin(caller),
-                     v.policy_size};
+                     v.policy_size,
+                     v.row.defaults};
 }
 
 Result<SecretView> SecretService::view_of(const Caller& caller, const VaultEntry& v, const SecretRow& s,
                                           VersionRow version, bool pinned)
 {
-    return SecretView{v.row.id,   v.row.name, s.id,   s.name, s.created, std::move(version),
-                      pinned, v.policy->effective(caller.who, s.name)};
+    return SecretView{v.row.id, v.row.name, s.id,   s.name, s.created, std::move(version),
+                      pinned,   v.policy->effective(caller.who, s.name), s.ownership(v.row.defaults)};
 }
 
 // ---- vaults --------------------------------------------------------------------
@@ -400,6 +401,27 @@ Result<SecretView> SecretService::find_secret(const Caller& caller, VaultId vaul
     return view_of(caller, **v, (*found)->secret, std::move(*(*found)->version), path->version.has_value());
 }
 
+Result<SecretView> SecretService::find_pending(const Caller& caller, VaultId vault, std::string_view name)
+{
+    auto v = load_vault(vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    if (auto r = reach(caller, **v, name, false, Errc::access_denied); !r)
+        return tl::unexpected(r.error());
+    if (!is_valid_secret_name(name))
+        return fail(Errc::not_found);
+    auto found = store_.secret_with_version(vault, name, std::nullopt);
+    if (!found)
+        return tl::unexpected(found.error());
+    if (!*found || (*found)->version || (*found)->secret.deleted())
+        return fail(Errc::not_found);
+    const SecretRow& s = (*found)->secret;
+    VersionRow none;
+    none.secret = s.id;
+    none.created = none.updated = s.created;
+    return view_of(caller, **v, s, none, false);
+}
+
 Result<SecretView> SecretService::secret_by_id(const Caller& caller, SecretId id)
 {
     auto found = store_.secret_with_current(id);
@@ -486,6 +508,27 @@ Result<std::vector<SecretRow>> SecretService::secrets_page(const ListingGrant& g
     if (auto r = still_listing(grant); !r)
         return tl::unexpected(r.error());
     return store_.live_secrets(grant.vault, after, limit);
+}
+
+Result<std::vector<SecretView>> SecretService::secrets_with_current(const ListingGrant& grant, SecretId after,
+                                                                   std::size_t limit)
+{
+    if (auto r = still_listing(grant); !r)
+        return tl::unexpected(r.error());
+    auto v = load_vault(grant.vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    auto rows = store_.live_secrets_with_current(grant.vault, after, limit);
+    if (!rows)
+        return tl::unexpected(rows.error());
+    std::vector<SecretView> out;
+    out.reserve(rows->size());
+    for (auto& row : *rows) {
+        auto view = view_of(grant.caller, **v, row.secret, std::move(*row.version), false);
+        if (view)
+            out.push_back(std::move(*view));
+    }
+    return out;
 }
 
 Result<std::vector<VersionEntry>> SecretService::versions_page(const ListingGrant& grant, VersionId after,
@@ -609,8 +652,18 @@ Result<WriteGrant> SecretService::open_for_write(const Caller& caller, VaultId v
     if (*s)
         row = (*s)->secret;
     if (row && row->deleted()) {
-        ev.reason = "soft-deleted";
-        return refuse(ev, Errc::already_exists);
+        // `install` removes its target and creates it again at once: the
+        // uid that deleted it may have it back (with `recover`).
+        auto back = intent.create ? recover_own_delete(caller, **v, *row) : Result<bool>(false);
+        if (!back)
+            return tl::unexpected(back.error());
+        if (!*back) {
+            ev.reason = "soft-deleted";
+            return refuse(ev, Errc::already_exists);
+        }
+        row->deleted_at.reset();
+        row->purge_at.reset();
+        intent.exclusive = false;  // it exists again: O_EXCL is about the name it replaces
     }
     if (row && row->has_versions() && intent.create && intent.exclusive)
         return refuse(ev, Errc::already_exists);
@@ -619,15 +672,10 @@ Result<WriteGrant> SecretService::open_for_write(const Caller& caller, VaultId v
             return refuse(ev, Errc::not_found);
     }
     if (!row) {
-        auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
-            auto made = tx.ensure_secret(vault, name, now_micros());
-            if (!made)
-                return tl::unexpected(made.error());
-            row = std::move(*made);
-            return {};
-        });
-        if (!w)
-            return refuse(ev, w.error().code, w.error().message);
+        auto made = ensure_row(vault, name);
+        if (!made)
+            return refuse(ev, made.error().code, made.error().message);
+        row = std::move(*made);
         if (row->deleted()) {
             ev.reason = "soft-deleted";
             return refuse(ev, Errc::already_exists);
@@ -636,6 +684,46 @@ Result<WriteGrant> SecretService::open_for_write(const Caller& caller, VaultId v
     if (auto r = record(ev); !r)
         return tl::unexpected(r.error());
     return WriteGrant{vault, (*v)->row.name, row->id, std::string(name), row->created};
+}
+
+Result<SecretRow> SecretService::ensure_row(VaultId vault, std::string_view name)
+{
+    std::optional<SecretRow> row;
+    auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
+        auto made = tx.ensure_secret(vault, name, now_micros());
+        if (!made)
+            return tl::unexpected(made.error());
+        row = std::move(*made);
+        return {};
+    });
+    if (!w)
+        return tl::unexpected(w.error());
+    return std::move(*row);
+}
+
+Result<void> SecretService::check_commit(const Caller& caller, const WriteGrant& grant)
+{
+    auto v = load_vault(grant.vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    const Decided d = decide(caller, **v, Permission::set, grant.name);
+    if (!d.allowed) {
+        audit::Event ev{.op = "commit", .caller = &caller, .vault = grant.vault_name, .secret = grant.name};
+        d.fill(ev);
+        if (ev.reason.empty())
+            ev.reason = "revoked since open";
+        return refuse(ev, Errc::access_denied, "set is no longer granted on " + grant.vault_name + "/" + grant.name);
+    }
+    auto s = store_.secret_with_current(grant.secret);
+    if (!s)
+        return tl::unexpected(s.error());
+    if (!*s || (*s)->secret.deleted())
+        return fail(Errc::not_found, grant.vault_name + "/" + grant.name + " was deleted while open");
+    if (auto r = audit_.ready(); !r)
+        return fail(Errc::audit_unavailable, r.error().message);
+    if (auto r = keys_.ping(); !r)
+        return fail(Errc::key_unavailable, "the token does not answer: " + r.error().message);
+    return {};
 }
 
 Result<std::uint64_t> SecretService::commit(const Caller& caller, const WriteGrant& grant,
@@ -656,13 +744,20 @@ Result<std::uint64_t> SecretService::commit(const Caller& caller, const WriteGra
     }
     if (value.size() > max_value_size)
         return refuse(ev, Errc::too_large, "values are at most 25 KiB");
+    return seal_and_commit(caller, **v, grant.secret, grant.name, value, ev, nullptr);
+}
 
+Result<std::uint64_t> SecretService::seal_and_commit(const Caller& caller, const VaultEntry& v, SecretId secret,
+                                                     std::string_view name, const hsm::SecureBuffer& value,
+                                                     audit::Event& ev,
+                                                     const std::function<Result<void>(Store::Transaction&)>& also)
+{
     // The version number is reserved first, so that the DEK can be sealed by
     // the token and the value encrypted outside the write transaction (the
     // AAD binds the number); concurrent writers then only queue for the
     // insert and the shared fsync.
-    const std::string& kek = (*v)->row.kek_id;
-    auto reserved = reserve_version(grant.secret);
+    const std::string& kek = v.row.kek_id;
+    auto reserved = reserve_version(secret);
     if (!reserved)
         return refuse(ev, reserved.error().code, reserved.error().message);
     const std::uint64_t number = *reserved;
@@ -670,16 +765,16 @@ Result<std::uint64_t> SecretService::commit(const Caller& caller, const WriteGra
         SecretService& self;
         SecretId id;
         ~Release() { self.release_version(id); }
-    } release{*this, grant.secret};
+    } release{*this, secret};
 
     ev.version = number;
-    const Binding binding{grant.vault, grant.name, number, kek};
+    const Binding binding{v.row.id, name, number, kek};
     auto dek = new_dek();
     if (!dek)
         return refuse(ev, dek.error().code, dek.error().message);
     auto sealed_dek = keys_.seal(hsm::KeyId{kek}, *dek, dek_aad(binding));
     if (!sealed_dek) {
-        spdlog::error("commit to {}/{}: the token cannot seal a DEK: {}", grant.vault_name, grant.name,
+        spdlog::error("commit to {}/{}: the token cannot seal a DEK: {}", v.row.name, name,
                       sealed_dek.error().message);
         return refuse(ev, from_hsm(sealed_dek.error()).code, sealed_dek.error().message);
     }
@@ -687,23 +782,26 @@ Result<std::uint64_t> SecretService::commit(const Caller& caller, const WriteGra
     if (!sealed)
         return refuse(ev, sealed.error().code, sealed.error().message);
     const Micros now = now_micros();
-    const SealedVersion row{VersionRow{VersionId{}, grant.secret, number, value.size(), now, now, caller.who.uid, true,
+    const SealedVersion row{VersionRow{VersionId{}, secret, number, value.size(), now, now, caller.who.uid, true,
                                        std::nullopt, std::nullopt, std::nullopt},
                             kek, std::move(sealed->nonce), std::move(sealed->ciphertext), std::move(*sealed_dek)};
 
     bool audited = false;
     auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
-        auto s = tx.secret(grant.secret);
+        auto s = tx.secret(secret);
         if (!s)
             return tl::unexpected(s.error());
         if (!*s)
-            return fail(Errc::not_found, "the secret was purged while open");
+            return fail(Errc::not_found, "the secret was removed while open");
         if ((*s)->deleted())
             return fail(Errc::not_found, "the secret was deleted while open");
         if (auto r = tx.insert_version(row); !r)
             return tl::unexpected(r.error());
-        if (auto r = tx.raise_next_version(grant.secret, number + 1); !r)
+        if (auto r = tx.raise_next_version(secret, number + 1); !r)
             return r;
+        if (also)
+            if (auto r = also(tx); !r)
+                return r;
         // Written before COMMIT: if the audit cannot take it, nothing commits.
         if (auto r = record(ev); !r)
             return r;
@@ -715,7 +813,10 @@ Result<std::uint64_t> SecretService::commit(const Caller& caller, const WriteGra
             return tl::unexpected(w.error());
         if (audited)
             ev.reason = "rolled back";
-        spdlog::error("commit to {}/{} failed: {}", grant.vault_name, grant.name, w.error().message);
+        if (w.error().code == Errc::not_found)
+            spdlog::info("commit to {}/{} did not happen: {}", v.row.name, name, w.error().message);
+        else
+            spdlog::error("commit to {}/{} failed: {}", v.row.name, name, w.error().message);
         return refuse(ev, w.error().code, w.error().message);
     }
     return number;
@@ -801,6 +902,20 @@ Result<void> SecretService::write_policy(const Caller& caller, VaultId vault, st
     // The commit moved the store's generation: the next open reloads the
     // vault and sees the new policy.
     return {};
+}
+
+Result<void> SecretService::check_policy_line(const Caller& caller, VaultId vault, std::string_view line, int number)
+{
+    auto checked = policy::Policy::check_line(line, number, names_);
+    if (checked)
+        return {};
+    auto v = load_vault(vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    const std::string why = checked.error().message();
+    audit::Event ev{.op = "policy_set", .caller = &caller, .vault = (*v)->row.name, .reason = why};
+    decide(caller, **v, Permission::manage).fill(ev);
+    return refuse(ev, Errc::invalid_argument, why);
 }
 
 Result<void> SecretService::authorize(const Caller& caller, VaultId vault, Permission wanted, std::string_view op)

@@ -60,6 +60,7 @@ struct VaultView {
     policy::PermissionSet permissions;  // vault-wide, for this caller
     bool caller_is_admin = false;
     std::size_t policy_size = 0;  // bytes of the canonical policy text
+    Ownership defaults;           // what its new secrets show
 };
 
 // A secret as one path names it: `S` (the current version) or `S@N`.
@@ -72,6 +73,7 @@ struct SecretView {
     VersionRow version;         // the version this view stands for
     bool pinned = false;        // true for S@N
     policy::PermissionSet permissions;
+    Ownership ownership;        // what stat shows, the same for every caller
 };
 
 // A soft-deleted secret as `.deleted/S` names it.
@@ -84,6 +86,7 @@ struct DeletedView {
     Micros deleted_at = 0;
     Micros purge_at = 0;
     policy::PermissionSet permissions;
+    Ownership ownership;
 };
 
 // Permission to commit new versions of one secret, granted at open.
@@ -159,6 +162,10 @@ public:
     // "S" or "S@N" in a vault; needs some permission on the vault.
     // Errc::not_found for malformed names, unknown or soft-deleted secrets.
     Result<SecretView> find_secret(const Caller& caller, VaultId vault, std::string_view component);
+    // A name whose first version is still being written (a writer holds it
+    // open): its view, version number 0 and size 0; Errc::not_found for any
+    // other name. For the filesystem to show its writer the file it creates.
+    Result<SecretView> find_pending(const Caller& caller, VaultId vault, std::string_view name);
     // The current version of a secret / one version row, by id (for inodes).
     // A secret whose first version is still being written has version
     // number 0 and size 0.
@@ -175,6 +182,9 @@ public:
     // refusal is audited, "list"), an allowed page is not audited again.
     Result<std::vector<SecretRow>> secrets_page(const ListingGrant& grant, SecretId after, std::size_t limit);
     Result<std::vector<VersionEntry>> versions_page(const ListingGrant& grant, VersionId after, std::size_t limit);
+    // A page of secrets with the version each stands for, as views (a
+    // listing with attributes: readdirplus). Checked like secrets_page.
+    Result<std::vector<SecretView>> secrets_with_current(const ListingGrant& grant, SecretId after, std::size_t limit);
 
     // ---- values ----------------------------------------------------------------
     // Needs `get`. Checks enabled / not_before / expires, unseals the DEK of
@@ -191,6 +201,12 @@ public:
     // soft-deleted name (Errc::already_exists), and makes the secret's row if
     // it is new. Audited ("set").
     Result<WriteGrant> open_for_write(const Caller& caller, VaultId vault, std::string_view name, WriteIntent intent);
+    // Whether a commit through `grant` could succeed now -- `set` still
+    // granted, the secret still there and not deleted, the audit and the
+    // token able to take it -- so that write() fails with the reason instead
+    // of a close() that a shell never checks. A revoked `set` is audited
+    // ("commit", denied); the rest is not (nothing happened yet).
+    Result<void> check_commit(const Caller& caller, const WriteGrant& grant);
     // Commits `value` as the next version: sealed under a fresh DEK, durable
     // when this returns. Re-checks `set` against the policy in force, so a
     // writer whose grant was revoked since open commits nothing
@@ -199,7 +215,46 @@ public:
     // ("commit").
     Result<std::uint64_t> commit(const Caller& caller, const WriteGrant& grant, const hsm::SecureBuffer& value);
 
+    // ---- what tools do (README "Admin tools"; vault/replace.cpp) --------------
+    // A file staged under a name that is not a secret's, renamed onto `name`:
+    // `value` becomes its next version (the secret is made if new). Needs
+    // `set`; one audited record ("commit", with `from`). `noreplace`
+    // (RENAME_NOREPLACE): Errc::already_exists when `name` is live. A
+    // soft-deleted `name` is Errc::already_exists, unless the caller's uid
+    // deleted it within the fresh window and holds `recover` (see
+    // open_for_write). `ownership`, when given and different from what
+    // `name` shows, is applied if the caller holds `manage`.
+    Result<std::uint64_t> commit_renamed(const Caller& caller, VaultId vault, std::string_view name,
+                                         const hsm::SecureBuffer& value, std::string_view from, bool noreplace,
+                                         std::optional<Ownership> ownership);
+    // rename(from, to) between secret names. Only a fresh `from` moves (see
+    // is_fresh: a tool's temporary file, such as sed -i's): its value
+    // becomes the next version of `to` and `from` is gone for good, in one
+    // transaction. Needs `set` on `to`. Anything else is Errc::not_permitted
+    // (values are bound to their names; a secret is never renamed). Audited
+    // ("rename", with `from`).
+    Result<std::uint64_t> rename_fresh(const Caller& caller, VaultId vault, std::string_view from, std::string_view to,
+                                       bool noreplace);
+    // How long a secret stays fresh: created by one uid, with at most one
+    // version, written by that uid. One that its uid renames onto another
+    // name moves (rename_fresh); an empty one that its uid deletes goes for
+    // good, not to .deleted (vim's `4913` probe file).
+    static constexpr Micros fresh_window = 10 * 1000000;
+
+    // ---- ownership (vault/ownership.cpp) ----------------------------------------
+    // chown/chmod of a secret (all its versions): what stat shows, never who
+    // may read it. Setting what is already shown succeeds and records
+    // nothing; changing it needs `manage` (Errc::not_permitted otherwise,
+    // audited). Only permission bits (0777) (Errc::invalid_argument).
+    // Audited ("chown" / "chmod").
+    Result<void> set_ownership(const Caller& caller, const SecretView& target, std::optional<uid_t> owner,
+                               std::optional<gid_t> group, std::optional<std::uint32_t> mode);
+
     // ---- policies --------------------------------------------------------------
+    // Checks one line of policy text as it arrives (for write(); see
+    // policy::Policy::check_line). Errc::invalid_argument naming the line;
+    // the refusal is audited ("policy_set").
+    Result<void> check_policy_line(const Caller& caller, VaultId vault, std::string_view line, int number);
     // Needs `manage`. Audited ("policy_get" / "policy_set").
     Result<std::string> read_policy(const Caller& caller, VaultId vault);
     // Parses and swaps in the new policy atomically. Errc::invalid_argument
@@ -248,8 +303,10 @@ public:
     // `deleted` and `scheduled_purge` of a soft-deleted secret.
     Result<std::vector<std::pair<std::string, std::string>>> deleted_attributes(const Caller& caller,
                                                                                  const DeletedView& target);
-    // `retention_days` and `purge_protection` of a vault; set by admins only.
-    // Purge protection can be turned on, never off (Errc::not_permitted).
+    // `retention_days` and `purge_protection` of a vault, set by admins only
+    // (purge protection can be turned on, never off: Errc::not_permitted);
+    // and `default_owner`, `default_group` (names or ids) and `default_mode`
+    // (octal), what new secrets show, set by `manage` holders.
     Result<std::vector<std::pair<std::string, std::string>>> vault_attributes(const Caller& caller, VaultId vault);
     Result<void> set_vault_attribute(const Caller& caller, VaultId vault, std::string_view name,
                                      std::string_view value);
@@ -315,6 +372,21 @@ private:
     Result<void> missed_vault(const Caller& caller, std::string_view name, std::string_view why);
     static Error from_hsm(const hsm::Error& e);
     Result<DeletedView> deleted_view(const Caller& caller, const VaultEntry& v, const SecretRow& s);
+    // Whether `s` is fresh for the caller (fresh_window): `first` is its
+    // one version, if it has one.
+    bool is_fresh(const Caller& caller, const SecretRow& s, const std::optional<VersionRow>& first) const;
+    // Seals `value` as the next version of `secret` and commits it with
+    // `also` (more work in the same transaction) and `ev` recorded before
+    // COMMIT. Fills ev.version. Refusals are recorded as `ev`.
+    Result<std::uint64_t> seal_and_commit(const Caller& caller, const VaultEntry& v, SecretId secret,
+                                          std::string_view name, const hsm::SecureBuffer& value, audit::Event& ev,
+                                          const std::function<Result<void>(Store::Transaction&)>& also);
+    // A soft-deleted `s` that the caller's uid deleted within the fresh
+    // window, recovered if the caller holds `recover` (audited); false when
+    // it stays deleted.
+    Result<bool> recover_own_delete(const Caller& caller, const VaultEntry& v, const SecretRow& s);
+    // The row for `name`, made (without versions) if missing.
+    Result<SecretRow> ensure_row(VaultId vault, std::string_view name);
     // Purges one secret inside a write, auditing it as `ev`.
     Result<void> purge_row(const SecretRow& s, audit::Event ev);
     Result<std::shared_ptr<const VaultEntry>> load_vault(VaultId id);
@@ -356,6 +428,15 @@ private:
     void release_version(SecretId id);
     std::mutex versions_mutex_;
     std::unordered_map<std::int64_t, NextVersion> next_versions_;
+
+    // Who deleted what in the last fresh window: (vault, name) -> (uid, when).
+    // `install` removes its target before it creates it again.
+    struct RecentDelete {
+        uid_t uid;
+        Micros at;
+    };
+    std::mutex deletes_mutex_;
+    std::map<std::pair<std::int64_t, std::string>, RecentDelete> recent_deletes_;
 
     std::shared_mutex vaults_mutex_;
     std::map<std::int64_t, std::shared_ptr<const VaultEntry>> vaults_;  // by id

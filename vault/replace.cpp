@@ -1,0 +1,183 @@
+// SecretService: what the tools admins use do besides open-write-close.
+// A file written under a temporary name and renamed onto the target (sed -i,
+// rsync, mktemp + mv, ansible), a target removed and made again (install),
+// a probe file made and removed (vim). Each ends as exactly one new version
+// of the target, with no stray names and nothing in .deleted (README "Admin
+// tools").
+
+#include <spdlog/spdlog.h>
+
+#include "vault/envelope.hpp"
+#include "vault/names.hpp"
+#include "vault/secret_service.hpp"
+
+namespace vaultfs::vault {
+
+using policy::Permission;
+
+bool SecretService::is_fresh(const Caller& caller, const SecretRow& s, const std::optional<VersionRow>& first) const
+{
+    const Micros now = now_micros();
+    if (s.deleted() || s.next_version > 2 || now - s.created > fresh_window || now < s.created)
+        return false;
+    return !first || (first->number == 1 && first->created_by == caller.who.uid);
+}
+
+Result<bool> SecretService::recover_own_delete(const Caller& caller, const VaultEntry& v, const SecretRow& s)
+{
+    {
+        std::lock_guard lock(deletes_mutex_);
+        const auto it = recent_deletes_.find({v.row.id.value, s.name});
+        if (it == recent_deletes_.end() || it->second.uid != caller.who.uid ||
+            now_micros() - it->second.at > fresh_window)
+            return false;
+    }
+    const Decided d = decide(caller, v, Permission::recover, s.name);
+    if (!d.allowed)
+        return false;
+    audit::Event ev{.op = "recover", .caller = &caller, .vault = v.row.name, .secret = s.name,
+                    .reason = "made again by the uid that deleted it moments ago"};
+    d.fill(ev);
+    auto w = write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
+        auto now = tx.secret(s.id);
+        if (!now)
+            return tl::unexpected(now.error());
+        if (!*now || !(*now)->deleted())
+            return fail(Errc::not_found);
+        return tx.set_deleted(s.id, std::nullopt, std::nullopt);
+    });
+    if (!w)
+        return tl::unexpected(w.error());
+    std::lock_guard lock(deletes_mutex_);
+    recent_deletes_.erase({v.row.id.value, s.name});
+    return true;
+}
+
+Result<std::uint64_t> SecretService::commit_renamed(const Caller& caller, VaultId vault, std::string_view name,
+                                                    const hsm::SecureBuffer& value, std::string_view from,
+                                                    bool noreplace, std::optional<Ownership> ownership)
+{
+    auto v = load_vault(vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    audit::Event ev{.op = "commit", .caller = &caller, .vault = (*v)->row.name, .secret = name,
+                    .bytes = value.size(), .from = from};
+    if (!is_valid_secret_name(name)) {
+        ev.rule = "invalid-name";
+        return refuse(ev, Errc::invalid_argument, "secret names are 1-127 letters, digits and hyphens");
+    }
+    const Decided d = decide(caller, **v, Permission::set, name);
+    d.fill(ev);
+    if (!d.allowed)
+        return refuse(ev, Errc::access_denied);
+    if (value.size() > max_value_size)
+        return refuse(ev, Errc::too_large, "values are at most 25 KiB");
+    auto found = store_.secret_with_version(vault, name, std::nullopt);
+    if (!found)
+        return refuse(ev, found.error().code, found.error().message);
+    std::optional<SecretRow> row;
+    if (*found)
+        row = (*found)->secret;
+    if (row && row->deleted()) {
+        auto back = recover_own_delete(caller, **v, *row);
+        if (!back)
+            return tl::unexpected(back.error());
+        if (!*back) {
+            ev.reason = "soft-deleted";
+            return refuse(ev, Errc::already_exists);
+        }
+    } else if (row && row->has_versions() && noreplace) {
+        return refuse(ev, Errc::already_exists);
+    }
+    if (!row) {
+        auto made = ensure_row(vault, name);
+        if (!made)
+            return refuse(ev, made.error().code, made.error().message);
+        row = std::move(*made);
+    }
+    // The staged file's owner and mode, for a manager who set them (rsync and
+    // ansible set the mode before the rename); others keep what the name shows.
+    std::function<Result<void>(Store::Transaction&)> also;
+    if (ownership && *ownership != row->ownership((*v)->row.defaults) &&
+        decide(caller, **v, Permission::manage).allowed)
+        also = [&, id = row->id, o = *ownership](Store::Transaction& tx) {
+            return tx.set_ownership(id, o.owner, o.group, o.mode);
+        };
+    return seal_and_commit(caller, **v, row->id, name, value, ev, also);
+}
+
+Result<std::uint64_t> SecretService::rename_fresh(const Caller& caller, VaultId vault, std::string_view from,
+                                                  std::string_view to, bool noreplace)
+{
+    auto v = load_vault(vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    audit::Event ev{.op = "rename", .caller = &caller, .vault = (*v)->row.name, .secret = to, .from = from};
+    const Decided d = decide(caller, **v, Permission::set, to);
+    d.fill(ev);
+    if (!d.allowed)
+        return refuse(ev, Errc::access_denied);
+    auto source = store_.secret_with_version(vault, from, std::uint64_t{1});
+    if (!source)
+        return refuse(ev, source.error().code, source.error().message);
+    if (!*source || !(*source)->version) {
+        // Not a secret with a first version (or not one at all).
+        return refuse(ev, Errc::not_permitted, "only a file just made by the same uid can be renamed");
+    }
+    const SecretRow& src = (*source)->secret;
+    if (!is_fresh(caller, src, (*source)->version)) {
+        ev.reason = "secrets are not renamed: values are bound to their names";
+        return refuse(ev, Errc::not_permitted, std::string(ev.reason));
+    }
+    auto target = store_.secret_with_version(vault, to, std::nullopt);
+    if (!target)
+        return refuse(ev, target.error().code, target.error().message);
+    std::optional<SecretRow> row;
+    if (*target)
+        row = (*target)->secret;
+    if (row && row->deleted()) {
+        auto back = recover_own_delete(caller, **v, *row);
+        if (!back)
+            return tl::unexpected(back.error());
+        if (!*back) {
+            ev.reason = "soft-deleted";
+            return refuse(ev, Errc::already_exists);
+        }
+    } else if (row && row->has_versions() && noreplace) {
+        return refuse(ev, Errc::already_exists);
+    }
+
+    // The fresh file's value, authenticated, in locked memory.
+    auto read = store_.sealed_for_read((*source)->version->id);
+    if (!read)
+        return refuse(ev, read.error().code, read.error().message);
+    if (!*read)
+        return refuse(ev, Errc::not_found);
+    auto dek = unseal_dek(**v, src, (*read)->sealed);
+    if (!dek)
+        return refuse(ev, dek.error().code, dek.error().message);
+    const Binding binding{vault, src.name, 1, (*read)->sealed.kek_id};
+    auto value = vault::open_value(**dek, (*read)->sealed.nonce, (*read)->sealed.ciphertext, value_aad(binding));
+    if (!value)
+        return refuse(ev, value.error().code, value.error().message);
+    ev.bytes = value->size();
+
+    if (!row) {
+        auto made = ensure_row(vault, to);
+        if (!made)
+            return refuse(ev, made.error().code, made.error().message);
+        row = std::move(*made);
+    }
+    const SecretId gone = src.id;
+    const std::uint64_t versions = src.next_version;
+    return seal_and_commit(caller, **v, row->id, to, *value, ev, [&](Store::Transaction& tx) -> Result<void> {
+        auto now = tx.secret(gone);
+        if (!now)
+            return tl::unexpected(now.error());
+        if (!*now || (*now)->deleted() || (*now)->next_version != versions)
+            return fail(Errc::busy, "the renamed file changed meanwhile; try again");
+        return tx.purge_secret(gone);
+    });
+}
+
+}  // namespace vaultfs::vault
