@@ -189,12 +189,15 @@ bool clean_stale_mount(const std::string& mountpoint, std::string& error)
     return true;
 }
 
-// Periodic housekeeping: expired DEKs out of locked memory (every second),
-// and the automatic purge of soft-deleted secrets whose retention has ended
-// (every purge_interval).
+// Periodic housekeeping: expired DEKs out of locked memory and idle
+// staging files (every second), and the automatic purge of soft-deleted
+// secrets whose retention has ended (every purge_interval).
 class Maintenance {
 public:
-    explicit Maintenance(vault::State& state) : state_(state), thread_([this] { run(); }) {}
+    Maintenance(vault::State& state, Filesystem& filesystem)
+        : state_(state), filesystem_(filesystem), thread_([this] { run(); })
+    {
+    }
     ~Maintenance()
     {
         {
@@ -216,6 +219,7 @@ private:
                 break;
             lock.unlock();
             state_.deks->sweep();
+            filesystem_.sweep_staging();
             if (std::chrono::steady_clock::now() >= next_purge) {
                 next_purge = std::chrono::steady_clock::now() + state_.config.purge_interval;
                 if (auto n = state_.service->purge_expired(); !n)
@@ -227,6 +231,7 @@ private:
         }
     }
     vault::State& state_;
+    Filesystem& filesystem_;
     std::mutex mutex_;
     std::condition_variable cv_;
     bool stop_ = false;
@@ -384,7 +389,7 @@ int run_mount(const MountOptions& options)
 
     int rc = 0;
     {
-        Maintenance maintenance(**state);
+        Maintenance maintenance(**state, filesystem);
         fuse_loop_config* cfg = fuse_loop_cfg_create();
         fuse_loop_cfg_set_max_threads(cfg, threads);
         // Keep every worker: letting idle ones exit means creating threads again

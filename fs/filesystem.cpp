@@ -14,6 +14,7 @@
 #include <variant>
 
 #include "fs/errno_map.hpp"
+#include "fs/reply.hpp"
 #include "vault/names.hpp"
 
 namespace vaultfs::fs {
@@ -25,12 +26,14 @@ using vault::Errc;
 namespace {
 
 // How long the kernel may keep a node's entry and attributes (see the
-// header's note on caching).
-double cache_seconds(NodeKind kind) { return kind == NodeKind::secret || kind == NodeKind::current ? 1.0 : 0.0; }
+// header's note on caching). Only S as it stands for a version is cached:
+// `secret` nodes name a first version being written (it changes with every
+// write, and S names another inode once it commits).
+double cache_seconds(NodeKind kind) { return kind == NodeKind::current ? 1.0 : 0.0; }
 
-// Offsets in directory listings: 1 and 2 follow "." and "..", 3..5 the
-// special entries of a vault; rows continue from their id + row_offset.
+// Offsets in directory listings (see list_dir).
 constexpr off_t row_offset = 16;
+constexpr off_t staging_offset = off_t{1} << 62;  // beyond every row id
 constexpr std::size_t page_rows = 256;
 // The largest .policy text accepted (1000 rules of generous length).
 constexpr std::size_t max_policy_size = 256 * 1024;
@@ -40,67 +43,23 @@ timespec to_timespec(vault::Micros t)
     return timespec{static_cast<time_t>(t / 1000000), static_cast<long>((t % 1000000) * 1000)};
 }
 
-mode_t file_mode(PermissionSet p, bool writable)
-{
-    mode_t m = S_IFREG;
-    if (p.contains(Permission::get))
-        m |= 0400;
-    if (writable && p.contains(Permission::set))
-        m |= 0200;
-    return m;
-}
+// Directories show the same for everyone; what a caller may do is the
+// policy's to say (access(), and every operation).
+constexpr mode_t dir_mode = S_IFDIR | 0755;
 
-mode_t dir_mode(bool readable, bool writable)
+// Whether `mask` (R_OK, W_OK, X_OK) is within what `p` grants on a file
+// (read: get; write: set) or a directory (read: list; write: set; search:
+// anything at all).
+bool permits(PermissionSet p, int mask, bool directory)
 {
-    return S_IFDIR | 0100 | (readable ? 0400 : 0) | (writable ? 0200 : 0);
+    const bool r = directory ? p.contains(Permission::list) : p.contains(Permission::get);
+    const bool w = p.contains(Permission::set);
+    const bool x = directory && !p.empty();
+    return (!(mask & R_OK) || r) && (!(mask & W_OK) || w) && (!(mask & X_OK) || x);
 }
 
 }  // namespace
 
-// What a handler answers; sent by the dispatcher with exactly one
-// fuse_reply_* call.
-struct Filesystem::Reply {
-    struct Error {
-        int code;
-    };
-    struct None {};
-    struct Entry {
-        fuse_entry_param e;
-    };
-    struct Attr {
-        struct stat st;
-        double timeout;
-    };
-    struct Open {
-        fuse_file_info fi;
-    };
-    struct Create {
-        fuse_entry_param e;
-        fuse_file_info fi;
-    };
-    struct Buffer {
-        const void* data;
-        std::size_t size;
-        std::shared_ptr<const void> keep_alive;  // owner of `data` (wiped when it goes, if secret)
-    };
-    struct Written {
-        std::size_t count;
-    };
-    struct Statfs {
-        struct statvfs st;
-    };
-    struct XattrSize {
-        std::size_t size;
-    };
-    struct Init {};
-    std::variant<Error, None, Entry, Attr, Open, Create, Buffer, Written, Statfs, XattrSize, Init> v;
-
-    static Reply err(int code) { return Reply{Error{code}}; }
-    static Reply err(const vault::Error& e) { return Reply{Error{to_errno(e.code)}}; }
-    static Reply ok() { return Reply{Error{0}}; }
-};
-
-using Reply = Filesystem::Reply;
 
 namespace {
 
@@ -131,6 +90,8 @@ int send(fuse_req_t req, const Reply& r)
                 return fuse_reply_statfs(req, &x.st);
             else if constexpr (std::is_same_v<T, Reply::XattrSize>)
                 return fuse_reply_xattr(req, x.size);
+            else if constexpr (std::is_same_v<T, Reply::Link>)
+                return fuse_reply_readlink(req, x.target.c_str());
             else
                 return 0;
         },
@@ -198,7 +159,8 @@ const fuse_lowlevel_ops& Filesystem::operations()
         o.mkdir = Callback<&Filesystem::mkdir>::call;
         o.unlink = Callback<&Filesystem::unlink>::call;
         o.rmdir = Callback<&Filesystem::rmdir>::call;
-        o.symlink = Callback<&Filesystem::refuse_symlink>::call;
+        o.symlink = Callback<&Filesystem::symlink>::call;
+        o.readlink = Callback<&Filesystem::readlink>::call;
         o.rename = Callback<&Filesystem::rename>::call;
         o.link = Callback<&Filesystem::refuse_link>::call;
         o.open = Callback<&Filesystem::open>::call;
@@ -208,6 +170,7 @@ const fuse_lowlevel_ops& Filesystem::operations()
         o.release = Callback<&Filesystem::release>::call;
         o.opendir = Callback<&Filesystem::opendir>::call;
         o.readdir = Callback<&Filesystem::readdir>::call;
+        o.readdirplus = Callback<&Filesystem::readdirplus>::call;
         o.releasedir = Callback<&Filesystem::releasedir>::call;
         o.statfs = Callback<&Filesystem::statfs>::call;
         o.setxattr = Callback<&Filesystem::setxattr>::call;
@@ -265,7 +228,13 @@ void Filesystem::drop_page_cache(std::uint64_t ino)
     page_cache_drops_.insert(ino);
 }
 
-void Filesystem::drop_handle(std::uint64_t fh) { handles_.remove(fh); }
+void Filesystem::drop_handle(std::uint64_t fh)
+{
+    auto h = handles_.remove(fh);
+    if (h && h->kind == Handle::Kind::write)
+        if (auto& w = static_cast<WriteHandle&>(*h); w.creating)
+            creating(w.grant.secret.value, w.caller.who.uid, false);
+}
 
 // The kernel may need this daemon to answer while it invalidates, so this
 // runs on its own thread, never inside a request handler. Entries (names)
@@ -308,6 +277,9 @@ Reply Filesystem::init(fuse_conn_info* conn)
         conn->want |= FUSE_CAP_ATOMIC_O_TRUNC;
     // Never cache writes in the kernel: a version is what close() committed.
     conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
+    // Listings with attributes (`ls -l` without a lookup per name).
+    if (conn->capable & FUSE_CAP_READDIRPLUS)
+        conn->want |= FUSE_CAP_READDIRPLUS;
     return Reply{Reply::Init{}};
 }
 
@@ -348,19 +320,23 @@ vault::Result<Filesystem::NodeAttr> Filesystem::stat_node(const vault::Caller& c
     NodeAttr attr;
     struct stat& st = attr.st;
     st.st_ino = to_ino(node);
-    st.st_uid = caller.who.uid;
-    st.st_gid = caller.who.gid;
+    st.st_uid = 0;
+    st.st_gid = 0;
     st.st_blksize = 4096;
     st.st_nlink = 1;
 
-    const auto fill_dir = [&](const vault::VaultView& v, bool readable, bool writable) {
-        st.st_mode = dir_mode(readable, writable);
+    const auto fill_dir = [&](const vault::VaultView& v) {
+        st.st_mode = dir_mode;
         st.st_nlink = 2;
         st.st_mtim = st.st_ctim = st.st_atim = to_timespec(v.created);
         attr.generation = static_cast<std::uint64_t>(v.created);
     };
+    // Owner, group and mode are the secret's own, whoever asks (S@N cannot
+    // be written, so it never shows write bits).
     const auto fill_file = [&](const vault::SecretView& s, bool writable) {
-        st.st_mode = file_mode(s.permissions, writable);
+        st.st_mode = S_IFREG | (s.ownership.mode & (writable ? 0777 : 0555));
+        st.st_uid = s.ownership.owner;
+        st.st_gid = s.ownership.group;
         st.st_size = static_cast<off_t>(s.version.size);
         st.st_blocks = (st.st_size + 511) / 512;
         st.st_atim = st.st_mtim = to_timespec(s.version.created);
@@ -370,10 +346,8 @@ vault::Result<Filesystem::NodeAttr> Filesystem::stat_node(const vault::Caller& c
 
     switch (node.kind) {
     case NodeKind::root:
-        st.st_mode = S_IFDIR | 0755;
+        st.st_mode = dir_mode;
         st.st_mtim = st.st_ctim = st.st_atim = mounted_at_;
-        st.st_uid = 0;
-        st.st_gid = 0;
         st.st_nlink = 2;
         return attr;
     case NodeKind::vault:
@@ -383,21 +357,18 @@ vault::Result<Filesystem::NodeAttr> Filesystem::stat_node(const vault::Caller& c
         auto v = service_.vault(caller, vault::VaultId{node.id});
         if (!v)
             return tl::unexpected(v.error());
-        const bool can_list = v->permissions.contains(Permission::list);
-        if (node.kind == NodeKind::vault) {
-            fill_dir(*v, can_list, v->permissions.contains(Permission::set) || v->caller_is_admin);
-        } else if (node.kind == NodeKind::policy_file) {
+        if (node.kind == NodeKind::policy_file) {
             if (v->permissions.empty())
                 return vault::fail(Errc::access_denied);
-            const bool manage = v->permissions.contains(Permission::manage);
-            st.st_mode = S_IFREG | (manage ? 0600 : 0);
-            st.st_size = manage ? static_cast<off_t>(v->policy_size) : 0;
+            // Its size is the policy's for those who may read it (uncached).
+            st.st_mode = S_IFREG | 0600;
+            st.st_size = v->permissions.contains(Permission::manage) ? static_cast<off_t>(v->policy_size) : 0;
             st.st_mtim = st.st_ctim = st.st_atim = to_timespec(v->created);
             attr.generation = static_cast<std::uint64_t>(v->created);
         } else {
-            if (v->permissions.empty() && !v->caller_is_admin)
+            if (node.kind != NodeKind::vault && v->permissions.empty() && !v->caller_is_admin)
                 return vault::fail(Errc::access_denied);
-            fill_dir(*v, can_list, false);
+            fill_dir(*v);
         }
         return attr;
     }
@@ -428,8 +399,19 @@ vault::Result<Filesystem::NodeAttr> Filesystem::stat_node(const vault::Caller& c
         if (!d)
             return tl::unexpected(d.error());
         st.st_mode = S_IFREG;  // nothing to read or write until recovered
+        st.st_uid = d->ownership.owner;
+        st.st_gid = d->ownership.group;
         st.st_atim = st.st_mtim = st.st_ctim = to_timespec(d->deleted_at);
         attr.generation = static_cast<std::uint64_t>(d->secret_created);
+        return attr;
+    }
+    case NodeKind::staging: {
+        const auto file = staging_.by_id(node.id, caller.who.uid);
+        if (!file)
+            return vault::fail(Errc::not_found);
+        std::lock_guard lock(file->mutex);
+        attr.st = staging_stat(*file);
+        attr.generation = static_cast<std::uint64_t>(file->id);
         return attr;
     }
     }
@@ -471,7 +453,15 @@ Reply Filesystem::lookup(fuse_req_t req, fuse_ino_t parent, const char* name_c)
             return entry_for(caller, Node{NodeKind::versions_dir, p->id});
         if (name == ".deleted")
             return entry_for(caller, Node{NodeKind::deleted_dir, p->id});
+        if (is_staging_name(name))
+            return staging_lookup(caller, vault::VaultId{p->id}, std::string(name));
         auto s = service_.find_secret(caller, vault::VaultId{p->id}, name);
+        if (!s && s.error().code == Errc::not_found) {
+            // A name whose first version its caller is writing right now.
+            auto pending = service_.find_pending(caller, vault::VaultId{p->id}, name);
+            if (pending && is_creating(pending->id.value, caller.who.uid))
+                return entry_for(caller, Node{NodeKind::secret, pending->id.value});
+        }
         if (!s)
             return Reply::err(s.error());
         return entry_for(caller, Node{s->pinned ? NodeKind::version : NodeKind::current, s->version.id.value});
@@ -509,39 +499,81 @@ Reply Filesystem::getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi)
         return Reply::err(ENOENT);
     const auto caller = caller_of(req);
     if (fi != nullptr) {
-        // fstat on a file being written: its first version may not exist yet.
+        // fstat on a file being written: its size is what was written so far.
         if (auto w = handles_.find_as<WriteHandle>(fi->fh, Handle::Kind::write)) {
-            std::lock_guard lock(w->mutex);
+            auto attr = stat_node(caller, Node{NodeKind::secret, w->grant.secret.value});
             struct stat st{};
+            if (attr)
+                st = attr->st;
+            std::lock_guard lock(w->mutex);
+            if (!attr) {
+                st.st_mode = S_IFREG | 0600;
+                st.st_nlink = 1;
+                st.st_blksize = 4096;
+            }
             st.st_ino = ino;
-            st.st_mode = S_IFREG | 0200;
-            st.st_nlink = 1;
-            st.st_uid = caller.who.uid;
-            st.st_gid = caller.who.gid;
             st.st_size = static_cast<off_t>(w->buffer.size());
-            st.st_blksize = 4096;
+            st.st_blocks = (st.st_size + 511) / 512;
             return Reply{Reply::Attr{st, 0.0}};
         }
     }
     auto attr = stat_node(caller, *node);
     if (!attr)
-        return Reply::err(attr.error());
+        return Reply::err(gone_is_stale(*node, attr.error()));
     return Reply{Reply::Attr{attr->st, cache_seconds(node->kind)}};
 }
 
 Reply Filesystem::setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fuse_file_info* fi)
 {
-    if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID))
-        return Reply::err(EPERM);
+    const auto node = from_ino(ino);
+    if (!node)
+        return Reply::err(ENOENT);
+    const auto caller = caller_of(req);
+    if (node->kind == NodeKind::staging) {
+        const auto file = staging_.by_id(node->id, caller.who.uid);
+        if (!file)
+            return Reply::err(ENOENT);
+        return staging_setattr(caller, file, *attr, to_set);
+    }
+    auto w = fi != nullptr ? handles_.find_as<WriteHandle>(fi->fh, Handle::Kind::write) : nullptr;
     if (to_set & FUSE_SET_ATTR_SIZE) {
-        // Only an open writer may truncate, and only to empty: a value is
-        // written whole, never patched.
-        auto w = fi != nullptr ? handles_.find_as<WriteHandle>(fi->fh, Handle::Kind::write) : nullptr;
-        if (!w || attr->st_size != 0)
-            return Reply::err(EINVAL);
+        // Only an open writer truncates: to empty (start over), or to what it
+        // wrote already (rsync --inplace). A value is written whole, never patched.
+        if (!w)
+            return Reply::err(node->kind == NodeKind::version ? EROFS : EINVAL);
         std::lock_guard lock(w->mutex);
-        (void)w->buffer.resize(0);
-        w->dirty = true;
+        if (attr->st_size != 0 && static_cast<std::size_t>(attr->st_size) != w->buffer.size())
+            return Reply::err(EINVAL);
+        if (attr->st_size == 0) {
+            (void)w->buffer.resize(0);
+            w->dirty = true;
+        }
+    }
+    if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
+        const std::optional<uid_t> owner = (to_set & FUSE_SET_ATTR_UID) ? std::optional<uid_t>(attr->st_uid) : std::nullopt;
+        const std::optional<gid_t> group = (to_set & FUSE_SET_ATTR_GID) ? std::optional<gid_t>(attr->st_gid) : std::nullopt;
+        const std::optional<std::uint32_t> mode =
+            (to_set & FUSE_SET_ATTR_MODE) ? std::optional<std::uint32_t>(attr->st_mode & 07777) : std::nullopt;
+        // The node being written may have no version yet (cp -a sets the
+        // owner and mode before its close); S@N shares its secret's.
+        auto target = w ? service_.secret_by_id(caller, w->grant.secret) : attribute_target(caller, *node);
+        if (!target) {
+            if (target.error().code != Errc::no_attribute)
+                return Reply::err(target.error());
+            // Directories and .policy: their owner and mode are fixed; setting
+            // them as shown succeeds (cp -a, rsync -a of a tree).
+            auto shown = stat_node(caller, *node);
+            if (!shown)
+                return Reply::err(shown.error());
+            const bool same = (!owner || *owner == shown->st.st_uid) && (!group || *group == shown->st.st_gid) &&
+                              (!mode || *mode == (shown->st.st_mode & 07777));
+            if (!same)
+                return Reply::err(EPERM);
+        } else if (auto r = service_.set_ownership(caller, *target, owner, group, mode); !r) {
+            return Reply::err(r.error());
+        } else {
+            invalidate_attributes(ino);
+        }
     }
     // Times are the versions' own; touch and cp -p are accepted and ignored.
     return getattr(req, ino, fi);
@@ -553,12 +585,44 @@ Reply Filesystem::access(fuse_req_t req, fuse_ino_t ino, int mask)
     if (!node)
         return Reply::err(ENOENT);
     const auto caller = caller_of(req);
-    auto attr = stat_node(caller, *node);
-    if (!attr)
-        return Reply::err(attr.error());
-    const mode_t m = attr->st.st_mode;
-    const bool ok = (!(mask & R_OK) || (m & 0400)) && (!(mask & W_OK) || (m & 0200)) && (!(mask & X_OK) || (m & 0100));
-    return Reply::err(ok ? 0 : EACCES);
+    switch (node->kind) {
+    case NodeKind::root:
+        return Reply::err((mask & W_OK) && !service_.is_admin(caller) ? EACCES : 0);
+    case NodeKind::vault:
+    case NodeKind::versions_dir:
+    case NodeKind::deleted_dir:
+    case NodeKind::policy_file: {
+        auto v = service_.vault(caller, vault::VaultId{node->id});
+        if (!v)
+            return Reply::err(v.error());
+        if (node->kind == NodeKind::policy_file) {
+            const bool manage = v->permissions.contains(Permission::manage);
+            return Reply::err(manage && !(mask & X_OK) ? 0 : EACCES);
+        }
+        PermissionSet p = v->permissions;
+        if (node->kind != NodeKind::vault)
+            p = p.without(PermissionSet(Permission::set));
+        const bool admin_x = v->caller_is_admin && !(mask & (R_OK | W_OK));
+        return Reply::err(permits(p, mask, true) || admin_x ? 0 : EACCES);
+    }
+    case NodeKind::staging:
+        return Reply::err(staging_.by_id(node->id, caller.who.uid) ? ((mask & X_OK) ? EACCES : 0) : ENOENT);
+    case NodeKind::deleted_secret: {
+        auto d = service_.deleted_by_id(caller, vault::SecretId{node->id});
+        if (!d)
+            return Reply::err(d.error());
+        return Reply::err(mask == F_OK ? 0 : EACCES);
+    }
+    default: {
+        auto target = attribute_target(caller, *node);
+        if (!target)
+            return Reply::err(target.error());
+        PermissionSet p = target->permissions;
+        if (node->kind == NodeKind::version)
+            p = p.without(PermissionSet(Permission::set));
+        return Reply::err(permits(p, mask, false) ? 0 : EACCES);
+    }
+    }
 }
 
 // ---- vaults -----------------------------------------------------------------------------
@@ -592,8 +656,13 @@ Reply Filesystem::unlink(fuse_req_t req, fuse_ino_t parent, const char* name_c)
         return Reply::err(ENOENT);
     if (p->kind == NodeKind::vault) {
         // Versions and the policy are not deleted one by one.
-        if (name == ".policy" || vault::parse_secret_path(name).value_or(vault::SecretPath{}).version)
+        if (name == ".policy" || name == ".versions" || name == ".deleted" ||
+            vault::parse_secret_path(name).value_or(vault::SecretPath{}).version)
             return Reply::err(EPERM);
+        if (is_staging_name(name)) {
+            const auto caller = caller_of(req);
+            return Reply::err(staging_.take(vault::VaultId{p->id}, std::string(name), caller.who.uid) ? 0 : ENOENT);
+        }
         auto r = service_.delete_secret(caller_of(req), vault::VaultId{p->id}, name);
         // The kernel drops its own entry for a name it unlinked.
         return r ? Reply::ok() : Reply::err(r.error());
@@ -605,23 +674,29 @@ Reply Filesystem::unlink(fuse_req_t req, fuse_ino_t parent, const char* name_c)
     return Reply::err(EPERM);
 }
 
-Reply Filesystem::rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t newparent,
-                         const char* newname, unsigned int flags)
+Reply Filesystem::refuse_link(fuse_req_t, fuse_ino_t, fuse_ino_t, const char*) { return Reply::err(EPERM); }
+Reply Filesystem::symlink(fuse_req_t req, const char* link, fuse_ino_t parent, const char* name)
 {
-    // The one rename there is: `mv V/.deleted/S V/S` recovers S.
-    const auto from = from_ino(parent);
-    const auto to = from_ino(newparent);
-    if (!from || !to || from->kind != NodeKind::deleted_dir || to->kind != NodeKind::vault || from->id != to->id ||
-        std::string_view(name) != newname || (flags & RENAME_EXCHANGE))
+    // Only lock files (emacs's `.#cfg`) under staging names: private, in memory.
+    const auto p = from_ino(parent);
+    if (!p || p->kind != NodeKind::vault || !is_staging_name(name))
         return Reply::err(EPERM);
-    // The kernel moves its own entry; the node it names (a deleted secret's,
-    // never cached) is looked up again at the next path walk.
-    auto r = service_.recover(caller_of(req), vault::VaultId{from->id}, name);
-    return r ? Reply::ok() : Reply::err(r.error());
+    return staging_symlink(caller_of(req), vault::VaultId{p->id}, name, link);
 }
 
-Reply Filesystem::refuse_link(fuse_req_t, fuse_ino_t, fuse_ino_t, const char*) { return Reply::err(EPERM); }
-Reply Filesystem::refuse_symlink(fuse_req_t, const char*, fuse_ino_t, const char*) { return Reply::err(EPERM); }
+Reply Filesystem::readlink(fuse_req_t req, fuse_ino_t ino)
+{
+    const auto node = from_ino(ino);
+    if (!node || node->kind != NodeKind::staging)
+        return Reply::err(EINVAL);
+    const auto file = staging_.by_id(node->id, caller_of(req).who.uid);
+    if (!file)
+        return Reply::err(ENOENT);
+    std::lock_guard lock(file->mutex);
+    if (!file->link_target)
+        return Reply::err(EINVAL);
+    return Reply{Reply::Link{*file->link_target}};
+}
 Reply Filesystem::refuse_mknod(fuse_req_t, fuse_ino_t, const char*, mode_t, dev_t) { return Reply::err(EPERM); }
 
 // ---- files ------------------------------------------------------------------------------
@@ -653,20 +728,32 @@ Reply Filesystem::open_for_write(const vault::Caller& caller, vault::VaultId vau
     // Every writer starts from an empty value: it writes a whole new version.
     auto handle = std::make_shared<WriteHandle>(caller, std::move(*grant), (fi->flags & O_TRUNC) != 0 || intent.create,
                                                 std::move(*charge));
+    handle->readable = (fi->flags & O_ACCMODE) == O_RDWR;
+    if (reply_create) {
+        handle->creating = true;
+        creating(handle->grant.secret.value, caller.who.uid, true);
+    }
     fi->fh = handles_.add(handle);
     fi->direct_io = 1;
     fi->keep_cache = 0;
     if (!reply_create)
         return Reply{Reply::Open{*fi}};
+    auto entry = entry_for(caller, Node{NodeKind::secret, handle->grant.secret.value});
     fuse_entry_param e{};
-    e.ino = to_ino(Node{NodeKind::secret, handle->grant.secret.value});
-    e.attr.st_ino = e.ino;
-    e.attr.st_mode = S_IFREG | 0200;
-    e.attr.st_nlink = 1;
-    e.attr.st_uid = caller.who.uid;
-    e.attr.st_gid = caller.who.gid;
-    e.attr.st_blksize = 4096;
-    e.generation = static_cast<std::uint64_t>(handle->grant.secret_created);
+    if (const auto* found = std::get_if<Reply::Entry>(&entry.v)) {
+        e = found->e;
+    } else {
+        e.ino = to_ino(Node{NodeKind::secret, handle->grant.secret.value});
+        e.attr.st_ino = e.ino;
+        e.attr.st_mode = S_IFREG | 0400;
+        e.attr.st_nlink = 1;
+        e.attr.st_blksize = 4096;
+        e.generation = static_cast<std::uint64_t>(handle->grant.secret_created);
+    }
+    // What is being written changes with every write, and the name stands
+    // for another inode once a version commits: the kernel asks again.
+    e.attr_timeout = 0;
+    e.entry_timeout = 0;
     return Reply{Reply::Create{e, *fi}};
 }
 
@@ -697,19 +784,22 @@ Reply Filesystem::open_policy(const vault::Caller& caller, vault::VaultId vault,
     return Reply{Reply::Open{*fi}};
 }
 
-Reply Filesystem::create(fuse_req_t req, fuse_ino_t parent, const char* name_c, mode_t, fuse_file_info* fi)
+Reply Filesystem::create(fuse_req_t req, fuse_ino_t parent, const char* name_c, mode_t mode, fuse_file_info* fi)
 {
     const auto p = from_ino(parent);
     if (!p || p->kind != NodeKind::vault)
         return Reply::err(EPERM);
     const std::string name(name_c);
-    if (name == ".policy")
+    if (name == ".policy" || name == ".versions" || name == ".deleted")
         return Reply::err(EEXIST);
+    const auto caller = caller_of(req);
+    if (is_staging_name(name))
+        return staging_create(caller, vault::VaultId{p->id}, name, mode, fi);
     if (const auto path = vault::parse_secret_path(name); path && path->version)
         return Reply::err(EROFS);
-    if ((fi->flags & O_ACCMODE) == O_RDWR || (fi->flags & O_APPEND))
+    // A new file: O_RDWR reads back what it wrote (mkstemp's files are O_RDWR).
+    if (fi->flags & O_APPEND)
         return Reply::err(EINVAL);
-    const auto caller = caller_of(req);
     const vault::SecretService::WriteIntent intent{true, (fi->flags & O_EXCL) != 0};
     return open_for_write(caller, vault::VaultId{p->id}, name, intent, fi, true);
 }
@@ -724,6 +814,12 @@ Reply Filesystem::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi)
     switch (node->kind) {
     case NodeKind::policy_file:
         return open_policy(caller, vault::VaultId{node->id}, fi);
+    case NodeKind::staging: {
+        const auto file = staging_.by_id(node->id, caller.who.uid);
+        if (!file)
+            return Reply::err(ESTALE);  // renamed or discarded: the kernel looks the name up again
+        return staging_open(caller, file, fi, false);
+    }
     case NodeKind::version: {
         if (mode != O_RDONLY)
             return Reply::err(EROFS);
@@ -734,13 +830,14 @@ Reply Filesystem::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi)
     }
     case NodeKind::secret:
     case NodeKind::current: {
-        if (mode == O_RDWR || (fi->flags & O_APPEND))
+        // A value is written whole: O_APPEND never, O_RDWR only from empty.
+        if ((mode == O_RDWR && !(fi->flags & O_TRUNC)) || (fi->flags & O_APPEND))
             return Reply::err(EINVAL);
-        if (mode == O_WRONLY) {
+        if (mode != O_RDONLY) {
             auto view = node->kind == NodeKind::secret ? service_.secret_by_id(caller, vault::SecretId{node->id})
                                                        : service_.secret_at_version(caller, vault::VersionId{node->id});
             if (!view)
-                return Reply::err(view.error());
+                return Reply::err(gone_is_stale(*node, view.error()));
             return open_for_write(caller, view->vault, view->name, {false, false}, fi, false);
         }
         // A reader gets what S stands for now: on the inode of an older
@@ -749,7 +846,7 @@ Reply Filesystem::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi)
         auto view = node->kind == NodeKind::secret ? service_.secret_by_id(caller, vault::SecretId{node->id})
                                                    : current_view(caller, node->id);
         if (!view)
-            return Reply::err(view.error());
+            return Reply::err(gone_is_stale(*node, view.error()));
         return open_value(caller, *view, fi);
     }
     case NodeKind::deleted_secret:
@@ -771,7 +868,20 @@ Reply Filesystem::read(fuse_req_t, fuse_ino_t, size_t size, off_t off, fuse_file
         const auto n = std::min(size, total - start);
         return Reply{Reply::Buffer{static_cast<const char*>(data) + start, n, h}};
     };
-    if (h->kind == Handle::Kind::value) {
+    // A locked copy of [off, off + size) of `bytes`, wiped once sent.
+    const auto copy_out = [&](std::span<const std::uint8_t> bytes) -> Reply {
+        const auto start = std::min(static_cast<std::size_t>(off), bytes.size());
+        const auto n = std::min(size, bytes.size() - start);
+        if (n == 0)
+            return Reply{Reply::Buffer{nullptr, 0, nullptr}};
+        auto copy = hsm::SecureBuffer::copy_of(bytes.subspan(start, n));
+        if (!copy)
+            return Reply::err(ENOMEM);
+        auto owned = std::make_shared<const hsm::SecureBuffer>(std::move(*copy));
+        return Reply{Reply::Buffer{owned->data(), owned->size(), owned}};
+    };
+    switch (h->kind) {
+    case Handle::Kind::value: {
         const auto& v = static_cast<const ValueHandle&>(*h).value;
         if (static_cast<std::uint64_t>(off) >= v.size())
             return Reply{Reply::Buffer{nullptr, 0, nullptr}};  // end of file: nothing to decrypt
@@ -785,14 +895,53 @@ Reply Filesystem::read(fuse_req_t, fuse_ino_t, size_t size, off_t off, fuse_file
         const auto n = std::min(size, owned->size() - start);
         return Reply{Reply::Buffer{owned->data() + start, n, owned}};
     }
-    if (h->kind == Handle::Kind::policy) {
+    case Handle::Kind::policy: {
         auto& p = static_cast<PolicyHandle&>(*h);
         if (p.writing)
             return Reply::err(EBADF);
         return slice(p.text.data(), p.text.size());
     }
-    return Reply::err(EBADF);
+    case Handle::Kind::write: {
+        // O_RDWR: the writer's own bytes, nothing of any version.
+        auto& w = static_cast<WriteHandle&>(*h);
+        if (!w.readable)
+            return Reply::err(EBADF);
+        std::lock_guard lock(w.mutex);
+        return copy_out(w.buffer.bytes());
+    }
+    case Handle::Kind::staging: {
+        auto& file = *static_cast<StagingHandle&>(*h).file;
+        std::lock_guard lock(file.mutex);
+        return copy_out(file.data.bytes());
+    }
+    default:
+        return Reply::err(EBADF);
+    }
 }
+
+namespace {
+
+// Copies `size` bytes from libfuse's buffer into `into` at `off`, growing it
+// (charged to `charge`) up to `limit`; then wipes libfuse's copy (ordinary,
+// reused heap). Returns 0 or the errno.
+int write_into(hsm::SecureBuffer& into, UidQuota::Charge& charge, std::size_t limit, const char* buf,
+               std::size_t size, std::size_t off)
+{
+    const std::size_t end = off + size;
+    int err = 0;
+    if (end > limit)
+        err = EFBIG;
+    else if (end > into.size() && !charge.grow(end - into.size()))
+        err = ENOMEM;
+    else if (end > into.size() && !into.resize(end))
+        err = ENOMEM;
+    if (err == 0)
+        std::memcpy(into.data() + off, buf, size);
+    OPENSSL_cleanse(const_cast<char*>(buf), size);
+    return err;
+}
+
+}  // namespace
 
 Reply Filesystem::write(fuse_req_t, fuse_ino_t, const char* buf, size_t size, off_t off, fuse_file_info* fi)
 {
@@ -808,28 +957,44 @@ Reply Filesystem::write(fuse_req_t, fuse_ino_t, const char* buf, size_t size, of
         // After a failed write nothing from this handle will ever commit,
         // and every later write says so (a shell's `printf > S` never sees
         // close()'s error, so write() must carry it).
-        if (w.failed != 0)
+        if (w.failed != 0) {
+            OPENSSL_cleanse(const_cast<char*>(buf), size);
             return Reply::err(w.failed);
-        if (end > vault::max_value_size) {
-            w.failed = EFBIG;
-            return Reply::err(EFBIG);
         }
-        if (end > w.buffer.size()) {
-            if (!w.charge.grow(end - w.buffer.size())) {
-                w.failed = ENOMEM;
+        // What would fail the commit and is known now fails this write:
+        // `set` revoked, the secret deleted, the audit or the token down.
+        if (auto r = service_.check_commit(w.caller, w.grant); !r) {
+            OPENSSL_cleanse(const_cast<char*>(buf), size);
+            w.failed = to_errno(r.error().code);
+            spdlog::warn("write to {}/{} by uid {} refused: {}", w.grant.vault_name, w.grant.name, w.caller.who.uid,
+                         r.error().message);
+            return Reply::err(w.failed);
+        }
+        if (const int err = write_into(w.buffer, w.charge, vault::max_value_size, buf, size,
+                                       static_cast<std::size_t>(off));
+            err != 0) {
+            w.failed = err;
+            if (err == ENOMEM)
                 return Reply::err(service_.refuse_over_limit(w.caller, "commit", w.grant.vault_name, w.grant.name,
                                                              vault::Errc::out_of_memory));
-            }
-            if (auto r = w.buffer.resize(end); !r) {
-                w.failed = ENOMEM;
-                return Reply::err(ENOMEM);
-            }
+            return Reply::err(err);
         }
-        std::memcpy(w.buffer.data() + off, buf, size);
-        // libfuse's receive buffer is ordinary, reused heap: wipe our copy's source.
-        OPENSSL_cleanse(const_cast<char*>(buf), size);
         w.dirty = true;
         w.written = true;
+        return Reply{Reply::Written{size}};
+    }
+    if (h->kind == Handle::Kind::staging) {
+        auto& file = *static_cast<StagingHandle&>(*h).file;
+        std::lock_guard lock(file.mutex);
+        if (file.gone) {
+            OPENSSL_cleanse(const_cast<char*>(buf), size);
+            return Reply::err(ESTALE);  // renamed or removed: these bytes would reach nothing
+        }
+        if (const int err = write_into(file.data, file.charge, StagingArea::max_bytes, buf, size,
+                                       static_cast<std::size_t>(off));
+            err != 0)
+            return Reply::err(err);
+        file.modified = vault::now_micros();
         return Reply{Reply::Written{size}};
     }
     if (h->kind == Handle::Kind::policy) {
@@ -852,6 +1017,24 @@ Reply Filesystem::write(fuse_req_t, fuse_ino_t, const char* buf, size_t size, of
         }
         p.text.replace(static_cast<std::size_t>(off), size, buf, size);
         p.written = true;
+        // Each line is checked as it arrives, so that a shell's `printf >
+        // .policy` -- which never sees close()'s error -- sees this write's.
+        if (static_cast<std::size_t>(off) < p.checked) {
+            p.failed = EINVAL;  // rewriting lines already checked: write the policy once, in order
+            spdlog::warn("policy of vault {} by uid {}: rewritten in place", p.vault.value, p.caller.who.uid);
+            return Reply::err(EINVAL);
+        }
+        for (std::size_t nl; (nl = p.text.find('\n', p.checked)) != std::string::npos && nl < end;) {
+            const std::string_view line(p.text.data() + p.checked, nl - p.checked);
+            ++p.checked_lines;
+            if (auto r = service_.check_policy_line(p.caller, p.vault, line, p.checked_lines); !r) {
+                p.failed = EINVAL;
+                spdlog::warn("policy of vault {} refused from uid {}: {}", p.vault.value, p.caller.who.uid,
+                             r.error().message);
+                return Reply::err(EINVAL);
+            }
+            p.checked = nl + 1;
+        }
         return Reply{Reply::Written{size}};
     }
     return Reply::err(EBADF);
@@ -877,9 +1060,14 @@ Reply Filesystem::flush(fuse_req_t, fuse_ino_t ino, fuse_file_info* fi)
         auto version = service_.commit(w.caller, w.grant, w.buffer);
         w.written = false;
         w.dirty = false;
-        if (!version)
+        if (!version) {
+            spdlog::warn("commit to {}/{} by uid {} failed: {}", w.grant.vault_name, w.grant.name, w.caller.who.uid,
+                         version.error().message.empty() ? std::string(vault::result_name(version.error().code))
+                                                         : version.error().message);
             return Reply::err(version.error());
+        }
         invalidate_attributes(ino);
+        staging_.drop_copies(w.grant.secret.value, w.caller.who.uid);
         return Reply::ok();
     }
     if (h->kind == Handle::Kind::policy) {
@@ -893,8 +1081,12 @@ Reply Filesystem::flush(fuse_req_t, fuse_ino_t ino, fuse_file_info* fi)
             return Reply::ok();
         auto r = service_.write_policy(p.caller, p.vault, p.text);
         p.written = false;
-        if (!r)
+        if (!r) {
+            // Whole-text checks (someone must manage) can only fail here.
+            spdlog::warn("policy of vault {} refused from uid {}: {}", p.vault.value, p.caller.who.uid,
+                         r.error().message);
             return Reply::err(r.error());
+        }
         return Reply::ok();
     }
     return Reply::ok();
@@ -914,14 +1106,51 @@ Reply Filesystem::release(fuse_req_t, fuse_ino_t ino, fuse_file_info* fi)
         // A flush normally committed already; this covers a writer whose
         // flush never came (there is no one left to report an error to).
         if (w.dirty && w.failed == 0) {
-            if (auto r = service_.commit(w.caller, w.grant, w.buffer); !r)
-                spdlog::error("commit at release of {}/{} failed: {}", w.grant.vault_name, w.grant.name,
-                              r.error().message);
-            else
+            if (auto r = service_.commit(w.caller, w.grant, w.buffer); !r) {
+                if (r.error().code == Errc::not_found)
+                    spdlog::info("{}/{} was removed before its writer closed: nothing committed", w.grant.vault_name,
+                                 w.grant.name);
+                else
+                    spdlog::error("commit at release of {}/{} failed: {}", w.grant.vault_name, w.grant.name,
+                                  r.error().message);
+            } else {
                 invalidate_attributes(ino);
+                staging_.drop_copies(w.grant.secret.value, w.caller.who.uid);
+            }
         }
+        if (w.creating)
+            creating(w.grant.secret.value, w.caller.who.uid, false);
     }
     return Reply::ok();  // the buffer is wiped as the handle goes
+}
+
+void Filesystem::creating(std::int64_t secret, uid_t uid, bool add)
+{
+    std::lock_guard lock(creating_mutex_);
+    if (add) {
+        creating_.emplace(secret, uid);
+        return;
+    }
+    for (auto [it, end] = creating_.equal_range(secret); it != end; ++it)
+        if (it->second == uid) {
+            creating_.erase(it);
+            return;
+        }
+}
+
+bool Filesystem::is_creating(std::int64_t secret, uid_t uid)
+{
+    std::lock_guard lock(creating_mutex_);
+    for (auto [it, end] = creating_.equal_range(secret); it != end; ++it)
+        if (it->second == uid)
+            return true;
+    return false;
+}
+
+void Filesystem::sweep_staging()
+{
+    if (const auto n = staging_.sweep(std::chrono::steady_clock::now()); n > 0)
+        spdlog::info("{} staging file(s) idle for {} s discarded", n, StagingArea::idle.count());
 }
 
 // ---- directories ----------------------------------------------------------------------
@@ -964,20 +1193,54 @@ Reply Filesystem::opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi)
 
 Reply Filesystem::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi)
 {
+    return list_dir(req, ino, size, off, fi, false);
+}
+
+Reply Filesystem::readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi)
+{
+    return list_dir(req, ino, size, off, fi, true);
+}
+
+// Offsets in a listing: 1 and 2 follow "." and "..", 3..5 the special
+// entries of a vault, rows continue from their id + row_offset, and the
+// caller's staging files come last, from staging_offset.
+Reply Filesystem::list_dir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi, bool plus)
+{
     auto d = handles_.find_as<DirHandle>(fi->fh, Handle::Kind::directory);
     if (!d)
         return Reply::err(EBADF);
     auto buffer = std::make_shared<std::vector<char>>(size);
     std::size_t used = 0;
-    // Adds one entry; false when the reply buffer is full.
-    const auto add = [&](const char* name, std::uint64_t entry_ino, mode_t type, off_t next) {
-        struct stat st{};
-        st.st_ino = entry_ino;
-        st.st_mode = type;
-        const std::size_t need = fuse_add_direntry(req, nullptr, 0, name, nullptr, 0);
+    // Adds one entry; false when the reply buffer is full. With `attr`
+    // (readdirplus), the kernel caches the entry as a lookup would.
+    const auto add = [&](const char* name, std::uint64_t entry_ino, mode_t type, off_t next,
+                         const struct stat* attr = nullptr, std::uint64_t generation = 0) {
+        if (!plus) {
+            struct stat st{};
+            st.st_ino = entry_ino;
+            st.st_mode = type;
+            const std::size_t need = fuse_add_direntry(req, nullptr, 0, name, nullptr, 0);
+            if (used + need > size)
+                return false;
+            fuse_add_direntry(req, buffer->data() + used, size - used, name, &st, next);
+            used += need;
+            return true;
+        }
+        fuse_entry_param e{};
+        if (attr != nullptr) {
+            e.ino = entry_ino;
+            e.attr = *attr;
+            e.generation = generation;
+            e.attr_timeout = e.entry_timeout = 1.0;
+        } else {
+            // No entry for the kernel to keep (nodeid 0): it looks the name up.
+            e.attr.st_ino = entry_ino;
+            e.attr.st_mode = type;
+        }
+        const std::size_t need = fuse_add_direntry_plus(req, nullptr, 0, name, nullptr, 0);
         if (used + need > size)
             return false;
-        fuse_add_direntry(req, buffer->data() + used, size - used, name, &st, next);
+        fuse_add_direntry_plus(req, buffer->data() + used, size - used, name, &e, next);
         used += need;
         return true;
     };
@@ -1015,10 +1278,57 @@ Reply Filesystem::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off
                 return reply();
         }
     }
+    // The caller's own staging files, after every row.
+    const auto staged = [&]() -> Reply {
+        const auto files = staging_.list(grant.vault, d->caller.who.uid);
+        for (std::size_t i = 0; i < files.size(); ++i) {
+            const off_t at = staging_offset + static_cast<off_t>(i);
+            if (off > at)
+                continue;
+            std::string name;
+            mode_t type;
+            {
+                std::lock_guard lock(files[i]->mutex);
+                name = files[i]->name;
+                type = files[i]->link_target ? S_IFLNK : S_IFREG;
+            }
+            if (!add(name.c_str(), to_ino(Node{NodeKind::staging, files[i]->id}), type, at + 1))
+                break;
+        }
+        return reply();
+    };
+    if (off >= staging_offset)
+        return d->node_kind == NodeKind::vault ? staged() : reply();
+    // As many rows as can fit: a listing comes a page (4 KiB) at a time.
+    const std::size_t rows_wanted = std::min<std::size_t>(page_rows, size / (plus ? 96 : 24) + 1);
     std::int64_t cursor = std::max<off_t>(off, row_offset) - row_offset;
     for (;;) {
-        if (d->node_kind == NodeKind::vault) {
-            auto rows = service_.secrets_page(grant, vault::SecretId{cursor}, page_rows);
+        if (d->node_kind == NodeKind::vault && plus) {
+            auto rows = service_.secrets_with_current(grant, vault::SecretId{cursor}, rows_wanted);
+            if (!rows)
+                return used > 0 ? reply() : Reply::err(rows.error());
+            for (const auto& s : *rows) {
+                const Node node{NodeKind::current, s.version.id.value};
+                struct stat st{};
+                st.st_ino = to_ino(node);
+                st.st_mode = S_IFREG | (s.ownership.mode & 0777);
+                st.st_uid = s.ownership.owner;
+                st.st_gid = s.ownership.group;
+                st.st_nlink = 1;
+                st.st_blksize = 4096;
+                st.st_size = static_cast<off_t>(s.version.size);
+                st.st_blocks = (st.st_size + 511) / 512;
+                st.st_atim = st.st_mtim = to_timespec(s.version.created);
+                st.st_ctim = to_timespec(s.version.updated);
+                if (!add(s.name.c_str(), st.st_ino, S_IFREG, s.id.value + row_offset, &st,
+                         static_cast<std::uint64_t>(s.version.created)))
+                    return reply();
+                cursor = s.id.value;
+            }
+            if (rows->size() < rows_wanted)
+                return staged();
+        } else if (d->node_kind == NodeKind::vault) {
+            auto rows = service_.secrets_page(grant, vault::SecretId{cursor}, rows_wanted);
             if (!rows)
                 return used > 0 ? reply() : Reply::err(rows.error());
             for (const auto& s : *rows) {
@@ -1026,10 +1336,10 @@ Reply Filesystem::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off
                     return reply();
                 cursor = s.id.value;
             }
-            if (rows->size() < page_rows)
-                return reply();
+            if (rows->size() < rows_wanted)
+                return staged();
         } else if (d->node_kind == NodeKind::versions_dir) {
-            auto rows = service_.versions_page(grant, vault::VersionId{cursor}, page_rows);
+            auto rows = service_.versions_page(grant, vault::VersionId{cursor}, rows_wanted);
             if (!rows)
                 return used > 0 ? reply() : Reply::err(rows.error());
             for (const auto& v : *rows) {
@@ -1038,10 +1348,10 @@ Reply Filesystem::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off
                     return reply();
                 cursor = v.id.value;
             }
-            if (rows->size() < page_rows)
+            if (rows->size() < rows_wanted)
                 return reply();
         } else {
-            auto rows = service_.deleted_page(grant, vault::SecretId{cursor}, page_rows);
+            auto rows = service_.deleted_page(grant, vault::SecretId{cursor}, rows_wanted);
             if (!rows)
                 return used > 0 ? reply() : Reply::err(rows.error());
             for (const auto& s : *rows) {
@@ -1050,7 +1360,7 @@ Reply Filesystem::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off
                     return reply();
                 cursor = s.id.value;
             }
-            if (rows->size() < page_rows)
+            if (rows->size() < rows_wanted)
                 return reply();
         }
     }
@@ -1142,6 +1452,20 @@ bool is_value_node(NodeKind k) { return k == NodeKind::secret || k == NodeKind::
 
 }  // namespace
 
+// The object behind an inode the kernel still holds is gone (deleted, or a
+// tool's temporary file renamed over another name): ESTALE, so that the
+// kernel looks the name up again and finds what it names now -- or ENOENT.
+int Filesystem::gone_is_stale(Node node, const vault::Error& e)
+{
+    if (e.code == Errc::not_found && (is_value_node(node.kind) || node.kind == NodeKind::staging))
+        return ESTALE;
+    return to_errno(e.code);
+}
+
+namespace {
+
+}  // namespace
+
 // A vault's settings or a soft-deleted secret's dates.
 vault::Result<std::vector<std::pair<std::string, std::string>>> Filesystem::fixed_attributes(
     const vault::Caller& caller, Node node)
@@ -1159,8 +1483,11 @@ Reply Filesystem::getxattr(fuse_req_t req, fuse_ino_t ino, const char* name_c, s
     if (!node)
         return Reply::err(ENOENT);
     const auto name = vault_attribute(name_c);
+    // Other user.* names are simply not set; security.*, system.* (ACLs)
+    // and trusted.* are not supported here at all. Saying so (ENOTSUP)
+    // lets `ls -l`, cp and sed stop asking for the rest of the mount.
     if (!name)
-        return Reply::err(ENODATA);  // security.*, system.*, trusted.*: never set here
+        return Reply::err(std::string_view(name_c).substr(0, 5) == "user." ? ENODATA : EOPNOTSUPP);
     const auto caller = caller_of(req);
     if (node->kind == NodeKind::vault || node->kind == NodeKind::deleted_secret) {
         auto attrs = fixed_attributes(caller, *node);

@@ -11,7 +11,8 @@
 //  - The root, vault directories, .policy, .versions, .deleted and S@N have
 //    timeouts of 0: every path walk asks the daemon at the vault level, and
 //    a caller who holds nothing in a vault stops there (ENOENT).
-//  - A secret `S` is cached for one second (entry and attributes). Only
+//  - A secret `S` is cached for one second (entry and attributes; the
+//    name of a first version still being written is not cached). Only
 //    callers who passed the vault-level check walk on to it, and the
 //    contract lets any of them look up and stat anything in the vault; what
 //    the cache can show one of them that is meant for another is the mode
@@ -29,8 +30,16 @@
 //    no longer stands for gets ESTALE, and the kernel looks S up again, so
 //    what an open reads is always what S stands for at that open; a `stat`
 //    of S may show the version before for up to the entry's second.
+//  - Attributes are the same for every caller -- a secret's owner, group
+//    and mode are its own (SecretView::ownership), never computed from
+//    who asks -- so what the kernel caches for one caller is right for
+//    all. readdirplus hands out the attributes of a whole listing at once
+//    (the same one-second timeouts), so `ls -l` costs no lookup per name.
+//  - Staging files (staging.hpp) differ per creator: entries and attributes
+//    with timeouts of 0.
 //  - OPEN always comes here (no default_permissions): a policy change —
 //    a revocation included — applies at the next open, whatever is cached.
+//    access() answers from the policy too, never from the mode bits.
 // Secret files are opened with FOPEN_DIRECT_IO: no plaintext in the page
 // cache from read().
 #pragma once
@@ -41,6 +50,7 @@
 #include <condition_variable>
 #include <chrono>
 #include <deque>
+#include <map>
 #include <set>
 #include <memory>
 #include <thread>
@@ -50,6 +60,7 @@
 #include "fs/caller_cache.hpp"
 #include "fs/handles.hpp"
 #include "fs/inode.hpp"
+#include "fs/staging.hpp"
 #include "fs/uid_quota.hpp"
 #include "vault/secret_service.hpp"
 
@@ -79,6 +90,9 @@ public:
 
     // Open handles right now (for status and tests).
     std::size_t open_handles() const { return handles_.size(); }
+    // Drops staging files idle past StagingArea::idle (the daemon calls it
+    // every second).
+    void sweep_staging();
 
     struct Reply;  // defined in filesystem.cpp
 
@@ -95,7 +109,8 @@ public:
     Reply rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t newparent, const char* newname,
                  unsigned int flags);
     Reply refuse_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char* newname);
-    Reply refuse_symlink(fuse_req_t req, const char* link, fuse_ino_t parent, const char* name);
+    Reply symlink(fuse_req_t req, const char* link, fuse_ino_t parent, const char* name);
+    Reply readlink(fuse_req_t req, fuse_ino_t ino);
     Reply refuse_mknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, dev_t rdev);
     Reply create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, fuse_file_info* fi);
     Reply open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi);
@@ -105,6 +120,7 @@ public:
     Reply release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi);
     Reply opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi);
     Reply readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi);
+    Reply readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi);
     Reply releasedir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi);
     Reply statfs(fuse_req_t req, fuse_ino_t ino);
     Reply setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* value, size_t size, int flags);
@@ -115,6 +131,8 @@ public:
 
 private:
     vault::Caller caller_of(fuse_req_t req);
+    static int gone_is_stale(Node node, const vault::Error& e);
+    Reply list_dir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi, bool plus);
     struct NodeAttr {
         struct stat st {};
         std::uint64_t generation = 0;  // creation time: a re-created name is a new inode
@@ -133,6 +151,38 @@ private:
     vault::Result<vault::SecretView> current_view(const vault::Caller& caller, std::int64_t version_id);
     vault::Result<std::vector<std::pair<std::string, std::string>>> fixed_attributes(const vault::Caller& caller,
                                                                                       Node node);
+
+    // ---- staging files (fs/staging_ops.cpp) ----------------------------------------
+    // Names in a vault that are neither a secret's, `S@N` nor a special entry.
+    static bool is_staging_name(std::string_view name);
+    Reply staging_lookup(const vault::Caller& caller, vault::VaultId vault, const std::string& name);
+    Reply staging_create(const vault::Caller& caller, vault::VaultId vault, const std::string& name, mode_t mode,
+                         fuse_file_info* fi);
+    Reply staging_open(const vault::Caller& caller, const std::shared_ptr<StagedFile>& file, fuse_file_info* fi,
+                       bool reply_create);
+    Reply staging_setattr(const vault::Caller& caller, const std::shared_ptr<StagedFile>& file, const struct stat& attr,
+                          int to_set);
+    Reply staging_symlink(const vault::Caller& caller, vault::VaultId vault, const std::string& name,
+                          const std::string& target);
+    static struct stat staging_stat(const StagedFile& file);
+    fuse_entry_param staging_entry(const StagedFile& file);
+    // A copy of a secret's current value as the caller's staging file `name`
+    // (an editor's backup: rename(S, S~)). Audited as a read of S.
+    Reply stage_copy(const vault::Caller& caller, const vault::SecretView& view, const std::string& name);
+
+    // ---- renames (fs/rename.cpp) ---------------------------------------------------
+    Reply rename_in_vault(const vault::Caller& caller, vault::VaultId vault, const std::string& from,
+                          const std::string& to, bool noreplace);
+    Reply commit_staged(const vault::Caller& caller, vault::VaultId vault, const std::string& from,
+                        const std::string& to, bool noreplace);
+
+    // Writers of names whose first version they are writing: (secret id,
+    // uid). Lookups show such a name to its writer (vim stats its probe file).
+    void creating(std::int64_t secret, uid_t uid, bool add);
+    bool is_creating(std::int64_t secret, uid_t uid);
+    std::mutex creating_mutex_;
+    std::multimap<std::int64_t, uid_t> creating_;
+    StagingArea staging_;
 
     vault::SecretService& service_;
     UidQuota quota_;

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "fs/inode.hpp"
+#include "fs/staging.hpp"
 #include "fs/uid_quota.hpp"
 #include "hsm/secure_buffer.hpp"
 #include "vault/secret_service.hpp"
@@ -31,7 +32,7 @@
 namespace vaultfs::fs {
 
 struct Handle {
-    enum class Kind { value, write, policy, directory };
+    enum class Kind { value, write, policy, directory, staging };
     Handle(Kind k, UidQuota::Charge c) : kind(k), charge(std::move(c)) {}
     virtual ~Handle() = default;
     const Kind kind;
@@ -55,9 +56,11 @@ struct WriteHandle final : Handle {
     bool dirty;            // a value (maybe empty) not yet committed
     bool written = false;  // bytes written since the last commit
     // The errno of a write that failed (EFBIG past 25 KiB, ENOMEM past the
-    // quota or the locked heap): nothing from this handle will commit, and
-    // every later write and flush reports it.
+    // quota or the locked heap, or what check_commit found): nothing from
+    // this handle will commit, and every later write and flush reports it.
     int failed = 0;
+    bool readable = false;  // opened O_RDWR: reads return what it wrote so far
+    bool creating = false;  // registered in Filesystem::creating_ (a new name's first version)
 };
 
 struct PolicyHandle final : Handle {
@@ -72,6 +75,26 @@ struct PolicyHandle final : Handle {
     std::string text;      // current policy (reading) or the new one (writing)
     bool written = false;  // bytes written since the last swap (like WriteHandle)
     int failed = 0;        // as for WriteHandle
+    // Writing: the complete lines checked so far (bytes of `text`, lines).
+    std::size_t checked = 0;
+    int checked_lines = 0;
+    int rules = 0;
+};
+
+// An open staging file (staging.hpp).
+struct StagingHandle final : Handle {
+    StagingHandle(std::shared_ptr<StagedFile> f, UidQuota::Charge q) : Handle(Kind::staging, std::move(q)), file(std::move(f))
+    {
+        std::lock_guard lock(file->mutex);
+        ++file->open_handles;
+    }
+    ~StagingHandle() override
+    {
+        std::lock_guard lock(file->mutex);
+        --file->open_handles;
+        file->last_closed = std::chrono::steady_clock::now();
+    }
+    const std::shared_ptr<StagedFile> file;
 };
 
 struct DirHandle final : Handle {

@@ -24,6 +24,7 @@ enum class NodeKind : std::uint8_t {
     version = 6,         // /V/S@N             id: version row id
     deleted_secret = 7,  // /V/.deleted/S      id: secret id
     current = 8,         // /V/S as it stands  id: version row id of the version S stands for
+    staging = 9,         // /V/.cfg.swp, ...   id: the staging file's (staging.hpp), never reused while running
 };
 // S has an inode per version it stands for: a new version, or a disable
 // that makes S stand for another one, gives S a new inode (and the kernel a

@@ -611,9 +611,9 @@ TEST_CASE("attack: a writer removed from the policy commits nothing through an f
             return Outcome{0, std::to_string(w) + " " + std::to_string(close_err) + " " + std::to_string(list_err)};
         });
     REQUIRE(held.first().err == 0);
-    // Revoked while both are open.
+    // Revoked while both are open: the next write fails (so does the close).
     REQUIRE(write_file(m.path("revoke/.policy"), "allow uid:0 *\n").err == 0);
-    CHECK(ok(held.finish()) == "2 " + std::to_string(EACCES) + " " + std::to_string(EACCES));
+    CHECK(ok(held.finish()) == "-1 " + std::to_string(EACCES) + " " + std::to_string(EACCES));
     CHECK(ok(list_dir(m.path("revoke/.versions"))) == "s@1\ns@2");
     auto commit = m.last_audit("commit", writer.uid);
     CHECK(commit["decision"] == "deny");

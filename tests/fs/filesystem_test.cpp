@@ -21,9 +21,12 @@ namespace {
 
 // A value left empty (O_TRUNC, nothing written) commits at release, which
 // the kernel sends just after close() returns.
+// An empty value commits at release, which the kernel sends after close()
+// returns: wait until its version 1 exists. (Before, its writer sees the
+// name as a file being created.)
 void wait_for_release_commit(const std::string& path)
 {
-    for (int i = 0; i < 200 && stat_path(path).err == ENOENT; ++i)
+    for (int i = 0; i < 200 && stat_path(path + "@1").err == ENOENT; ++i)
         std::this_thread::sleep_for(std::chrono::milliseconds(10));
 }
 
@@ -71,8 +74,9 @@ TEST_CASE("shell idioms: printf >, cat, cp, ls -l, stat", "[fs]")
 
     const auto ls = shell("ls -l " + m.path("app") + " | awk 'NR > 1 {print $1, $3, $5, $9}'");
     REQUIRE(ls.err == 0);
-    // Mode shows what the caller may do (get + set), size is the plaintext's.
-    CHECK(ls.data == "-rw------- root 18 config\n-rw------- root 6 token\n");
+    // Owner, group and mode are the secret's own (root:root 0400 unless a
+    // manager changes them), size is the plaintext's.
+    CHECK(ls.data == "-r-------- root 18 config\n-r-------- root 6 token\n");
     CHECK(shell("stat -c '%s %F' " + m.path("app/token")).data == "6 regular file\n");
     CHECK(shell("stat -c '%s' " + m.path("app/token@1")).data == "6\n");
     CHECK(shell("stat -c '%a' " + m.path("app/token@1")).data == "400\n");
@@ -236,11 +240,13 @@ TEST_CASE("names: invalid ones are EINVAL on create and ENOENT on lookup", "[fs]
     CHECK(make_dir(m.path("names")).err == EEXIST);
 }
 
-TEST_CASE("refusals: link, symlink, mknod, chmod, chown, rename are EPERM", "[fs]")
+TEST_CASE("refusals: link, symlink, mknod, renames of secrets, directories' owners are EPERM", "[fs]")
 {
     Mount m;
     REQUIRE(make_dir(m.path("rvault")).err == 0);
     REQUIRE(make_dir(m.path("other")).err == 0);
+    // Two versions: not a tool's temporary file, which alone may move.
+    REQUIRE(write_file(m.path("rvault/s"), "u").err == 0);
     REQUIRE(write_file(m.path("rvault/s"), "v").err == 0);
     CHECK(::link(m.path("rvault/s").c_str(), m.path("rvault/t").c_str()) == -1);
     CHECK(errno == EPERM);
@@ -248,15 +254,21 @@ TEST_CASE("refusals: link, symlink, mknod, chmod, chown, rename are EPERM", "[fs
     CHECK(errno == EPERM);
     CHECK(::mknod(m.path("rvault/t").c_str(), S_IFIFO | 0600, 0) == -1);
     CHECK(errno == EPERM);
-    CHECK(::chmod(m.path("rvault/s").c_str(), 0644) == -1);
-    CHECK(errno == EPERM);
-    CHECK(::chown(m.path("rvault/s").c_str(), 1, 1) == -1);
-    CHECK(errno == EPERM);
     CHECK(rename_path(m.path("rvault/s"), m.path("rvault/t")).err == EPERM);
-    CHECK(rename_path(m.path("rvault/s"), m.path("other/s")).err == EPERM);
+    CHECK(m.last_audit("rename", 0)["result"] == "EPERM");
+    CHECK(rename_path(m.path("rvault/s"), m.path("rvault/s@1")).err == EROFS);
+    CHECK(rename_path(m.path("rvault/s@1"), m.path("rvault/t")).err == EPERM);
+    CHECK(rename_path(m.path("rvault/.policy"), m.path("rvault/t")).err == EPERM);
+    CHECK(rename_path(m.path("rvault"), m.path("renamed")).err == EPERM);
+    // Across vaults: EXDEV, so that mv copies (and then removes).
+    CHECK(rename_path(m.path("rvault/s"), m.path("other/s")).err == EXDEV);
+    CHECK(::chmod(m.path("rvault").c_str(), 0700) == -1);
+    CHECK(errno == EPERM);
+    CHECK(::chmod(m.path("rvault").c_str(), 0755) == 0);  // what it shows: a no-op
     CHECK(make_dir(m.path("rvault/sub")).err == EPERM);
     CHECK(write_file(m.path("file-in-root"), "v").err == EPERM);
     CHECK(ok(read_file(m.path("rvault/s"))) == "v");
+    CHECK(ok(list_dir(m.path("rvault/.versions"))) == "s@1\ns@2");
 }
 
 TEST_CASE("vault directories: mkdir by admins, rmdir only when empty", "[fs]")

@@ -31,7 +31,8 @@ TEST_CASE("attributes are user.vault.* xattrs, validated", "[fs][lifecycle]")
     CHECK(ok(get_xattr(m.path("attrs/s"), "user.vault.enabled")) == "true");
     CHECK(get_xattr(m.path("attrs/s"), "user.vault.expires").err == ENODATA);
     CHECK(get_xattr(m.path("attrs/s"), "user.other").err == ENODATA);
-    CHECK(get_xattr(m.path("attrs/s"), "security.capability").err == ENODATA);
+    CHECK(get_xattr(m.path("attrs/s"), "security.capability").err == EOPNOTSUPP);
+    CHECK(get_xattr(m.path("attrs/s"), "system.posix_acl_access").err == EOPNOTSUPP);
 
     // Settable ones round-trip; on S they land on the current version.
     CHECK(set_xattr(m.path("attrs/s"), "user.vault.content_type", "application/json").err == 0);

@@ -128,10 +128,14 @@ TEST_CASE("policies decide every open, for users and groups", "[fs][policy]")
         audited(m, "commit", erin.uid, "allow", "ok", "new-secret");
         CHECK(as(erin, [&] { return read_file(m.path("team/new-secret")); }).err == EACCES);
         CHECK(ok(read_file(m.path("team/new-secret"))) == "from erin");
-        // The mode shows what the caller may do: write only (once another
-        // caller's cached attributes, kept for up to a second, have expired).
-        std::this_thread::sleep_for(std::chrono::milliseconds(1100));
-        CHECK(ok(as(erin, [&] { return Outcome{0, shell("stat -c %a " + m.path("team/db-pass")).data}; })) == "200\n");
+        // The mode is the secret's own (root's 0400), whoever asks; access()
+        // says what the caller may do: write, not read.
+        CHECK(ok(as(erin, [&] { return Outcome{0, shell("stat -c '%a %U' " + m.path("team/db-pass")).data}; })) ==
+              "400 root\n");
+        CHECK(as(erin, [&] { return Outcome{::access(m.path("team/db-pass").c_str(), W_OK) == 0 ? 0 : errno, {}}; })
+                  .err == 0);
+        CHECK(as(erin, [&] { return Outcome{::access(m.path("team/db-pass").c_str(), R_OK) == 0 ? 0 : errno, {}}; })
+                  .err == EACCES);
     }
     SECTION("list without get: ls works, cat is denied")
     {
@@ -173,16 +177,19 @@ TEST_CASE("policies decide every open, for users and groups", "[fs][policy]")
         audited(m, "policy_get", alice.uid, "deny", "EACCES");
         CHECK(ok(read_file(m.path("team/.policy"))) == stored);
     }
-    SECTION("an invalid policy fails with EINVAL at close and leaves the old one in force")
+    SECTION("an invalid policy fails with EINVAL -- a bad line at its write, a bad whole at close -- and leaves the "
+            "old one in force")
     {
-        for (const std::string bad : {"allow uid:0 get,list,set\n" /* no one could manage it again */,
-                                      "allow uid:0 *\ndeny any manage\n" /* nor here */,
-                                      "allow uid:0 *\nallow nobody-here get\n", "allow user:no-such-user-xyz get\n",
-                                      "allow uid:0 fly\n"}) {
+        for (const auto& [bad, when] : std::vector<std::pair<std::string, std::string>>{
+                 {"allow uid:0 get,list,set\n", "close"} /* no one could manage it again */,
+                 {"allow uid:0 *\ndeny any manage\n", "close"} /* nor here */,
+                 {"allow uid:0 *\nallow nobody-here get\n", "write"},
+                 {"allow user:no-such-user-xyz get\n", "write"},
+                 {"allow uid:0 fly\n", "write"}}) {
             INFO(bad);
             const auto w = write_file(m.path("team/.policy"), bad);
             CHECK(w.err == EINVAL);
-            CHECK(w.data == "close");
+            CHECK(w.data == when);
             CHECK(ok(read_file(m.path("team/.policy"))) == stored);
         }
         auto r = m.last_audit("policy_set", 0);

@@ -135,9 +135,10 @@ TEST_CASE("the token going away: uncached reads and writes fail with EIO, cached
     CHECK(r["result"] == "EIO");
     CHECK(r["reason"] == "key service unavailable");
     CHECK(ok(read_file(m.path("tok/cached"))) == "in the cache");
+    // Known before the commit: the write itself fails, not only the close.
     const auto w = write_file(m.path("tok/cold"), "new value");
     CHECK(w.err == EIO);
-    CHECK(w.data == "close");
+    CHECK(w.data == "write");
 
     std::filesystem::rename(m.state_file("tokens.away"), m.state_file("tokens"));
     std::this_thread::sleep_for(std::chrono::milliseconds(1100));  // reconnects are at most once a second
