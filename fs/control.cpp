@@ -119,6 +119,47 @@ json error_reply(const vault::Error& e)
     return json{{"ok", false}, {"errno", std::string(vault::result_name(e.code))}, {"error", e.message}};
 }
 
+// An error reply that names the thing, what went wrong and what to do: the
+// service's own message when it has one, else a sentence for the code.
+json failure(const vault::Error& e, const std::string& what)
+{
+    using vault::Errc;
+    std::string text;
+    switch (e.code) {
+    case Errc::not_found:
+        text = what + " does not exist, or you cannot see it (`vaultfs vault list` shows the vaults)";
+        break;
+    case Errc::already_exists:
+        text = what + " already exists";
+        break;
+    case Errc::access_denied:
+        text = what + ": permission denied (the vault's policy does not grant it to you)";
+        break;
+    case Errc::audit_unavailable:
+        text = what + ": the audit trail cannot be written, so nothing was done; see `vaultfs status` and the "
+                      "daemon's log";
+        break;
+    case Errc::key_unavailable:
+        text = what + ": the token cannot be used; see `vaultfs status` and the daemon's log";
+        break;
+    case Errc::storage:
+    case Errc::no_space:
+        text = what + ": the database failed; see the daemon's log";
+        break;
+    case Errc::busy:
+        text = what + ": busy; try again";
+        break;
+    default:
+        text = what + ": " + std::string(vault::result_name(e.code));
+        break;
+    }
+    if (!e.message.empty() && e.code != Errc::not_found && e.code != Errc::access_denied)
+        text = what + ": " + e.message;
+    else if (!e.message.empty())
+        text += " (" + e.message + ")";
+    return error_reply({e.code, text});
+}
+
 json vault_json(const vault::VaultView& v)
 {
     return json{{"name", v.name},
@@ -129,7 +170,8 @@ json vault_json(const vault::VaultView& v)
 
 }  // namespace
 
-vault::Result<std::unique_ptr<ControlServer>> ControlServer::start(vault::State& state, const Filesystem& filesystem)
+vault::Result<std::unique_ptr<ControlServer>> ControlServer::start(vault::State& state, const Filesystem& filesystem,
+                                                                   std::string mountpoint)
 {
     const std::string path = state.config.path_of(state.config.control_socket);
     sockaddr_un addr{};
@@ -148,12 +190,17 @@ vault::Result<std::unique_ptr<ControlServer>> ControlServer::start(vault::State&
         return vault::fail(vault::Errc::storage, "cannot listen on " + path + ": " + why);
     }
     const int stop = ::eventfd(0, EFD_CLOEXEC);
-    return std::unique_ptr<ControlServer>(new ControlServer(state, filesystem, fd, stop, path));
+    return std::unique_ptr<ControlServer>(new ControlServer(state, filesystem, fd, stop, path, std::move(mountpoint)));
 }
 
 ControlServer::ControlServer(vault::State& state, const Filesystem& filesystem, int listen_fd, int stop_fd,
-                             std::string path)
-    : state_(state), filesystem_(filesystem), listen_fd_(listen_fd), stop_fd_(stop_fd), path_(std::move(path))
+                             std::string path, std::string mountpoint)
+    : state_(state),
+      filesystem_(filesystem),
+      listen_fd_(listen_fd),
+      stop_fd_(stop_fd),
+      path_(std::move(path)),
+      mountpoint_(std::move(mountpoint))
 {
     thread_ = std::thread([this] { serve(); });
 }
@@ -291,7 +338,7 @@ json ControlServer::dispatch(const vault::Caller& caller, const std::string& tex
     if (!request) {
         vault::Errc bad = vault::Errc::invalid_argument;
         (void)service.audit_management(caller, "control", "", true, "admin", &bad);
-        return error_reply({bad, request.error()});
+        return error_reply({bad, "the request: " + request.error()});
     }
     using C = ControlRequest::Command;
     switch (request->command) {
@@ -299,7 +346,7 @@ json ControlServer::dispatch(const vault::Caller& caller, const std::string& tex
         auto v = service.create_vault(caller, request->vault,
                                       vault::VaultSettings{request->retention_days, request->purge_protection});
         if (!v)
-            return error_reply(v.error());
+            return failure(v.error(), "vault " + request->vault);
         return json{{"ok", true}, {"result", vault_json(*v)}};
     }
     case C::vault_show: {
@@ -307,9 +354,9 @@ json ControlServer::dispatch(const vault::Caller& caller, const std::string& tex
         vault::Errc missing = vault::Errc::not_found;
         if (auto a = service.audit_management(caller, "vault_show", request->vault, true, "admin", v ? nullptr : &missing);
             !a)
-            return error_reply(a.error());
+            return failure(a.error(), "vault " + request->vault);
         if (!v)
-            return error_reply(v.error());
+            return failure(v.error(), "vault " + request->vault);
         json out = vault_json(*v);
         auto count = service.store().secret_count(v->id);
         out["secrets"] = count ? *count : -1;
@@ -320,17 +367,24 @@ json ControlServer::dispatch(const vault::Caller& caller, const std::string& tex
     case C::vault_list: {
         auto vaults = service.list_vaults(caller);
         if (!vaults)
-            return error_reply(vaults.error());
+            return failure(vaults.error(), "the vault list");
         if (auto a = service.audit_management(caller, "vault_list", "", true, "admin"); !a)
-            return error_reply(a.error());
+            return failure(a.error(), "the vault list");
         json out = json::array();
         for (const auto& v : *vaults)
             out.push_back(vault_json(v));
         return json{{"ok", true}, {"result", out}};
     }
     case C::status: {
-        if (auto a = service.audit_management(caller, "status", "", true, "admin"); !a)
-            return error_reply(a.error());
+        // Status reveals nothing secret: it answers even when its own record
+        // cannot be written, and says so -- that is when it is needed most.
+        const auto recorded = service.audit_management(caller, "status", "", true, "admin");
+        const auto ready = service.audit_log().ready();
+        std::string audit_state = "ok";
+        if (!ready)
+            audit_state = "failing: " + ready.error().message;
+        else if (!recorded)
+            audit_state = "failing: " + recorded.error().message;
         const auto token = service.keys().ping();
         const auto stats = service.dek_cache().stats();
         const auto audit = service.audit_log().stats();
@@ -338,9 +392,10 @@ json ControlServer::dispatch(const vault::Caller& caller, const std::string& tex
         return json{{"ok", true},
                     {"result",
                      json{{"mounted", true},
+                          {"mountpoint", mountpoint_},
                           {"state", state_.config.state_dir},
-                          {"token", token ? "ok" : token.error().message},
-                          {"audit", service.audit_log().healthy() ? "ok" : "failing"},
+                          {"token", token ? std::string("ok") : "failing: " + token.error().message},
+                          {"audit", audit_state},
                           {"audit_records", audit.last_seq},
                           {"audit_refusals_coalesced", audit.coalesced},
                           {"audit_records_dropped", audit.dropped},
@@ -358,22 +413,44 @@ json ControlServer::dispatch(const vault::Caller& caller, const std::string& tex
         auto doc = service.backup(caller, request->vault,
                                   request->secret ? std::optional<std::string_view>(*request->secret) : std::nullopt);
         if (!doc)
-            return error_reply(doc.error());
+            return failure(doc.error(), "backup of " + request->vault +
+                                            (request->secret ? "/" + *request->secret : std::string()));
         return json{{"ok", true}, {"result", *doc}};
     }
     case C::policy_reset: {
         if (auto r = service.reset_policy(caller, request->vault,
                                           request->owner ? std::optional<uid_t>(*request->owner) : std::nullopt);
             !r)
-            return error_reply(r.error());
+            return failure(r.error(), "policy reset of " + request->vault);
         return json{{"ok", true}, {"result", request->vault}};
     }
+    case C::policy_set: {
+        auto v = service.find_vault(caller, request->vault);
+        if (!v)
+            return failure(v.error(), "vault " + request->vault);
+        if (auto r = service.write_policy(caller, v->id, request->policy); !r)
+            return failure(r.error(), "the policy of " + request->vault);
+        auto text = service.read_policy(caller, v->id);
+        return json{{"ok", true}, {"result", text ? *text : std::string()}};
+    }
     case C::restore: {
+        // A new vault to restore into is made first (admins only, as ever),
+        // and removed again if the restore fails: a failed restore changes nothing.
+        bool made = false;
+        if (request->into && !service.find_vault(caller, *request->into)) {
+            auto v = service.create_vault(caller, *request->into, vault::VaultSettings{});
+            if (!v)
+                return failure(v.error(), "vault " + *request->into);
+            made = true;
+        }
         auto names = service.restore(caller, request->backup,
                                      request->into ? std::optional<std::string_view>(*request->into) : std::nullopt);
-        if (!names)
-            return error_reply(names.error());
-        return json{{"ok", true}, {"result", *names}};
+        if (!names) {
+            if (made)
+                (void)service.remove_vault(caller, *request->into);
+            return failure(names.error(), "restore" + (request->into ? " into " + *request->into : std::string()));
+        }
+        return json{{"ok", true}, {"result", *names}, {"created", made}};
     }
     }
     return error_reply({vault::Errc::invalid_argument, "unknown command"});
@@ -395,10 +472,15 @@ vault::Result<json> control_call(const std::string& state_dir, const std::string
     if (fd < 0)
         return vault::fail(vault::Errc::storage, std::strerror(errno));
     if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) {
-        const std::string why = std::strerror(errno);
+        const int err = errno;
         ::close(fd);
-        return vault::fail(vault::Errc::not_found,
-                           "no vaultfs daemon answers on " + path + " (" + why + "); is it mounted?");
+        if (err == EACCES || err == EPERM)
+            return vault::fail(vault::Errc::access_denied,
+                               "permission denied reaching the control socket " + path +
+                                   ": the management commands are for root and the admin group; an admin who is "
+                                   "not root needs `control_socket` set to a path it can reach, and --socket");
+        return vault::fail(vault::Errc::not_found, "no vaultfs daemon answers on " + path + " (" +
+                                                       std::strerror(err) + "); is the state mounted?");
     }
     std::string reply;
     // A restore may take the daemon a while: wait for its reply as long as

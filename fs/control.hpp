@@ -1,5 +1,7 @@
 // control: the management plane — operations that are not file-shaped
-// (vault create/show/list, status, backup, restore) over a Unix socket.
+// (vault create/show/list, status, backup, restore, policy set and reset)
+// over a Unix socket. Every error reply names the thing, what went wrong
+// and what to do.
 //
 // The caller is who the kernel says is on the other end (SO_PEERCRED and
 // SO_PEERGROUPS), never what the request claims. Only uid 0 and members of
@@ -46,13 +48,15 @@ public:
     static constexpr std::chrono::seconds deadline{10};
 
     // Binds the socket (replacing a stale one) and starts serving.
-    static vault::Result<std::unique_ptr<ControlServer>> start(vault::State& state, const Filesystem& filesystem);
+    static vault::Result<std::unique_ptr<ControlServer>> start(vault::State& state, const Filesystem& filesystem,
+                                                               std::string mountpoint);
     ~ControlServer();
     ControlServer(const ControlServer&) = delete;
     ControlServer& operator=(const ControlServer&) = delete;
 
 private:
-    ControlServer(vault::State& state, const Filesystem& filesystem, int listen_fd, int stop_fd, std::string path);
+    ControlServer(vault::State& state, const Filesystem& filesystem, int listen_fd, int stop_fd, std::string path,
+                  std::string mountpoint);
     void serve();
     // Serves one connection to the end (on its own thread); closes `fd`.
     void handle(int fd, const vault::Caller& caller);
@@ -66,6 +70,7 @@ private:
     int listen_fd_;
     int stop_fd_;  // eventfd that ends serve() and every client's wait
     std::string path_;
+    std::string mountpoint_;
     std::thread thread_;
 
     std::mutex clients_mutex_;

@@ -18,6 +18,7 @@ constexpr std::pair<const char*, ControlRequest::Command> commands[] = {
     {"backup", ControlRequest::Command::backup},
     {"restore", ControlRequest::Command::restore},
     {"policy_reset", ControlRequest::Command::policy_reset},
+    {"policy_set", ControlRequest::Command::policy_set},
 };
 
 }  // namespace
@@ -56,7 +57,7 @@ tl::expected<ControlRequest, std::string> parse_request(std::string_view text)
     };
     for (const auto& item : j.items()) {
         static const char* allowed[] = {"cmd",    "vault", "secret", "retention_days", "purge_protection",
-                                        "backup", "into",  "owner"};
+                                        "backup", "into",  "owner",  "policy"};
         const std::string key = item.key();
         if (std::find_if(std::begin(allowed), std::end(allowed), [&](const char* a) { return key == a; }) ==
             std::end(allowed))
@@ -64,7 +65,7 @@ tl::expected<ControlRequest, std::string> parse_request(std::string_view text)
     }
     using C = ControlRequest::Command;
     const bool needs_vault = r.command == C::vault_create || r.command == C::vault_show || r.command == C::backup ||
-                             r.command == C::policy_reset;
+                             r.command == C::policy_reset || r.command == C::policy_set;
     auto vault = string_field("vault", needs_vault);
     if (!vault)
         return tl::unexpected(vault.error());
@@ -81,6 +82,11 @@ tl::expected<ControlRequest, std::string> parse_request(std::string_view text)
     if (!backup)
         return tl::unexpected(backup.error());
     r.backup = backup->value_or("");
+    // A policy may be empty text only by mistake: refused like "" elsewhere.
+    auto policy = string_field("policy", r.command == C::policy_set);
+    if (!policy)
+        return tl::unexpected(policy.error());
+    r.policy = policy->value_or("");
     if (j.contains("retention_days")) {
         if (!j["retention_days"].is_number_integer())
             return tl::unexpected(std::string("\"retention_days\" must be an integer"));
@@ -118,6 +124,8 @@ std::string render_request(const ControlRequest& r)
     }
     if (r.command == ControlRequest::Command::restore)
         j["backup"] = r.backup;
+    if (r.command == ControlRequest::Command::policy_set)
+        j["policy"] = r.policy;
     if (r.into)
         j["into"] = *r.into;
     if (r.owner)

@@ -7,6 +7,7 @@
 //   {"cmd":"backup","vault":"payments","secret":"db-password"}   (secret optional)
 //   {"cmd":"restore","backup":"<backup document>","into":"payments2"}   (into optional)
 //   {"cmd":"policy_reset","vault":"payments","owner":1001}   (owner optional: the caller)
+//   {"cmd":"policy_set","vault":"payments","policy":"allow uid:0 *\n..."}
 //
 // Replies: {"ok":true,"result":...} or {"ok":false,"errno":"EACCES","error":"..."}.
 #pragma once
@@ -25,7 +26,7 @@ namespace vaultfs::fs {
 inline constexpr std::size_t max_request_size = 256u << 20;
 
 struct ControlRequest {
-    enum class Command { vault_create, vault_show, vault_list, status, backup, restore, policy_reset };
+    enum class Command { vault_create, vault_show, vault_list, status, backup, restore, policy_reset, policy_set };
     Command command = Command::status;
     std::string vault;
     std::optional<std::string> secret;
@@ -34,6 +35,7 @@ struct ControlRequest {
     std::string backup;  // restore: the document
     std::optional<std::string> into;
     std::optional<std::uint32_t> owner;  // policy_reset: who gets `*`
+    std::string policy;                  // policy_set: the text
 };
 
 tl::expected<ControlRequest, std::string> parse_request(std::string_view text);

@@ -1,7 +1,10 @@
 #include "fs/daemon.hpp"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -9,6 +12,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <spdlog/sinks/rotating_file_sink.h>
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/sinks/syslog_sink.h>
 #include <spdlog/spdlog.h>
@@ -95,7 +99,7 @@ StartupChannel daemonize()
         } else {
             int status = 0;
             ::waitpid(pid, &status, 0);
-            std::fprintf(stderr, "vaultfs: the daemon exited during start-up (see syslog)\n");
+            std::fprintf(stderr, "vaultfs: the daemon exited during start-up (see syslog, or vaultfs.log in the state directory)\n");
         }
         std::exit(1);
     }
@@ -117,16 +121,66 @@ void detach_stdio()
     (void)!::chdir("/");
 }
 
-void setup_logging(bool foreground)
+// Whether a syslog daemon (rsyslog, or journald's /dev/log) takes messages.
+bool syslog_reachable()
+{
+    const int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return false;
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strcpy(addr.sun_path, "/dev/log");
+    const bool ok = ::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0;
+    ::close(fd);
+    return ok;
+}
+
+// The daemon's operational log: stderr in the foreground; syslog (and so
+// journald) when one listens; else STATE/vaultfs.log (5 MiB, 3 kept), so
+// that nothing -- a refused policy's reason included -- is lost. Returns
+// where it goes, for the start-up line.
+std::string setup_logging(bool foreground, const std::string& state_dir)
 {
     std::shared_ptr<spdlog::logger> logger;
-    if (foreground)
+    std::string where = "stderr";
+    if (foreground) {
         logger = spdlog::stderr_logger_mt("vaultfs");
-    else
+    } else if (syslog_reachable()) {
         logger = spdlog::syslog_logger_mt("vaultfs", "vaultfs", LOG_PID, LOG_DAEMON);
-    logger->set_pattern(foreground ? "%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v" : "%l %v");
+        where = "syslog";
+    } else {
+        where = state_dir + "/vaultfs.log";
+        try {
+            logger = spdlog::rotating_logger_mt("vaultfs", where, 5 << 20, 3);
+            ::chmod(where.c_str(), 0600);
+        } catch (const spdlog::spdlog_ex&) {
+            logger = spdlog::syslog_logger_mt("vaultfs", "vaultfs", LOG_PID, LOG_DAEMON);
+            where = "syslog (" + where + " cannot be written)";
+        }
+    }
+    logger->set_pattern(foreground || where.find("syslog") == std::string::npos ? "%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v"
+                                                                                 : "%l %v");
     spdlog::set_default_logger(logger);
     spdlog::flush_on(spdlog::level::info);
+    return where;
+}
+
+// Whether a directory holds anything (mounting over it would hide it).
+bool has_entries(const std::string& dir)
+{
+    DIR* d = ::opendir(dir.c_str());
+    if (d == nullptr)
+        return false;
+    bool any = false;
+    while (const dirent* e = ::readdir(d)) {
+        const std::string_view n(e->d_name);
+        if (n != "." && n != "..") {
+            any = true;
+            break;
+        }
+    }
+    ::closedir(d);
+    return any;
 }
 
 // Is `path` the mountpoint of a FUSE filesystem right now?
@@ -292,7 +346,7 @@ int run_mount(const MountOptions& options)
     const std::string mountpoint = vault::absolute_path(options.mountpoint);
     const std::string state_dir = vault::absolute_path(options.state_dir);
     StartupChannel channel = options.foreground ? StartupChannel() : daemonize();
-    setup_logging(options.foreground);
+    const std::string log_target = setup_logging(options.foreground, state_dir);
 
     auto config = vault::load_config(state_dir);
     if (!config) {
@@ -318,6 +372,12 @@ int run_mount(const MountOptions& options)
                                            : stale_error);
         return 1;
     }
+    // Mounting over files would hide them (and whoever uses them).
+    if (!options.nonempty && options.mount_namespace.empty() && has_entries(mountpoint)) {
+        channel.failed(mountpoint + " is not empty: mounting there would hide what it holds; choose an empty "
+                                    "directory, or pass --nonempty");
+        return 1;
+    }
     auto state = vault::State::open(state_dir, vault::State::Purpose::serve, std::move(*lock));
     if (!state) {
         channel.failed(state.error().message);
@@ -326,7 +386,7 @@ int run_mount(const MountOptions& options)
     const auto& conf = (*state)->config;
     Filesystem filesystem(*(*state)->service,
                           Filesystem::Limits{conf.max_open_files_per_uid, conf.max_buffered_kib_per_uid * 1024,
-                                             conf.secure_heap_kib * 1024 / 2});
+                                             conf.secure_heap_kib * 1024 / 2, conf.staging_idle});
 
     std::vector<std::string> arg_text{"vaultfs", "-o", "fsname=vaultfs,subtype=vaultfs,noatime"};
     if (::geteuid() == 0)
@@ -377,13 +437,14 @@ int run_mount(const MountOptions& options)
     }
     filesystem.start_invalidations(se.get());
     const unsigned threads = options.threads != 0 ? options.threads : (*state)->config.threads;
-    spdlog::info("serving {} at {} ({} threads, DEK cache {}, audit {})", state_dir, mountpoint, threads,
-                 (*state)->deks->enabled() ? "on" : "off", (*state)->config.path_of((*state)->config.audit_file));
+    spdlog::info("serving {} at {} ({} threads, DEK cache {}, audit {}, log {})", state_dir, mountpoint, threads,
+                 (*state)->deks->enabled() ? "on" : "off", (*state)->config.path_of((*state)->config.audit_file),
+                 log_target);
     channel.ready();
     if (!options.foreground)
         detach_stdio();
 
-    auto control = ControlServer::start(**state, filesystem);
+    auto control = ControlServer::start(**state, filesystem, mountpoint);
     if (!control)
         spdlog::error("management commands are unavailable: {}", control.error().message);
 

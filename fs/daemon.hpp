@@ -1,7 +1,7 @@
 // daemon: `vaultfs mount` — the life of the FUSE daemon.
 //
 // Start-up order: (fork, unless -f) → logging → locked heap → stale-mount
-// cleanup → open the state (token login, database quick_check, audit start
+// cleanup → refuse a non-empty mountpoint (unless --nonempty) → open the state (token login, database quick_check, audit start
 // record) → mount → tell the waiting parent → serve. Anything that fails
 // before the mount is reported on the terminal (through the parent when
 // daemonizing) with a message that says what to do, and the exit status is
@@ -25,6 +25,7 @@ struct MountOptions {
     // Mount (and unmount) in this mount namespace (e.g. /proc/1/ns/mnt)
     // instead of the daemon's own: for a sandboxed service.
     std::string mount_namespace;
+    bool nonempty = false;  // mount over a directory that holds something
 };
 
 // Runs the daemon; returns the process exit status.

@@ -186,7 +186,8 @@ const fuse_lowlevel_ops& Filesystem::operations()
 
 Filesystem::Filesystem(vault::SecretService& service, Limits limits)
     : service_(service),
-      quota_(limits.open_files_per_uid, limits.buffered_bytes_per_uid, limits.buffered_bytes_total)
+      quota_(limits.open_files_per_uid, limits.buffered_bytes_per_uid, limits.buffered_bytes_total),
+      staging_(limits.staging_idle)
 {
     ::clock_gettime(CLOCK_REALTIME, &mounted_at_);
 }
@@ -1067,7 +1068,7 @@ Reply Filesystem::flush(fuse_req_t, fuse_ino_t ino, fuse_file_info* fi)
             return Reply::err(version.error());
         }
         invalidate_attributes(ino);
-        staging_.drop_copies(w.grant.secret.value, w.caller.who.uid);
+        staging_.expire_copies(w.grant.secret.value, w.caller.who.uid);
         return Reply::ok();
     }
     if (h->kind == Handle::Kind::policy) {
@@ -1115,7 +1116,7 @@ Reply Filesystem::release(fuse_req_t, fuse_ino_t ino, fuse_file_info* fi)
                                   r.error().message);
             } else {
                 invalidate_attributes(ino);
-                staging_.drop_copies(w.grant.secret.value, w.caller.who.uid);
+                staging_.expire_copies(w.grant.secret.value, w.caller.who.uid);
             }
         }
         if (w.creating)
@@ -1150,7 +1151,7 @@ bool Filesystem::is_creating(std::int64_t secret, uid_t uid)
 void Filesystem::sweep_staging()
 {
     if (const auto n = staging_.sweep(std::chrono::steady_clock::now()); n > 0)
-        spdlog::info("{} staging file(s) idle for {} s discarded", n, StagingArea::idle.count());
+        spdlog::info("{} staging file(s) idle for {} s discarded", n, staging_.idle().count());
 }
 
 // ---- directories ----------------------------------------------------------------------

@@ -72,6 +72,7 @@ public:
         std::size_t open_files_per_uid = 1024;
         std::size_t buffered_bytes_per_uid = 1 << 20;
         std::size_t buffered_bytes_total = 8 << 20;  // half the default locked heap
+        std::chrono::seconds staging_idle{300};
     };
     Filesystem(vault::SecretService& service, Limits limits);
 
@@ -90,8 +91,8 @@ public:
 
     // Open handles right now (for status and tests).
     std::size_t open_handles() const { return handles_.size(); }
-    // Drops staging files idle past StagingArea::idle (the daemon calls it
-    // every second).
+    // Drops staging files idle past Limits::staging_idle (the daemon calls
+    // it every second).
     void sweep_staging();
 
     struct Reply;  // defined in filesystem.cpp
@@ -182,10 +183,10 @@ private:
     bool is_creating(std::int64_t secret, uid_t uid);
     std::mutex creating_mutex_;
     std::multimap<std::int64_t, uid_t> creating_;
-    StagingArea staging_;
 
     vault::SecretService& service_;
     UidQuota quota_;
+    StagingArea staging_;  // after quota_: its files' charges go back before it does
     // A handle charge for the caller's uid, or nullopt at its limit.
     std::optional<UidQuota::Charge> charge(const vault::Caller& caller) { return quota_.open(caller.who.uid); }
     // Queues the invalidation of an inode's cached attributes.

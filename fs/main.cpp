@@ -13,12 +13,15 @@
 #include <cstring>
 #include <functional>
 #include <fstream>
+#include <iostream>
 #include <sstream>
 
 #include "fs/control.hpp"
 #include "fs/control_protocol.hpp"
 #include "fs/daemon.hpp"
 #include "hsm/secure_buffer.hpp"
+#include "policy/policy.hpp"
+#include "vault/secret_service.hpp"
 #include "vault/audit/log.hpp"
 #include "vault/audit/verify.hpp"
 #include "vault/signing.hpp"
@@ -140,25 +143,75 @@ int run_verify(const std::string& state, std::vector<std::string> files, std::st
 }
 
 // Sends a management request and prints the reply: `show` formats the
-// result; errors go to stderr with the errno name. Returns the exit status.
+// result (and returns the exit status); errors go to stderr, the daemon's
+// sentence and the errno name. Returns the exit status.
 int manage(const std::string& state, const std::string& socket, const fs::ControlRequest& request,
-           const std::function<void(const nlohmann::json&)>& show)
+           const std::function<int(const nlohmann::json&)>& show)
 {
     auto reply = fs::control_call(state, socket, fs::render_request(request));
     if (!reply)
         return fail(reply.error().message);
-    if (!(*reply).value("ok", false))
-        return fail((*reply).value("error", std::string("failed")) + " (" + (*reply).value("errno", std::string("?")) + ")");
-    show((*reply)["result"]);
+    if (!(*reply).value("ok", false)) {
+        std::string error = (*reply).value("error", std::string());
+        if (error.empty())
+            error = "the daemon refused the request";
+        return fail(error + " (" + (*reply).value("errno", std::string("?")) + ")");
+    }
+    return show(*reply);
+}
+
+int print_json(const nlohmann::json& j)
+{
+    std::printf("%s\n", j.dump(2).c_str());
     return 0;
 }
 
-void print_json(const nlohmann::json& j) { std::printf("%s\n", j.dump(2).c_str()); }
-
+// The state directory a command works on: --state, else $VAULTFS_STATE,
+// else /var/lib/vaultfs.
 std::string default_state()
 {
     const char* env = std::getenv("VAULTFS_STATE");
-    return env != nullptr ? env : "/var/lib/vaultfs";
+    return env != nullptr && *env != '\0' ? env : "/var/lib/vaultfs";
+}
+
+// `vaultfs status`, for people: one line per part, problems said plainly.
+int print_status(const nlohmann::json& r)
+{
+    const auto text = [&](const char* key) { return r.value(key, std::string("?")); };
+    const auto number = [&](const char* key) { return r.value(key, std::int64_t{-1}); };
+    std::printf("vaultfs: serving %s at %s\n", text("state").c_str(), text("mountpoint").c_str());
+    std::printf("token:   %s\n", text("token").c_str());
+    std::printf("audit:   %s (%lld records; %lld refusals coalesced, %lld dropped%s)\n", text("audit").c_str(),
+                static_cast<long long>(number("audit_records")), static_cast<long long>(number("audit_refusals_coalesced")),
+                static_cast<long long>(number("audit_records_dropped")),
+                r.value("audit_disk_below_reserve", false) ? "; its disk is below the reserve" : "");
+    std::printf("vaults:  %lld\n", static_cast<long long>(number("vaults")));
+    std::printf("open files: %lld\n", static_cast<long long>(number("open_handles")));
+    const auto dek = r.value("dek_cache", nlohmann::json::object());
+    std::printf("DEK cache: %s, %lld entries, %lld hits, %lld misses\n", dek.value("enabled", false) ? "on" : "off",
+                static_cast<long long>(dek.value("entries", std::int64_t{0})),
+                static_cast<long long>(dek.value("hits", std::int64_t{0})),
+                static_cast<long long>(dek.value("misses", std::int64_t{0})));
+    std::printf("locked memory: %lld bytes in use\n", static_cast<long long>(number("locked_memory_bytes")));
+    return 0;
+}
+
+// `vaultfs policy check FILE`: the checks a write of the policy makes, here.
+int run_policy_check(const std::string& file)
+{
+    std::ifstream in(file);
+    if (!in)
+        return fail("cannot read " + file + ": " + std::strerror(errno));
+    std::stringstream ss;
+    ss << in.rdbuf();
+    vault::SystemNameResolver names;
+    auto parsed = policy::Policy::parse(ss.str(), names);
+    if (!parsed)
+        return fail(file + ": " + parsed.error().message());
+    if (!parsed->someone_can_manage(names))
+        return fail(file + ": no rule grants manage to anyone who exists: the vault could never be managed again");
+    std::printf("%s: OK, %zu rule(s); as stored:\n%s", file.c_str(), parsed->rules().size(), parsed->print().c_str());
+    return 0;
 }
 
 }  // namespace
@@ -172,16 +225,17 @@ int main(int argc, char** argv)
     app.set_version_flag("--version", std::string("vaultfs ") + VAULTFS_VERSION);
     app.require_subcommand(1);
 
-    std::string state;
+    std::string state = default_state();
     vault::InitOptions init_options;
     auto* init = app.add_subcommand("init", "Create a state directory with an embedded SoftHSM2 token");
-    init->add_option("--state", state, "State directory to create (new or empty)")->required();
+    init->add_option("--state", state, "State directory to create, new or empty (default: $VAULTFS_STATE or /var/lib/vaultfs)");
     init->add_option("--module", init_options.module_path, "PKCS#11 module")->capture_default_str();
     init->add_option("--admin-group", init_options.admin_group, "Group whose members may create and remove vaults");
 
     fs::MountOptions mount_options;
+    mount_options.state_dir = default_state();
     auto* mount = app.add_subcommand("mount", "Mount the state's vaults and serve them");
-    mount->add_option("--state", mount_options.state_dir, "State directory")->required();
+    mount->add_option("--state", mount_options.state_dir, "State directory (default: $VAULTFS_STATE or /var/lib/vaultfs)");
     mount->add_option("mountpoint", mount_options.mountpoint, "Where to mount")->required();
     mount->add_flag("-f,--foreground", mount_options.foreground, "Stay in the foreground, log to stderr");
     mount->add_option("--threads", mount_options.threads, "FUSE worker threads (default: config `threads`)")
@@ -189,6 +243,7 @@ int main(int argc, char** argv)
     mount->add_flag("-d,--debug", mount_options.debug, "Log every FUSE request (implies nothing about secrets)");
     mount->add_option("--mount-namespace", mount_options.mount_namespace,
                       "Mount in this mount namespace, e.g. /proc/1/ns/mnt (for a sandboxed systemd service)");
+    mount->add_flag("--nonempty", mount_options.nonempty, "Mount over a directory that is not empty (hiding it)");
 
     auto* audit = app.add_subcommand("audit", "Audit trail tools");
     audit->require_subcommand(1);
@@ -196,7 +251,9 @@ int main(int argc, char** argv)
     std::string public_key;
     std::string verify_state;
     auto* verify = audit->add_subcommand("verify", "Check sequence, hash chain, signatures and rotation links");
-    verify->add_option("--state", verify_state, "State directory: its audit file, public key and database anchor");
+    verify->add_option("--state", verify_state,
+                       "State directory: its audit file, public key and database anchor (default with neither files "
+                       "nor --public-key: $VAULTFS_STATE or /var/lib/vaultfs)");
     verify->add_option("--public-key", public_key, "PEM public key (default: the state's)");
     verify->add_option("files", audit_files, "Audit files, oldest first (default: the state's)");
 
@@ -216,10 +273,12 @@ int main(int argc, char** argv)
     vault_show->add_option("name", request.vault, "Vault name")->required();
     auto* vault_list = vault_cmd->add_subcommand("list", "List the vaults");
     auto* status = app.add_subcommand("status", "Is it mounted; are the token and the audit trail healthy");
+    bool status_json = false;
+    status->add_flag("--json", status_json, "Print the status as JSON, for machines");
     std::string target, output, backup_file;
     auto* backup = app.add_subcommand("backup", "Back up a vault or one secret (ciphertext only, signed)");
     backup->add_option("target", target, "VAULT or VAULT/SECRET")->required();
-    backup->add_option("-o,--output", output, "File to write (mode 0600)")->required();
+    backup->add_option("-o,--output", output, "File to write (mode 0600; must not exist), or - for stdout")->required();
     auto* policy_cmd = app.add_subcommand("policy", "Vault policies through the management plane");
     policy_cmd->require_subcommand(1);
     std::string owner;
@@ -227,11 +286,18 @@ int main(int argc, char** argv)
         "reset", "Break glass: replace a vault's policy with `allow uid:OWNER *` (admins; audited)");
     policy_reset->add_option("vault", request.vault, "Vault name")->required();
     policy_reset->add_option("--owner", owner, "User name or uid to own the vault (default: you)");
+    std::string policy_file;
+    auto* policy_check = policy_cmd->add_subcommand("check", "Check a policy file as a write would, and print why not");
+    policy_check->add_option("file", policy_file, "Policy text")->required();
+    auto* policy_set = policy_cmd->add_subcommand("set", "Replace a vault's policy (needs manage; prints the reason "
+                                                         "when it is refused)");
+    policy_set->add_option("vault", request.vault, "Vault name")->required();
+    policy_set->add_option("file", policy_file, "Policy text (- for stdin)")->required();
     auto* restore = app.add_subcommand("restore", "Restore a backup into a vault on the same token");
     restore->add_option("file", backup_file, "Backup file")->required();
-    restore->add_option("--into", request.into, "Target vault (default: the backup's own)");
+    restore->add_option("--into", request.into, "Target vault, made if it does not exist (default: the backup's own)");
     std::string socket;
-    for (auto* sub : {vault_create, vault_show, vault_list, status, backup, restore, policy_reset}) {
+    for (auto* sub : {vault_create, vault_show, vault_list, status, backup, restore, policy_reset, policy_set}) {
         sub->add_option("--state", mstate, "State directory (default: $VAULTFS_STATE or /var/lib/vaultfs)");
         sub->add_option("--socket", socket, "Control socket (default: the state's control_socket)");
     }
@@ -246,32 +312,65 @@ int main(int argc, char** argv)
         return run_init(state, init_options);
     if (*mount)
         return fs::run_mount(mount_options);
-    if (*verify)
+    if (*verify) {
+        // Files (or a public key) alone: a copy shipped elsewhere, checked by itself.
+        if (verify_state.empty() && audit_files.empty() && public_key.empty())
+            verify_state = default_state();
         return run_verify(verify_state, audit_files, public_key);
+    }
+    if (*policy_check)
+        return run_policy_check(policy_file);
 
     using C = fs::ControlRequest::Command;
     if (*vault_create) {
         request.command = C::vault_create;
-        return manage(mstate, socket, request, [](const nlohmann::json& r) {
+        return manage(mstate, socket, request, [](const nlohmann::json& reply) {
+            const auto& r = reply["result"];
             std::printf("created vault %s (retention %d days, purge protection %s)\n",
                         r.value("name", std::string()).c_str(), r.value("retention_days", 0),
                         r.value("purge_protection", false) ? "on" : "off");
+            return 0;
         });
     }
     if (*vault_show) {
         request.command = C::vault_show;
-        return manage(mstate, socket, request, print_json);
+        return manage(mstate, socket, request, [](const nlohmann::json& reply) { return print_json(reply["result"]); });
     }
     if (*vault_list) {
         request.command = C::vault_list;
-        return manage(mstate, socket, request, [](const nlohmann::json& r) {
-            for (const auto& v : r)
+        return manage(mstate, socket, request, [](const nlohmann::json& reply) {
+            for (const auto& v : reply["result"])
                 std::printf("%s\n", v.value("name", std::string()).c_str());
+            return 0;
         });
     }
     if (*status) {
         request.command = C::status;
-        return manage(mstate, socket, request, print_json);
+        return manage(mstate, socket, request, [&](const nlohmann::json& reply) {
+            return status_json ? print_json(reply["result"]) : print_status(reply["result"]);
+        });
+    }
+    if (*policy_set) {
+        request.command = C::policy_set;
+        if (policy_file == "-") {
+            std::stringstream ss;
+            ss << std::cin.rdbuf();
+            request.policy = ss.str();
+        } else {
+            std::ifstream in(policy_file);
+            if (!in)
+                return fail("cannot read " + policy_file + ": " + std::strerror(errno));
+            std::stringstream ss;
+            ss << in.rdbuf();
+            request.policy = ss.str();
+        }
+        if (request.policy.empty())
+            return fail(policy_file + " is empty: a policy must let someone manage the vault");
+        return manage(mstate, socket, request, [&](const nlohmann::json& reply) {
+            std::printf("policy of %s set; as stored:\n%s", request.vault.c_str(),
+                        reply.value("result", std::string()).c_str());
+            return 0;
+        });
     }
     if (*backup) {
         request.command = C::backup;
@@ -279,15 +378,26 @@ int main(int argc, char** argv)
         request.vault = target.substr(0, slash);
         if (slash != std::string::npos)
             request.secret = target.substr(slash + 1);
-        return manage(mstate, socket, request, [&](const nlohmann::json& r) {
-            const std::string doc = r.get<std::string>();
-            const int fd = ::open(output.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-            if (fd < 0 || ::write(fd, doc.data(), doc.size()) != static_cast<ssize_t>(doc.size()) || ::fsync(fd) != 0) {
-                std::fprintf(stderr, "vaultfs: cannot write %s: %s\n", output.c_str(), std::strerror(errno));
-                std::exit(1);
+        return manage(mstate, socket, request, [&](const nlohmann::json& reply) {
+            const std::string doc = reply.value("result", std::string());
+            const bool to_stdout = output == "-";
+            const int fd = to_stdout ? STDOUT_FILENO : ::open(output.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+            std::size_t done = 0;
+            while (fd >= 0 && done < doc.size()) {
+                const ssize_t n = ::write(fd, doc.data() + done, doc.size() - done);
+                if (n < 0 && errno == EINTR)
+                    continue;
+                if (n <= 0)
+                    break;
+                done += static_cast<std::size_t>(n);
             }
-            ::close(fd);
-            std::printf("wrote %s (%zu bytes, ciphertext and sealed keys only)\n", output.c_str(), doc.size());
+            // A file is synced and closed with its errors checked; stdout is the caller's.
+            if (fd < 0 || done != doc.size() || (!to_stdout && (::fsync(fd) != 0 || ::close(fd) != 0)))
+                return fail("cannot write " + (to_stdout ? std::string("stdout") : output) + ": " +
+                            std::strerror(errno));
+            if (!to_stdout)
+                std::printf("wrote %s (%zu bytes, ciphertext and sealed keys only)\n", output.c_str(), doc.size());
+            return 0;
         });
     }
     if (*policy_reset) {
@@ -306,16 +416,21 @@ int main(int argc, char** argv)
         return manage(mstate, socket, request, [&](const nlohmann::json&) {
             std::printf("policy of %s reset: allow uid:%u *\n", request.vault.c_str(),
                         request.owner ? *request.owner : static_cast<unsigned>(::getuid()));
+            return 0;
         });
     }
     if (*restore) {
         request.command = C::restore;
         request.backup = read_file(backup_file);
         if (request.backup.empty())
-            return fail("cannot read " + backup_file);
-        return manage(mstate, socket, request, [](const nlohmann::json& r) {
-            for (const auto& name : r)
-                std::printf("restored %s\n", name.get<std::string>().c_str());
+            return fail("cannot read " + backup_file + " (or it is empty)");
+        return manage(mstate, socket, request, [&](const nlohmann::json& reply) {
+            if (reply.value("created", false))
+                std::printf("created vault %s\n", request.into->c_str());
+            for (const auto& name : reply["result"])
+                if (name.is_string())
+                    std::printf("restored %s\n", name.get<std::string>().c_str());
+            return 0;
         });
     }
     return 2;

@@ -83,22 +83,14 @@ std::vector<std::shared_ptr<StagedFile>> StagingArea::list(vault::VaultId vault,
     return out;
 }
 
-void StagingArea::drop_copies(std::int64_t secret, uid_t uid)
+void StagingArea::expire_copies(std::int64_t secret, uid_t uid)
 {
-    std::vector<std::shared_ptr<StagedFile>> dropped;  // freed (and wiped) outside the lock
+    const auto at = std::chrono::steady_clock::now() + copy_grace;
     std::lock_guard lock(mutex_);
-    for (auto it = by_name_.begin(); it != by_name_.end();) {
-        auto& file = it->second;
-        std::unique_lock file_lock(file->mutex);
-        if (file->creator == uid && file->copy_of == secret && file->open_handles == 0) {
-            file->gone = true;
-            file_lock.unlock();
-            by_id_.erase(file->id);
-            dropped.push_back(std::move(file));
-            it = by_name_.erase(it);
-        } else {
-            ++it;
-        }
+    for (auto& [id, file] : by_id_) {
+        std::lock_guard file_lock(file->mutex);
+        if (file->creator == uid && file->copy_of == secret)
+            file->expires = at;
     }
 }
 
@@ -109,7 +101,8 @@ std::size_t StagingArea::sweep(std::chrono::steady_clock::time_point now)
     for (auto it = by_name_.begin(); it != by_name_.end();) {
         auto& file = it->second;
         std::unique_lock file_lock(file->mutex);
-        if (file->open_handles == 0 && now - file->last_closed >= idle) {
+        const bool expired = file->expires && now >= *file->expires;
+        if (file->open_handles == 0 && (expired || now - file->last_closed >= idle_)) {
             file->gone = true;
             file_lock.unlock();
             by_id_.erase(file->id);

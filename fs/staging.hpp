@@ -17,11 +17,11 @@
 //    quota (uid_quota.hpp);
 //  - a rename onto a secret name commits its bytes as that secret's next
 //    version (fs/filesystem.cpp decides and vault/ checks `set` and audits);
-//  - unlink discards it, and so does `idle` time with no open handle
+//  - unlink discards it, and so does idle() time with no open handle
 //    (sweep()): what a tool left behind does not stay;
 //  - a rename of a secret S onto a staging name (an editor's backup, `S~`)
 //    makes a staging file holding a copy of S's value, and S stays; the
-//    copy goes once its creator writes S again (drop_copies()).
+//    copy goes soon after its creator writes S again (expire_copies()).
 //
 // Nothing here is audited: no secret byte enters or leaves through a staging
 // file but by a rename or a copy that vault/ audits.
@@ -68,15 +68,20 @@ struct StagedFile {
     std::chrono::steady_clock::time_point last_closed = std::chrono::steady_clock::now();
     bool gone = false;  // renamed away or removed: writes through handles still open fail (ESTALE)
     // An editor's backup: a copy of this secret's value (rename(S, S~)). It
-    // goes when its creator writes the secret again -- the editor saved, and
-    // the vault keeps the old value as S@N.
+    // goes moments after its creator writes the secret again -- the editor
+    // saved (vim removes it itself; emacs keeps it), and the vault keeps the
+    // old value as S@N.
     std::optional<std::int64_t> copy_of;
+    std::optional<std::chrono::steady_clock::time_point> expires;
 };
 
 class StagingArea {
 public:
     static constexpr std::size_t max_bytes = 64 * 1024;  // vim's swap file of a 25 KiB value fits
-    static constexpr std::chrono::seconds idle{300};
+
+    // Files nothing holds open go after `idle` (staging_idle_seconds).
+    explicit StagingArea(std::chrono::seconds idle) : idle_(idle) {}
+    std::chrono::seconds idle() const { return idle_; }
 
     // A new file; nullptr when the uid already has one by that name.
     std::shared_ptr<StagedFile> create(vault::VaultId vault, const std::string& name, uid_t uid, gid_t gid,
@@ -92,14 +97,17 @@ public:
     bool rename(vault::VaultId vault, const std::string& from, const std::string& to, uid_t uid);
     // The uid's files in a vault, by id.
     std::vector<std::shared_ptr<StagedFile>> list(vault::VaultId vault, uid_t uid) const;
-    // Drops the uid's backups of `secret` that nothing holds open.
-    void drop_copies(std::int64_t secret, uid_t uid);
+    // The uid's backups of `secret` go `copy_grace` from now (sweep()): long
+    // enough for the editor that saved to remove its own.
+    static constexpr std::chrono::seconds copy_grace{2};
+    void expire_copies(std::int64_t secret, uid_t uid);
     // Drops files without an open handle for `idle`; returns how many.
     std::size_t sweep(std::chrono::steady_clock::time_point now);
     std::size_t size() const;
 
 private:
     using Key = std::tuple<std::int64_t, uid_t, std::string>;  // vault, uid, name
+    const std::chrono::seconds idle_;
     mutable std::mutex mutex_;
     std::int64_t next_id_ = 1;
     std::map<Key, std::shared_ptr<StagedFile>> by_name_;

@@ -25,12 +25,25 @@ timespec to_timespec(vault::Micros t)
 
 }  // namespace
 
+namespace {
+
+// Python's tempfile names: "tmp" and 8 of [a-z0-9_] (those without '_' are
+// secret names, and such a file is a fresh secret instead: replace.cpp).
+bool python_tempfile(std::string_view name)
+{
+    return name.size() == 11 && name.substr(0, 3) == "tmp" &&
+           std::all_of(name.begin() + 3, name.end(),
+                       [](char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_'; });
+}
+
+}  // namespace
+
 // The names tools give their temporary, swap, backup and lock files, which
 // no secret can have: a leading '.' (rsync, vim, emacs's locks, ansible) or
-// '#', a trailing '~' (backups) or '#' (emacs's auto-saves), and mktemp's
-// `tmp.`. Any other name that is not a secret's -- `tls.key`, `db_pass` --
-// is refused at create (EINVAL), so a mistyped name never silently lands
-// in memory that is gone in minutes.
+// '#', a trailing '~' (backups) or '#' (emacs's auto-saves), mktemp's
+// `tmp.` and Python tempfile's `tmpXXXXXXXX`. Any other name that is not a
+// secret's -- `tls.key`, `db_pass` -- is refused at create (EINVAL), so a
+// mistyped name never silently lands in memory that is gone in minutes.
 bool Filesystem::is_staging_name(std::string_view name)
 {
     if (name.empty() || name == "." || name == ".." || name == ".policy" || name == ".versions" || name == ".deleted")
@@ -38,7 +51,7 @@ bool Filesystem::is_staging_name(std::string_view name)
     if (vault::parse_secret_path(name) || vault::is_valid_secret_name(name.substr(0, name.find('@'))))
         return false;
     return name.front() == '.' || name.front() == '#' || name.back() == '~' || name.back() == '#' ||
-           name.substr(0, 4) == "tmp.";
+           name.substr(0, 4) == "tmp." || python_tempfile(name);
 }
 
 struct stat Filesystem::staging_stat(const StagedFile& file)

@@ -159,6 +159,11 @@ Result<Config> parse_config(std::string_view text, const std::string& state_dir)
             if (!n)
                 return bad("max_buffered_kib_per_uid must be 26..4194304 (a value is up to 25 KiB)");
             c.max_buffered_kib_per_uid = *n;
+        } else if (key == "staging_idle_seconds") {
+            const auto n = number(std::int64_t{1}, std::int64_t{86400});
+            if (!n)
+                return bad("staging_idle_seconds must be 1..86400");
+            c.staging_idle = std::chrono::seconds(*n);
         } else if (key == "dek_cache_entries") {
             const auto n = number(std::size_t{0}, std::size_t{1} << 20);
             if (!n)
@@ -200,6 +205,60 @@ Result<Config> parse_config(std::string_view text, const std::string& state_dir)
     return c;
 }
 
+std::vector<std::pair<std::string, std::string>> Config::environment() const
+{
+    std::vector<std::pair<std::string, std::string>> out;
+    for (auto [name, value] : module_env) {
+        for (std::size_t at; (at = value.find("${STATE}")) != std::string::npos;)
+            value.replace(at, 8, state_dir);
+        out.emplace_back(std::move(name), std::move(value));
+    }
+    return out;
+}
+
+namespace {
+
+constexpr std::string_view softhsm_marker = "# SoftHSM2 configuration for this vaultfs state (written by vaultfs";
+
+// Rewrites the embedded token's softhsm2.conf when its tokendir is not this
+// state's (the directory was moved or copied). Best effort: a failure shows
+// when the token is opened.
+void keep_softhsm_conf(const std::string& state_dir)
+{
+    const std::string path = state_dir + "/softhsm2.conf";
+    std::ifstream in(path);
+    if (!in)
+        return;
+    std::stringstream text;
+    text << in.rdbuf();
+    const std::string body = text.str();
+    if (body.rfind(softhsm_marker, 0) != 0)
+        return;  // the admin's own file
+    const std::string wanted = embedded_softhsm_conf(state_dir);
+    if (body == wanted)
+        return;
+    const std::string tmp = path + ".new";
+    {
+        std::ofstream out(tmp, std::ios::trunc);
+        out << wanted;
+        if (!out.flush())
+            return;
+    }
+    ::chmod(tmp.c_str(), 0600);
+    ::rename(tmp.c_str(), path.c_str());
+}
+
+}  // namespace
+
+std::string embedded_softhsm_conf(const std::string& state_dir)
+{
+    return std::string(softhsm_marker) + " init; vaultfs keeps tokendir pointing here)\n"
+                                          "directories.tokendir = " + state_dir + "/tokens\n"
+                                          "objectstore.backend = file\n"
+                                          "log.level = ERROR\n"
+                                          "slots.removable = false\n";
+}
+
 Result<Config> load_config(const std::string& state_dir)
 {
     const std::string path = state_dir + "/" + config_file_name;
@@ -212,13 +271,15 @@ Result<Config> load_config(const std::string& state_dir)
     auto c = parse_config(text.str(), state_dir);
     if (!c)
         return fail(c.error().code, state_dir + "/" + c.error().message);
+    keep_softhsm_conf(state_dir);
     return c;
 }
 
 std::string render_config(const Config& c)
 {
     std::ostringstream out;
-    out << "# vaultfs configuration. Relative paths are relative to this directory.\n"
+    out << "# vaultfs configuration. Relative paths are relative to this directory, and\n"
+        << "# ${STATE} stands for it: the directory can be moved or copied whole.\n"
         << "# To move to a hardware token: set pkcs11_module, token_label and pin_source,\n"
         << "# and remove the module_env line (it only tells SoftHSM2 where its token lives).\n"
         << "pkcs11_module = " << c.pkcs11_module << "\n"
@@ -243,7 +304,8 @@ std::string render_config(const Config& c)
     out << "threads = " << c.threads << "\n"
         << "secure_heap_kib = " << c.secure_heap_kib << "\n"
         << "max_open_files_per_uid = " << c.max_open_files_per_uid << "\n"
-        << "max_buffered_kib_per_uid = " << c.max_buffered_kib_per_uid << "\n";
+        << "max_buffered_kib_per_uid = " << c.max_buffered_kib_per_uid << "\n"
+        << "staging_idle_seconds = " << c.staging_idle.count() << "\n";
     if (c.retention_day_ms != 86400000)
         out << "retention_day_ms = " << c.retention_day_ms << "\n";
     if (c.purge_interval != std::chrono::seconds(3600))

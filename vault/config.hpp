@@ -28,8 +28,12 @@ struct Config {
     std::string pkcs11_module;
     std::string token_label = "vaultfs";
     std::string pin_source = "file:pin";  // file:PATH | env:NAME | credential:NAME
-    // Set in the environment before the module loads (SOFTHSM2_CONF=...).
+    // Set in the environment before the module loads (SOFTHSM2_CONF=...),
+    // as written: `${STATE}` stands for the state directory, wherever it is
+    // now (environment() expands it), so a state directory can be moved or
+    // copied whole.
     std::vector<std::pair<std::string, std::string>> module_env;
+    std::vector<std::pair<std::string, std::string>> environment() const;
 
     std::string database = "vault.db";
     std::string audit_file = "audit.jsonl";
@@ -55,6 +59,9 @@ struct Config {
     // handle limit, ENOMEM past the byte limit, for that uid only.
     std::size_t max_open_files_per_uid = 1024;
     std::size_t max_buffered_kib_per_uid = 1024;
+    // Staging files (tools' temporary, swap and backup files, fs/staging.hpp)
+    // nothing holds open are discarded after this long.
+    std::chrono::seconds staging_idle{300};
 
     std::size_t dek_cache_entries = 4096;
     std::chrono::seconds dek_cache_ttl{300};  // 0 turns the cache off
@@ -75,8 +82,12 @@ inline constexpr const char* config_file_name = "vaultfs.conf";
 
 // Parses config text (pure; the fuzz target drives this).
 Result<Config> parse_config(std::string_view text, const std::string& state_dir);
-// Reads STATE/vaultfs.conf.
+// Reads STATE/vaultfs.conf. The embedded token's softhsm2.conf (the one
+// `vaultfs init` wrote, marked so) is kept pointing at STATE/tokens: SoftHSM2
+// reads only absolute paths, and the state may have been moved.
 Result<Config> load_config(const std::string& state_dir);
+// The embedded token's softhsm2.conf for a state directory.
+std::string embedded_softhsm_conf(const std::string& state_dir);
 // The text `vaultfs init` writes.
 std::string render_config(const Config& config);
 

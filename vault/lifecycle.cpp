@@ -51,45 +51,45 @@ Result<void> SecretService::delete_secret(const Caller& caller, VaultId vault, s
     const Micros now = now_micros();
     const Micros purge_at = now + static_cast<Micros>((*v)->row.retention_days) * options_.retention_day_ms * 1000;
     // What goes for good instead of to .deleted: a name whose first version
-    // is still being written (its writer then commits nothing), and a fresh
-    // secret its own uid removes (a tool's temporary file). Decided from the
-    // row as it is inside the transaction.
-    std::string gone_for_good;
-    auto row = store_.secret_by_name(vault, name);
-    if (!row)
-        return refuse(ev, row.error().code, row.error().message);
-    if (*row && !(*row)->deleted()) {
-        if (!(*row)->has_versions()) {
-            gone_for_good = "being created: removed, its writer commits nothing";
-        } else if ((*row)->next_version == 2) {
-            auto first = store_.version((*row)->id, 1);
-            if (!first)
-                return refuse(ev, first.error().code, first.error().message);
-            if (*first && (*first)->size == 0 && is_fresh(caller, **row, *first))
-                gone_for_good = "fresh and empty: made by this uid moments ago, removed for good";
-        }
-    }
-    if (!gone_for_good.empty())
-        ev.reason = gone_for_good;
-    auto w = write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
+    // is still being written (its writer then commits nothing), and a fresh,
+    // empty secret its own uid removes (vim's probe file, whose first
+    // version its release may commit just before this). Decided inside the
+    // transaction, on the row as it is then.
+    bool soft = false;
+    auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
         auto s = tx.secret_by_name(vault, name);
         if (!s)
             return tl::unexpected(s.error());
         if (!*s || (*s)->deleted())
             return fail(Errc::not_found);
-        if (!gone_for_good.empty()) {
-            // Only if nothing was committed meanwhile (a rare race: say so).
-            if ((*s)->next_version != (*row)->next_version)
-                return fail(Errc::busy, "a version was committed while it was being removed; try again");
-            return tx.purge_secret((*s)->id);
+        ev.reason = {};
+        if (!(*s)->has_versions()) {
+            ev.reason = "being created: removed, its writer commits nothing";
+        } else if ((*s)->next_version == 2) {
+            auto first = tx.version((*s)->id, 1);
+            if (!first)
+                return tl::unexpected(first.error());
+            if (*first && (*first)->size == 0 && is_fresh(caller, **s, *first))
+                ev.reason = "fresh and empty: made by this uid moments ago, removed for good";
         }
-        if (!(*s)->has_versions())
-            return fail(Errc::not_found);
-        return tx.set_deleted((*s)->id, now, purge_at);
+        if (!ev.reason.empty()) {
+            if (auto r = tx.purge_secret((*s)->id); !r)
+                return r;
+        } else {
+            if (auto r = tx.set_deleted((*s)->id, now, purge_at); !r)
+                return r;
+            soft = true;
+        }
+        // Written before COMMIT: if the audit cannot take it, nothing commits.
+        return record(ev);
     });
-    if (!w)
-        return tl::unexpected(w.error());
-    if (gone_for_good.empty()) {
+    if (!w) {
+        if (w.error().code == Errc::audit_unavailable)
+            return w;
+        ev.reason = {};
+        return refuse(ev, w.error().code, w.error().message);
+    }
+    if (soft) {
         std::lock_guard lock(deletes_mutex_);
         std::erase_if(recent_deletes_, [&](const auto& e) { return now - e.second.at > fresh_window; });
         recent_deletes_[{vault.value, std::string(name)}] = RecentDelete{caller.who.uid, now};

@@ -182,19 +182,13 @@ Result<std::vector<std::string>> init_state(const std::string& dir_arg, const In
         return fail(Errc::invalid_argument, "admin group '" + *options.admin_group + "' does not exist");
     const std::string tokens = dir + "/tokens";
     const std::string softhsm_conf = dir + "/softhsm2.conf";
-    config.module_env.emplace_back("SOFTHSM2_CONF", softhsm_conf);
+    // Written relative to the state directory, so that it can move (config.hpp).
+    config.module_env.emplace_back("SOFTHSM2_CONF", "${STATE}/softhsm2.conf");
 
     std::vector<std::string> made;
     if (::mkdir(tokens.c_str(), 0700) != 0)
         return fail(Errc::storage, "cannot create " + tokens + ": " + std::strerror(errno));
-    if (auto r = write_text(softhsm_conf,
-                            "# SoftHSM2 configuration for this vaultfs state (written by vaultfs init)\n"
-                            "directories.tokendir = " + tokens + "\n"
-                            "objectstore.backend = file\n"
-                            "log.level = ERROR\n"
-                            "slots.removable = false\n",
-                            0600);
-        !r)
+    if (auto r = write_text(softhsm_conf, embedded_softhsm_conf(dir), 0600); !r)
         return tl::unexpected(r.error());
 
     auto pin = random_pin(32);
@@ -206,14 +200,14 @@ Result<std::vector<std::string>> init_state(const std::string& dir_arg, const In
     if (auto r = write_file(dir + "/pin", pin->data(), pin->size(), 0600); !r)
         return tl::unexpected(r.error());
 
-    if (auto r = hsm::initialise_token(config.pkcs11_module, config.module_env, config.token_label, *so_pin, *pin); !r)
+    if (auto r = hsm::initialise_token(config.pkcs11_module, config.environment(), config.token_label, *so_pin, *pin); !r)
         return fail(Errc::key_unavailable, "cannot initialise the SoftHSM2 token: " + hsm_hint(r.error(), config));
     made.push_back("softhsm2.conf, tokens/   SoftHSM2 token '" + config.token_label + "' (module " +
                    config.pkcs11_module + ")");
     made.push_back("pin                      the token's user PIN (mode 0600); the SO PIN was random and is not kept");
 
     auto keys = hsm::Pkcs11KeyService::open(
-        hsm::Pkcs11Config{config.pkcs11_module, config.token_label, std::move(*pin), config.module_env});
+        hsm::Pkcs11Config{config.pkcs11_module, config.token_label, std::move(*pin), config.environment()});
     if (!keys)
         return fail(Errc::key_unavailable, hsm_hint(keys.error(), config));
     auto signing = (*keys)->create_signing_key("vaultfs-audit-signing");
@@ -279,7 +273,7 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
     if (!pin)
         return tl::unexpected(pin.error());
     auto keys = hsm::Pkcs11KeyService::open(
-        hsm::Pkcs11Config{c.pkcs11_module, c.token_label, std::move(*pin), c.module_env});
+        hsm::Pkcs11Config{c.pkcs11_module, c.token_label, std::move(*pin), c.environment()});
     if (!keys)
         return fail(Errc::key_unavailable, hsm_hint(keys.error(), c));
     st->keys = std::move(*keys);
@@ -332,7 +326,7 @@ Result<std::string> token_audit_public_key(const Config& c)
     auto pin = read_pin(c);
     if (!pin)
         return tl::unexpected(pin.error());
-    auto keys = hsm::Pkcs11KeyService::open(hsm::Pkcs11Config{c.pkcs11_module, c.token_label, std::move(*pin), c.module_env});
+    auto keys = hsm::Pkcs11KeyService::open(hsm::Pkcs11Config{c.pkcs11_module, c.token_label, std::move(*pin), c.environment()});
     if (!keys)
         return fail(Errc::key_unavailable, hsm_hint(keys.error(), c));
     auto point = (*keys)->public_point(hsm::KeyId{**signing});

@@ -862,6 +862,13 @@ Result<std::optional<VersionRow>> Store::Transaction::version_by_id(VersionId id
         read_version);
 }
 
+Result<std::optional<VersionRow>> Store::Transaction::version(SecretId secret, std::uint64_t number)
+{
+    return first<VersionRow>(
+        conn_, "SELECT " VERSION_COLUMNS " FROM versions WHERE secret_id = ? AND version = ?",
+        [&](sqlite::Query& q) { q.bind(1, secret.value).bind(2, static_cast<std::int64_t>(number)); }, read_version);
+}
+
 Result<std::vector<Tag>> Store::Transaction::tags(VersionId version)
 {
     return collect<Tag>(

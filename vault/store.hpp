@@ -275,6 +275,7 @@ public:
     Result<std::optional<SecretRow>> secret(SecretId id);
     Result<std::optional<SecretRow>> secret_by_name(VaultId vault, std::string_view name);
     Result<std::optional<VersionRow>> version_by_id(VersionId id);
+    Result<std::optional<VersionRow>> version(SecretId secret, std::uint64_t number);
     Result<std::vector<Tag>> tags(VersionId version);
     // Raises next_version to at least `next`, never lowers it. Version
     // numbers are handed out by SecretService ahead of the transaction (this
