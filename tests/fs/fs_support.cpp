@@ -87,7 +87,7 @@ bool write_all(int fd, const void* data, std::size_t n)
 Outcome in_child(const std::function<void()>& become, const std::function<Outcome()>& action)
 {
     int fds[2];
-    if (::pipe(fds) != 0)
+    if (::pipe2(fds, O_CLOEXEC) != 0)  // what the action execs must not hold it open
         throw std::runtime_error("pipe failed");
     const pid_t pid = ::fork();
     if (pid == 0) {
@@ -237,7 +237,7 @@ Paused::Paused(const TestUser* user, std::function<Outcome()> first, std::functi
 {
     int results[2];
     int go[2];
-    if (::pipe(results) != 0 || ::pipe(go) != 0)
+    if (::pipe2(results, O_CLOEXEC) != 0 || ::pipe2(go, O_CLOEXEC) != 0)
         throw std::runtime_error("pipe failed");
     pid_ = ::fork();
     if (pid_ == 0) {
