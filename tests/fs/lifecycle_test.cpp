@@ -293,7 +293,7 @@ TEST_CASE("the control socket serves admins only, and audits everyone", "[fs][li
     TestUser outsider("x");
     Mount m(MountOptions{{"control_socket = " + std::string("../control.sock")}});
     const std::string socket = m.root + "/control.sock";
-    const auto status = shell(m.binary + " status --socket " + socket);
+    const auto status = shell(m.binary + " status --json --socket " + socket);
     INFO(status.data);
     REQUIRE(status.err == 0);
     auto j = nlohmann::json::parse(status.data);  // not const: a missing key reads as null, failing the check
