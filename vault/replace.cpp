@@ -53,6 +53,33 @@ Result<bool> SecretService::recover_own_delete(const Caller& caller, const Vault
     return true;
 }
 
+Result<SecretRow> SecretService::replace_target(const Caller& caller, const VaultEntry& v, std::string_view name,
+                                                bool noreplace, audit::Event& ev)
+{
+    auto found = store_.secret_with_version(v.row.id, name, std::nullopt);
+    if (!found)
+        return refuse(ev, found.error().code, found.error().message);
+    if (!*found) {
+        auto made = ensure_row(v.row.id, name);
+        if (!made)
+            return refuse(ev, made.error().code, made.error().message);
+        return made;
+    }
+    SecretRow row = (*found)->secret;
+    if (row.deleted()) {
+        auto back = recover_own_delete(caller, v, row);
+        if (!back)
+            return tl::unexpected(back.error());
+        if (!*back) {
+            ev.reason = "soft-deleted";
+            return refuse(ev, Errc::already_exists);
+        }
+    } else if (row.has_versions() && noreplace) {
+        return refuse(ev, Errc::already_exists);
+    }
+    return row;
+}
+
 Result<std::uint64_t> SecretService::commit_renamed(const Caller& caller, VaultId vault, std::string_view name,
                                                     const hsm::SecureBuffer& value, std::string_view from,
                                                     bool noreplace, std::optional<Ownership> ownership)
@@ -72,29 +99,9 @@ Result<std::uint64_t> SecretService::commit_renamed(const Caller& caller, VaultI
         return refuse(ev, Errc::access_denied);
     if (value.size() > max_value_size)
         return refuse(ev, Errc::too_large, "values are at most 25 KiB");
-    auto found = store_.secret_with_version(vault, name, std::nullopt);
-    if (!found)
-        return refuse(ev, found.error().code, found.error().message);
-    std::optional<SecretRow> row;
-    if (*found)
-        row = (*found)->secret;
-    if (row && row->deleted()) {
-        auto back = recover_own_delete(caller, **v, *row);
-        if (!back)
-            return tl::unexpected(back.error());
-        if (!*back) {
-            ev.reason = "soft-deleted";
-            return refuse(ev, Errc::already_exists);
-        }
-    } else if (row && row->has_versions() && noreplace) {
-        return refuse(ev, Errc::already_exists);
-    }
-    if (!row) {
-        auto made = ensure_row(vault, name);
-        if (!made)
-            return refuse(ev, made.error().code, made.error().message);
-        row = std::move(*made);
-    }
+    auto row = replace_target(caller, **v, name, noreplace, ev);
+    if (!row)
+        return tl::unexpected(row.error());
     // The staged file's owner and mode, for a manager who set them (rsync and
     // ansible set the mode before the rename); others keep what the name shows.
     std::function<Result<void>(Store::Transaction&)> also;
@@ -129,23 +136,9 @@ Result<std::uint64_t> SecretService::rename_fresh(const Caller& caller, VaultId 
         ev.reason = "secrets are not renamed: values are bound to their names";
         return refuse(ev, Errc::not_permitted, std::string(ev.reason));
     }
-    auto target = store_.secret_with_version(vault, to, std::nullopt);
-    if (!target)
-        return refuse(ev, target.error().code, target.error().message);
-    std::optional<SecretRow> row;
-    if (*target)
-        row = (*target)->secret;
-    if (row && row->deleted()) {
-        auto back = recover_own_delete(caller, **v, *row);
-        if (!back)
-            return tl::unexpected(back.error());
-        if (!*back) {
-            ev.reason = "soft-deleted";
-            return refuse(ev, Errc::already_exists);
-        }
-    } else if (row && row->has_versions() && noreplace) {
-        return refuse(ev, Errc::already_exists);
-    }
+    auto row = replace_target(caller, **v, to, noreplace, ev);
+    if (!row)
+        return tl::unexpected(row.error());
 
     // The fresh file's value, authenticated, in locked memory.
     auto read = store_.sealed_for_read((*source)->version->id);
@@ -162,12 +155,6 @@ Result<std::uint64_t> SecretService::rename_fresh(const Caller& caller, VaultId 
         return refuse(ev, value.error().code, value.error().message);
     ev.bytes = value->size();
 
-    if (!row) {
-        auto made = ensure_row(vault, to);
-        if (!made)
-            return refuse(ev, made.error().code, made.error().message);
-        row = std::move(*made);
-    }
     const SecretId gone = src.id;
     const std::uint64_t versions = src.next_version;
     return seal_and_commit(caller, **v, row->id, to, *value, ev, [&](Store::Transaction& tx) -> Result<void> {

@@ -914,7 +914,8 @@ Result<void> SecretService::check_policy_line(const Caller& caller, VaultId vaul
         return tl::unexpected(v.error());
     const std::string why = checked.error().message();
     audit::Event ev{.op = "policy_set", .caller = &caller, .vault = (*v)->row.name, .reason = why};
-    decide(caller, **v, Permission::manage).fill(ev);
+    const Decided d = decide(caller, **v, Permission::manage);  // ev.rule views its text
+    d.fill(ev);
     return refuse(ev, Errc::invalid_argument, why);
 }
 

@@ -387,6 +387,11 @@ private:
     Result<bool> recover_own_delete(const Caller& caller, const VaultEntry& v, const SecretRow& s);
     // The row for `name`, made (without versions) if missing.
     Result<SecretRow> ensure_row(VaultId vault, std::string_view name);
+    // What a rename may replace: `name`'s row, made if missing, recovered
+    // if the caller's uid just deleted it (recover_own_delete); refused as
+    // `ev` when soft-deleted otherwise, or live under `noreplace`.
+    Result<SecretRow> replace_target(const Caller& caller, const VaultEntry& v, std::string_view name, bool noreplace,
+                                     audit::Event& ev);
     // Purges one secret inside a write, auditing it as `ev`.
     Result<void> purge_row(const SecretRow& s, audit::Event ev);
     Result<std::shared_ptr<const VaultEntry>> load_vault(VaultId id);

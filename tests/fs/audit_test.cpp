@@ -156,9 +156,7 @@ TEST_CASE("disk full: reads fail with EIO and serve nothing, and recover", "[fs]
     Mount m(MountOptions{{}, 8, false});
     REQUIRE(shell(m.binary + " init --state " + m.state + " >/dev/null").err == 0);
     SmallTmpfs tmpfs(m.root + "/auditfs", "size=256k,mode=0700");
-    std::filesystem::copy_file(m.state_file("audit.jsonl"), tmpfs.path() + "/audit.jsonl");
-    std::filesystem::remove(m.state_file("audit.jsonl"));
-    std::ofstream(m.state_file("vaultfs.conf"), std::ios::app) << "audit_file = " << tmpfs.path() << "/audit.jsonl\n";
+    move_audit_to(m, tmpfs.path());
     m.start();
 
     const std::string canary = "CANARY-" + random_hex(12);
@@ -199,10 +197,7 @@ TEST_CASE("the audit fails at a writer's close: the close is EIO and no version 
     Mount m(MountOptions{{}, 8, false});
     REQUIRE(shell(m.binary + " init --state " + m.state + " >/dev/null").err == 0);
     SmallTmpfs tmpfs(m.root + "/auditfs", "size=256k,mode=0700");
-    std::filesystem::copy_file(m.state_file("audit.jsonl"), tmpfs.path() + "/audit.jsonl");
-    std::filesystem::remove(m.state_file("audit.jsonl"));
-    std::ofstream(m.state_file("vaultfs.conf"), std::ios::app)
-        << "audit_file = " << tmpfs.path() << "/audit.jsonl\naudit_reserve_mib = 0\n";
+    move_audit_to(m, tmpfs.path(), "audit_reserve_mib = 0\n");
     m.start();
     REQUIRE(make_dir(m.path("late")).err == 0);
     REQUIRE(write_file(m.path("late/s"), "v1").err == 0);

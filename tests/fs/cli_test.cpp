@@ -68,16 +68,7 @@ TEST_CASE("$VAULTFS_STATE stands in for --state in every command", "[fs][cli]")
     r = shell("VAULTFS_STATE=" + other + " " + m.binary + " mount " + mnt + " 2>&1");
     INFO(r.data);
     CHECK(r.err == 0);
-    struct Unmount {
-        std::string mnt, state;
-        ~Unmount()
-        {
-            shell("fusermount3 -u -z " + mnt + " 2>/dev/null");
-            const std::string pid = slurp(state + "/lock");
-            if (!pid.empty() && std::atoi(pid.c_str()) > 1)
-                ::kill(std::atoi(pid.c_str()), SIGTERM);
-        }
-    } unmount{mnt, other};
+    BackgroundDaemon daemon{mnt, other};
     CHECK(make_dir(mnt + "/elsewhere").err == 0);
     CHECK(shell("VAULTFS_STATE=" + other + " " + m.binary + " vault list").data == "elsewhere\n");
 }
@@ -88,10 +79,7 @@ TEST_CASE("status is for people (--json for machines), and says what is unhealth
     Mount m(MountOptions{{}, 8, false});
     REQUIRE(shell(m.binary + " init --state " + m.state + " >/dev/null").err == 0);
     SmallTmpfs tmpfs(m.root + "/auditfs", "size=512k,mode=0700");
-    std::filesystem::copy_file(m.state_file("audit.jsonl"), tmpfs.path() + "/audit.jsonl");
-    std::filesystem::remove(m.state_file("audit.jsonl"));
-    std::ofstream(m.state_file("vaultfs.conf"), std::ios::app)
-        << "audit_file = " << tmpfs.path() << "/audit.jsonl\naudit_reserve_mib = 0\n";
+    move_audit_to(m, tmpfs.path(), "audit_reserve_mib = 0\n");
     m.start();
     auto r = shell(m.binary + " status --state " + m.state + " 2>&1");
     INFO(r.data);
@@ -212,16 +200,7 @@ TEST_CASE("a daemon with no syslog to take its log writes STATE/vaultfs.log", "[
     auto r = shell(m.binary + " mount --state " + m.state + " " + m.mountpoint + " 2>&1");
     INFO(r.data);
     REQUIRE(r.err == 0);
-    struct Unmount {
-        std::string mnt, state;
-        ~Unmount()
-        {
-            shell("fusermount3 -u -z " + mnt + " 2>/dev/null");
-            const std::string pid = slurp(state + "/lock");
-            if (!pid.empty() && std::atoi(pid.c_str()) > 1)
-                ::kill(std::atoi(pid.c_str()), SIGTERM);
-        }
-    } unmount{m.mountpoint, m.state};
+    BackgroundDaemon daemon{m.mountpoint, m.state};
     REQUIRE(make_dir(m.path("logged")).err == 0);
     // A policy refused at close: its reason is in the log.
     CHECK(shell("/usr/bin/printf 'allow uid:0 get\\n' 2>/dev/null > " + m.path("logged/.policy")).err != 0);

@@ -119,10 +119,7 @@ TEST_CASE("secrets: size, permission, a deleted secret, the audit's disk -- each
     Mount m(MountOptions{{}, 8, false});
     REQUIRE(shell(m.binary + " init --state " + m.state + " >/dev/null").err == 0);
     SmallTmpfs tmpfs(m.root + "/auditfs", "size=512k,mode=0700");
-    std::filesystem::copy_file(m.state_file("audit.jsonl"), tmpfs.path() + "/audit.jsonl");
-    std::filesystem::remove(m.state_file("audit.jsonl"));
-    std::ofstream(m.state_file("vaultfs.conf"), std::ios::app)
-        << "audit_file = " << tmpfs.path() << "/audit.jsonl\naudit_reserve_mib = 0\n";
+    move_audit_to(m, tmpfs.path(), "audit_reserve_mib = 0\n");
     m.start();
     REQUIRE(make_dir(m.path("vlt")).err == 0);
     REQUIRE(write_file(m.path("vlt/s"), "one").err == 0);

@@ -134,6 +134,21 @@ std::string random_hex(std::size_t bytes)
     return s;
 }
 
+void move_audit_to(const Mount& m, const std::string& dir, const std::string& extra)
+{
+    std::filesystem::copy_file(m.state_file("audit.jsonl"), dir + "/audit.jsonl");
+    std::filesystem::remove(m.state_file("audit.jsonl"));
+    std::ofstream(m.state_file("vaultfs.conf"), std::ios::app) << "audit_file = " << dir << "/audit.jsonl\n" << extra;
+}
+
+BackgroundDaemon::~BackgroundDaemon()
+{
+    shell("fusermount3 -u -z " + mountpoint + " 2>/dev/null");
+    const int pid = std::atoi(slurp(state + "/lock").c_str());
+    if (pid > 1)
+        ::kill(pid, SIGTERM);
+}
+
 std::string vaultfs_binary()
 {
     const char* bin = std::getenv("VAULTFS_BIN");

@@ -158,6 +158,20 @@ private:
     std::string stderr_path_;
 };
 
+// Moves an initialised, stopped mount's audit file into `dir` (a small
+// tmpfs, for a full disk) and points vaultfs.conf at it, with `extra`
+// config lines; start() the mount afterwards.
+void move_audit_to(const Mount& m, const std::string& dir, const std::string& extra = "");
+
+// A daemon started by a test without -f (it detaches): when this goes, the
+// mount is lifted and the daemon that holds `state` (its pid is in
+// STATE/lock) is asked to end.
+struct BackgroundDaemon {
+    std::string mountpoint;
+    std::string state;
+    ~BackgroundDaemon();
+};
+
 std::string vaultfs_binary();
 std::string random_hex(std::size_t bytes);
 

@@ -72,18 +72,15 @@ TEST_CASE("README's tour runs as written and prints what it shows", "[fs][readme
     std::string tmpl = (std::filesystem::temp_directory_path() / "vaultfs-tour-XXXXXX").string();
     REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
     const std::string work = tmpl;
-    struct Cleanup {
+    struct Remove {
         std::string work;
-        ~Cleanup()
+        ~Remove()
         {
-            shell("fusermount3 -u -z " + work + "/vaults 2>/dev/null");
-            const std::string pid = slurp(work + "/state/lock");
-            if (std::atoi(pid.c_str()) > 1)
-                ::kill(std::atoi(pid.c_str()), SIGTERM);
             std::error_code ec;
             std::filesystem::remove_all(work, ec);
         }
-    } cleanup{work};
+    } remove{work};
+    BackgroundDaemon daemon{work + "/vaults", work + "/state"};  // ends before `remove` runs
     REQUIRE(::mkdir((work + "/bin").c_str(), 0755) == 0);
     std::filesystem::copy_file(vaultfs_binary(), work + "/bin/vaultfs");
 
