@@ -89,14 +89,10 @@ Result<std::uint64_t> SecretService::commit_renamed(const Caller& caller, VaultI
         return tl::unexpected(v.error());
     audit::Event ev{.op = "commit", .caller = &caller, .vault = (*v)->row.name, .secret = name,
                     .bytes = value.size(), .from = from};
-    if (!is_valid_secret_name(name)) {
-        ev.rule = "invalid-name";
-        return refuse(ev, Errc::invalid_argument, "secret names are 1-127 letters, digits and hyphens");
-    }
-    const Decided d = decide(caller, **v, Permission::set, name);
-    d.fill(ev);
-    if (!d.allowed)
-        return refuse(ev, Errc::access_denied);
+    auto d = decide_write(caller, **v, name, ev);
+    if (!d)
+        return tl::unexpected(d.error());
+    d->fill(ev);
     if (value.size() > max_value_size)
         return refuse(ev, Errc::too_large, "values are at most 25 KiB");
     auto row = replace_target(caller, **v, name, noreplace, ev);

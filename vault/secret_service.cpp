@@ -636,14 +636,10 @@ Result<WriteGrant> SecretService::open_for_write(const Caller& caller, VaultId v
     if (!v)
         return tl::unexpected(v.error());
     audit::Event ev{.op = "set", .caller = &caller, .vault = (*v)->row.name, .secret = name};
-    if (!is_valid_secret_name(name)) {
-        ev.rule = "invalid-name";
-        return refuse(ev, Errc::invalid_argument, "secret names are 1-127 letters, digits and hyphens");
-    }
-    const Decided d = decide(caller, **v, Permission::set, name);
-    d.fill(ev);
-    if (!d.allowed)
-        return refuse(ev, Errc::access_denied);
+    auto d = decide_write(caller, **v, name, ev);
+    if (!d)
+        return tl::unexpected(d.error());
+    d->fill(ev);
 
     auto s = store_.secret_with_version(vault, name, std::nullopt);  // cached
     if (!s)
@@ -684,6 +680,21 @@ Result<WriteGrant> SecretService::open_for_write(const Caller& caller, VaultId v
     if (auto r = record(ev); !r)
         return tl::unexpected(r.error());
     return WriteGrant{vault, (*v)->row.name, row->id, std::string(name), row->created};
+}
+
+Result<SecretService::Decided> SecretService::decide_write(const Caller& caller, const VaultEntry& v,
+                                                           std::string_view name, audit::Event& ev)
+{
+    if (!is_valid_secret_name(name)) {
+        ev.rule = "invalid-name";
+        return refuse(ev, Errc::invalid_argument, "secret names are 1-127 letters, digits and hyphens");
+    }
+    Decided d = decide(caller, v, Permission::set, name);
+    if (!d.allowed) {
+        d.fill(ev);
+        return refuse(ev, Errc::access_denied);
+    }
+    return d;
 }
 
 Result<SecretRow> SecretService::ensure_row(VaultId vault, std::string_view name)

@@ -385,6 +385,10 @@ private:
     // window, recovered if the caller holds `recover` (audited); false when
     // it stays deleted.
     Result<bool> recover_own_delete(const Caller& caller, const VaultEntry& v, const SecretRow& s);
+    // A write of `name` as `ev`: a secret's name and `set` granted, else
+    // refused (and recorded) as `ev`. The caller fills `ev` from the
+    // decision it gets back, which `ev` then views.
+    Result<Decided> decide_write(const Caller& caller, const VaultEntry& v, std::string_view name, audit::Event& ev);
     // The row for `name`, made (without versions) if missing.
     Result<SecretRow> ensure_row(VaultId vault, std::string_view name);
     // What a rename may replace: `name`'s row, made if missing, recovered

@@ -36,17 +36,27 @@ int chmod_as(const TestUser& who, const std::string& path, mode_t mode)
     return as(who, [&] { return Outcome{::chmod(path.c_str(), mode) == 0 ? 0 : errno, {}}; }).err;
 }
 
+// A vault `own` with one secret `s`: alice may read it, bob may write it.
+struct OwnVault {
+    OwnVault()
+    {
+        REQUIRE(make_dir(m.path("own")).err == 0);
+        REQUIRE(write_file(m.path("own/s"), "value").err == 0);
+        REQUIRE(write_file(m.path("own/.policy"), "allow uid:0 *\nallow uid:" + std::to_string(alice.uid) +
+                                                      " get,list\nallow uid:" + std::to_string(bob.uid) +
+                                                      " set,list\n")
+                    .err == 0);
+    }
+    TestUser alice{"a"}, bob{"b"};
+    Mount m;
+};
+
 }  // namespace
 
 TEST_CASE("owner, group and mode are the secret's own, whoever asks, and ls -l says the same", "[fs][owner]")
 {
-    TestUser alice("a"), bob("b");
-    Mount m;
-    REQUIRE(make_dir(m.path("own")).err == 0);
-    REQUIRE(write_file(m.path("own/s"), "value").err == 0);
-    REQUIRE(write_file(m.path("own/.policy"), "allow uid:0 *\nallow uid:" + std::to_string(alice.uid) +
-                                                  " get,list\nallow uid:" + std::to_string(bob.uid) + " set,list\n")
-                .err == 0);
+    OwnVault v;
+    auto& [alice, bob, m] = v;
     // One caller's view is cached for a second; it is every caller's.
     CHECK(shown(m.path("own/s")) == "400 0:0");
     CHECK(ok(shown_as(alice, m.path("own/s"))) == "400 0:0");
@@ -60,13 +70,8 @@ TEST_CASE("owner, group and mode are the secret's own, whoever asks, and ls -l s
 TEST_CASE("managers chown and chmod (audited); others may only set what is shown; the policy still decides",
           "[fs][owner]")
 {
-    TestUser alice("a"), bob("b");
-    Mount m;
-    REQUIRE(make_dir(m.path("own")).err == 0);
-    REQUIRE(write_file(m.path("own/s"), "value").err == 0);
-    REQUIRE(write_file(m.path("own/.policy"), "allow uid:0 *\nallow uid:" + std::to_string(alice.uid) +
-                                                  " get,list\nallow uid:" + std::to_string(bob.uid) + " set,list\n")
-                .err == 0);
+    OwnVault v;
+    auto& [alice, bob, m] = v;
     REQUIRE(::chown(m.path("own/s").c_str(), alice.uid, alice.gid) == 0);
     REQUIRE(::chmod(m.path("own/s").c_str(), 0644) == 0);
     const std::string as_alice = "644 " + std::to_string(alice.uid) + ":" + std::to_string(alice.gid);
