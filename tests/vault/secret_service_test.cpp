@@ -1044,3 +1044,111 @@ TEST_CASE("version numbers: reserved before the transaction, raised by the commi
 
 }  // namespace
 }  // namespace vaultfs::vault
+
+namespace vaultfs::vault {
+namespace {
+
+TEST_CASE("what tools do: a staged file committed by name, a fresh secret renamed, a probe removed for good",
+          "[secret_service][tools]")
+{
+    Stack s;
+    const VaultId v = s.make_vault("tools").id;
+    s.must_put(v, "target", bytes_of("one"));
+
+    SECTION("commit_renamed: one audited commit naming the staged file; noreplace keeps what is there")
+    {
+        auto n = s.service->commit_renamed(root, v, "target", secure_bytes(bytes_of("two")), ".target.XyZ", false,
+                                           std::nullopt);
+        REQUIRE(n);
+        CHECK(*n == 2);
+        auto rec = s.last_record("commit");
+        CHECK(rec["from"] == ".target.XyZ");
+        CHECK(rec["version"] == 2);
+        auto kept = s.service->commit_renamed(root, v, "target", secure_bytes(bytes_of("three")), ".t", true,
+                                              std::nullopt);
+        REQUIRE_FALSE(kept);
+        CHECK(kept.error().code == Errc::already_exists);
+        CHECK(s.get(v, "target")->equals(bytes_of("two")));
+        // A new name is made by it.
+        REQUIRE(s.service->commit_renamed(root, v, "fresh-name", secure_bytes(bytes_of("x")), ".f", true,
+                                          std::nullopt));
+        CHECK(s.get(v, "fresh-name")->equals(bytes_of("x")));
+    }
+    SECTION("rename_fresh: a secret just made moves; any other is never renamed")
+    {
+        s.must_put(v, "sedAbC123", bytes_of("edited"));
+        auto n = s.service->rename_fresh(root, v, "sedAbC123", "target", false);
+        REQUIRE(n);
+        CHECK(*n == 2);
+        CHECK(s.get(v, "target")->equals(bytes_of("edited")));
+        CHECK_FALSE(s.service->find_secret(root, v, "sedAbC123"));
+        CHECK(s.last_record("rename")["from"] == "sedAbC123");
+        // Two versions: not fresh.
+        s.must_put(v, "settled", bytes_of("a"));
+        s.must_put(v, "settled", bytes_of("b"));
+        auto refused = s.service->rename_fresh(root, v, "settled", "target", false);
+        REQUIRE_FALSE(refused);
+        CHECK(refused.error().code == Errc::not_permitted);
+        // Made by another uid: not this caller's temporary file.
+        REQUIRE(s.service->write_policy(root, v, "allow uid:0 *\nallow uid:4242 set\n"));
+        REQUIRE(s.put(v, "theirs", bytes_of("t"), caller(4242, 4242)));
+        CHECK(s.service->rename_fresh(root, v, "theirs", "target", false).error().code == Errc::not_permitted);
+    }
+    SECTION("delete: an empty fresh secret goes for good, anything else to .deleted")
+    {
+        s.must_put(v, "probe", {});
+        REQUIRE(s.service->delete_secret(root, v, "probe"));
+        CHECK_FALSE(s.service->find_deleted(root, v, "probe"));
+        CHECK(s.last_record("delete")["reason"] == "fresh and empty: made by this uid moments ago, removed for good");
+        s.must_put(v, "kept", bytes_of("value"));
+        REQUIRE(s.service->delete_secret(root, v, "kept"));
+        CHECK(s.service->find_deleted(root, v, "kept"));
+    }
+    SECTION("a name its uid deleted moments ago is made again by that uid (recovered), not by another")
+    {
+        REQUIRE(s.service->delete_secret(root, v, "target"));
+        REQUIRE(s.service->write_policy(root, v, "allow uid:0 *\nallow uid:4242 set,delete,recover\n"));
+        auto other = s.service->open_for_write(caller(4242, 4242), v, "target", SecretService::WriteIntent{true, true});
+        REQUIRE_FALSE(other);
+        CHECK(other.error().code == Errc::already_exists);
+        auto grant = s.service->open_for_write(root, v, "target", SecretService::WriteIntent{true, true});
+        REQUIRE(grant);
+        REQUIRE(s.service->commit(root, *grant, secure_bytes(bytes_of("installed"))));
+        CHECK(s.get(v, "target")->equals(bytes_of("installed")));
+        CHECK(s.get(v, "target@1")->equals(bytes_of("one")));
+        CHECK(s.last_record("recover")["result"] == "ok");
+    }
+}
+
+TEST_CASE("ownership: managers change it (audited), others set only what is shown, bits are permission bits",
+          "[secret_service][ownership]")
+{
+    Stack s;
+    const VaultId v = s.make_vault("owned").id;
+    s.must_put(v, "s", bytes_of("x"));
+    REQUIRE(s.service->write_policy(root, v, "allow uid:0 *\nallow uid:4242 get,list\n"));
+    const Caller other = caller(4242, 4242);
+    CHECK(s.view(v, "s").ownership == Ownership{0, 0, 0400});
+    REQUIRE(s.service->set_ownership(root, s.view(v, "s"), 4242u, 4242u, std::nullopt));
+    REQUIRE(s.service->set_ownership(root, s.view(v, "s"), std::nullopt, std::nullopt, 0640u));
+    CHECK(s.view(v, "s").ownership == Ownership{4242, 4242, 0640});
+    CHECK(s.last_record("chmod")["attribute"] == "mode 0640");
+    const auto records = s.audit_records().size();
+    CHECK(s.service->set_ownership(other, s.view(v, "s"), std::nullopt, std::nullopt, 0640u));  // as shown
+    CHECK(s.audit_records().size() == records);
+    auto refused = s.service->set_ownership(other, s.view(v, "s"), std::nullopt, std::nullopt, 0600u);
+    REQUIRE_FALSE(refused);
+    CHECK(refused.error().code == Errc::not_permitted);
+    CHECK(s.last_record("chmod")["decision"] == "deny");
+    CHECK(s.service->set_ownership(root, s.view(v, "s"), std::nullopt, std::nullopt, 04755u).error().code ==
+          Errc::invalid_argument);
+    // The vault's defaults, for secrets never given their own.
+    REQUIRE(s.service->set_vault_attribute(root, v, "default_mode", "0440"));
+    s.must_put(v, "t", bytes_of("y"));
+    CHECK(s.view(v, "t").ownership == Ownership{0, 0, 0440});
+    CHECK(s.view(v, "s").ownership == Ownership{4242, 4242, 0640});
+    CHECK(s.service->set_vault_attribute(other, v, "default_mode", "0400").error().code == Errc::access_denied);
+}
+
+}  // namespace
+}  // namespace vaultfs::vault
