@@ -114,11 +114,4 @@ std::size_t StagingArea::sweep(std::chrono::steady_clock::time_point now)
     }
     return dropped.size();
 }
-
-std::size_t StagingArea::size() const
-{
-    std::lock_guard lock(mutex_);
-    return by_id_.size();
-}
-
 }  // namespace vaultfs::fs

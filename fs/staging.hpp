@@ -103,7 +103,6 @@ public:
     void expire_copies(std::int64_t secret, uid_t uid);
     // Drops files without an open handle for `idle`; returns how many.
     std::size_t sweep(std::chrono::steady_clock::time_point now);
-    std::size_t size() const;
 
 private:
     using Key = std::tuple<std::int64_t, uid_t, std::string>;  // vault, uid, name

@@ -401,6 +401,14 @@ Result<SecretView> SecretService::find_secret(const Caller& caller, VaultId vaul
     return view_of(caller, **v, (*found)->secret, std::move(*(*found)->version), path->version.has_value());
 }
 
+VersionRow SecretService::no_version_yet(const SecretRow& s)
+{
+    VersionRow none;
+    none.secret = s.id;
+    none.created = none.updated = s.created;
+    return none;
+}
+
 Result<SecretView> SecretService::find_pending(const Caller& caller, VaultId vault, std::string_view name)
 {
     auto v = load_vault(vault);
@@ -415,11 +423,7 @@ Result<SecretView> SecretService::find_pending(const Caller& caller, VaultId vau
         return tl::unexpected(found.error());
     if (!*found || (*found)->version || (*found)->secret.deleted())
         return fail(Errc::not_found);
-    const SecretRow& s = (*found)->secret;
-    VersionRow none;
-    none.secret = s.id;
-    none.created = none.updated = s.created;
-    return view_of(caller, **v, s, none, false);
+    return view_of(caller, **v, (*found)->secret, no_version_yet((*found)->secret), false);
 }
 
 Result<SecretView> SecretService::secret_by_id(const Caller& caller, SecretId id)
@@ -438,10 +442,7 @@ Result<SecretView> SecretService::secret_by_id(const Caller& caller, SecretId id
     if (!(*found)->version) {
         // Being created: a writer holds it open, its first version not yet
         // committed. It has no value to read.
-        VersionRow none;
-        none.secret = id;
-        none.created = none.updated = s.created;
-        return view_of(caller, **v, s, none, false);
+        return view_of(caller, **v, s, no_version_yet(s), false);
     }
     return view_of(caller, **v, s, std::move(*(*found)->version), false);
 }

@@ -405,6 +405,9 @@ private:
     Result<SecretView> view_of(const Caller& caller, const VaultEntry& v, const SecretRow& s, VersionRow version,
                                bool pinned);
     Result<SecretView> by_version_id(const Caller& caller, VersionId id, bool pinned);
+    // What a secret whose first version is being written stands for:
+    // version number 0, size 0, its row's times.
+    static VersionRow no_version_yet(const SecretRow& s);
     // The version's DEK, from the cache or unsealed by the token.
     Result<DekCache::Dek> unseal_dek(const VaultEntry& v, const SecretRow& s, const SealedVersion& sealed);
     // `list` still granted to the caller of a listing, or an audited refusal.
