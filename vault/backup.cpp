@@ -36,9 +36,9 @@ json optional_json(const std::optional<Micros>& v) { return v ? json(*v) : json(
 Result<std::string> SecretService::backup(const Caller& caller, std::string_view vault_name,
                                           std::optional<std::string_view> secret)
 {
-    auto v = load_vault(vault_name);
+    auto v = core_.load_vault(vault_name);
     if (!v || (!is_admin(caller) && !(*v)->policy->holds_any(caller.who)))
-        return refuse(audit::Event{.op = "backup", .caller = &caller, .vault = vault_name,
+        return core_.refuse(audit::Event{.op = "backup", .caller = &caller, .vault = vault_name,
                                  .secret = secret.value_or(""), .rule = "default-deny"},
                       Errc::not_found, "no such vault");
     const VaultEntry& vault = **v;
@@ -49,7 +49,7 @@ Result<std::string> SecretService::backup(const Caller& caller, std::string_view
         if (!s)
             return tl::unexpected(s.error());
         if (!*s || !(*s)->has_versions() || (*s)->deleted())
-            return refuse(audit::Event{.op = "backup", .caller = &caller, .vault = vault_name, .secret = *secret,
+            return core_.refuse(audit::Event{.op = "backup", .caller = &caller, .vault = vault_name, .secret = *secret,
                                      .allowed = true, .rule = "lookup"},
                           Errc::not_found, "no such secret");
         rows.push_back(std::move(**s));
@@ -68,11 +68,11 @@ Result<std::string> SecretService::backup(const Caller& caller, std::string_view
 
     json secrets = json::array();
     for (const auto& s : rows) {
-        const Decided d = decide(caller, vault, Permission::backup, s.name);
+        const Decided d = core_.decide(caller, vault, Permission::backup, s.name);
         if (!d.allowed) {
             audit::Event ev{.op = "backup", .caller = &caller, .vault = vault_name, .secret = s.name};
             d.fill(ev);
-            return refuse(ev, Errc::access_denied, "no backup permission for " + s.name);
+            return core_.refuse(ev, Errc::access_denied, "no backup permission for " + s.name);
         }
         auto versions = store_.versions_of(s.id);
         if (!versions)
@@ -115,9 +115,9 @@ Result<std::string> SecretService::backup(const Caller& caller, std::string_view
     audit::Event ev{.op = "backup", .caller = &caller, .vault = vault_name, .secret = secret.value_or(""),
                   .allowed = true, .rule = "backup"};
     if (!sealed)
-        return refuse(ev, Errc::key_unavailable, "cannot sign the backup: " + sealed.error());
+        return core_.refuse(ev, Errc::key_unavailable, "cannot sign the backup: " + sealed.error());
     ev.bytes = sealed->size();
-    if (auto r = record(ev); !r)
+    if (auto r = core_.record(ev); !r)
         return tl::unexpected(r.error());
     return std::move(*sealed);
 }
@@ -128,41 +128,41 @@ Result<std::vector<std::string>> SecretService::restore(const Caller& caller, st
     audit::Event ev{.op = "restore", .caller = &caller, .vault = into.value_or(""), .rule = "default-deny"};
     auto doc = parse_backup(document);
     if (!doc)
-        return refuse(ev, Errc::invalid_argument, doc.error().message);
+        return core_.refuse(ev, Errc::invalid_argument, doc.error().message);
     const std::string target_name(into.value_or(doc->source_name));
     ev.vault = target_name;
 
     // Where the key is, first: the most useful thing to say on another host.
     if (auto k = keys_.find_key(hsm::KeyId{doc->source_kek}); !k) {
         ev.reason = "KEK not in this token";
-        return refuse(ev, k.error().code == hsm::Errc::key_not_found ? Errc::key_unavailable : from_hsm(k.error()).code,
+        return core_.refuse(ev, k.error().code == hsm::Errc::key_not_found ? Errc::key_unavailable : core_.from_hsm(k.error()).code,
                       "this backup's vault key (KEK " + doc->source_kek +
                           ") is not in this token: a backup can only be restored where its vault's KEK exists");
     }
     if (!doc->hash_matches || !P256Verifier(options_.signing_public_pem).verify(doc->signed_digest, doc->signature)) {
         ev.reason = "bad signature";
-        return refuse(ev, Errc::integrity,
+        return core_.refuse(ev, Errc::integrity,
                       "the backup's signature does not verify: it was altered, or made by another vaultfs state");
     }
 
-    auto v = load_vault(target_name);
+    auto v = core_.load_vault(target_name);
     if (!v || (!is_admin(caller) && !(*v)->policy->holds_any(caller.who)))
-        return refuse(ev, Errc::not_found, "no vault " + target_name + " to restore into (create it first)");
+        return core_.refuse(ev, Errc::not_found, "no vault " + target_name + " to restore into (create it first)");
     const VaultEntry& target = **v;
     // Into another vault, the caller must also hold `restore` in the vault the
     // backup came from — else an admin could make a vault (owning it) and
     // read any vault's backup there. A backup whose vault is gone restores
     // only into a vault of its own name.
     if (target.row.name != doc->source_name) {
-        auto source = load_vault(doc->source_name);
+        auto source = core_.load_vault(doc->source_name);
         if (!source) {
             ev.reason = "source vault gone";
-            return refuse(ev, Errc::access_denied,
+            return core_.refuse(ev, Errc::access_denied,
                           "the backup's vault " + doc->source_name + " no longer exists: restore into a vault of that name");
         }
         if (!(*source)->policy->evaluate(caller.who, Permission::restore).allowed) {
             ev.reason = "no restore permission in the source vault";
-            return refuse(ev, Errc::access_denied, "restoring into another vault needs `restore` in " + doc->source_name);
+            return core_.refuse(ev, Errc::access_denied, "restoring into another vault needs `restore` in " + doc->source_name);
         }
     }
 
@@ -176,10 +176,10 @@ Result<std::vector<std::string>> SecretService::restore(const Caller& caller, st
     std::vector<Restored> plan;
     for (auto& s : doc->secrets) {
         ev.secret = s.name;
-        const Decided d = decide(caller, target, Permission::restore, s.name);
+        const Decided d = core_.decide(caller, target, Permission::restore, s.name);
         if (!d.allowed) {
             d.fill(ev);
-            return refuse(ev, Errc::access_denied, "no restore permission for " + s.name);
+            return core_.refuse(ev, Errc::access_denied, "no restore permission for " + s.name);
         }
         Restored r{s.name, s.created, s.next_version, {}, {}};
         for (auto& bv : s.versions) {
@@ -187,17 +187,17 @@ Result<std::vector<std::string>> SecretService::restore(const Caller& caller, st
             const Binding old_binding{doc->source_vault, s.name, bv.meta.number, bv.kek_id};
             auto dek = keys_.unseal(hsm::KeyId{bv.kek_id}, bv.sealed_dek, dek_aad(old_binding));
             if (!dek)
-                return refuse(ev, from_hsm(dek.error()).code, dek.error().message);
+                return core_.refuse(ev, core_.from_hsm(dek.error()).code, dek.error().message);
             auto value = vault::open_value(*dek, bv.nonce, bv.ciphertext, value_aad(old_binding));
             if (!value)
-                return refuse(ev, value.error().code, "a version in the backup fails authentication");
+                return core_.refuse(ev, value.error().code, "a version in the backup fails authentication");
             const Binding new_binding{target.row.id, s.name, bv.meta.number, target.row.kek_id};
             auto resealed_dek = keys_.seal(hsm::KeyId{target.row.kek_id}, *dek, dek_aad(new_binding));
             if (!resealed_dek)
-                return refuse(ev, from_hsm(resealed_dek.error()).code, resealed_dek.error().message);
+                return core_.refuse(ev, core_.from_hsm(resealed_dek.error()).code, resealed_dek.error().message);
             auto resealed = seal_value(*dek, value->bytes(), value_aad(new_binding));
             if (!resealed)
-                return refuse(ev, resealed.error().code, resealed.error().message);
+                return core_.refuse(ev, resealed.error().code, resealed.error().message);
             bv.meta.size = value->size();
             r.versions.push_back(SealedVersion{bv.meta, target.row.kek_id, std::move(resealed->nonce),
                                                std::move(resealed->ciphertext), std::move(*resealed_dek)});
@@ -231,7 +231,7 @@ Result<std::vector<std::string>> SecretService::restore(const Caller& caller, st
             }
             audit::Event one{.op = "restore", .caller = &caller, .vault = target_name, .secret = r.name,
                            .allowed = true, .rule = "restore", .bytes = r.versions.size()};
-            if (auto a = record(one); !a)
+            if (auto a = core_.record(one); !a)
                 return a;
             names.push_back(r.name);
         }
@@ -241,7 +241,7 @@ Result<std::vector<std::string>> SecretService::restore(const Caller& caller, st
         ev.secret = "";
         if (w.error().code == Errc::audit_unavailable)
             return tl::unexpected(w.error());
-        return refuse(ev, w.error().code, w.error().message);
+        return core_.refuse(ev, w.error().code, w.error().message);
     }
     return names;
 }

@@ -40,14 +40,14 @@ Result<DeletedView> SecretService::deleted_view(const Caller& caller, const Vaul
 
 Result<void> SecretService::delete_secret(const Caller& caller, VaultId vault, std::string_view name)
 {
-    auto v = load_vault(vault);
+    auto v = core_.load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
-    const Decided d = decide(caller, **v, Permission::remove, name);
+    const Decided d = core_.decide(caller, **v, Permission::remove, name);
     audit::Event ev{.op = "delete", .caller = &caller, .vault = (*v)->row.name, .secret = name};
     d.fill(ev);
     if (!d.allowed)
-        return refuse(ev, Errc::access_denied);
+        return core_.refuse(ev, Errc::access_denied);
     const Micros now = now_micros();
     const Micros purge_at = now + static_cast<Micros>((*v)->row.retention_days) * options_.retention_day_ms * 1000;
     // What goes for good instead of to .deleted: a name whose first version
@@ -81,13 +81,13 @@ Result<void> SecretService::delete_secret(const Caller& caller, VaultId vault, s
             soft = true;
         }
         // Written before COMMIT: if the audit cannot take it, nothing commits.
-        return record(ev);
+        return core_.record(ev);
     });
     if (!w) {
         if (w.error().code == Errc::audit_unavailable)
             return w;
         ev.reason = {};
-        return refuse(ev, w.error().code, w.error().message);
+        return core_.refuse(ev, w.error().code, w.error().message);
     }
     if (soft) {
         std::lock_guard lock(deletes_mutex_);
@@ -99,10 +99,10 @@ Result<void> SecretService::delete_secret(const Caller& caller, VaultId vault, s
 
 Result<DeletedView> SecretService::find_deleted(const Caller& caller, VaultId vault, std::string_view name)
 {
-    auto v = load_vault(vault);
+    auto v = core_.load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
-    if (auto r = reach(caller, **v, name, false, Errc::access_denied); !r)
+    if (auto r = core_.reach(caller, **v, name, false, Errc::access_denied); !r)
         return tl::unexpected(r.error());
     if (!is_valid_secret_name(name))
         return fail(Errc::not_found);
@@ -121,10 +121,10 @@ Result<DeletedView> SecretService::deleted_by_id(const Caller& caller, SecretId 
         return tl::unexpected(s.error());
     if (!*s || !(*s)->deleted())
         return fail(Errc::not_found);
-    auto v = load_vault((*s)->vault);
+    auto v = core_.load_vault((*s)->vault);
     if (!v)
         return tl::unexpected(v.error());
-    if (auto r = reach(caller, **v, (*s)->name, false, Errc::access_denied); !r)
+    if (auto r = core_.reach(caller, **v, (*s)->name, false, Errc::access_denied); !r)
         return tl::unexpected(r.error());
     return deleted_view(caller, **v, **s);
 }
@@ -139,15 +139,15 @@ Result<std::vector<SecretRow>> SecretService::deleted_page(const ListingGrant& g
 
 Result<void> SecretService::recover(const Caller& caller, VaultId vault, std::string_view name)
 {
-    auto v = load_vault(vault);
+    auto v = core_.load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
-    const Decided d = decide(caller, **v, Permission::recover, name);
+    const Decided d = core_.decide(caller, **v, Permission::recover, name);
     audit::Event ev{.op = "recover", .caller = &caller, .vault = (*v)->row.name, .secret = name};
     d.fill(ev);
     if (!d.allowed)
-        return refuse(ev, Errc::access_denied);
-    auto w = write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
+        return core_.refuse(ev, Errc::access_denied);
+    auto w = core_.write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
         auto s = tx.secret_by_name(vault, name);
         if (!s)
             return tl::unexpected(s.error());
@@ -172,33 +172,33 @@ Result<void> SecretService::purge_row(const SecretRow& s, audit::Event ev)
             return fail(Errc::not_found);
         if (auto r = tx.purge_secret(s.id); !r)
             return r;
-        return record(ev);
+        return core_.record(ev);
     });
 }
 
 Result<void> SecretService::purge(const Caller& caller, VaultId vault, std::string_view name)
 {
-    auto v = load_vault(vault);
+    auto v = core_.load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
-    const Decided d = decide(caller, **v, Permission::purge, name);
+    const Decided d = core_.decide(caller, **v, Permission::purge, name);
     audit::Event ev{.op = "purge", .caller = &caller, .vault = (*v)->row.name, .secret = name};
     d.fill(ev);
     if (!d.allowed)
-        return refuse(ev, Errc::access_denied);
+        return core_.refuse(ev, Errc::access_denied);
     auto s = store_.secret_by_name(vault, name);
     if (!s)
-        return refuse(ev, s.error().code, s.error().message);
+        return core_.refuse(ev, s.error().code, s.error().message);
     if (!*s || !(*s)->deleted())
-        return refuse(ev, Errc::not_found);
+        return core_.refuse(ev, Errc::not_found);
     if ((*v)->row.purge_protection && now_micros() < (*s)->purge_at.value_or(0)) {
         ev.reason = "purge protection";
-        return refuse(ev, Errc::not_permitted, "purge protection holds it until its retention ends");
+        return core_.refuse(ev, Errc::not_permitted, "purge protection holds it until its retention ends");
     }
     if (auto r = purge_row(**s, ev); !r) {
         if (r.error().code == Errc::audit_unavailable)
             return r;
-        return refuse(ev, r.error().code, r.error().message);
+        return core_.refuse(ev, r.error().code, r.error().message);
     }
     return {};
 }
@@ -213,7 +213,7 @@ Result<std::size_t> SecretService::purge_expired()
         if (due->empty())
             return purged;
         for (const auto& s : *due) {
-            auto v = load_vault(s.vault);
+            auto v = core_.load_vault(s.vault);
             const std::string vault_name = v ? (*v)->row.name : std::string();
             audit::Event ev{.op = "purge", .vault = vault_name, .secret = s.name, .allowed = true,
                           .rule = "retention-ended", .reason = "automatic purge"};
@@ -233,12 +233,12 @@ Result<std::vector<std::string>> SecretService::list_attributes(const Caller& ca
     audit::Event ev{.op = "xattr_list", .caller = &caller, .vault = target.vault_name, .secret = target.name,
                   .version = target.version.number, .allowed = false, .rule = "needs get or list"};
     if (!target.permissions.contains(Permission::get) && !target.permissions.contains(Permission::list))
-        return refuse(ev, Errc::access_denied);
+        return core_.refuse(ev, Errc::access_denied);
     ev.allowed = true;
     ev.rule = "get or list";
     auto version = store_.version_by_id(target.version.id);
     if (!version || !*version)
-        return refuse(ev, Errc::not_found);
+        return core_.refuse(ev, Errc::not_found);
     std::vector<std::string> names{"version", "created", "updated", "enabled"};
     if ((*version)->not_before)
         names.emplace_back("not_before");
@@ -248,10 +248,10 @@ Result<std::vector<std::string>> SecretService::list_attributes(const Caller& ca
         names.emplace_back("content_type");
     auto tags = store_.tags(target.version.id);
     if (!tags)
-        return refuse(ev, tags.error().code, tags.error().message);
+        return core_.refuse(ev, tags.error().code, tags.error().message);
     for (const auto& t : *tags)
         names.push_back(std::string(tag_prefix) + t.name);
-    if (auto r = record(ev); !r)
+    if (auto r = core_.record(ev); !r)
         return tl::unexpected(r.error());
     return names;
 }
@@ -262,12 +262,12 @@ Result<std::string> SecretService::get_attribute(const Caller& caller, const Sec
                   .version = target.version.number, .allowed = false, .rule = "needs get or list",
                   .attribute = name};
     if (!target.permissions.contains(Permission::get) && !target.permissions.contains(Permission::list))
-        return refuse(ev, Errc::access_denied);
+        return core_.refuse(ev, Errc::access_denied);
     ev.allowed = true;
     ev.rule = "get or list";
     auto version = store_.version_by_id(target.version.id);
     if (!version || !*version)
-        return refuse(ev, Errc::not_found);
+        return core_.refuse(ev, Errc::not_found);
     const VersionRow& row = **version;
     std::optional<std::string> value;
     if (name == "version")
@@ -287,15 +287,15 @@ Result<std::string> SecretService::get_attribute(const Caller& caller, const Sec
     else if (is_tag(name)) {
         auto tags = store_.tags(row.id);
         if (!tags)
-            return refuse(ev, tags.error().code, tags.error().message);
+            return core_.refuse(ev, tags.error().code, tags.error().message);
         for (const auto& t : *tags)
             if (t.name == name.substr(tag_prefix.size()))
                 value = t.value;
     }
     if (!value)
-        return refuse(ev, Errc::no_attribute);
+        return core_.refuse(ev, Errc::no_attribute);
     ev.bytes = value->size();
-    if (auto r = record(ev); !r)
+    if (auto r = core_.record(ev); !r)
         return tl::unexpected(r.error());
     return *value;
 }
@@ -303,21 +303,21 @@ Result<std::string> SecretService::get_attribute(const Caller& caller, const Sec
 Result<void> SecretService::set_attribute(const Caller& caller, const SecretView& target, std::string_view name,
                                           std::optional<std::string_view> value)
 {
-    auto v = load_vault(target.vault);
+    auto v = core_.load_vault(target.vault);
     if (!v)
         return tl::unexpected(v.error());
-    const Decided d = decide(caller, **v, Permission::set, target.name);
+    const Decided d = core_.decide(caller, **v, Permission::set, target.name);
     audit::Event ev{.op = "xattr_set", .caller = &caller, .vault = target.vault_name, .secret = target.name,
                     .version = target.version.number, .attribute = name};
     d.fill(ev);
     if (!d.allowed)
-        return refuse(ev, Errc::access_denied);
+        return core_.refuse(ev, Errc::access_denied);
     if (target.version.number == 0)
-        return refuse(ev, Errc::not_found);
+        return core_.refuse(ev, Errc::not_found);
     if (name == "version" || name == "created" || name == "updated")
-        return refuse(ev, Errc::not_permitted, "read-only attribute");
+        return core_.refuse(ev, Errc::not_permitted, "read-only attribute");
 
-    auto w = write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
+    auto w = core_.write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
         auto current = tx.version_by_id(target.version.id);
         if (!current)
             return tl::unexpected(current.error());
@@ -387,11 +387,11 @@ Result<std::vector<std::pair<std::string, std::string>>> SecretService::deleted_
     audit::Event ev{.op = "xattr_get", .caller = &caller, .vault = target.vault_name, .secret = target.name,
                   .allowed = false, .rule = "needs list or recover"};
     if (!target.permissions.contains(Permission::list) && !target.permissions.contains(Permission::recover))
-        return refuse(ev, Errc::access_denied);
+        return core_.refuse(ev, Errc::access_denied);
     ev.allowed = true;
     ev.rule = "list or recover";
     ev.attribute = "deleted";
-    if (auto r = record(ev); !r)
+    if (auto r = core_.record(ev); !r)
         return tl::unexpected(r.error());
     return std::vector<std::pair<std::string, std::string>>{{"deleted", format_rfc3339(target.deleted_at)},
                                                             {"scheduled_purge", format_rfc3339(target.purge_at)}};
@@ -416,7 +416,7 @@ Result<std::vector<std::pair<std::string, std::string>>> SecretService::vault_at
 Result<void> SecretService::set_vault_attribute(const Caller& caller, VaultId vault, std::string_view name,
                                                 std::string_view value)
 {
-    auto v = load_vault(vault);
+    auto v = core_.load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
     audit::Event ev{.op = "vault_set", .caller = &caller, .vault = (*v)->row.name, .allowed = false, .rule = "not-admin",
@@ -424,10 +424,10 @@ Result<void> SecretService::set_vault_attribute(const Caller& caller, VaultId va
     VaultRow row = (*v)->row;
     if (name == "default_owner" || name == "default_group" || name == "default_mode") {
         // What new secrets show: the vault's managers decide, as they do chown.
-        const Decided d = decide(caller, **v, Permission::manage);
+        const Decided d = core_.decide(caller, **v, Permission::manage);
         d.fill(ev);
         if (!d.allowed)
-            return refuse(ev, Errc::access_denied, "setting a vault's defaults needs manage");
+            return core_.refuse(ev, Errc::access_denied, "setting a vault's defaults needs manage");
         const std::string text(value);
         std::uint32_t id = 0;
         const auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), id);
@@ -435,27 +435,27 @@ Result<void> SecretService::set_vault_attribute(const Caller& caller, VaultId va
         if (name == "default_mode") {
             const auto mode = parse_mode(text);
             if (!mode)
-                return refuse(ev, Errc::invalid_argument, "default_mode is octal permission bits, e.g. 0400");
+                return core_.refuse(ev, Errc::invalid_argument, "default_mode is octal permission bits, e.g. 0400");
             row.defaults.mode = *mode;
         } else if (name == "default_owner") {
             const auto uid = numeric ? std::optional<uid_t>(id) : names_.user_id(text);
             if (!uid)
-                return refuse(ev, Errc::invalid_argument, "default_owner is a user name or a uid");
+                return core_.refuse(ev, Errc::invalid_argument, "default_owner is a user name or a uid");
             row.defaults.owner = *uid;
         } else {
             const auto gid = numeric ? std::optional<gid_t>(id) : names_.group_id(text);
             if (!gid)
-                return refuse(ev, Errc::invalid_argument, "default_group is a group name or a gid");
+                return core_.refuse(ev, Errc::invalid_argument, "default_group is a group name or a gid");
             row.defaults.group = *gid;
         }
-        auto w = write_audited(ev, [&](Store::Transaction& tx) { return tx.set_vault_defaults(vault, row.defaults); });
+        auto w = core_.write_audited(ev, [&](Store::Transaction& tx) { return tx.set_vault_defaults(vault, row.defaults); });
         if (!w)
             return tl::unexpected(w.error());
-        forget_vault(vault);
+        core_.forget_vault(vault);
         return {};
     }
     if (!is_admin(caller))
-        return refuse(ev, Errc::access_denied, "only admins change vault settings");
+        return core_.refuse(ev, Errc::access_denied, "only admins change vault settings");
     ev.allowed = true;
     ev.rule = "admin";
     if (name == "retention_days") {
@@ -463,26 +463,26 @@ Result<void> SecretService::set_vault_attribute(const Caller& caller, VaultId va
         const std::string text(value);
         if (text.empty() || text.size() > 2 || !std::all_of(text.begin(), text.end(), ::isdigit) ||
             (days = std::stoi(text)) < 7 || days > 90)
-            return refuse(ev, Errc::invalid_argument, "retention_days is 7 to 90");
+            return core_.refuse(ev, Errc::invalid_argument, "retention_days is 7 to 90");
         row.retention_days = days;
     } else if (name == "purge_protection") {
         const auto b = parse_bool(value);
         if (!b)
-            return refuse(ev, Errc::invalid_argument, "purge_protection is true or false");
+            return core_.refuse(ev, Errc::invalid_argument, "purge_protection is true or false");
         if (row.purge_protection && !*b)
-            return refuse(ev, Errc::not_permitted, "purge protection cannot be turned off");
+            return core_.refuse(ev, Errc::not_permitted, "purge protection cannot be turned off");
         row.purge_protection = *b;
     } else {
-        return refuse(ev, Errc::invalid_argument, "unknown vault setting");
+        return core_.refuse(ev, Errc::invalid_argument, "unknown vault setting");
     }
-    auto w = write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
+    auto w = core_.write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
         if (auto r = tx.update_vault_settings(vault, row.retention_days, row.purge_protection); !r)
             return r;
         return {};
     });
     if (!w)
         return tl::unexpected(w.error());
-    forget_vault(vault);
+    core_.forget_vault(vault);
     return {};
 }
 

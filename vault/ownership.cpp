@@ -12,7 +12,7 @@ using policy::Permission;
 Result<void> SecretService::set_ownership(const Caller& caller, const SecretView& target, std::optional<uid_t> owner,
                                           std::optional<gid_t> group, std::optional<std::uint32_t> mode)
 {
-    auto v = load_vault(target.vault);
+    auto v = core_.load_vault(target.vault);
     if (!v)
         return tl::unexpected(v.error());
     const bool chmod = mode.has_value();
@@ -20,7 +20,7 @@ Result<void> SecretService::set_ownership(const Caller& caller, const SecretView
                     .secret = target.name};
     if (mode && *mode > 0777) {
         ev.rule = "permission-bits-only";
-        return refuse(ev, Errc::invalid_argument, "a secret's mode has permission bits only (0777)");
+        return core_.refuse(ev, Errc::invalid_argument, "a secret's mode has permission bits only (0777)");
     }
     auto row = store_.secret_by_id(target.id);
     if (!row)
@@ -35,14 +35,14 @@ Result<void> SecretService::set_ownership(const Caller& caller, const SecretView
     const std::string what = chmod ? "mode " + format_mode(wanted.mode)
                                    : "owner " + std::to_string(wanted.owner) + ":" + std::to_string(wanted.group);
     ev.attribute = what;
-    const Decided d = decide(caller, **v, Permission::manage);
+    const Decided d = core_.decide(caller, **v, Permission::manage);
     d.fill(ev);
     if (!d.allowed)
-        return refuse(ev, Errc::not_permitted, "changing the owner or mode of a secret needs manage");
+        return core_.refuse(ev, Errc::not_permitted, "changing the owner or mode of a secret needs manage");
     const std::optional<uid_t> new_owner = owner ? owner : (*row)->owner;
     const std::optional<gid_t> new_group = group ? group : (*row)->group;
     const std::optional<std::uint32_t> new_mode = mode ? mode : (*row)->mode;
-    return write_audited(ev, [&](Store::Transaction& tx) {
+    return core_.write_audited(ev, [&](Store::Transaction& tx) {
         return tx.set_ownership(target.id, new_owner, new_group, new_mode);
     });
 }

@@ -32,13 +32,13 @@ Result<bool> SecretService::recover_own_delete(const Caller& caller, const Vault
             now_micros() - it->second.at > fresh_window)
             return false;
     }
-    const Decided d = decide(caller, v, Permission::recover, s.name);
+    const Decided d = core_.decide(caller, v, Permission::recover, s.name);
     if (!d.allowed)
         return false;
     audit::Event ev{.op = "recover", .caller = &caller, .vault = v.row.name, .secret = s.name,
                     .reason = "made again by the uid that deleted it moments ago"};
     d.fill(ev);
-    auto w = write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
+    auto w = core_.write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
         auto now = tx.secret(s.id);
         if (!now)
             return tl::unexpected(now.error());
@@ -58,11 +58,11 @@ Result<SecretRow> SecretService::replace_target(const Caller& caller, const Vaul
 {
     auto found = store_.secret_with_version(v.row.id, name, std::nullopt);
     if (!found)
-        return refuse(ev, found.error().code, found.error().message);
+        return core_.refuse(ev, found.error().code, found.error().message);
     if (!*found) {
         auto made = ensure_row(v.row.id, name);
         if (!made)
-            return refuse(ev, made.error().code, made.error().message);
+            return core_.refuse(ev, made.error().code, made.error().message);
         return made;
     }
     SecretRow row = (*found)->secret;
@@ -72,10 +72,10 @@ Result<SecretRow> SecretService::replace_target(const Caller& caller, const Vaul
             return tl::unexpected(back.error());
         if (!*back) {
             ev.reason = "soft-deleted";
-            return refuse(ev, Errc::already_exists);
+            return core_.refuse(ev, Errc::already_exists);
         }
     } else if (row.has_versions() && noreplace) {
-        return refuse(ev, Errc::already_exists);
+        return core_.refuse(ev, Errc::already_exists);
     }
     return row;
 }
@@ -84,7 +84,7 @@ Result<std::uint64_t> SecretService::commit_renamed(const Caller& caller, VaultI
                                                     const hsm::SecureBuffer& value, std::string_view from,
                                                     bool noreplace, std::optional<Ownership> ownership)
 {
-    auto v = load_vault(vault);
+    auto v = core_.load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
     audit::Event ev{.op = "commit", .caller = &caller, .vault = (*v)->row.name, .secret = name,
@@ -94,7 +94,7 @@ Result<std::uint64_t> SecretService::commit_renamed(const Caller& caller, VaultI
         return tl::unexpected(d.error());
     d->fill(ev);
     if (value.size() > max_value_size)
-        return refuse(ev, Errc::too_large, "values are at most 25 KiB");
+        return core_.refuse(ev, Errc::too_large, "values are at most 25 KiB");
     auto row = replace_target(caller, **v, name, noreplace, ev);
     if (!row)
         return tl::unexpected(row.error());
@@ -102,7 +102,7 @@ Result<std::uint64_t> SecretService::commit_renamed(const Caller& caller, VaultI
     // ansible set the mode before the rename); others keep what the name shows.
     std::function<Result<void>(Store::Transaction&)> also;
     if (ownership && *ownership != row->ownership((*v)->row.defaults) &&
-        decide(caller, **v, Permission::manage).allowed)
+        core_.decide(caller, **v, Permission::manage).allowed)
         also = [&, id = row->id, o = *ownership](Store::Transaction& tx) {
             return tx.set_ownership(id, o.owner, o.group, o.mode);
         };
@@ -112,25 +112,25 @@ Result<std::uint64_t> SecretService::commit_renamed(const Caller& caller, VaultI
 Result<std::uint64_t> SecretService::rename_fresh(const Caller& caller, VaultId vault, std::string_view from,
                                                   std::string_view to, bool noreplace)
 {
-    auto v = load_vault(vault);
+    auto v = core_.load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
     audit::Event ev{.op = "rename", .caller = &caller, .vault = (*v)->row.name, .secret = to, .from = from};
-    const Decided d = decide(caller, **v, Permission::set, to);
+    const Decided d = core_.decide(caller, **v, Permission::set, to);
     d.fill(ev);
     if (!d.allowed)
-        return refuse(ev, Errc::access_denied);
+        return core_.refuse(ev, Errc::access_denied);
     auto source = store_.secret_with_version(vault, from, std::uint64_t{1});
     if (!source)
-        return refuse(ev, source.error().code, source.error().message);
+        return core_.refuse(ev, source.error().code, source.error().message);
     if (!*source || !(*source)->version) {
         // Not a secret with a first version (or not one at all).
-        return refuse(ev, Errc::not_permitted, "only a file just made by the same uid can be renamed");
+        return core_.refuse(ev, Errc::not_permitted, "only a file just made by the same uid can be renamed");
     }
     const SecretRow& src = (*source)->secret;
     if (!is_fresh(caller, src, (*source)->version)) {
         ev.reason = "secrets are not renamed: values are bound to their names";
-        return refuse(ev, Errc::not_permitted, std::string(ev.reason));
+        return core_.refuse(ev, Errc::not_permitted, std::string(ev.reason));
     }
     auto row = replace_target(caller, **v, to, noreplace, ev);
     if (!row)
@@ -139,16 +139,16 @@ Result<std::uint64_t> SecretService::rename_fresh(const Caller& caller, VaultId 
     // The fresh file's value, authenticated, in locked memory.
     auto read = store_.sealed_for_read((*source)->version->id);
     if (!read)
-        return refuse(ev, read.error().code, read.error().message);
+        return core_.refuse(ev, read.error().code, read.error().message);
     if (!*read)
-        return refuse(ev, Errc::not_found);
+        return core_.refuse(ev, Errc::not_found);
     auto dek = unseal_dek(**v, src, (*read)->sealed);
     if (!dek)
-        return refuse(ev, dek.error().code, dek.error().message);
+        return core_.refuse(ev, dek.error().code, dek.error().message);
     const Binding binding{vault, src.name, 1, (*read)->sealed.kek_id};
     auto value = vault::open_value(**dek, (*read)->sealed.nonce, (*read)->sealed.ciphertext, value_aad(binding));
     if (!value)
-        return refuse(ev, value.error().code, value.error().message);
+        return core_.refuse(ev, value.error().code, value.error().message);
     ev.bytes = value->size();
 
     const SecretId gone = src.id;

@@ -16,229 +16,15 @@ namespace vaultfs::vault {
 
 using policy::Permission;
 
-std::string SecretService::rule_of(const policy::Decision& d)
-{
-    if (d.rule_line == 0)
-        return "default-deny";
-    return std::to_string(d.rule_line) + ": " + d.rule_text;
-}
 
-void SecretService::Decided::fill(audit::Event& ev) const
-{
-    ev.allowed = allowed;
-    ev.rule = rule;
-    if (!reason.empty())
-        ev.reason = reason;
-    ev.coalesce = outsider;
-}
-
-SecretService::Decided SecretService::decide(const Caller& caller, const VaultEntry& v, Permission wanted,
-                                             std::optional<std::string_view> secret) const
-{
-    const policy::Decision d = v.policy->evaluate(caller.who, wanted, secret);
-    Decided out{d.allowed, rule_of(d), {}, false};
-    if (d.groups_unknown)
-        out.reason = "the caller's supplementary groups could not be read, and a group rule decides";
-    if (!d.allowed)
-        out.outsider = !v.policy->holds_any(caller.who);
-    return out;
-}
-
-Result<void> SecretService::reach(const Caller& caller, const VaultEntry& v, std::string_view secret, bool admins_see,
-                                  Errc code)
-{
-    if (v.policy->holds_any(caller.who) || (admins_see && is_admin(caller)))
-        return {};
-    audit::Event ev{.op = "lookup",
-                    .caller = &caller,
-                    .vault = v.row.name,
-                    .secret = secret,
-                    .rule = "holds-nothing",
-                    .reason = caller.who.groups_known ? std::string_view("the caller holds nothing in the vault")
-                                                      : std::string_view("the caller holds nothing in the vault that "
-                                                                         "does not depend on unread groups"),
-                    .coalesce = true};
-    return refuse(ev, code);
-}
-
-Result<void> SecretService::missed_vault(const Caller& caller, std::string_view name, std::string_view why)
-{
-    if (is_admin(caller))
-        return fail(Errc::not_found);
-    return refuse(audit::Event{.op = "lookup",
-                               .caller = &caller,
-                               .vault = name,
-                               .rule = "holds-nothing",
-                               .reason = why,
-                               .coalesce = true},
-                  Errc::not_found);
-}
-
-Error SecretService::from_hsm(const hsm::Error& e)
-{
-    switch (e.code) {
-    case hsm::Errc::authentication_failed:
-        return Error{Errc::integrity, e.message};
-    case hsm::Errc::out_of_secure_memory:
-        return Error{Errc::out_of_memory, e.message};
-    default:
-        return Error{Errc::key_unavailable, e.message};
-    }
-}
-
-std::string_view result_name(Errc code)
-{
-    switch (code) {
-    case Errc::not_found:
-        return "ENOENT";
-    case Errc::already_exists:
-        return "EEXIST";
-    case Errc::invalid_argument:
-        return "EINVAL";
-    case Errc::too_large:
-        return "EFBIG";
-    case Errc::access_denied:
-    case Errc::disabled:
-        return "EACCES";
-    case Errc::not_valid_now:
-        return "EKEYEXPIRED";
-    case Errc::not_permitted:
-        return "EPERM";
-    case Errc::read_only:
-        return "EROFS";
-    case Errc::not_empty:
-        return "ENOTEMPTY";
-    case Errc::integrity:
-    case Errc::key_unavailable:
-    case Errc::storage:
-    case Errc::audit_unavailable:
-        return "EIO";
-    case Errc::no_space:
-        return "ENOSPC";
-    case Errc::out_of_memory:
-        return "ENOMEM";
-    case Errc::busy:
-        return "EBUSY";
-    case Errc::too_many_open:
-        return "EMFILE";
-    case Errc::stale:
-        return "ESTALE";
-    case Errc::no_attribute:
-        return "ENODATA";
-    }
-    return "EIO";
-}
-
-SecretService::SecretService(Store& store, hsm::KeyService& keys, DekCache& deks, audit::Log& audit,
-                             const policy::NameResolver& names, Options options)
-    : store_(store), keys_(keys), deks_(deks), audit_(audit), names_(names), options_(options)
+SecretService::SecretService(Core& core, hsm::KeyService& keys, DekCache& deks, Options options)
+    : core_(core), store_(core.store()), keys_(keys), deks_(deks), audit_(core.audit_log()), names_(core.names()),
+      options_(std::move(options))
 {
 }
 
 // ---- helpers -------------------------------------------------------------------
 
-bool SecretService::is_admin(const Caller& caller) const
-{
-    return caller.who.uid == 0 || (options_.admin_gid && caller.who.in_group(*options_.admin_gid));
-}
-
-Result<void> SecretService::record(const audit::Event& event)
-{
-    if (auto r = audit_.append(event); !r)
-        return fail(Errc::audit_unavailable, r.error().message);
-    return {};
-}
-
-tl::unexpected<Error> SecretService::refuse(audit::Event event, Errc code, std::string message)
-{
-    const auto name = result_name(code);
-    event.result = name;
-    if (auto r = record(event); !r)
-        return tl::unexpected(r.error());
-    return tl::unexpected(Error{code, std::move(message)});
-}
-
-Result<void> SecretService::write_audited(audit::Event event,
-                                          const std::function<Result<void>(Store::Transaction&)>& work)
-{
-    auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
-        if (auto r = work(tx); !r)
-            return r;
-        return record(event);
-    });
-    if (!w) {
-        if (w.error().code == Errc::audit_unavailable)
-            return w;
-        return refuse(event, w.error().code, w.error().message);
-    }
-    return {};
-}
-
-Result<std::shared_ptr<const SecretService::VaultEntry>> SecretService::load_vault(VaultId id)
-{
-    // Entries are good for one store generation: any committed write — a
-    // policy, a setting, a vault removed — makes the next use reload, so no
-    // path can leave an older policy in force.
-    const std::uint64_t generation = store_.generation();
-    {
-        std::shared_lock lock(vaults_mutex_);
-        if (const auto it = vaults_.find(id.value); it != vaults_.end() && it->second->generation == generation)
-            return it->second;
-    }
-    auto row = store_.vault_by_id(id);
-    if (!row)
-        return tl::unexpected(row.error());
-    if (!*row)
-        return fail(Errc::not_found);
-    auto text = store_.policy(id);
-    if (!text)
-        return tl::unexpected(text.error());
-    // A stored policy was valid when written; if a name it used has gone,
-    // it still parses because stored policies hold ids only.
-    auto parsed = policy::Policy::parse(*text ? (*text)->text : std::string(), names_, policy::Policy::Origin::stored);
-    if (!parsed) {
-        spdlog::error("vault {}: stored policy does not parse ({}); denying everything", (*row)->name,
-                      parsed.error().message());
-        parsed = policy::Policy();
-    }
-    auto entry = make_entry(std::move(**row), std::move(*parsed), generation);
-    std::unique_lock lock(vaults_mutex_);
-    vaults_[id.value] = entry;
-    return entry;
-}
-
-std::shared_ptr<const SecretService::VaultEntry> SecretService::make_entry(VaultRow row, policy::Policy policy,
-                                                                          std::uint64_t generation)
-{
-    const std::size_t size = policy.print().size();
-    return std::make_shared<const VaultEntry>(
-        VaultEntry{std::move(row), std::make_shared<const policy::Policy>(std::move(policy)), size, generation});
-}
-
-Result<std::shared_ptr<const SecretService::VaultEntry>> SecretService::load_vault(std::string_view name)
-{
-    if (!is_valid_vault_name(name))
-        return fail(Errc::not_found);
-    {
-        const std::uint64_t generation = store_.generation();
-        std::shared_lock lock(vaults_mutex_);
-        for (const auto& [id, entry] : vaults_)
-            if (entry->row.name == name && entry->generation == generation)
-                return entry;
-    }
-    auto row = store_.vault_by_name(name);
-    if (!row)
-        return tl::unexpected(row.error());
-    if (!*row)
-        return fail(Errc::not_found);
-    return load_vault((*row)->id);
-}
-
-void SecretService::forget_vault(VaultId id)
-{
-    std::unique_lock lock(vaults_mutex_);
-    vaults_.erase(id.value);
-}
 
 VaultView SecretService::view_of(const Caller& caller, const VaultEntry& v) const
 {
@@ -268,7 +54,7 @@ Result<std::vector<VaultView>> SecretService::list_vaults(const Caller& caller)
         return tl::unexpected(rows.error());
     std::vector<VaultView> out;
     for (const auto& row : *rows) {
-        auto v = load_vault(row.id);
+        auto v = core_.load_vault(row.id);
         if (!v)
             continue;  // removed meanwhile
         if (is_admin(caller) || (*v)->policy->holds_any(caller.who))
@@ -279,31 +65,31 @@ Result<std::vector<VaultView>> SecretService::list_vaults(const Caller& caller)
 
 Result<VaultView> SecretService::find_vault(const Caller& caller, std::string_view name)
 {
-    auto v = load_vault(name);
+    auto v = core_.load_vault(name);
     if (!v) {
         if (v.error().code != Errc::not_found)
             return tl::unexpected(v.error());
-        if (auto r = missed_vault(caller, name, is_valid_vault_name(name) ? "no such vault" : "not a vault name"); !r)
+        if (auto r = core_.missed_vault(caller, name, is_valid_vault_name(name) ? "no such vault" : "not a vault name"); !r)
             return tl::unexpected(r.error());
     }
-    if (auto r = reach(caller, **v, {}, true, Errc::not_found); !r)
+    if (auto r = core_.reach(caller, **v, {}, true, Errc::not_found); !r)
         return tl::unexpected(r.error());
     return view_of(caller, **v);
 }
 
 Result<VaultView> SecretService::vault(const Caller& caller, VaultId id)
 {
-    auto v = load_vault(id);
+    auto v = core_.load_vault(id);
     if (!v)
         return tl::unexpected(v.error());
-    if (auto r = reach(caller, **v, {}, true, Errc::not_found); !r)
+    if (auto r = core_.reach(caller, **v, {}, true, Errc::not_found); !r)
         return tl::unexpected(r.error());
     return view_of(caller, **v);
 }
 
 bool SecretService::visible(const Caller& caller, VaultId id)
 {
-    auto v = load_vault(id);
+    auto v = core_.load_vault(id);
     return v && (is_admin(caller) || (*v)->policy->holds_any(caller.who));
 }
 
@@ -312,27 +98,27 @@ Result<VaultView> SecretService::create_vault(const Caller& caller, std::string_
     audit::Event ev{.op = "vault_create", .caller = &caller, .vault = name, .allowed = false, .rule = "not-admin",
                     .coalesce = !is_admin(caller)};
     if (!is_admin(caller))
-        return refuse(ev, Errc::access_denied, "only admins create vaults");
+        return core_.refuse(ev, Errc::access_denied, "only admins create vaults");
     ev.allowed = true;
     ev.rule = "admin";
     if (!is_valid_vault_name(name))
-        return refuse(ev, Errc::invalid_argument, "vault names are 3-24 letters, digits and single hyphens");
+        return core_.refuse(ev, Errc::invalid_argument, "vault names are 3-24 letters, digits and single hyphens");
     if (settings.retention_days < 7 || settings.retention_days > 90)
-        return refuse(ev, Errc::invalid_argument, "retention must be 7 to 90 days");
+        return core_.refuse(ev, Errc::invalid_argument, "retention must be 7 to 90 days");
     if (auto existing = store_.vault_by_name(name); existing && *existing)
-        return refuse(ev, Errc::already_exists);
+        return core_.refuse(ev, Errc::already_exists);
 
     auto kek = keys_.create_kek("vaultfs-kek-" + std::string(name));
     if (!kek) {
         spdlog::error("creating the KEK for vault {} failed: {}", name, kek.error().message);
-        return refuse(ev, Errc::key_unavailable, kek.error().message);
+        return core_.refuse(ev, Errc::key_unavailable, kek.error().message);
     }
     const Micros now = now_micros();
     const auto owner = policy::Policy::owner_only(caller.who.uid);
     VaultRow row{VaultId{}, std::string(name), kek->hex, settings.retention_days, settings.purge_protection, now,
                  caller.who.uid};
     VaultId id;
-    auto w = write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
+    auto w = core_.write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
         auto inserted = tx.insert_vault(row, PolicyRow{owner.print(), now, caller.who.uid});
         if (!inserted)
             return tl::unexpected(inserted.error());
@@ -341,7 +127,7 @@ Result<VaultView> SecretService::create_vault(const Caller& caller, std::string_
     });
     if (!w)
         return tl::unexpected(w.error());
-    auto v = load_vault(id);
+    auto v = core_.load_vault(id);
     if (!v)
         return tl::unexpected(v.error());
     return view_of(caller, **v);
@@ -352,14 +138,14 @@ Result<void> SecretService::remove_vault(const Caller& caller, std::string_view 
     audit::Event ev{.op = "vault_remove", .caller = &caller, .vault = name, .allowed = false, .rule = "not-admin",
                     .coalesce = !is_admin(caller)};
     if (!is_admin(caller))
-        return refuse(ev, Errc::access_denied, "only admins remove vaults");
+        return core_.refuse(ev, Errc::access_denied, "only admins remove vaults");
     ev.allowed = true;
     ev.rule = "admin";
-    auto v = load_vault(name);
+    auto v = core_.load_vault(name);
     if (!v)
-        return refuse(ev, v.error().code);
+        return core_.refuse(ev, v.error().code);
     const VaultId id = (*v)->row.id;
-    auto w = write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
+    auto w = core_.write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
         // Counted inside the transaction so a concurrent create cannot slip in.
         auto live = tx.remove_empty_secrets(id);
         if (!live)
@@ -375,7 +161,7 @@ Result<void> SecretService::remove_vault(const Caller& caller, std::string_view 
     });
     if (!w)
         return tl::unexpected(w.error());
-    forget_vault(id);
+    core_.forget_vault(id);
     // The KEK stays in the token: backups of this vault may still need it.
     return {};
 }
@@ -384,10 +170,10 @@ Result<void> SecretService::remove_vault(const Caller& caller, std::string_view 
 
 Result<SecretView> SecretService::find_secret(const Caller& caller, VaultId vault, std::string_view component)
 {
-    auto v = load_vault(vault);
+    auto v = core_.load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
-    if (auto r = reach(caller, **v, component, false, Errc::access_denied); !r)
+    if (auto r = core_.reach(caller, **v, component, false, Errc::access_denied); !r)
         return tl::unexpected(r.error());
     const auto path = parse_secret_path(component);
     if (!path)
@@ -411,10 +197,10 @@ VersionRow SecretService::no_version_yet(const SecretRow& s)
 
 Result<SecretView> SecretService::find_pending(const Caller& caller, VaultId vault, std::string_view name)
 {
-    auto v = load_vault(vault);
+    auto v = core_.load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
-    if (auto r = reach(caller, **v, name, false, Errc::access_denied); !r)
+    if (auto r = core_.reach(caller, **v, name, false, Errc::access_denied); !r)
         return tl::unexpected(r.error());
     if (!is_valid_secret_name(name))
         return fail(Errc::not_found);
@@ -434,10 +220,10 @@ Result<SecretView> SecretService::secret_by_id(const Caller& caller, SecretId id
     if (!*found || (*found)->secret.deleted())
         return fail(Errc::not_found);
     const SecretRow& s = (*found)->secret;
-    auto v = load_vault(s.vault);
+    auto v = core_.load_vault(s.vault);
     if (!v)
         return tl::unexpected(v.error());
-    if (auto r = reach(caller, **v, s.name, false, Errc::access_denied); !r)
+    if (auto r = core_.reach(caller, **v, s.name, false, Errc::access_denied); !r)
         return tl::unexpected(r.error());
     if (!(*found)->version) {
         // Being created: a writer holds it open, its first version not yet
@@ -464,10 +250,10 @@ Result<SecretView> SecretService::by_version_id(const Caller& caller, VersionId 
         return tl::unexpected(found.error());
     if (!*found || (*found)->secret.deleted() || !(*found)->version)
         return fail(Errc::not_found);
-    auto v = load_vault((*found)->secret.vault);
+    auto v = core_.load_vault((*found)->secret.vault);
     if (!v)
         return tl::unexpected(v.error());
-    if (auto r = reach(caller, **v, (*found)->secret.name, false, Errc::access_denied); !r)
+    if (auto r = core_.reach(caller, **v, (*found)->secret.name, false, Errc::access_denied); !r)
         return tl::unexpected(r.error());
     return view_of(caller, **v, (*found)->secret, std::move(*(*found)->version), pinned);
 }
@@ -476,31 +262,31 @@ Result<SecretView> SecretService::by_version_id(const Caller& caller, VersionId 
 
 Result<ListingGrant> SecretService::open_listing(const Caller& caller, VaultId vault)
 {
-    auto v = load_vault(vault);
+    auto v = core_.load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
-    const Decided d = decide(caller, **v, Permission::list);
+    const Decided d = core_.decide(caller, **v, Permission::list);
     audit::Event ev{.op = "list", .caller = &caller, .vault = (*v)->row.name};
     d.fill(ev);
     if (!d.allowed)
-        return refuse(ev, Errc::access_denied);
-    if (auto r = record(ev); !r)
+        return core_.refuse(ev, Errc::access_denied);
+    if (auto r = core_.record(ev); !r)
         return tl::unexpected(r.error());
     return ListingGrant{vault, (*v)->row.name, caller};
 }
 
 Result<void> SecretService::still_listing(const ListingGrant& grant)
 {
-    auto v = load_vault(grant.vault);
+    auto v = core_.load_vault(grant.vault);
     if (!v)
         return tl::unexpected(v.error());
-    const Decided d = decide(grant.caller, **v, Permission::list);
+    const Decided d = core_.decide(grant.caller, **v, Permission::list);
     if (d.allowed)
         return {};
     audit::Event ev{.op = "list", .caller = &grant.caller, .vault = grant.vault_name};
     d.fill(ev);
     ev.reason = "revoked since the directory was opened";
-    return refuse(ev, Errc::access_denied);
+    return core_.refuse(ev, Errc::access_denied);
 }
 
 Result<std::vector<SecretRow>> SecretService::secrets_page(const ListingGrant& grant, SecretId after,
@@ -516,7 +302,7 @@ Result<std::vector<SecretView>> SecretService::secrets_with_current(const Listin
 {
     if (auto r = still_listing(grant); !r)
         return tl::unexpected(r.error());
-    auto v = load_vault(grant.vault);
+    auto v = core_.load_vault(grant.vault);
     if (!v)
         return tl::unexpected(v.error());
     auto rows = store_.live_secrets_with_current(grant.vault, after, limit);
@@ -556,7 +342,7 @@ Result<DekCache::Dek> SecretService::unseal_dek(const VaultEntry& v, const Secre
     if (!dek) {
         auto unsealed = keys_.unseal(hsm::KeyId{sealed.kek_id}, sealed.sealed_dek, dek_aad(binding));
         if (!unsealed)
-            return tl::unexpected(from_hsm(unsealed.error()));
+            return tl::unexpected(core_.from_hsm(unsealed.error()));
         dek = std::make_shared<const hsm::SecureBuffer>(std::move(*unsealed));
         deks_.insert(sealed.kek_id, sealed.sealed_dek, dek);
     }
@@ -565,10 +351,10 @@ Result<DekCache::Dek> SecretService::unseal_dek(const VaultEntry& v, const Secre
 
 Result<OpenValue> SecretService::open_value(const Caller& caller, const SecretView& target)
 {
-    auto v = load_vault(target.vault);
+    auto v = core_.load_vault(target.vault);
     if (!v)
         return tl::unexpected(v.error());
-    const Decided d = decide(caller, **v, Permission::get, target.name);
+    const Decided d = core_.decide(caller, **v, Permission::get, target.name);
     audit::Event ev{.op = "get",
                     .caller = &caller,
                     .vault = target.vault_name,
@@ -576,37 +362,37 @@ Result<OpenValue> SecretService::open_value(const Caller& caller, const SecretVi
                     .version = target.version.number};
     d.fill(ev);
     if (!d.allowed)
-        return refuse(ev, Errc::access_denied);
+        return core_.refuse(ev, Errc::access_denied);
     if (target.version.number == 0)
-        return refuse(ev, Errc::not_found);
+        return core_.refuse(ev, Errc::not_found);
 
     // One query for the row as it is now: attributes may have changed, or
     // the secret been deleted, since the lookup.
     auto read = store_.sealed_for_read(target.version.id);
     if (!read)
-        return refuse(ev, read.error().code, read.error().message);
+        return core_.refuse(ev, read.error().code, read.error().message);
     if (!*read || (*read)->secret.deleted() || (*read)->secret.vault != target.vault)
-        return refuse(ev, Errc::not_found);
+        return core_.refuse(ev, Errc::not_found);
     SealedVersion& sealed = (*read)->sealed;
     const VersionRow& version = sealed.meta;
     const Micros now = now_micros();
     if (!version.enabled) {
         ev.reason = "disabled";
-        return refuse(ev, Errc::disabled);
+        return core_.refuse(ev, Errc::disabled);
     }
     if (version.not_before && now < *version.not_before) {
         ev.reason = "not yet valid";
-        return refuse(ev, Errc::not_valid_now);
+        return core_.refuse(ev, Errc::not_valid_now);
     }
     if (version.expires && now >= *version.expires) {
         ev.reason = "expired";
-        return refuse(ev, Errc::not_valid_now);
+        return core_.refuse(ev, Errc::not_valid_now);
     }
 
     const auto failed = [&](const Error& e) {
         spdlog::error("reading {}/{}@{} failed: {}", target.vault_name, target.name, version.number, e.message);
         ev.reason = e.code == Errc::integrity ? "integrity check failed" : "key service unavailable";
-        return refuse(ev, e.code, e.message);
+        return core_.refuse(ev, e.code, e.message);
     };
     auto dek = unseal_dek(**v, (*read)->secret, sealed);
     if (!dek)
@@ -625,7 +411,7 @@ Result<OpenValue> SecretService::open_value(const Caller& caller, const SecretVi
     if (check->size() != size || size != version.size)
         return failed(Error{Errc::integrity, "the row's size does not match its value"});
     ev.bytes = size;
-    if (auto r = record(ev); !r)
+    if (auto r = core_.record(ev); !r)
         return tl::unexpected(r.error());
     return opened;
 }
@@ -633,7 +419,7 @@ Result<OpenValue> SecretService::open_value(const Caller& caller, const SecretVi
 Result<WriteGrant> SecretService::open_for_write(const Caller& caller, VaultId vault, std::string_view name,
                                                  WriteIntent intent)
 {
-    auto v = load_vault(vault);
+    auto v = core_.load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
     audit::Event ev{.op = "set", .caller = &caller, .vault = (*v)->row.name, .secret = name};
@@ -644,7 +430,7 @@ Result<WriteGrant> SecretService::open_for_write(const Caller& caller, VaultId v
 
     auto s = store_.secret_with_version(vault, name, std::nullopt);  // cached
     if (!s)
-        return refuse(ev, s.error().code, s.error().message);
+        return core_.refuse(ev, s.error().code, s.error().message);
     std::optional<SecretRow> row;
     if (*s)
         row = (*s)->secret;
@@ -656,44 +442,44 @@ Result<WriteGrant> SecretService::open_for_write(const Caller& caller, VaultId v
             return tl::unexpected(back.error());
         if (!*back) {
             ev.reason = "soft-deleted";
-            return refuse(ev, Errc::already_exists);
+            return core_.refuse(ev, Errc::already_exists);
         }
         row->deleted_at.reset();
         row->purge_at.reset();
         intent.exclusive = false;  // it exists again: O_EXCL is about the name it replaces
     }
     if (row && row->has_versions() && intent.create && intent.exclusive)
-        return refuse(ev, Errc::already_exists);
+        return core_.refuse(ev, Errc::already_exists);
     if (!row || !row->has_versions()) {
         if (!intent.create && !row)
-            return refuse(ev, Errc::not_found);
+            return core_.refuse(ev, Errc::not_found);
     }
     if (!row) {
         auto made = ensure_row(vault, name);
         if (!made)
-            return refuse(ev, made.error().code, made.error().message);
+            return core_.refuse(ev, made.error().code, made.error().message);
         row = std::move(*made);
         if (row->deleted()) {
             ev.reason = "soft-deleted";
-            return refuse(ev, Errc::already_exists);
+            return core_.refuse(ev, Errc::already_exists);
         }
     }
-    if (auto r = record(ev); !r)
+    if (auto r = core_.record(ev); !r)
         return tl::unexpected(r.error());
     return WriteGrant{vault, (*v)->row.name, row->id, std::string(name), row->created};
 }
 
-Result<SecretService::Decided> SecretService::decide_write(const Caller& caller, const VaultEntry& v,
+Result<Decided> SecretService::decide_write(const Caller& caller, const VaultEntry& v,
                                                            std::string_view name, audit::Event& ev)
 {
     if (!is_valid_secret_name(name)) {
         ev.rule = "invalid-name";
-        return refuse(ev, Errc::invalid_argument, "secret names are 1-127 letters, digits and hyphens");
+        return core_.refuse(ev, Errc::invalid_argument, "secret names are 1-127 letters, digits and hyphens");
     }
-    Decided d = decide(caller, v, Permission::set, name);
+    Decided d = core_.decide(caller, v, Permission::set, name);
     if (!d.allowed) {
         d.fill(ev);
-        return refuse(ev, Errc::access_denied);
+        return core_.refuse(ev, Errc::access_denied);
     }
     return d;
 }
@@ -715,16 +501,16 @@ Result<SecretRow> SecretService::ensure_row(VaultId vault, std::string_view name
 
 Result<void> SecretService::check_commit(const Caller& caller, const WriteGrant& grant)
 {
-    auto v = load_vault(grant.vault);
+    auto v = core_.load_vault(grant.vault);
     if (!v)
         return tl::unexpected(v.error());
-    const Decided d = decide(caller, **v, Permission::set, grant.name);
+    const Decided d = core_.decide(caller, **v, Permission::set, grant.name);
     if (!d.allowed) {
         audit::Event ev{.op = "commit", .caller = &caller, .vault = grant.vault_name, .secret = grant.name};
         d.fill(ev);
         if (ev.reason.empty())
             ev.reason = "revoked since open";
-        return refuse(ev, Errc::access_denied, "set is no longer granted on " + grant.vault_name + "/" + grant.name);
+        return core_.refuse(ev, Errc::access_denied, "set is no longer granted on " + grant.vault_name + "/" + grant.name);
     }
     auto s = store_.secret_with_current(grant.secret);
     if (!s)
@@ -741,21 +527,21 @@ Result<void> SecretService::check_commit(const Caller& caller, const WriteGrant&
 Result<std::uint64_t> SecretService::commit(const Caller& caller, const WriteGrant& grant,
                                             const hsm::SecureBuffer& value)
 {
-    auto v = load_vault(grant.vault);
+    auto v = core_.load_vault(grant.vault);
     if (!v)
         return tl::unexpected(v.error());
     audit::Event ev{.op = "commit", .caller = &caller, .vault = grant.vault_name, .secret = grant.name,
                     .bytes = value.size()};
     // The grant was checked at open; the policy may have changed since.
-    const Decided d = decide(caller, **v, Permission::set, grant.name);
+    const Decided d = core_.decide(caller, **v, Permission::set, grant.name);
     d.fill(ev);
     if (!d.allowed) {
         if (ev.reason.empty())
             ev.reason = "revoked since open";
-        return refuse(ev, Errc::access_denied);
+        return core_.refuse(ev, Errc::access_denied);
     }
     if (value.size() > max_value_size)
-        return refuse(ev, Errc::too_large, "values are at most 25 KiB");
+        return core_.refuse(ev, Errc::too_large, "values are at most 25 KiB");
     return seal_and_commit(caller, **v, grant.secret, grant.name, value, ev, nullptr);
 }
 
@@ -771,7 +557,7 @@ Result<std::uint64_t> SecretService::seal_and_commit(const Caller& caller, const
     const std::string& kek = v.row.kek_id;
     auto reserved = reserve_version(secret);
     if (!reserved)
-        return refuse(ev, reserved.error().code, reserved.error().message);
+        return core_.refuse(ev, reserved.error().code, reserved.error().message);
     const std::uint64_t number = *reserved;
     struct Release {
         SecretService& self;
@@ -783,16 +569,16 @@ Result<std::uint64_t> SecretService::seal_and_commit(const Caller& caller, const
     const Binding binding{v.row.id, name, number, kek};
     auto dek = new_dek();
     if (!dek)
-        return refuse(ev, dek.error().code, dek.error().message);
+        return core_.refuse(ev, dek.error().code, dek.error().message);
     auto sealed_dek = keys_.seal(hsm::KeyId{kek}, *dek, dek_aad(binding));
     if (!sealed_dek) {
         spdlog::error("commit to {}/{}: the token cannot seal a DEK: {}", v.row.name, name,
                       sealed_dek.error().message);
-        return refuse(ev, from_hsm(sealed_dek.error()).code, sealed_dek.error().message);
+        return core_.refuse(ev, core_.from_hsm(sealed_dek.error()).code, sealed_dek.error().message);
     }
     auto sealed = seal_value(*dek, value.bytes(), value_aad(binding));
     if (!sealed)
-        return refuse(ev, sealed.error().code, sealed.error().message);
+        return core_.refuse(ev, sealed.error().code, sealed.error().message);
     const Micros now = now_micros();
     const SealedVersion row{VersionRow{VersionId{}, secret, number, value.size(), now, now, caller.who.uid, true,
                                        std::nullopt, std::nullopt, std::nullopt},
@@ -815,7 +601,7 @@ Result<std::uint64_t> SecretService::seal_and_commit(const Caller& caller, const
             if (auto r = also(tx); !r)
                 return r;
         // Written before COMMIT: if the audit cannot take it, nothing commits.
-        if (auto r = record(ev); !r)
+        if (auto r = core_.record(ev); !r)
             return r;
         audited = true;
         return {};
@@ -829,7 +615,7 @@ Result<std::uint64_t> SecretService::seal_and_commit(const Caller& caller, const
             spdlog::info("commit to {}/{} did not happen: {}", v.row.name, name, w.error().message);
         else
             spdlog::error("commit to {}/{} failed: {}", v.row.name, name, w.error().message);
-        return refuse(ev, w.error().code, w.error().message);
+        return core_.refuse(ev, w.error().code, w.error().message);
     }
     return number;
 }
@@ -865,46 +651,46 @@ void SecretService::release_version(SecretId id)
 
 Result<std::string> SecretService::read_policy(const Caller& caller, VaultId vault)
 {
-    auto v = load_vault(vault);
+    auto v = core_.load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
-    const Decided d = decide(caller, **v, Permission::manage);
+    const Decided d = core_.decide(caller, **v, Permission::manage);
     audit::Event ev{.op = "policy_get", .caller = &caller, .vault = (*v)->row.name};
     d.fill(ev);
     if (!d.allowed)
-        return refuse(ev, Errc::access_denied);
+        return core_.refuse(ev, Errc::access_denied);
     std::string text = (*v)->policy->print();
     ev.bytes = text.size();
-    if (auto r = record(ev); !r)
+    if (auto r = core_.record(ev); !r)
         return tl::unexpected(r.error());
     return text;
 }
 
 Result<void> SecretService::write_policy(const Caller& caller, VaultId vault, std::string_view text)
 {
-    auto v = load_vault(vault);
+    auto v = core_.load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
-    const Decided d = decide(caller, **v, Permission::manage);
+    const Decided d = core_.decide(caller, **v, Permission::manage);
     audit::Event ev{.op = "policy_set", .caller = &caller, .vault = (*v)->row.name, .bytes = text.size()};
     d.fill(ev);
     if (!d.allowed)
-        return refuse(ev, Errc::access_denied);
+        return core_.refuse(ev, Errc::access_denied);
     auto parsed = policy::Policy::parse(text, names_);
     if (!parsed) {
         const std::string why = parsed.error().message();
         ev.reason = why;
-        return refuse(ev, Errc::invalid_argument, why);
+        return core_.refuse(ev, Errc::invalid_argument, why);
     }
     // Refuse a lock-out: with no one able to manage the vault, no one could
     // ever change its policy again (admins have no data-plane rights; their
     // way back is the audited `vaultfs policy reset`).
     if (!parsed->someone_can_manage(names_)) {
         ev.reason = "no rule grants manage to anyone who exists: the vault could never be managed again";
-        return refuse(ev, Errc::invalid_argument, std::string(ev.reason));
+        return core_.refuse(ev, Errc::invalid_argument, std::string(ev.reason));
     }
     const std::string canonical = parsed->print();
-    auto w = write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
+    auto w = core_.write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
         if (auto r = tx.set_policy(vault, PolicyRow{canonical, now_micros(), caller.who.uid}); !r)
             return r;
         return {};
@@ -921,27 +707,27 @@ Result<void> SecretService::check_policy_line(const Caller& caller, VaultId vaul
     auto checked = policy::Policy::check_line(line, number, names_);
     if (checked)
         return {};
-    auto v = load_vault(vault);
+    auto v = core_.load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
     const std::string why = checked.error().message();
     audit::Event ev{.op = "policy_set", .caller = &caller, .vault = (*v)->row.name, .reason = why};
-    const Decided d = decide(caller, **v, Permission::manage);  // ev.rule views its text
+    const Decided d = core_.decide(caller, **v, Permission::manage);  // ev.rule views its text
     d.fill(ev);
-    return refuse(ev, Errc::invalid_argument, why);
+    return core_.refuse(ev, Errc::invalid_argument, why);
 }
 
 Result<void> SecretService::authorize(const Caller& caller, VaultId vault, Permission wanted, std::string_view op)
 {
-    auto v = load_vault(vault);
+    auto v = core_.load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
-    const Decided d = decide(caller, **v, wanted);
+    const Decided d = core_.decide(caller, **v, wanted);
     if (d.allowed)
         return {};
     audit::Event ev{.op = op, .caller = &caller, .vault = (*v)->row.name};
     d.fill(ev);
-    return refuse(ev, Errc::access_denied);
+    return core_.refuse(ev, Errc::access_denied);
 }
 
 Result<void> SecretService::reset_policy(const Caller& caller, std::string_view name, std::optional<uid_t> owner)
@@ -952,24 +738,24 @@ Result<void> SecretService::reset_policy(const Caller& caller, std::string_view 
                     .bytes = text.size(), .reason = "break-glass reset through the management plane"};
     if (!is_admin(caller)) {
         ev.coalesce = true;
-        return refuse(ev, Errc::access_denied, "only admins reset policies");
+        return core_.refuse(ev, Errc::access_denied, "only admins reset policies");
     }
     ev.allowed = true;
     ev.rule = "admin";
-    auto v = load_vault(name);
+    auto v = core_.load_vault(name);
     if (!v)
-        return refuse(ev, v.error().code, "no such vault");
+        return core_.refuse(ev, v.error().code, "no such vault");
     if (!names_.user_exists(new_owner))
-        return refuse(ev, Errc::invalid_argument, "uid " + std::to_string(new_owner) + " is no user of this system");
+        return core_.refuse(ev, Errc::invalid_argument, "uid " + std::to_string(new_owner) + " is no user of this system");
     const VaultId id = (*v)->row.id;
-    return write_audited(ev, [&](Store::Transaction& tx) {
+    return core_.write_audited(ev, [&](Store::Transaction& tx) {
         return tx.set_policy(id, PolicyRow{text, now_micros(), caller.who.uid});
     });
 }
 
 Result<policy::PermissionSet> SecretService::vault_permissions(const Caller& caller, VaultId vault)
 {
-    auto v = load_vault(vault);
+    auto v = core_.load_vault(vault);
     if (!v)
         return tl::unexpected(v.error());
     return (*v)->policy->effective(caller.who);
@@ -980,7 +766,7 @@ Error SecretService::refuse_over_limit(const Caller& caller, std::string_view op
 {
     const std::string_view reason = code == Errc::too_many_open ? "the uid holds as many open files as it may"
                                                                 : "the uid buffers as many bytes as it may";
-    auto r = refuse(audit::Event{.op = op,
+    auto r = core_.refuse(audit::Event{.op = op,
                                  .caller = &caller,
                                  .vault = vault,
                                  .secret = secret,
@@ -995,7 +781,7 @@ Error SecretService::refuse_over_limit(const Caller& caller, std::string_view op
 Result<void> SecretService::audit_management(const Caller& caller, std::string_view op, std::string_view vault,
                                              bool allowed, std::string_view rule, Errc* failure)
 {
-    return record(audit::Event{.op = op,
+    return core_.record(audit::Event{.op = op,
                                .caller = &caller,
                                .vault = vault,
                                .allowed = allowed,

@@ -40,6 +40,7 @@
 #include "hsm/secure_buffer.hpp"
 #include "policy/policy.hpp"
 #include "vault/audit/log.hpp"
+#include "vault/core.hpp"
 #include "vault/dek_cache.hpp"
 #include "vault/error.hpp"
 #include "vault/store.hpp"
@@ -133,7 +134,6 @@ private:
 };
 
 struct Options {
-    std::optional<gid_t> admin_gid;
     std::int64_t retention_day_ms = 86400000;
     // Signs backups (the state's token-held signing key) and checks them.
     hsm::KeyId signing_key;
@@ -142,11 +142,12 @@ struct Options {
 
 class SecretService {
 public:
-    SecretService(Store& store, hsm::KeyService& keys, DekCache& deks, audit::Log& audit,
-                  const policy::NameResolver& names, Options options);
+    // `core` holds the vaults, policies and audit writer shared with the
+    // other object kinds (vault/core.hpp).
+    SecretService(Core& core, hsm::KeyService& keys, DekCache& deks, Options options);
 
     // ---- vaults ----------------------------------------------------------------
-    bool is_admin(const Caller& caller) const;
+    bool is_admin(const Caller& caller) const { return core_.is_admin(caller); }
     // Vaults visible to the caller, by id.
     Result<std::vector<VaultView>> list_vaults(const Caller& caller);
     // Errc::not_found when missing, malformed, or not visible.
@@ -339,38 +340,10 @@ public:
     hsm::KeyService& keys() { return keys_; }
     audit::Log& audit_log() { return audit_; }
     Store& store() { return store_; }
+    Core& core() { return core_; }
 
 private:
-    struct VaultEntry {
-        VaultRow row;
-        std::shared_ptr<const policy::Policy> policy;
-        std::size_t policy_size = 0;
-        std::uint64_t generation = 0;  // the store generation it was read in
-    };
-    static std::shared_ptr<const VaultEntry> make_entry(VaultRow row, policy::Policy policy, std::uint64_t generation);
-    // "3: allow uid:1001 get", or "default-deny": the `rule` of a record.
-    static std::string rule_of(const policy::Decision& d);
 
-    // The policy's answer for one operation in a vault, ready for its
-    // record: the rule that decided, why when that is not the rule alone
-    // (unknown groups), and whether the caller holds nothing in the vault
-    // at all (an outsider, whose refusals the audit coalesces).
-    struct Decided {
-        bool allowed = false;
-        std::string rule;
-        std::string_view reason;
-        bool outsider = false;
-        void fill(audit::Event& ev) const;
-    };
-    Decided decide(const Caller& caller, const VaultEntry& v, policy::Permission wanted,
-                   std::optional<std::string_view> secret = std::nullopt) const;
-    // Whether the caller may look into `v` (some permission there, or an
-    // admin where `admins_see`); if not, the look is audited as an
-    // outsider's `lookup` and refused with `code`.
-    Result<void> reach(const Caller& caller, const VaultEntry& v, std::string_view secret, bool admins_see, Errc code);
-    // A non-admin's look for a vault that is not there (or not a name).
-    Result<void> missed_vault(const Caller& caller, std::string_view name, std::string_view why);
-    static Error from_hsm(const hsm::Error& e);
     Result<DeletedView> deleted_view(const Caller& caller, const VaultEntry& v, const SecretRow& s);
     // Whether `s` is fresh for the caller (fresh_window): `first` is its
     // one version, if it has one.
@@ -398,9 +371,6 @@ private:
                                      audit::Event& ev);
     // Purges one secret inside a write, auditing it as `ev`.
     Result<void> purge_row(const SecretRow& s, audit::Event ev);
-    Result<std::shared_ptr<const VaultEntry>> load_vault(VaultId id);
-    Result<std::shared_ptr<const VaultEntry>> load_vault(std::string_view name);
-    void forget_vault(VaultId id);
     VaultView view_of(const Caller& caller, const VaultEntry& v) const;
     Result<SecretView> view_of(const Caller& caller, const VaultEntry& v, const SecretRow& s, VersionRow version,
                                bool pinned);
@@ -412,15 +382,8 @@ private:
     Result<DekCache::Dek> unseal_dek(const VaultEntry& v, const SecretRow& s, const SealedVersion& sealed);
     // `list` still granted to the caller of a listing, or an audited refusal.
     Result<void> still_listing(const ListingGrant& grant);
-    // Appends a record; maps a failure to Errc::audit_unavailable.
-    Result<void> record(const audit::Event& event);
-    // Records a denial/failure and returns `code` (or audit_unavailable).
-    tl::unexpected<Error> refuse(audit::Event event, Errc code, std::string message = {});
-    // Runs `work` in a write transaction and records `event` in it, before
-    // COMMIT: if the audit cannot take the record, nothing commits. A failure
-    // of `work` (or of the commit) is recorded as `event`'s refusal.
-    Result<void> write_audited(audit::Event event, const std::function<Result<void>(Store::Transaction&)>& work);
 
+    Core& core_;
     Store& store_;
     hsm::KeyService& keys_;
     DekCache& deks_;
@@ -450,8 +413,6 @@ private:
     std::mutex deletes_mutex_;
     std::map<std::pair<std::int64_t, std::string>, RecentDelete> recent_deletes_;
 
-    std::shared_mutex vaults_mutex_;
-    std::map<std::int64_t, std::shared_ptr<const VaultEntry>> vaults_;  // by id
 };
 
 // Resolves user and group names through the system databases (NSS).

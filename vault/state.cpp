@@ -309,8 +309,9 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
         if (!log)
             return tl::unexpected(log.error());
         st->audit = std::move(*log);
-        st->service = std::make_unique<SecretService>(*st->store, *st->keys, *st->deks, *st->audit, st->names,
-                                                      Options{st->admin_gid, c.retention_day_ms, signing_key, *pem});
+        st->core = std::make_unique<Core>(*st->store, *st->audit, st->names, st->admin_gid);
+        st->service = std::make_unique<SecretService>(*st->core, *st->keys, *st->deks,
+                                                      Options{c.retention_day_ms, signing_key, *pem});
     }
     return st;
 }
@@ -343,6 +344,7 @@ void State::close()
         return;
     closed_ = true;
     service.reset();
+    core.reset();
     if (audit) {
         if (auto r = audit->close(); !r)
             spdlog::error("audit: cannot write the shutdown record: {}", r.error().message);

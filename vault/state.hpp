@@ -65,6 +65,7 @@ public:
     std::unique_ptr<audit::Log> audit;  // null for `inspect`
     std::unique_ptr<DekCache> deks;
     SystemNameResolver names;
+    std::unique_ptr<Core> core;              // null for `inspect`
     std::unique_ptr<SecretService> service;  // null for `inspect`
 
 private:

@@ -106,7 +106,8 @@ struct Stack {
         if (!log)
             FAIL("cannot open the audit log: " << log.error().message);
         audit = std::move(*log);
-        service_options = Options{options.admin_gid, 86400000, signing, public_pem};
+        service_options = Options{86400000, signing, public_pem};
+        admin_gid = options.admin_gid;
         restart_service();
     }
 
@@ -115,7 +116,8 @@ struct Stack {
     void restart_service()
     {
         service.reset();
-        service = std::make_unique<SecretService>(*store, *keys, deks, *audit, names, service_options);
+        core = std::make_unique<Core>(*store, *audit, names, admin_gid);
+        service = std::make_unique<SecretService>(*core, *keys, deks, service_options);
     }
 
     std::string db_path() const { return dir / "vault.db"; }
@@ -198,6 +200,8 @@ struct Stack {
     DekCache deks;
     SystemNameResolver names;
     Options service_options;
+    std::optional<gid_t> admin_gid;
+    std::unique_ptr<Core> core;
     std::unique_ptr<SecretService> service;
 };
 
