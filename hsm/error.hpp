@@ -20,6 +20,7 @@ enum class Errc {
     device_error,           // any other failure of the token
     out_of_secure_memory,   // the locked heap is exhausted or missing
     invalid_argument,
+    not_permitted,          // the key may not do that (its usage flags)
 };
 
 struct Error {

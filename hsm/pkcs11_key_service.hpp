@@ -1,5 +1,7 @@
-// Pkcs11KeyService: KeyService over a PKCS#11 module reached directly through
-// its function list (no libp11: it has no symmetric-key API).
+// Pkcs11KeyService: KeyService and KeyPairService over a PKCS#11 module
+// reached directly through its function list (libp11 has no symmetric-key
+// API, and 0.4.12 generates RSA keys only; token_evp.hpp uses libp11 for
+// what it does well, EVP_PKEYs for OpenSSL).
 //
 // - The module is dlopened once per process and C_Initialize is called once
 //   with CKF_OS_LOCKING_OK; C_Finalize runs when the last service using it is
@@ -23,6 +25,7 @@
 #include <utility>
 #include <vector>
 
+#include "hsm/key_pairs.hpp"
 #include "hsm/key_service.hpp"
 
 namespace vaultfs::hsm {
@@ -36,7 +39,7 @@ struct Pkcs11Config {
     std::vector<std::pair<std::string, std::string>> environment;
 };
 
-class Pkcs11KeyService final : public KeyService {
+class Pkcs11KeyService final : public KeyService, public KeyPairService {
 public:
     // Loads the module, finds the token and logs in once. Errors:
     // module_unavailable, token_not_found, pin_incorrect, pin_locked,
@@ -59,6 +62,20 @@ public:
                                                   std::span<const std::uint8_t, 32> digest) override;
     Result<void> ping() override;
 
+    // KeyPairService.
+    Result<KeyId> create_key_pair(KeyType type, const std::string& label, KeyUsage usage) override;
+    Result<std::vector<std::uint8_t>> public_key_der(const KeyId& key) override;
+    Result<std::vector<std::uint8_t>> sign(const KeyId& key, Mechanism mechanism,
+                                           std::span<const std::uint8_t> digest) override;
+    Result<SecureBuffer> decrypt(const KeyId& key, Mechanism mechanism, std::span<const std::uint8_t> data) override;
+    Result<void> destroy_key_pair(const KeyId& key) override;
+    std::uint64_t connection_epoch() const override;
+
+    // What libp11 (token_evp.hpp) needs to reach the same token.
+    const std::string& module_path() const;
+    const std::string& token_label() const;
+    const SecureBuffer& pin() const;
+
     // Test seam: reads one attribute of a key (e.g. CKA_VALUE). Returns the
     // PKCS#11 return value; a sensitive key must answer
     // CKR_ATTRIBUTE_SENSITIVE for CKA_VALUE.
@@ -70,6 +87,7 @@ public:
 
 private:
     explicit Pkcs11KeyService(std::unique_ptr<Impl> impl);
+    Result<SecureBuffer> oaep_on_host(const KeyId& key, Digest digest, std::span<const std::uint8_t> data);
     std::unique_ptr<Impl> impl_;
 };
 

@@ -26,7 +26,7 @@ struct Spelling {
 };
 
 // Declaration order; the canonical printing follows it.
-constexpr std::array<Spelling, 9> spellings{{
+constexpr std::array<Spelling, 15> spellings{{
     {Permission::get, "get"},
     {Permission::list, "list"},
     {Permission::set, "set"},
@@ -36,6 +36,12 @@ constexpr std::array<Spelling, 9> spellings{{
     {Permission::backup, "backup"},
     {Permission::restore, "restore"},
     {Permission::manage, "manage"},
+    {Permission::create, "create"},
+    {Permission::rotate, "rotate"},
+    {Permission::sign, "sign"},
+    {Permission::decrypt, "decrypt"},
+    {Permission::unwrap, "unwrap"},
+    {Permission::certificates, "certificates"},
 }};
 
 // Parse failures inside one line carry only the reason; parse() adds the line.

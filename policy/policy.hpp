@@ -9,6 +9,15 @@
 //   permissions := "*" | perm ("," perm)*
 //   perm        := get | list | set | delete | recover | purge | backup
 //                  | restore | manage
+//                  | create | rotate | sign | decrypt | unwrap | certificates
+//
+// The same names serve the three object kinds (README "Certificates and
+// keys"): `get` reads a secret's value, a key's public half, or anything
+// of a certificate (its private key and bundles included); `certificates`
+// reads a certificate's public files only (cert.pem, chain.pem, ca.pem,
+// status). `create` makes (and imports, merges) keys and certificates,
+// `rotate` gives them a new version (a key rotation, a certificate
+// renewal); `sign`, `decrypt` and `unwrap` use a key's private half.
 //   glob        := secret-name pattern with `*` (any run) and `?` (one char)
 //
 // Evaluation: deny wins over allow; nothing is allowed unless a rule allows
@@ -45,6 +54,12 @@ enum class Permission : std::uint16_t {
     backup = 1 << 6,
     restore = 1 << 7,
     manage = 1 << 8,
+    create = 1 << 9,
+    rotate = 1 << 10,
+    sign = 1 << 11,
+    decrypt = 1 << 12,
+    unwrap = 1 << 13,
+    certificates = 1 << 14,
 };
 
 // A set of permissions as a bit mask of Permission values.
@@ -54,14 +69,14 @@ public:
     constexpr explicit PermissionSet(std::uint16_t bits) : bits_(bits) {}
     constexpr PermissionSet(Permission p) : bits_(static_cast<std::uint16_t>(p)) {}  // NOLINT
 
-    static constexpr PermissionSet all() { return PermissionSet(0x1ff); }
+    static constexpr PermissionSet all() { return PermissionSet(0x7fff); }
 
     constexpr bool contains(Permission p) const { return (bits_ & static_cast<std::uint16_t>(p)) != 0; }
     constexpr bool empty() const { return bits_ == 0; }
     constexpr std::uint16_t bits() const { return bits_; }
     constexpr PermissionSet operator|(PermissionSet o) const { return PermissionSet(bits_ | o.bits_); }
     constexpr PermissionSet operator&(PermissionSet o) const { return PermissionSet(bits_ & o.bits_); }
-    constexpr PermissionSet without(PermissionSet o) const { return PermissionSet(bits_ & ~o.bits_ & 0x1ff); }
+    constexpr PermissionSet without(PermissionSet o) const { return PermissionSet(bits_ & ~o.bits_ & 0x7fff); }
     constexpr bool operator==(const PermissionSet&) const = default;
 
 private:

@@ -1,0 +1,92 @@
+#include "hsm/token_evp.hpp"
+
+#include <libp11.h>
+
+#include <cstring>
+#include <string>
+
+#include "hsm/hex.hpp"
+
+namespace vaultfs::hsm {
+
+struct TokenEvp::Context {
+    PKCS11_CTX* ctx = nullptr;
+    PKCS11_SLOT* slots = nullptr;
+    unsigned int nslots = 0;
+    PKCS11_SLOT* slot = nullptr;
+    std::uint64_t epoch = 0;
+};
+
+TokenEvp::TokenEvp(Pkcs11KeyService& keys) : keys_(keys) {}
+
+// Abandoned on purpose (see the header): releasing slots or unloading the
+// context would finalize the module the key service is using.
+TokenEvp::~TokenEvp() { static_cast<void>(current_.release()); }
+
+Result<TokenEvp::Context*> TokenEvp::context()
+{
+    const std::uint64_t epoch = keys_.connection_epoch();
+    if (current_ && current_->epoch == epoch)
+        return current_.get();
+    static_cast<void>(current_.release());  // a context from before a reconnect: abandoned
+    auto c = std::make_unique<Context>();
+    c->epoch = epoch;
+    c->ctx = PKCS11_CTX_new();
+    if (c->ctx == nullptr)
+        return fail(Errc::device_error, "libp11: PKCS11_CTX_new failed");
+    if (PKCS11_CTX_load(c->ctx, keys_.module_path().c_str()) != 0)
+        return fail(Errc::module_unavailable, "libp11 cannot load " + keys_.module_path());
+    if (PKCS11_enumerate_slots(c->ctx, &c->slots, &c->nslots) != 0)
+        return fail(Errc::device_error, "libp11: PKCS11_enumerate_slots failed");
+    for (unsigned int i = 0; i < c->nslots; ++i) {
+        PKCS11_SLOT* s = &c->slots[i];
+        if (s->token != nullptr && s->token->initialized && s->token->label != nullptr &&
+            keys_.token_label() == s->token->label) {
+            c->slot = s;
+            break;
+        }
+    }
+    if (c->slot == nullptr)
+        return fail(Errc::token_not_found, "libp11 sees no token labelled '" + keys_.token_label() + "'");
+    int logged_in = 0;
+    if (PKCS11_is_logged_in(c->slot, 0, &logged_in) != 0 || !logged_in) {
+        const std::string pin(reinterpret_cast<const char*>(keys_.pin().data()), keys_.pin().size());
+        const int rc = PKCS11_login(c->slot, 0, pin.c_str());
+        if (rc != 0) {
+            // The application may be logged in through the key service's
+            // sessions while libp11's own view says otherwise.
+            if (PKCS11_is_logged_in(c->slot, 0, &logged_in) != 0 || !logged_in)
+                return fail(Errc::device_error, "libp11 cannot log in to token '" + keys_.token_label() + "'");
+        }
+    }
+    current_ = std::move(c);
+    return current_.get();
+}
+
+Result<void> TokenEvp::with_private_key(const KeyId& key, const std::function<Result<void>(EVP_PKEY*)>& use)
+{
+    const auto raw = from_hex(key.hex);
+    if (!raw)
+        return fail(Errc::invalid_argument, "malformed key id '" + key.hex + "'");
+    std::lock_guard lock(mutex_);
+    auto c = context();
+    if (!c)
+        return tl::unexpected(c.error());
+    PKCS11_KEY* keys = nullptr;
+    unsigned int count = 0;
+    if (PKCS11_enumerate_keys((*c)->slot->token, &keys, &count) != 0)
+        return fail(Errc::device_error, "libp11: PKCS11_enumerate_keys failed");
+    for (unsigned int i = 0; i < count; ++i) {
+        if (keys[i].id_len != raw->size() || std::memcmp(keys[i].id, raw->data(), raw->size()) != 0)
+            continue;
+        EVP_PKEY* pkey = PKCS11_get_private_key(&keys[i]);
+        if (pkey == nullptr)
+            return fail(Errc::device_error, "libp11 cannot make an EVP_PKEY of key " + key.hex);
+        auto r = use(pkey);
+        EVP_PKEY_free(pkey);
+        return r;
+    }
+    return fail(Errc::key_not_found, "libp11 sees no private key with id " + key.hex);
+}
+
+}  // namespace vaultfs::hsm
