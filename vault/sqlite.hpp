@@ -100,4 +100,48 @@ private:
     std::unordered_map<const char*, std::unique_ptr<Statement>> cache_;
 };
 
+// Runs a prepared query and collects every row through `read`.
+template <class Row, class Bind, class Read>
+Result<std::vector<Row>> collect(sqlite::Connection& c, const char* sql, Bind&& bind, Read&& read)
+{
+    auto q = c.query(sql);
+    if (!q)
+        return tl::unexpected(q.error());
+    bind(*q);
+    std::vector<Row> rows;
+    for (;;) {
+        auto more = q->step();
+        if (!more)
+            return tl::unexpected(more.error());
+        if (!*more)
+            return rows;
+        rows.push_back(read(*q));
+    }
+}
+
+template <class Row, class Bind, class Read>
+Result<std::optional<Row>> first(sqlite::Connection& c, const char* sql, Bind&& bind, Read&& read)
+{
+    auto q = c.query(sql);
+    if (!q)
+        return tl::unexpected(q.error());
+    bind(*q);
+    auto more = q->step();
+    if (!more)
+        return tl::unexpected(more.error());
+    if (!*more)
+        return std::optional<Row>();
+    return std::optional<Row>(read(*q));
+}
+
+template <class Bind>
+Result<void> run(sqlite::Connection& c, const char* sql, Bind&& bind)
+{
+    auto q = c.query(sql);
+    if (!q)
+        return tl::unexpected(q.error());
+    bind(*q);
+    return q->run();
+}
+
 }  // namespace vaultfs::vault::sqlite

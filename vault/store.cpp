@@ -9,7 +9,7 @@ namespace vaultfs::vault {
 
 namespace {
 
-constexpr int schema_version = 3;
+constexpr int schema_version = 4;
 
 // Version 1. Times are microseconds since the epoch (UTC). Ids use
 // AUTOINCREMENT so that a purged secret's id (and so its inode number) is
@@ -98,8 +98,44 @@ ALTER TABLE vaults ADD COLUMN default_group INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE vaults ADD COLUMN default_mode INTEGER NOT NULL DEFAULT 256 CHECK (default_mode BETWEEN 0 AND 511);
 )sql";
 
+// Version 4: keys and certificates (store.hpp, ObjectKind). A key's or an
+// exportable certificate key's private half is never here in the clear: it
+// is in the token (token_key) or envelope-encrypted (sealed_key).
+constexpr const char* schema_v4 = R"sql(
+CREATE TABLE objects (
+  id           INTEGER PRIMARY KEY AUTOINCREMENT,
+  vault_id     INTEGER NOT NULL REFERENCES vaults(id),
+  kind         INTEGER NOT NULL CHECK (kind IN (1, 2)),
+  name         TEXT NOT NULL,
+  created      INTEGER NOT NULL,
+  created_by   INTEGER NOT NULL,
+  spec         TEXT NOT NULL,
+  next_version INTEGER NOT NULL DEFAULT 1,
+  UNIQUE (vault_id, name)
+);
+CREATE TABLE object_versions (
+  id          INTEGER PRIMARY KEY AUTOINCREMENT,
+  object_id   INTEGER NOT NULL REFERENCES objects(id) ON DELETE CASCADE,
+  version     INTEGER NOT NULL,
+  created     INTEGER NOT NULL,
+  created_by  INTEGER NOT NULL,
+  enabled     INTEGER NOT NULL DEFAULT 1 CHECK (enabled IN (0, 1)),
+  not_before  INTEGER,
+  expires     INTEGER,
+  token_key   TEXT NOT NULL,
+  public_der  BLOB NOT NULL,
+  body        TEXT NOT NULL,
+  kek_id      TEXT NOT NULL,
+  nonce       BLOB NOT NULL,
+  sealed_key  BLOB NOT NULL,
+  sealed_dek  BLOB NOT NULL,
+  notified    INTEGER NOT NULL DEFAULT 0,
+  UNIQUE (object_id, version)
+);
+)sql";
+
 // Forward migrations: migrations[i] takes user_version i to i + 1.
-constexpr const char* migrations[] = {schema_v1, schema_v2, schema_v3};
+constexpr const char* migrations[] = {schema_v1, schema_v2, schema_v3, schema_v4};
 static_assert(std::size(migrations) == schema_version);
 
 #define VAULT_COLUMNS \
@@ -182,49 +218,9 @@ SecretVersion read_joined(const sqlite::Query& q)
     return out;
 }
 
-// Runs a prepared query and collects every row through `read`.
-template <class Row, class Bind, class Read>
-Result<std::vector<Row>> collect(sqlite::Connection& c, const char* sql, Bind&& bind, Read&& read)
-{
-    auto q = c.query(sql);
-    if (!q)
-        return tl::unexpected(q.error());
-    bind(*q);
-    std::vector<Row> rows;
-    for (;;) {
-        auto more = q->step();
-        if (!more)
-            return tl::unexpected(more.error());
-        if (!*more)
-            return rows;
-        rows.push_back(read(*q));
-    }
-}
-
-template <class Row, class Bind, class Read>
-Result<std::optional<Row>> first(sqlite::Connection& c, const char* sql, Bind&& bind, Read&& read)
-{
-    auto q = c.query(sql);
-    if (!q)
-        return tl::unexpected(q.error());
-    bind(*q);
-    auto more = q->step();
-    if (!more)
-        return tl::unexpected(more.error());
-    if (!*more)
-        return std::optional<Row>();
-    return std::optional<Row>(read(*q));
-}
-
-template <class Bind>
-Result<void> run(sqlite::Connection& c, const char* sql, Bind&& bind)
-{
-    auto q = c.query(sql);
-    if (!q)
-        return tl::unexpected(q.error());
-    bind(*q);
-    return q->run();
-}
+using sqlite::collect;
+using sqlite::first;
+using sqlite::run;
 
 Result<void> check_database(sqlite::Connection& c, const std::string& path, const char* pragma)
 {
@@ -347,6 +343,11 @@ auto Store::with_reader(F&& f) -> decltype(f(std::declval<sqlite::Connection&>()
     return result;
 }
 
+Result<void> Store::read(const std::function<Result<void>(sqlite::Connection&)>& f)
+{
+    return with_reader([&](sqlite::Connection& c) { return f(c); });
+}
+
 // ---- reads -------------------------------------------------------------------
 
 Result<std::optional<VaultRow>> Store::vault_by_name(std::string_view name)
@@ -467,7 +468,8 @@ Result<std::int64_t> Store::secret_count(VaultId vault)
 {
     return with_reader([&](sqlite::Connection& c) -> Result<std::int64_t> {
         auto n = first<std::int64_t>(
-            c, "SELECT count(*) FROM secrets WHERE vault_id = ? AND next_version > 1",
+            c, "SELECT (SELECT count(*) FROM secrets WHERE vault_id = ?1 AND next_version > 1) + "
+            "(SELECT count(*) FROM objects WHERE vault_id = ?1)",
             [&](sqlite::Query& q) { q.bind(1, vault.value); }, [](const sqlite::Query& q) { return q.int64(0); });
         if (!n)
             return tl::unexpected(n.error());
@@ -879,6 +881,17 @@ Result<std::vector<Tag>> Store::Transaction::tags(VersionId version)
 
 Result<SecretRow> Store::Transaction::ensure_secret(VaultId vault, std::string_view name, Micros now)
 {
+    // A certificate owns its name among secrets too (store.hpp, ObjectKind).
+    auto certificate = first<std::int64_t>(
+        conn_,
+        "SELECT 1 FROM objects o WHERE o.vault_id = ?1 AND o.name = ?2 AND o.kind = 2 "
+        "AND NOT EXISTS (SELECT 1 FROM secrets s WHERE s.vault_id = ?1 AND s.name = ?2)",
+        [&](sqlite::Query& q) { q.bind(1, vault.value).bind(2, name); },
+        [](const sqlite::Query& q) { return q.int64(0); });
+    if (!certificate)
+        return tl::unexpected(certificate.error());
+    if (*certificate)
+        return fail(Errc::already_exists, "a certificate in this vault is named " + std::string(name));
     auto r = run(conn_, "INSERT INTO secrets (vault_id, name, created) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                  [&](sqlite::Query& q) { q.bind(1, vault.value).bind(2, name).bind(3, now); });
     if (!r)
@@ -973,7 +986,8 @@ Result<void> Store::Transaction::purge_secret(SecretId secret)
 Result<std::int64_t> Store::Transaction::secret_count(VaultId vault)
 {
     auto n = first<std::int64_t>(
-        conn_, "SELECT count(*) FROM secrets WHERE vault_id = ? AND next_version > 1",
+        conn_, "SELECT (SELECT count(*) FROM secrets WHERE vault_id = ?1 AND next_version > 1) + "
+            "(SELECT count(*) FROM objects WHERE vault_id = ?1)",
         [&](sqlite::Query& q) { q.bind(1, vault.value); }, [](const sqlite::Query& q) { return q.int64(0); });
     if (!n)
         return tl::unexpected(n.error());

@@ -149,6 +149,47 @@ struct AuditAnchor {
     std::vector<std::uint8_t> sig;  // empty: not signed (a schema-1 row)
 };
 
+// Keys and certificates (README "Certificates and keys"): named objects of
+// a vault with numbered versions, like secrets, in their own tables. A name
+// is unique among a vault's keys and certificates, and a certificate's also
+// among its secrets (as in Azure Key Vault, where a certificate owns a key
+// and a secret of its name).
+enum class ObjectKind : int { key = 1, certificate = 2 };
+using ObjectId = Id<struct ObjectTag>;
+using ObjectVersionId = Id<struct ObjectVersionTag>;
+
+struct ObjectRow {
+    ObjectId id;
+    VaultId vault;
+    ObjectKind kind = ObjectKind::key;
+    std::string name;
+    Micros created = 0;
+    uid_t created_by = 0;
+    std::string spec;  // JSON: a key's type, operations and rotation policy; a certificate's policy
+    std::uint64_t next_version = 1;
+};
+
+struct ObjectVersionRow {
+    ObjectVersionId id;
+    ObjectId object;
+    std::uint64_t number = 0;
+    Micros created = 0;
+    uid_t created_by = 0;
+    bool enabled = true;
+    std::optional<Micros> not_before;
+    std::optional<Micros> expires;
+    std::string token_key;                // CKA_ID (hex) of a token-held private key; empty if none
+    std::vector<std::uint8_t> public_der;  // SubjectPublicKeyInfo
+    std::string body;                     // JSON: certificate chain, CSR, status, tags
+    // An exportable private key, envelope-encrypted like a secret's value
+    // (empty when the key is in the token).
+    std::string kek_id;
+    std::vector<std::uint8_t> nonce;
+    std::vector<std::uint8_t> sealed_key;
+    std::vector<std::uint8_t> sealed_dek;
+    Micros notified = 0;  // the lead time of the last near-expiry event sent for it (0: none)
+};
+
 class Store {
 public:
     enum class Mode { create, open_existing, read_only };
@@ -183,7 +224,8 @@ public:
     Result<std::vector<SecretRow>> deleted_secrets(VaultId vault, SecretId after, std::size_t limit);
     // Secrets past their purge date, across all vaults.
     Result<std::vector<SecretRow>> purge_due(Micros now, std::size_t limit);
-    // Live or soft-deleted secrets in a vault (what keeps rmdir from working).
+    // Live or soft-deleted secrets, keys and certificates in a vault (what
+    // keeps rmdir from working).
     Result<std::int64_t> secret_count(VaultId vault);
 
     // The hot path: one query each. `number` nullopt means the version `S`
@@ -202,6 +244,18 @@ public:
     Result<std::vector<VersionEntry>> versions_in_vault(VaultId vault, VersionId after, std::size_t limit);
     Result<std::optional<SealedVersion>> sealed_version(VersionId id);
     Result<std::vector<Tag>> tags(VersionId version);
+
+    // ---- keys and certificates (vault/store_objects.cpp) ---------------------
+    Result<std::optional<ObjectRow>> object_by_name(VaultId vault, ObjectKind kind, std::string_view name);
+    Result<std::optional<ObjectRow>> object_by_id(ObjectId id);
+    Result<std::vector<ObjectRow>> objects(VaultId vault, ObjectKind kind);
+    // Every key and certificate of every vault (the background task's round).
+    Result<std::vector<ObjectRow>> all_objects();
+    // `number` nullopt: the version the object's name stands for, the
+    // highest enabled one, else the highest.
+    Result<std::optional<ObjectVersionRow>> object_version(ObjectId object, std::optional<std::uint64_t> number);
+    Result<std::optional<ObjectVersionRow>> object_version_by_id(ObjectVersionId id);
+    Result<std::vector<ObjectVersionRow>> object_versions(ObjectId object);
 
     Result<std::optional<std::string>> setting(std::string_view key);
     Result<std::optional<AuditAnchor>> audit_anchor();
@@ -227,6 +281,8 @@ private:
     template <class F>
     auto with_reader(F&& f) -> decltype(f(std::declval<sqlite::Connection&>()));
     Result<std::optional<SecretVersion>> secret_with_version_uncached(VaultId vault, std::string_view name);
+    // Runs `f` on a pooled reader connection (for vault/store_objects.cpp).
+    Result<void> read(const std::function<Result<void>(sqlite::Connection&)>& f);
     Result<void> run_batch(std::deque<struct PendingWrite*>& batch);
 
     const std::string path_;
@@ -296,6 +352,19 @@ public:
 
     Result<void> set_setting(std::string_view key, std::string_view value);
     Result<void> set_audit_anchor(const AuditAnchor& anchor);
+
+    // ---- keys and certificates (vault/store_objects.cpp) ---------------------
+    // Errc::already_exists when the name is taken (see ObjectKind).
+    Result<ObjectId> insert_object(const ObjectRow& row);
+    Result<void> update_object_spec(ObjectId object, std::string_view spec);
+    // Numbers the version in this transaction (the object's next_version)
+    // and fills row.id and row.number.
+    Result<void> insert_object_version(ObjectVersionRow& row);
+    // Everything but the object and the number.
+    Result<void> update_object_version(const ObjectVersionRow& row);
+    Result<std::optional<ObjectVersionRow>> object_version(ObjectId object, std::optional<std::uint64_t> number);
+    // Removes the object with all its versions.
+    Result<void> delete_object(ObjectId object);
 
 private:
     sqlite::Connection& conn_;

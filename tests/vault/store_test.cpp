@@ -141,7 +141,7 @@ Result<std::uint64_t> add_version(Store& store, SecretId secret, std::size_t blo
     return number;
 }
 
-TEST_CASE("create makes a new WAL database at schema 3, readable only by its owner", "[store]")
+TEST_CASE("create makes a new WAL database at schema 4, readable only by its owner", "[store]")
 {
     TempDir dir;
     const std::string path = dir / "vault.db";
@@ -152,7 +152,7 @@ TEST_CASE("create makes a new WAL database at schema 3, readable only by its own
         REQUIRE(::stat(path.c_str(), &st) == 0);
         CHECK((st.st_mode & 0777) == 0600);
         Db db(path, SQLITE_OPEN_READONLY);
-        CHECK(db.integer("PRAGMA user_version") == 3);
+        CHECK(db.integer("PRAGMA user_version") == 4);
         CHECK(db.text("PRAGMA journal_mode") == "wal");
         CHECK(db.integer("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN "
                          "('vaults', 'policies', 'secrets', 'versions', 'tags', 'settings', 'audit_anchor')") == 7);
@@ -503,7 +503,7 @@ TEST_CASE("the audit anchor is stored and read back", "[store]")
     CHECK((*a)->sig == sig);
 }
 
-TEST_CASE("a schema-1 database migrates to schema 3: its anchor reads back unsigned, owners are the defaults",
+TEST_CASE("a schema-1 database migrates to schema 4: its anchor reads back unsigned, owners are the defaults",
           "[store]")
 {
     TempDir dir;
@@ -545,6 +545,76 @@ TEST_CASE("a schema-1 database migrates to schema 3: its anchor reads back unsig
     REQUIRE(*sec);
     CHECK_FALSE((*sec)->owner);
     CHECK_FALSE((*sec)->mode);
+    auto none = (*store)->objects((*v)->id, ObjectKind::key);
+    REQUIRE(none);
+    CHECK(none->empty());
+}
+
+TEST_CASE("keys and certificates: numbered versions, the current one, names unique as Azure has them", "[store]")
+{
+    TempDir dir;
+    auto store = create_store(dir / "vault.db");
+    const VaultId vault = add_vault(*store, "apps");
+    const auto object = [&](ObjectKind kind, const std::string& name) -> Result<ObjectId> {
+        ObjectId id;
+        auto w = store->write([&](Store::Transaction& tx) -> Result<void> {
+            auto made = tx.insert_object(ObjectRow{{}, vault, kind, name, now_micros(), 0, "{}", 1});
+            if (!made)
+                return tl::unexpected(made.error());
+            id = *made;
+            return {};
+        });
+        if (!w)
+            return tl::unexpected(w.error());
+        return id;
+    };
+    const auto version = [&](ObjectId id, bool enabled) {
+        ObjectVersionRow row;
+        row.object = id;
+        row.created = now_micros();
+        row.enabled = enabled;
+        row.body = "{}";
+        REQUIRE(store->write([&](Store::Transaction& tx) { return tx.insert_object_version(row); }));
+        return row.number;
+    };
+    auto key = object(ObjectKind::key, "signing");
+    REQUIRE(key);
+    CHECK(version(*key, true) == 1);
+    CHECK(version(*key, true) == 2);
+    CHECK(version(*key, false) == 3);
+    auto current = store->object_version(*key, std::nullopt);
+    REQUIRE(current);
+    REQUIRE(*current);
+    CHECK((*current)->number == 2);  // the highest enabled one
+    auto all = store->object_versions(*key);
+    REQUIRE(all);
+    CHECK(all->size() == 3);
+
+    // A key and a certificate cannot share a name.
+    auto clash = object(ObjectKind::certificate, "signing");
+    REQUIRE_FALSE(clash);
+    CHECK(clash.error().code == Errc::already_exists);
+    // A certificate's name is taken among secrets too, both ways.
+    REQUIRE(store->write([&](Store::Transaction& tx) -> Result<void> {
+        auto s = tx.ensure_secret(vault, "db", now_micros());
+        if (!s)
+            return tl::unexpected(s.error());
+        return tx.raise_next_version(s->id, 2);
+    }));
+    auto over_secret = object(ObjectKind::certificate, "db");
+    REQUIRE_FALSE(over_secret);
+    CHECK(over_secret.error().code == Errc::already_exists);
+    CHECK(object(ObjectKind::key, "db"));  // keys and secrets are apart
+    REQUIRE(object(ObjectKind::certificate, "web"));
+    auto secret_over = store->write([&](Store::Transaction& tx) -> Result<void> {
+        return tx.ensure_secret(vault, "web", now_micros()).map([](auto&&) {});
+    });
+    REQUIRE_FALSE(secret_over);
+    CHECK(secret_over.error().code == Errc::already_exists);
+    // A vault holding objects is not empty.
+    auto n = store->secret_count(vault);
+    REQUIRE(n);
+    CHECK(*n == 4);
 }
 
 TEST_CASE("a read-only store refuses writes", "[store]")
