@@ -78,6 +78,10 @@ Error Core::from_hsm(const hsm::Error& e)
         return Error{Errc::integrity, e.message};
     case hsm::Errc::out_of_secure_memory:
         return Error{Errc::out_of_memory, e.message};
+    case hsm::Errc::not_permitted:
+        return Error{Errc::not_permitted, e.message};
+    case hsm::Errc::invalid_argument:
+        return Error{Errc::invalid_argument, e.message};
     default:
         return Error{Errc::key_unavailable, e.message};
     }
