@@ -1,4 +1,5 @@
 #include "fs/control.hpp"
+#include "fs/control_objects.hpp"
 
 #include <poll.h>
 #include <sys/eventfd.h>
@@ -114,6 +115,17 @@ vault::Caller peer_of(int fd)
     return caller;
 }
 
+
+json vault_json(const vault::VaultView& v)
+{
+    return json{{"name", v.name},
+                {"created", v.created},
+                {"retention_days", v.settings.retention_days},
+                {"purge_protection", v.settings.purge_protection}};
+}
+
+}  // namespace
+
 json error_reply(const vault::Error& e)
 {
     return json{{"ok", false}, {"errno", std::string(vault::result_name(e.code))}, {"error", e.message}};
@@ -159,16 +171,6 @@ json failure(const vault::Error& e, const std::string& what)
         text += " (" + e.message + ")";
     return error_reply({e.code, text});
 }
-
-json vault_json(const vault::VaultView& v)
-{
-    return json{{"name", v.name},
-                {"created", v.created},
-                {"retention_days", v.settings.retention_days},
-                {"purge_protection", v.settings.purge_protection}};
-}
-
-}  // namespace
 
 vault::Result<std::unique_ptr<ControlServer>> ControlServer::start(vault::State& state, const Filesystem& filesystem,
                                                                    std::string mountpoint)
@@ -433,6 +435,8 @@ json ControlServer::dispatch(const vault::Caller& caller, const std::string& tex
         auto text = service.read_policy(caller, v->id);
         return json{{"ok", true}, {"result", text ? *text : std::string()}};
     }
+    case C::object:
+        return dispatch_object(state_, caller, request->op, json::parse(request->args, nullptr, false));
     case C::restore: {
         // A new vault to restore into is made first (admins only, as ever),
         // and removed again if the restore fails: a failed restore changes nothing.

@@ -40,6 +40,11 @@ namespace vaultfs::fs {
 
 class Filesystem;
 
+// Replies: {"ok":false,"errno":...,"error":...}; failure() names `what`,
+// what went wrong and what to do.
+nlohmann::json error_reply(const vault::Error& e);
+nlohmann::json failure(const vault::Error& e, const std::string& what);
+
 class ControlServer {
 public:
     static constexpr int max_clients = 32;

@@ -1,6 +1,7 @@
 #include "fs/control_protocol.hpp"
 
 #include <nlohmann/json.hpp>
+#include <openssl/evp.h>
 
 #include <algorithm>
 
@@ -19,6 +20,7 @@ constexpr std::pair<const char*, ControlRequest::Command> commands[] = {
     {"restore", ControlRequest::Command::restore},
     {"policy_reset", ControlRequest::Command::policy_reset},
     {"policy_set", ControlRequest::Command::policy_set},
+    {"object", ControlRequest::Command::object},
 };
 
 }  // namespace
@@ -56,8 +58,8 @@ tl::expected<ControlRequest, std::string> parse_request(std::string_view text)
         return std::optional<std::string>(j[key].get<std::string>());
     };
     for (const auto& item : j.items()) {
-        static const char* allowed[] = {"cmd",    "vault", "secret", "retention_days", "purge_protection",
-                                        "backup", "into",  "owner",  "policy"};
+        static const char* allowed[] = {"cmd",  "vault", "secret", "retention_days", "purge_protection",
+                                        "backup", "into", "owner", "policy", "op", "args"};
         const std::string key = item.key();
         if (std::find_if(std::begin(allowed), std::end(allowed), [&](const char* a) { return key == a; }) ==
             std::end(allowed))
@@ -87,6 +89,17 @@ tl::expected<ControlRequest, std::string> parse_request(std::string_view text)
     if (!policy)
         return tl::unexpected(policy.error());
     r.policy = policy->value_or("");
+    auto op = string_field("op", r.command == C::object);
+    if (!op)
+        return tl::unexpected(op.error());
+    r.op = op->value_or("");
+    if (r.command == C::object) {
+        if (!j.contains("args") || !j["args"].is_object())
+            return tl::unexpected(std::string("\"args\" must be an object"));
+        r.args = j["args"].dump();
+    } else if (j.contains("args")) {
+        return tl::unexpected(std::string("\"args\" belongs to \"object\" requests"));
+    }
     if (j.contains("retention_days")) {
         if (!j["retention_days"].is_number_integer())
             return tl::unexpected(std::string("\"retention_days\" must be an integer"));
@@ -128,9 +141,39 @@ std::string render_request(const ControlRequest& r)
         j["policy"] = r.policy;
     if (r.into)
         j["into"] = *r.into;
+    if (r.command == ControlRequest::Command::object) {
+        j["op"] = r.op;
+        j["args"] = json::parse(r.args, nullptr, false);
+    }
     if (r.owner)
         j["owner"] = *r.owner;
     return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+std::string base64_encode(std::string_view bytes)
+{
+    std::string out(4 * ((bytes.size() + 2) / 3), '\0');
+    const int n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()),
+                                  reinterpret_cast<const unsigned char*>(bytes.data()), static_cast<int>(bytes.size()));
+    out.resize(static_cast<std::size_t>(n));
+    return out;
+}
+
+std::optional<std::string> base64_decode(std::string_view text)
+{
+    if (text.size() % 4 != 0)
+        return std::nullopt;
+    std::string out(3 * text.size() / 4, '\0');
+    const int n = EVP_DecodeBlock(reinterpret_cast<unsigned char*>(out.data()),
+                                  reinterpret_cast<const unsigned char*>(text.data()), static_cast<int>(text.size()));
+    if (n < 0)
+        return std::nullopt;
+    std::size_t size = static_cast<std::size_t>(n);
+    // EVP_DecodeBlock counts the padding as zero bytes.
+    for (std::size_t i = text.size(); i > 0 && text[i - 1] == '=' && size > 0; --i)
+        --size;
+    out.resize(size);
+    return out;
 }
 
 }  // namespace vaultfs::fs

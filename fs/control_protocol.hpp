@@ -8,6 +8,8 @@
 //   {"cmd":"restore","backup":"<backup document>","into":"payments2"}   (into optional)
 //   {"cmd":"policy_reset","vault":"payments","owner":1001}   (owner optional: the caller)
 //   {"cmd":"policy_set","vault":"payments","policy":"allow uid:0 *\n..."}
+//   {"cmd":"object","op":"key_sign","args":{"vault":"apps","name":"signer","alg":"ES256","digest":"<base64>"}}
+//     keys and certificates (fs/control_objects.cpp lists the ops and their args)
 //
 // Replies: {"ok":true,"result":...} or {"ok":false,"errno":"EACCES","error":"..."}.
 #pragma once
@@ -26,7 +28,17 @@ namespace vaultfs::fs {
 inline constexpr std::size_t max_request_size = 256u << 20;
 
 struct ControlRequest {
-    enum class Command { vault_create, vault_show, vault_list, status, backup, restore, policy_reset, policy_set };
+    enum class Command {
+        vault_create,
+        vault_show,
+        vault_list,
+        status,
+        backup,
+        restore,
+        policy_reset,
+        policy_set,
+        object
+    };
     Command command = Command::status;
     std::string vault;
     std::optional<std::string> secret;
@@ -36,7 +48,13 @@ struct ControlRequest {
     std::optional<std::string> into;
     std::optional<std::uint32_t> owner;  // policy_reset: who gets `*`
     std::string policy;                  // policy_set: the text
+    std::string op;                      // object: key_create, cert_renew, ...
+    std::string args;                    // object: its arguments, a JSON object (as text)
 };
+
+// Base64 (RFC 4648, with padding) for binary fields; nullopt for bad input.
+std::string base64_encode(std::string_view bytes);
+std::optional<std::string> base64_decode(std::string_view text);
 
 tl::expected<ControlRequest, std::string> parse_request(std::string_view text);
 std::string render_request(const ControlRequest& request);

@@ -244,8 +244,9 @@ bool clean_stale_mount(const std::string& mountpoint, std::string& error)
 }
 
 // Periodic housekeeping: expired DEKs out of locked memory and idle
-// staging files (every second), and the automatic purge of soft-deleted
-// secrets whose retention has ended (every purge_interval).
+// staging files (every second), the automatic purge of soft-deleted
+// secrets whose retention has ended (every purge_interval), and key
+// rotation and certificate renewal policies (every object_policy_interval).
 class Maintenance {
 public:
     Maintenance(vault::State& state, Filesystem& filesystem)
@@ -266,6 +267,7 @@ private:
     void run()
     {
         auto next_purge = std::chrono::steady_clock::now();
+        auto next_objects = std::chrono::steady_clock::now();
         std::unique_lock lock(mutex_);
         while (!stop_) {
             cv_.wait_for(lock, std::chrono::seconds(1));
@@ -280,6 +282,14 @@ private:
                     spdlog::error("automatic purge failed: {}", n.error().message);
                 else if (*n > 0)
                     spdlog::info("automatic purge: {} secret(s) past their retention", *n);
+            }
+            if (std::chrono::steady_clock::now() >= next_objects) {
+                next_objects = std::chrono::steady_clock::now() + state_.config.object_policy_interval;
+                const vault::Micros now = vault::now_micros();
+                if (auto n = state_.key_vault->run_policies(now); !n)
+                    spdlog::error("key rotation policies failed: {}", n.error().message);
+                if (auto n = state_.certificates->run_policies(now); !n)
+                    spdlog::error("certificate renewals failed: {}", n.error().message);
             }
             lock.lock();
         }
@@ -386,7 +396,8 @@ int run_mount(const MountOptions& options)
     const auto& conf = (*state)->config;
     Filesystem filesystem(*(*state)->service,
                           Filesystem::Limits{conf.max_open_files_per_uid, conf.max_buffered_kib_per_uid * 1024,
-                                             conf.secure_heap_kib * 1024 / 2, conf.staging_idle});
+                                             conf.secure_heap_kib * 1024 / 2, conf.staging_idle},
+                          ObjectServices{(*state)->key_vault.get(), (*state)->certificates.get()});
 
     std::vector<std::string> arg_text{"vaultfs", "-o", "fsname=vaultfs,subtype=vaultfs,noatime"};
     if (::geteuid() == 0)

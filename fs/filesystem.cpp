@@ -184,8 +184,9 @@ const fuse_lowlevel_ops& Filesystem::operations()
     return ops;
 }
 
-Filesystem::Filesystem(vault::SecretService& service, Limits limits)
+Filesystem::Filesystem(vault::SecretService& service, Limits limits, Objects objects)
     : service_(service),
+      objects_(objects),
       quota_(limits.open_files_per_uid, limits.buffered_bytes_per_uid, limits.buffered_bytes_total),
       staging_(limits.staging_idle)
 {
@@ -345,6 +346,8 @@ vault::Result<Filesystem::NodeAttr> Filesystem::stat_node(const vault::Caller& c
         attr.generation = static_cast<std::uint64_t>(s.secret_created);
     };
 
+    if (is_object_kind(node.kind))
+        return object_stat(caller, node);
     switch (node.kind) {
     case NodeKind::root:
         st.st_mode = dir_mode;
@@ -454,6 +457,10 @@ Reply Filesystem::lookup(fuse_req_t req, fuse_ino_t parent, const char* name_c)
             return entry_for(caller, Node{NodeKind::versions_dir, p->id});
         if (name == ".deleted")
             return entry_for(caller, Node{NodeKind::deleted_dir, p->id});
+        if (name == ".keys")
+            return entry_for(caller, Node{NodeKind::keys_dir, p->id});
+        if (name == ".certs")
+            return entry_for(caller, Node{NodeKind::certs_dir, p->id});
         if (is_staging_name(name))
             return staging_lookup(caller, vault::VaultId{p->id}, std::string(name));
         auto s = service_.find_secret(caller, vault::VaultId{p->id}, name);
@@ -483,6 +490,8 @@ Reply Filesystem::lookup(fuse_req_t req, fuse_ino_t parent, const char* name_c)
         return entry_for(caller, Node{NodeKind::deleted_secret, d->id.value});
     }
     default:
+        if (is_object_kind(p->kind))
+            return object_lookup(caller, *p, name);
         return Reply::err(ENOENT);
     }
 }
@@ -812,6 +821,8 @@ Reply Filesystem::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi)
         return Reply::err(ENOENT);
     const auto caller = caller_of(req);
     const int mode = fi->flags & O_ACCMODE;
+    if (is_object_kind(node->kind))
+        return object_open(caller, *node, fi);
     switch (node->kind) {
     case NodeKind::policy_file:
         return open_policy(caller, vault::VaultId{node->id}, fi);
@@ -915,6 +926,8 @@ Reply Filesystem::read(fuse_req_t, fuse_ino_t, size_t size, off_t off, fuse_file
         std::lock_guard lock(file.mutex);
         return copy_out(file.data.bytes());
     }
+    case Handle::Kind::object:
+        return object_read(h, size, off);
     default:
         return Reply::err(EBADF);
     }
@@ -952,6 +965,8 @@ Reply Filesystem::write(fuse_req_t, fuse_ino_t, const char* buf, size_t size, of
     if (off < 0)
         return Reply::err(EINVAL);
     const auto end = static_cast<std::size_t>(off) + size;
+    if (h->kind == Handle::Kind::object)
+        return object_write(h, buf, size);
     if (h->kind == Handle::Kind::write) {
         auto& w = static_cast<WriteHandle&>(*h);
         std::lock_guard lock(w.mutex);
@@ -1187,8 +1202,18 @@ Reply Filesystem::opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi)
         handle = std::make_shared<DirHandle>(node->kind, caller, std::move(*grant), std::move(*charge));
         break;
     }
-    default:
-        return Reply::err(ENOTDIR);
+    default: {
+        if (!is_object_kind(node->kind))
+            return Reply::err(ENOTDIR);
+        if (node->kind == NodeKind::key_file || node->kind == NodeKind::cert_file)
+            return Reply::err(ENOTDIR);
+        auto entries = object_entries(caller, *node);
+        if (!entries)
+            return Reply::err(entries.error());
+        handle = std::make_shared<DirHandle>(node->kind, caller, std::nullopt, std::move(*charge));
+        handle->entries = std::move(*entries);
+        break;
+    }
     }
     fi->fh = handles_.add(handle);
     return Reply{Reply::Open{*fi}};
@@ -1265,6 +1290,17 @@ Reply Filesystem::list_dir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
         return reply();
     }
 
+    if (is_object_kind(d->node_kind)) {
+        // Taken at opendir, like the root's.
+        for (std::size_t i = off < 2 ? 0 : static_cast<std::size_t>(off - 2); i < d->entries.size(); ++i) {
+            const Node n = d->entries[i].second;
+            const bool file = n.kind == NodeKind::key_file || n.kind == NodeKind::cert_file;
+            if (!add(d->entries[i].first.c_str(), to_ino(n), file ? S_IFREG : S_IFDIR, static_cast<off_t>(i + 3)))
+                break;
+        }
+        return reply();
+    }
+
     const auto& grant = *d->grant;
     const std::int64_t vault_id = grant.vault.value;
     if (d->node_kind == NodeKind::vault) {
@@ -1275,8 +1311,10 @@ Reply Filesystem::list_dir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
         };
         static const Special specials[] = {{".policy", NodeKind::policy_file, S_IFREG},
                                            {".versions", NodeKind::versions_dir, S_IFDIR},
-                                           {".deleted", NodeKind::deleted_dir, S_IFDIR}};
-        for (int i = 0; i < 3; ++i) {
+                                           {".deleted", NodeKind::deleted_dir, S_IFDIR},
+                                           {".keys", NodeKind::keys_dir, S_IFDIR},
+                                           {".certs", NodeKind::certs_dir, S_IFDIR}};
+        for (int i = 0; i < 5; ++i) {
             if (off < 3 + i && !add(specials[i].name, to_ino(Node{specials[i].kind, vault_id}), specials[i].type, 3 + i))
                 return reply();
         }
@@ -1492,10 +1530,10 @@ Reply Filesystem::getxattr(fuse_req_t req, fuse_ino_t ino, const char* name_c, s
     if (!name)
         return Reply::err(std::string_view(name_c).substr(0, 5) == "user." ? ENODATA : EOPNOTSUPP);
     const auto caller = caller_of(req);
-    if (node->kind == NodeKind::vault || node->kind == NodeKind::deleted_secret) {
-        auto attrs = fixed_attributes(caller, *node);
+    if (node->kind == NodeKind::vault || node->kind == NodeKind::deleted_secret || is_object_kind(node->kind)) {
+        auto attrs = is_object_kind(node->kind) ? object_attributes(caller, *node) : fixed_attributes(caller, *node);
         if (!attrs)
-            return Reply::err(attrs.error());
+            return Reply::err(attrs.error().code == Errc::no_attribute ? ENODATA : to_errno(attrs.error().code));
         for (auto& [key, value] : *attrs)
             if (key == *name)
                 return xattr_value(value, size);
@@ -1516,8 +1554,10 @@ Reply Filesystem::listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
     if (!node)
         return Reply::err(ENOENT);
     const auto caller = caller_of(req);
-    if (node->kind == NodeKind::vault || node->kind == NodeKind::deleted_secret) {
-        auto attrs = fixed_attributes(caller, *node);
+    if (node->kind == NodeKind::vault || node->kind == NodeKind::deleted_secret ||
+        (is_object_kind(node->kind) && node->kind != NodeKind::key_file && node->kind != NodeKind::cert_file &&
+         node->kind != NodeKind::keys_dir && node->kind != NodeKind::certs_dir)) {
+        auto attrs = is_object_kind(node->kind) ? object_attributes(caller, *node) : fixed_attributes(caller, *node);
         if (!attrs)
             return Reply::err(attrs.error());
         std::vector<std::string> names;
@@ -1550,6 +1590,8 @@ Reply Filesystem::setxattr(fuse_req_t req, fuse_ino_t ino, const char* name_c, c
         auto r = service_.set_vault_attribute(caller, vault::VaultId{node->id}, *name, text);
         return r ? Reply::ok() : Reply::err(r.error());
     }
+    if (is_object_kind(node->kind))
+        return object_setxattr(caller, *node, *name, text);
     if (!is_value_node(node->kind))
         return Reply::err(EPERM);
     auto target = attribute_target(caller, *node);
@@ -1571,6 +1613,8 @@ Reply Filesystem::removexattr(fuse_req_t req, fuse_ino_t ino, const char* name_c
     const auto name = vault_attribute(name_c);
     if (!name)
         return Reply::err(ENODATA);
+    if (is_object_kind(node->kind))
+        return object_setxattr(caller_of(req), *node, *name, std::nullopt);
     if (!is_value_node(node->kind))
         return Reply::err(EPERM);
     const auto caller = caller_of(req);

@@ -62,9 +62,18 @@
 #include "fs/inode.hpp"
 #include "fs/staging.hpp"
 #include "fs/uid_quota.hpp"
+#include "vault/certificates/certificates.hpp"
+#include "vault/keys/key_vault.hpp"
 #include "vault/secret_service.hpp"
 
 namespace vaultfs::fs {
+
+// The other object kinds, served under V/.keys and V/.certs (either may be
+// null: those directories are then empty).
+struct ObjectServices {
+    vault::keys::KeyVault* keys = nullptr;
+    vault::certificates::Certificates* certificates = nullptr;
+};
 
 class Filesystem {
 public:
@@ -74,7 +83,8 @@ public:
         std::size_t buffered_bytes_total = 8 << 20;  // half the default locked heap
         std::chrono::seconds staging_idle{300};
     };
-    Filesystem(vault::SecretService& service, Limits limits);
+    using Objects = ObjectServices;
+    Filesystem(vault::SecretService& service, Limits limits, Objects objects = {});
 
     ~Filesystem();
 
@@ -171,6 +181,22 @@ private:
     // (an editor's backup: rename(S, S~)). Audited as a read of S.
     Reply stage_copy(const vault::Caller& caller, const vault::SecretView& view, const std::string& name);
 
+    // ---- keys and certificates (fs/objects_fs.cpp) -----------------------------------
+    static bool is_object_kind(NodeKind kind);
+    Reply object_lookup(const vault::Caller& caller, Node parent, std::string_view name);
+    vault::Result<NodeAttr> object_stat(const vault::Caller& caller, Node node);
+    Reply object_open(const vault::Caller& caller, Node node, fuse_file_info* fi);
+    Reply object_read(const std::shared_ptr<Handle>& handle, size_t size, off_t off);
+    Reply object_write(const std::shared_ptr<Handle>& handle, const char* buf, size_t size);
+    // The entries of an object directory, for opendir.
+    vault::Result<std::vector<std::pair<std::string, Node>>> object_entries(const vault::Caller& caller, Node node);
+    vault::Result<std::vector<std::pair<std::string, std::string>>> object_attributes(const vault::Caller& caller,
+                                                                                       Node node);
+    Reply object_setxattr(const vault::Caller& caller, Node node, std::string_view name,
+                          std::optional<std::string_view> value);
+    // The view a key or certificate node stands for.
+    vault::Result<vault::ObjectView> object_view(const vault::Caller& caller, Node node);
+
     // ---- renames (fs/rename.cpp) ---------------------------------------------------
     Reply rename_in_vault(const vault::Caller& caller, vault::VaultId vault, const std::string& from,
                           const std::string& to, bool noreplace);
@@ -185,6 +211,7 @@ private:
     std::multimap<std::int64_t, uid_t> creating_;
 
     vault::SecretService& service_;
+    Objects objects_;
     UidQuota quota_;
     StagingArea staging_;  // after quota_: its files' charges go back before it does
     // A handle charge for the caller's uid, or nullopt at its limit.

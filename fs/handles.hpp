@@ -27,12 +27,13 @@
 #include "fs/staging.hpp"
 #include "fs/uid_quota.hpp"
 #include "hsm/secure_buffer.hpp"
+#include "vault/objects/objects.hpp"
 #include "vault/secret_service.hpp"
 
 namespace vaultfs::fs {
 
 struct Handle {
-    enum class Kind { value, write, policy, directory, staging };
+    enum class Kind { value, write, policy, directory, staging, object };
     Handle(Kind k, UidQuota::Charge c) : kind(k), charge(std::move(c)) {}
     virtual ~Handle() = default;
     const Kind kind;
@@ -97,6 +98,30 @@ struct StagingHandle final : Handle {
     const std::shared_ptr<StagedFile> file;
 };
 
+// An open file of a key or certificate (fs/objects_fs.cpp). A content file
+// (public.pem, chain.pem, key.pem, ...) holds what it serves, fetched and
+// audited at open. An operation file (sign.ES256, decrypt.RSA-OAEP, ...)
+// collects its input from write() and runs the operation -- audited -- at
+// the first read() after it; the result is read from the same fd, and a
+// write after it starts the next operation.
+struct ObjectHandle final : Handle {
+    enum class Op { none, sign, decrypt, unwrap };
+    ObjectHandle(vault::Caller c, vault::ObjectView v, Op o, int a, std::size_t max, UidQuota::Charge q)
+        : Handle(Kind::object, std::move(q)), caller(std::move(c)), view(std::move(v)), op(o), algorithm(a),
+          max_input(max)
+    {
+    }
+    std::mutex mutex;
+    const vault::Caller caller;
+    const vault::ObjectView view;
+    const Op op;
+    const int algorithm;           // keys::SignAlgorithm or DecryptAlgorithm
+    const std::size_t max_input;   // the digest size, or the modulus size
+    hsm::SecureBuffer input;
+    std::optional<hsm::SecureBuffer> content;  // what reads serve (a content file, or the last result)
+    int failed = 0;                // the errno of the last operation, until the next write
+};
+
 struct DirHandle final : Handle {
     DirHandle(NodeKind k, vault::Caller c, std::optional<vault::ListingGrant> g, UidQuota::Charge q)
         : Handle(Kind::directory, std::move(q)), node_kind(k), caller(std::move(c)), grant(std::move(g))
@@ -106,6 +131,7 @@ struct DirHandle final : Handle {
     const vault::Caller caller;
     const std::optional<vault::ListingGrant> grant;
     std::vector<std::pair<std::string, Node>> vaults;  // root listing, taken at opendir
+    std::vector<std::pair<std::string, Node>> entries;  // a key or certificate directory, taken at opendir
 };
 
 class HandleTable {

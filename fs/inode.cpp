@@ -20,7 +20,7 @@ std::optional<Node> from_ino(std::uint64_t ino)
         return Node{NodeKind::root, 0};
     const auto kind = ino >> kind_shift;
     const auto id = static_cast<std::int64_t>(ino & id_mask);
-    if (kind < 1 || kind > 9 || id <= 0)
+    if (kind < 1 || kind > 17 || id <= 0)
         return std::nullopt;
     return Node{static_cast<NodeKind>(kind), id};
 }

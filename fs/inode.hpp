@@ -25,7 +25,23 @@ enum class NodeKind : std::uint8_t {
     deleted_secret = 7,  // /V/.deleted/S      id: secret id
     current = 8,         // /V/S as it stands  id: version row id of the version S stands for
     staging = 9,         // /V/.cfg.swp, ...   id: the staging file's (staging.hpp), never reused while running
+    // Keys and certificates (fs/objects_fs.cpp). NAME and NAME@N are
+    // directories named by the object version they stand for; their files
+    // by that version and the file's index (object_file_id).
+    keys_dir = 10,       // /V/.keys           id: vault id
+    key = 11,            // /V/.keys/NAME      id: object version row id of the version NAME stands for
+    key_version = 12,    // /V/.keys/NAME@N    id: object version row id
+    key_file = 13,       // .../public.pem     id: object_file_id(version, file)
+    certs_dir = 14,      // /V/.certs          id: vault id
+    cert = 15,           // /V/.certs/NAME     id: as for key
+    cert_version = 16,   // /V/.certs/NAME@N
+    cert_file = 17,      // .../chain.pem      id: object_file_id(version, file)
 };
+
+// A file of a key's or certificate's version: 32 files per version.
+inline constexpr std::int64_t object_file_id(std::int64_t version, int file) { return version * 32 + file; }
+inline constexpr std::int64_t object_file_version(std::int64_t id) { return id / 32; }
+inline constexpr int object_file_index(std::int64_t id) { return static_cast<int>(id % 32); }
 // S has an inode per version it stands for: a new version, or a disable
 // that makes S stand for another one, gives S a new inode (and the kernel a
 // new page cache), so pages a reader's mmap of one version keeps alive can

@@ -16,6 +16,7 @@
 #include <iostream>
 #include <sstream>
 
+#include "fs/cli_objects.hpp"
 #include "fs/control.hpp"
 #include "fs/control_protocol.hpp"
 #include "fs/daemon.hpp"
@@ -296,6 +297,7 @@ int main(int argc, char** argv)
     auto* restore = app.add_subcommand("restore", "Restore a backup into a vault on the same token");
     restore->add_option("file", backup_file, "Backup file")->required();
     restore->add_option("--into", request.into, "Target vault, made if it does not exist (default: the backup's own)");
+    fs::ObjectCommands object_commands(app, default_state());
     std::string socket;
     for (auto* sub : {vault_create, vault_show, vault_list, status, backup, restore, policy_reset, policy_set}) {
         sub->add_option("--state", mstate, "State directory (default: $VAULTFS_STATE or /var/lib/vaultfs)");
@@ -320,6 +322,8 @@ int main(int argc, char** argv)
     }
     if (*policy_check)
         return run_policy_check(policy_file);
+    if (auto rc = object_commands.run(manage))
+        return *rc;
 
     using C = fs::ControlRequest::Command;
     if (*vault_create) {

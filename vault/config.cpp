@@ -196,6 +196,11 @@ Result<Config> parse_config(std::string_view text, const std::string& state_dir)
             if (!n)
                 return bad("purge_interval_seconds must be 1..86400");
             c.purge_interval = std::chrono::seconds(*n);
+        } else if (key == "object_policy_interval_seconds") {
+            const auto n = number(std::int64_t{1}, std::int64_t{86400});
+            if (!n)
+                return bad("object_policy_interval_seconds must be 1..86400");
+            c.object_policy_interval = std::chrono::seconds(*n);
         } else {
             return bad("unknown key '" + std::string(key) + "'");
         }
@@ -310,6 +315,8 @@ std::string render_config(const Config& c)
         out << "retention_day_ms = " << c.retention_day_ms << "\n";
     if (c.purge_interval != std::chrono::seconds(3600))
         out << "purge_interval_seconds = " << c.purge_interval.count() << "\n";
+    if (c.object_policy_interval != std::chrono::seconds(60))
+        out << "object_policy_interval_seconds = " << c.object_policy_interval.count() << "\n";
     return out.str();
 }
 

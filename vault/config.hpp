@@ -73,6 +73,9 @@ struct Config {
     // Retention is counted in days of this many milliseconds; tests shorten it.
     std::int64_t retention_day_ms = 86400000;
     std::chrono::seconds purge_interval{3600};  // how often the purge task runs
+    // How often the background task runs key rotation policies and
+    // certificate renewals (tests shorten it, with validities of seconds).
+    std::chrono::seconds object_policy_interval{60};
 
     // An absolute path for a file named in the config.
     std::string path_of(const std::string& name) const;

@@ -312,6 +312,9 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
         st->core = std::make_unique<Core>(*st->store, *st->audit, st->names, st->admin_gid);
         st->service = std::make_unique<SecretService>(*st->core, *st->keys, *st->deks,
                                                       Options{c.retention_day_ms, signing_key, *pem});
+        st->evp = std::make_unique<hsm::TokenEvp>(*st->keys);
+        st->key_vault = std::make_unique<keys::KeyVault>(*st->core, *st->keys);
+        st->certificates = std::make_unique<certificates::Certificates>(*st->core, *st->keys, *st->keys, *st->evp);
     }
     return st;
 }
@@ -343,6 +346,9 @@ void State::close()
     if (closed_)
         return;
     closed_ = true;
+    certificates.reset();
+    key_vault.reset();
+    evp.reset();
     service.reset();
     core.reset();
     if (audit) {

@@ -18,7 +18,10 @@
 #include <vector>
 
 #include "hsm/pkcs11_key_service.hpp"
+#include "hsm/token_evp.hpp"
 #include "vault/audit/log.hpp"
+#include "vault/certificates/certificates.hpp"
+#include "vault/keys/key_vault.hpp"
 #include "vault/config.hpp"
 #include "vault/dek_cache.hpp"
 #include "vault/error.hpp"
@@ -67,6 +70,9 @@ public:
     SystemNameResolver names;
     std::unique_ptr<Core> core;              // null for `inspect`
     std::unique_ptr<SecretService> service;  // null for `inspect`
+    std::unique_ptr<hsm::TokenEvp> evp;      // libp11 over `keys`; null for `inspect`
+    std::unique_ptr<keys::KeyVault> key_vault;                  // null for `inspect`
+    std::unique_ptr<certificates::Certificates> certificates;  // null for `inspect`
 
 private:
     State() = default;

@@ -178,6 +178,21 @@ Result<void> Objects::set_attribute(const Caller& caller, const ObjectView& view
     return core_.write_audited(ev, [&](Store::Transaction& tx) { return tx.update_object_version(row); });
 }
 
+Result<void> Objects::authorize(const Caller& caller, const ObjectView& view, Permission wanted, std::string_view op)
+{
+    auto v = core_.load_vault(view.vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    const Decided d = core_.decide(caller, **v, wanted, view.object.name);
+    if (d.allowed)
+        return {};
+    const std::string path = path_of(view.object.name);
+    audit::Event ev{.op = op, .caller = &caller, .vault = (*v)->row.name, .secret = path,
+                    .version = view.version.number};
+    d.fill(ev);
+    return core_.refuse(ev, Errc::access_denied, "no " + std::string(policy::to_string(wanted)) + " permission on " + path);
+}
+
 Result<Objects::Target> Objects::target(const Caller& caller, std::string_view vault, std::string_view name,
                                         Permission wanted, std::string_view op, bool may_be_missing)
 {

@@ -68,6 +68,11 @@ public:
     Result<void> set_attribute(const Caller& caller, const ObjectView& view, std::string_view name,
                                std::optional<std::string_view> value);
 
+    // Checks `wanted` on the object for an operation whose real work (and
+    // allowed record) comes later; a refusal is audited as `op`.
+    Result<void> authorize(const Caller& caller, const ObjectView& view, policy::Permission wanted,
+                           std::string_view op);
+
     // The view of `version` of `object` in `v` for the caller.
     ObjectView view_of(const Caller& caller, const VaultEntry& v, ObjectRow object, ObjectVersionRow version,
                        bool pinned) const;
