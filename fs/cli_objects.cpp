@@ -234,9 +234,9 @@ ObjectCommands::ObjectCommands(CLI::App& app, const std::string& default_state) 
     o.cert_create->add_option("--renew-before", o.renew_before, "Renew this long before it expires (30d)");
     o.cert_renew = cert->add_subcommand("renew", "Renew a certificate now (needs rotate)");
     o.cert_merge = cert->add_subcommand("merge", "Complete a pending certificate with the signed one (needs create)");
-    o.cert_merge->add_option("file", o.file, "The signed certificate (PEM, with its chain)")->required();
+
     o.cert_import = cert->add_subcommand("import", "Import a certificate and its key, PEM or PKCS#12 (needs create)");
-    o.cert_import->add_option("file", o.file, "PEM or PKCS#12 file")->required();
+
     o.cert_import->add_option("--password-file", o.password_file, "The PKCS#12 password");
     o.cert_show = cert->add_subcommand("show", "A certificate's status, dates, files and versions");
 
@@ -246,6 +246,9 @@ ObjectCommands::ObjectCommands(CLI::App& app, const std::string& default_state) 
         sub->add_option("--state", o.state, "State directory (default: $VAULTFS_STATE or /var/lib/vaultfs)");
         sub->add_option("--socket", o.socket, "Control socket (default: the state's control_socket)");
     }
+    // After the target: positionals are taken in order.
+    o.cert_merge->add_option("file", o.file, "The signed certificate (PEM, with its chain)")->required();
+    o.cert_import->add_option("file", o.file, "PEM or PKCS#12 file")->required();
 }
 
 ObjectCommands::~ObjectCommands() = default;

@@ -41,7 +41,7 @@ TEST_CASE("the DESIGN walkthrough works as shown", "[fs]")
     CHECK(ok(read_file(m.path("payments/db-password"))) == "correct horse");
     CHECK(ok(read_file(m.path("payments/db-password@1"))) == "hunter2");
     CHECK(ok(read_file(m.path("payments/db-password@2"))) == "correct horse");
-    CHECK(ok(list_dir(m.path("payments"))) == ".deleted\n.policy\n.versions\ndb-password");
+    CHECK(ok(list_dir(m.path("payments"))) == ".certs\n.deleted\n.keys\n.policy\n.versions\ndb-password");
     CHECK(ok(list_dir(m.path("payments/.versions"))) == "db-password@1\ndb-password@2");
     CHECK(ok(read_file(m.path("payments/.policy"))) == "allow uid:0 *\n");
     CHECK(ok(list_dir(m.path())) == "payments");
@@ -375,7 +375,7 @@ TEST_CASE("1,000 secrets are listed", "[fs]")
         names.insert(listing.data.substr(start, end - start));
         start = end + 1;
     }
-    CHECK(names.size() == 1003);  // + .policy .versions .deleted
+    CHECK(names.size() == 1005);  // + .policy .versions .deleted .keys .certs
     for (int i = 0; i < 1000; ++i)
         CHECK(names.count("secret-" + std::to_string(i)) == 1);
     CHECK(ok(read_file(m.path("many/secret-999"))) == "v999");

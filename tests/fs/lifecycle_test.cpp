@@ -127,7 +127,7 @@ TEST_CASE("delete, .deleted, name reuse refused, recover with all versions, purg
 
     REQUIRE(as(deleter, [&] { return remove_file(m.path("life/s")); }).err == 0);
     CHECK(m.last_audit("delete", deleter.uid)["result"] == "ok");
-    CHECK(ok(list_dir(m.path("life"))) == ".deleted\n.policy\n.versions");
+    CHECK(ok(list_dir(m.path("life"))) == ".certs\n.deleted\n.keys\n.policy\n.versions");
     CHECK(ok(list_dir(m.path("life/.deleted"))) == "s");
     CHECK(ok(list_dir(m.path("life/.versions"))) == "");
     CHECK(read_file(m.path("life/s")).err == ENOENT);
@@ -285,7 +285,7 @@ TEST_CASE("backup and restore: ciphertext only, same token only, no overwrite", 
     r = shell(elsewhere.binary + " restore " + file + " --state " + elsewhere.state + " 2>&1");
     CHECK(r.err == 1);
     CHECK(r.data.find("is not in this token") != std::string::npos);
-    CHECK(ok(list_dir(elsewhere.path("source"))) == ".deleted\n.policy\n.versions");
+    CHECK(ok(list_dir(elsewhere.path("source"))) == ".certs\n.deleted\n.keys\n.policy\n.versions");
 }
 
 TEST_CASE("the control socket serves admins only, and audits everyone", "[fs][lifecycle]")
@@ -338,6 +338,6 @@ TEST_CASE("restore into another vault needs restore in the backup's own vault", 
     });
     CHECK(r.err == 1);
     CHECK(r.data.find("needs `restore` in roots-vault") != std::string::npos);
-    CHECK(ok(as(ann, [&] { return list_dir(m.path("anns-vault")); })) == ".deleted\n.policy\n.versions");
+    CHECK(ok(as(ann, [&] { return list_dir(m.path("anns-vault")); })) == ".certs\n.deleted\n.keys\n.policy\n.versions");
     CHECK(m.last_audit("restore", ann.uid)["result"] == "EACCES");
 }

@@ -139,7 +139,7 @@ TEST_CASE("policies decide every open, for users and groups", "[fs][policy]")
     }
     SECTION("list without get: ls works, cat is denied")
     {
-        CHECK(ok(as(frank, [&] { return list_dir(m.path("team")); })) == ".deleted\n.policy\n.versions\napp-key\ndb-pass");
+        CHECK(ok(as(frank, [&] { return list_dir(m.path("team")); })) == ".certs\n.deleted\n.keys\n.policy\n.versions\napp-key\ndb-pass");
         audited(m, "list", frank.uid, "allow", "ok");
         CHECK(as(frank, [&] { return read_file(m.path("team/db-pass")); }).err == EACCES);
         CHECK(as(alice, [&] { return write_file(m.path("team/db-pass"), "x"); }).err == EACCES);
@@ -298,7 +298,7 @@ struct ConfigVault {
     TestUser svc{"s"};
     Mount m;
     const std::string config = m.root + "/config";  // the container's /config
-    const std::string allowed = "; ls: .deleted\n.policy\n.versions\napi-key\ndb-password; db-password: pw; "
+    const std::string allowed = "; ls: .certs\n.deleted\n.keys\n.policy\n.versions\napi-key\ndb-password; db-password: pw; "
                                 "api-key: errno " + std::to_string(EACCES) + "; write: errno " +
                                 std::to_string(EACCES);
 };

@@ -46,7 +46,7 @@ void replaced(const ToolVault& v, const std::string& name, const std::string& co
               const std::string& others = "")
 {
     CHECK(ok(read_file(v.path(name))) == content);
-    std::string names = ".deleted\n.policy\n.versions\n" + name;
+    std::string names = ".certs\n.deleted\n.keys\n.policy\n.versions\n" + name;
     std::vector<std::string> each;
     for (int i = 1; i <= version; ++i)
         each.push_back(name + "@" + std::to_string(i));
@@ -55,7 +55,7 @@ void replaced(const ToolVault& v, const std::string& name, const std::string& co
     for (const auto& e : each)
         versions += (versions.empty() ? "" : "\n") + e;
     if (!others.empty()) {
-        names = ".deleted\n.policy\n.versions\n" + others;
+        names = ".certs\n.deleted\n.keys\n.policy\n.versions\n" + others;
         versions = ok(list_dir(v.path(".versions")));  // others' versions are the caller's to check
     }
     CHECK(ok(list_dir(v.path())) == names);
@@ -193,8 +193,8 @@ TEST_CASE("mktemp -p, a write, mv: the temporary file is private until it lands"
     CHECK(base.rfind("tmp.", 0) == 0);
     REQUIRE(shell("printf 'from mktemp\\n' > " + tmp).err == 0);
     // Only its creator sees it, and it is no secret.
-    CHECK(ok(list_dir(v.path())) == ".deleted\n.policy\n.versions\napp-conf\n" + base);
-    CHECK(ok(as(other, [&] { return list_dir(v.path()); })) == ".deleted\n.policy\n.versions\napp-conf");
+    CHECK(ok(list_dir(v.path())) == ".certs\n.deleted\n.keys\n.policy\n.versions\napp-conf\n" + base);
+    CHECK(ok(as(other, [&] { return list_dir(v.path()); })) == ".certs\n.deleted\n.keys\n.policy\n.versions\napp-conf");
     CHECK(as(other, [&] { return read_file(tmp); }).err == ENOENT);
     CHECK(ok(list_dir(v.path(".versions"))) == "app-conf@1");
     const auto r = shell("mv " + tmp + " " + v.path("app-conf") + " 2>&1");
@@ -337,7 +337,7 @@ TEST_CASE("staging files: private to their creator, gone when removed or idle; o
         CHECK(r.err != 0);
         CHECK(r.data.find("Invalid argument") != std::string::npos);
     }
-    CHECK(ok(list_dir(v.path())) == ".deleted\n.policy\n.versions\napp-conf");
+    CHECK(ok(list_dir(v.path())) == ".certs\n.deleted\n.keys\n.policy\n.versions\napp-conf");
     // A lock file is a symlink of its own; it is never a secret.
     REQUIRE(::symlink("root@host.1", v.path(".#app-conf").c_str()) == 0);
     char target[64] = {};
