@@ -21,7 +21,9 @@ TEST_CASE("inode numbers round-trip and never collide across kinds", "[fs]")
     using fs::NodeKind;
     for (const auto kind : {NodeKind::vault, NodeKind::policy_file, NodeKind::versions_dir, NodeKind::deleted_dir,
                             NodeKind::secret, NodeKind::version, NodeKind::deleted_secret, NodeKind::current,
-                            NodeKind::staging}) {
+                            NodeKind::staging, NodeKind::keys_dir, NodeKind::key, NodeKind::key_version,
+                            NodeKind::key_file, NodeKind::certs_dir, NodeKind::cert, NodeKind::cert_version,
+                            NodeKind::cert_file}) {
         for (const std::int64_t id : {std::int64_t{1}, std::int64_t{2}, std::int64_t{1} << 40}) {
             const auto ino = fs::to_ino({kind, id});
             CHECK(ino != fs::root_ino);
@@ -36,7 +38,7 @@ TEST_CASE("inode numbers round-trip and never collide across kinds", "[fs]")
     CHECK_FALSE(fs::from_ino(0));
     CHECK_FALSE(fs::from_ino(2));                          // kind 0 but not the root
     CHECK(fs::to_ino({NodeKind::current, 7}) != fs::to_ino({NodeKind::version, 7}));
-    CHECK_FALSE(fs::from_ino(std::uint64_t{10} << 56 | 1));  // unknown kind
+    CHECK_FALSE(fs::from_ino(std::uint64_t{18} << 56 | 1));  // unknown kind
 }
 
 TEST_CASE("audit result names agree with the errno the fs layer returns", "[fs]")

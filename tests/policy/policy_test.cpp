@@ -94,6 +94,12 @@ TEST_CASE("every permission has its spelling and parses back", "[policy][parse]"
         {Permission::backup, "backup"},
         {Permission::restore, "restore"},
         {Permission::manage, "manage"},
+        {Permission::create, "create"},
+        {Permission::rotate, "rotate"},
+        {Permission::sign, "sign"},
+        {Permission::decrypt, "decrypt"},
+        {Permission::unwrap, "unwrap"},
+        {Permission::certificates, "certificates"},
     }));
     CAPTURE(c.spelling);
 
@@ -115,8 +121,13 @@ TEST_CASE("permission lists: '*', declaration order, duplicates", "[policy][pars
     };
     const auto c = GENERATE(values<Case>({
         {"*", "*"},
-        {"get,list,set,delete,recover,purge,backup,restore,manage", "*"},
-        {"manage,restore,backup,purge,recover,delete,set,list,get", "*"},
+        {"get,list,set,delete,recover,purge,backup,restore,manage,create,rotate,sign,decrypt,unwrap,certificates",
+         "*"},
+        {"certificates,unwrap,decrypt,sign,rotate,create,manage,restore,backup,purge,recover,delete,set,list,get", "*"},
+        // The secrets' nine are not all of them.
+        {"manage,restore,backup,purge,recover,delete,set,list,get",
+         "get,list,set,delete,recover,purge,backup,restore,manage"},
+        {"sign,get,decrypt", "get,sign,decrypt"},
         {"manage,get", "get,manage"},
         {"get,get,get", "get"},
         {"delete,set,delete", "set,delete"},
