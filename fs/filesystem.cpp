@@ -418,6 +418,8 @@ vault::Result<Filesystem::NodeAttr> Filesystem::stat_node(const vault::Caller& c
         attr.generation = static_cast<std::uint64_t>(file->id);
         return attr;
     }
+    default:
+        break;  // keys and certificates: object_stat, above
     }
     return vault::fail(Errc::not_found);
 }
@@ -595,6 +597,8 @@ Reply Filesystem::access(fuse_req_t req, fuse_ino_t ino, int mask)
     if (!node)
         return Reply::err(ENOENT);
     const auto caller = caller_of(req);
+    if (is_object_kind(node->kind))
+        return object_access(caller, *node, mask);
     switch (node->kind) {
     case NodeKind::root:
         return Reply::err((mask & W_OK) && !service_.is_admin(caller) ? EACCES : 0);
@@ -800,7 +804,7 @@ Reply Filesystem::create(fuse_req_t req, fuse_ino_t parent, const char* name_c, 
     if (!p || p->kind != NodeKind::vault)
         return Reply::err(EPERM);
     const std::string name(name_c);
-    if (name == ".policy" || name == ".versions" || name == ".deleted")
+    if (name == ".policy" || name == ".versions" || name == ".deleted" || name == ".keys" || name == ".certs")
         return Reply::err(EEXIST);
     const auto caller = caller_of(req);
     if (is_staging_name(name))

@@ -188,6 +188,9 @@ private:
     Reply object_open(const vault::Caller& caller, Node node, fuse_file_info* fi);
     Reply object_read(const std::shared_ptr<Handle>& handle, size_t size, off_t off);
     Reply object_write(const std::shared_ptr<Handle>& handle, const char* buf, size_t size);
+    // access(): what the policy lets the caller do with the file (R_OK to
+    // read, W_OK and R_OK for an operation), never the mode bits.
+    Reply object_access(const vault::Caller& caller, Node node, int mask);
     // The entries of an object directory, for opendir.
     vault::Result<std::vector<std::pair<std::string, Node>>> object_entries(const vault::Caller& caller, Node node);
     vault::Result<std::vector<std::pair<std::string, std::string>>> object_attributes(const vault::Caller& caller,

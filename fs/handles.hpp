@@ -120,6 +120,7 @@ struct ObjectHandle final : Handle {
     hsm::SecureBuffer input;
     std::optional<hsm::SecureBuffer> content;  // what reads serve (a content file, or the last result)
     int failed = 0;                // the errno of the last operation, until the next write
+    std::size_t charged = 0;       // bytes charged to the opener's quota (the most ever held)
 };
 
 struct DirHandle final : Handle {

@@ -14,6 +14,7 @@
 // Nothing here is cached by the kernel (timeouts 0), and every file is
 // opened with direct_io: nothing enters the page cache.
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <openssl/crypto.h>
 #include <spdlog/spdlog.h>
@@ -198,13 +199,12 @@ vault::Result<Filesystem::NodeAttr> Filesystem::object_stat(const vault::Caller&
     if (node.kind == NodeKind::key_file) {
         // Public files are public: their size is shown (programs that read
         // st_size bytes get all of them). Operation files are read-write.
-        if (index == public_pem_file || index == public_jwk_file) {
+        if (index == public_pem_file) {
             st.st_mode = S_IFREG | 0444;
-            const auto pem = index == public_pem_file ? keys::public_pem(view->version.public_der)
-                                                      : keys::public_jwk(view->version.public_der, "", {});
+            const auto pem = keys::public_pem(view->version.public_der);
             st.st_size = pem ? static_cast<off_t>(pem->size()) : 0;
-            if (index == public_jwk_file)
-                st.st_size = 0;  // its kid and key_ops vary; read it to the end
+        } else if (index == public_jwk_file) {
+            st.st_mode = S_IFREG | 0444;  // size 0: read it to the end
         } else {
             st.st_mode = S_IFREG | 0666;
         }
@@ -285,7 +285,13 @@ Reply Filesystem::object_open(const vault::Caller& caller, Node node, fuse_file_
         }
         if (!content)
             return Reply::err(content.error());
+        // What the handle holds counts against its opener's buffered bytes,
+        // as a writer's buffer does: open handles cannot fill the locked heap.
+        if (!charge->grow(content->size()))
+            return Reply::err(service_.refuse_over_limit(caller, "get", view->vault_name, view->object.name,
+                                                         vault::Errc::out_of_memory));
         handle = std::make_shared<ObjectHandle>(caller, *view, ObjectHandle::Op::none, 0, 0, std::move(*charge));
+        handle->charged = content->size();
         handle->content = std::move(*content);
     }
     fi->fh = handles_.add(handle);
@@ -316,7 +322,14 @@ Reply Filesystem::object_write(const std::shared_ptr<Handle>& h, const char* buf
         wipe();
         return Reply::err(EINVAL);
     }
-    if (!o.charge.grow(size) || !o.input.resize(end)) {
+    if (end > o.charged) {
+        if (!o.charge.grow(end - o.charged)) {
+            wipe();
+            return Reply::err(ENOMEM);
+        }
+        o.charged = end;
+    }
+    if (!o.input.resize(end)) {
         wipe();
         return Reply::err(ENOMEM);
     }
@@ -368,6 +381,42 @@ Reply Filesystem::object_read(const std::shared_ptr<Handle>& h, size_t size, off
         return Reply::err(ENOMEM);
     auto owned = std::make_shared<const hsm::SecureBuffer>(std::move(*copy));
     return Reply{Reply::Buffer{owned->data(), owned->size(), owned}};
+}
+
+Reply Filesystem::object_access(const vault::Caller& caller, Node node, int mask)
+{
+    if (node.kind == NodeKind::keys_dir || node.kind == NodeKind::certs_dir) {
+        auto attr = object_stat(caller, node);
+        if (!attr)
+            return Reply::err(attr.error());
+        return Reply::err((mask & W_OK) ? EACCES : 0);
+    }
+    auto view = object_view(caller, node);
+    if (!view)
+        return Reply::err(view.error());
+    if (node.kind != NodeKind::key_file && node.kind != NodeKind::cert_file)
+        return Reply::err((mask & W_OK) ? EACCES : 0);  // NAME/, NAME@N/: look and list
+    const auto& p = view->permissions;
+    const int index = object_file_index(node.id);
+    bool r = false;
+    bool w = false;
+    if (node.kind == NodeKind::key_file) {
+        if (index < first_sign_file) {
+            r = p.contains(Permission::get);
+        } else {
+            const Permission op = index < first_decrypt_file  ? Permission::sign
+                                  : index < first_unwrap_file ? Permission::decrypt
+                                                              : Permission::unwrap;
+            r = w = p.contains(op);
+        }
+    } else {
+        const auto file = static_cast<certs::CertFile>(index);
+        const bool private_part =
+            file == certs::CertFile::key || file == certs::CertFile::bundle || file == certs::CertFile::bundle_p12;
+        r = p.contains(Permission::get) || (!private_part && p.contains(Permission::certificates));
+    }
+    const bool ok = (!(mask & R_OK) || r) && (!(mask & W_OK) || w) && !(mask & X_OK);
+    return Reply::err(ok ? 0 : EACCES);
 }
 
 vault::Result<std::vector<std::pair<std::string, Node>>> Filesystem::object_entries(const vault::Caller& caller,

@@ -62,6 +62,8 @@ Outcome operate(const std::string& path, const std::string& input)
     return {0, out};
 }
 
+Outcome access_of(const std::string& path, int mask) { return {::access(path.c_str(), mask) == 0 ? 0 : errno, {}}; }
+
 void put(const std::string& path, const std::string& data)
 {
     std::ofstream out(path, std::ios::binary);
@@ -153,6 +155,15 @@ TEST_CASE("keys live in the token and sign and decrypt through files and the CLI
         const auto rec = m.last_audit("key_sign", reader.uid);
         CHECK(rec["decision"] == "deny");
         CHECK(rec["result"] == "EACCES");
+        // access() says what the policy allows, not what the mode bits show.
+        const std::string op = m.path("apps/.keys/signer/sign.ES256");
+        CHECK(as(signer, [&] { return access_of(op, R_OK | W_OK); }).err == 0);
+        CHECK(as(reader, [&] { return access_of(op, W_OK); }).err == EACCES);
+        CHECK(as(reader, [&] { return access_of(m.path("apps/.keys/signer/public.pem"), R_OK); }).err == 0);
+        CHECK(as(reader, [&] { return access_of(m.path("apps/.keys/signer/public.pem"), W_OK); }).err == EACCES);
+        // Nothing is created among the keys.
+        CHECK(write_file(m.path("apps/.keys/new"), "x").err == EPERM);
+        CHECK(write_file(m.path("apps/.keys"), "x").err == EISDIR);
         // Opening for reading only is not an operation.
         CHECK(as(signer, [&] { return read_file(m.path("apps/.keys/signer/sign.ES256")); }).err == EINVAL);
         // Public files are read-only.
@@ -303,6 +314,8 @@ TEST_CASE("certificates: vault CAs, exportable or token keys, merge, import; ope
     CHECK(ok(as(viewer, [&] { return read_file(certs + "/web/chain.pem"); })).find("BEGIN CERTIFICATE") !=
           std::string::npos);
     CHECK(as(viewer, [&] { return read_file(certs + "/web/key.pem"); }).err == EACCES);
+    CHECK(as(viewer, [&] { return access_of(certs + "/web/key.pem", R_OK); }).err == EACCES);
+    CHECK(as(viewer, [&] { return access_of(certs + "/web/cert.pem", R_OK); }).err == 0);
     auto rec = m.last_audit("cert_get", viewer.uid);
     CHECK(rec["decision"] == "deny");
     CHECK(rec["attribute"] == "key.pem");
