@@ -48,6 +48,9 @@ Result<TokenEvp::Context*> TokenEvp::context()
     }
     if (c->slot == nullptr)
         return fail(Errc::token_not_found, "libp11 sees no token labelled '" + keys_.token_label() + "'");
+    // Read-write sessions, for storing certificates.
+    if (PKCS11_open_session(c->slot, 1) != 0)
+        return fail(Errc::device_error, "libp11 cannot open a session on token '" + keys_.token_label() + "'");
     int logged_in = 0;
     if (PKCS11_is_logged_in(c->slot, 0, &logged_in) != 0 || !logged_in) {
         const std::string pin(reinterpret_cast<const char*>(keys_.pin().data()), keys_.pin().size());
@@ -87,6 +90,21 @@ Result<void> TokenEvp::with_private_key(const KeyId& key, const std::function<Re
         return r;
     }
     return fail(Errc::key_not_found, "libp11 sees no private key with id " + key.hex);
+}
+
+Result<void> TokenEvp::store_certificate(const KeyId& key, X509* cert, const std::string& label)
+{
+    auto raw = from_hex(key.hex);
+    if (!raw)
+        return fail(Errc::invalid_argument, "malformed key id '" + key.hex + "'");
+    std::lock_guard lock(mutex_);
+    auto c = context();
+    if (!c)
+        return tl::unexpected(c.error());
+    std::string text = label;
+    if (PKCS11_store_certificate((*c)->slot->token, cert, text.data(), raw->data(), raw->size(), nullptr) != 0)
+        return fail(Errc::device_error, "libp11 cannot store the certificate of key " + key.hex + " on the token");
+    return {};
 }
 
 }  // namespace vaultfs::hsm

@@ -1,7 +1,8 @@
 // TokenEvp: libp11 over the same token as Pkcs11KeyService, for what libp11
 // does well -- turning a token-held private key into an OpenSSL EVP_PKEY,
 // so that OpenSSL itself signs X.509 certificates and CSRs with it
-// (X509_sign, X509_REQ_sign) while the key stays in the token.
+// (X509_sign, X509_REQ_sign) while the key stays in the token -- and
+// storing a non-exportable key's certificate on the token beside it.
 //
 // - libp11 is initialised after the key service's own C_Initialize (libp11
 //   accepts CKR_CRYPTOKI_ALREADY_INITIALIZED) and logs in only when the
@@ -15,6 +16,7 @@
 #pragma once
 
 #include <openssl/evp.h>
+#include <openssl/x509.h>
 
 #include <functional>
 #include <memory>
@@ -37,6 +39,11 @@ public:
     // during the call), under the mutex. Errc::key_not_found when libp11
     // sees no such key; the result of `use` otherwise.
     Result<void> with_private_key(const KeyId& key, const std::function<Result<void>(EVP_PKEY*)>& use);
+
+    // Stores `cert` on the token as a certificate object with the key's
+    // CKA_ID and `label`, so that token-aware software finds a
+    // non-exportable key's certificate beside it.
+    Result<void> store_certificate(const KeyId& key, X509* cert, const std::string& label);
 
 private:
     struct Context;

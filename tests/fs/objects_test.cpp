@@ -254,6 +254,12 @@ TEST_CASE("keys live in the token and sign and decrypt through files and the CLI
         CHECK(ok(get_xattr(m.path("apps/.keys/signer"), "user.vault.version")) == "2");
         CHECK(ok(get_xattr(m.path("apps/.keys/signer"), "user.vault.type")) == "ec-p256");
         CHECK(ok(get_xattr(m.path("apps/.keys/signer"), "user.vault.ops")) == "sign,verify");
+        // Tags, as for secrets.
+        REQUIRE(set_xattr(m.path("apps/.keys/signer"), "user.vault.tag.team", "payments").err == 0);
+        CHECK(ok(get_xattr(m.path("apps/.keys/signer"), "user.vault.tag.team")) == "payments");
+        CHECK(ok(list_xattr(m.path("apps/.keys/signer"))).find("user.vault.tag.team") != std::string::npos);
+        CHECK(as(reader, [&] { return set_xattr(m.path("apps/.keys/signer"), "user.vault.tag.x", "y"); }).err == EACCES);
+        CHECK(set_xattr(m.path("apps/.keys/signer"), "user.vault.type", "rsa-2048").err == EPERM);
     }
     SECTION("pkcs11-tool sees the keys as sensitive and never extractable")
     {
@@ -308,6 +314,11 @@ TEST_CASE("certificates: vault CAs, exportable or token keys, merge, import; ope
     // A key in the token is never a file.
     CHECK(ok(list_dir(certs + "/token")) == "ca.pem\ncert.pem\nchain.pem\nstatus");
     CHECK(as(getter, [&] { return read_file(certs + "/token/key.pem"); }).err == ENOENT);
+    // Its certificate is on the token beside the key (libp11), for token-aware software.
+    r = shell("SOFTHSM2_CONF=" + m.state + "/softhsm2.conf pkcs11-tool --module /usr/lib/softhsm/libsofthsm2.so "
+              "--token-label vaultfs --login --pin \"$(cat " + m.state + "/pin)\" --list-objects --type cert 2>&1");
+    CHECK(r.data.find("label:      vaultfs-cert:pki/token") != std::string::npos);
+    CHECK(r.data.find("subject:    DN: CN=token.test") != std::string::npos);
     CHECK(ok(as(getter, [&] { return read_file(certs + "/token/status"); })).rfind("status: issued\n", 0) == 0);
 
     // `certificates` reads the public files, never the key.

@@ -351,8 +351,22 @@ Result<ObjectView> Certificates::commit(const Caller* caller, const VaultEntry& 
             return tl::unexpected(w.error());
         return core_.refuse(ev, w.error().code, w.error().message);
     }
+    keep_on_token(v, target.name, row);
     const Caller daemon{};
     return objects_.view_of(caller != nullptr ? *caller : daemon, v, std::move(target), std::move(row), false);
+}
+
+void Certificates::keep_on_token(const VaultEntry& v, const std::string& name, const ObjectVersionRow& row)
+{
+    if (row.token_key.empty() || body_of(row).value("status", "") != "issued")
+        return;
+    auto certs = certs_from_pem(body_of(row).value("cert", ""));
+    if (!certs)
+        return;
+    if (auto r = evp_.store_certificate(hsm::KeyId{row.token_key}, certs->front().get(),
+                                        "vaultfs-cert:" + v.row.name + "/" + name);
+        !r)
+        spdlog::warn("certificate {}/{} version {}: {}", v.row.name, name, row.number, r.error().message);
 }
 
 Result<ObjectView> Certificates::create(const Caller& caller, std::string_view vault, std::string_view name,
@@ -454,6 +468,7 @@ Result<ObjectView> Certificates::merge(const Caller& caller, std::string_view va
     ev.result = "ok";
     if (auto w = core_.write_audited(ev, [&](Store::Transaction& tx) { return tx.update_object_version(row); }); !w)
         return tl::unexpected(w.error());
+    keep_on_token(*t->vault, t->object->name, row);
     return objects_.view_of(caller, *t->vault, std::move(*t->object), std::move(row), false);
 }
 

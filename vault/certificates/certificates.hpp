@@ -122,6 +122,9 @@ private:
     Result<void> seal_key(const VaultEntry& v, const std::string& name, std::span<const std::uint8_t> der,
                           ObjectVersionRow& row);
     Result<hsm::SecureBuffer> unseal_key(const VaultEntry& v, const ObjectRow& object, const ObjectVersionRow& row);
+    // A token key's issued certificate, stored on the token beside it
+    // (libp11); a failure is logged, never fatal: the database holds it.
+    void keep_on_token(const VaultEntry& v, const std::string& name, const ObjectVersionRow& row);
     Result<ObjectView> commit(const Caller* caller, const VaultEntry& v, std::optional<ObjectRow> object,
                               ObjectRow fresh, ObjectVersionRow row, audit::Event& ev);
 

@@ -1,5 +1,7 @@
 #include "vault/objects/objects.hpp"
 
+#include <nlohmann/json.hpp>
+
 #include "vault/attributes.hpp"
 #include "vault/names.hpp"
 
@@ -136,6 +138,11 @@ Result<std::vector<std::pair<std::string, std::string>>> Objects::attributes(
         out.emplace_back("not_before", format_rfc3339(*view.version.not_before));
     if (view.version.expires)
         out.emplace_back("expires", format_rfc3339(*view.version.expires));
+    const auto body = nlohmann::json::parse(view.version.body, nullptr, false);
+    if (body.is_object() && body.contains("tags") && body["tags"].is_object())
+        for (const auto& [k, val] : body["tags"].items())
+            if (val.is_string())
+                out.emplace_back("tag." + k, val.get<std::string>());
     for (auto& e : extra)
         out.push_back(std::move(e));
     return out;
@@ -170,6 +177,26 @@ Result<void> Objects::set_attribute(const Caller& caller, const ObjectView& view
         (name == "expires" ? row.expires : row.not_before) = t;
         if (name == "expires")
             row.notified = 0;  // a new expiry gets its warnings again
+    } else if (name.starts_with("tag.")) {
+        const std::string tag(name.substr(4));
+        auto body = nlohmann::json::parse(row.body, nullptr, false);
+        if (!body.is_object())
+            body = nlohmann::json::object();
+        auto& tags = body["tags"];
+        if (!tags.is_object())
+            tags = nlohmann::json::object();
+        if (!is_valid_tag_name(tag) || (value && !is_valid_tag_value(*value)))
+            return core_.refuse(ev, Errc::invalid_argument, "tag names and values are printable text of at most 512 bytes");
+        if (value) {
+            if (!tags.contains(tag) && tags.size() >= max_tags)
+                return core_.refuse(ev, Errc::invalid_argument, "at most 15 tags per version");
+            tags[tag] = std::string(*value);
+        } else if (!tags.contains(tag)) {
+            return core_.refuse(ev, Errc::no_attribute);
+        } else {
+            tags.erase(tag);
+        }
+        row.body = body.dump();
     } else {
         return core_.refuse(ev, Errc::not_permitted, std::string(name) + " cannot be changed");
     }

@@ -57,12 +57,13 @@ public:
     Result<std::vector<ObjectRow>> list(const Caller& caller, VaultId vault);
     Result<std::vector<ObjectVersionRow>> versions(const Caller& caller, const ObjectView& view);
 
-    // enabled, not_before, expires, created, version (and what `extra`
+    // enabled, not_before, expires, created, version, tag.* (and what `extra`
     // adds: a kind's own read-only attributes). Needs `get`, `list` or
     // `certificates` (for certificates); audited ("xattr_get").
     Result<std::vector<std::pair<std::string, std::string>>> attributes(
         const Caller& caller, const ObjectView& view, std::vector<std::pair<std::string, std::string>> extra);
-    // enabled, not_before, expires (nullopt or empty clears the times).
+    // enabled, not_before, expires (nullopt or empty clears the times),
+    // tag.NAME (nullopt removes it; limits as for secrets, attributes.hpp).
     // Needs `set`; audited ("xattr_set"). Errc::invalid_argument for bad
     // values, Errc::not_permitted for read-only names.
     Result<void> set_attribute(const Caller& caller, const ObjectView& view, std::string_view name,
