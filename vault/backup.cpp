@@ -109,6 +109,13 @@ Result<std::string> SecretService::backup(const Caller& caller, std::string_view
              {"created", now_micros()},
              {"vault", json{{"id", vault.row.id.value}, {"name", vault.row.name}, {"kek_id", vault.row.kek_id}}},
              {"secrets", secrets}};
+    if (!secret && options_.backup_objects) {
+        auto objects = options_.backup_objects(caller, vault);
+        if (!objects)
+            return tl::unexpected(objects.error());
+        if (!objects->empty())
+            doc["objects"] = std::move(*objects);
+    }
     auto sealed = seal_document(doc, [&](std::span<const std::uint8_t, 32> digest) {
         return keys_.sign_digest(options_.signing_key, digest);
     });
@@ -206,8 +213,24 @@ Result<std::vector<std::string>> SecretService::restore(const Caller& caller, st
         plan.push_back(std::move(r));
     }
 
+    std::function<Result<std::vector<std::string>>(Store::Transaction&)> objects;
+    if (!doc->objects.empty()) {
+        if (!options_.restore_objects)
+            return core_.refuse(ev, Errc::invalid_argument, "this daemon restores no keys or certificates");
+        auto planned = options_.restore_objects(caller, target, doc->source_vault, doc->objects);
+        if (!planned)
+            return tl::unexpected(planned.error());
+        objects = std::move(*planned);
+    }
+
     std::vector<std::string> names;
     auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
+        if (objects) {
+            auto restored = objects(tx);
+            if (!restored)
+                return tl::unexpected(restored.error());
+            names = std::move(*restored);
+        }
         for (auto& r : plan) {
             auto existing = tx.secret_by_name(target.row.id, r.name);
             if (!existing)

@@ -124,6 +124,12 @@ Result<BackupDocument> parse_backup(std::string_view text)
             out.secrets.push_back(std::move(secret));
         }
 
+        if (doc.contains("objects")) {
+            if (!doc["objects"].is_array())
+                throw std::invalid_argument("\"objects\" is not a list");
+            out.objects = doc["objects"];
+        }
+
         json body = doc;
         const std::string hash = body.at("hash").get<std::string>();
         body.erase("hash");

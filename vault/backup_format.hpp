@@ -48,6 +48,8 @@ struct BackupDocument {
     std::string source_name;
     std::string source_kek;
     std::vector<BackupSecret> secrets;
+    // Keys and certificates (vault/objects/object_backup.hpp), checked there.
+    nlohmann::json objects = nlohmann::json::array();
     // What the signature covers, and the signature itself.
     std::array<std::uint8_t, 32> signed_digest{};
     std::vector<std::uint8_t> signature;

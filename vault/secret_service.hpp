@@ -36,6 +36,8 @@
 #include <string_view>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "hsm/key_service.hpp"
 #include "hsm/secure_buffer.hpp"
 #include "policy/policy.hpp"
@@ -138,6 +140,14 @@ struct Options {
     // Signs backups (the state's token-held signing key) and checks them.
     hsm::KeyId signing_key;
     std::string signing_public_pem;
+    // Keys and certificates in whole-vault backups (vault/objects/
+    // object_backup.hpp), which this service knows only as JSON: what a
+    // backup adds, and the work a restore runs in its transaction (planned
+    // first, with the token). Unset: backups hold secrets only.
+    std::function<Result<nlohmann::json>(const Caller&, const VaultEntry&)> backup_objects;
+    std::function<Result<std::function<Result<std::vector<std::string>>(Store::Transaction&)>>(
+        const Caller&, const VaultEntry& target, VaultId source, const nlohmann::json& objects)>
+        restore_objects;
 };
 
 class SecretService {

@@ -310,8 +310,17 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
             return tl::unexpected(log.error());
         st->audit = std::move(*log);
         st->core = std::make_unique<Core>(*st->store, *st->audit, st->names, st->admin_gid);
-        st->service = std::make_unique<SecretService>(*st->core, *st->keys, *st->deks,
-                                                      Options{c.retention_day_ms, signing_key, *pem});
+        st->object_backup = std::make_unique<ObjectBackup>(*st->core, *st->keys);
+        Options options{c.retention_day_ms, signing_key, *pem};
+        ObjectBackup* objects = st->object_backup.get();
+        options.backup_objects = [objects](const Caller& caller, const VaultEntry& v) {
+            return objects->backup(caller, v);
+        };
+        options.restore_objects = [objects](const Caller& caller, const VaultEntry& target, VaultId source,
+                                            const nlohmann::json& docs) {
+            return objects->plan_restore(caller, target, source, docs);
+        };
+        st->service = std::make_unique<SecretService>(*st->core, *st->keys, *st->deks, std::move(options));
         st->evp = std::make_unique<hsm::TokenEvp>(*st->keys);
         st->key_vault = std::make_unique<keys::KeyVault>(*st->core, *st->keys);
         st->certificates = std::make_unique<certificates::Certificates>(*st->core, *st->keys, *st->keys, *st->evp);
@@ -350,6 +359,7 @@ void State::close()
     key_vault.reset();
     evp.reset();
     service.reset();
+    object_backup.reset();
     core.reset();
     if (audit) {
         if (auto r = audit->close(); !r)

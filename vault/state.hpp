@@ -22,6 +22,7 @@
 #include "vault/audit/log.hpp"
 #include "vault/certificates/certificates.hpp"
 #include "vault/keys/key_vault.hpp"
+#include "vault/objects/object_backup.hpp"
 #include "vault/config.hpp"
 #include "vault/dek_cache.hpp"
 #include "vault/error.hpp"
@@ -69,6 +70,7 @@ public:
     std::unique_ptr<DekCache> deks;
     SystemNameResolver names;
     std::unique_ptr<Core> core;              // null for `inspect`
+    std::unique_ptr<ObjectBackup> object_backup;  // keys and certificates in backups; null for `inspect`
     std::unique_ptr<SecretService> service;  // null for `inspect`
     std::unique_ptr<hsm::TokenEvp> evp;      // libp11 over `keys`; null for `inspect`
     std::unique_ptr<keys::KeyVault> key_vault;                  // null for `inspect`

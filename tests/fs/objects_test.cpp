@@ -380,6 +380,39 @@ TEST_CASE("certificates: vault CAs, exportable or token keys, merge, import; ope
                     "/ext/cert.pem -noout -pubkey)\"")
                   .err == 0);
     }
+    SECTION("backups carry keys and certificates; a restore into another vault re-binds them")
+    {
+        REQUIRE(shell(cli(m, "key create pki/signer --type ec-p384")).err == 0);
+        const std::string d = m.root;
+        REQUIRE(shell(cli(m, "backup pki -o " + d + "/pki.backup")).err == 0);
+        const std::string doc = slurp(d + "/pki.backup");
+        CHECK(doc.find("BEGIN PRIVATE KEY") == std::string::npos);  // sealed, never plain
+        CHECK(doc.find("\"objects\"") != std::string::npos);
+        // Into the same vault: everything is there already, nothing changes.
+        auto again = shell(cli(m, "restore " + d + "/pki.backup") + " 2>&1");
+        CHECK(again.err == 1);
+        CHECK(again.data.find("exists in pki") != std::string::npos);
+        auto r2 = shell(cli(m, "restore " + d + "/pki.backup --into pki2"));
+        INFO(r2.data);
+        REQUIRE(r2.err == 0);
+        CHECK(r2.data.find("restored .certs/web\n") != std::string::npos);
+        CHECK(r2.data.find("restored .keys/signer\n") != std::string::npos);
+        const std::string copy = m.path("pki2/.certs");
+        CHECK(slurp(copy + "/web/key.pem") == slurp(certs + "/web/key.pem"));
+        CHECK(slurp(copy + "/web/chain.pem") == slurp(certs + "/web/chain.pem"));
+        CHECK(slurp(copy + "/token/cert.pem") == slurp(certs + "/token/cert.pem"));
+        CHECK(ok(list_dir(copy + "/token")) == "ca.pem\ncert.pem\nchain.pem\nstatus");
+        // The restored key is the same token key: its signature verifies with the original's public half.
+        put(d + "/data", "restored");
+        REQUIRE(shell(cli(m, "key sign pki2/signer --alg ES384 --in " + d + "/data --out " + d + "/sig")).err == 0);
+        CHECK(shell("openssl dgst -sha384 -verify " + m.path("pki/.keys/signer/public.pem") + " -signature " + d +
+                    "/sig " + d + "/data")
+                  .err == 0);
+        bool recorded = false;
+        for (const auto& rec : m.audit())
+            recorded |= rec["op"] == "restore" && rec["vault"] == "pki2" && rec["secret"] == ".keys/signer";
+        CHECK(recorded);
+    }
     SECTION("import takes PEM and PKCS#12; each import is a version")
     {
         const std::string d = m.root;
