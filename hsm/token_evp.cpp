@@ -3,6 +3,8 @@
 #include <libp11.h>
 
 #include <cstring>
+#include <mutex>
+#include <vector>
 #include <string>
 
 #include "hsm/hex.hpp"
@@ -17,18 +19,36 @@ struct TokenEvp::Context {
     std::uint64_t epoch = 0;
 };
 
+namespace {
+
+// Contexts abandoned on purpose (see the header): releasing their slots or
+// unloading them would finalize the module the key service is using. They
+// stay reachable here until the process ends.
+void abandon(std::unique_ptr<TokenEvp::Context> context)
+{
+    static std::mutex mutex;
+    static auto* kept = new std::vector<std::unique_ptr<TokenEvp::Context>>();
+    std::lock_guard lock(mutex);
+    kept->push_back(std::move(context));
+}
+
+}  // namespace
+
 TokenEvp::TokenEvp(Pkcs11KeyService& keys) : keys_(keys) {}
 
-// Abandoned on purpose (see the header): releasing slots or unloading the
-// context would finalize the module the key service is using.
-TokenEvp::~TokenEvp() { static_cast<void>(current_.release()); }
+TokenEvp::~TokenEvp()
+{
+    if (current_)
+        abandon(std::move(current_));
+}
 
 Result<TokenEvp::Context*> TokenEvp::context()
 {
     const std::uint64_t epoch = keys_.connection_epoch();
     if (current_ && current_->epoch == epoch)
         return current_.get();
-    static_cast<void>(current_.release());  // a context from before a reconnect: abandoned
+    if (current_)
+        abandon(std::move(current_));  // a context from before a reconnect
     auto c = std::make_unique<Context>();
     c->epoch = epoch;
     c->ctx = PKCS11_CTX_new();

@@ -45,8 +45,9 @@ public:
     // non-exportable key's certificate beside it.
     Result<void> store_certificate(const KeyId& key, X509* cert, const std::string& label);
 
-private:
     struct Context;
+
+private:
     Result<Context*> context();  // REQUIRES: mutex_ held
 
     Pkcs11KeyService& keys_;

@@ -398,13 +398,15 @@ Result<ObjectView> Certificates::renew(const Caller* caller, std::string_view va
     audit::Event ev{.op = "cert_renew", .caller = caller, .vault = vault, .secret = path};
     std::shared_ptr<const VaultEntry> v;
     std::optional<ObjectRow> object;
+    Decided decided;
     if (caller != nullptr) {
         auto t = objects_.target(*caller, vault, name, Permission::rotate, "cert_renew", false);
         if (!t)
             return tl::unexpected(t.error());
         v = t->vault;
         object = std::move(t->object);
-        t->decided.fill(ev);
+        decided = std::move(t->decided);  // ev's rule views it: it must outlive this block
+        decided.fill(ev);
     } else {
         auto loaded = core_.load_vault(vault);
         if (!loaded)

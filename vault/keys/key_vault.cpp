@@ -422,6 +422,7 @@ Result<ObjectView> KeyVault::rotate(const Caller* caller, std::string_view vault
     const std::string path = objects_.path_of(name);
     std::shared_ptr<const VaultEntry> v;
     std::optional<ObjectRow> object;
+    Decided decided;
     audit::Event ev{.op = "key_rotate", .caller = caller, .vault = vault, .secret = path};
     if (caller != nullptr) {
         auto t = objects_.target(*caller, vault, name, Permission::rotate, "key_rotate", false);
@@ -429,7 +430,8 @@ Result<ObjectView> KeyVault::rotate(const Caller* caller, std::string_view vault
             return tl::unexpected(t.error());
         v = t->vault;
         object = std::move(t->object);
-        t->decided.fill(ev);
+        decided = std::move(t->decided);  // ev's rule views it: it must outlive this block
+        decided.fill(ev);
     } else {
         auto loaded = core_.load_vault(vault);
         if (!loaded)
@@ -622,8 +624,16 @@ Result<std::size_t> KeyVault::run_policies(Micros now)
             audit::Event ev{.op = "key_near_expiry", .vault = (*v)->row.name, .secret = path,
                             .version = row.number, .allowed = true, .rule = "rotation-policy", .result = "ok",
                             .reason = when};
-            if (auto w = core_.write_audited(ev, [&](Store::Transaction& tx) { return tx.update_object_version(row); });
-                w) {
+            const auto mark = [&](Store::Transaction& tx) -> Result<void> {
+                auto fresh = tx.object_version(object.id, row.number);
+                if (!fresh)
+                    return tl::unexpected(fresh.error());
+                if (!*fresh)
+                    return fail(Errc::not_found);
+                (*fresh)->notified = row.notified;
+                return tx.update_object_version(**fresh);
+            };
+            if (auto w = core_.write_audited(ev, mark); w) {
                 spdlog::warn("key {}/{} version {} expires at {}", (*v)->row.name, object.name, row.number, when);
                 ++done;
             }

@@ -1,5 +1,7 @@
 #include "vault/objects/objects.hpp"
 
+#include <functional>
+
 #include <nlohmann/json.hpp>
 
 #include "vault/attributes.hpp"
@@ -161,12 +163,17 @@ Result<void> Objects::set_attribute(const Caller& caller, const ObjectView& view
     d.fill(ev);
     if (!d.allowed)
         return core_.refuse(ev, Errc::access_denied);
-    ObjectVersionRow row = view.version;
+    // The change, applied to the row as the transaction reads it: another
+    // attribute changed meanwhile is never written back over.
+    std::function<Result<void>(ObjectVersionRow&)> change;
     if (name == "enabled") {
         const auto b = value ? parse_bool(*value) : std::nullopt;
         if (!b)
             return core_.refuse(ev, Errc::invalid_argument, "enabled is true or false");
-        row.enabled = *b;
+        change = [on = *b](ObjectVersionRow& row) -> Result<void> {
+            row.enabled = on;
+            return {};
+        };
     } else if (name == "not_before" || name == "expires") {
         std::optional<Micros> t;
         if (value && !value->empty()) {
@@ -174,35 +181,51 @@ Result<void> Objects::set_attribute(const Caller& caller, const ObjectView& view
             if (!t)
                 return core_.refuse(ev, Errc::invalid_argument, "times are RFC 3339 UTC, like 2027-01-31T00:00:00Z");
         }
-        (name == "expires" ? row.expires : row.not_before) = t;
-        if (name == "expires")
-            row.notified = 0;  // a new expiry gets its warnings again
+        change = [t, expires = name == "expires"](ObjectVersionRow& row) -> Result<void> {
+            (expires ? row.expires : row.not_before) = t;
+            if (expires)
+                row.notified = 0;  // a new expiry gets its warnings again
+            return {};
+        };
     } else if (name.starts_with("tag.")) {
         const std::string tag(name.substr(4));
-        auto body = nlohmann::json::parse(row.body, nullptr, false);
-        if (!body.is_object())
-            body = nlohmann::json::object();
-        auto& tags = body["tags"];
-        if (!tags.is_object())
-            tags = nlohmann::json::object();
         if (!is_valid_tag_name(tag) || (value && !is_valid_tag_value(*value)))
             return core_.refuse(ev, Errc::invalid_argument, "tag names and values are printable text of at most 512 bytes");
-        if (value) {
-            if (!tags.contains(tag) && tags.size() >= max_tags)
-                return core_.refuse(ev, Errc::invalid_argument, "at most 15 tags per version");
-            tags[tag] = std::string(*value);
-        } else if (!tags.contains(tag)) {
-            return core_.refuse(ev, Errc::no_attribute);
-        } else {
-            tags.erase(tag);
-        }
-        row.body = body.dump();
+        change = [tag, text = value ? std::optional<std::string>(*value) : std::nullopt](
+                     ObjectVersionRow& row) -> Result<void> {
+            auto body = nlohmann::json::parse(row.body, nullptr, false);
+            if (!body.is_object())
+                body = nlohmann::json::object();
+            auto& tags = body["tags"];
+            if (!tags.is_object())
+                tags = nlohmann::json::object();
+            if (text) {
+                if (!tags.contains(tag) && tags.size() >= max_tags)
+                    return fail(Errc::invalid_argument, "at most 15 tags per version");
+                tags[tag] = *text;
+            } else if (!tags.contains(tag)) {
+                return fail(Errc::no_attribute);
+            } else {
+                tags.erase(tag);
+            }
+            row.body = body.dump();
+            return {};
+        };
     } else {
         return core_.refuse(ev, Errc::not_permitted, std::string(name) + " cannot be changed");
     }
     ev.allowed = true;
     ev.result = "ok";
-    return core_.write_audited(ev, [&](Store::Transaction& tx) { return tx.update_object_version(row); });
+    return core_.write_audited(ev, [&](Store::Transaction& tx) -> Result<void> {
+        auto row = tx.object_version(view.object.id, view.version.number);
+        if (!row)
+            return tl::unexpected(row.error());
+        if (!*row)
+            return fail(Errc::not_found);
+        if (auto r = change(**row); !r)
+            return r;
+        return tx.update_object_version(**row);
+    });
 }
 
 Result<void> Objects::authorize(const Caller& caller, const ObjectView& view, Permission wanted, std::string_view op)
