@@ -1175,6 +1175,10 @@ Result<void> Pkcs11KeyService::destroy_key_pair(const KeyId& key)
 }
 
 std::uint64_t Pkcs11KeyService::connection_epoch() const { return impl_->epoch.load(); }
+std::shared_lock<std::shared_mutex> Pkcs11KeyService::hold_module()
+{
+    return std::shared_lock<std::shared_mutex>(impl_->module_mutex);
+}
 const std::string& Pkcs11KeyService::module_path() const { return impl_->module_path; }
 const std::string& Pkcs11KeyService::token_label() const { return impl_->label; }
 const SecureBuffer& Pkcs11KeyService::pin() const { return impl_->pin; }

@@ -21,6 +21,7 @@
 #pragma once
 
 #include <memory>
+#include <shared_mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -70,6 +71,10 @@ public:
     Result<SecureBuffer> decrypt(const KeyId& key, Mechanism mechanism, std::span<const std::uint8_t> data) override;
     Result<void> destroy_key_pair(const KeyId& key) override;
     std::uint64_t connection_epoch() const override;
+
+    // Holds off a reconnect (which finalizes the module) while libp11 works
+    // on the same module: token_evp.hpp takes it around every libp11 call.
+    std::shared_lock<std::shared_mutex> hold_module();
 
     // What libp11 (token_evp.hpp) needs to reach the same token.
     const std::string& module_path() const;

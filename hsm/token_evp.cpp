@@ -92,6 +92,7 @@ Result<void> TokenEvp::with_private_key(const KeyId& key, const std::function<Re
     if (!raw)
         return fail(Errc::invalid_argument, "malformed key id '" + key.hex + "'");
     std::lock_guard lock(mutex_);
+    const auto held = keys_.hold_module();
     auto c = context();
     if (!c)
         return tl::unexpected(c.error());
@@ -118,6 +119,7 @@ Result<void> TokenEvp::store_certificate(const KeyId& key, X509* cert, const std
     if (!raw)
         return fail(Errc::invalid_argument, "malformed key id '" + key.hex + "'");
     std::lock_guard lock(mutex_);
+    const auto held = keys_.hold_module();
     auto c = context();
     if (!c)
         return tl::unexpected(c.error());

@@ -12,7 +12,10 @@
 //   context is rebuilt. The old one is abandoned, never unloaded:
 //   PKCS11_CTX_unload would C_Finalize the module under the key service.
 //   PKCS11_logout is never called for the same reason.
-// - Every call into libp11, signing included, runs under one mutex.
+// - Every call into libp11, signing included, runs under one mutex, and
+//   holds off the key service's reconnect (Pkcs11KeyService::hold_module),
+//   so the module is never finalized under libp11. REQUIRES: `use` makes no
+//   key-service call (it would wait behind a reconnect that waits for it).
 #pragma once
 
 #include <openssl/evp.h>
