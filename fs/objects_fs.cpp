@@ -314,6 +314,7 @@ Reply Filesystem::object_write(const std::shared_ptr<Handle>& h, const char* buf
         // A write after a result starts the next operation.
         o.content.reset();
         o.failed = 0;
+        o.result_at = 0;
         static_cast<void>(o.input.resize(0));
     }
     // Input beyond what the operation takes fails here, where it is known.
@@ -366,13 +367,15 @@ Reply Filesystem::object_read(const std::shared_ptr<Handle>& h, size_t size, off
             return Reply::err(o.failed);
         }
         o.content = std::move(*result);
-        off = 0;  // the result starts where the input ended: it is read from its beginning
+        o.result_at = off;  // the result starts where the input ended
     }
     if (!o.content)
         return Reply{Reply::Buffer{nullptr, 0, nullptr}};
-    // Offsets of an operation's result count from the read that ran it.
+    // Offsets of an operation's result count from the read that ran it (a
+    // read before that, after an lseek back, starts it again).
     const auto bytes = o.content->bytes();
-    const std::size_t start = std::min(static_cast<std::size_t>(off), bytes.size());
+    const std::size_t at = off >= o.result_at ? static_cast<std::size_t>(off - o.result_at) : 0;
+    const std::size_t start = std::min(at, bytes.size());
     const std::size_t n = std::min(size, bytes.size() - start);
     if (n == 0)
         return Reply{Reply::Buffer{nullptr, 0, nullptr}};

@@ -14,6 +14,7 @@
 
 #include <openssl/evp.h>
 
+#include <algorithm>
 #include <chrono>
 #include <fstream>
 #include <thread>
@@ -34,7 +35,7 @@ std::string sha256(const std::string& data)
 
 // An operation through a file: open read-write, write the input, read the
 // result until EOF from the same fd.
-Outcome operate(const std::string& path, const std::string& input)
+Outcome operate(const std::string& path, const std::string& input, std::size_t chunk = 4096)
 {
     const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
     if (fd < 0)
@@ -47,7 +48,7 @@ Outcome operate(const std::string& path, const std::string& input)
     std::string out;
     char buf[4096];
     for (;;) {
-        const ssize_t n = ::read(fd, buf, sizeof buf);
+        const ssize_t n = ::read(fd, buf, std::min(chunk, sizeof buf));
         if (n < 0) {
             const int err = errno;
             ::close(fd);
@@ -135,6 +136,13 @@ TEST_CASE("keys live in the token and sign and decrypt through files and the CLI
         const auto sig = as(signer, [&] { return operate(m.path("apps/.keys/signer/sign.ES256"), sha256(data)); });
         REQUIRE(sig.err == 0);
         put(m.root + "/sig", sig.data);
+        // Read in small pieces, the result is the same length and verifies too.
+        const auto pieces = as(signer, [&] { return operate(m.path("apps/.keys/signer/sign.ES256"), sha256(data), 7); });
+        REQUIRE(pieces.err == 0);
+        CHECK(pieces.data.size() >= 70);
+        put(m.root + "/sig7", pieces.data);
+        CHECK(shell("openssl dgst -sha256 -verify " + pub + " -signature " + m.root + "/sig7 " + m.root + "/data")
+                  .err == 0);
         const auto rec = m.last_audit("key_sign", signer.uid);
         CHECK(rec["result"] == "ok");
         CHECK(rec["attribute"] == "ES256");
