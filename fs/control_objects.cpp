@@ -1,5 +1,7 @@
 #include "fs/control_objects.hpp"
 
+#include <openssl/crypto.h>
+
 #include "fs/control.hpp"
 #include "fs/control_protocol.hpp"
 #include "vault/attributes.hpp"
@@ -194,12 +196,14 @@ json cert_op(vault::State& state, const vault::Caller& caller, const std::string
     if (op == "cert_merge")
         return made_reply(c.merge(caller, vault_name, name, text_of(args, "pem")));
     if (op == "cert_import") {
-        const auto data = base64_decode(text_of(args, "data"));
+        auto data = base64_decode(text_of(args, "data"));
         if (!data)
             return bad("\"data\" must be base64");
-        return made_reply(c.import(caller, vault_name, name,
-                                   std::span(reinterpret_cast<const std::uint8_t*>(data->data()), data->size()),
-                                   text_of(args, "password")));
+        auto made = c.import(caller, vault_name, name,
+                             std::span(reinterpret_cast<const std::uint8_t*>(data->data()), data->size()),
+                             text_of(args, "password"));
+        OPENSSL_cleanse(data->data(), data->size());  // it holds a private key
+        return made_reply(made);
     }
     if (op == "cert_show") {
         auto view = find(c.objects(), state, caller, args);

@@ -861,6 +861,20 @@ Result<Bytes> ecdsa_der(const Bytes& raw)
     return der;
 }
 
+// C_DecryptInit and C_Decrypt of `data` with a private key into `out`
+// (its size the room there is); `len` gets the length written.
+Result<ck_rv_t> decrypt_with(Pkcs11KeyService::Impl& impl, const KeyId& key, ck_mechanism& mech,
+                             std::span<const std::uint8_t> data, SecureBuffer& out, unsigned long& len)
+{
+    return impl.with_key(CKO_PRIVATE_KEY, key, [&](ck_session_handle_t s, ck_object_handle_t h) {
+        ck_rv_t r = (*impl.module)->C_DecryptInit(s, &mech, h);
+        if (r != CKR_OK)
+            return r;
+        len = out.size();
+        return (*impl.module)->C_Decrypt(s, const_cast<std::uint8_t*>(data.data()), data.size(), out.data(), &len);
+    });
+}
+
 }  // namespace
 
 std::optional<KeyType> key_type_from(std::string_view text)
@@ -1079,13 +1093,7 @@ Result<SecureBuffer> Pkcs11KeyService::decrypt(const KeyId& key, Mechanism m, st
     if (!out)
         return tl::unexpected(out.error());
     unsigned long len = 0;
-    auto rv = impl_->with_key(CKO_PRIVATE_KEY, key, [&](ck_session_handle_t s, ck_object_handle_t h) {
-        ck_rv_t r = (*impl_->module)->C_DecryptInit(s, &mech, h);
-        if (r != CKR_OK)
-            return r;
-        len = out->size();
-        return (*impl_->module)->C_Decrypt(s, const_cast<std::uint8_t*>(data.data()), data.size(), out->data(), &len);
-    });
+    auto rv = decrypt_with(*impl_, key, mech, data, *out, len);
     if (!rv)
         return tl::unexpected(rv.error());
     if (m.kind == Mechanism::Kind::rsa_oaep && m.digest != Digest::sha1 &&
@@ -1124,15 +1132,8 @@ Result<SecureBuffer> Pkcs11KeyService::oaep_on_host(const KeyId& key, Digest dig
     if (!block)
         return tl::unexpected(block.error());
     unsigned long len = 0;
-    auto rv = impl_->with_key(CKO_PRIVATE_KEY, key, [&](ck_session_handle_t s, ck_object_handle_t h) {
-        ck_mechanism mech{CKM_RSA_X_509, nullptr, 0};
-        ck_rv_t r = (*impl_->module)->C_DecryptInit(s, &mech, h);
-        if (r != CKR_OK)
-            return r;
-        len = block->size();
-        return (*impl_->module)->C_Decrypt(s, const_cast<std::uint8_t*>(data.data()), data.size(), block->data(),
-                                           &len);
-    });
+    ck_mechanism mech{CKM_RSA_X_509, nullptr, 0};
+    auto rv = decrypt_with(*impl_, key, mech, data, *block, len);
     if (!rv)
         return tl::unexpected(rv.error());
     if (*rv != CKR_OK)

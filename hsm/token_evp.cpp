@@ -86,34 +86,8 @@ Result<TokenEvp::Context*> TokenEvp::context()
     return current_.get();
 }
 
-Result<void> TokenEvp::with_private_key(const KeyId& key, const std::function<Result<void>(EVP_PKEY*)>& use)
-{
-    const auto raw = from_hex(key.hex);
-    if (!raw)
-        return fail(Errc::invalid_argument, "malformed key id '" + key.hex + "'");
-    std::lock_guard lock(mutex_);
-    const auto held = keys_.hold_module();
-    auto c = context();
-    if (!c)
-        return tl::unexpected(c.error());
-    PKCS11_KEY* keys = nullptr;
-    unsigned int count = 0;
-    if (PKCS11_enumerate_keys((*c)->slot->token, &keys, &count) != 0)
-        return fail(Errc::device_error, "libp11: PKCS11_enumerate_keys failed");
-    for (unsigned int i = 0; i < count; ++i) {
-        if (keys[i].id_len != raw->size() || std::memcmp(keys[i].id, raw->data(), raw->size()) != 0)
-            continue;
-        EVP_PKEY* pkey = PKCS11_get_private_key(&keys[i]);
-        if (pkey == nullptr)
-            return fail(Errc::device_error, "libp11 cannot make an EVP_PKEY of key " + key.hex);
-        auto r = use(pkey);
-        EVP_PKEY_free(pkey);
-        return r;
-    }
-    return fail(Errc::key_not_found, "libp11 sees no private key with id " + key.hex);
-}
-
-Result<void> TokenEvp::store_certificate(const KeyId& key, X509* cert, const std::string& label)
+Result<void> TokenEvp::on_token(const KeyId& key,
+                                const std::function<Result<void>(PKCS11_TOKEN*, std::span<std::uint8_t>)>& work)
 {
     auto raw = from_hex(key.hex);
     if (!raw)
@@ -123,10 +97,38 @@ Result<void> TokenEvp::store_certificate(const KeyId& key, X509* cert, const std
     auto c = context();
     if (!c)
         return tl::unexpected(c.error());
-    std::string text = label;
-    if (PKCS11_store_certificate((*c)->slot->token, cert, text.data(), raw->data(), raw->size(), nullptr) != 0)
-        return fail(Errc::device_error, "libp11 cannot store the certificate of key " + key.hex + " on the token");
-    return {};
+    return work((*c)->slot->token, *raw);
+}
+
+Result<void> TokenEvp::with_private_key(const KeyId& key, const std::function<Result<void>(EVP_PKEY*)>& use)
+{
+    return on_token(key, [&](PKCS11_TOKEN* token, std::span<std::uint8_t> id) -> Result<void> {
+        PKCS11_KEY* keys = nullptr;
+        unsigned int count = 0;
+        if (PKCS11_enumerate_keys(token, &keys, &count) != 0)
+            return fail(Errc::device_error, "libp11: PKCS11_enumerate_keys failed");
+        for (unsigned int i = 0; i < count; ++i) {
+            if (keys[i].id_len != id.size() || std::memcmp(keys[i].id, id.data(), id.size()) != 0)
+                continue;
+            EVP_PKEY* pkey = PKCS11_get_private_key(&keys[i]);
+            if (pkey == nullptr)
+                return fail(Errc::device_error, "libp11 cannot make an EVP_PKEY of key " + key.hex);
+            auto r = use(pkey);
+            EVP_PKEY_free(pkey);
+            return r;
+        }
+        return fail(Errc::key_not_found, "libp11 sees no private key with id " + key.hex);
+    });
+}
+
+Result<void> TokenEvp::store_certificate(const KeyId& key, X509* cert, const std::string& label)
+{
+    return on_token(key, [&](PKCS11_TOKEN* token, std::span<std::uint8_t> id) -> Result<void> {
+        std::string text = label;
+        if (PKCS11_store_certificate(token, cert, text.data(), id.data(), id.size(), nullptr) != 0)
+            return fail(Errc::device_error, "libp11 cannot store the certificate of key " + key.hex + " on the token");
+        return {};
+    });
 }
 
 }  // namespace vaultfs::hsm

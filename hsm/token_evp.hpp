@@ -24,10 +24,13 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <span>
 
 #include "hsm/error.hpp"
 #include "hsm/key_service.hpp"
 #include "hsm/pkcs11_key_service.hpp"
+
+struct PKCS11_token_st;  // libp11.h
 
 namespace vaultfs::hsm {
 
@@ -52,6 +55,10 @@ public:
 
 private:
     Result<Context*> context();  // REQUIRES: mutex_ held
+    // Runs `work` on the token with the key's raw CKA_ID, under the mutex
+    // and with reconnects held off.
+    Result<void> on_token(const KeyId& key,
+                          const std::function<Result<void>(PKCS11_token_st*, std::span<std::uint8_t>)>& work);
 
     Pkcs11KeyService& keys_;
     std::mutex mutex_;

@@ -283,6 +283,22 @@ private:
     Result<std::optional<SecretVersion>> secret_with_version_uncached(VaultId vault, std::string_view name);
     // Runs `f` on a pooled reader connection (for vault/store_objects.cpp).
     Result<void> read(const std::function<Result<void>(sqlite::Connection&)>& f);
+    // What `f` (a query returning Result<T>) answers on a reader connection.
+    template <class T, class F>
+    Result<T> read_one(F&& f)
+    {
+        T out{};
+        auto r = read([&](sqlite::Connection& c) -> Result<void> {
+            auto v = f(c);
+            if (!v)
+                return tl::unexpected(v.error());
+            out = std::move(*v);
+            return {};
+        });
+        if (!r)
+            return tl::unexpected(r.error());
+        return out;
+    }
     Result<void> run_batch(std::deque<struct PendingWrite*>& batch);
 
     const std::string path_;

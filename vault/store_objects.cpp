@@ -73,119 +73,63 @@ Result<std::optional<ObjectVersionRow>> version_on(sqlite::Connection& c, Object
 
 Result<std::optional<ObjectRow>> Store::object_by_name(VaultId vault, ObjectKind kind, std::string_view name)
 {
-    std::optional<ObjectRow> out;
-    auto r = read([&](sqlite::Connection& c) -> Result<void> {
-        auto row = first<ObjectRow>(
+    return read_one<std::optional<ObjectRow>>([&](sqlite::Connection& c) {
+        return first<ObjectRow>(
             c, "SELECT " OBJECT_COLUMNS " FROM objects WHERE vault_id = ? AND kind = ? AND name = ?",
             [&](sqlite::Query& q) { q.bind(1, vault.value).bind(2, static_cast<std::int64_t>(kind)).bind(3, name); },
             read_object);
-        if (!row)
-            return tl::unexpected(row.error());
-        out = std::move(*row);
-        return {};
     });
-    if (!r)
-        return tl::unexpected(r.error());
-    return out;
 }
 
 Result<std::optional<ObjectRow>> Store::object_by_id(ObjectId id)
 {
-    std::optional<ObjectRow> out;
-    auto r = read([&](sqlite::Connection& c) -> Result<void> {
-        auto row = first<ObjectRow>(
+    return read_one<std::optional<ObjectRow>>([&](sqlite::Connection& c) {
+        return first<ObjectRow>(
             c, "SELECT " OBJECT_COLUMNS " FROM objects WHERE id = ?", [&](sqlite::Query& q) { q.bind(1, id.value); },
             read_object);
-        if (!row)
-            return tl::unexpected(row.error());
-        out = std::move(*row);
-        return {};
     });
-    if (!r)
-        return tl::unexpected(r.error());
-    return out;
 }
 
 Result<std::vector<ObjectRow>> Store::objects(VaultId vault, ObjectKind kind)
 {
-    std::vector<ObjectRow> out;
-    auto r = read([&](sqlite::Connection& c) -> Result<void> {
-        auto rows = collect<ObjectRow>(
+    return read_one<std::vector<ObjectRow>>([&](sqlite::Connection& c) {
+        return collect<ObjectRow>(
             c, "SELECT " OBJECT_COLUMNS " FROM objects WHERE vault_id = ? AND kind = ? ORDER BY id",
             [&](sqlite::Query& q) { q.bind(1, vault.value).bind(2, static_cast<std::int64_t>(kind)); }, read_object);
-        if (!rows)
-            return tl::unexpected(rows.error());
-        out = std::move(*rows);
-        return {};
     });
-    if (!r)
-        return tl::unexpected(r.error());
-    return out;
 }
 
 Result<std::vector<ObjectRow>> Store::all_objects()
 {
-    std::vector<ObjectRow> out;
-    auto r = read([&](sqlite::Connection& c) -> Result<void> {
-        auto rows = collect<ObjectRow>(
+    return read_one<std::vector<ObjectRow>>([&](sqlite::Connection& c) {
+        return collect<ObjectRow>(
             c, "SELECT " OBJECT_COLUMNS " FROM objects ORDER BY id", [](sqlite::Query&) {}, read_object);
-        if (!rows)
-            return tl::unexpected(rows.error());
-        out = std::move(*rows);
-        return {};
     });
-    if (!r)
-        return tl::unexpected(r.error());
-    return out;
 }
 
 Result<std::optional<ObjectVersionRow>> Store::object_version(ObjectId object, std::optional<std::uint64_t> number)
 {
-    std::optional<ObjectVersionRow> out;
-    auto r = read([&](sqlite::Connection& c) -> Result<void> {
-        auto row = version_on(c, object, number);
-        if (!row)
-            return tl::unexpected(row.error());
-        out = std::move(*row);
-        return {};
+    return read_one<std::optional<ObjectVersionRow>>([&](sqlite::Connection& c) {
+        return version_on(c, object, number);
     });
-    if (!r)
-        return tl::unexpected(r.error());
-    return out;
 }
 
 Result<std::optional<ObjectVersionRow>> Store::object_version_by_id(ObjectVersionId id)
 {
-    std::optional<ObjectVersionRow> out;
-    auto r = read([&](sqlite::Connection& c) -> Result<void> {
-        auto row = first<ObjectVersionRow>(
+    return read_one<std::optional<ObjectVersionRow>>([&](sqlite::Connection& c) {
+        return first<ObjectVersionRow>(
             c, "SELECT " OBJECT_VERSION_COLUMNS " FROM object_versions WHERE id = ?",
             [&](sqlite::Query& q) { q.bind(1, id.value); }, read_object_version);
-        if (!row)
-            return tl::unexpected(row.error());
-        out = std::move(*row);
-        return {};
     });
-    if (!r)
-        return tl::unexpected(r.error());
-    return out;
 }
 
 Result<std::vector<ObjectVersionRow>> Store::object_versions(ObjectId object)
 {
-    std::vector<ObjectVersionRow> out;
-    auto r = read([&](sqlite::Connection& c) -> Result<void> {
-        auto rows = collect<ObjectVersionRow>(
+    return read_one<std::vector<ObjectVersionRow>>([&](sqlite::Connection& c) {
+        return collect<ObjectVersionRow>(
             c, "SELECT " OBJECT_VERSION_COLUMNS " FROM object_versions WHERE object_id = ? ORDER BY version",
             [&](sqlite::Query& q) { q.bind(1, object.value); }, read_object_version);
-        if (!rows)
-            return tl::unexpected(rows.error());
-        out = std::move(*rows);
-        return {};
     });
-    if (!r)
-        return tl::unexpected(r.error());
-    return out;
 }
 
 // ---- writes ------------------------------------------------------------------

@@ -141,7 +141,7 @@ Result<void> Certificates::seal_key(const VaultEntry& v, const std::string& name
     const std::string ref = random_ref();
     body["key_ref"] = ref;
     row.body = body.dump();
-    const std::string bound = "certificate-key/" + name + "/" + ref;
+    const std::string bound = sealed_key_binding(name, row);
     const Binding binding{v.row.id, bound, 0, v.row.kek_id};
     auto dek = new_dek();
     if (!dek)
@@ -162,7 +162,7 @@ Result<void> Certificates::seal_key(const VaultEntry& v, const std::string& name
 Result<hsm::SecureBuffer> Certificates::unseal_key(const VaultEntry& v, const ObjectRow& object,
                                                    const ObjectVersionRow& row)
 {
-    const std::string bound = "certificate-key/" + object.name + "/" + body_of(row).value("key_ref", "");
+    const std::string bound = sealed_key_binding(object.name, row);
     const Binding binding{v.row.id, bound, 0, row.kek_id};
     auto dek = keys_.unseal(hsm::KeyId{row.kek_id}, row.sealed_dek, dek_aad(binding));
     if (!dek)
@@ -194,11 +194,7 @@ Result<void> Certificates::with_key(const VaultEntry& v, const ObjectRow& object
 
 // ---- making versions -----------------------------------------------------------------
 
-struct Certificates::Made {
-    ObjectVersionRow row;
-};
-
-Result<Certificates::Made> Certificates::make_version(const Caller* caller, const VaultEntry& v,
+Result<ObjectVersionRow> Certificates::make_version(const Caller* caller, const VaultEntry& v,
                                                       const std::string& name, const CertPolicy& policy,
                                                       audit::Event& ev)
 {
@@ -322,7 +318,7 @@ Result<Certificates::Made> Certificates::make_version(const Caller* caller, cons
         return core_.refuse(ev, made.error().code, made.error().message);
     }
     row.body = body.dump();
-    return Made{std::move(row)};
+    return row;
 }
 
 Result<ObjectView> Certificates::commit(const Caller* caller, const VaultEntry& v, std::optional<ObjectRow> object,
@@ -389,49 +385,29 @@ Result<ObjectView> Certificates::create(const Caller& caller, std::string_view v
         return tl::unexpected(made.error());
     ObjectRow fresh{{}, t->vault->row.id, ObjectKind::certificate, std::string(name), now_micros(), caller.who.uid,
                     policy.to_json(), 1};
-    return commit(&caller, *t->vault, std::nullopt, std::move(fresh), std::move(made->row), ev);
+    return commit(&caller, *t->vault, std::nullopt, std::move(fresh), std::move(*made), ev);
 }
 
 Result<ObjectView> Certificates::renew(const Caller* caller, std::string_view vault, std::string_view name)
 {
+    auto t = objects_.target(caller, vault, name, Permission::rotate, "cert_renew", "renewal-policy");
+    if (!t)
+        return tl::unexpected(t.error());
     const std::string path = objects_.path_of(name);
-    audit::Event ev{.op = "cert_renew", .caller = caller, .vault = vault, .secret = path};
-    std::shared_ptr<const VaultEntry> v;
-    std::optional<ObjectRow> object;
-    Decided decided;
-    if (caller != nullptr) {
-        auto t = objects_.target(*caller, vault, name, Permission::rotate, "cert_renew", false);
-        if (!t)
-            return tl::unexpected(t.error());
-        v = t->vault;
-        object = std::move(t->object);
-        decided = std::move(t->decided);  // ev's rule views it: it must outlive this block
-        decided.fill(ev);
-    } else {
-        auto loaded = core_.load_vault(vault);
-        if (!loaded)
-            return tl::unexpected(loaded.error());
-        v = *loaded;
-        auto row = core_.store().object_by_name(v->row.id, ObjectKind::certificate, name);
-        if (!row)
-            return tl::unexpected(row.error());
-        if (!*row)
-            return fail(Errc::not_found);
-        object = std::move(*row);
-        ev.allowed = true;
-        ev.rule = "renewal-policy";
-    }
-    ev.vault = v->row.name;
-    const auto policy = CertPolicy::from_json(object->spec);
+    audit::Event ev{.op = "cert_renew", .caller = caller, .vault = t->vault->row.name, .secret = path};
+    t->decided.fill(ev);
+    const VaultEntry& v = *t->vault;
+    ObjectRow& object = *t->object;
+    const auto policy = CertPolicy::from_json(object.spec);
     if (!policy)
         return core_.refuse(ev, Errc::integrity, "the certificate's stored policy does not parse");
     if (policy->subject.empty())
         return core_.refuse(ev, Errc::invalid_argument,
                             path + " was imported: import its next version, or create it with a policy");
-    auto made = make_version(caller, *v, object->name, *policy, ev);
+    auto made = make_version(caller, v, object.name, *policy, ev);
     if (!made)
         return tl::unexpected(made.error());
-    return commit(caller, *v, std::move(object), ObjectRow{}, std::move(made->row), ev);
+    return commit(caller, v, std::move(object), ObjectRow{}, std::move(*made), ev);
 }
 
 Result<ObjectView> Certificates::merge(const Caller& caller, std::string_view vault, std::string_view name,

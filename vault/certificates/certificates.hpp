@@ -109,10 +109,9 @@ public:
     Result<std::size_t> run_policies(Micros now);
 
 private:
-    struct Made;
-    // Makes a key and issues (or requests) a certificate for `policy`;
-    // refusals are recorded as `ev`.
-    Result<Made> make_version(const Caller* caller, const VaultEntry& v, const std::string& name,
+    // Makes a key and issues (or requests) a certificate for `policy`: the
+    // new version's row, to commit; refusals are recorded as `ev`.
+    Result<ObjectVersionRow> make_version(const Caller* caller, const VaultEntry& v, const std::string& name,
                               const CertPolicy& policy, audit::Event& ev);
     // Runs `use` with the private key of a version (software or token).
     Result<void> with_key(const VaultEntry& v, const ObjectRow& object, const ObjectVersionRow& version,

@@ -419,36 +419,14 @@ Result<ObjectView> KeyVault::create(const Caller& caller, std::string_view vault
 
 Result<ObjectView> KeyVault::rotate(const Caller* caller, std::string_view vault, std::string_view name)
 {
+    auto t = objects_.target(caller, vault, name, Permission::rotate, "key_rotate", "rotation-policy");
+    if (!t)
+        return tl::unexpected(t.error());
     const std::string path = objects_.path_of(name);
-    std::shared_ptr<const VaultEntry> v;
-    std::optional<ObjectRow> object;
-    Decided decided;
-    audit::Event ev{.op = "key_rotate", .caller = caller, .vault = vault, .secret = path};
-    if (caller != nullptr) {
-        auto t = objects_.target(*caller, vault, name, Permission::rotate, "key_rotate", false);
-        if (!t)
-            return tl::unexpected(t.error());
-        v = t->vault;
-        object = std::move(t->object);
-        decided = std::move(t->decided);  // ev's rule views it: it must outlive this block
-        decided.fill(ev);
-    } else {
-        auto loaded = core_.load_vault(vault);
-        if (!loaded)
-            return tl::unexpected(loaded.error());
-        v = *loaded;
-        auto row = core_.store().object_by_name(v->row.id, ObjectKind::key, name);
-        if (!row)
-            return tl::unexpected(row.error());
-        if (!*row)
-            return fail(Errc::not_found);
-        object = std::move(*row);
-        ev.allowed = true;
-        ev.rule = "rotation-policy";
-    }
-    ev.vault = v->row.name;
-    const KeySpec spec = KeySpec::from_json(object->spec).value_or(KeySpec{});
-    return add_version(caller, *v, std::move(*object), spec, ev, false);
+    audit::Event ev{.op = "key_rotate", .caller = caller, .vault = t->vault->row.name, .secret = path};
+    t->decided.fill(ev);
+    const KeySpec spec = KeySpec::from_json(t->object->spec).value_or(KeySpec{});
+    return add_version(caller, *t->vault, std::move(*t->object), spec, ev, false);
 }
 
 Result<void> KeyVault::set_rotation(const Caller& caller, std::string_view vault, std::string_view name,

@@ -3,6 +3,7 @@
 #include "hsm/hex.hpp"
 #include "vault/envelope.hpp"
 #include "vault/names.hpp"
+#include "vault/objects/objects.hpp"
 
 namespace vaultfs::vault {
 
@@ -24,13 +25,6 @@ std::vector<std::uint8_t> hex_of(const json& j, const char* key)
     if (!bytes)
         throw std::invalid_argument(std::string("\"") + key + "\" is not hex");
     return std::move(*bytes);
-}
-
-// The binding of an exportable certificate's sealed key (certificates.cpp).
-std::string key_binding(const std::string& name, const ObjectVersionRow& row)
-{
-    const json body = json::parse(row.body, nullptr, false);
-    return "certificate-key/" + name + "/" + (body.is_object() ? body.value("key_ref", "") : std::string());
 }
 
 }  // namespace
@@ -144,7 +138,7 @@ Result<ObjectBackup::Work> ObjectBackup::plan_restore(const Caller& caller, cons
                 }
                 if (!sealed_key.empty()) {
                     // Re-bind the sealed key to the target vault, in locked memory.
-                    const std::string bound = key_binding(p.row.name, r);
+                    const std::string bound = sealed_key_binding(p.row.name, r);
                     const Binding old_binding{source, bound, 0, old_kek};
                     auto dek = keys_.unseal(hsm::KeyId{old_kek}, sealed_dek, dek_aad(old_binding));
                     if (!dek)

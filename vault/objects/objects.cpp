@@ -11,6 +11,13 @@ namespace vaultfs::vault {
 
 using policy::Permission;
 
+std::string sealed_key_binding(std::string_view name, const ObjectVersionRow& row)
+{
+    const auto body = nlohmann::json::parse(row.body, nullptr, false);
+    const std::string ref = body.is_object() ? body.value("key_ref", "") : std::string();
+    return "certificate-key/" + std::string(name) + "/" + ref;
+}
+
 std::string Objects::path_of(std::string_view name) const
 {
     return std::string(kind_ == ObjectKind::key ? ".keys/" : ".certs/") + std::string(name);
@@ -65,11 +72,6 @@ Result<ObjectView> Objects::by_version_id(const Caller& caller, ObjectVersionId 
     if (auto r = core_.reach(caller, **v, path_of((*object)->name), false, Errc::not_found); !r)
         return tl::unexpected(r.error());
     return view_of(caller, **v, std::move(**object), std::move(**version), pinned);
-}
-
-Result<ObjectView> Objects::current(const Caller& caller, const ObjectView& view)
-{
-    return find(caller, view.vault, view.object.name);
 }
 
 Result<std::vector<ObjectRow>> Objects::list(const Caller& caller, VaultId vault)
@@ -241,6 +243,22 @@ Result<void> Objects::authorize(const Caller& caller, const ObjectView& view, Pe
                     .version = view.version.number};
     d.fill(ev);
     return core_.refuse(ev, Errc::access_denied, "no " + std::string(policy::to_string(wanted)) + " permission on " + path);
+}
+
+Result<Objects::Target> Objects::target(const Caller* caller, std::string_view vault, std::string_view name,
+                                        Permission wanted, std::string_view op, std::string_view daemon_rule)
+{
+    if (caller != nullptr)
+        return target(*caller, vault, name, wanted, op, false);
+    auto v = core_.load_vault(vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    auto object = core_.store().object_by_name((*v)->row.id, kind_, name);
+    if (!object)
+        return tl::unexpected(object.error());
+    if (!*object)
+        return fail(Errc::not_found);
+    return Target{*v, std::move(*object), Decided{true, std::string(daemon_rule), {}, false}};
 }
 
 Result<Objects::Target> Objects::target(const Caller& caller, std::string_view vault, std::string_view name,

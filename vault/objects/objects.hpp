@@ -36,6 +36,10 @@ struct ObjectView {
     policy::PermissionSet permissions;  // the caller's, for this name
 };
 
+// What an exportable certificate key's seal is bound to (with the vault and
+// its KEK, envelope.hpp): its name and the version's random `key_ref`.
+std::string sealed_key_binding(std::string_view name, const ObjectVersionRow& row);
+
 class Objects {
 public:
     Objects(Core& core, ObjectKind kind) : core_(core), kind_(kind) {}
@@ -50,8 +54,6 @@ public:
     Result<ObjectView> find(const Caller& caller, VaultId vault, std::string_view component);
     // The same by the version's row id (the filesystem's inodes).
     Result<ObjectView> by_version_id(const Caller& caller, ObjectVersionId id, bool pinned);
-    // What `NAME` stands for now, from an earlier view of it.
-    Result<ObjectView> current(const Caller& caller, const ObjectView& view);
 
     // Needs `list`; audited ("list").
     Result<std::vector<ObjectRow>> list(const Caller& caller, VaultId vault);
@@ -87,6 +89,10 @@ public:
     };
     Result<Target> target(const Caller& caller, std::string_view vault, std::string_view name,
                           policy::Permission wanted, std::string_view op, bool may_be_missing);
+    // The same for an operation that may be the daemon's own (caller null:
+    // a rotation or renewal policy), decided as `daemon_rule`.
+    Result<Target> target(const Caller* caller, std::string_view vault, std::string_view name,
+                          policy::Permission wanted, std::string_view op, std::string_view daemon_rule);
 
 private:
     Core& core_;
