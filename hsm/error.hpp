@@ -16,11 +16,12 @@ enum class Errc {
     pin_incorrect,          // the token rejected the PIN; never retried
     pin_locked,             // the token has locked the user PIN
     key_not_found,          // no key object with that id
-    authentication_failed,  // a sealed blob failed its GCM check (tampered or wrong AAD)
+    authentication_failed,  // a sealed blob failed its check (GCM tag or MAC) (tampered or wrong AAD)
     device_error,           // any other failure of the token
     out_of_secure_memory,   // the locked heap is exhausted or missing
     invalid_argument,
     not_permitted,          // the key may not do that (its usage flags)
+    mechanism_unsupported,  // the token lacks a mechanism vaultfs needs (hsm/mechanisms.hpp)
 };
 
 struct Error {

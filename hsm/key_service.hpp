@@ -2,9 +2,12 @@
 //
 // Key hierarchy (DESIGN §3):
 //   token ── KEK (AES-256, one per vault, generated inside the token,
-//   │             sensitive, never extractable, encrypt/decrypt only)
-//   │          └─ seals each version's DEK (CKM_AES_GCM, AAD binds the row)
-//   └─ audit signing key (EC P-256, sign only; public half exported)
+//   │             sensitive, never extractable, encrypt/decrypt only; with
+//   │             a MAC key beside it on tokens without GCM)
+//   │          └─ seals each version's DEK (AES-GCM, or AES-CBC-PAD +
+//   │             HMAC-SHA256; the AAD binds the row: mechanisms.hpp)
+//   └─ audit signing key (EC P-256 or RSA-3072, sign only; public half
+//                         exported)
 //
 // No key material ever crosses this interface outwards: callers get key ids,
 // sealed blobs, signatures and public keys. Unsealed DEKs come back in locked
@@ -36,15 +39,17 @@ class KeyService {
 public:
     virtual ~KeyService() = default;
 
-    // Generates a new AES-256 KEK inside the token: CKA_SENSITIVE, not
-    // extractable, encrypt/decrypt only (every usage flag set explicitly).
+    // Generates a new KEK inside the token for the state's seal scheme: an
+    // AES-256 key, CKA_SENSITIVE, not extractable, encrypt/decrypt only
+    // (every usage flag set explicitly), and for aes-cbc-pad+hmac-sha256 its
+    // MAC key, sign/verify only.
     virtual Result<KeyId> create_kek(const std::string& label) = 0;
 
     // Succeeds when a key with this id exists in the token.
     virtual Result<void> find_key(const KeyId& id) = 0;
 
-    // Seals a 32-byte DEK under the KEK with AES-GCM and `aad`. The blob is
-    // iv(12) | ciphertext(32) | tag(16).
+    // Seals a 32-byte DEK under the KEK, bound to `aad`, with the state's
+    // seal scheme (mechanisms.hpp gives each blob's layout).
     virtual Result<std::vector<std::uint8_t>> seal(const KeyId& kek, const SecureBuffer& dek,
                                                    std::span<const std::uint8_t> aad) = 0;
 
@@ -53,14 +58,16 @@ public:
     virtual Result<SecureBuffer> unseal(const KeyId& kek, std::span<const std::uint8_t> sealed,
                                         std::span<const std::uint8_t> aad) = 0;
 
-    // Generates an EC P-256 signing key pair in the token (private half
-    // sensitive, not extractable, sign only).
+    // Generates the signing key pair of the state's signature scheme in the
+    // token (EC P-256 or RSA-3072; private half sensitive, not extractable,
+    // sign only).
     virtual Result<KeyId> create_signing_key(const std::string& label) = 0;
 
-    // The signing key's public point, uncompressed (0x04 | X | Y, 65 bytes).
-    virtual Result<std::vector<std::uint8_t>> public_point(const KeyId& key) = 0;
+    // A key pair's public half as DER SubjectPublicKeyInfo.
+    virtual Result<std::vector<std::uint8_t>> public_key_der(const KeyId& key) = 0;
 
-    // ECDSA over a SHA-256 digest; the signature is r | s (64 bytes).
+    // Signs a SHA-256 digest with the state's signature scheme: ECDSA r | s
+    // (64 bytes) or RSA-PSS (mechanisms.hpp).
     virtual Result<std::vector<std::uint8_t>> sign_digest(const KeyId& key,
                                                           std::span<const std::uint8_t, 32> digest) = 0;
 

@@ -37,9 +37,16 @@ using Bytes = std::vector<std::uint8_t>;
 
 constexpr std::size_t gcm_iv_size = 12;
 constexpr std::size_t gcm_tag_size = 16;
+constexpr std::size_t cbc_iv_size = 16;
+constexpr std::size_t cbc_ct_size = 48;  // a 32-byte DEK and a block of padding
+constexpr std::size_t hmac_size = 32;
+constexpr std::string_view cbc_hmac_context = "vaultfs-seal-cbc-hmac-v1";
 constexpr std::size_t key_id_size = 16;
 // DER of OID 1.2.840.10045.3.1.7 (prime256v1)
 constexpr std::array<std::uint8_t, 10> p256_oid_der{0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07};
+
+// The MAC key beside an aes-cbc-pad+hmac-sha256 KEK: the KEK's CKA_ID and 'm'.
+KeyId mac_key_of(const KeyId& kek) { return KeyId{kek.hex + "6d"}; }
 
 std::string rv_name(ck_rv_t rv)
 {
@@ -105,6 +112,14 @@ Result<void> call_ok(const Result<ck_rv_t>& rv, const std::string& what)
 std::string trimmed_label(const unsigned char (&label)[32])
 {
     std::string s(reinterpret_cast<const char*>(label), 32);
+    while (!s.empty() && (s.back() == ' ' || s.back() == '\0'))
+        s.pop_back();
+    return s;
+}
+
+std::string trimmed_text(const unsigned char* text, std::size_t size)
+{
+    std::string s(reinterpret_cast<const char*>(text), size);
     while (!s.empty() && (s.back() == ' ' || s.back() == '\0'))
         s.pop_back();
     return s;
@@ -257,6 +272,10 @@ struct Pkcs11KeyService::Impl {
 
     std::mutex handles_mutex;
     std::unordered_map<std::string, ck_object_handle_t> handles;  // "class:idhex" -> handle
+
+    TokenProfile profile;  // read once at open
+    Schemes schemes;
+    std::vector<std::string> notes;
 
     ~Impl()
     {
@@ -460,12 +479,56 @@ struct Pkcs11KeyService::Impl {
         return fail(Errc::key_not_found, "key " + id.hex + " vanished from token '" + label + "'");
     }
 
+    // A random CKA_ID that no object in the token has yet: an adopted token
+    // holds its owner's objects too, and vaultfs never takes one of them for
+    // its own.
     Result<Bytes> new_key_id()
     {
-        Bytes id(key_id_size);
-        if (RAND_bytes(id.data(), static_cast<int>(id.size())) != 1)
-            return fail(Errc::device_error, "RAND_bytes failed");
-        return id;
+        for (int attempt = 0; attempt < 4; ++attempt) {
+            Bytes id(key_id_size);
+            if (RAND_bytes(id.data(), static_cast<int>(id.size())) != 1)
+                return fail(Errc::device_error, "RAND_bytes failed");
+            unsigned long count = 0;
+            ck_object_handle_t found = 0;
+            auto rv = with_session([&](ck_session_handle_t s) {
+                ck_attribute tmpl[] = {attr(CKA_ID, id.data(), id.size())};
+                ck_rv_t r = (*module)->C_FindObjectsInit(s, tmpl, 1);
+                if (r != CKR_OK)
+                    return r;
+                r = (*module)->C_FindObjects(s, &found, 1, &count);
+                (*module)->C_FindObjectsFinal(s);
+                return r;
+            });
+            if (auto ok = call_ok(rv, "C_FindObjects"); !ok)
+                return tl::unexpected(ok.error());
+            if (count == 0)
+                return id;
+        }
+        return fail(Errc::device_error, "token '" + label + "' holds an object with every fresh id tried");
+    }
+
+    // Reads the token's description and mechanism list.
+    Result<void> read_profile()
+    {
+        ck_token_info info{};
+        if (const ck_rv_t rv = (*module)->C_GetTokenInfo(slot, &info); rv != CKR_OK)
+            return fail(Errc::device_error, "C_GetTokenInfo on token '" + label + "' failed: " + rv_name(rv));
+        profile.label = label;
+        profile.manufacturer = trimmed_label(info.manufacturer_id);
+        profile.model = trimmed_text(info.model, sizeof info.model);
+        unsigned long count = 0;
+        if (const ck_rv_t rv = (*module)->C_GetMechanismList(slot, nullptr, &count); rv != CKR_OK)
+            return fail(Errc::device_error, "C_GetMechanismList on token '" + label + "' failed: " + rv_name(rv));
+        std::vector<ck_mechanism_type_t> list(count);
+        if (const ck_rv_t rv = (*module)->C_GetMechanismList(slot, list.data(), &count); rv != CKR_OK)
+            return fail(Errc::device_error, "C_GetMechanismList on token '" + label + "' failed: " + rv_name(rv));
+        list.resize(count);
+        for (const auto m : list) {
+            ck_mechanism_info mi{};
+            if ((*module)->C_GetMechanismInfo(slot, m, &mi) == CKR_OK)
+                profile.mechanisms[m] = TokenProfile::Mechanism{mi.min_key_size, mi.max_key_size, mi.flags};
+        }
+        return {};
     }
 };
 
@@ -492,52 +555,107 @@ Result<std::unique_ptr<Pkcs11KeyService>> Pkcs11KeyService::open(Pkcs11Config co
     if (!first)
         return tl::unexpected(first.error());
     impl->release(*first);
+    if (auto r = impl->read_profile(); !r)
+        return tl::unexpected(r.error());
+    if (config.schemes) {
+        if (auto r = check_schemes(impl->profile, *config.schemes); !r)
+            return tl::unexpected(r.error());
+        impl->schemes = *config.schemes;
+    } else {
+        auto chosen = negotiate(impl->profile);
+        if (!chosen)
+            return tl::unexpected(chosen.error());
+        impl->schemes = chosen->schemes;
+        impl->notes = std::move(chosen->notes);
+    }
     return std::unique_ptr<Pkcs11KeyService>(new Pkcs11KeyService(std::move(impl)));
 }
+
+namespace {
+
+// An AES-256 or generic-secret token key that never leaves the token, with
+// exactly the usages given (SoftHSM defaults every usage flag to true).
+Result<void> generate_secret_key(Pkcs11KeyService::Impl& impl, ck_mechanism_type_t mechanism, ck_key_type_t type,
+                                 const std::string& label, const Bytes& id, bool encrypt, bool sign);
+
+}  // namespace
 
 Result<KeyId> Pkcs11KeyService::create_kek(const std::string& label)
 {
     auto id = impl_->new_key_id();
     if (!id)
         return tl::unexpected(id.error());
+    if (auto r = generate_secret_key(*impl_, CKM_AES_KEY_GEN, CKK_AES, label, *id, true, false); !r)
+        return tl::unexpected(r.error());
+    const KeyId kek{to_hex(*id)};
+    if (impl_->schemes.seal == SealScheme::aes_cbc_hmac) {
+        auto mac = from_hex(mac_key_of(kek).hex);
+        if (auto r = generate_secret_key(*impl_, CKM_GENERIC_SECRET_KEY_GEN, CKK_GENERIC_SECRET, label + " (mac)", *mac,
+                                         false, true);
+            !r)
+            return tl::unexpected(r.error());
+    }
+    return kek;
+}
+
+namespace {
+
+Result<void> generate_secret_key(Pkcs11KeyService::Impl& impl, ck_mechanism_type_t mechanism, ck_key_type_t type,
+                                 const std::string& label, const Bytes& id, bool encrypt, bool sign)
+{
     const ck_object_class_t cls = CKO_SECRET_KEY;
-    const ck_key_type_t type = CKK_AES;
     const unsigned long len = 32;
     ck_attribute tmpl[] = {
         attr(CKA_CLASS, &cls, sizeof cls),
         attr(CKA_KEY_TYPE, &type, sizeof type),
         attr(CKA_VALUE_LEN, &len, sizeof len),
         attr(CKA_LABEL, label.data(), label.size()),
-        attr(CKA_ID, id->data(), id->size()),
+        attr(CKA_ID, id.data(), id.size()),
         flag(CKA_TOKEN, true),
         flag(CKA_PRIVATE, true),
         flag(CKA_SENSITIVE, true),
         flag(CKA_EXTRACTABLE, false),
         flag(CKA_MODIFIABLE, false),
-        // Every usage flag explicitly: SoftHSM defaults them all to true.
-        flag(CKA_ENCRYPT, true),
-        flag(CKA_DECRYPT, true),
+        flag(CKA_ENCRYPT, encrypt),
+        flag(CKA_DECRYPT, encrypt),
         flag(CKA_WRAP, false),
         flag(CKA_UNWRAP, false),
-        flag(CKA_SIGN, false),
-        flag(CKA_VERIFY, false),
+        flag(CKA_SIGN, sign),
+        flag(CKA_VERIFY, sign),
         flag(CKA_DERIVE, false),
     };
     ck_object_handle_t key = 0;
-    auto rv = impl_->with_session([&](ck_session_handle_t s) {
-        ck_mechanism mech{CKM_AES_KEY_GEN, nullptr, 0};
-        return (*impl_->module)->C_GenerateKey(s, &mech, tmpl, std::size(tmpl), &key);
+    auto rv = impl.with_session([&](ck_session_handle_t s) {
+        ck_mechanism mech{mechanism, nullptr, 0};
+        return (*impl.module)->C_GenerateKey(s, &mech, tmpl, std::size(tmpl), &key);
     });
-    if (auto ok = call_ok(rv, "C_GenerateKey (AES-256 KEK)"); !ok)
-        return tl::unexpected(ok.error());
-    return KeyId{to_hex(*id)};
+    return call_ok(rv, "C_GenerateKey (" + mechanism_name(mechanism) + ") in " + impl.profile.name());
 }
+
+// What the MAC of an aes-cbc-pad+hmac-sha256 blob covers (mechanisms.hpp).
+Bytes mac_input(std::span<const std::uint8_t> aad, std::span<const std::uint8_t> iv_and_ct)
+{
+    Bytes in(cbc_hmac_context.begin(), cbc_hmac_context.end());
+    const std::uint64_t n = aad.size();
+    for (int shift = 56; shift >= 0; shift -= 8)
+        in.push_back(static_cast<std::uint8_t>(n >> shift));
+    in.insert(in.end(), aad.begin(), aad.end());
+    in.insert(in.end(), iv_and_ct.begin(), iv_and_ct.end());
+    return in;
+}
+
+}  // namespace
 
 Result<void> Pkcs11KeyService::find_key(const KeyId& id)
 {
     auto secret = impl_->find_object(CKO_SECRET_KEY, id);
-    if (secret)
+    if (secret) {
+        if (impl_->schemes.seal == SealScheme::aes_cbc_hmac)
+            if (auto mac = impl_->find_object(CKO_SECRET_KEY, mac_key_of(id)); !mac)
+                return fail(mac.error().code, "KEK " + id.hex + " has no MAC key beside it in " + impl_->profile.name() +
+                                                  " (token_seal = aes-cbc-pad+hmac-sha256)");
         return {};
+    }
     if (secret.error().code != Errc::key_not_found)
         return tl::unexpected(secret.error());
     auto priv = impl_->find_object(CKO_PRIVATE_KEY, id);
@@ -551,6 +669,8 @@ Result<std::vector<std::uint8_t>> Pkcs11KeyService::seal(const KeyId& kek, const
 {
     if (dek.size() != dek_size)
         return fail(Errc::invalid_argument, "a DEK must be 32 bytes");
+    if (impl_->schemes.seal == SealScheme::aes_cbc_hmac)
+        return seal_cbc_hmac(kek, dek, aad);
     Bytes blob(gcm_iv_size + dek_size + gcm_tag_size);
     if (RAND_bytes(blob.data(), gcm_iv_size) != 1)
         return fail(Errc::device_error, "RAND_bytes failed");
@@ -573,9 +693,48 @@ Result<std::vector<std::uint8_t>> Pkcs11KeyService::seal(const KeyId& kek, const
     return blob;
 }
 
+Result<std::vector<std::uint8_t>> Pkcs11KeyService::seal_cbc_hmac(const KeyId& kek, const SecureBuffer& dek,
+                                                                  std::span<const std::uint8_t> aad)
+{
+    Bytes blob(cbc_iv_size + cbc_ct_size + hmac_size);
+    if (RAND_bytes(blob.data(), cbc_iv_size) != 1)
+        return fail(Errc::device_error, "RAND_bytes failed");
+    auto rv = impl_->with_key(CKO_SECRET_KEY, kek, [&](ck_session_handle_t s, ck_object_handle_t key) {
+        ck_mechanism mech{CKM_AES_CBC_PAD, blob.data(), cbc_iv_size};
+        ck_rv_t r = (*impl_->module)->C_EncryptInit(s, &mech, key);
+        if (r != CKR_OK)
+            return r;
+        unsigned long out_len = cbc_ct_size;
+        r = (*impl_->module)->C_Encrypt(s, const_cast<std::uint8_t*>(dek.data()), dek.size(), blob.data() + cbc_iv_size,
+                                        &out_len);
+        if (r == CKR_OK && out_len != cbc_ct_size)
+            r = CKR_GENERAL_ERROR;
+        return r;
+    });
+    if (auto ok = call_ok(rv, "sealing a DEK with key " + kek.hex); !ok)
+        return tl::unexpected(ok.error());
+    Bytes in = mac_input(aad, std::span(blob.data(), cbc_iv_size + cbc_ct_size));
+    rv = impl_->with_key(CKO_SECRET_KEY, mac_key_of(kek), [&](ck_session_handle_t s, ck_object_handle_t key) {
+        ck_mechanism mech{CKM_SHA256_HMAC, nullptr, 0};
+        ck_rv_t r = (*impl_->module)->C_SignInit(s, &mech, key);
+        if (r != CKR_OK)
+            return r;
+        unsigned long len = hmac_size;
+        r = (*impl_->module)->C_Sign(s, in.data(), in.size(), blob.data() + cbc_iv_size + cbc_ct_size, &len);
+        if (r == CKR_OK && len != hmac_size)
+            r = CKR_GENERAL_ERROR;
+        return r;
+    });
+    if (auto ok = call_ok(rv, "authenticating a sealed DEK with key " + mac_key_of(kek).hex); !ok)
+        return tl::unexpected(ok.error());
+    return blob;
+}
+
 Result<SecureBuffer> Pkcs11KeyService::unseal(const KeyId& kek, std::span<const std::uint8_t> sealed,
                                               std::span<const std::uint8_t> aad)
 {
+    if (impl_->schemes.seal == SealScheme::aes_cbc_hmac)
+        return unseal_cbc_hmac(kek, sealed, aad);
     if (sealed.size() != gcm_iv_size + dek_size + gcm_tag_size)
         return fail(Errc::authentication_failed, "sealed DEK has the wrong length");
     auto out = SecureBuffer::allocate(dek_size + gcm_tag_size);
@@ -602,8 +761,14 @@ Result<SecureBuffer> Pkcs11KeyService::unseal(const KeyId& kek, std::span<const 
         if (auto r = out->resize(dek_size); !r)
             return tl::unexpected(r.error());
         return std::move(*out);
-    // SoftHSM 2.6.1 reports a bad GCM tag as CKR_GENERAL_ERROR.
+    // A bad tag: CKR_ENCRYPTED_DATA_INVALID by the standard. SoftHSM 2.6.1
+    // answers CKR_GENERAL_ERROR, so that reads as a bad tag only on SoftHSM;
+    // elsewhere it is the device failing.
     case CKR_GENERAL_ERROR:
+        if (impl_->profile.manufacturer != "SoftHSM project")
+            return fail(Errc::device_error, "unsealing a DEK with key " + kek.hex + " failed in " +
+                                                impl_->profile.name() + ": CKR_GENERAL_ERROR");
+        [[fallthrough]];
     case CKR_ENCRYPTED_DATA_INVALID:
     case CKR_ENCRYPTED_DATA_LEN_RANGE:
         return fail(Errc::authentication_failed,
@@ -613,73 +778,63 @@ Result<SecureBuffer> Pkcs11KeyService::unseal(const KeyId& kek, std::span<const 
     }
 }
 
-Result<KeyId> Pkcs11KeyService::create_signing_key(const std::string& label)
+Result<SecureBuffer> Pkcs11KeyService::unseal_cbc_hmac(const KeyId& kek, std::span<const std::uint8_t> sealed,
+                                                       std::span<const std::uint8_t> aad)
 {
-    auto id = impl_->new_key_id();
-    if (!id)
-        return tl::unexpected(id.error());
-    ck_attribute pub[] = {
-        attr(CKA_EC_PARAMS, p256_oid_der.data(), p256_oid_der.size()),
-        attr(CKA_LABEL, label.data(), label.size()),
-        attr(CKA_ID, id->data(), id->size()),
-        flag(CKA_TOKEN, true),
-        flag(CKA_PRIVATE, false),
-        flag(CKA_MODIFIABLE, false),
-        flag(CKA_VERIFY, true),
-        flag(CKA_ENCRYPT, false),
-        flag(CKA_WRAP, false),
-        flag(CKA_DERIVE, false),
-    };
-    ck_attribute priv[] = {
-        attr(CKA_LABEL, label.data(), label.size()),
-        attr(CKA_ID, id->data(), id->size()),
-        flag(CKA_TOKEN, true),
-        flag(CKA_PRIVATE, true),
-        flag(CKA_SENSITIVE, true),
-        flag(CKA_EXTRACTABLE, false),
-        flag(CKA_MODIFIABLE, false),
-        flag(CKA_SIGN, true),
-        flag(CKA_SIGN_RECOVER, false),
-        flag(CKA_DECRYPT, false),
-        flag(CKA_UNWRAP, false),
-        flag(CKA_DERIVE, false),
-    };
-    auto rv = impl_->with_session([&](ck_session_handle_t s) {
-        ck_mechanism mech{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
-        ck_object_handle_t pub_h = 0;
-        ck_object_handle_t priv_h = 0;
-        return (*impl_->module)->C_GenerateKeyPair(s, &mech, pub, std::size(pub), priv, std::size(priv), &pub_h,
-                                                   &priv_h);
+    if (sealed.size() != cbc_iv_size + cbc_ct_size + hmac_size)
+        return fail(Errc::authentication_failed, "sealed DEK has the wrong length");
+    // The MAC first: nothing is decrypted until the token has checked it.
+    Bytes in = mac_input(aad, sealed.first(cbc_iv_size + cbc_ct_size));
+    auto rv = impl_->with_key(CKO_SECRET_KEY, mac_key_of(kek), [&](ck_session_handle_t s, ck_object_handle_t key) {
+        ck_mechanism mech{CKM_SHA256_HMAC, nullptr, 0};
+        ck_rv_t r = (*impl_->module)->C_VerifyInit(s, &mech, key);
+        if (r != CKR_OK)
+            return r;
+        return (*impl_->module)->C_Verify(s, in.data(), in.size(),
+                                          const_cast<std::uint8_t*>(sealed.data() + cbc_iv_size + cbc_ct_size),
+                                          hmac_size);
     });
-    if (auto ok = call_ok(rv, "C_GenerateKeyPair (EC P-256)"); !ok)
+    if (!rv)
+        return tl::unexpected(rv.error());
+    if (*rv == CKR_SIGNATURE_INVALID || *rv == CKR_SIGNATURE_LEN_RANGE)
+        return fail(Errc::authentication_failed,
+                    "sealed DEK failed authentication under key " + kek.hex + " (" + rv_name(*rv) + ")");
+    if (*rv != CKR_OK)
+        return fail(Errc::device_error, "checking a sealed DEK with key " + mac_key_of(kek).hex + " failed: " +
+                                            rv_name(*rv));
+    auto out = SecureBuffer::allocate(cbc_ct_size);
+    if (!out)
+        return tl::unexpected(out.error());
+    unsigned long out_len = 0;
+    rv = impl_->with_key(CKO_SECRET_KEY, kek, [&](ck_session_handle_t s, ck_object_handle_t key) {
+        ck_mechanism mech{CKM_AES_CBC_PAD, const_cast<std::uint8_t*>(sealed.data()), cbc_iv_size};
+        ck_rv_t r = (*impl_->module)->C_DecryptInit(s, &mech, key);
+        if (r != CKR_OK)
+            return r;
+        out_len = out->size();
+        return (*impl_->module)->C_Decrypt(s, const_cast<std::uint8_t*>(sealed.data() + cbc_iv_size), cbc_ct_size,
+                                           out->data(), &out_len);
+    });
+    if (auto ok = call_ok(rv, "unsealing a DEK with key " + kek.hex); !ok)
         return tl::unexpected(ok.error());
-    return KeyId{to_hex(*id)};
+    if (out_len != dek_size)
+        return fail(Errc::authentication_failed, "unsealed DEK has the wrong length");
+    if (auto r = out->resize(dek_size); !r)
+        return tl::unexpected(r.error());
+    return std::move(*out);
 }
 
-Result<std::vector<std::uint8_t>> Pkcs11KeyService::public_point(const KeyId& key)
+Result<KeyId> Pkcs11KeyService::create_signing_key(const std::string& label)
 {
-    Bytes der(128);
-    unsigned long len = 0;
-    auto rv = impl_->with_key(CKO_PUBLIC_KEY, key, [&](ck_session_handle_t s, ck_object_handle_t h) {
-        ck_attribute a = attr(CKA_EC_POINT, der.data(), der.size());
-        const ck_rv_t r = (*impl_->module)->C_GetAttributeValue(s, h, &a, 1);
-        len = a.value_len;
-        return r;
-    });
-    if (auto ok = call_ok(rv, "reading the public point of " + key.hex); !ok)
-        return tl::unexpected(ok.error());
-    der.resize(len);
-    // CKA_EC_POINT is a DER OCTET STRING around the uncompressed point.
-    if (der.size() == 67 && der[0] == 0x04 && der[1] == 0x41 && der[2] == 0x04)
-        return Bytes(der.begin() + 2, der.end());
-    if (der.size() == 65 && der[0] == 0x04)
-        return der;
-    return fail(Errc::device_error, "unexpected CKA_EC_POINT encoding for key " + key.hex);
+    const bool ec = impl_->schemes.signature == SignatureScheme::ecdsa_p256;
+    return create_key_pair(ec ? KeyType::ec_p256 : KeyType::rsa_3072, label, KeyUsage{.sign = true});
 }
 
 Result<std::vector<std::uint8_t>> Pkcs11KeyService::sign_digest(const KeyId& key,
                                                                 std::span<const std::uint8_t, 32> digest)
 {
+    if (impl_->schemes.signature == SignatureScheme::rsa_pss_sha256)
+        return sign(key, Mechanism{Mechanism::Kind::rsa_pss, Digest::sha256}, digest);
     Bytes sig(64);
     auto rv = impl_->with_key(CKO_PRIVATE_KEY, key, [&](ck_session_handle_t s, ck_object_handle_t h) {
         ck_mechanism mech{CKM_ECDSA, nullptr, 0};
@@ -924,6 +1079,8 @@ std::size_t digest_size(Digest d)
 
 Result<KeyId> Pkcs11KeyService::create_key_pair(KeyType type, const std::string& label, KeyUsage usage)
 {
+    if (auto r = check_key_pair(impl_->profile, type, usage); !r)
+        return tl::unexpected(r.error());
     auto id = impl_->new_key_id();
     if (!id)
         return tl::unexpected(id.error());
@@ -1180,6 +1337,9 @@ std::shared_lock<std::shared_mutex> Pkcs11KeyService::hold_module()
 {
     return std::shared_lock<std::shared_mutex>(impl_->module_mutex);
 }
+const TokenProfile& Pkcs11KeyService::profile() const { return impl_->profile; }
+const Schemes& Pkcs11KeyService::schemes() const { return impl_->schemes; }
+const std::vector<std::string>& Pkcs11KeyService::negotiation_notes() const { return impl_->notes; }
 const std::string& Pkcs11KeyService::module_path() const { return impl_->module_path; }
 const std::string& Pkcs11KeyService::token_label() const { return impl_->label; }
 const SecureBuffer& Pkcs11KeyService::pin() const { return impl_->pin; }

@@ -21,6 +21,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <shared_mutex>
 #include <string>
 #include <utility>
@@ -28,6 +29,7 @@
 
 #include "hsm/key_pairs.hpp"
 #include "hsm/key_service.hpp"
+#include "hsm/mechanisms.hpp"
 
 namespace vaultfs::hsm {
 
@@ -38,13 +40,18 @@ struct Pkcs11Config {
     // Variables the module reads at C_Initialize (SOFTHSM2_CONF for SoftHSM);
     // set in this process's environment before the module is initialised.
     std::vector<std::pair<std::string, std::string>> environment;
+    // The constructions to use (mechanisms.hpp): a state's recorded choice,
+    // which open() checks the token offers; nullopt to negotiate the best
+    // the token has (init, token migrate).
+    std::optional<Schemes> schemes;
 };
 
 class Pkcs11KeyService final : public KeyService, public KeyPairService {
 public:
-    // Loads the module, finds the token and logs in once. Errors:
-    // module_unavailable, token_not_found, pin_incorrect, pin_locked,
-    // device_error — each with a one-line message naming what failed.
+    // Loads the module, finds the token, logs in once and reads what the
+    // token offers. Errors: module_unavailable, token_not_found,
+    // pin_incorrect, pin_locked, mechanism_unsupported, device_error — each
+    // with a one-line message naming what failed.
     static Result<std::unique_ptr<Pkcs11KeyService>> open(Pkcs11Config config);
 
     ~Pkcs11KeyService() override;
@@ -58,7 +65,6 @@ public:
     Result<SecureBuffer> unseal(const KeyId& kek, std::span<const std::uint8_t> sealed,
                                 std::span<const std::uint8_t> aad) override;
     Result<KeyId> create_signing_key(const std::string& label) override;
-    Result<std::vector<std::uint8_t>> public_point(const KeyId& key) override;
     Result<std::vector<std::uint8_t>> sign_digest(const KeyId& key,
                                                   std::span<const std::uint8_t, 32> digest) override;
     Result<void> ping() override;
@@ -71,6 +77,12 @@ public:
     Result<SecureBuffer> decrypt(const KeyId& key, Mechanism mechanism, std::span<const std::uint8_t> data) override;
     Result<void> destroy_key_pair(const KeyId& key) override;
     std::uint64_t connection_epoch() const override;
+
+    // What the token said it offers, and the constructions in use (with the
+    // fallbacks negotiation took, for the admin).
+    const TokenProfile& profile() const;
+    const Schemes& schemes() const;
+    const std::vector<std::string>& negotiation_notes() const;
 
     // Holds off a reconnect (which finalizes the module) while libp11 works
     // on the same module: token_evp.hpp takes it around every libp11 call.
@@ -92,12 +104,17 @@ public:
 
 private:
     explicit Pkcs11KeyService(std::unique_ptr<Impl> impl);
+    Result<std::vector<std::uint8_t>> seal_cbc_hmac(const KeyId& kek, const SecureBuffer& dek,
+                                                    std::span<const std::uint8_t> aad);
+    Result<SecureBuffer> unseal_cbc_hmac(const KeyId& kek, std::span<const std::uint8_t> sealed,
+                                         std::span<const std::uint8_t> aad);
     Result<SecureBuffer> oaep_on_host(const KeyId& key, Digest digest, std::span<const std::uint8_t> data);
     std::unique_ptr<Impl> impl_;
 };
 
-// Initialises a new token in the module's first free slot (SoftHSM always
-// offers one) with `label`, the security officer PIN and the user PIN.
+// Initialises a new token in the module's first free slot — the embedded
+// SoftHSM2 default only (SoftHSM always offers a free slot); a token an admin
+// already has is adopted as it is and never initialised with `label`, the security officer PIN and the user PIN.
 // Fails with Errc::device_error if a token with that label already exists.
 Result<void> initialise_token(const std::string& module_path,
                               const std::vector<std::pair<std::string, std::string>>& environment,

@@ -81,6 +81,7 @@ Error Core::from_hsm(const hsm::Error& e)
     case hsm::Errc::not_permitted:
         return Error{Errc::not_permitted, e.message};
     case hsm::Errc::invalid_argument:
+    case hsm::Errc::mechanism_unsupported:
         return Error{Errc::invalid_argument, e.message};
     default:
         return Error{Errc::key_unavailable, e.message};

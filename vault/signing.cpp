@@ -7,6 +7,8 @@
 #include <openssl/evp.h>
 #include <openssl/param_build.h>
 #include <openssl/pem.h>
+#include <openssl/rsa.h>
+#include <openssl/x509.h>
 
 #include <memory>
 
@@ -28,20 +30,50 @@ std::string sha256_hex(std::string_view data)
     return to_hex(d);
 }
 
-P256Verifier::P256Verifier(const std::string& pem)
+SignatureVerifier::SignatureVerifier(const std::string& pem)
 {
     BIO* bio = BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size()));
-    if (bio != nullptr) {
-        key_ = PEM_read_bio_PUBKEY(bio, nullptr, nullptr, nullptr);
-        BIO_free(bio);
+    if (bio == nullptr)
+        return;
+    key_ = PEM_read_bio_PUBKEY(bio, nullptr, nullptr, nullptr);
+    BIO_free(bio);
+    if (key_ == nullptr)
+        return;
+    // Only the two audit signature schemes (hsm/mechanisms.hpp): a P-256
+    // key, or an RSA key of at least 3072 bits.
+    char group[32] = {};
+    if (EVP_PKEY_is_a(key_, "EC") && EVP_PKEY_get_utf8_string_param(key_, OSSL_PKEY_PARAM_GROUP_NAME, group,
+                                                                    sizeof group, nullptr) == 1 &&
+        std::string_view(group) == "prime256v1") {
+        rsa_ = false;
+        return;
     }
+    if (EVP_PKEY_is_a(key_, "RSA") && EVP_PKEY_get_bits(key_) >= 3072) {
+        rsa_ = true;
+        return;
+    }
+    EVP_PKEY_free(key_);
+    key_ = nullptr;
 }
 
-P256Verifier::~P256Verifier() { EVP_PKEY_free(key_); }
+SignatureVerifier::~SignatureVerifier() { EVP_PKEY_free(key_); }
 
-bool P256Verifier::verify(std::span<const std::uint8_t, 32> digest, std::span<const std::uint8_t> sig) const
+bool SignatureVerifier::verify(std::span<const std::uint8_t, 32> digest, std::span<const std::uint8_t> sig) const
 {
-    if (key_ == nullptr || sig.size() != 64)
+    if (key_ == nullptr)
+        return false;
+    if (rsa_) {
+        EVP_PKEY_CTX* ctx = EVP_PKEY_CTX_new(key_, nullptr);
+        const bool ok = ctx != nullptr && EVP_PKEY_verify_init(ctx) == 1 &&
+                        EVP_PKEY_CTX_set_rsa_padding(ctx, RSA_PKCS1_PSS_PADDING) == 1 &&
+                        EVP_PKEY_CTX_set_signature_md(ctx, EVP_sha256()) == 1 &&
+                        EVP_PKEY_CTX_set_rsa_mgf1_md(ctx, EVP_sha256()) == 1 &&
+                        EVP_PKEY_CTX_set_rsa_pss_saltlen(ctx, 32) == 1 &&
+                        EVP_PKEY_verify(ctx, sig.data(), sig.size(), digest.data(), digest.size()) == 1;
+        EVP_PKEY_CTX_free(ctx);
+        return ok;
+    }
+    if (sig.size() != 64)
         return false;
     // OpenSSL wants DER; the token gives r | s.
     ECDSA_SIG* es = ECDSA_SIG_new();
@@ -66,20 +98,13 @@ bool P256Verifier::verify(std::span<const std::uint8_t, 32> digest, std::span<co
     return ok;
 }
 
-Result<std::string> p256_public_key_pem(const std::vector<std::uint8_t>& point)
+Result<std::string> public_key_pem(const std::vector<std::uint8_t>& spki_der)
 {
-    std::unique_ptr<OSSL_PARAM_BLD, decltype(&OSSL_PARAM_BLD_free)> bld(OSSL_PARAM_BLD_new(), OSSL_PARAM_BLD_free);
-    if (!bld || OSSL_PARAM_BLD_push_utf8_string(bld.get(), OSSL_PKEY_PARAM_GROUP_NAME, "prime256v1", 0) != 1 ||
-        OSSL_PARAM_BLD_push_octet_string(bld.get(), OSSL_PKEY_PARAM_PUB_KEY, point.data(), point.size()) != 1)
-        return fail(Errc::invalid_argument, "cannot build the public key parameters");
-    std::unique_ptr<OSSL_PARAM, decltype(&OSSL_PARAM_free)> params(OSSL_PARAM_BLD_to_param(bld.get()), OSSL_PARAM_free);
-    std::unique_ptr<EVP_PKEY_CTX, decltype(&EVP_PKEY_CTX_free)> ctx(EVP_PKEY_CTX_new_from_name(nullptr, "EC", nullptr),
-                                                                   EVP_PKEY_CTX_free);
-    EVP_PKEY* raw = nullptr;
-    if (!params || !ctx || EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
-        EVP_PKEY_fromdata(ctx.get(), &raw, EVP_PKEY_PUBLIC_KEY, params.get()) != 1)
-        return fail(Errc::invalid_argument, "the token's public point is not a valid P-256 key");
-    std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)> key(raw, EVP_PKEY_free);
+    const unsigned char* p = spki_der.data();
+    std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)> key(
+        d2i_PUBKEY(nullptr, &p, static_cast<long>(spki_der.size())), EVP_PKEY_free);
+    if (!key)
+        return fail(Errc::invalid_argument, "the token's public key does not parse");
     std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new(BIO_s_mem()), BIO_free);
     if (!bio || PEM_write_bio_PUBKEY(bio.get(), key.get()) != 1)
         return fail(Errc::invalid_argument, "cannot encode the public key");

@@ -1,6 +1,8 @@
 // signing: the digests and signatures shared by the audit trail and backups.
-// The token signs (hsm::KeyService::sign_digest, ECDSA P-256 over a SHA-256
-// digest, r | s); anyone holding the public half checks, with no token.
+// The token signs (hsm::KeyService::sign_digest over a SHA-256 digest:
+// ECDSA P-256 as r | s, or RSA-PSS; hsm/mechanisms.hpp); anyone holding the
+// public half checks, with no token. The key decides the scheme, never the
+// signed data.
 #pragma once
 
 #include <array>
@@ -23,23 +25,26 @@ using hsm::to_hex;
 std::array<std::uint8_t, 32> sha256(std::string_view data);
 std::string sha256_hex(std::string_view data);
 
-// Checks ECDSA P-256 signatures (r | s, 64 bytes) over SHA-256 digests with
-// a PEM public key.
-class P256Verifier {
+// Checks audit signatures over SHA-256 digests with a PEM public key: a
+// P-256 key checks ECDSA r | s (64 bytes); an RSA key of 3072 bits or more
+// checks RSA-PSS (SHA-256, MGF1-SHA-256, 32-byte salt). Any other key is
+// not usable.
+class SignatureVerifier {
 public:
-    explicit P256Verifier(const std::string& public_key_pem);
-    ~P256Verifier();
-    P256Verifier(const P256Verifier&) = delete;
-    P256Verifier& operator=(const P256Verifier&) = delete;
+    explicit SignatureVerifier(const std::string& public_key_pem);
+    ~SignatureVerifier();
+    SignatureVerifier(const SignatureVerifier&) = delete;
+    SignatureVerifier& operator=(const SignatureVerifier&) = delete;
     bool usable() const { return key_ != nullptr; }
     bool verify(std::span<const std::uint8_t, 32> digest, std::span<const std::uint8_t> signature) const;
 
 private:
     ::evp_pkey_st* key_ = nullptr;
+    bool rsa_ = false;
 };
 
-// PEM (SubjectPublicKeyInfo) for an uncompressed P-256 point.
-Result<std::string> p256_public_key_pem(const std::vector<std::uint8_t>& point);
+// PEM for a DER SubjectPublicKeyInfo (hsm::KeyService::public_key_der).
+Result<std::string> public_key_pem(const std::vector<std::uint8_t>& spki_der);
 
 // The same key, whatever the PEM's line breaks: compares the keys the two
 // PEM texts hold. False when either does not parse.

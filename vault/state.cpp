@@ -84,10 +84,10 @@ Result<void> write_text(const std::string& path, const std::string& text, mode_t
 // rewritten from the token and the replacement logged.
 Result<std::string> public_key_of(hsm::KeyService& keys, const hsm::KeyId& key, const Config& c)
 {
-    auto point = keys.public_point(key);
-    if (!point)
-        return fail(Errc::key_unavailable, "cannot read the audit signing key: " + point.error().message);
-    auto pem = p256_public_key_pem(*point);
+    auto der = keys.public_key_der(key);
+    if (!der)
+        return fail(Errc::key_unavailable, "cannot read the audit signing key: " + der.error().message);
+    auto pem = public_key_pem(*der);
     if (!pem)
         return tl::unexpected(pem.error());
     const std::string path = c.path_of(c.audit_public_key);
@@ -213,10 +213,10 @@ Result<std::vector<std::string>> init_state(const std::string& dir_arg, const In
     auto signing = (*keys)->create_signing_key("vaultfs-audit-signing");
     if (!signing)
         return fail(Errc::key_unavailable, "cannot create the audit signing key: " + signing.error().message);
-    auto point = (*keys)->public_point(*signing);
-    if (!point)
-        return fail(Errc::key_unavailable, point.error().message);
-    auto pem = p256_public_key_pem(*point);
+    auto der = (*keys)->public_key_der(*signing);
+    if (!der)
+        return fail(Errc::key_unavailable, der.error().message);
+    auto pem = public_key_pem(*der);
     if (!pem)
         return tl::unexpected(pem.error());
     if (auto r = write_text(config.path_of(config.audit_public_key), *pem, 0644); !r)
@@ -342,10 +342,10 @@ Result<std::string> token_audit_public_key(const Config& c)
     auto keys = hsm::Pkcs11KeyService::open(hsm::Pkcs11Config{c.pkcs11_module, c.token_label, std::move(*pin), c.environment()});
     if (!keys)
         return fail(Errc::key_unavailable, hsm_hint(keys.error(), c));
-    auto point = (*keys)->public_point(hsm::KeyId{**signing});
-    if (!point)
-        return fail(Errc::key_unavailable, hsm_hint(point.error(), c));
-    return p256_public_key_pem(*point);
+    auto der = (*keys)->public_key_der(hsm::KeyId{**signing});
+    if (!der)
+        return fail(Errc::key_unavailable, hsm_hint(der.error(), c));
+    return public_key_pem(*der);
 }
 
 State::~State() { close(); }

@@ -38,9 +38,11 @@ TempToken::TempToken()
         throw std::runtime_error("cannot initialise the test token: " + r.error().message);
 }
 
-hsm::Result<std::unique_ptr<hsm::Pkcs11KeyService>> TempToken::open(const std::string& pin_text) const
+hsm::Result<std::unique_ptr<hsm::Pkcs11KeyService>> TempToken::open(const std::string& pin_text,
+                                                                    std::optional<hsm::Schemes> schemes) const
 {
-    return hsm::Pkcs11KeyService::open(hsm::Pkcs11Config{VAULTFS_SOFTHSM_MODULE, label, secure(pin_text), env_});
+    return hsm::Pkcs11KeyService::open(
+        hsm::Pkcs11Config{VAULTFS_SOFTHSM_MODULE, label, secure(pin_text), env_, schemes});
 }
 
 }  // namespace vaultfs::testing

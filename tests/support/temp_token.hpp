@@ -2,6 +2,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -33,8 +34,11 @@ public:
     static constexpr const char* so_pin = "test-so-pin-5678";
 
     const std::vector<std::pair<std::string, std::string>>& environment() const { return env_; }
-    // Logs in with `pin_text` (the right PIN by default).
-    hsm::Result<std::unique_ptr<hsm::Pkcs11KeyService>> open(const std::string& pin_text = pin) const;
+    // Logs in with `pin_text` (the right PIN by default), with the given
+    // constructions (mechanisms.hpp) or, by default, the ones SoftHSM2
+    // negotiates (AES-GCM, ECDSA P-256).
+    hsm::Result<std::unique_ptr<hsm::Pkcs11KeyService>> open(const std::string& pin_text = pin,
+                                                             std::optional<hsm::Schemes> schemes = std::nullopt) const;
     const TempDir& dir() const { return dir_; }
 
 private:

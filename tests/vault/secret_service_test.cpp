@@ -91,9 +91,9 @@ struct Stack {
         auto key = keys->create_signing_key("vaultfs-audit");
         REQUIRE(key);
         signing = *key;
-        auto point = keys->public_point(signing);
-        REQUIRE(point);
-        auto pem = p256_public_key_pem(*point);
+        auto der = keys->public_key_der(signing);
+        REQUIRE(der);
+        auto pem = public_key_pem(*der);
         REQUIRE(pem);
         public_pem = *pem;
         const audit::Signer signer{keys.get(), signing};

@@ -282,13 +282,13 @@ Result<void> Log::start_locked()
         return fail(Errc::audit_unavailable, "cannot open audit file " + path + ": " + std::strerror(errno) +
                                                  "; run `vaultfs init`, or restore the file (an empty file starts a "
                                                  "new segment that records the break)");
-    auto point = signer_.keys->public_point(signer_.key);
-    if (!point)
-        return fail(Errc::key_unavailable, "cannot read the audit signing key: " + point.error().message);
-    auto pem = p256_public_key_pem(*point);
+    auto der = signer_.keys->public_key_der(signer_.key);
+    if (!der)
+        return fail(Errc::key_unavailable, "cannot read the audit signing key: " + der.error().message);
+    auto pem = public_key_pem(*der);
     if (!pem)
         return tl::unexpected(pem.error());
-    const P256Verifier key(*pem);
+    const SignatureVerifier key(*pem);
 
     std::optional<AuditAnchor> anchor;
     if (anchor_store_ != nullptr) {

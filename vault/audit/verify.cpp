@@ -38,7 +38,7 @@ std::string seq_text(std::uint64_t seq) { return std::to_string(seq); }
 // The checks of verify.hpp, fed one line at a time.
 class Verifier {
 public:
-    Verifier(const P256Verifier& key, const VerifyOptions& options) : key_(key), opt_(options) {}
+    Verifier(const SignatureVerifier& key, const VerifyOptions& options) : key_(key), opt_(options) {}
 
     // verify_tail: the first record is where trust starts.
     void trust_first_record() { trust_first_ = true; }
@@ -311,7 +311,7 @@ private:
         rep_.problems.push_back(where.empty() ? why : where + ": " + why);
     }
 
-    const P256Verifier& key_;
+    const SignatureVerifier& key_;
     const VerifyOptions& opt_;
     VerifyReport rep_;
     bool trust_first_ = false;
@@ -344,7 +344,7 @@ private:
 VerifyReport verify_files(const std::vector<std::string>& files, const std::string& public_key_pem,
                           const VerifyOptions& options)
 {
-    const P256Verifier key(public_key_pem);
+    const SignatureVerifier key(public_key_pem);
     Verifier v(key, options);
     if (!key.usable()) {
         v.fail_file(0, "the audit public key cannot be read (not a PEM public key)");
@@ -384,7 +384,7 @@ VerifyReport verify_files(const std::vector<std::string>& files, const std::stri
 }
 
 VerifyReport verify_tail(const std::string& file, const std::vector<std::string>& lines, std::uint64_t first_line,
-                         const P256Verifier& key, const VerifyOptions& options)
+                         const SignatureVerifier& key, const VerifyOptions& options)
 {
     Verifier v(key, options);
     v.trust_first_record();

@@ -47,7 +47,7 @@ public:
         return real_.unseal(k, s, a);
     }
     hsm::Result<hsm::KeyId> create_signing_key(const std::string& l) override { return real_.create_signing_key(l); }
-    hsm::Result<std::vector<std::uint8_t>> public_point(const hsm::KeyId& k) override { return real_.public_point(k); }
+    hsm::Result<std::vector<std::uint8_t>> public_key_der(const hsm::KeyId& k) override { return real_.public_key_der(k); }
     hsm::Result<std::vector<std::uint8_t>> sign_digest(const hsm::KeyId& k,
                                                        std::span<const std::uint8_t, 32> d) override
     {
@@ -68,9 +68,9 @@ struct Signing {
         auto id = keys->create_signing_key("vaultfs-audit");
         REQUIRE(id);
         key = *id;
-        auto point = keys->public_point(key);
-        REQUIRE(point);
-        auto p = p256_public_key_pem(*point);
+        auto der = keys->public_key_der(key);
+        REQUIRE(der);
+        auto p = public_key_pem(*der);
         REQUIRE(p);
         pem = *p;
     }

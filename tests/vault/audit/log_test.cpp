@@ -70,7 +70,7 @@ TEST_CASE("create writes a signed init record; open adds a signed start record",
     CHECK(init->count("bound_records") == 7);
     CHECK(init->count("bound_seconds") == 9);
     REQUIRE(init->is_signed());
-    const P256Verifier verifier(signing.pem);
+    const SignatureVerifier verifier(signing.pem);
     CHECK(verifier.verify(body_digest(init->body), init->sig));
 
     // create never overwrites.
@@ -273,7 +273,7 @@ TEST_CASE("the chain head is anchored in the database, signed by the token", "[a
     CHECK((*a)->seq == lines.size());
     CHECK((*a)->hash == parse(lines.back())->hash);
     CHECK_FALSE((*a)->clean_shutdown);
-    const P256Verifier verifier(signing.pem);
+    const SignatureVerifier verifier(signing.pem);
     CHECK(verifier.verify(anchor_digest(**a), (*a)->sig));
     const VerifyReport rep = verify(path, signing.pem, with_anchor(**store));
     INFO(joined(rep.problems));

@@ -52,10 +52,10 @@ struct Stack {
         REQUIRE(log);
         audit = std::move(*log);
         core = std::make_unique<Core>(*store, *audit, names, std::nullopt);
-        auto point = keys->public_point(*signing);
-        REQUIRE(point);
+        auto der = keys->public_key_der(*signing);
+        REQUIRE(der);
         service = std::make_unique<SecretService>(*core, *keys, deks,
-                                                  Options{86400000, *signing, *p256_public_key_pem(*point)});
+                                                  Options{86400000, *signing, *public_key_pem(*der)});
         evp = std::make_unique<hsm::TokenEvp>(*keys);
         key_vault = std::make_unique<keys::KeyVault>(*core, *keys);
         certs = std::make_unique<certificates::Certificates>(*core, *keys, *keys, *evp);
