@@ -146,7 +146,7 @@ Result<std::vector<std::string>> SecretService::restore(const Caller& caller, st
                       "this backup's vault key (KEK " + doc->source_kek +
                           ") is not in this token: a backup can only be restored where its vault's KEK exists");
     }
-    if (!doc->hash_matches || !P256Verifier(options_.signing_public_pem).verify(doc->signed_digest, doc->signature)) {
+    if (!doc->hash_matches || !SignatureVerifier(options_.signing_public_pem).verify(doc->signed_digest, doc->signature)) {
         ev.reason = "bad signature";
         return core_.refuse(ev, Errc::integrity,
                       "the backup's signature does not verify: it was altered, or made by another vaultfs state");

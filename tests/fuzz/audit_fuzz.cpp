@@ -47,7 +47,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         if (sha256_hex(r->body) != r->hash || (r->is_signed() && r->sig.size() != 64))
             std::abort();
     }
-    static const P256Verifier key(key_pem);
+    static const SignatureVerifier key(key_pem);
     if (!key.usable())
         std::abort();
     const auto rep = audit::verify_tail("fuzz", lines, 1, key, audit::VerifyOptions{});
