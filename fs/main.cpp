@@ -228,9 +228,15 @@ int main(int argc, char** argv)
 
     std::string state = default_state();
     vault::InitOptions init_options;
-    auto* init = app.add_subcommand("init", "Create a state directory with an embedded SoftHSM2 token");
+    auto* init = app.add_subcommand(
+        "init", "Create a state directory: with an embedded SoftHSM2 token, or in a token you already have");
     init->add_option("--state", state, "State directory to create, new or empty (default: $VAULTFS_STATE or /var/lib/vaultfs)");
     init->add_option("--module", init_options.module_path, "PKCS#11 module")->capture_default_str();
+    auto* label_opt = init->add_option("--token-label", init_options.token_label,
+                                       "Adopt this initialised token (never re-initialised) instead of making one");
+    init->add_option("--pin-file", init_options.pin_file, "File holding the adopted token's user PIN (mode 0600)")
+        ->needs(label_opt);
+    label_opt->needs(init->get_option("--pin-file"));
     init->add_option("--admin-group", init_options.admin_group, "Group whose members may create and remove vaults");
 
     fs::MountOptions mount_options;

@@ -104,6 +104,16 @@ Result<Config> parse_config(std::string_view text, const std::string& state_dir)
             if (!valid_pin_source(v))
                 return bad("pin_source must be file:PATH, env:NAME or credential:NAME");
             c.pin_source = v;
+        } else if (key == "token_seal") {
+            const auto scheme = hsm::seal_scheme_from(v);
+            if (!scheme)
+                return bad("token_seal must be aes-gcm or aes-cbc-pad+hmac-sha256");
+            c.schemes.seal = *scheme;
+        } else if (key == "token_signature") {
+            const auto scheme = hsm::signature_scheme_from(v);
+            if (!scheme)
+                return bad("token_signature must be ecdsa-p256 or rsa-pss-sha256");
+            c.schemes.signature = *scheme;
         } else if (key.substr(0, 11) == "module_env.") {
             const auto name = key.substr(11);
             if (!valid_env_name(name))
@@ -285,13 +295,16 @@ std::string render_config(const Config& c)
     std::ostringstream out;
     out << "# vaultfs configuration. Relative paths are relative to this directory, and\n"
         << "# ${STATE} stands for it: the directory can be moved or copied whole.\n"
-        << "# To move to a hardware token: set pkcs11_module, token_label and pin_source,\n"
-        << "# and remove the module_env line (it only tells SoftHSM2 where its token lives).\n"
+        << "# The keys live in the token: to move to another token (a hardware HSM),\n"
+        << "# run `vaultfs token migrate` rather than editing the token lines.\n"
         << "pkcs11_module = " << c.pkcs11_module << "\n"
         << "token_label = " << c.token_label << "\n"
         << "pin_source = " << c.pin_source << "\n";
     for (const auto& [name, value] : c.module_env)
         out << "module_env." << name << " = " << value << "\n";
+    out << "# What the token does for vaultfs, chosen from its mechanisms at init\n"
+        << "token_seal = " << hsm::to_string(c.schemes.seal) << "\n"
+        << "token_signature = " << hsm::to_string(c.schemes.signature) << "\n";
     out << "database = " << c.database << "\n"
         << "audit_file = " << c.audit_file << "\n"
         << "audit_public_key = " << c.audit_public_key << "\n"

@@ -2,9 +2,9 @@
 //
 // Format: `key = value` lines; `#` starts a comment; blank lines are allowed;
 // unknown keys and malformed values are errors naming the line. Relative
-// paths are relative to the state directory. Moving from the embedded
-// SoftHSM2 token to a real HSM means editing pkcs11_module, token_label,
-// pin_source and dropping module_env — nothing else.
+// paths are relative to the state directory. The token lines name where the
+// keys live; moving to another token is `vaultfs token migrate`, which moves
+// the keys and rewrites them (vault/token_migration.hpp).
 #pragma once
 
 #include <chrono>
@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "hsm/mechanisms.hpp"
 #include "hsm/secure_buffer.hpp"
 #include "vault/error.hpp"
 
@@ -34,6 +35,10 @@ struct Config {
     // copied whole.
     std::vector<std::pair<std::string, std::string>> module_env;
     std::vector<std::pair<std::string, std::string>> environment() const;
+    // The constructions chosen from the token's mechanisms at init
+    // (`token_seal`, `token_signature`; hsm/mechanisms.hpp). A state from
+    // before they were recorded used the defaults, AES-GCM and ECDSA P-256.
+    hsm::Schemes schemes;
 
     std::string database = "vault.db";
     std::string audit_file = "audit.jsonl";

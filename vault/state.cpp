@@ -32,7 +32,11 @@ std::string hsm_hint(const hsm::Error& e, const Config& c)
     const std::string conf = c.state_dir + "/" + config_file_name;
     switch (e.code) {
     case hsm::Errc::module_unavailable:
-        return e.message + "; install the module (apt-get install softhsm2) or fix pkcs11_module in " + conf;
+        if (!c.module_env.empty())  // the embedded SoftHSM2 default
+            return e.message + "; install the module (apt-get install softhsm2) or fix pkcs11_module in " + conf;
+        return e.message + "; install the token's PKCS#11 module or fix pkcs11_module in " + conf;
+    case hsm::Errc::mechanism_unsupported:
+        return e.message + "; a state moves to a token with other mechanisms by `vaultfs token migrate`";
     case hsm::Errc::token_not_found:
         return e.message + "; check token_label and module_env in " + conf + " (or run `vaultfs init`)";
     case hsm::Errc::pin_incorrect:
@@ -171,48 +175,93 @@ Result<std::vector<std::string>> init_state(const std::string& dir_arg, const In
     } cleanup{dir, made_dir};
 
     // vaultfs.conf cannot hold '#' (a comment) or a line break in a value.
-    for (const std::string* v : {&options.module_path, options.admin_group ? &*options.admin_group : nullptr})
+    for (const auto* v : {&options.module_path, options.admin_group ? &*options.admin_group : nullptr,
+                          options.token_label ? &*options.token_label : nullptr,
+                          options.pin_file ? &*options.pin_file : nullptr})
         if (v != nullptr && v->find_first_of("#\n\r") != std::string::npos)
             return fail(Errc::invalid_argument, "'" + *v + "' cannot go into vaultfs.conf ('#' or a line break)");
+    const bool adopt = options.token_label.has_value();
+    if (adopt != options.pin_file.has_value())
+        return fail(Errc::invalid_argument, "adopting a token needs both --token-label and --pin-file");
+    if (adopt && options.token_label->size() > 32)
+        return fail(Errc::invalid_argument, "a token label is at most 32 bytes");
     Config config;
     config.state_dir = dir;
     config.pkcs11_module = options.module_path;
     config.admin_group = options.admin_group;
     if (options.admin_group && !resolve_group(*options.admin_group))
         return fail(Errc::invalid_argument, "admin group '" + *options.admin_group + "' does not exist");
-    const std::string tokens = dir + "/tokens";
-    const std::string softhsm_conf = dir + "/softhsm2.conf";
-    // Written relative to the state directory, so that it can move (config.hpp).
-    config.module_env.emplace_back("SOFTHSM2_CONF", "${STATE}/softhsm2.conf");
 
     std::vector<std::string> made;
-    if (::mkdir(tokens.c_str(), 0700) != 0)
-        return fail(Errc::storage, "cannot create " + tokens + ": " + std::strerror(errno));
-    if (auto r = write_text(softhsm_conf, embedded_softhsm_conf(dir), 0600); !r)
-        return tl::unexpected(r.error());
-
-    auto pin = random_pin(32);
-    if (!pin)
-        return tl::unexpected(pin.error());
-    auto so_pin = random_pin(32);
-    if (!so_pin)
-        return tl::unexpected(so_pin.error());
-    if (auto r = write_file(dir + "/pin", pin->data(), pin->size(), 0600); !r)
-        return tl::unexpected(r.error());
-
-    if (auto r = hsm::initialise_token(config.pkcs11_module, config.environment(), config.token_label, *so_pin, *pin); !r)
-        return fail(Errc::key_unavailable, "cannot initialise the SoftHSM2 token: " + hsm_hint(r.error(), config));
-    made.push_back("softhsm2.conf, tokens/   SoftHSM2 token '" + config.token_label + "' (module " +
-                   config.pkcs11_module + ")");
-    made.push_back("pin                      the token's user PIN (mode 0600); the SO PIN was random and is not kept");
+    std::optional<hsm::SecureBuffer> pin;
+    if (adopt) {
+        // The admin's token, as its owner initialised it: never C_InitToken.
+        config.token_label = *options.token_label;
+        config.pin_source = "file:" + absolute_path(*options.pin_file);
+        auto p = read_pin(config);
+        if (!p)
+            return tl::unexpected(p.error());
+        pin.emplace(std::move(*p));
+    } else {
+        const std::string tokens = dir + "/tokens";
+        const std::string softhsm_conf = dir + "/softhsm2.conf";
+        // Written relative to the state directory, so that it can move (config.hpp).
+        config.module_env.emplace_back("SOFTHSM2_CONF", "${STATE}/softhsm2.conf");
+        if (::mkdir(tokens.c_str(), 0700) != 0)
+            return fail(Errc::storage, "cannot create " + tokens + ": " + std::strerror(errno));
+        if (auto r = write_text(softhsm_conf, embedded_softhsm_conf(dir), 0600); !r)
+            return tl::unexpected(r.error());
+        auto p = random_pin(32);
+        if (!p)
+            return tl::unexpected(p.error());
+        auto so_pin = random_pin(32);
+        if (!so_pin)
+            return tl::unexpected(so_pin.error());
+        if (auto r = write_file(dir + "/pin", p->data(), p->size(), 0600); !r)
+            return tl::unexpected(r.error());
+        if (auto r = hsm::initialise_token(config.pkcs11_module, config.environment(), config.token_label, *so_pin, *p);
+            !r)
+            return fail(Errc::key_unavailable, "cannot initialise the SoftHSM2 token: " + hsm_hint(r.error(), config));
+        made.push_back("softhsm2.conf, tokens/   SoftHSM2 token '" + config.token_label + "' (module " +
+                       config.pkcs11_module + ")");
+        made.push_back("pin                      the token's user PIN (mode 0600); the SO PIN was random and is not kept");
+        pin.emplace(std::move(*p));
+    }
 
     auto keys = hsm::Pkcs11KeyService::open(
-        hsm::Pkcs11Config{config.pkcs11_module, config.token_label, std::move(*pin), config.environment()});
-    if (!keys)
+        hsm::Pkcs11Config{config.pkcs11_module, config.token_label, std::move(*pin), config.environment(), std::nullopt});
+    if (!keys) {
+        if (adopt && keys.error().code == hsm::Errc::token_not_found)
+            return fail(Errc::key_unavailable, keys.error().message + " in module " + config.pkcs11_module +
+                                                   "; its tokens: pkcs11-tool --module " + config.pkcs11_module + " -L");
+        if (adopt)
+            return fail(Errc::key_unavailable, keys.error().message);
         return fail(Errc::key_unavailable, hsm_hint(keys.error(), config));
-    auto signing = (*keys)->create_signing_key("vaultfs-audit-signing");
+    }
+    config.schemes = (*keys)->schemes();
+    if (adopt)
+        made.push_back((*keys)->profile().name() + " adopted as it is (module " + config.pkcs11_module +
+                       "): vaultfs makes its keys inside it, under ids no object there has");
+    for (const auto& note : (*keys)->negotiation_notes())
+        made.push_back(note);
+    made.push_back("token_seal = " + std::string(hsm::to_string(config.schemes.seal)) +
+                   ", token_signature = " + std::string(hsm::to_string(config.schemes.signature)) +
+                   "   chosen from the token's mechanisms");
+
+    auto signing = (*keys)->create_signing_key("vaultfs-audit-signing " + dir);
     if (!signing)
         return fail(Errc::key_unavailable, "cannot create the audit signing key: " + signing.error().message);
+    // An adopted token keeps its owner's objects; a failed init takes back its own.
+    struct KeyCleanup {
+        hsm::Pkcs11KeyService* keys;
+        hsm::KeyId key;
+        bool armed = true;
+        ~KeyCleanup()
+        {
+            if (armed)
+                (void)keys->destroy_key_pair(key);
+        }
+    } key_cleanup{keys->get(), *signing};
     auto der = (*keys)->public_key_der(*signing);
     if (!der)
         return fail(Errc::key_unavailable, der.error().message);
@@ -221,7 +270,9 @@ Result<std::vector<std::string>> init_state(const std::string& dir_arg, const In
         return tl::unexpected(pem.error());
     if (auto r = write_text(config.path_of(config.audit_public_key), *pem, 0644); !r)
         return tl::unexpected(r.error());
-    made.push_back(config.audit_public_key + "    public half of the audit signing key (EC P-256, in the token)");
+    made.push_back(config.audit_public_key + "    public half of the audit signing key (" +
+                   (config.schemes.signature == hsm::SignatureScheme::ecdsa_p256 ? "EC P-256" : "RSA-3072") +
+                   ", in the token)");
 
     auto store = Store::open(config.path_of(config.database), Store::Mode::create);
     if (!store)
@@ -242,6 +293,7 @@ Result<std::vector<std::string>> init_state(const std::string& dir_arg, const In
     if (auto r = write_text(dir + "/" + config_file_name, render_config(config), 0600); !r)
         return tl::unexpected(r.error());
     made.push_back(std::string(config_file_name) + "             configuration: module, token label, PIN source");
+    key_cleanup.armed = false;
     cleanup.armed = false;
     return made;
 }
@@ -273,7 +325,7 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
     if (!pin)
         return tl::unexpected(pin.error());
     auto keys = hsm::Pkcs11KeyService::open(
-        hsm::Pkcs11Config{c.pkcs11_module, c.token_label, std::move(*pin), c.environment()});
+        hsm::Pkcs11Config{c.pkcs11_module, c.token_label, std::move(*pin), c.environment(), c.schemes});
     if (!keys)
         return fail(Errc::key_unavailable, hsm_hint(keys.error(), c));
     st->keys = std::move(*keys);
@@ -339,7 +391,8 @@ Result<std::string> token_audit_public_key(const Config& c)
     auto pin = read_pin(c);
     if (!pin)
         return tl::unexpected(pin.error());
-    auto keys = hsm::Pkcs11KeyService::open(hsm::Pkcs11Config{c.pkcs11_module, c.token_label, std::move(*pin), c.environment()});
+    auto keys = hsm::Pkcs11KeyService::open(
+        hsm::Pkcs11Config{c.pkcs11_module, c.token_label, std::move(*pin), c.environment(), c.schemes});
     if (!keys)
         return fail(Errc::key_unavailable, hsm_hint(keys.error(), c));
     auto der = (*keys)->public_key_der(hsm::KeyId{**signing});

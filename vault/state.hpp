@@ -3,9 +3,10 @@
 //
 //   STATE/              mode 0700
 //     vaultfs.conf      module path, token label, PIN source, tuning
-//     softhsm2.conf     where the embedded SoftHSM2 keeps its token
-//     tokens/           the SoftHSM2 token "vaultfs" (KEKs, audit signing key)
-//     pin               the token's user PIN, mode 0600, random
+//     softhsm2.conf     where the embedded SoftHSM2 keeps its token  } the embedded
+//     tokens/           the SoftHSM2 token "vaultfs" (KEKs, audit     } default only;
+//                       signing key)                                 } an adopted token
+//     pin               the token's user PIN, mode 0600, random      } lives elsewhere
 //     vault.db          SQLite: vaults, policies, secrets, versions (ciphertext)
 //     audit.jsonl       the audit trail
 //     audit-signing.pub.pem  public half of the audit signing key
@@ -35,11 +36,18 @@ namespace vaultfs::vault {
 struct InitOptions {
     std::string module_path = "/usr/lib/softhsm/libsofthsm2.so";
     std::optional<std::string> admin_group;
+    // Both set: adopt this already-initialised token (its label, and a file
+    // holding its user PIN, mode 0600) instead of making a SoftHSM2 token.
+    std::optional<std::string> token_label;
+    std::optional<std::string> pin_file;
 };
 
-// Creates the embedded default in `dir` (made if missing, or empty). Refuses
-// an existing state and changes nothing then. Returns what it made, one
-// line per item, for the user.
+// Creates a state in `dir` (made if missing, or empty): by default the
+// embedded SoftHSM2 token in the directory; with a token label and PIN file,
+// inside a token its owner already initialised. The token's mechanisms
+// decide the constructions (hsm/mechanisms.hpp), recorded in vaultfs.conf.
+// Refuses an existing state and changes nothing then. Returns what it made,
+// one line per item, for the user.
 Result<std::vector<std::string>> init_state(const std::string& dir, const InitOptions& options);
 
 // A state directory opened for use. Members are destroyed in reverse order

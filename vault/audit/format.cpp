@@ -17,10 +17,12 @@ using json = nlohmann::json;
 constexpr std::string_view hash_key = ",\"hash\":\"";
 constexpr std::string_view sig_key = "\",\"sig\":\"";
 constexpr std::size_t hash_hex = 64;
-constexpr std::size_t sig_hex = 128;
+// A signature is ECDSA P-256 r | s (64 bytes) or RSA-PSS with a 3072-bit key
+// (384 bytes): hsm/mechanisms.hpp.
+constexpr std::array<std::size_t, 2> sig_hex_sizes{128, 768};
 // ,"hash":"H"}  and  ,"hash":"H","sig":"S"}
 constexpr std::size_t unsigned_suffix = hash_key.size() + hash_hex + 2;
-constexpr std::size_t signed_suffix = hash_key.size() + hash_hex + sig_key.size() + sig_hex + 2;
+constexpr std::size_t signed_suffix(std::size_t sig_hex) { return hash_key.size() + hash_hex + sig_key.size() + sig_hex + 2; }
 
 constexpr std::array<std::string_view, 5> signed_ops{"init", "start", "checkpoint", "rotate", "shutdown"};
 // Everything else a record may be about (README "The audit trail").
@@ -178,7 +180,7 @@ SealedLine seal(std::string_view body, std::span<const std::uint8_t> sig)
 {
     SealedLine out;
     out.hash = sha256_hex(body);
-    out.text.reserve(body.size() + signed_suffix);
+    out.text.reserve(body.size() + signed_suffix(sig.size() * 2));
     out.text.append(body.substr(0, body.size() - 1));
     out.text += hash_key;
     out.text += out.hash;
@@ -192,12 +194,20 @@ SealedLine seal(std::string_view body, std::span<const std::uint8_t> sig)
 
 // ---- reading -------------------------------------------------------------------------
 
-bool looks_signed(std::string_view line)
+// The signature's length in hex when `line` ends in a hash and a signature.
+std::size_t signature_hex_size(std::string_view line)
 {
-    return line.size() > signed_suffix && line.substr(line.size() - 2) == "\"}" &&
-           line.substr(line.size() - signed_suffix, hash_key.size()) == hash_key &&
-           line.substr(line.size() - signed_suffix + hash_key.size() + hash_hex, sig_key.size()) == sig_key;
+    for (const std::size_t sig_hex : sig_hex_sizes) {
+        const std::size_t suffix = signed_suffix(sig_hex);
+        if (line.size() > suffix && line.substr(line.size() - 2) == "\"}" &&
+            line.substr(line.size() - suffix, hash_key.size()) == hash_key &&
+            line.substr(line.size() - suffix + hash_key.size() + hash_hex, sig_key.size()) == sig_key)
+            return sig_hex;
+    }
+    return 0;
 }
+
+bool looks_signed(std::string_view line) { return signature_hex_size(line) != 0; }
 
 std::optional<std::uint64_t> Record::count(const char* key) const
 {
@@ -213,8 +223,8 @@ tl::expected<Record, std::string> parse(std::string_view line)
     Record r;
     std::size_t suffix = 0;
     std::string_view sig_text;
-    if (looks_signed(line)) {
-        suffix = signed_suffix;
+    if (const std::size_t sig_hex = signature_hex_size(line); sig_hex != 0) {
+        suffix = signed_suffix(sig_hex);
         sig_text = line.substr(line.size() - sig_hex - 2, sig_hex);
     } else if (line.size() > unsigned_suffix && line.substr(line.size() - 2) == "\"}" &&
                line.substr(line.size() - unsigned_suffix, hash_key.size()) == hash_key) {

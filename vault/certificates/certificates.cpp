@@ -267,7 +267,11 @@ Result<ObjectVersionRow> Certificates::make_version(const Caller* caller, const 
         auto id = pairs_.create_key_pair(policy.key, "vaultfs-cert:" + v.row.name + "/" + name,
                                          hsm::KeyUsage{.sign = true});
         if (!id)
-            return core_.refuse(ev, Errc::key_unavailable, "the token cannot make the key: " + id.error().message);
+            return core_.refuse(ev, id.error().code == hsm::Errc::mechanism_unsupported ? Errc::invalid_argument
+                                                                                : Errc::key_unavailable,
+                                id.error().code == hsm::Errc::mechanism_unsupported
+                                    ? id.error().message
+                                    : "the token cannot make the key: " + id.error().message);
         token_key = *id;
         auto der = pairs_.public_key_der(*id);
         if (!der) {

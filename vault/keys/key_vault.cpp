@@ -359,7 +359,11 @@ Result<ObjectView> KeyVault::add_version(const Caller* caller, const VaultEntry&
     auto id = pairs_.create_key_pair(spec.type, label,
                                      hsm::KeyUsage{.sign = spec.ops.sign, .decrypt = spec.ops.decrypt || spec.ops.unwrap});
     if (!id)
-        return core_.refuse(ev, Errc::key_unavailable, "the token cannot make the key: " + id.error().message);
+        return core_.refuse(ev, id.error().code == hsm::Errc::mechanism_unsupported ? Errc::invalid_argument
+                                                                                : Errc::key_unavailable,
+                            id.error().code == hsm::Errc::mechanism_unsupported
+                                ? id.error().message
+                                : "the token cannot make the key: " + id.error().message);
     auto der = pairs_.public_key_der(*id);
     if (!der) {
         static_cast<void>(pairs_.destroy_key_pair(*id));
