@@ -27,6 +27,7 @@
 #include "vault/audit/verify.hpp"
 #include "vault/signing.hpp"
 #include "vault/state.hpp"
+#include "vault/token_migration.hpp"
 
 namespace {
 
@@ -303,6 +304,22 @@ int main(int argc, char** argv)
     auto* restore = app.add_subcommand("restore", "Restore a backup into a vault on the same token");
     restore->add_option("file", backup_file, "Backup file")->required();
     restore->add_option("--into", request.into, "Target vault, made if it does not exist (default: the backup's own)");
+    std::string migrate_state = default_state();
+    vault::MigrationTarget migration;
+    std::vector<std::string> migration_env;
+    auto* token_cmd = app.add_subcommand("token", "The state's PKCS#11 token");
+    token_cmd->require_subcommand(1);
+    auto* migrate = token_cmd->add_subcommand(
+        "migrate", "Move the state to another token (the daemon stopped): DEKs re-sealed token to token, a new audit "
+                   "signing key handed over to in the audit trail");
+    migrate->add_option("--state", migrate_state, "State directory (default: $VAULTFS_STATE or /var/lib/vaultfs)");
+    migrate->add_option("--to-module", migration.module_path, "The target token's PKCS#11 module")->required();
+    migrate->add_option("--to-token-label", migration.token_label, "The target token's label (initialised by its owner)")
+        ->required();
+    migrate->add_option("--pin-file", migration.pin_file, "File holding the target token's user PIN (mode 0600)")
+        ->required();
+    migrate->add_option("--to-module-env", migration_env,
+                        "NAME=VALUE set before the target module loads, and kept in vaultfs.conf (e.g. SOFTHSM2_CONF=...)");
     fs::ObjectCommands object_commands(app, default_state());
     std::string socket;
     for (auto* sub : {vault_create, vault_show, vault_list, status, backup, restore, policy_reset, policy_set}) {
@@ -318,6 +335,24 @@ int main(int argc, char** argv)
 
     if (*init)
         return run_init(state, init_options);
+    if (*migrate) {
+        for (const auto& kv : migration_env) {
+            const auto eq = kv.find('=');
+            if (eq == std::string::npos || eq == 0)
+                return fail("--to-module-env takes NAME=VALUE, not '" + kv + "'");
+            migration.module_env.emplace_back(kv.substr(0, eq), kv.substr(eq + 1));
+        }
+        if (auto heap = hsm::init_secure_heap(command_heap_bytes); !heap)
+            return fail(heap.error().message);
+        auto done = vault::migrate_token(migrate_state, migration);
+        if (!done)
+            return fail(done.error().message);
+        std::printf("Moved the state in %s to token '%s':\n", vault::absolute_path(migrate_state).c_str(),
+                    migration.token_label.c_str());
+        for (const auto& line : *done)
+            std::printf("  %s\n", line.c_str());
+        return 0;
+    }
     if (*mount)
         return fs::run_mount(mount_options);
     if (*verify) {

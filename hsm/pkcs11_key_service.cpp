@@ -585,17 +585,46 @@ Result<KeyId> Pkcs11KeyService::create_kek(const std::string& label)
     auto id = impl_->new_key_id();
     if (!id)
         return tl::unexpected(id.error());
-    if (auto r = generate_secret_key(*impl_, CKM_AES_KEY_GEN, CKK_AES, label, *id, true, false); !r)
-        return tl::unexpected(r.error());
     const KeyId kek{to_hex(*id)};
+    if (auto r = create_kek_with_id(label, kek); !r)
+        return tl::unexpected(r.error());
+    return kek;
+}
+
+Result<void> Pkcs11KeyService::create_kek_with_id(const std::string& label, const KeyId& kek)
+{
+    auto id = from_hex(kek.hex);
+    if (!id || id->size() != key_id_size)
+        return fail(Errc::invalid_argument, "malformed KEK id '" + kek.hex + "'");
+    if (auto taken = impl_->find_object(CKO_SECRET_KEY, kek); taken || taken.error().code != Errc::key_not_found)
+        return fail(Errc::device_error, impl_->profile.name() + " already holds a key with id " + kek.hex);
+    if (auto r = generate_secret_key(*impl_, CKM_AES_KEY_GEN, CKK_AES, label, *id, true, false); !r)
+        return r;
     if (impl_->schemes.seal == SealScheme::aes_cbc_hmac) {
         auto mac = from_hex(mac_key_of(kek).hex);
         if (auto r = generate_secret_key(*impl_, CKM_GENERIC_SECRET_KEY_GEN, CKK_GENERIC_SECRET, label + " (mac)", *mac,
                                          false, true);
-            !r)
-            return tl::unexpected(r.error());
+            !r) {
+            static_cast<void>(destroy_kek(kek));
+            return r;
+        }
     }
-    return kek;
+    return {};
+}
+
+Result<void> Pkcs11KeyService::destroy_kek(const KeyId& kek)
+{
+    for (const KeyId& id : {kek, mac_key_of(kek)}) {
+        auto rv = impl_->with_key(CKO_SECRET_KEY, id, [&](ck_session_handle_t s, ck_object_handle_t h) {
+            return (*impl_->module)->C_DestroyObject(s, h);
+        });
+        if (!rv && rv.error().code == Errc::key_not_found)
+            continue;
+        if (auto ok = call_ok(rv, "removing key " + id.hex); !ok)
+            return ok;
+        impl_->forget_object(CKO_SECRET_KEY, id);
+    }
+    return {};
 }
 
 namespace {

@@ -78,6 +78,13 @@ public:
     Result<void> destroy_key_pair(const KeyId& key) override;
     std::uint64_t connection_epoch() const override;
 
+    // A KEK (and its MAC key) under a given id, for moving a state from
+    // another token with its rows unchanged (vault/token_migration.hpp).
+    // Fails if the token already holds a key with that id.
+    Result<void> create_kek_with_id(const std::string& label, const KeyId& kek);
+    // Removes a KEK and its MAC key; a key already gone is fine.
+    Result<void> destroy_kek(const KeyId& kek);
+
     // What the token said it offers, and the constructions in use (with the
     // fallbacks negotiation took, for the admin).
     const TokenProfile& profile() const;

@@ -33,6 +33,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -188,6 +189,20 @@ struct ObjectVersionRow {
     std::vector<std::uint8_t> sealed_key;
     std::vector<std::uint8_t> sealed_dek;
     Micros notified = 0;  // the lead time of the last near-expiry event sent for it (0: none)
+};
+
+// A sealed DEK with what it is bound to (envelope.hpp, Binding), wherever
+// it is stored: a secret's version, or an object version's exportable key.
+struct SealedDek {
+    enum class Table { versions, object_versions };
+    Table table;
+    std::int64_t row = 0;
+    VaultId vault;
+    std::string name;           // the secret's or the object's name
+    std::uint64_t version = 0;
+    std::string kek_id;
+    std::vector<std::uint8_t> sealed_dek;
+    std::string body;           // object versions: the JSON body (its key_ref binds the key)
 };
 
 class Store {
@@ -381,6 +396,14 @@ public:
     Result<std::optional<ObjectVersionRow>> object_version(ObjectId object, std::optional<std::uint64_t> number);
     // Removes the object with all its versions.
     Result<void> delete_object(ObjectId object);
+
+    // ---- every sealed DEK (vault/store_sealed.cpp), for moving to another token
+    Result<std::vector<SealedDek>> sealed_deks();
+    Result<void> replace_sealed_dek(const SealedDek& row, std::span<const std::uint8_t> sealed);
+    // Every KEK id the rows name.
+    Result<std::vector<std::string>> kek_ids();
+    // "vault/.keys/NAME@N" of each version whose private key lives in the token.
+    Result<std::vector<std::string>> token_key_holders();
 
 private:
     sqlite::Connection& conn_;

@@ -24,7 +24,7 @@ constexpr std::array<std::size_t, 2> sig_hex_sizes{128, 768};
 constexpr std::size_t unsigned_suffix = hash_key.size() + hash_hex + 2;
 constexpr std::size_t signed_suffix(std::size_t sig_hex) { return hash_key.size() + hash_hex + sig_key.size() + sig_hex + 2; }
 
-constexpr std::array<std::string_view, 5> signed_ops{"init", "start", "checkpoint", "rotate", "shutdown"};
+constexpr std::array<std::string_view, 6> signed_ops{"init", "start", "checkpoint", "rotate", "shutdown", "handover"};
 // Everything else a record may be about (README "The audit trail").
 constexpr std::array<std::string_view, 41> record_ops{
     "get",        "set",        "commit",       "list",         "delete",       "recover",   "purge",

@@ -346,7 +346,7 @@ Result<void> Log::start_locked()
         VerifyOptions vo;
         vo.anchor = anchor;
         vo.anchor_expected = anchor_store_ != nullptr;
-        VerifyReport rep = verify_tail(path, back->lines, 0, key, vo);
+        VerifyReport rep = verify_tail(path, back->lines, 0, *pem, vo);
         auto first = parse(back->lines.front());
         if (first && first->is_signed() && key.verify(body_digest(first->body), first->sig)) {
             trusted_seq = first->seq;
@@ -362,7 +362,7 @@ Result<void> Log::start_locked()
                      std::to_string(anchor->file_start) + ": it was replaced or cut while the daemon was down";
         } else if (!rep.ok || !last) {
             const std::uint64_t first_line = line_number_at(fd_, back->first_offset);
-            rep = verify_tail(path, back->lines, first_line, key, vo);
+            rep = verify_tail(path, back->lines, first_line, *pem, vo);
             break_line = rep.line;
             broken = rep.ok ? "the last record cannot be read" : rep.problem;
         }
@@ -692,6 +692,36 @@ void Log::tick()
         duties_locked(options_.clock());
     }
     sync_and_anchor(false);
+}
+
+Result<void> Log::hand_over(Signer next, const std::string& token)
+{
+    const auto pem_of = [](const Signer& s) -> Result<std::string> {
+        auto der = s.keys->public_key_der(s.key);
+        if (!der)
+            return fail(Errc::key_unavailable, "cannot read an audit signing key: " + der.error().message);
+        return public_key_pem(*der);
+    };
+    auto old_pem = pem_of(signer_);
+    if (!old_pem)
+        return tl::unexpected(old_pem.error());
+    auto new_pem = pem_of(next);
+    if (!new_pem)
+        return tl::unexpected(new_pem.error());
+    {
+        std::lock_guard anchor_lock(anchor_mutex_);
+        std::lock_guard lock(mutex_);
+        const Micros now = options_.clock();
+        if (auto r = signed_locked("handover", now, {{"old_key", *old_pem}, {"new_key", *new_pem}, {"token", token}});
+            !r)
+            return r;
+        signer_ = std::move(next);
+        if (auto r = signed_locked("checkpoint", now); !r)
+            return r;
+        anchor_due_ = true;
+    }
+    sync_and_anchor(false);
+    return {};
 }
 
 void Log::sync_and_anchor(bool clean)

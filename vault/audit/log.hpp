@@ -147,6 +147,14 @@ public:
     // appends fail.
     Result<void> close();
 
+    // Hands signing over to `next` (`vaultfs token migrate`, the state moving
+    // to another token): a `handover` record signed by the current key names
+    // the old and new public keys and `token` (the new token); a checkpoint
+    // signed by `next` confirms it; the database anchor is re-signed by
+    // `next`. From then on `next` signs. `audit verify`, given the new key,
+    // follows the hand-overs back (verify.hpp).
+    Result<void> hand_over(Signer next, const std::string& token);
+
     // The background duties, now: closed coalescing windows, a checkpoint
     // that is due, sync and anchor. (The writer's own thread runs them
     // every sync interval; tests call this to step.)

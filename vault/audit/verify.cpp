@@ -1,6 +1,9 @@
 #include "vault/audit/verify.hpp"
 
+#include <algorithm>
 #include <fstream>
+#include <memory>
+#include <optional>
 #include <sstream>
 
 namespace vaultfs::vault::audit {
@@ -38,7 +41,41 @@ std::string seq_text(std::uint64_t seq) { return std::to_string(seq); }
 // The checks of verify.hpp, fed one line at a time.
 class Verifier {
 public:
-    Verifier(const SignatureVerifier& key, const VerifyOptions& options) : key_(key), opt_(options) {}
+    // `trusted_pem`: the audit public key the caller trusts, the one in
+    // force at the end of the log.
+    Verifier(const std::string& trusted_pem, const VerifyOptions& options) : opt_(options)
+    {
+        keys_.push_back(std::make_unique<SignatureVerifier>(trusted_pem));
+        pems_.push_back(trusted_pem);
+    }
+
+    bool usable() const { return keys_.back()->usable(); }
+
+    // Learns the keys in force before the trusted one from the hand-over
+    // records among `lines` (mechanisms.hpp; `vaultfs token migrate`): the
+    // hand-over to the trusted key names the key before it, and so on back.
+    // Each hand-over is then checked in place: signed by the key it hands
+    // over from, and confirmed by a signature of the key it hands to.
+    void learn_keys(const std::vector<std::string_view>& lines)
+    {
+        std::vector<std::pair<std::string, std::string>> handovers;  // old, new
+        for (const auto line : lines) {
+            if (line.find("\"op\":\"handover\"") == std::string_view::npos)
+                continue;
+            auto r = parse(line);
+            if (r && r->op == "handover" && r->fields.value("old_key", json_null()).is_string() &&
+                r->fields.value("new_key", json_null()).is_string())
+                handovers.emplace_back(r->fields["old_key"].get<std::string>(), r->fields["new_key"].get<std::string>());
+        }
+        for (std::size_t n = 0; n < handovers.size(); ++n) {
+            const auto it = std::find_if(handovers.begin(), handovers.end(),
+                                         [&](const auto& h) { return same_public_key(h.second, pems_.front()); });
+            if (it == handovers.end() || same_public_key(it->first, it->second))
+                break;
+            pems_.insert(pems_.begin(), it->first);
+            keys_.insert(keys_.begin(), std::make_unique<SignatureVerifier>(it->first));
+        }
+    }
 
     // verify_tail: the first record is where trust starts.
     void trust_first_record() { trust_first_ = true; }
@@ -143,6 +180,12 @@ public:
                 return;
             ++rep_.signed_records;
             rep_.last_signed_seq = r.seq;
+            if (r.op == "handover") {
+                if (!hand_over(r, line_no))
+                    return;
+            } else {
+                unconfirmed_handover_.reset();
+            }
         } else {
             if (stretch_ == 0) {
                 stretch_first_ = r.time;
@@ -179,13 +222,19 @@ public:
     {
         if (!resync_ && over_)
             add_problem(over_file_, over_line_, "unsigned tail: " + over_why_);
+        if (unconfirmed_handover_)
+            add_problem(unconfirmed_file_, unconfirmed_line_,
+                        "the handover at seq " + seq_text(*unconfirmed_handover_) +
+                            " is not confirmed by any record signed with the key it hands over to");
+        else if (!resync_ && have_prev_ && in_force_ + 1 != keys_.size())
+            add_problem(last_file, 0, "the log ends before it hands over to the audit public key");
         rep_.unsigned_tail = stretch_;
         rep_.tail_seconds = stretch_ > 0 ? static_cast<std::uint64_t>((last_time_ - stretch_first_) / 1000000) : 0;
         if (opt_.anchor) {
             const AuditAnchor& a = *opt_.anchor;
             if (a.sig.empty())
                 add_problem("", 0, "the database anchor is not signed (edited, or left by an older vaultfs)");
-            else if (!key_.verify(anchor_digest(a), a.sig))
+            else if (!keys_.back()->verify(anchor_digest(a), a.sig))
                 add_problem("", 0, "the database anchor's signature does not verify: it was edited");
             if (anchor_seen_ && !trust_first_ && anchor_file_first_ != a.file_start)
                 add_problem(anchor_file_, 0, "the audit file begins at seq " + seq_text(anchor_file_first_) +
@@ -219,7 +268,33 @@ private:
 
     bool signature_ok(const Record& r) const
     {
-        return r.is_signed() && key_.verify(std::span<const std::uint8_t, 32>(body_digest(r.body)), r.sig);
+        return r.is_signed() && keys_[in_force_]->verify(std::span<const std::uint8_t, 32>(body_digest(r.body)), r.sig);
+    }
+
+    static const nlohmann::json& json_null()
+    {
+        static const nlohmann::json null;
+        return null;
+    }
+
+    // A signed hand-over record: from here on the next key signs.
+    bool hand_over(const Record& r, std::uint64_t line_no)
+    {
+        const auto& f = r.fields;
+        const bool named = f.value("old_key", json_null()).is_string() && f.value("new_key", json_null()).is_string();
+        if (!named || !same_public_key(f["old_key"].get<std::string>(), pems_[in_force_])) {
+            problem(line_no, "the handover record does not hand over from the key that signs before it (edited)");
+            return false;
+        }
+        if (in_force_ + 1 >= pems_.size() || !same_public_key(f["new_key"].get<std::string>(), pems_[in_force_ + 1])) {
+            problem(line_no, "the handover record hands over to a key that does not lead to the audit public key");
+            return false;
+        }
+        ++in_force_;
+        unconfirmed_handover_ = r.seq;
+        unconfirmed_file_ = file_;
+        unconfirmed_line_ = line_no;
+        return true;
     }
 
     bool take_bound(const Record& r, std::uint64_t line_no)
@@ -311,7 +386,12 @@ private:
         rep_.problems.push_back(where.empty() ? why : where + ": " + why);
     }
 
-    const SignatureVerifier& key_;
+    std::vector<std::unique_ptr<SignatureVerifier>> keys_;  // oldest first; the last is trusted
+    std::vector<std::string> pems_;
+    std::size_t in_force_ = 0;
+    std::optional<std::uint64_t> unconfirmed_handover_;
+    std::string unconfirmed_file_;
+    std::uint64_t unconfirmed_line_ = 0;
     const VerifyOptions& opt_;
     VerifyReport rep_;
     bool trust_first_ = false;
@@ -344,9 +424,8 @@ private:
 VerifyReport verify_files(const std::vector<std::string>& files, const std::string& public_key_pem,
                           const VerifyOptions& options)
 {
-    const SignatureVerifier key(public_key_pem);
-    Verifier v(key, options);
-    if (!key.usable()) {
+    Verifier v(public_key_pem, options);
+    if (!v.usable()) {
         v.fail_file(0, "the audit public key cannot be read (not a PEM public key)");
         return v.finish("");
     }
@@ -354,14 +433,22 @@ VerifyReport verify_files(const std::vector<std::string>& files, const std::stri
         v.fail_file(0, "no audit files given");
         return v.finish("");
     }
+    std::vector<std::vector<FileLine>> all(files.size());
+    std::vector<std::string_view> texts;
+    for (std::size_t fi = 0; fi < files.size(); ++fi) {
+        if (!read_lines(files[fi], all[fi])) {
+            v.begin_file(files[fi]);
+            v.fail_file(0, "cannot read the file");
+            return v.finish(files[fi]);
+        }
+        for (const auto& l : all[fi])
+            texts.push_back(l.text);
+    }
+    v.learn_keys(texts);
     for (std::size_t fi = 0; fi < files.size(); ++fi) {
         const std::string& file = files[fi];
         v.begin_file(file);
-        std::vector<FileLine> lines;
-        if (!read_lines(file, lines)) {
-            v.fail_file(0, "cannot read the file");
-            return v.finish(file);
-        }
+        const std::vector<FileLine>& lines = all[fi];
         if (lines.empty()) {
             v.fail_file(0, "the file is empty");
             return v.finish(file);
@@ -384,9 +471,10 @@ VerifyReport verify_files(const std::vector<std::string>& files, const std::stri
 }
 
 VerifyReport verify_tail(const std::string& file, const std::vector<std::string>& lines, std::uint64_t first_line,
-                         const SignatureVerifier& key, const VerifyOptions& options)
+                         const std::string& public_key_pem, const VerifyOptions& options)
 {
-    Verifier v(key, options);
+    Verifier v(public_key_pem, options);
+    v.learn_keys(std::vector<std::string_view>(lines.begin(), lines.end()));
     v.trust_first_record();
     v.begin_file(file);
     for (std::size_t i = 0; i < lines.size(); ++i) {

@@ -70,6 +70,6 @@ VerifyReport verify_files(const std::vector<std::string>& files, const std::stri
 // trust (its signature is checked here). `first_line` is the line number of
 // lines[0] in the file (0 when unknown).
 VerifyReport verify_tail(const std::string& file, const std::vector<std::string>& lines, std::uint64_t first_line,
-                         const SignatureVerifier& key, const VerifyOptions& options);
+                         const std::string& public_key_pem, const VerifyOptions& options);
 
 }  // namespace vaultfs::vault::audit
