@@ -49,7 +49,7 @@ void expect_one(const std::vector<nlohmann::json>& records, const std::string& o
 
 }  // namespace
 
-TEST_CASE("every operation writes one record, allowed or denied", "[fs][audit]")
+TEST_CASE("every operation writes one record, allowed or denied", "[fs][audit][token]")
 {
     TestUser user("au");
     Mount m;
@@ -98,7 +98,7 @@ TEST_CASE("every operation writes one record, allowed or denied", "[fs][audit]")
     CHECK(v.data.find("OK:") == 0);
 }
 
-TEST_CASE("audit verify names the first bad record of a tampered copy", "[fs][audit]")
+TEST_CASE("audit verify names the first bad record of a tampered copy", "[fs][audit][token]")
 {
     Mount m;
     REQUIRE(make_dir(m.path("tamper")).err == 0);

@@ -32,7 +32,7 @@ void wait_for_release_commit(const std::string& path)
 
 }  // namespace
 
-TEST_CASE("the DESIGN walkthrough works as shown", "[fs]")
+TEST_CASE("the DESIGN walkthrough works as shown", "[fs][token]")
 {
     Mount m;
     REQUIRE(make_dir(m.path("payments")).err == 0);
@@ -152,7 +152,7 @@ TEST_CASE("a reader's mmap leaves no plaintext in the page cache once it closes"
     CHECK(ok(o) == "same " + std::to_string(pages) + " 0");
 }
 
-TEST_CASE("writes: offsets assemble, EFBIG commits nothing, S@N is read-only", "[fs]")
+TEST_CASE("writes: offsets assemble, EFBIG commits nothing, S@N is read-only", "[fs][token]")
 {
     Mount m;
     REQUIRE(make_dir(m.path("wvault")).err == 0);
@@ -286,7 +286,7 @@ TEST_CASE("vault directories: mkdir by admins, rmdir only when empty", "[fs]")
     CHECK(stat_path(m.path("vault-c")).err == ENOENT);
 }
 
-TEST_CASE("8 concurrent writers x 10 writes give 80 intact versions", "[fs][concurrency]")
+TEST_CASE("8 concurrent writers x 10 writes give 80 intact versions", "[fs][concurrency][token]")
 {
     Mount m;
     REQUIRE(make_dir(m.path("conc")).err == 0);

@@ -157,6 +157,19 @@ std::string vaultfs_binary()
     return bin;
 }
 
+std::optional<TestToken> test_token()
+{
+    const auto env = [](const char* name) {
+        const char* v = std::getenv(name);
+        return std::string(v == nullptr ? "" : v);
+    };
+    TestToken t{env("VAULTFS_TEST_TOKEN_MODULE"), env("VAULTFS_TEST_TOKEN_LABEL"), env("VAULTFS_TEST_TOKEN_PIN_FILE"),
+                env("VAULTFS_TEST_TOKEN_NAME")};
+    if (t.module.empty() || t.label.empty() || t.pin_file.empty())
+        return std::nullopt;
+    return t;
+}
+
 // ---- users -------------------------------------------------------------------------
 
 TestGroup::TestGroup(const std::string& tag) : name(unique_name(tag))
@@ -441,7 +454,11 @@ Mount::Mount(MountOptions options) : options_(std::move(options))
     stderr_path_ = root + "/daemon.stderr";
     std::filesystem::create_directory(mountpoint);
     if (options_.init) {
-        if (run({binary, "init", "--state", state}) != 0)
+        std::vector<std::string> init{binary, "init", "--state", state};
+        if (const auto token = test_token(); token && !options_.embedded_token)
+            init.insert(init.end(), {"--module", token->module, "--token-label", token->label, "--pin-file",
+                                     token->pin_file});
+        if (run(init) != 0)
             throw std::runtime_error("vaultfs init failed");
         if (!options_.config_lines.empty()) {
             std::ofstream conf(state + "/vaultfs.conf", std::ios::app);

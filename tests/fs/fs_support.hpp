@@ -111,6 +111,11 @@ struct MountOptions {
     // Runs the daemon under this command (e.g. unshare into namespaces of
     // its own); it must pass SIGTERM on to the daemon.
     std::vector<std::string> wrapper;
+    // `vaultfs init` adopts the token named by $VAULTFS_TEST_TOKEN_MODULE,
+    // _LABEL and _PIN_FILE when they are set (tests/support/with-opencryptoki
+    // sets them: the suite's [token] tests run on a second PKCS#11
+    // implementation); true keeps the embedded SoftHSM2 default regardless.
+    bool embedded_token = false;
 };
 
 class Mount {
@@ -173,6 +178,13 @@ struct BackgroundDaemon {
 };
 
 std::string vaultfs_binary();
+
+// The token the suite runs on besides SoftHSM2, from the environment
+// tests/support/with-opencryptoki sets; nullopt when there is none.
+struct TestToken {
+    std::string module, label, pin_file, name;
+};
+std::optional<TestToken> test_token();
 std::string random_hex(std::size_t bytes);
 
 }  // namespace vaultfs::testing

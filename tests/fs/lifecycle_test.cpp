@@ -226,7 +226,7 @@ TEST_CASE("purge protection refuses purge until retention ends; the automatic pu
     CHECK(write_file(m.path("guarded/s"), "again").err == 0);
 }
 
-TEST_CASE("backup and restore: ciphertext only, same token only, no overwrite", "[fs][lifecycle]")
+TEST_CASE("backup and restore: ciphertext only, same token only, no overwrite", "[fs][lifecycle][token]")
 {
     Mount m;
     const std::string canary = "CANARY-" + random_hex(12);
@@ -280,7 +280,7 @@ TEST_CASE("backup and restore: ciphertext only, same token only, no overwrite", 
     CHECK(r.data.find("signature does not verify") != std::string::npos);
 
     // Another state (another token) cannot restore it.
-    Mount elsewhere;
+    Mount elsewhere(MountOptions{.embedded_token = true});
     REQUIRE(make_dir(elsewhere.path("source")).err == 0);
     r = shell(elsewhere.binary + " restore " + file + " --state " + elsewhere.state + " 2>&1");
     CHECK(r.err == 1);

@@ -66,7 +66,7 @@ std::string try_config_dir(const std::string& dir)
 
 }  // namespace
 
-TEST_CASE("policies decide every open, for users and groups", "[fs][policy]")
+TEST_CASE("policies decide every open, for users and groups", "[fs][policy][token]")
 {
     TestGroup devs("g");
     TestUser alice("a"), bob("b"), carol("c", {&devs}), dave("d"), erin("e"), frank("f"), grace("g", {&devs}),

@@ -52,7 +52,7 @@ bool well_formed(const std::string& v)
 
 }  // namespace
 
-TEST_CASE("crash consistency: SIGKILL during concurrent writes loses no committed version", "[fs][crash]")
+TEST_CASE("crash consistency: SIGKILL during concurrent writes loses no committed version", "[fs][crash][token]")
 {
     const char* long_mode = std::getenv("VAULTFS_LONG");
     const int kills = long_mode != nullptr && std::string(long_mode) == "1" ? 500 : 20;
@@ -191,7 +191,7 @@ TEST_CASE("start-up faults: wrong PIN, corrupt database, too little locked memor
     }
 }
 
-TEST_CASE("one corrupted version row: EIO for that version only, audited", "[fs][faults]")
+TEST_CASE("one corrupted version row: EIO for that version only, audited", "[fs][faults][token]")
 {
     Mount m;
     REQUIRE(make_dir(m.path("rows")).err == 0);

@@ -680,5 +680,76 @@ TEST_CASE("a full disk makes append fail closed until space returns", "[audit][l
     CHECK(rep.warnings.empty());
 }
 
+TEST_CASE("a hand-over to another signing key verifies with the new key alone, and is checked in place",
+          "[audit][log][handover]")
+{
+    Signing signing;
+    TempDir dir;
+    const std::string path = dir / "audit.jsonl";
+    auto log = create_and_open(signing, path);
+    REQUIRE(log->append(get_event()));
+
+    // The next key is of the other scheme: RSA-PSS after ECDSA.
+    auto rsa = signing.token.open(TempToken::pin,
+                                  hsm::Schemes{hsm::SealScheme::aes_gcm, hsm::SignatureScheme::rsa_pss_sha256});
+    REQUIRE(rsa);
+    auto next = (*rsa)->create_signing_key("next");
+    REQUIRE(next);
+    auto der = (*rsa)->public_key_der(*next);
+    REQUIRE(der);
+    const std::string next_pem = *public_key_pem(*der);
+    REQUIRE(log->hand_over(Signer{rsa->get(), *next}, "token 'next'"));
+    REQUIRE(log->append(get_event()));
+    REQUIRE(log->close());
+    log.reset();
+
+    const Lines lines = read_lines(path);
+    std::size_t at = 0;
+    for (std::size_t i = 0; i < lines.size(); ++i)
+        if (parse(lines[i])->op == "handover")
+            at = i;
+    REQUIRE(at > 0);
+    const auto handover = parse(lines[at]);
+    CHECK(handover->fields["old_key"] == signing.pem);
+    CHECK(handover->fields["new_key"] == next_pem);
+    CHECK(handover->fields["token"] == "token 'next'");
+    CHECK(handover->sig.size() == 64);  // signed by the old, ECDSA key
+    const auto confirm = parse(lines[at + 1]);
+    CHECK(confirm->op == "checkpoint");
+    CHECK(confirm->sig.size() == 384);  // and confirmed by the new, RSA-3072 one
+
+    auto rep = verify(path, next_pem);
+    INFO(rep.problem);
+    CHECK(rep.ok);
+    CHECK(rep.signed_records == 5);  // init, start, handover, checkpoint, shutdown
+
+    // The old key alone does not reach the end.
+    rep = verify(path, signing.pem);
+    CHECK_FALSE(rep.ok);
+    CHECK(rep.problem == "the handover record hands over to a key that does not lead to the audit public key");
+
+    // A hand-over the new key never confirmed is not taken on trust.
+    const std::string cut = dir / "cut.jsonl";
+    {
+        std::ofstream out(cut);
+        for (std::size_t i = 0; i <= at; ++i)
+            out << lines[i] << "\n";
+    }
+    rep = verify(cut, next_pem);
+    CHECK_FALSE(rep.ok);
+    CHECK(rep.problem == "the handover at seq " + std::to_string(handover->seq) +
+                             " is not confirmed by any record signed with the key it hands over to");
+
+    // Records after the hand-over signed with the old key are forgeries.
+    const std::string mixed = dir / "mixed.jsonl";
+    {
+        std::ofstream out(mixed);
+        for (std::size_t i = 0; i < lines.size(); ++i)
+            out << (i == at + 1 ? lines[1] : lines[i]) << "\n";  // an old-key start in place of the checkpoint
+    }
+    rep = verify(mixed, next_pem);
+    CHECK_FALSE(rep.ok);
+}
+
 }  // namespace
 }  // namespace vaultfs::vault::audit
