@@ -183,6 +183,8 @@ int print_status(const nlohmann::json& r)
     const auto number = [&](const char* key) { return r.value(key, std::int64_t{-1}); };
     std::printf("vaultfs: serving %s at %s\n", text("state").c_str(), text("mountpoint").c_str());
     std::printf("token:   %s\n", text("token").c_str());
+    std::printf("         %s; DEKs sealed with %s, audit signed with %s\n", text("token_name").c_str(),
+                text("token_seal").c_str(), text("token_signature").c_str());
     std::printf("audit:   %s (%lld records; %lld refusals coalesced, %lld dropped%s)\n", text("audit").c_str(),
                 static_cast<long long>(number("audit_records")), static_cast<long long>(number("audit_refusals_coalesced")),
                 static_cast<long long>(number("audit_records_dropped")),

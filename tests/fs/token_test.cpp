@@ -111,6 +111,27 @@ TEST_CASE("init adopts a token its owner initialised, and names what it lacks", 
     }
 }
 
+TEST_CASE("a state whose recorded constructions the token lacks is not mounted, and the message says so",
+          "[.ock][token]")
+{
+    const TestToken t = need_token();
+    Mount m;
+    REQUIRE(make_dir(m.path("app")).err == 0);
+    REQUIRE(write_file(m.path("app/db"), "one").err == 0);
+    m.stop();
+    const std::string conf = m.state_file("vaultfs.conf");
+    REQUIRE(shell("sed -i 's/^token_seal = .*/token_seal = aes-gcm/' " + conf).err == 0);
+    auto r = m.start_expecting_failure();
+    CHECK(r.err != 0);
+    CHECK_THAT(r.data, Catch::Contains("token '" + t.label + "' (IBM Corp. IBM SoftTok) lacks CKM_AES_GCM, which this "
+                                       "state's token_seal = aes-gcm needs; a state moves to a token with other "
+                                       "mechanisms by `vaultfs token migrate`"));
+    CHECK(r.data.find("SoftHSM") == std::string::npos);
+    REQUIRE(shell("sed -i 's/^token_seal = .*/token_seal = aes-cbc-pad+hmac-sha256/' " + conf).err == 0);
+    m.start();
+    CHECK(ok(read_file(m.path("app/db"))) == "one");
+}
+
 TEST_CASE("on a token without EC, key create refuses EC keys by name; RSA keys sign and decrypt", "[token]")
 {
     Mount m;
@@ -123,8 +144,15 @@ TEST_CASE("on a token without EC, key create refuses EC keys by name; RSA keys s
                             "and CKM_ECDSA (EINVAL)\n");
         CHECK(list_dir(m.path("app/.keys/ec")).err == ENOENT);
         CHECK(m.last_audit("key_create", 0)["result"] == "EINVAL");
+        const auto status = shell(m.binary + " status --state " + m.state);
+        CHECK_THAT(status.data, Catch::Contains("\n         token '" + test_token()->label +
+                                                "' (IBM Corp. IBM SoftTok); DEKs sealed with aes-cbc-pad+hmac-sha256, "
+                                                "audit signed with rsa-pss-sha256\n"));
     } else {
         CHECK(r.err == 0);  // SoftHSM2 makes EC keys
+        const auto status = shell(m.binary + " status --state " + m.state);
+        CHECK_THAT(status.data, Catch::Contains("\n         token 'vaultfs' (SoftHSM project SoftHSM v2); DEKs sealed "
+                                                "with aes-gcm, audit signed with ecdsa-p256\n"));
     }
     r = shell(m.binary + " key create app/rsa --type rsa-2048 --ops sign,decrypt --state " + m.state + " 2>&1");
     INFO(r.data);
@@ -152,6 +180,26 @@ TEST_CASE("on a token without EC, key create refuses EC keys by name; RSA keys s
     r = shell(m.binary + " key decrypt app/rsa --alg RSA-OAEP-256 --in " + ct + " --out - --state " + m.state);
     CHECK(r.err == 0);
     CHECK(r.data == "wrapped-secret");
+
+    // Certificates too: a CA and a leaf whose keys stay in the token, signed
+    // through libp11; an EC certificate key is refused like an EC key.
+    const std::string certs = m.path("app/.certs");
+    r = shell(m.binary + " cert create app/ca --subject CN=Token-CA --ca --key rsa-2048 --state " + m.state + " 2>&1");
+    INFO(r.data);
+    REQUIRE(r.err == 0);
+    r = shell(m.binary + " cert create app/web --subject CN=web.test --key rsa-2048 --issuer app/ca --state " + m.state +
+              " 2>&1");
+    INFO(r.data);
+    REQUIRE(r.err == 0);
+    CHECK(shell("openssl verify -CAfile " + certs + "/ca/cert.pem " + certs + "/web/cert.pem").err == 0);
+    r = shell(m.binary + " cert create app/ecweb --subject CN=ec.test --key ec-p256 --state " + m.state + " 2>&1");
+    if (test_token()) {
+        CHECK(r.err == 1);
+        CHECK_THAT(r.data, Catch::Contains("cannot make ec-p256 keys that sign: it lacks CKM_EC_KEY_PAIR_GEN and "
+                                           "CKM_ECDSA (EINVAL)"));
+    } else {
+        CHECK(r.err == 0);
+    }
 }
 
 TEST_CASE("token migrate moves a state from SoftHSM2 to another token and back; the audit chain hands over",
