@@ -315,11 +315,11 @@ int main(int argc, char** argv)
         "migrate", "Move the state to another token (the daemon stopped): DEKs re-sealed token to token, a new audit "
                    "signing key handed over to in the audit trail");
     migrate->add_option("--state", migrate_state, "State directory (default: $VAULTFS_STATE or /var/lib/vaultfs)");
-    migrate->add_option("--to-module", migration.module_path, "The target token's PKCS#11 module")->required();
-    migrate->add_option("--to-token-label", migration.token_label, "The target token's label (initialised by its owner)")
-        ->required();
-    migrate->add_option("--pin-file", migration.pin_file, "File holding the target token's user PIN (mode 0600)")
-        ->required();
+    bool roll_back = false;
+    migrate->add_option("--to-module", migration.module_path, "The target token's PKCS#11 module");
+    migrate->add_option("--to-token-label", migration.token_label, "The target token's label (initialised by its owner)");
+    migrate->add_option("--pin-file", migration.pin_file, "File holding the target token's user PIN (mode 0600)");
+    migrate->add_flag("--roll-back", roll_back, "Put back a state whose migration was interrupted");
     migrate->add_option("--to-module-env", migration_env,
                         "NAME=VALUE set before the target module loads, and kept in vaultfs.conf (e.g. SOFTHSM2_CONF=...)");
     fs::ObjectCommands object_commands(app, default_state());
@@ -337,7 +337,17 @@ int main(int argc, char** argv)
 
     if (*init)
         return run_init(state, init_options);
+    if (*migrate && roll_back) {
+        auto done = vault::roll_back_token_migration(migrate_state);
+        if (!done)
+            return fail(done.error().message);
+        for (const auto& line : *done)
+            std::printf("%s\n", line.c_str());
+        return 0;
+    }
     if (*migrate) {
+        if (migration.module_path.empty() || migration.token_label.empty() || migration.pin_file.empty())
+            return fail("token migrate needs --to-module, --to-token-label and --pin-file (or --roll-back)");
         for (const auto& kv : migration_env) {
             const auto eq = kv.find('=');
             if (eq == std::string::npos || eq == 0)

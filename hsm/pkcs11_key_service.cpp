@@ -142,8 +142,17 @@ public:
         static std::mutex registry_mutex;
         static std::map<std::string, std::weak_ptr<Module>> registry;
         std::lock_guard lock(registry_mutex);
-        if (auto existing = registry[path].lock())
+        if (auto existing = registry[path].lock()) {
+            // A module is initialised once per process, with the environment
+            // it had then (SoftHSM2 reads one SOFTHSM2_CONF): a second
+            // configuration of it cannot be reached from this process.
+            if (existing->env_ != env)
+                return fail(Errc::module_unavailable,
+                            path + " is already in use in this process with another module environment; one process "
+                                   "reaches one configuration of a module (SoftHSM2 reads one SOFTHSM2_CONF), so move "
+                                   "between two tokens of one module only when they share it");
             return existing;
+        }
 
         for (const auto& [name, value] : env)
             ::setenv(name.c_str(), value.c_str(), 1);
@@ -164,6 +173,7 @@ public:
         if (const ck_rv_t rv = fn->C_Initialize(&args); rv != CKR_OK)
             return fail(Errc::module_unavailable, path + ": C_Initialize failed: " + rv_name(rv));
         auto module = std::shared_ptr<Module>(new Module(fn));
+        module->env_ = env;
         registry[path] = module;
         return module;
     }
@@ -213,6 +223,7 @@ public:
 private:
     explicit Module(ck_function_list* fn) : fn_(fn) {}
     ck_function_list* fn_;
+    std::vector<std::pair<std::string, std::string>> env_;  // as loaded
 };
 
 // Every answer that says the PIN itself is wrong: never presented again.
@@ -479,29 +490,45 @@ struct Pkcs11KeyService::Impl {
         return fail(Errc::key_not_found, "key " + id.hex + " vanished from token '" + label + "'");
     }
 
-    // A random CKA_ID that no object in the token has yet: an adopted token
-    // holds its owner's objects too, and vaultfs never takes one of them for
-    // its own.
+    // Whether any object in the token, of any class, has this CKA_ID.
+    Result<bool> id_in_use(const KeyId& id)
+    {
+        const auto raw = from_hex(id.hex);
+        if (!raw || raw->empty())
+            return fail(Errc::invalid_argument, "malformed key id '" + id.hex + "'");
+        unsigned long count = 0;
+        ck_object_handle_t found = 0;
+        auto rv = with_session([&](ck_session_handle_t s) {
+            ck_attribute tmpl[] = {attr(CKA_ID, raw->data(), raw->size())};
+            ck_rv_t r = (*module)->C_FindObjectsInit(s, tmpl, 1);
+            if (r != CKR_OK)
+                return r;
+            r = (*module)->C_FindObjects(s, &found, 1, &count);
+            (*module)->C_FindObjectsFinal(s);
+            return r;
+        });
+        if (auto ok = call_ok(rv, "C_FindObjects"); !ok)
+            return tl::unexpected(ok.error());
+        return count > 0;
+    }
+
+    // A random CKA_ID that no object in the token has yet, nor the MAC key
+    // id made from it: an adopted token holds its owner's objects too, and
+    // vaultfs never takes one of them for its own.
     Result<Bytes> new_key_id()
     {
         for (int attempt = 0; attempt < 4; ++attempt) {
             Bytes id(key_id_size);
             if (RAND_bytes(id.data(), static_cast<int>(id.size())) != 1)
                 return fail(Errc::device_error, "RAND_bytes failed");
-            unsigned long count = 0;
-            ck_object_handle_t found = 0;
-            auto rv = with_session([&](ck_session_handle_t s) {
-                ck_attribute tmpl[] = {attr(CKA_ID, id.data(), id.size())};
-                ck_rv_t r = (*module)->C_FindObjectsInit(s, tmpl, 1);
-                if (r != CKR_OK)
-                    return r;
-                r = (*module)->C_FindObjects(s, &found, 1, &count);
-                (*module)->C_FindObjectsFinal(s);
-                return r;
-            });
-            if (auto ok = call_ok(rv, "C_FindObjects"); !ok)
-                return tl::unexpected(ok.error());
-            if (count == 0)
+            bool free = true;
+            for (const KeyId& k : {KeyId{to_hex(id)}, mac_key_of(KeyId{to_hex(id)})}) {
+                auto taken = id_in_use(k);
+                if (!taken)
+                    return tl::unexpected(taken.error());
+                free = free && !*taken;
+            }
+            if (free)
                 return id;
         }
         return fail(Errc::device_error, "token '" + label + "' holds an object with every fresh id tried");
@@ -596,8 +623,19 @@ Result<void> Pkcs11KeyService::create_kek_with_id(const std::string& label, cons
     auto id = from_hex(kek.hex);
     if (!id || id->size() != key_id_size)
         return fail(Errc::invalid_argument, "malformed KEK id '" + kek.hex + "'");
-    if (auto taken = impl_->find_object(CKO_SECRET_KEY, kek); taken || taken.error().code != Errc::key_not_found)
-        return fail(Errc::device_error, impl_->profile.name() + " already holds a key with id " + kek.hex);
+    std::vector<KeyId> wanted{kek};
+    if (impl_->schemes.seal == SealScheme::aes_cbc_hmac)
+        wanted.push_back(mac_key_of(kek));
+    for (const KeyId& want : wanted) {
+        auto taken = impl_->id_in_use(want);
+        if (!taken)
+            return tl::unexpected(taken.error());
+        if (*taken)
+            return fail(Errc::device_error,
+                        impl_->profile.name() + " already holds an object with id " + want.hex +
+                            " (this state's own keys, left from before a migration?); vaultfs will not share it — "
+                            "remove it first (pkcs11-tool --delete-object --id " + want.hex + ") or use another token");
+    }
     if (auto r = generate_secret_key(*impl_, CKM_AES_KEY_GEN, CKK_AES, label, *id, true, false); !r)
         return r;
     if (impl_->schemes.seal == SealScheme::aes_cbc_hmac) {
@@ -614,7 +652,10 @@ Result<void> Pkcs11KeyService::create_kek_with_id(const std::string& label, cons
 
 Result<void> Pkcs11KeyService::destroy_kek(const KeyId& kek)
 {
-    for (const KeyId& id : {kek, mac_key_of(kek)}) {
+    std::vector<KeyId> ids{kek};
+    if (impl_->schemes.seal == SealScheme::aes_cbc_hmac)
+        ids.push_back(mac_key_of(kek));
+    for (const KeyId& id : ids) {
         auto rv = impl_->with_key(CKO_SECRET_KEY, id, [&](ck_session_handle_t s, ck_object_handle_t h) {
             return (*impl_->module)->C_DestroyObject(s, h);
         });
@@ -856,7 +897,7 @@ Result<SecureBuffer> Pkcs11KeyService::unseal_cbc_hmac(const KeyId& kek, std::sp
 Result<KeyId> Pkcs11KeyService::create_signing_key(const std::string& label)
 {
     const bool ec = impl_->schemes.signature == SignatureScheme::ecdsa_p256;
-    return create_key_pair(ec ? KeyType::ec_p256 : KeyType::rsa_3072, label, KeyUsage{.sign = true});
+    return generate_key_pair(ec ? KeyType::ec_p256 : KeyType::rsa_3072, label, KeyUsage{.sign = true});
 }
 
 Result<std::vector<std::uint8_t>> Pkcs11KeyService::sign_digest(const KeyId& key,
@@ -1110,6 +1151,11 @@ Result<KeyId> Pkcs11KeyService::create_key_pair(KeyType type, const std::string&
 {
     if (auto r = check_key_pair(impl_->profile, type, usage); !r)
         return tl::unexpected(r.error());
+    return generate_key_pair(type, label, usage);
+}
+
+Result<KeyId> Pkcs11KeyService::generate_key_pair(KeyType type, const std::string& label, KeyUsage usage)
+{
     auto id = impl_->new_key_id();
     if (!id)
         return tl::unexpected(id.error());

@@ -115,14 +115,18 @@ private:
                                                     std::span<const std::uint8_t> aad);
     Result<SecureBuffer> unseal_cbc_hmac(const KeyId& kek, std::span<const std::uint8_t> sealed,
                                          std::span<const std::uint8_t> aad);
+    // create_key_pair without the check against the token's mechanisms
+    // (the audit signing key's construction was checked at open).
+    Result<KeyId> generate_key_pair(KeyType type, const std::string& label, KeyUsage usage);
     Result<SecureBuffer> oaep_on_host(const KeyId& key, Digest digest, std::span<const std::uint8_t> data);
     std::unique_ptr<Impl> impl_;
 };
 
-// Initialises a new token in the module's first free slot — the embedded
-// SoftHSM2 default only (SoftHSM always offers a free slot); a token an admin
-// already has is adopted as it is and never initialised with `label`, the security officer PIN and the user PIN.
-// Fails with Errc::device_error if a token with that label already exists.
+// Initialises a new token labelled `label`, with the security officer PIN
+// and the user PIN, in the module's first free slot. For the embedded
+// SoftHSM2 default only (SoftHSM always offers a free slot): a token an admin
+// already has is adopted as it is and never initialised. Fails with
+// Errc::device_error if a token with that label already exists.
 Result<void> initialise_token(const std::string& module_path,
                               const std::vector<std::pair<std::string, std::string>>& environment,
                               const std::string& label, const SecureBuffer& so_pin, const SecureBuffer& user_pin);

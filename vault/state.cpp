@@ -17,6 +17,7 @@
 #include <sstream>
 
 #include "vault/signing.hpp"
+#include "vault/token_migration.hpp"
 
 namespace vaultfs::vault {
 
@@ -306,6 +307,8 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
     if (!config)
         return tl::unexpected(config.error());
     st->config = std::move(*config);
+    if (auto r = check_no_pending_migration(dir); !r)
+        return tl::unexpected(r.error());
     if (!lock) {
         auto taken = StateLock::acquire(dir);
         if (!taken)

@@ -399,7 +399,14 @@ public:
 
     // ---- every sealed DEK (vault/store_sealed.cpp), for moving to another token
     Result<std::vector<SealedDek>> sealed_deks();
+    // Replaces a sealed DEK, keeping the one it replaces in an undo log
+    // (the table migration_undo) in the same transaction.
     Result<void> replace_sealed_dek(const SealedDek& row, std::span<const std::uint8_t> sealed);
+    // Puts back every sealed DEK the undo log holds, and empties it.
+    Result<void> undo_sealed_deks();
+    // Drops the undo log (the migration is finished).
+    Result<void> forget_sealed_deks();
+    Result<void> delete_setting(std::string_view key);
     // Every KEK id the rows name.
     Result<std::vector<std::string>> kek_ids();
     // "vault/.keys/NAME@N" of each version whose private key lives in the token.

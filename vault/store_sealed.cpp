@@ -38,11 +38,60 @@ Result<std::vector<SealedDek>> Store::Transaction::sealed_deks()
     return versions;
 }
 
+// The undo log of a migration: each replaced sealed DEK as it was, kept in
+// the same transaction as its replacement, until the migration is finished
+// or rolled back.
 Result<void> Store::Transaction::replace_sealed_dek(const SealedDek& row, std::span<const std::uint8_t> sealed)
 {
+    if (auto r = run(conn_,
+                     "CREATE TABLE IF NOT EXISTS migration_undo (tbl INTEGER NOT NULL, row INTEGER NOT NULL, "
+                     "sealed_dek BLOB NOT NULL, PRIMARY KEY (tbl, row))",
+                     [](sqlite::Query&) {});
+        !r)
+        return r;
+    if (auto r = run(conn_, "INSERT OR IGNORE INTO migration_undo (tbl, row, sealed_dek) VALUES (?, ?, ?)",
+                     [&](sqlite::Query& q) {
+                         q.bind(1, static_cast<std::int64_t>(row.table)).bind(2, row.row).bind_blob(3, row.sealed_dek);
+                     });
+        !r)
+        return r;
     const char* sql = row.table == SealedDek::Table::versions ? "UPDATE versions SET sealed_dek = ? WHERE id = ?"
                                                               : "UPDATE object_versions SET sealed_dek = ? WHERE id = ?";
     return run(conn_, sql, [&](sqlite::Query& q) { q.bind_blob(1, sealed).bind(2, row.row); });
+}
+
+Result<void> Store::Transaction::undo_sealed_deks()
+{
+    if (auto r = run(conn_,
+                     "CREATE TABLE IF NOT EXISTS migration_undo (tbl INTEGER NOT NULL, row INTEGER NOT NULL, "
+                     "sealed_dek BLOB NOT NULL, PRIMARY KEY (tbl, row))",
+                     [](sqlite::Query&) {});
+        !r)
+        return r;
+    for (const auto& [table, sql] :
+         {std::pair{SealedDek::Table::versions,
+                    "UPDATE versions SET sealed_dek = (SELECT u.sealed_dek FROM migration_undo u WHERE u.tbl = ? AND "
+                    "u.row = versions.id) WHERE id IN (SELECT row FROM migration_undo WHERE tbl = ?)"},
+          std::pair{SealedDek::Table::object_versions,
+                    "UPDATE object_versions SET sealed_dek = (SELECT u.sealed_dek FROM migration_undo u WHERE u.tbl = ? "
+                    "AND u.row = object_versions.id) WHERE id IN (SELECT row FROM migration_undo WHERE tbl = ?)"}})
+        if (auto r = run(conn_, sql,
+                         [&](sqlite::Query& q) {
+                             q.bind(1, static_cast<std::int64_t>(table)).bind(2, static_cast<std::int64_t>(table));
+                         });
+            !r)
+            return r;
+    return forget_sealed_deks();
+}
+
+Result<void> Store::Transaction::forget_sealed_deks()
+{
+    return run(conn_, "DROP TABLE IF EXISTS migration_undo", [](sqlite::Query&) {});
+}
+
+Result<void> Store::Transaction::delete_setting(std::string_view key)
+{
+    return run(conn_, "DELETE FROM settings WHERE key = ?", [&](sqlite::Query& q) { q.bind(1, key); });
 }
 
 Result<std::vector<std::string>> Store::Transaction::kek_ids()

@@ -18,10 +18,14 @@
 // - Key pairs made in the source token (keys, non-exportable certificates)
 //   can never leave it: a state that holds any is refused, naming them.
 //
-// All or nothing: the daemon must be stopped (the state lock is taken), and
-// on any failure the database and audit file are put back as they were and
-// the objects made in the target token are removed. The source token is not
-// changed; its keys stay there until its owner removes them.
+// All or nothing: the daemon must be stopped (the state lock is taken). The
+// transaction that re-seals the DEKs also records how to undo it (the old
+// sealed DEKs in an undo table, the old vaultfs.conf, audit length, signing
+// key and anchor), and STATE/token-migration.pending marks the state until
+// the migration is finished. A failure after that commit is rolled back at
+// once; a crash leaves the marker, and the state refuses to open until
+// `vaultfs token migrate --roll-back` puts it back. Objects made in the
+// target token are removed on failure. The source token is not changed.
 #pragma once
 
 #include <string>
@@ -43,5 +47,12 @@ struct MigrationTarget {
 
 // Returns what it did, one line per item, for the user.
 Result<std::vector<std::string>> migrate_token(const std::string& state_dir, const MigrationTarget& to);
+
+// Puts back a state whose migration was interrupted (see above).
+Result<std::vector<std::string>> roll_back_token_migration(const std::string& state_dir);
+
+// Errc::busy, saying what to run, while an interrupted migration marks the
+// state (State::open refuses it then).
+Result<void> check_no_pending_migration(const std::string& state_dir);
 
 }  // namespace vaultfs::vault

@@ -312,6 +312,82 @@ TEST_CASE("token migrate moves a state from SoftHSM2 to another token and back; 
     }
 }
 
+TEST_CASE("an interrupted token migrate leaves a state that refuses to mount until it is rolled back",
+          "[.ock][token]")
+{
+    const TestToken t = need_token();
+    Mount m(MountOptions{.embedded_token = true});
+    REQUIRE(make_dir(m.path("app")).err == 0);
+    REQUIRE(write_file(m.path("app/db"), "one").err == 0);
+    REQUIRE(write_file(m.path("app/db"), "two").err == 0);
+    m.stop();
+    const std::string conf_before = slurp(m.state_file("vaultfs.conf"));
+    const std::string sealed_before =
+        ok(shell("sqlite3 " + m.state_file("vault.db") + " 'SELECT hex(sealed_dek) FROM versions ORDER BY id'"));
+    const std::string audit = m.state_file("audit.jsonl");
+    const std::string migrate = m.binary + " token migrate --state " + m.state + " --to-module " + t.module +
+                                " --to-token-label " + t.label + " --pin-file " + t.pin_file + " 2>&1";
+    const auto unchanged = [&] {
+        CHECK(slurp(m.state_file("vaultfs.conf")) == conf_before);
+        CHECK(ok(shell("sqlite3 " + m.state_file("vault.db") + " 'SELECT hex(sealed_dek) FROM versions ORDER BY id'")) ==
+              sealed_before);
+        CHECK(ok(shell("sqlite3 " + m.state_file("vault.db") + " \"SELECT count(*) FROM settings WHERE key = "
+                       "'token_migration'\"")) == "0\n");
+    };
+
+    // The audit file cannot be opened once the DEKs are re-sealed: the
+    // migration puts everything back itself.
+    REQUIRE(shell("mv " + audit + " " + audit + ".saved && mkdir " + audit).err == 0);
+    auto r = shell(migrate);
+    INFO(r.data);
+    CHECK(r.err == 1);
+    CHECK_THAT(r.data, Catch::Contains("the state was put back as it was"));
+    CHECK_FALSE(std::filesystem::exists(m.state_file("token-migration.pending")));
+    unchanged();
+
+    // As above, and putting back fails too (vaultfs.conf cannot be
+    // rewritten): as after a crash, the state is marked.
+    REQUIRE(shell("mkdir " + m.state_file("vaultfs.conf.new")).err == 0);
+    r = shell(migrate);
+    INFO(r.data);
+    CHECK(r.err == 1);
+    CHECK_THAT(r.data, Catch::Contains("putting the state back failed too"));
+    CHECK_THAT(r.data, Catch::Contains("run `vaultfs token migrate --state " + m.state + " --roll-back`"));
+    CHECK(std::filesystem::exists(m.state_file("token-migration.pending")));
+    REQUIRE(shell("rmdir " + m.state_file("vaultfs.conf.new") + " " + audit + " && mv " + audit + ".saved " + audit)
+                .err == 0);
+
+    // Nothing opens it meanwhile, whatever its vaultfs.conf says.
+    auto o = m.start_expecting_failure();
+    CHECK(o.err != 0);
+    CHECK_THAT(o.data, Catch::Contains("a `vaultfs token migrate` of " + m.state +
+                                       " was interrupted; put the state back as it was with `vaultfs token migrate "
+                                       "--state " + m.state + " --roll-back`, then migrate again"));
+    r = shell(migrate);
+    CHECK(r.err == 1);
+    CHECK_THAT(r.data, Catch::Contains("was interrupted"));
+
+    r = shell(m.binary + " token migrate --state " + m.state + " --roll-back 2>&1");
+    INFO(r.data);
+    REQUIRE(r.err == 0);
+    CHECK_THAT(r.data, Catch::Contains("put back as it was before the migration"));
+    CHECK_THAT(r.data, Catch::Contains("token '" + t.label + "' (IBM Corp. IBM SoftTok) still holds what the migration "
+                                       "made there: ids "));
+    CHECK_FALSE(std::filesystem::exists(m.state_file("token-migration.pending")));
+    unchanged();
+    m.start();
+    CHECK(ok(read_file(m.path("app/db@1"))) == "one");
+    CHECK(ok(read_file(m.path("app/db"))) == "two");
+    m.stop();
+    auto v = m.verify();
+    INFO(v.data);
+    CHECK(v.err == 0);
+    // A second roll-back finds nothing to do.
+    r = shell(m.binary + " token migrate --state " + m.state + " --roll-back 2>&1");
+    CHECK(r.err == 0);
+    CHECK(r.data == "no interrupted migration: the state is as its vaultfs.conf says\n");
+}
+
 TEST_CASE("token migrate refuses a state whose key pairs live in the old token, and changes nothing", "[.ock][token]")
 {
     const TestToken t = need_token();

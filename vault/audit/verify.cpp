@@ -58,19 +58,29 @@ public:
     // over from, and confirmed by a signature of the key it hands to.
     void learn_keys(const std::vector<std::string_view>& lines)
     {
+        // Only signed hand-overs count (an unsigned line naming keys is no
+        // hand-over), each key once, and a bounded chain: what the lines
+        // hold cannot make this loop long.
+        constexpr std::size_t max_chain = 16;
         std::vector<std::pair<std::string, std::string>> handovers;  // old, new
         for (const auto line : lines) {
+            if (handovers.size() >= 4 * max_chain)
+                break;
             if (line.find("\"op\":\"handover\"") == std::string_view::npos)
                 continue;
             auto r = parse(line);
-            if (r && r->op == "handover" && r->fields.value("old_key", json_null()).is_string() &&
+            if (r && r->op == "handover" && r->is_signed() && r->fields.value("old_key", json_null()).is_string() &&
                 r->fields.value("new_key", json_null()).is_string())
                 handovers.emplace_back(r->fields["old_key"].get<std::string>(), r->fields["new_key"].get<std::string>());
         }
-        for (std::size_t n = 0; n < handovers.size(); ++n) {
+        while (pems_.size() < max_chain) {
             const auto it = std::find_if(handovers.begin(), handovers.end(),
                                          [&](const auto& h) { return same_public_key(h.second, pems_.front()); });
-            if (it == handovers.end() || same_public_key(it->first, it->second))
+            if (it == handovers.end())
+                break;
+            const bool seen = std::any_of(pems_.begin(), pems_.end(),
+                                          [&](const std::string& p) { return same_public_key(p, it->first); });
+            if (seen)
                 break;
             pems_.insert(pems_.begin(), it->first);
             keys_.insert(keys_.begin(), std::make_unique<SignatureVerifier>(it->first));
