@@ -374,6 +374,18 @@ struct Pkcs11KeyService::Impl {
         idle.push_back(s);
     }
 
+    // Closes every idle session (after one was found lost).
+    void drain_idle(ck_rv_t why)
+    {
+        std::vector<ck_session_handle_t> drained;
+        {
+            std::lock_guard lock(pool_mutex);
+            drained.swap(idle);
+        }
+        for (const auto s : drained)
+            discard(s, why);
+    }
+
     void discard(ck_session_handle_t s, ck_rv_t why)
     {
         (*module)->C_CloseSession(s);
@@ -397,7 +409,10 @@ struct Pkcs11KeyService::Impl {
     Result<ck_rv_t> with_session_held(Op&& op)
     {
         ck_rv_t rv = CKR_OK;
-        for (int attempt = 0; attempt < 2; ++attempt) {
+        // A lost session seldom goes alone (C_CloseAllSessions by libp11 on
+        // the same module, a token that went away, a logout): the idle ones
+        // go with it, and the third try runs on a freshly logged-in session.
+        for (int attempt = 0; attempt < 3; ++attempt) {
             auto s = acquire();
             if (!s)
                 return tl::unexpected(s.error());
@@ -407,6 +422,7 @@ struct Pkcs11KeyService::Impl {
                 return rv;
             }
             discard(*s, rv);
+            drain_idle(rv);
         }
         return rv;
     }

@@ -11,8 +11,9 @@
 //   request pays for a login. The pool keeps at least one session open,
 //   because closing a token's last session logs the application out.
 // - A session found lost (CKR_SESSION_HANDLE_INVALID, CKR_SESSION_CLOSED,
-//   CKR_USER_NOT_LOGGED_IN) is dropped and the operation retried once on a
-//   fresh, freshly logged-in session.
+//   CKR_USER_NOT_LOGGED_IN) is dropped with every idle one (they seldom go
+//   alone: libp11's C_CloseAllSessions on the same module, a logout), and
+//   the operation retried on fresh, freshly logged-in sessions.
 // - A PIN the token rejects is never presented again by this object: every
 //   later call fails with Errc::pin_incorrect without touching the token (a
 //   real HSM locks after a few wrong tries).
