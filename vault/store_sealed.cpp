@@ -68,19 +68,19 @@ Result<void> Store::Transaction::undo_sealed_deks()
                      [](sqlite::Query&) {});
         !r)
         return r;
-    for (const auto& [table, sql] :
+    for (const auto& [table_kind, sql] :
          {std::pair{SealedDek::Table::versions,
                     "UPDATE versions SET sealed_dek = (SELECT u.sealed_dek FROM migration_undo u WHERE u.tbl = ? AND "
                     "u.row = versions.id) WHERE id IN (SELECT row FROM migration_undo WHERE tbl = ?)"},
           std::pair{SealedDek::Table::object_versions,
                     "UPDATE object_versions SET sealed_dek = (SELECT u.sealed_dek FROM migration_undo u WHERE u.tbl = ? "
                     "AND u.row = object_versions.id) WHERE id IN (SELECT row FROM migration_undo WHERE tbl = ?)"}})
-        if (auto r = run(conn_, sql,
-                         [&](sqlite::Query& q) {
-                             q.bind(1, static_cast<std::int64_t>(table)).bind(2, static_cast<std::int64_t>(table));
-                         });
-            !r)
+    {
+        // (A copy: clang 14 cannot capture a structured binding.)
+        const auto table = static_cast<std::int64_t>(table_kind);
+        if (auto r = run(conn_, sql, [&](sqlite::Query& q) { q.bind(1, table).bind(2, table); }); !r)
             return r;
+    }
     return forget_sealed_deks();
 }
 

@@ -10,6 +10,8 @@
 
 #include <catch2/catch.hpp>
 
+#include <dlfcn.h>
+
 // Constants for the attribute checks (tests only; production code keeps
 // PKCS#11 inside hsm/).
 #define CRYPTOKI_GNU 1
@@ -408,6 +410,59 @@ TEST_CASE("several threads seal and unseal at once", "[pkcs11][concurrency]")
         w.join();
     CHECK(failed.load() == 0);
     CHECK(ok.load() == threads * rounds);
+}
+
+TEST_CASE("sessions closed under the service (C_CloseAllSessions) are replaced, however many were idle",
+          "[pkcs11][concurrency]")
+{
+    TempToken token;
+    auto keys = open_service(token);
+    const KeyId kek = new_kek(*keys);
+    const SecureBuffer dek = random_dek();
+    // Grow the pool: several threads at once leave several idle sessions.
+    std::vector<std::thread> workers;
+    std::atomic<int> failed{0};
+    for (int t = 0; t < 8; ++t)
+        workers.emplace_back([&] {
+            for (int i = 0; i < 20; ++i)
+                if (!keys->seal(kek, dek, {}))
+                    ++failed;
+        });
+    for (auto& w : workers)
+        w.join();
+    REQUIRE(failed.load() == 0);
+
+    // Another user of the same module closes every session of the slot, as
+    // libp11 does when it opens its own (it shares the one loaded module).
+    void* handle = ::dlopen(VAULTFS_SOFTHSM_MODULE, RTLD_NOW | RTLD_NOLOAD);
+    REQUIRE(handle != nullptr);
+    auto get_list = reinterpret_cast<CK_C_GetFunctionList>(::dlsym(handle, "C_GetFunctionList"));
+    REQUIRE(get_list != nullptr);
+    ck_function_list* fn = nullptr;
+    REQUIRE(get_list(&fn) == CKR_OK);
+    unsigned long count = 0;
+    REQUIRE(fn->C_GetSlotList(1, nullptr, &count) == CKR_OK);
+    std::vector<ck_slot_id_t> slots(count);
+    REQUIRE(fn->C_GetSlotList(1, slots.data(), &count) == CKR_OK);
+    int closed = 0;
+    for (const auto slot : slots) {
+        ck_token_info info{};
+        if (fn->C_GetTokenInfo(slot, &info) == CKR_OK &&
+            std::string(reinterpret_cast<const char*>(info.label), 32).rfind(TempToken::label, 0) == 0) {
+            REQUIRE(fn->C_CloseAllSessions(slot) == CKR_OK);
+            ++closed;
+        }
+    }
+    REQUIRE(closed == 1);
+    ::dlclose(handle);
+
+    // The next calls find every pooled session gone, and still work.
+    auto sealed = keys->seal(kek, dek, bytes_of("after"));
+    REQUIRE(sealed);
+    auto back = keys->unseal(kek, *sealed, bytes_of("after"));
+    REQUIRE(back);
+    CHECK(back->equals(dek.bytes()));
+    CHECK(keys->find_key(kek));
 }
 
 }  // namespace
