@@ -506,6 +506,20 @@ struct Pkcs11KeyService::Impl {
         return fail(Errc::key_not_found, "key " + id.hex + " vanished from token '" + label + "'");
     }
 
+    // Removes the object of class `cls` with this id; one already gone is
+    // fine (and asks for no reconnect: a removal expects absence).
+    Result<void> destroy_object(ck_object_class_t cls, const KeyId& id)
+    {
+        auto destroy = [&](ck_session_handle_t s, ck_object_handle_t h) { return (*module)->C_DestroyObject(s, h); };
+        auto rv = with_key_once(cls, id, destroy);
+        if (!rv && rv.error().code == Errc::key_not_found)
+            return {};
+        if (auto ok = call_ok(rv, "removing key " + id.hex); !ok)
+            return ok;
+        forget_object(cls, id);
+        return {};
+    }
+
     // Whether any object in the token, of any class, has this CKA_ID.
     Result<bool> id_in_use(const KeyId& id)
     {
@@ -671,16 +685,9 @@ Result<void> Pkcs11KeyService::destroy_kek(const KeyId& kek)
     std::vector<KeyId> ids{kek};
     if (impl_->schemes.seal == SealScheme::aes_cbc_hmac)
         ids.push_back(mac_key_of(kek));
-    for (const KeyId& id : ids) {
-        auto rv = impl_->with_key(CKO_SECRET_KEY, id, [&](ck_session_handle_t s, ck_object_handle_t h) {
-            return (*impl_->module)->C_DestroyObject(s, h);
-        });
-        if (!rv && rv.error().code == Errc::key_not_found)
-            continue;
-        if (auto ok = call_ok(rv, "removing key " + id.hex); !ok)
-            return ok;
-        impl_->forget_object(CKO_SECRET_KEY, id);
-    }
+    for (const KeyId& id : ids)
+        if (auto r = impl_->destroy_object(CKO_SECRET_KEY, id); !r)
+            return r;
     return {};
 }
 
@@ -1410,16 +1417,9 @@ Result<SecureBuffer> Pkcs11KeyService::oaep_on_host(const KeyId& key, Digest dig
 
 Result<void> Pkcs11KeyService::destroy_key_pair(const KeyId& key)
 {
-    for (const ck_object_class_t cls : {CKO_PRIVATE_KEY, CKO_PUBLIC_KEY}) {
-        auto rv = impl_->with_key(cls, key, [&](ck_session_handle_t s, ck_object_handle_t h) {
-            return (*impl_->module)->C_DestroyObject(s, h);
-        });
-        if (!rv && rv.error().code == Errc::key_not_found)
-            continue;
-        if (auto ok = call_ok(rv, "removing key " + key.hex); !ok)
-            return ok;
-        impl_->forget_object(cls, key);
-    }
+    for (const ck_object_class_t cls : {CKO_PRIVATE_KEY, CKO_PUBLIC_KEY})
+        if (auto r = impl_->destroy_object(cls, key); !r)
+            return r;
     return {};
 }
 

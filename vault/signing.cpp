@@ -113,6 +113,14 @@ Result<std::string> public_key_pem(const std::vector<std::uint8_t>& spki_der)
     return std::string(data, static_cast<std::size_t>(len));
 }
 
+Result<std::string> public_key_pem(hsm::KeyService& keys, const hsm::KeyId& key)
+{
+    auto der = keys.public_key_der(key);
+    if (!der)
+        return fail(Errc::key_unavailable, "cannot read the public half of key " + key.hex + ": " + der.error().message);
+    return public_key_pem(*der);
+}
+
 bool same_public_key(const std::string& pem_a, const std::string& pem_b)
 {
     const auto load = [](const std::string& pem) {

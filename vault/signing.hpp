@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "hsm/hex.hpp"
+#include "hsm/key_service.hpp"
 #include "vault/error.hpp"
 
 struct evp_pkey_st;  // OpenSSL's EVP_PKEY
@@ -45,6 +46,10 @@ private:
 
 // PEM for a DER SubjectPublicKeyInfo (hsm::KeyService::public_key_der).
 Result<std::string> public_key_pem(const std::vector<std::uint8_t>& spki_der);
+
+// A token key pair's public half as PEM; Errc::key_unavailable, with the
+// token's reason, if the token cannot give it.
+Result<std::string> public_key_pem(hsm::KeyService& keys, const hsm::KeyId& key);
 
 // The same key, whatever the PEM's line breaks: compares the keys the two
 // PEM texts hold. False when either does not parse.

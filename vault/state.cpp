@@ -25,7 +25,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-constexpr const char* signing_key_setting = "audit_signing_key";
 
 // What to do about each way the token can fail, appended to its message.
 std::string hsm_hint(const hsm::Error& e, const Config& c)
@@ -89,12 +88,9 @@ Result<void> write_text(const std::string& path, const std::string& text, mode_t
 // rewritten from the token and the replacement logged.
 Result<std::string> public_key_of(hsm::KeyService& keys, const hsm::KeyId& key, const Config& c)
 {
-    auto der = keys.public_key_der(key);
-    if (!der)
-        return fail(Errc::key_unavailable, "cannot read the audit signing key: " + der.error().message);
-    auto pem = public_key_pem(*der);
+    auto pem = public_key_pem(keys, key);
     if (!pem)
-        return tl::unexpected(pem.error());
+        return fail(pem.error().code, "the audit signing key: " + pem.error().message);
     const std::string path = c.path_of(c.audit_public_key);
     std::ifstream in(path);
     std::stringstream file;
@@ -263,10 +259,7 @@ Result<std::vector<std::string>> init_state(const std::string& dir_arg, const In
                 (void)keys->destroy_key_pair(key);
         }
     } key_cleanup{keys->get(), *signing};
-    auto der = (*keys)->public_key_der(*signing);
-    if (!der)
-        return fail(Errc::key_unavailable, der.error().message);
-    auto pem = public_key_pem(*der);
+    auto pem = public_key_pem(**keys, *signing);
     if (!pem)
         return tl::unexpected(pem.error());
     if (auto r = write_text(config.path_of(config.audit_public_key), *pem, 0644); !r)
@@ -278,7 +271,7 @@ Result<std::vector<std::string>> init_state(const std::string& dir_arg, const In
     auto store = Store::open(config.path_of(config.database), Store::Mode::create);
     if (!store)
         return tl::unexpected(store.error());
-    if (auto r = (*store)->write([&](Store::Transaction& tx) { return tx.set_setting(signing_key_setting, signing->hex); });
+    if (auto r = (*store)->write([&](Store::Transaction& tx) { return tx.set_setting(audit_signing_key_setting, signing->hex); });
         !r)
         return tl::unexpected(r.error());
     made.push_back(config.database + "                 SQLite database (WAL, synchronous=FULL), no vaults yet");
@@ -338,7 +331,7 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
         return tl::unexpected(store.error());
     st->store = std::move(*store);
 
-    auto signing = st->store->setting(signing_key_setting);
+    auto signing = st->store->setting(audit_signing_key_setting);
     if (!signing || !*signing)
         return fail(Errc::storage, "database " + st->store->path() + " names no audit signing key; it was not made "
                                    "by vaultfs init");
@@ -388,7 +381,7 @@ Result<std::string> token_audit_public_key(const Config& c)
     auto store = Store::open(c.path_of(c.database), Store::Mode::read_only);
     if (!store)
         return tl::unexpected(store.error());
-    auto signing = (*store)->setting(signing_key_setting);
+    auto signing = (*store)->setting(audit_signing_key_setting);
     if (!signing || !*signing)
         return fail(Errc::storage, "the database names no audit signing key");
     auto pin = read_pin(c);

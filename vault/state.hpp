@@ -89,6 +89,9 @@ private:
     bool closed_ = false;
 };
 
+// The database setting naming the audit signing key's CKA_ID.
+inline constexpr const char* audit_signing_key_setting = "audit_signing_key";
+
 // The audit key's public half as the state's token holds it (PEM), for
 // `audit verify --state`: the file in the state directory may have been
 // replaced. Needs the PIN; the database is opened read-only.

@@ -194,7 +194,7 @@ struct ObjectVersionRow {
 // A sealed DEK with what it is bound to (envelope.hpp, Binding), wherever
 // it is stored: a secret's version, or an object version's exportable key.
 struct SealedDek {
-    enum class Table { versions, object_versions };
+    enum class Table { versions = 0, object_versions = 1 };  // as the undo log stores them
     Table table;
     std::int64_t row = 0;
     VaultId vault;

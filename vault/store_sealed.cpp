@@ -9,33 +9,40 @@ namespace vaultfs::vault {
 using sqlite::collect;
 using sqlite::run;
 
+namespace {
+
+// Where a SealedDek lives; its number is SealedDek::Table's, as stored in
+// the undo log.
+const char* table_name(SealedDek::Table t)
+{
+    return t == SealedDek::Table::versions ? "versions" : "object_versions";
+}
+
+Result<void> ensure_undo_log(sqlite::Connection& c)
+{
+    return run(c,
+               "CREATE TABLE IF NOT EXISTS migration_undo (tbl INTEGER NOT NULL, row INTEGER NOT NULL, "
+               "sealed_dek BLOB NOT NULL, PRIMARY KEY (tbl, row))",
+               [](sqlite::Query&) {});
+}
+
+}  // namespace
+
 Result<std::vector<SealedDek>> Store::Transaction::sealed_deks()
 {
-    auto versions = collect<SealedDek>(
+    return collect<SealedDek>(
         conn_,
-        "SELECT v.id, s.vault_id, s.name, v.version, v.kek_id, v.sealed_dek FROM versions v "
-        "JOIN secrets s ON s.id = v.secret_id ORDER BY v.id",
+        "SELECT 0, v.id, s.vault_id, s.name, v.version, v.kek_id, v.sealed_dek, '' FROM versions v "
+        "JOIN secrets s ON s.id = v.secret_id "
+        "UNION ALL "
+        "SELECT 1, ov.id, o.vault_id, o.name, ov.version, ov.kek_id, ov.sealed_dek, ov.body FROM object_versions ov "
+        "JOIN objects o ON o.id = ov.object_id WHERE length(ov.sealed_dek) > 0 "
+        "ORDER BY 1, 2",
         [](sqlite::Query&) {},
         [](const sqlite::Query& q) {
-            return SealedDek{SealedDek::Table::versions, q.int64(0), VaultId{q.int64(1)}, q.text(2),
-                             static_cast<std::uint64_t>(q.int64(3)), q.text(4), q.blob(5), {}};
+            return SealedDek{static_cast<SealedDek::Table>(q.int64(0)), q.int64(1), VaultId{q.int64(2)}, q.text(3),
+                             static_cast<std::uint64_t>(q.int64(4)), q.text(5), q.blob(6), q.text(7)};
         });
-    if (!versions)
-        return versions;
-    auto objects = collect<SealedDek>(
-        conn_,
-        "SELECT ov.id, o.vault_id, o.name, ov.version, ov.kek_id, ov.sealed_dek, ov.body FROM object_versions ov "
-        "JOIN objects o ON o.id = ov.object_id WHERE length(ov.sealed_dek) > 0 ORDER BY ov.id",
-        [](sqlite::Query&) {},
-        [](const sqlite::Query& q) {
-            return SealedDek{SealedDek::Table::object_versions, q.int64(0), VaultId{q.int64(1)}, q.text(2),
-                             static_cast<std::uint64_t>(q.int64(3)), q.text(4), q.blob(5), q.text(6)};
-        });
-    if (!objects)
-        return objects;
-    versions->insert(versions->end(), std::make_move_iterator(objects->begin()),
-                     std::make_move_iterator(objects->end()));
-    return versions;
 }
 
 // The undo log of a migration: each replaced sealed DEK as it was, kept in
@@ -43,11 +50,7 @@ Result<std::vector<SealedDek>> Store::Transaction::sealed_deks()
 // or rolled back.
 Result<void> Store::Transaction::replace_sealed_dek(const SealedDek& row, std::span<const std::uint8_t> sealed)
 {
-    if (auto r = run(conn_,
-                     "CREATE TABLE IF NOT EXISTS migration_undo (tbl INTEGER NOT NULL, row INTEGER NOT NULL, "
-                     "sealed_dek BLOB NOT NULL, PRIMARY KEY (tbl, row))",
-                     [](sqlite::Query&) {});
-        !r)
+    if (auto r = ensure_undo_log(conn_); !r)
         return r;
     if (auto r = run(conn_, "INSERT OR IGNORE INTO migration_undo (tbl, row, sealed_dek) VALUES (?, ?, ?)",
                      [&](sqlite::Query& q) {
@@ -55,30 +58,21 @@ Result<void> Store::Transaction::replace_sealed_dek(const SealedDek& row, std::s
                      });
         !r)
         return r;
-    const char* sql = row.table == SealedDek::Table::versions ? "UPDATE versions SET sealed_dek = ? WHERE id = ?"
-                                                              : "UPDATE object_versions SET sealed_dek = ? WHERE id = ?";
-    return run(conn_, sql, [&](sqlite::Query& q) { q.bind_blob(1, sealed).bind(2, row.row); });
+    const std::string sql = std::string("UPDATE ") + table_name(row.table) + " SET sealed_dek = ? WHERE id = ?";
+    return run(conn_, sql.c_str(), [&](sqlite::Query& q) { q.bind_blob(1, sealed).bind(2, row.row); });
 }
 
 Result<void> Store::Transaction::undo_sealed_deks()
 {
-    if (auto r = run(conn_,
-                     "CREATE TABLE IF NOT EXISTS migration_undo (tbl INTEGER NOT NULL, row INTEGER NOT NULL, "
-                     "sealed_dek BLOB NOT NULL, PRIMARY KEY (tbl, row))",
-                     [](sqlite::Query&) {});
-        !r)
+    if (auto r = ensure_undo_log(conn_); !r)
         return r;
-    for (const auto& [table_kind, sql] :
-         {std::pair{SealedDek::Table::versions,
-                    "UPDATE versions SET sealed_dek = (SELECT u.sealed_dek FROM migration_undo u WHERE u.tbl = ? AND "
-                    "u.row = versions.id) WHERE id IN (SELECT row FROM migration_undo WHERE tbl = ?)"},
-          std::pair{SealedDek::Table::object_versions,
-                    "UPDATE object_versions SET sealed_dek = (SELECT u.sealed_dek FROM migration_undo u WHERE u.tbl = ? "
-                    "AND u.row = object_versions.id) WHERE id IN (SELECT row FROM migration_undo WHERE tbl = ?)"}})
-    {
-        // (A copy: clang 14 cannot capture a structured binding.)
-        const auto table = static_cast<std::int64_t>(table_kind);
-        if (auto r = run(conn_, sql, [&](sqlite::Query& q) { q.bind(1, table).bind(2, table); }); !r)
+    for (const auto table : {SealedDek::Table::versions, SealedDek::Table::object_versions}) {
+        const std::string name = table_name(table);
+        const std::string sql = "UPDATE " + name +
+                                " SET sealed_dek = (SELECT u.sealed_dek FROM migration_undo u WHERE u.tbl = ?1 AND "
+                                "u.row = " + name + ".id) WHERE id IN (SELECT row FROM migration_undo WHERE tbl = ?1)";
+        const auto tbl = static_cast<std::int64_t>(table);
+        if (auto r = run(conn_, sql.c_str(), [&](sqlite::Query& q) { q.bind(1, tbl); }); !r)
             return r;
     }
     return forget_sealed_deks();

@@ -30,7 +30,6 @@ namespace {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-constexpr const char* signing_key_setting = "audit_signing_key";
 constexpr const char* pending_setting = "token_migration";
 
 std::string read_text(const std::string& path)
@@ -98,7 +97,7 @@ Result<std::vector<std::string>> roll_back(Store& store, const std::string& dir,
     auto r = store.write([&](Store::Transaction& tx) -> Result<void> {
         if (auto u = tx.undo_sealed_deks(); !u)
             return u;
-        if (auto u = tx.set_setting(signing_key_setting, old_signing); !u)
+        if (auto u = tx.set_setting(audit_signing_key_setting, old_signing); !u)
             return u;
         if (anchor)
             if (auto u = tx.set_audit_anchor(*anchor); !u)
@@ -221,7 +220,7 @@ Result<std::vector<std::string>> migrate_token(const std::string& state_arg, con
     auto store = Store::open(c.path_of(c.database), Store::Mode::open_existing);
     if (!store)
         return tl::unexpected(store.error());
-    auto old_signing = (*store)->setting(signing_key_setting);
+    auto old_signing = (*store)->setting(audit_signing_key_setting);
     if (!old_signing || !*old_signing)
         return fail(Errc::storage, "the database names no audit signing key");
     auto old_anchor = (*store)->audit_anchor();
@@ -340,7 +339,7 @@ Result<std::vector<std::string>> migrate_token(const std::string& state_arg, con
         pending["target_keys"] = std::move(target_keys);
         if (auto r = tx.set_setting(pending_setting, pending.dump()); !r)
             return r;
-        return tx.set_setting(signing_key_setting, new_signing->hex);
+        return tx.set_setting(audit_signing_key_setting, new_signing->hex);
     });
     if (!written)
         return tl::unexpected(written.error());
@@ -374,10 +373,7 @@ Result<std::vector<std::string>> migrate_token(const std::string& state_arg, con
         if (auto r = (*log)->close(); !r)
             return undo(Error{r.error().code, "the audit trail: " + r.error().message});
     }
-    auto der = (*target)->public_key_der(*new_signing);
-    if (!der)
-        return undo(Error{Errc::key_unavailable, der.error().message});
-    auto pem = public_key_pem(*der);
+    auto pem = public_key_pem(**target, *new_signing);
     if (!pem)
         return undo(pem.error());
     if (auto r = replace_file(dir + "/" + config_file_name, render_config(next), 0600); !r)

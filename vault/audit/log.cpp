@@ -282,12 +282,9 @@ Result<void> Log::start_locked()
         return fail(Errc::audit_unavailable, "cannot open audit file " + path + ": " + std::strerror(errno) +
                                                  "; run `vaultfs init`, or restore the file (an empty file starts a "
                                                  "new segment that records the break)");
-    auto der = signer_.keys->public_key_der(signer_.key);
-    if (!der)
-        return fail(Errc::key_unavailable, "cannot read the audit signing key: " + der.error().message);
-    auto pem = public_key_pem(*der);
+    auto pem = public_key_pem(*signer_.keys, signer_.key);
     if (!pem)
-        return tl::unexpected(pem.error());
+        return fail(pem.error().code, "the audit signing key: " + pem.error().message);
     const SignatureVerifier key(*pem);
 
     std::optional<AuditAnchor> anchor;
@@ -696,16 +693,10 @@ void Log::tick()
 
 Result<void> Log::hand_over(Signer next, const std::string& token)
 {
-    const auto pem_of = [](const Signer& s) -> Result<std::string> {
-        auto der = s.keys->public_key_der(s.key);
-        if (!der)
-            return fail(Errc::key_unavailable, "cannot read an audit signing key: " + der.error().message);
-        return public_key_pem(*der);
-    };
-    auto old_pem = pem_of(signer_);
+    auto old_pem = public_key_pem(*signer_.keys, signer_.key);
     if (!old_pem)
         return tl::unexpected(old_pem.error());
-    auto new_pem = pem_of(next);
+    auto new_pem = public_key_pem(*next.keys, next.key);
     if (!new_pem)
         return tl::unexpected(new_pem.error());
     {

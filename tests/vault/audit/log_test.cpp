@@ -740,15 +740,23 @@ TEST_CASE("a hand-over to another signing key verifies with the new key alone, a
     CHECK(rep.problem == "the handover at seq " + std::to_string(handover->seq) +
                              " is not confirmed by any record signed with the key it hands over to");
 
-    // Records after the hand-over signed with the old key are forgeries.
+    // After the hand-over the old key signs nothing: the confirming
+    // checkpoint, byte for byte the same but signed by the old key, is a
+    // forgery (the chain itself is intact: only the signature differs).
     const std::string mixed = dir / "mixed.jsonl";
     {
+        auto old_sig = signing.keys->sign_digest(signing.key, body_digest(confirm->body));
+        REQUIRE(old_sig);
+        const SealedLine forged = seal(confirm->body, *old_sig);
+        REQUIRE(forged.hash == confirm->hash);
         std::ofstream out(mixed);
         for (std::size_t i = 0; i < lines.size(); ++i)
-            out << (i == at + 1 ? lines[1] : lines[i]) << "\n";  // an old-key start in place of the checkpoint
+            out << (i == at + 1 ? forged.text : lines[i]) << "\n";
     }
     rep = verify(mixed, next_pem);
     CHECK_FALSE(rep.ok);
+    CHECK(rep.line == at + 2);
+    CHECK(rep.problem == "forged checkpoint record: its signature does not verify with the audit public key");
 }
 
 }  // namespace
