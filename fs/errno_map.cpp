@@ -32,6 +32,7 @@ int to_errno(vault::Errc code)
     case Errc::integrity:
     case Errc::key_unavailable:
     case Errc::storage:
+    case Errc::not_fresh:
     case Errc::audit_unavailable:
         return EIO;
     case Errc::no_space:

@@ -113,6 +113,7 @@ std::string_view result_name(Errc code)
     case Errc::integrity:
     case Errc::key_unavailable:
     case Errc::storage:
+    case Errc::not_fresh:
     case Errc::audit_unavailable:
         return "EIO";
     case Errc::no_space:

@@ -32,6 +32,7 @@ enum class Errc {
     too_many_open,      // the caller's uid holds as many open files as it may
     stale,              // a name's inode stands for a version that is no longer current
     no_attribute,       // the attribute is not set
+    not_fresh,          // a shared store this host cannot confirm it is current with (fail closed)
 };
 
 struct Error {

@@ -550,40 +550,15 @@ Result<std::uint64_t> SecretService::seal_and_commit(const Caller& caller, const
                                                      audit::Event& ev,
                                                      const std::function<Result<void>(Store::Transaction&)>& also)
 {
-    // The version number is reserved first, so that the DEK can be sealed by
-    // the token and the value encrypted outside the write transaction (the
-    // AAD binds the number); concurrent writers then only queue for the
-    // insert and the shared fsync.
+    // The version number is taken inside the write transaction (two hosts
+    // writing one secret get two numbers); the DEK is sealed and the value
+    // encrypted there too, as the AAD binds the number. The DEK is made
+    // first, outside: it needs no number.
     const std::string& kek = v.row.kek_id;
-    auto reserved = reserve_version(secret);
-    if (!reserved)
-        return core_.refuse(ev, reserved.error().code, reserved.error().message);
-    const std::uint64_t number = *reserved;
-    struct Release {
-        SecretService& self;
-        SecretId id;
-        ~Release() { self.release_version(id); }
-    } release{*this, secret};
-
-    ev.version = number;
-    const Binding binding{v.row.id, name, number, kek};
     auto dek = new_dek();
     if (!dek)
         return core_.refuse(ev, dek.error().code, dek.error().message);
-    auto sealed_dek = keys_.seal(hsm::KeyId{kek}, *dek, dek_aad(binding));
-    if (!sealed_dek) {
-        spdlog::error("commit to {}/{}: the token cannot seal a DEK: {}", v.row.name, name,
-                      sealed_dek.error().message);
-        return core_.refuse(ev, core_.from_hsm(sealed_dek.error()).code, sealed_dek.error().message);
-    }
-    auto sealed = seal_value(*dek, value.bytes(), value_aad(binding));
-    if (!sealed)
-        return core_.refuse(ev, sealed.error().code, sealed.error().message);
-    const Micros now = now_micros();
-    const SealedVersion row{VersionRow{VersionId{}, secret, number, value.size(), now, now, caller.who.uid, true,
-                                       std::nullopt, std::nullopt, std::nullopt},
-                            kek, std::move(sealed->nonce), std::move(sealed->ciphertext), std::move(*sealed_dek)};
-
+    std::uint64_t number = 0;
     bool audited = false;
     auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
         auto s = tx.secret(secret);
@@ -593,10 +568,27 @@ Result<std::uint64_t> SecretService::seal_and_commit(const Caller& caller, const
             return fail(Errc::not_found, "the secret was removed while open");
         if ((*s)->deleted())
             return fail(Errc::not_found, "the secret was deleted while open");
+        auto allocated = tx.allocate_version(secret);
+        if (!allocated)
+            return tl::unexpected(allocated.error());
+        number = *allocated;
+        ev.version = number;
+        const Binding binding{v.row.id, name, number, kek};
+        auto sealed_dek = keys_.seal(hsm::KeyId{kek}, *dek, dek_aad(binding));
+        if (!sealed_dek) {
+            spdlog::error("commit to {}/{}: the token cannot seal a DEK: {}", v.row.name, name,
+                          sealed_dek.error().message);
+            return tl::unexpected(core_.from_hsm(sealed_dek.error()));
+        }
+        auto sealed = seal_value(*dek, value.bytes(), value_aad(binding));
+        if (!sealed)
+            return tl::unexpected(sealed.error());
+        const Micros now = now_micros();
+        const SealedVersion row{VersionRow{VersionId{}, secret, number, value.size(), now, now, caller.who.uid, true,
+                                           std::nullopt, std::nullopt, std::nullopt},
+                                kek, std::move(sealed->nonce), std::move(sealed->ciphertext), std::move(*sealed_dek)};
         if (auto r = tx.insert_version(row); !r)
             return tl::unexpected(r.error());
-        if (auto r = tx.raise_next_version(secret, number + 1); !r)
-            return r;
         if (also)
             if (auto r = also(tx); !r)
                 return r;
@@ -618,33 +610,6 @@ Result<std::uint64_t> SecretService::seal_and_commit(const Caller& caller, const
         return core_.refuse(ev, w.error().code, w.error().message);
     }
     return number;
-}
-
-Result<std::uint64_t> SecretService::reserve_version(SecretId id)
-{
-    std::lock_guard lock(versions_mutex_);
-    auto it = next_versions_.find(id.value);
-    if (it == next_versions_.end()) {
-        // First writer since start (or since the entry was dropped while
-        // idle): the database's counter is current, as nothing is in flight.
-        auto s = store_.secret_by_id(id);
-        if (!s)
-            return tl::unexpected(s.error());
-        if (!*s)
-            return fail(Errc::not_found, "the secret was purged while open");
-        if (next_versions_.size() >= 4096)
-            std::erase_if(next_versions_, [](const auto& e) { return e.second.in_flight == 0; });
-        it = next_versions_.emplace(id.value, NextVersion{(*s)->next_version, 0}).first;
-    }
-    ++it->second.in_flight;
-    return it->second.next++;
-}
-
-void SecretService::release_version(SecretId id)
-{
-    std::lock_guard lock(versions_mutex_);
-    if (auto it = next_versions_.find(id.value); it != next_versions_.end())
-        --it->second.in_flight;
 }
 
 // ---- policies ------------------------------------------------------------------------

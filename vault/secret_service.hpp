@@ -45,7 +45,7 @@
 #include "vault/core.hpp"
 #include "vault/dek_cache.hpp"
 #include "vault/error.hpp"
-#include "vault/store.hpp"
+#include "vault/store/store.hpp"
 #include "vault/types.hpp"
 
 namespace vaultfs::vault {
@@ -400,19 +400,6 @@ private:
     audit::Log& audit_;
     const policy::NameResolver& names_;
     Options options_;
-
-    // Version numbers are handed out here, ahead of the write transaction.
-    // This process is the database's only writer, so the counter loaded from
-    // `secrets.next_version` stays authoritative; an entry is dropped only
-    // while no commit holds a number from it.
-    struct NextVersion {
-        std::uint64_t next;
-        int in_flight;
-    };
-    Result<std::uint64_t> reserve_version(SecretId id);
-    void release_version(SecretId id);
-    std::mutex versions_mutex_;
-    std::unordered_map<std::int64_t, NextVersion> next_versions_;
 
     // Who deleted what in the last fresh window: (vault, name) -> (uid, when).
     // `install` removes its target before it creates it again.

@@ -29,7 +29,7 @@
 #include "vault/error.hpp"
 #include "vault/secret_service.hpp"
 #include "vault/state_lock.hpp"
-#include "vault/store.hpp"
+#include "vault/store/store.hpp"
 
 namespace vaultfs::vault {
 

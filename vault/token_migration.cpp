@@ -19,7 +19,7 @@
 #include "vault/signing.hpp"
 #include "vault/state.hpp"
 #include "vault/state_lock.hpp"
-#include "vault/store.hpp"
+#include "vault/store/store.hpp"
 
 #include <nlohmann/json.hpp>
 

@@ -44,9 +44,9 @@ int main(int argc, char** argv)
             if (!s)
                 return tl::unexpected(s.error());
             for (long n = 0; n < versions; ++n) {
-                auto number = std::optional<std::uint64_t>(s->next_version + static_cast<std::uint64_t>(n));
-                if (auto raised = tx.raise_next_version(s->id, *number + 1); !raised)
-                    return tl::unexpected(raised.error());
+                auto number = tx.allocate_version(s->id);
+                if (!number)
+                    return tl::unexpected(number.error());
                 const vault::Binding b{v.id, name, *number, v.kek_id};
                 auto dek = vault::new_dek();
                 auto sealed_dek = keys.seal(hsm::KeyId{v.kek_id}, *dek, vault::dek_aad(b));

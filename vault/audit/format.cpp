@@ -6,7 +6,7 @@
 #include <ctime>
 
 #include "vault/signing.hpp"
-#include "vault/store.hpp"
+#include "vault/store/store.hpp"
 
 namespace vaultfs::vault::audit {
 

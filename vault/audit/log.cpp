@@ -14,7 +14,7 @@
 
 #include "vault/audit/verify.hpp"
 #include "vault/signing.hpp"
-#include "vault/store.hpp"
+#include "vault/store/store.hpp"
 
 namespace vaultfs::vault::audit {
 

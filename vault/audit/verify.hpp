@@ -33,7 +33,7 @@
 
 #include "vault/audit/format.hpp"
 #include "vault/signing.hpp"
-#include "vault/store.hpp"
+#include "vault/store/store.hpp"
 
 namespace vaultfs::vault::audit {
 

@@ -20,7 +20,7 @@
 #include "policy/policy.hpp"
 #include "vault/core.hpp"
 #include "vault/error.hpp"
-#include "vault/store.hpp"
+#include "vault/store/store.hpp"
 #include "vault/types.hpp"
 
 namespace vaultfs::vault {

@@ -19,7 +19,7 @@
 #include "vault/audit/log.hpp"
 #include "vault/audit/verify.hpp"
 #include "vault/signing.hpp"
-#include "vault/store.hpp"
+#include "vault/store/store.hpp"
 
 namespace vaultfs::vault::audit::testing {
 

@@ -1,148 +1,24 @@
-#include "vault/store.hpp"
+#include "vault/store/store.hpp"
 
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "vault/sqlite.hpp"
+#include <spdlog/spdlog.h>
+
+#include "vault/store/feed.hpp"
+#include "vault/store/postgresql.hpp"
+#include "vault/store/schema.hpp"
+#include "vault/store/sqlite.hpp"
 
 namespace vaultfs::vault {
 
 namespace {
 
-constexpr int schema_version = 4;
-
-// Version 1. Times are microseconds since the epoch (UTC). Ids use
-// AUTOINCREMENT so that a purged secret's id (and so its inode number) is
-// never handed out again.
-constexpr const char* schema_v1 = R"sql(
-CREATE TABLE vaults (
-  id               INTEGER PRIMARY KEY AUTOINCREMENT,
-  name             TEXT NOT NULL UNIQUE,
-  kek_id           TEXT NOT NULL,
-  retention_days   INTEGER NOT NULL DEFAULT 90 CHECK (retention_days BETWEEN 7 AND 90),
-  purge_protection INTEGER NOT NULL DEFAULT 0 CHECK (purge_protection IN (0, 1)),
-  created          INTEGER NOT NULL,
-  created_by       INTEGER NOT NULL
-);
-CREATE TABLE policies (
-  vault_id   INTEGER PRIMARY KEY REFERENCES vaults(id) ON DELETE CASCADE,
-  text       TEXT NOT NULL,
-  updated    INTEGER NOT NULL,
-  updated_by INTEGER NOT NULL
-);
-CREATE TABLE secrets (
-  id           INTEGER PRIMARY KEY AUTOINCREMENT,
-  vault_id     INTEGER NOT NULL REFERENCES vaults(id),
-  name         TEXT NOT NULL,
-  created      INTEGER NOT NULL,
-  next_version INTEGER NOT NULL DEFAULT 1,
-  deleted_at   INTEGER,
-  purge_at     INTEGER,
-  UNIQUE (vault_id, name)
-);
-CREATE INDEX secrets_live ON secrets (vault_id, id) WHERE deleted_at IS NULL;
-CREATE INDEX secrets_deleted ON secrets (vault_id, id) WHERE deleted_at IS NOT NULL;
-CREATE INDEX secrets_purge ON secrets (purge_at) WHERE purge_at IS NOT NULL;
-CREATE TABLE versions (
-  id           INTEGER PRIMARY KEY AUTOINCREMENT,
-  secret_id    INTEGER NOT NULL REFERENCES secrets(id) ON DELETE CASCADE,
-  version      INTEGER NOT NULL,
-  kek_id       TEXT NOT NULL,
-  nonce        BLOB NOT NULL,
-  ciphertext   BLOB NOT NULL,
-  sealed_dek   BLOB NOT NULL,
-  size         INTEGER NOT NULL,
-  created      INTEGER NOT NULL,
-  created_by   INTEGER NOT NULL,
-  updated      INTEGER NOT NULL,
-  enabled      INTEGER NOT NULL DEFAULT 1 CHECK (enabled IN (0, 1)),
-  not_before   INTEGER,
-  expires      INTEGER,
-  content_type TEXT,
-  UNIQUE (secret_id, version)
-);
-CREATE INDEX versions_current ON versions (secret_id, enabled, version);
-CREATE TABLE tags (
-  version_id INTEGER NOT NULL REFERENCES versions(id) ON DELETE CASCADE,
-  name       TEXT NOT NULL,
-  value      TEXT NOT NULL,
-  PRIMARY KEY (version_id, name)
-) WITHOUT ROWID;
-CREATE TABLE settings (
-  key   TEXT PRIMARY KEY,
-  value TEXT NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE audit_anchor (
-  id             INTEGER PRIMARY KEY CHECK (id = 1),
-  seq            INTEGER NOT NULL,
-  hash           TEXT NOT NULL,
-  clean_shutdown INTEGER NOT NULL
-);
-)sql";
-
-// Version 2: the audit anchor is signed by the token (audit/format.hpp).
-constexpr const char* schema_v2 = R"sql(
-ALTER TABLE audit_anchor ADD COLUMN time INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE audit_anchor ADD COLUMN file_start INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE audit_anchor ADD COLUMN sig BLOB;
-)sql";
-
-// Version 3: owners, groups and modes of secrets (NULL: the vault's default)
-// and each vault's defaults (root:root 0400).
-constexpr const char* schema_v3 = R"sql(
-ALTER TABLE secrets ADD COLUMN owner INTEGER;
-ALTER TABLE secrets ADD COLUMN grp INTEGER;
-ALTER TABLE secrets ADD COLUMN mode INTEGER CHECK (mode BETWEEN 0 AND 511);
-ALTER TABLE vaults ADD COLUMN default_owner INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE vaults ADD COLUMN default_group INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE vaults ADD COLUMN default_mode INTEGER NOT NULL DEFAULT 256 CHECK (default_mode BETWEEN 0 AND 511);
-)sql";
-
-// Version 4: keys and certificates (store.hpp, ObjectKind). A key's or an
-// exportable certificate key's private half is never here in the clear: it
-// is in the token (token_key) or envelope-encrypted (sealed_key).
-constexpr const char* schema_v4 = R"sql(
-CREATE TABLE objects (
-  id           INTEGER PRIMARY KEY AUTOINCREMENT,
-  vault_id     INTEGER NOT NULL REFERENCES vaults(id),
-  kind         INTEGER NOT NULL CHECK (kind IN (1, 2)),
-  name         TEXT NOT NULL,
-  created      INTEGER NOT NULL,
-  created_by   INTEGER NOT NULL,
-  spec         TEXT NOT NULL,
-  next_version INTEGER NOT NULL DEFAULT 1,
-  UNIQUE (vault_id, name)
-);
-CREATE TABLE object_versions (
-  id          INTEGER PRIMARY KEY AUTOINCREMENT,
-  object_id   INTEGER NOT NULL REFERENCES objects(id) ON DELETE CASCADE,
-  version     INTEGER NOT NULL,
-  created     INTEGER NOT NULL,
-  created_by  INTEGER NOT NULL,
-  enabled     INTEGER NOT NULL DEFAULT 1 CHECK (enabled IN (0, 1)),
-  not_before  INTEGER,
-  expires     INTEGER,
-  token_key   TEXT NOT NULL,
-  public_der  BLOB NOT NULL,
-  body        TEXT NOT NULL,
-  kek_id      TEXT NOT NULL,
-  nonce       BLOB NOT NULL,
-  sealed_key  BLOB NOT NULL,
-  sealed_dek  BLOB NOT NULL,
-  notified    INTEGER NOT NULL DEFAULT 0,
-  UNIQUE (object_id, version)
-);
-)sql";
-
-// Forward migrations: migrations[i] takes user_version i to i + 1.
-constexpr const char* migrations[] = {schema_v1, schema_v2, schema_v3, schema_v4};
-static_assert(std::size(migrations) == schema_version);
-
 #define VAULT_COLUMNS \
     "id, name, kek_id, retention_days, purge_protection, created, created_by, default_owner, default_group, default_mode"
 #define SECRET_COLUMNS "id, vault_id, name, created, next_version, deleted_at, purge_at, owner, grp, mode"
 
-VaultRow read_vault(const sqlite::Query& q)
+VaultRow read_vault(const db::Query& q)
 {
     return VaultRow{VaultId{q.int64(0)},
                     q.text(1),
@@ -158,7 +34,7 @@ VaultRow read_vault(const sqlite::Query& q)
 // The number of SECRET_COLUMNS: joined queries select a version's after them.
 constexpr int secret_column_count = 10;
 
-SecretRow read_secret(const sqlite::Query& q)
+SecretRow read_secret(const db::Query& q)
 {
     SecretRow s{SecretId{q.int64(0)},      VaultId{q.int64(1)}, q.text(2), q.int64(3),
                 static_cast<std::uint64_t>(q.int64(4)), q.optional_int64(5), q.optional_int64(6)};
@@ -174,7 +50,7 @@ SecretRow read_secret(const sqlite::Query& q)
 #define VERSION_COLUMNS \
     "id, secret_id, version, size, created, updated, created_by, enabled, not_before, expires, content_type"
 
-VersionRow read_version(const sqlite::Query& q)
+VersionRow read_version(const db::Query& q)
 {
     return VersionRow{VersionId{q.int64(0)},
                       SecretId{q.int64(1)},
@@ -195,7 +71,7 @@ VersionRow read_version(const sqlite::Query& q)
     "v.id, v.secret_id, v.version, v.size, v.created, v.updated, v.created_by, v.enabled, v.not_before, "     \
     "v.expires, v.content_type"
 
-VersionRow read_version_at(const sqlite::Query& q, int c)
+VersionRow read_version_at(const db::Query& q, int c)
 {
     return VersionRow{VersionId{q.int64(c)},
                       SecretId{q.int64(c + 1)},
@@ -210,7 +86,7 @@ VersionRow read_version_at(const sqlite::Query& q, int c)
                       q.optional_text(c + 10)};
 }
 
-SecretVersion read_joined(const sqlite::Query& q)
+SecretVersion read_joined(const db::Query& q)
 {
     SecretVersion out{read_secret(q), std::nullopt};
     if (!q.is_null(secret_column_count))
@@ -218,53 +94,9 @@ SecretVersion read_joined(const sqlite::Query& q)
     return out;
 }
 
-using sqlite::collect;
-using sqlite::first;
-using sqlite::run;
-
-Result<void> check_database(sqlite::Connection& c, const std::string& path, const char* pragma)
-{
-    auto rows = collect<std::string>(
-        c, pragma, [](auto&) {}, [](const sqlite::Query& q) { return q.text(0); });
-    if (!rows)
-        return fail(Errc::storage, "database " + path + " cannot be checked (" + rows.error().message +
-                                       "); restore it from a backup");
-    if (rows->size() != 1 || (*rows)[0] != "ok")
-        return fail(Errc::storage, "database " + path + " is damaged (" +
-                                       (rows->empty() ? std::string("no result") : (*rows)[0]) +
-                                       "); restore it from a backup");
-    return {};
-}
-
-Result<int> user_version(sqlite::Connection& c)
-{
-    auto v = first<std::int64_t>(
-        c, "PRAGMA user_version", [](auto&) {}, [](const sqlite::Query& q) { return q.int64(0); });
-    if (!v)
-        return tl::unexpected(v.error());
-    return static_cast<int>(v->value_or(0));
-}
-
-Result<void> migrate(sqlite::Connection& c, const std::string& path, int from)
-{
-    for (int v = from; v < schema_version; ++v) {
-        if (auto r = c.exec("BEGIN IMMEDIATE"); !r)
-            return r;
-        auto r = c.exec(migrations[v]);
-        if (r) {
-            const std::string bump = "PRAGMA user_version = " + std::to_string(v + 1);
-            r = c.exec(bump.c_str());
-        }
-        if (r)
-            r = c.exec("COMMIT");
-        if (!r) {
-            (void)c.exec("ROLLBACK");
-            return fail(r.error().code, "migrating " + path + " to schema " + std::to_string(v + 1) +
-                                            " failed: " + r.error().message);
-        }
-    }
-    return {};
-}
+using db::collect;
+using db::first;
+using db::run;
 
 }  // namespace
 
@@ -274,56 +106,136 @@ struct PendingWrite {
     bool done = false;
 };
 
-Store::Store(std::string path, std::unique_ptr<sqlite::Connection> writer, bool read_only)
-    : path_(std::move(path)), read_only_(read_only), writer_(std::move(writer))
+struct Store::Engine {
+    std::string location;  // the file, or the full connection string
+    bool postgresql = false;
+};
+
+Store::Store(std::string path, std::unique_ptr<Engine> engine, std::unique_ptr<db::Connection> writer, bool read_only,
+             StoreOptions options)
+    : path_(std::move(path)),
+      read_only_(read_only),
+      options_(std::move(options)),
+      engine_(std::move(engine)),
+      shared_(engine_->postgresql),
+      host_(options_.host),
+      writer_(std::move(writer))
 {
 }
 
-Store::~Store() = default;
-
-Result<std::unique_ptr<Store>> Store::open(const std::string& path, Mode mode)
+Store::~Store()
 {
+    feed_.reset();  // its thread calls into this store
+}
+
+Result<std::unique_ptr<db::Connection>> Store::connect(bool read_only)
+{
+    if (engine_->postgresql) {
+        auto c = pg::Connection::open(engine_->location);
+        if (!c)
+            return tl::unexpected(c.error());
+        return std::unique_ptr<db::Connection>(std::move(*c));
+    }
+    auto c = sqlite::Connection::open(engine_->location, read_only, false);
+    if (!c)
+        return tl::unexpected(c.error());
+    return std::unique_ptr<db::Connection>(std::move(*c));
+}
+
+Result<std::unique_ptr<Store>> Store::open(const std::string& location, Mode mode, const StoreOptions& options)
+{
+    const bool read_only = mode == Mode::read_only;
+    auto engine = std::make_unique<Engine>(Engine{location, pg::is_conninfo(location)});
+    std::unique_ptr<Store> store;
+    if (engine->postgresql) {
+        const std::string where = pg::redact(location);
+        auto conn = pg::Connection::open(location);
+        if (!conn)
+            return fail(Errc::storage, conn.error().message + "; check that the server runs and the connection string");
+        if (auto r = schema::prepare_postgresql(**conn, where, mode == Mode::create); !r)
+            return tl::unexpected(r.error());
+        store.reset(new Store(where, std::move(engine), std::move(*conn), read_only, options));
+        if (auto r = store->refresh_host(); !r)
+            return tl::unexpected(r.error());
+        if (options.follow) {
+            Store* self = store.get();
+            store->feed_ = std::make_unique<Feed>(
+                location, where, options.staleness_bound, [self] { self->changed(); },
+                [self] {
+                    std::lock_guard lock(self->change_mutex_);
+                    if (self->on_change_)
+                        self->on_change_();
+                });
+            if (auto r = store->feed_->start(); !r)
+                return fail(Errc::storage, "cannot follow the change feed of " + where + ": " + r.error().message);
+        }
+        return store;
+    }
+
+    const std::string& path = location;
     struct stat st{};
     const bool exists = ::stat(path.c_str(), &st) == 0;
     if (mode == Mode::create && exists)
         return fail(Errc::already_exists, "database " + path + " already exists");
     if (mode != Mode::create && !exists)
         return fail(Errc::not_found, "database " + path + " does not exist; run `vaultfs init` or fix the path");
-
-    const bool read_only = mode == Mode::read_only;
     auto conn = sqlite::Connection::open(path, read_only, mode == Mode::create);
     if (!conn)
         return fail(Errc::storage, conn.error().message + "; check the file and its permissions");
-
     if (!read_only) {
         if (auto r = (*conn)->exec("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;"); !r)
             return fail(Errc::storage, "database " + path + " is not usable (" + r.error().message +
                                            "); restore it from a backup");
     }
-    auto version = user_version(**conn);
-    if (!version)
-        return fail(Errc::storage, "database " + path + " is not a SQLite database vaultfs can read (" +
-                                       version.error().message + "); restore it from a backup");
-    if (*version > schema_version)
-        return fail(Errc::storage, "database " + path + " has schema " + std::to_string(*version) +
-                                       ", newer than this vaultfs understands (" + std::to_string(schema_version) +
-                                       "); upgrade vaultfs");
-    if (*version == 0 && mode != Mode::create)
-        return fail(Errc::storage, "database " + path + " is not a vaultfs database (no schema)");
-    if (auto r = check_database(**conn, path, "PRAGMA quick_check"); !r)
+    if (auto r = schema::prepare_sqlite(**conn, path, mode == Mode::create, read_only); !r)
         return tl::unexpected(r.error());
-    if (!read_only) {
-        if (auto r = migrate(**conn, path, *version); !r)
-            return tl::unexpected(r.error());
+    if (!read_only)
         ::chmod(path.c_str(), 0600);
-    }
-    return std::unique_ptr<Store>(new Store(path, std::move(*conn), read_only));
+    store.reset(new Store(path, std::move(engine), std::move(*conn), read_only, options));
+    store->host_id_ = 1;
+    return store;
 }
 
-template <class F>
-auto Store::with_reader(F&& f) -> decltype(f(std::declval<sqlite::Connection&>()))
+Result<void> Store::refresh_host()
 {
-    std::unique_ptr<sqlite::Connection> conn;
+    if (!shared_) {
+        host_id_ = 1;
+        return {};
+    }
+    if (host_.empty()) {
+        host_id_ = 1;
+        return {};
+    }
+    auto row = host_by_name(host_);
+    if (!row)
+        return tl::unexpected(row.error());
+    host_id_ = *row ? (*row)->id : 0;
+    return {};
+}
+
+std::int64_t Store::revision() const { return feed_ ? feed_->revision() : 0; }
+
+Result<void> Store::fresh() const
+{
+    if (!feed_)
+        return {};
+    return feed_->fresh();
+}
+
+void Store::on_change(std::function<void()> f)
+{
+    std::lock_guard lock(change_mutex_);
+    on_change_ = std::move(f);
+}
+
+void Store::changed() { generation_.fetch_add(1); }
+
+template <class F>
+auto Store::with_reader(F&& f) -> decltype(f(std::declval<db::Connection&>()))
+{
+    if (auto r = fresh(); !r)
+        return tl::unexpected(r.error());
+    std::unique_ptr<db::Connection> conn;
     {
         std::lock_guard lock(readers_mutex_);
         if (!idle_readers_.empty()) {
@@ -332,59 +244,70 @@ auto Store::with_reader(F&& f) -> decltype(f(std::declval<sqlite::Connection&>()
         }
     }
     if (!conn) {
-        auto opened = sqlite::Connection::open(path_, true, false);
+        auto opened = connect(true);
         if (!opened)
             return tl::unexpected(opened.error());
         conn = std::move(*opened);
     }
     auto result = f(*conn);
+    if (!result && conn->broken()) {
+        // A lost session (a restarted server, a failover): once more, on a
+        // new one, which libpq's multi-host string points at the primary.
+        auto opened = connect(true);
+        if (!opened)
+            return result;
+        conn = std::move(*opened);
+        result = f(*conn);
+        if (conn->broken())
+            return result;
+    }
     std::lock_guard lock(readers_mutex_);
     idle_readers_.push_back(std::move(conn));
     return result;
 }
 
-Result<void> Store::read(const std::function<Result<void>(sqlite::Connection&)>& f)
+Result<void> Store::read(const std::function<Result<void>(db::Connection&)>& f)
 {
-    return with_reader([&](sqlite::Connection& c) { return f(c); });
+    return with_reader([&](db::Connection& c) { return f(c); });
 }
 
 // ---- reads -------------------------------------------------------------------
 
 Result<std::optional<VaultRow>> Store::vault_by_name(std::string_view name)
 {
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return first<VaultRow>(
             c,
             "SELECT " VAULT_COLUMNS " FROM vaults WHERE name = ?",
-            [&](sqlite::Query& q) { q.bind(1, name); }, read_vault);
+            [&](db::Query& q) { q.bind(1, name); }, read_vault);
     });
 }
 
 Result<std::optional<VaultRow>> Store::vault_by_id(VaultId id)
 {
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return first<VaultRow>(
             c, "SELECT " VAULT_COLUMNS " FROM vaults WHERE id = ?",
-            [&](sqlite::Query& q) { q.bind(1, id.value); }, read_vault);
+            [&](db::Query& q) { q.bind(1, id.value); }, read_vault);
     });
 }
 
 Result<std::vector<VaultRow>> Store::vaults()
 {
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return collect<VaultRow>(
             c, "SELECT " VAULT_COLUMNS " FROM vaults ORDER BY id",
-            [](sqlite::Query&) {}, read_vault);
+            [](db::Query&) {}, read_vault);
     });
 }
 
 Result<std::optional<PolicyRow>> Store::policy(VaultId vault)
 {
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return first<PolicyRow>(
             c, "SELECT text, updated, updated_by FROM policies WHERE vault_id = ?",
-            [&](sqlite::Query& q) { q.bind(1, vault.value); },
-            [](const sqlite::Query& q) {
+            [&](db::Query& q) { q.bind(1, vault.value); },
+            [](const db::Query& q) {
                 return PolicyRow{q.text(0), q.int64(1), static_cast<uid_t>(q.int64(2))};
             });
     });
@@ -392,32 +315,32 @@ Result<std::optional<PolicyRow>> Store::policy(VaultId vault)
 
 Result<std::optional<SecretRow>> Store::secret_by_name(VaultId vault, std::string_view name)
 {
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return first<SecretRow>(
             c,
             "SELECT " SECRET_COLUMNS " FROM secrets "
             "WHERE vault_id = ? AND name = ?",
-            [&](sqlite::Query& q) { q.bind(1, vault.value).bind(2, name); }, read_secret);
+            [&](db::Query& q) { q.bind(1, vault.value).bind(2, name); }, read_secret);
     });
 }
 
 Result<std::optional<SecretRow>> Store::secret_by_id(SecretId id)
 {
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return first<SecretRow>(
             c, "SELECT " SECRET_COLUMNS " FROM secrets WHERE id = ?",
-            [&](sqlite::Query& q) { q.bind(1, id.value); }, read_secret);
+            [&](db::Query& q) { q.bind(1, id.value); }, read_secret);
     });
 }
 
 Result<std::vector<SecretRow>> Store::live_secrets(VaultId vault, SecretId after, std::size_t limit)
 {
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return collect<SecretRow>(
             c,
             "SELECT " SECRET_COLUMNS " FROM secrets "
             "WHERE vault_id = ? AND deleted_at IS NULL AND id > ? AND next_version > 1 ORDER BY id LIMIT ?",
-            [&](sqlite::Query& q) {
+            [&](db::Query& q) {
                 q.bind(1, vault.value).bind(2, after.value).bind(3, static_cast<std::int64_t>(limit));
             },
             read_secret);
@@ -426,13 +349,13 @@ Result<std::vector<SecretRow>> Store::live_secrets(VaultId vault, SecretId after
 
 Result<std::vector<SecretVersion>> Store::live_secrets_with_current(VaultId vault, SecretId after, std::size_t limit)
 {
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return collect<SecretVersion>(
             c,
             "SELECT " JOINED_COLUMNS " FROM secrets s JOIN versions v ON v.id = (SELECT id FROM versions "
             "WHERE secret_id = s.id ORDER BY enabled DESC, version DESC LIMIT 1) "
             "WHERE s.vault_id = ? AND s.deleted_at IS NULL AND s.id > ? AND s.next_version > 1 ORDER BY s.id LIMIT ?",
-            [&](sqlite::Query& q) {
+            [&](db::Query& q) {
                 q.bind(1, vault.value).bind(2, after.value).bind(3, static_cast<std::int64_t>(limit));
             },
             read_joined);
@@ -441,12 +364,12 @@ Result<std::vector<SecretVersion>> Store::live_secrets_with_current(VaultId vaul
 
 Result<std::vector<SecretRow>> Store::deleted_secrets(VaultId vault, SecretId after, std::size_t limit)
 {
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return collect<SecretRow>(
             c,
             "SELECT " SECRET_COLUMNS " FROM secrets "
             "WHERE vault_id = ? AND deleted_at IS NOT NULL AND id > ? ORDER BY id LIMIT ?",
-            [&](sqlite::Query& q) {
+            [&](db::Query& q) {
                 q.bind(1, vault.value).bind(2, after.value).bind(3, static_cast<std::int64_t>(limit));
             },
             read_secret);
@@ -455,22 +378,22 @@ Result<std::vector<SecretRow>> Store::deleted_secrets(VaultId vault, SecretId af
 
 Result<std::vector<SecretRow>> Store::purge_due(Micros now, std::size_t limit)
 {
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return collect<SecretRow>(
             c,
             "SELECT " SECRET_COLUMNS " FROM secrets "
             "WHERE purge_at IS NOT NULL AND purge_at <= ? ORDER BY purge_at LIMIT ?",
-            [&](sqlite::Query& q) { q.bind(1, now).bind(2, static_cast<std::int64_t>(limit)); }, read_secret);
+            [&](db::Query& q) { q.bind(1, now).bind(2, static_cast<std::int64_t>(limit)); }, read_secret);
     });
 }
 
 Result<std::int64_t> Store::secret_count(VaultId vault)
 {
-    return with_reader([&](sqlite::Connection& c) -> Result<std::int64_t> {
+    return with_reader([&](db::Connection& c) -> Result<std::int64_t> {
         auto n = first<std::int64_t>(
             c, "SELECT (SELECT count(*) FROM secrets WHERE vault_id = ?1 AND next_version > 1) + "
             "(SELECT count(*) FROM objects WHERE vault_id = ?1)",
-            [&](sqlite::Query& q) { q.bind(1, vault.value); }, [](const sqlite::Query& q) { return q.int64(0); });
+            [&](db::Query& q) { q.bind(1, vault.value); }, [](const db::Query& q) { return q.int64(0); });
         if (!n)
             return tl::unexpected(n.error());
         return n->value_or(0);
@@ -484,12 +407,12 @@ Result<std::optional<SecretVersion>> Store::secret_with_version(VaultId vault, s
         const std::string key = std::to_string(vault.value) + "/" + std::string(name);
         return cached(by_name_, key, [&] { return secret_with_version_uncached(vault, name); });
     }
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return first<SecretVersion>(
             c,
             "SELECT " JOINED_COLUMNS " FROM secrets s JOIN versions v ON v.secret_id = s.id "
             "WHERE s.vault_id = ? AND s.name = ? AND v.version = ?",
-            [&](sqlite::Query& q) {
+            [&](db::Query& q) {
                 q.bind(1, vault.value).bind(2, name).bind(3, static_cast<std::int64_t>(*number));
             },
             read_joined);
@@ -498,46 +421,72 @@ Result<std::optional<SecretVersion>> Store::secret_with_version(VaultId vault, s
 
 Result<std::optional<SecretVersion>> Store::secret_with_version_uncached(VaultId vault, std::string_view name)
 {
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return first<SecretVersion>(
             c,
             "SELECT " JOINED_COLUMNS " FROM secrets s LEFT JOIN versions v ON v.secret_id = s.id "
             "WHERE s.vault_id = ? AND s.name = ? ORDER BY v.enabled DESC, v.version DESC LIMIT 1",
-            [&](sqlite::Query& q) { q.bind(1, vault.value).bind(2, name); }, read_joined);
+            [&](db::Query& q) { q.bind(1, vault.value).bind(2, name); }, read_joined);
     });
 }
 
 Result<std::optional<SecretVersion>> Store::secret_with_current(SecretId id)
 {
     return cached(by_id_, id.value, [&] {
-        return with_reader([&](sqlite::Connection& c) {
+        return with_reader([&](db::Connection& c) {
         return first<SecretVersion>(
             c,
             "SELECT " JOINED_COLUMNS " FROM secrets s LEFT JOIN versions v ON v.secret_id = s.id "
             "WHERE s.id = ? ORDER BY v.enabled DESC, v.version DESC LIMIT 1",
-            [&](sqlite::Query& q) { q.bind(1, id.value); }, read_joined);
+            [&](db::Query& q) { q.bind(1, id.value); }, read_joined);
         });
     });
 }
 
 Result<std::optional<SecretVersion>> Store::secret_with_version_id(VersionId id)
 {
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return first<SecretVersion>(
             c, "SELECT " JOINED_COLUMNS " FROM versions v JOIN secrets s ON s.id = v.secret_id WHERE v.id = ?",
-            [&](sqlite::Query& q) { q.bind(1, id.value); }, read_joined);
+            [&](db::Query& q) { q.bind(1, id.value); }, read_joined);
     });
 }
 
 Result<std::optional<SealedRead>> Store::sealed_for_read(VersionId id)
 {
-    return with_reader([&](sqlite::Connection& c) {
+    if (!shared_)
+        return sealed_for_read_uncached(id);
+    if (auto r = fresh(); !r)
+        return tl::unexpected(r.error());
+    const std::uint64_t generation = generation_.load();
+    {
+        std::lock_guard lock(cache_mutex_);
+        if (const auto it = sealed_.find(id.value); it != sealed_.end() && it->second.first == generation)
+            return std::optional<SealedRead>(it->second.second);
+    }
+    auto read = sealed_for_read_uncached(id);
+    if (!read || !*read)
+        return read;
+    const std::size_t bytes = (*read)->sealed.ciphertext.size() + (*read)->sealed.sealed_dek.size() + 256;
+    std::lock_guard lock(cache_mutex_);
+    if (sealed_bytes_ + bytes > sealed_limit) {
+        sealed_.clear();
+        sealed_bytes_ = 0;
+    }
+    if (sealed_.insert_or_assign(id.value, std::make_pair(generation, **read)).second)
+        sealed_bytes_ += bytes;
+    return read;
+}
+
+Result<std::optional<SealedRead>> Store::sealed_for_read_uncached(VersionId id)
+{
+    return with_reader([&](db::Connection& c) {
         return first<SealedRead>(
             c,
             "SELECT " JOINED_COLUMNS ", v.kek_id, v.nonce, v.ciphertext, v.sealed_dek "
             "FROM versions v JOIN secrets s ON s.id = v.secret_id WHERE v.id = ?",
-            [&](sqlite::Query& q) { q.bind(1, id.value); },
-            [](const sqlite::Query& q) {
+            [&](db::Query& q) { q.bind(1, id.value); },
+            [](const db::Query& q) {
                 constexpr int c = secret_column_count + 11;  // after the version's columns
                 return SealedRead{read_secret(q), SealedVersion{read_version_at(q, secret_column_count), q.text(c),
                                                                 q.blob(c + 1), q.blob(c + 2), q.blob(c + 3)}};
@@ -547,52 +496,52 @@ Result<std::optional<SealedRead>> Store::sealed_for_read(VersionId id)
 
 Result<std::optional<VersionRow>> Store::version(SecretId secret, std::uint64_t number)
 {
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return first<VersionRow>(
             c, "SELECT " VERSION_COLUMNS " FROM versions WHERE secret_id = ? AND version = ?",
-            [&](sqlite::Query& q) { q.bind(1, secret.value).bind(2, static_cast<std::int64_t>(number)); },
+            [&](db::Query& q) { q.bind(1, secret.value).bind(2, static_cast<std::int64_t>(number)); },
             read_version);
     });
 }
 
 Result<std::optional<VersionRow>> Store::version_by_id(VersionId id)
 {
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return first<VersionRow>(
             c, "SELECT " VERSION_COLUMNS " FROM versions WHERE id = ?",
-            [&](sqlite::Query& q) { q.bind(1, id.value); }, read_version);
+            [&](db::Query& q) { q.bind(1, id.value); }, read_version);
     });
 }
 
 Result<std::optional<VersionRow>> Store::current_version(SecretId secret)
 {
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return first<VersionRow>(
             c, "SELECT " VERSION_COLUMNS " FROM versions WHERE secret_id = ? ORDER BY enabled DESC, version DESC LIMIT 1",
-            [&](sqlite::Query& q) { q.bind(1, secret.value); }, read_version);
+            [&](db::Query& q) { q.bind(1, secret.value); }, read_version);
     });
 }
 
 Result<std::vector<VersionRow>> Store::versions_of(SecretId secret)
 {
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return collect<VersionRow>(
             c, "SELECT " VERSION_COLUMNS " FROM versions WHERE secret_id = ? ORDER BY version",
-            [&](sqlite::Query& q) { q.bind(1, secret.value); }, read_version);
+            [&](db::Query& q) { q.bind(1, secret.value); }, read_version);
     });
 }
 
 Result<std::vector<VersionEntry>> Store::versions_in_vault(VaultId vault, VersionId after, std::size_t limit)
 {
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return collect<VersionEntry>(
             c,
             "SELECT v.id, s.name, v.version FROM versions v JOIN secrets s ON s.id = v.secret_id "
             "WHERE s.vault_id = ? AND s.deleted_at IS NULL AND v.id > ? ORDER BY v.id LIMIT ?",
-            [&](sqlite::Query& q) {
+            [&](db::Query& q) {
                 q.bind(1, vault.value).bind(2, after.value).bind(3, static_cast<std::int64_t>(limit));
             },
-            [](const sqlite::Query& q) {
+            [](const db::Query& q) {
                 return VersionEntry{VersionId{q.int64(0)}, q.text(1), static_cast<std::uint64_t>(q.int64(2))};
             });
     });
@@ -600,11 +549,11 @@ Result<std::vector<VersionEntry>> Store::versions_in_vault(VaultId vault, Versio
 
 Result<std::optional<SealedVersion>> Store::sealed_version(VersionId id)
 {
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return first<SealedVersion>(
             c, "SELECT " VERSION_COLUMNS ", kek_id, nonce, ciphertext, sealed_dek FROM versions WHERE id = ?",
-            [&](sqlite::Query& q) { q.bind(1, id.value); },
-            [](const sqlite::Query& q) {
+            [&](db::Query& q) { q.bind(1, id.value); },
+            [](const db::Query& q) {
                 return SealedVersion{read_version(q), q.text(11), q.blob(12), q.blob(13), q.blob(14)};
             });
     });
@@ -612,30 +561,31 @@ Result<std::optional<SealedVersion>> Store::sealed_version(VersionId id)
 
 Result<std::vector<Tag>> Store::tags(VersionId version)
 {
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return collect<Tag>(
             c, "SELECT name, value FROM tags WHERE version_id = ? ORDER BY name",
-            [&](sqlite::Query& q) { q.bind(1, version.value); },
-            [](const sqlite::Query& q) { return Tag{q.text(0), q.text(1)}; });
+            [&](db::Query& q) { q.bind(1, version.value); },
+            [](const db::Query& q) { return Tag{q.text(0), q.text(1)}; });
     });
 }
 
 Result<std::optional<std::string>> Store::setting(std::string_view key)
 {
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return first<std::string>(
-            c, "SELECT value FROM settings WHERE key = ?", [&](sqlite::Query& q) { q.bind(1, key); },
-            [](const sqlite::Query& q) { return q.text(0); });
+            c, "SELECT value FROM settings WHERE host = ? AND key = ?",
+            [&](db::Query& q) { q.bind(1, host_id_).bind(2, key); },
+            [](const db::Query& q) { return q.text(0); });
     });
 }
 
 Result<std::optional<AuditAnchor>> Store::audit_anchor()
 {
-    return with_reader([&](sqlite::Connection& c) {
+    return with_reader([&](db::Connection& c) {
         return first<AuditAnchor>(
-            c, "SELECT seq, hash, clean_shutdown, time, file_start, sig FROM audit_anchor WHERE id = 1",
-            [](sqlite::Query&) {},
-            [](const sqlite::Query& q) {
+            c, "SELECT seq, hash, clean_shutdown, time, file_start, sig FROM audit_anchor WHERE id = ?",
+            [&](db::Query& q) { q.bind(1, host_id_); },
+            [](const db::Query& q) {
                 return AuditAnchor{static_cast<std::uint64_t>(q.int64(0)), q.text(1), q.int64(2) != 0, q.int64(3),
                                    static_cast<std::uint64_t>(q.int64(4)), q.blob(5)};
             });
@@ -644,7 +594,9 @@ Result<std::optional<AuditAnchor>> Store::audit_anchor()
 
 Result<void> Store::integrity_check()
 {
-    return with_reader([&](sqlite::Connection& c) { return check_database(c, path_, "PRAGMA integrity_check"); });
+    if (shared_)
+        return with_reader([&](db::Connection& c) { return schema::prepare_postgresql(c, path_, false); });
+    return with_reader([&](db::Connection& c) { return schema::check_sqlite(c, path_, true); });
 }
 
 // ---- writes ------------------------------------------------------------------
@@ -695,6 +647,8 @@ std::size_t Store::pending_writes()
 template <class Map, class Key, class Load>
 Result<std::optional<SecretVersion>> Store::cached(Map& map, const Key& key, Load&& load)
 {
+    if (auto r = fresh(); !r)
+        return tl::unexpected(r.error());
     const std::uint64_t generation = generation_.load();
     {
         std::lock_guard lock(cache_mutex_);
@@ -717,7 +671,15 @@ Result<std::optional<SecretVersion>> Store::cached(Map& map, const Key& key, Loa
 // in it. Returns the commit's own outcome.
 Result<void> Store::run_batch(std::deque<PendingWrite*>& batch)
 {
-    sqlite::Connection& c = *writer_;
+    if (writer_->broken()) {
+        // Lost (a restarted server, a failover): a new session, on whichever
+        // host libpq's connection string now finds writable.
+        auto c = connect(false);
+        if (!c)
+            return fail(c.error().code, "cannot start a write transaction: " + c.error().message);
+        writer_ = std::move(*c);
+    }
+    db::Connection& c = *writer_;
     // Transaction control through cached statements: parsing these on every
     // commit showed up in profiles.
     const auto control = [&](const char* sql) -> Result<void> {
@@ -726,9 +688,9 @@ Result<void> Store::run_batch(std::deque<PendingWrite*>& batch)
             return tl::unexpected(q.error());
         return q->run();
     };
-    if (auto r = control("BEGIN IMMEDIATE"); !r)
+    if (auto r = control(c.begin_write()); !r)
         return fail(r.error().code, "cannot start a write transaction: " + r.error().message);
-    Transaction tx(c);
+    Transaction tx(c, host_id_);
     // A lone unit needs no savepoint: its failure rolls back the whole.
     const bool alone = batch.size() == 1;
     bool any_ok = false;
@@ -746,16 +708,32 @@ Result<void> Store::run_batch(std::deque<PendingWrite*>& batch)
                 (void)control("ROLLBACK TO unit");
             (void)control("RELEASE unit");
         }
-        // Some errors (SQLITE_FULL, IOERR, NOMEM) roll the whole transaction
-        // back by themselves: nothing of this batch can commit any more.
-        if (sqlite3_get_autocommit(c.get()) != 0)
+        // Some errors (SQLITE_FULL, IOERR, NOMEM; a lost PostgreSQL session)
+        // end the whole transaction by themselves: nothing of this batch can
+        // commit any more.
+        if (!c.in_transaction())
             return fail(p->result ? Errc::storage : p->result.error().code,
                         "the write transaction was rolled back: " +
-                            (p->result ? std::string("by SQLite") : p->result.error().message));
+                            (p->result ? std::string("by the database") : p->result.error().message));
     }
     if (!any_ok) {
         (void)control("ROLLBACK");
         return {};  // every unit carries its own error
+    }
+    // The change feed (vault/store/feed.hpp): writers queue on feed's row
+    // until COMMIT, so revisions commit in order.
+    auto rev = db::integer(c, "UPDATE feed SET rev = rev + 1 WHERE id = 1 RETURNING rev", [](db::Query&) {});
+    Result<void> logged = rev ? run(c, "INSERT INTO changes (rev, host, at) VALUES (?, ?, ?)",
+                                    [&](db::Query& q) { q.bind(1, *rev).bind(2, host_id_).bind(3, now_micros()); })
+                              : Result<void>(tl::unexpected(rev.error()));
+    if (logged && *rev % 1000 == 0)
+        logged = run(c, "DELETE FROM changes WHERE rev <= ?", [&](db::Query& q) { q.bind(1, *rev - 1000); });
+    if (logged && shared_)
+        logged = run(c, "SELECT pg_notify('vaultfs_changes', ?)",
+                     [&](db::Query& q) { q.bind(1, std::to_string(*rev)); });
+    if (!logged) {
+        (void)control("ROLLBACK");
+        return fail(logged.error().code, "the change feed cannot be written: " + logged.error().message);
     }
     if (auto r = control("COMMIT"); !r) {
         (void)control("ROLLBACK");
@@ -766,10 +744,10 @@ Result<void> Store::run_batch(std::deque<PendingWrite*>& batch)
 
 Result<VaultId> Store::Transaction::insert_vault(const VaultRow& row, const PolicyRow& policy)
 {
-    auto r = run(conn_,
+    auto r = db::integer(conn_,
                  "INSERT INTO vaults (name, kek_id, retention_days, purge_protection, created, created_by, "
-                 "default_owner, default_group, default_mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                 [&](sqlite::Query& q) {
+                 "default_owner, default_group, default_mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                 [&](db::Query& q) {
                      q.bind(1, row.name)
                          .bind(2, row.kek_id)
                          .bind(3, static_cast<std::int64_t>(row.retention_days))
@@ -782,7 +760,7 @@ Result<VaultId> Store::Transaction::insert_vault(const VaultRow& row, const Poli
                  });
     if (!r)
         return tl::unexpected(r.error());
-    const VaultId id{sqlite3_last_insert_rowid(conn_.get())};
+    const VaultId id{*r};
     if (auto p = set_policy(id, policy); !p)
         return tl::unexpected(p.error());
     return id;
@@ -792,13 +770,13 @@ Result<void> Store::Transaction::delete_vault(VaultId vault)
 {
     if (auto r = remove_empty_secrets(vault); !r)
         return r;
-    return run(conn_, "DELETE FROM vaults WHERE id = ?", [&](sqlite::Query& q) { q.bind(1, vault.value); });
+    return run(conn_, "DELETE FROM vaults WHERE id = ?", [&](db::Query& q) { q.bind(1, vault.value); });
 }
 
 Result<void> Store::Transaction::update_vault_settings(VaultId vault, int retention_days, bool purge_protection)
 {
     return run(conn_, "UPDATE vaults SET retention_days = ?, purge_protection = ? WHERE id = ?",
-               [&](sqlite::Query& q) {
+               [&](db::Query& q) {
                    q.bind(1, static_cast<std::int64_t>(retention_days))
                        .bind(2, static_cast<std::int64_t>(purge_protection))
                        .bind(3, vault.value);
@@ -808,7 +786,7 @@ Result<void> Store::Transaction::update_vault_settings(VaultId vault, int retent
 Result<void> Store::Transaction::set_vault_defaults(VaultId vault, const Ownership& d)
 {
     return run(conn_, "UPDATE vaults SET default_owner = ?, default_group = ?, default_mode = ? WHERE id = ?",
-               [&](sqlite::Query& q) {
+               [&](db::Query& q) {
                    q.bind(1, static_cast<std::int64_t>(d.owner))
                        .bind(2, static_cast<std::int64_t>(d.group))
                        .bind(3, static_cast<std::int64_t>(d.mode))
@@ -822,7 +800,7 @@ Result<void> Store::Transaction::set_ownership(SecretId secret, std::optional<ui
     const auto wide = [](auto v) {
         return v ? std::optional<std::int64_t>(static_cast<std::int64_t>(*v)) : std::nullopt;
     };
-    return run(conn_, "UPDATE secrets SET owner = ?, grp = ?, mode = ? WHERE id = ?", [&](sqlite::Query& q) {
+    return run(conn_, "UPDATE secrets SET owner = ?, grp = ?, mode = ? WHERE id = ?", [&](db::Query& q) {
         q.bind(1, wide(owner)).bind(2, wide(group)).bind(3, wide(mode)).bind(4, secret.value);
     });
 }
@@ -833,7 +811,7 @@ Result<void> Store::Transaction::set_policy(VaultId vault, const PolicyRow& poli
                "INSERT INTO policies (vault_id, text, updated, updated_by) VALUES (?, ?, ?, ?) "
                "ON CONFLICT (vault_id) DO UPDATE SET text = excluded.text, updated = excluded.updated, "
                "updated_by = excluded.updated_by",
-               [&](sqlite::Query& q) {
+               [&](db::Query& q) {
                    q.bind(1, vault.value)
                        .bind(2, policy.text)
                        .bind(3, policy.updated)
@@ -845,7 +823,7 @@ Result<std::optional<SecretRow>> Store::Transaction::secret(SecretId id)
 {
     return first<SecretRow>(
         conn_, "SELECT " SECRET_COLUMNS " FROM secrets WHERE id = ?",
-        [&](sqlite::Query& q) { q.bind(1, id.value); }, read_secret);
+        [&](db::Query& q) { q.bind(1, id.value); }, read_secret);
 }
 
 Result<std::optional<SecretRow>> Store::Transaction::secret_by_name(VaultId vault, std::string_view name)
@@ -854,13 +832,13 @@ Result<std::optional<SecretRow>> Store::Transaction::secret_by_name(VaultId vaul
         conn_,
         "SELECT " SECRET_COLUMNS " FROM secrets "
         "WHERE vault_id = ? AND name = ?",
-        [&](sqlite::Query& q) { q.bind(1, vault.value).bind(2, name); }, read_secret);
+        [&](db::Query& q) { q.bind(1, vault.value).bind(2, name); }, read_secret);
 }
 
 Result<std::optional<VersionRow>> Store::Transaction::version_by_id(VersionId id)
 {
     return first<VersionRow>(
-        conn_, "SELECT " VERSION_COLUMNS " FROM versions WHERE id = ?", [&](sqlite::Query& q) { q.bind(1, id.value); },
+        conn_, "SELECT " VERSION_COLUMNS " FROM versions WHERE id = ?", [&](db::Query& q) { q.bind(1, id.value); },
         read_version);
 }
 
@@ -868,15 +846,15 @@ Result<std::optional<VersionRow>> Store::Transaction::version(SecretId secret, s
 {
     return first<VersionRow>(
         conn_, "SELECT " VERSION_COLUMNS " FROM versions WHERE secret_id = ? AND version = ?",
-        [&](sqlite::Query& q) { q.bind(1, secret.value).bind(2, static_cast<std::int64_t>(number)); }, read_version);
+        [&](db::Query& q) { q.bind(1, secret.value).bind(2, static_cast<std::int64_t>(number)); }, read_version);
 }
 
 Result<std::vector<Tag>> Store::Transaction::tags(VersionId version)
 {
     return collect<Tag>(
         conn_, "SELECT name, value FROM tags WHERE version_id = ? ORDER BY name",
-        [&](sqlite::Query& q) { q.bind(1, version.value); },
-        [](const sqlite::Query& q) { return Tag{q.text(0), q.text(1)}; });
+        [&](db::Query& q) { q.bind(1, version.value); },
+        [](const db::Query& q) { return Tag{q.text(0), q.text(1)}; });
 }
 
 Result<SecretRow> Store::Transaction::ensure_secret(VaultId vault, std::string_view name, Micros now)
@@ -886,21 +864,21 @@ Result<SecretRow> Store::Transaction::ensure_secret(VaultId vault, std::string_v
         conn_,
         "SELECT 1 FROM objects o WHERE o.vault_id = ?1 AND o.name = ?2 AND o.kind = 2 "
         "AND NOT EXISTS (SELECT 1 FROM secrets s WHERE s.vault_id = ?1 AND s.name = ?2)",
-        [&](sqlite::Query& q) { q.bind(1, vault.value).bind(2, name); },
-        [](const sqlite::Query& q) { return q.int64(0); });
+        [&](db::Query& q) { q.bind(1, vault.value).bind(2, name); },
+        [](const db::Query& q) { return q.int64(0); });
     if (!certificate)
         return tl::unexpected(certificate.error());
     if (*certificate)
         return fail(Errc::already_exists, "a certificate in this vault is named " + std::string(name));
     auto r = run(conn_, "INSERT INTO secrets (vault_id, name, created) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-                 [&](sqlite::Query& q) { q.bind(1, vault.value).bind(2, name).bind(3, now); });
+                 [&](db::Query& q) { q.bind(1, vault.value).bind(2, name).bind(3, now); });
     if (!r)
         return tl::unexpected(r.error());
     auto row = first<SecretRow>(
         conn_,
         "SELECT " SECRET_COLUMNS " FROM secrets "
         "WHERE vault_id = ? AND name = ?",
-        [&](sqlite::Query& q) { q.bind(1, vault.value).bind(2, name); }, read_secret);
+        [&](db::Query& q) { q.bind(1, vault.value).bind(2, name); }, read_secret);
     if (!row)
         return tl::unexpected(row.error());
     if (!*row)
@@ -908,19 +886,25 @@ Result<SecretRow> Store::Transaction::ensure_secret(VaultId vault, std::string_v
     return std::move(**row);
 }
 
-Result<void> Store::Transaction::raise_next_version(SecretId secret, std::uint64_t next)
+Result<std::uint64_t> Store::Transaction::allocate_version(SecretId secret)
 {
-    return run(conn_, "UPDATE secrets SET next_version = max(next_version, ?) WHERE id = ?",
-               [&](sqlite::Query& q) { q.bind(1, static_cast<std::int64_t>(next)).bind(2, secret.value); });
+    auto n = first<std::int64_t>(
+        conn_, "UPDATE secrets SET next_version = next_version + 1 WHERE id = ? RETURNING next_version - 1",
+        [&](db::Query& q) { q.bind(1, secret.value); }, [](const db::Query& q) { return q.int64(0); });
+    if (!n)
+        return tl::unexpected(n.error());
+    if (!*n)
+        return fail(Errc::not_found, "the secret was removed");
+    return static_cast<std::uint64_t>(**n);
 }
 
 Result<VersionId> Store::Transaction::insert_version(const SealedVersion& v)
 {
-    auto r = run(conn_,
+    auto r = db::integer(conn_,
                  "INSERT INTO versions (secret_id, version, kek_id, nonce, ciphertext, sealed_dek, size, created, "
                  "created_by, updated, enabled, not_before, expires, content_type) "
-                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                 [&](sqlite::Query& q) {
+                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                 [&](db::Query& q) {
                      q.bind(1, v.meta.secret.value)
                          .bind(2, static_cast<std::int64_t>(v.meta.number))
                          .bind(3, v.kek_id)
@@ -938,7 +922,7 @@ Result<VersionId> Store::Transaction::insert_version(const SealedVersion& v)
                  });
     if (!r)
         return tl::unexpected(r.error());
-    return VersionId{sqlite3_last_insert_rowid(conn_.get())};
+    return VersionId{*r};
 }
 
 Result<void> Store::Transaction::update_version(const VersionRow& v)
@@ -946,7 +930,7 @@ Result<void> Store::Transaction::update_version(const VersionRow& v)
     return run(conn_,
                "UPDATE versions SET updated = ?, enabled = ?, not_before = ?, expires = ?, content_type = ? "
                "WHERE id = ?",
-               [&](sqlite::Query& q) {
+               [&](db::Query& q) {
                    q.bind(1, v.updated)
                        .bind(2, static_cast<std::int64_t>(v.enabled))
                        .bind(3, v.not_before)
@@ -958,12 +942,12 @@ Result<void> Store::Transaction::update_version(const VersionRow& v)
 
 Result<void> Store::Transaction::replace_tags(VersionId version, const std::vector<Tag>& tags)
 {
-    if (auto r = run(conn_, "DELETE FROM tags WHERE version_id = ?", [&](sqlite::Query& q) { q.bind(1, version.value); });
+    if (auto r = run(conn_, "DELETE FROM tags WHERE version_id = ?", [&](db::Query& q) { q.bind(1, version.value); });
         !r)
         return r;
     for (const auto& t : tags) {
         if (auto r = run(conn_, "INSERT INTO tags (version_id, name, value) VALUES (?, ?, ?)",
-                         [&](sqlite::Query& q) { q.bind(1, version.value).bind(2, t.name).bind(3, t.value); });
+                         [&](db::Query& q) { q.bind(1, version.value).bind(2, t.name).bind(3, t.value); });
             !r)
             return r;
     }
@@ -974,13 +958,13 @@ Result<void> Store::Transaction::set_deleted(SecretId secret, std::optional<Micr
                                              std::optional<Micros> purge_at)
 {
     return run(conn_, "UPDATE secrets SET deleted_at = ?, purge_at = ? WHERE id = ?",
-               [&](sqlite::Query& q) { q.bind(1, deleted_at).bind(2, purge_at).bind(3, secret.value); });
+               [&](db::Query& q) { q.bind(1, deleted_at).bind(2, purge_at).bind(3, secret.value); });
 }
 
 Result<void> Store::Transaction::purge_secret(SecretId secret)
 {
     // Tags and versions go by ON DELETE CASCADE; secure_delete zeroes the pages.
-    return run(conn_, "DELETE FROM secrets WHERE id = ?", [&](sqlite::Query& q) { q.bind(1, secret.value); });
+    return run(conn_, "DELETE FROM secrets WHERE id = ?", [&](db::Query& q) { q.bind(1, secret.value); });
 }
 
 Result<std::int64_t> Store::Transaction::secret_count(VaultId vault)
@@ -988,7 +972,7 @@ Result<std::int64_t> Store::Transaction::secret_count(VaultId vault)
     auto n = first<std::int64_t>(
         conn_, "SELECT (SELECT count(*) FROM secrets WHERE vault_id = ?1 AND next_version > 1) + "
             "(SELECT count(*) FROM objects WHERE vault_id = ?1)",
-        [&](sqlite::Query& q) { q.bind(1, vault.value); }, [](const sqlite::Query& q) { return q.int64(0); });
+        [&](db::Query& q) { q.bind(1, vault.value); }, [](const db::Query& q) { return q.int64(0); });
     if (!n)
         return tl::unexpected(n.error());
     return n->value_or(0);
@@ -997,40 +981,45 @@ Result<std::int64_t> Store::Transaction::secret_count(VaultId vault)
 Result<void> Store::Transaction::remove_empty_secrets(VaultId vault)
 {
     return run(conn_, "DELETE FROM secrets WHERE vault_id = ? AND next_version = 1",
-               [&](sqlite::Query& q) { q.bind(1, vault.value); });
+               [&](db::Query& q) { q.bind(1, vault.value); });
 }
 
 Result<SecretId> Store::Transaction::insert_secret(VaultId vault, std::string_view name, Micros created,
                                                    std::uint64_t next_version)
 {
-    auto r = run(conn_, "INSERT INTO secrets (vault_id, name, created, next_version) VALUES (?, ?, ?, ?)",
-                 [&](sqlite::Query& q) {
+    auto r = db::integer(conn_, "INSERT INTO secrets (vault_id, name, created, next_version) VALUES (?, ?, ?, ?) RETURNING id",
+                 [&](db::Query& q) {
                      q.bind(1, vault.value).bind(2, name).bind(3, created).bind(4,
                                                                               static_cast<std::int64_t>(next_version));
                  });
     if (!r)
         return tl::unexpected(r.error());
-    return SecretId{sqlite3_last_insert_rowid(conn_.get())};
+    return SecretId{*r};
 }
 
 Result<void> Store::Transaction::set_setting(std::string_view key, std::string_view value)
 {
-    return run(conn_, "INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
-               [&](sqlite::Query& q) { q.bind(1, key).bind(2, value); });
+    return run(conn_,
+               "INSERT INTO settings (host, key, value) VALUES (?, ?, ?) "
+               "ON CONFLICT (host, key) DO UPDATE SET value = excluded.value",
+               [&](db::Query& q) { q.bind(1, host_).bind(2, key).bind(3, value); });
 }
 
 Result<void> Store::Transaction::set_audit_anchor(const AuditAnchor& a)
 {
     return run(conn_,
-               "INSERT OR REPLACE INTO audit_anchor (id, seq, hash, clean_shutdown, time, file_start, sig) "
-               "VALUES (1, ?, ?, ?, ?, ?, ?)",
-               [&](sqlite::Query& q) {
-                   q.bind(1, static_cast<std::int64_t>(a.seq))
-                       .bind(2, a.hash)
-                       .bind(3, static_cast<std::int64_t>(a.clean_shutdown))
-                       .bind(4, a.time)
-                       .bind(5, static_cast<std::int64_t>(a.file_start))
-                       .bind_blob(6, a.sig);
+               "INSERT INTO audit_anchor (id, seq, hash, clean_shutdown, time, file_start, sig) "
+               "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, "
+               "hash = excluded.hash, clean_shutdown = excluded.clean_shutdown, time = excluded.time, "
+               "file_start = excluded.file_start, sig = excluded.sig",
+               [&](db::Query& q) {
+                   q.bind(1, host_)
+                       .bind(2, static_cast<std::int64_t>(a.seq))
+                       .bind(3, a.hash)
+                       .bind(4, static_cast<std::int64_t>(a.clean_shutdown))
+                       .bind(5, a.time)
+                       .bind(6, static_cast<std::int64_t>(a.file_start))
+                       .bind_blob(7, a.sig);
                });
 }
 

@@ -1,13 +1,13 @@
 // The Store's sealed DEKs as one list (store.hpp, SealedDek): what moving a
 // state to another token re-seals (vault/token_migration.hpp). Only sealed
 // DEKs and their bindings; no ciphertext is read or written.
-#include "vault/sqlite.hpp"
-#include "vault/store.hpp"
+#include "vault/store/db.hpp"
+#include "vault/store/store.hpp"
 
 namespace vaultfs::vault {
 
-using sqlite::collect;
-using sqlite::run;
+using db::collect;
+using db::run;
 
 namespace {
 
@@ -16,14 +16,6 @@ namespace {
 const char* table_name(SealedDek::Table t)
 {
     return t == SealedDek::Table::versions ? "versions" : "object_versions";
-}
-
-Result<void> ensure_undo_log(sqlite::Connection& c)
-{
-    return run(c,
-               "CREATE TABLE IF NOT EXISTS migration_undo (tbl INTEGER NOT NULL, row INTEGER NOT NULL, "
-               "sealed_dek BLOB NOT NULL, PRIMARY KEY (tbl, row))",
-               [](sqlite::Query&) {});
 }
 
 }  // namespace
@@ -38,8 +30,8 @@ Result<std::vector<SealedDek>> Store::Transaction::sealed_deks()
         "SELECT 1, ov.id, o.vault_id, o.name, ov.version, ov.kek_id, ov.sealed_dek, ov.body FROM object_versions ov "
         "JOIN objects o ON o.id = ov.object_id WHERE length(ov.sealed_dek) > 0 "
         "ORDER BY 1, 2",
-        [](sqlite::Query&) {},
-        [](const sqlite::Query& q) {
+        [](db::Query&) {},
+        [](const db::Query& q) {
             return SealedDek{static_cast<SealedDek::Table>(q.int64(0)), q.int64(1), VaultId{q.int64(2)}, q.text(3),
                              static_cast<std::uint64_t>(q.int64(4)), q.text(5), q.blob(6), q.text(7)};
         });
@@ -50,29 +42,25 @@ Result<std::vector<SealedDek>> Store::Transaction::sealed_deks()
 // or rolled back.
 Result<void> Store::Transaction::replace_sealed_dek(const SealedDek& row, std::span<const std::uint8_t> sealed)
 {
-    if (auto r = ensure_undo_log(conn_); !r)
-        return r;
-    if (auto r = run(conn_, "INSERT OR IGNORE INTO migration_undo (tbl, row, sealed_dek) VALUES (?, ?, ?)",
-                     [&](sqlite::Query& q) {
+    if (auto r = run(conn_, "INSERT INTO migration_undo (tbl, row, sealed_dek) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                     [&](db::Query& q) {
                          q.bind(1, static_cast<std::int64_t>(row.table)).bind(2, row.row).bind_blob(3, row.sealed_dek);
                      });
         !r)
         return r;
     const std::string sql = std::string("UPDATE ") + table_name(row.table) + " SET sealed_dek = ? WHERE id = ?";
-    return run(conn_, sql.c_str(), [&](sqlite::Query& q) { q.bind_blob(1, sealed).bind(2, row.row); });
+    return run(conn_, sql, [&](db::Query& q) { q.bind_blob(1, sealed).bind(2, row.row); });
 }
 
 Result<void> Store::Transaction::undo_sealed_deks()
 {
-    if (auto r = ensure_undo_log(conn_); !r)
-        return r;
     for (const auto table : {SealedDek::Table::versions, SealedDek::Table::object_versions}) {
         const std::string name = table_name(table);
         const std::string sql = "UPDATE " + name +
                                 " SET sealed_dek = (SELECT u.sealed_dek FROM migration_undo u WHERE u.tbl = ?1 AND "
                                 "u.row = " + name + ".id) WHERE id IN (SELECT row FROM migration_undo WHERE tbl = ?1)";
         const auto tbl = static_cast<std::int64_t>(table);
-        if (auto r = run(conn_, sql.c_str(), [&](sqlite::Query& q) { q.bind(1, tbl); }); !r)
+        if (auto r = run(conn_, sql, [&](db::Query& q) { q.bind(1, tbl); }); !r)
             return r;
     }
     return forget_sealed_deks();
@@ -80,12 +68,13 @@ Result<void> Store::Transaction::undo_sealed_deks()
 
 Result<void> Store::Transaction::forget_sealed_deks()
 {
-    return run(conn_, "DROP TABLE IF EXISTS migration_undo", [](sqlite::Query&) {});
+    return run(conn_, "DELETE FROM migration_undo", [](db::Query&) {});
 }
 
 Result<void> Store::Transaction::delete_setting(std::string_view key)
 {
-    return run(conn_, "DELETE FROM settings WHERE key = ?", [&](sqlite::Query& q) { q.bind(1, key); });
+    return run(conn_, "DELETE FROM settings WHERE host = ? AND key = ?",
+               [&](db::Query& q) { q.bind(1, host_).bind(2, key); });
 }
 
 Result<std::vector<std::string>> Store::Transaction::kek_ids()
@@ -94,7 +83,7 @@ Result<std::vector<std::string>> Store::Transaction::kek_ids()
         conn_,
         "SELECT kek_id FROM vaults UNION SELECT kek_id FROM versions "
         "UNION SELECT kek_id FROM object_versions WHERE length(sealed_dek) > 0 ORDER BY 1",
-        [](sqlite::Query&) {}, [](const sqlite::Query& q) { return q.text(0); });
+        [](db::Query&) {}, [](const db::Query& q) { return q.text(0); });
 }
 
 Result<std::vector<std::string>> Store::Transaction::token_key_holders()
@@ -104,7 +93,7 @@ Result<std::vector<std::string>> Store::Transaction::token_key_holders()
         "SELECT v.name || '/' || CASE o.kind WHEN 1 THEN '.keys/' ELSE '.certs/' END || o.name || '@' || ov.version "
         "FROM object_versions ov JOIN objects o ON o.id = ov.object_id JOIN vaults v ON v.id = o.vault_id "
         "WHERE ov.token_key <> '' ORDER BY 1",
-        [](sqlite::Query&) {}, [](const sqlite::Query& q) { return q.text(0); });
+        [](db::Query&) {}, [](const db::Query& q) { return q.text(0); });
 }
 
 }  // namespace vaultfs::vault

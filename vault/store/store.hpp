@@ -1,24 +1,38 @@
-// Store: the SQLite database of vaults, secrets, versions and policies. The
-// only place in vaultfs that speaks SQL.
+// Store: the vaults, secrets, versions, policies, keys and certificates,
+// on one of two engines. The only place in vaultfs that speaks SQL
+// (vault/store/db.hpp is the interface both engines implement).
 //
-// - WAL mode with synchronous=FULL: a transaction that returned success
-//   survives kill -9 and power loss.
-// - One writer connection (SQLite 3.40's WAL-reset bug makes concurrent
-//   writers and checkpointers unsafe); writes are group-committed: callers
+// - Engines. SQLite (a file: one host, the default) or PostgreSQL (a
+//   connection string: several hosts sharing one database). The same
+//   schema (vault/store/schema.hpp), the same SQL, the same contract; the
+//   store's tests run on both.
+// - Durability. A write returns success once it is committed: SQLite in
+//   WAL mode with synchronous=FULL (survives kill -9 and power loss);
+//   PostgreSQL with the server's synchronous_commit (with a synchronous
+//   standby, once the standby has it too).
+// - One writer connection per process; writes are group-committed: callers
 //   queue a unit of work, one of them runs every queued unit in a single
-//   transaction (each inside its own savepoint, so one failing unit does not
-//   undo the others) and pays one fsync for all.
+//   transaction (each inside its own savepoint, so one failing unit does
+//   not undo the others) and pays one commit for all. Numbers (ids,
+//   versions) are allocated inside that transaction, so writers on several
+//   hosts never collide.
 // - Readers borrow a connection from a pool; each sees the last commit.
-// - Schema versioned with PRAGMA user_version and forward migrations;
-//   `quick_check` runs before the store is used.
-// - The two lookups every open makes (a secret by name, and by id, with the
-//   version `S` stands for) are cached in memory, bounded, and the cache is
-//   dropped by every write this store commits. It assumes this process is
-//   the database's only writer, which the daemon is. Values and their
-//   attributes are always read fresh (sealed_for_read), so a row altered
-//   behind the daemon's back still fails authentication.
-//
-// Rows hold ciphertext, sealed DEKs and metadata only — never plaintext.
+// - The change feed. Every committed batch raises `feed.rev` (and logs it in
+//   `changes`) in its own transaction. On PostgreSQL a listener
+//   (vault/store/feed.hpp) follows it by LISTEN/NOTIFY and by polling, and
+//   every change another host commits drops this store's caches.
+// - Caches. The lookups every open makes (a secret by name and by id with
+//   the version `S` stands for) are cached in memory, bounded, and dropped
+//   by every write this store commits and every change the feed reports.
+//   On SQLite values are read fresh on each open (sealed_for_read), so a
+//   row altered behind the daemon's back still fails authentication; on
+//   PostgreSQL the sealed rows are cached too, so that no open makes a
+//   round trip. Rows hold ciphertext, sealed DEKs and metadata only.
+// - Freshness (PostgreSQL). Reads are served only while the feed has
+//   confirmed, within the staleness bound, that nothing newer exists:
+//   otherwise they fail with Errc::not_fresh (EIO) until it has again.
+// - Hosts. Settings and the audit anchor belong to this process's host
+//   (hosts.id; 1 on SQLite).
 //
 // Thread-safety: every method may be called from any thread.
 #pragma once
@@ -26,6 +40,7 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -44,9 +59,10 @@
 
 namespace vaultfs::vault {
 
-namespace sqlite {
+namespace db {
 class Connection;
 }
+class Feed;
 
 struct VaultRow {
     VaultId id;
@@ -205,19 +221,71 @@ struct SealedDek {
     std::string body;           // object versions: the JSON body (its key_ref binds the key)
 };
 
+// An enrolled host, or one that asked to be (README "Several hosts").
+struct HostRow {
+    std::int64_t id = 0;
+    std::string name;
+    std::string status;  // "requested" or "enrolled"
+    std::string transport_key;               // CKA_ID (hex) of its transport key, in its own token
+    std::vector<std::uint8_t> transport_public;  // SubjectPublicKeyInfo, RSA-3072
+    std::vector<std::uint8_t> signing_public;    // its audit signing key's
+    Micros requested = 0;
+    std::optional<Micros> enrolled;
+    std::optional<std::string> enrolled_by;  // the host that granted it
+};
+
+// A vault KEK wrapped for one host's transport key (hsm::WrappedKey).
+struct KekGrantRow {
+    std::string kek_id;
+    std::int64_t host = 0;
+    std::vector<std::uint8_t> wrapped_key;
+    std::vector<std::uint8_t> wrapped_kek;
+    std::string granted_by;
+    Micros granted = 0;
+};
+
+struct StoreOptions {
+    // This process's host in hosts (PostgreSQL); empty: the host named 1.
+    std::string host;
+    // Reads fail closed when the feed has not confirmed freshness for this long.
+    std::chrono::milliseconds staleness_bound{2000};
+    // Follow the change feed (PostgreSQL): daemons do; one-shot commands,
+    // which read once and exit, need not.
+    bool follow = true;
+};
+
 class Store {
 public:
     enum class Mode { create, open_existing, read_only };
 
-    // Opens the database at `path`. `create` makes a new one (and fails if
-    // the file exists); the others require an existing vaultfs database
-    // that passes quick_check. Errors name the file and what to do.
-    static Result<std::unique_ptr<Store>> open(const std::string& path, Mode mode);
+    // Opens the store at `location`: a SQLite file, or a PostgreSQL
+    // connection string (pg::is_conninfo). `create` makes a new one (and
+    // fails if the file exists or the database already holds a store); the
+    // others require an existing vaultfs store that passes its checks.
+    // Errors name the file or server and what to do.
+    static Result<std::unique_ptr<Store>> open(const std::string& location, Mode mode,
+                                               const StoreOptions& options = {});
     ~Store();
     Store(const Store&) = delete;
     Store& operator=(const Store&) = delete;
 
+    // The file, or the connection string without its password.
     const std::string& path() const { return path_; }
+    // Several hosts share it (PostgreSQL).
+    bool shared() const { return shared_; }
+    // This process's host (1 on SQLite; 0 on PostgreSQL until it is in hosts).
+    std::int64_t host_id() const { return host_id_; }
+    const std::string& host_name() const { return host_; }
+    // Looks the host up again (after it was added or enrolled).
+    Result<void> refresh_host();
+
+    // The feed's revision as last confirmed, and whether reads are served.
+    std::int64_t revision() const;
+    Result<void> fresh() const;
+    std::chrono::milliseconds staleness_bound() const { return options_.staleness_bound; }
+    // Called on the feed's thread when another host's change has been seen
+    // (before reads see it as fresh): the daemon imports KEKs granted to it.
+    void on_change(std::function<void()> f);
 
     // Moves on with every write batch (committed or not): what was read
     // under an older generation may be stale.
@@ -272,10 +340,19 @@ public:
     Result<std::optional<ObjectVersionRow>> object_version_by_id(ObjectVersionId id);
     Result<std::vector<ObjectVersionRow>> object_versions(ObjectId object);
 
+    // This host's setting.
     Result<std::optional<std::string>> setting(std::string_view key);
+    // This host's audit anchor.
     Result<std::optional<AuditAnchor>> audit_anchor();
 
-    // PRAGMA integrity_check; Errc::storage naming the first problem.
+    // ---- hosts (vault/store/store_hosts.cpp) ---------------------------------
+    Result<std::vector<HostRow>> hosts();
+    Result<std::optional<HostRow>> host_by_name(std::string_view name);
+    Result<std::vector<KekGrantRow>> kek_grants_for(std::int64_t host);
+    Result<std::optional<std::vector<std::uint8_t>>> kek_check(std::string_view kek_id);
+
+    // SQLite: PRAGMA integrity_check; Errc::storage naming the first
+    // problem. PostgreSQL: the schema is there (the server checks its own).
     Result<void> integrity_check();
 
     // ---- writes ------------------------------------------------------------
@@ -291,19 +368,26 @@ public:
     // Units queued behind the running batch (tests use it to build a batch).
     std::size_t pending_writes();
 
+    struct Engine;  // how to connect, and what is the engine's own
+
 private:
-    Store(std::string path, std::unique_ptr<sqlite::Connection> writer, bool read_only);
+    Store(std::string path, std::unique_ptr<Engine> engine, std::unique_ptr<db::Connection> writer, bool read_only,
+          StoreOptions options);
+    Result<std::unique_ptr<db::Connection>> connect(bool read_only);
+    // Raised when another host's change is seen: every cache is dropped.
+    void changed();
     template <class F>
-    auto with_reader(F&& f) -> decltype(f(std::declval<sqlite::Connection&>()));
+    auto with_reader(F&& f) -> decltype(f(std::declval<db::Connection&>()));
     Result<std::optional<SecretVersion>> secret_with_version_uncached(VaultId vault, std::string_view name);
+    Result<std::optional<SealedRead>> sealed_for_read_uncached(VersionId id);
     // Runs `f` on a pooled reader connection (for vault/store_objects.cpp).
-    Result<void> read(const std::function<Result<void>(sqlite::Connection&)>& f);
+    Result<void> read(const std::function<Result<void>(db::Connection&)>& f);
     // What `f` (a query returning Result<T>) answers on a reader connection.
     template <class T, class F>
     Result<T> read_one(F&& f)
     {
         T out{};
-        auto r = read([&](sqlite::Connection& c) -> Result<void> {
+        auto r = read([&](db::Connection& c) -> Result<void> {
             auto v = f(c);
             if (!v)
                 return tl::unexpected(v.error());
@@ -318,10 +402,18 @@ private:
 
     const std::string path_;
     const bool read_only_;
-    std::unique_ptr<sqlite::Connection> writer_;
+    const StoreOptions options_;
+    std::unique_ptr<Engine> engine_;
+    const bool shared_;
+    std::string host_;
+    std::int64_t host_id_ = 0;
+    std::unique_ptr<db::Connection> writer_;
+    std::unique_ptr<Feed> feed_;
+    std::mutex change_mutex_;
+    std::function<void()> on_change_;
 
     std::mutex readers_mutex_;
-    std::vector<std::unique_ptr<sqlite::Connection>> idle_readers_;
+    std::vector<std::unique_ptr<db::Connection>> idle_readers_;
 
     // The lookup cache: entries are valid while their generation is current.
     struct Cached {
@@ -333,6 +425,11 @@ private:
     std::unordered_map<std::string, Cached> by_name_;
     std::unordered_map<std::int64_t, Cached> by_id_;
     static constexpr std::size_t cache_limit = 4096;
+    // PostgreSQL only: the sealed rows opens read (sealed_for_read), bounded
+    // in bytes.
+    std::unordered_map<std::int64_t, std::pair<std::uint64_t, SealedRead>> sealed_;
+    std::size_t sealed_bytes_ = 0;
+    static constexpr std::size_t sealed_limit = 32u << 20;
     template <class Map, class Key, class Load>
     Result<std::optional<SecretVersion>> cached(Map& map, const Key& key, Load&& load);
 
@@ -345,7 +442,7 @@ private:
 // The writer's view inside Store::write(). Valid only during that call.
 class Store::Transaction {
 public:
-    explicit Transaction(sqlite::Connection& conn) : conn_(conn) {}
+    Transaction(db::Connection& conn, std::int64_t host) : conn_(conn), host_(host) {}
 
     Result<VaultId> insert_vault(const VaultRow& row, const PolicyRow& policy);
     Result<void> delete_vault(VaultId vault);
@@ -364,10 +461,9 @@ public:
     Result<std::optional<VersionRow>> version_by_id(VersionId id);
     Result<std::optional<VersionRow>> version(SecretId secret, std::uint64_t number);
     Result<std::vector<Tag>> tags(VersionId version);
-    // Raises next_version to at least `next`, never lowers it. Version
-    // numbers are handed out by SecretService ahead of the transaction (this
-    // process is the only writer); the commit raises the counter with them.
-    Result<void> raise_next_version(SecretId secret, std::uint64_t next);
+    // The secret's next version number, taken in this transaction (so two
+    // hosts writing one secret get two numbers, and a rollback gives it back).
+    Result<std::uint64_t> allocate_version(SecretId secret);
     Result<VersionId> insert_version(const SealedVersion& version);
     Result<void> update_version(const VersionRow& row);
     Result<void> replace_tags(VersionId version, const std::vector<Tag>& tags);
@@ -412,8 +508,27 @@ public:
     // "vault/.keys/NAME@N" of each version whose private key lives in the token.
     Result<std::vector<std::string>> token_key_holders();
 
+    // ---- hosts and key transfer (vault/store/store_hosts.cpp) ----------------
+    // Errc::already_exists when the name is taken.
+    Result<std::int64_t> insert_host(const HostRow& row);
+    Result<std::optional<HostRow>> host_by_name(std::string_view name);
+    Result<std::vector<HostRow>> hosts();
+    Result<void> enrol_host(std::int64_t host, Micros when, std::string_view by);
+    // Removes the host with its grants, settings and audit anchor.
+    Result<void> remove_host(std::int64_t host);
+    Result<void> put_kek_grant(const KekGrantRow& row);
+    Result<void> put_kek_check(std::string_view kek_id, std::span<const std::uint8_t> sealed);
+    Result<std::optional<std::vector<std::uint8_t>>> kek_check(std::string_view kek_id);
+    // Every KEK vaults name (not the older ones versions may still use).
+    Result<std::vector<std::string>> vault_kek_ids();
+
+    // ---- raw rows, for copying a whole store to another engine (vault/store/copy.cpp)
+    db::Connection& connection() { return conn_; }
+    std::int64_t host() const { return host_; }
+
 private:
-    sqlite::Connection& conn_;
+    db::Connection& conn_;
+    const std::int64_t host_;
 };
 
 }  // namespace vaultfs::vault

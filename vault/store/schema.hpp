@@ -1,0 +1,25 @@
+// schema: the tables of a vaultfs store, created and upgraded the same way
+// on both engines (vault/store/store.hpp).
+#pragma once
+
+#include <string>
+
+#include "vault/store/db.hpp"
+
+namespace vaultfs::vault::schema {
+
+constexpr int version = 5;
+
+// SQLite: checks the file (quick_check), refuses a newer schema or a file
+// that is not vaultfs's, and migrates forward unless read_only.
+Result<void> prepare_sqlite(db::Connection& c, const std::string& path, bool create, bool read_only);
+// PRAGMA integrity_check (full) or quick_check; Errc::storage naming the
+// first problem.
+Result<void> check_sqlite(db::Connection& c, const std::string& path, bool full);
+
+// PostgreSQL: `create` makes the schema in an empty database (and refuses
+// one that already holds a store); otherwise the schema must be there, at
+// this version.
+Result<void> prepare_postgresql(db::Connection& c, const std::string& where, bool create);
+
+}  // namespace vaultfs::vault::schema
