@@ -36,6 +36,7 @@ bool is_rsa(KeyType type);
 struct KeyUsage {
     bool sign = false;
     bool decrypt = false;  // RSA only; unwrapping a key is a decrypt
+    bool unwrap = false;   // RSA only: a transport key (C_WrapKey/C_UnwrapKey, nothing else)
 };
 
 enum class Digest { sha1, sha256, sha384, sha512 };

@@ -179,6 +179,9 @@ public:
     }
 
     ~Module() { fn_->C_Finalize(nullptr); }
+    // Moves on with every reinitialize(): object handles from before name
+    // nothing (or another object) after, in every service sharing the module.
+    std::atomic<std::uint64_t> generation{0};
     ck_function_list* operator->() const { return fn_; }
 
     // Finalizes and initialises the module again: the way back after the
@@ -186,6 +189,7 @@ public:
     // REQUIRES: no other thread is inside the module.
     ck_rv_t reinitialize()
     {
+        generation.fetch_add(1);
         fn_->C_Finalize(nullptr);
         ck_c_initialize_args args{};
         args.flags = CKF_OS_LOCKING_OK;
@@ -282,6 +286,7 @@ struct Pkcs11KeyService::Impl {
     bool pin_rejected = false;  // sticky: never present a rejected PIN again
 
     std::mutex handles_mutex;
+    std::uint64_t handles_generation = 0;  // the module generation the handles are from
     std::unordered_map<std::string, ck_object_handle_t> handles;  // "class:idhex" -> handle
 
     TokenProfile profile;  // read once at open
@@ -441,6 +446,11 @@ struct Pkcs11KeyService::Impl {
         const std::string cache_key = std::to_string(cls) + ":" + id.hex;
         {
             std::lock_guard lock(handles_mutex);
+            // Another service on this module may have reinitialised it.
+            if (const auto g = module->generation.load(); g != handles_generation) {
+                handles.clear();
+                handles_generation = g;
+            }
             if (const auto it = handles.find(cache_key); it != handles.end())
                 return it->second;
         }
@@ -630,10 +640,12 @@ Result<std::unique_ptr<Pkcs11KeyService>> Pkcs11KeyService::open(Pkcs11Config co
 
 namespace {
 
-// An AES-256 or generic-secret token key that never leaves the token, with
-// exactly the usages given (SoftHSM defaults every usage flag to true).
+// An AES-256 or generic-secret token key, sensitive, with exactly the
+// usages given (SoftHSM defaults every usage flag to true). `wrappable`: it
+// may leave the token wrapped (an AES-GCM KEK, for another host), never in
+// the clear.
 Result<void> generate_secret_key(Pkcs11KeyService::Impl& impl, ck_mechanism_type_t mechanism, ck_key_type_t type,
-                                 const std::string& label, const Bytes& id, bool encrypt, bool sign);
+                                 const std::string& label, const Bytes& id, bool encrypt, bool sign, bool wrappable);
 
 }  // namespace
 
@@ -666,12 +678,15 @@ Result<void> Pkcs11KeyService::create_kek_with_id(const std::string& label, cons
                             " (this state's own keys, left from before a migration?); vaultfs will not share it — "
                             "remove it first (pkcs11-tool --delete-object --id " + want.hex + ") or use another token");
     }
-    if (auto r = generate_secret_key(*impl_, CKM_AES_KEY_GEN, CKK_AES, label, *id, true, false); !r)
+    // An AES-GCM KEK can be wrapped for another host (wrap_kek); a CBC+HMAC
+    // pair cannot be moved, so neither half leaves the token at all.
+    const bool wrappable = impl_->schemes.seal == SealScheme::aes_gcm;
+    if (auto r = generate_secret_key(*impl_, CKM_AES_KEY_GEN, CKK_AES, label, *id, true, false, wrappable); !r)
         return r;
     if (impl_->schemes.seal == SealScheme::aes_cbc_hmac) {
         auto mac = from_hex(mac_key_of(kek).hex);
         if (auto r = generate_secret_key(*impl_, CKM_GENERIC_SECRET_KEY_GEN, CKK_GENERIC_SECRET, label + " (mac)", *mac,
-                                         false, true);
+                                         false, true, false);
             !r) {
             static_cast<void>(destroy_kek(kek));
             return r;
@@ -694,7 +709,7 @@ Result<void> Pkcs11KeyService::destroy_kek(const KeyId& kek)
 namespace {
 
 Result<void> generate_secret_key(Pkcs11KeyService::Impl& impl, ck_mechanism_type_t mechanism, ck_key_type_t type,
-                                 const std::string& label, const Bytes& id, bool encrypt, bool sign)
+                                 const std::string& label, const Bytes& id, bool encrypt, bool sign, bool wrappable)
 {
     const ck_object_class_t cls = CKO_SECRET_KEY;
     const unsigned long len = 32;
@@ -707,7 +722,7 @@ Result<void> generate_secret_key(Pkcs11KeyService::Impl& impl, ck_mechanism_type
         flag(CKA_TOKEN, true),
         flag(CKA_PRIVATE, true),
         flag(CKA_SENSITIVE, true),
-        flag(CKA_EXTRACTABLE, false),
+        flag(CKA_EXTRACTABLE, wrappable),
         flag(CKA_MODIFIABLE, false),
         flag(CKA_ENCRYPT, encrypt),
         flag(CKA_DECRYPT, encrypt),
@@ -977,10 +992,12 @@ unsigned long Pkcs11KeyService::read_attribute_rv(const KeyId& id, unsigned long
 Result<bool> Pkcs11KeyService::read_bool_attribute(const KeyId& id, unsigned long attribute_type)
 {
     unsigned char value = 0;
-    auto rv = impl_->with_key(CKO_SECRET_KEY, id, [&](ck_session_handle_t s, ck_object_handle_t h) {
+    const auto read = [&](ck_session_handle_t s, ck_object_handle_t h) {
         ck_attribute a = attr(attribute_type, &value, 1);
         return (*impl_->module)->C_GetAttributeValue(s, h, &a, 1);
-    });
+    };
+    const bool secret = impl_->find_object(CKO_SECRET_KEY, id).has_value();
+    auto rv = impl_->with_key(secret ? CKO_SECRET_KEY : CKO_PRIVATE_KEY, id, read);
     if (auto ok = call_ok(rv, "C_GetAttributeValue"); !ok)
         return tl::unexpected(ok.error());
     return value != 0;
@@ -1197,7 +1214,7 @@ Result<KeyId> Pkcs11KeyService::generate_key_pair(KeyType type, const std::strin
         flag(CKA_MODIFIABLE, false),
         flag(CKA_VERIFY, usage.sign),
         flag(CKA_ENCRYPT, rsa && usage.decrypt),
-        flag(CKA_WRAP, false),
+        flag(CKA_WRAP, rsa && usage.unwrap),
     };
     if (rsa) {
         pub.push_back(attr(CKA_MODULUS_BITS, &bits, sizeof bits));
@@ -1217,7 +1234,7 @@ Result<KeyId> Pkcs11KeyService::generate_key_pair(KeyType type, const std::strin
         flag(CKA_SIGN, usage.sign),
         flag(CKA_SIGN_RECOVER, false),
         flag(CKA_DECRYPT, rsa && usage.decrypt),
-        flag(CKA_UNWRAP, false),
+        flag(CKA_UNWRAP, rsa && usage.unwrap),
         flag(CKA_DERIVE, false),
     };
     auto rv = impl_->with_session([&](ck_session_handle_t s) {
@@ -1484,6 +1501,177 @@ Result<void> initialise_token(const std::string& module_path,
     if (rv != CKR_OK)
         return fail(Errc::device_error, "setting the user PIN failed: " + rv_name(rv));
     return {};
+}
+
+// ---- moving KEKs between hosts' tokens ------------------------------------------
+
+Result<KeyId> Pkcs11KeyService::create_transport_key(const std::string& label)
+{
+    if (!impl_->profile.offers(CKM_RSA_PKCS_KEY_PAIR_GEN, CKF_GENERATE_KEY_PAIR, 3072) ||
+        !impl_->profile.offers(CKM_RSA_PKCS_OAEP, CKF_UNWRAP) || !impl_->profile.offers(CKM_AES_KEY_WRAP_PAD, CKF_UNWRAP))
+        return fail(Errc::mechanism_unsupported,
+                    impl_->profile.name() + " cannot receive KEKs from other hosts: it needs CKM_RSA_PKCS_KEY_PAIR_GEN, "
+                                            "CKM_RSA_PKCS_OAEP and CKM_AES_KEY_WRAP_PAD");
+    return generate_key_pair(KeyType::rsa_3072, label, KeyUsage{.unwrap = true});
+}
+
+namespace {
+
+// RSA-OAEP as SoftHSM2 2.6 takes it for C_WrapKey/C_UnwrapKey (SHA-1 only;
+// OAEP's security rests on the hash as a random oracle, not on its
+// collision resistance).
+ck_rsa_pkcs_oaep_params transfer_oaep{CKM_SHA_1, CKG_MGF1_SHA1, CKZ_DATA_SPECIFIED, nullptr, 0};
+
+}  // namespace
+
+Result<Pkcs11KeyService::WrappedKek> Pkcs11KeyService::wrap_kek(const KeyId& kek,
+                                                                std::span<const std::uint8_t> transport_public)
+{
+    if (impl_->schemes.seal != SealScheme::aes_gcm)
+        return fail(Errc::mechanism_unsupported,
+                    "this state's KEKs are aes-cbc-pad+hmac-sha256 pairs; moving them between hosts is built only for "
+                    "aes-gcm KEKs");
+    const unsigned char* p = transport_public.data();
+    std::unique_ptr<EVP_PKEY, PkeyFree> pkey(d2i_PUBKEY(nullptr, &p, static_cast<long>(transport_public.size())));
+    if (!pkey || EVP_PKEY_get_base_id(pkey.get()) != EVP_PKEY_RSA || EVP_PKEY_get_bits(pkey.get()) < 3072)
+        return fail(Errc::invalid_argument, "a transport key is an RSA public key of at least 3072 bits");
+    BIGNUM* n_raw = nullptr;
+    BIGNUM* e_raw = nullptr;
+    EVP_PKEY_get_bn_param(pkey.get(), OSSL_PKEY_PARAM_RSA_N, &n_raw);
+    EVP_PKEY_get_bn_param(pkey.get(), OSSL_PKEY_PARAM_RSA_E, &e_raw);
+    std::unique_ptr<BIGNUM, BnFree> n(n_raw), e(e_raw);
+    if (!n || !e)
+        return fail(Errc::invalid_argument, "the transport key has no modulus or exponent");
+    Bytes modulus(static_cast<std::size_t>(BN_num_bytes(n.get()))), exponent(static_cast<std::size_t>(BN_num_bytes(e.get())));
+    BN_bn2bin(n.get(), modulus.data());
+    BN_bn2bin(e.get(), exponent.data());
+
+    WrappedKek out;
+    auto rv = impl_->with_key(CKO_SECRET_KEY, kek, [&](ck_session_handle_t s, ck_object_handle_t kek_h) {
+        auto& f = *impl_->module;
+        const ck_object_class_t pub_class = CKO_PUBLIC_KEY;
+        const ck_key_type_t rsa = CKK_RSA;
+        ck_attribute pub_tmpl[] = {
+            attr(CKA_CLASS, &pub_class, sizeof pub_class),
+            attr(CKA_KEY_TYPE, &rsa, sizeof rsa),
+            flag(CKA_TOKEN, false),
+            attr(CKA_MODULUS, modulus.data(), modulus.size()),
+            attr(CKA_PUBLIC_EXPONENT, exponent.data(), exponent.size()),
+            flag(CKA_WRAP, true),
+            flag(CKA_ENCRYPT, false),
+            flag(CKA_VERIFY, false),
+        };
+        ck_object_handle_t pub_h = 0;
+        ck_rv_t r = f->C_CreateObject(s, pub_tmpl, std::size(pub_tmpl), &pub_h);
+        if (r != CKR_OK)
+            return r;
+        const ck_object_class_t secret = CKO_SECRET_KEY;
+        const ck_key_type_t aes = CKK_AES;
+        const unsigned long len = 32;
+        ck_attribute eph_tmpl[] = {
+            attr(CKA_CLASS, &secret, sizeof secret),
+            attr(CKA_KEY_TYPE, &aes, sizeof aes),
+            attr(CKA_VALUE_LEN, &len, sizeof len),
+            flag(CKA_TOKEN, false),
+            flag(CKA_PRIVATE, true),
+            flag(CKA_SENSITIVE, true),
+            flag(CKA_EXTRACTABLE, true),
+            flag(CKA_WRAP, true),
+            flag(CKA_ENCRYPT, false),
+            flag(CKA_DECRYPT, false),
+        };
+        ck_object_handle_t eph_h = 0;
+        ck_mechanism gen{CKM_AES_KEY_GEN, nullptr, 0};
+        r = f->C_GenerateKey(s, &gen, eph_tmpl, std::size(eph_tmpl), &eph_h);
+        if (r == CKR_OK) {
+            ck_mechanism kwp{CKM_AES_KEY_WRAP_PAD, nullptr, 0};
+            unsigned long kek_len = 64;
+            out.wrapped_kek.resize(kek_len);
+            r = f->C_WrapKey(s, &kwp, eph_h, kek_h, out.wrapped_kek.data(), &kek_len);
+            out.wrapped_kek.resize(kek_len);
+            if (r == CKR_OK) {
+                ck_mechanism oaep{CKM_RSA_PKCS_OAEP, &transfer_oaep, sizeof transfer_oaep};
+                unsigned long key_len = 1024;
+                out.wrapped_key.resize(key_len);
+                r = f->C_WrapKey(s, &oaep, pub_h, eph_h, out.wrapped_key.data(), &key_len);
+                out.wrapped_key.resize(key_len);
+            }
+            f->C_DestroyObject(s, eph_h);
+        }
+        f->C_DestroyObject(s, pub_h);
+        return r;
+    });
+    if (rv && *rv == CKR_KEY_UNEXTRACTABLE)
+        return fail(Errc::invalid_argument,
+                    "KEK " + kek.hex + " was made unextractable (by a vaultfs before several hosts): it cannot be "
+                                       "wrapped for another host");
+    if (auto ok = call_ok(rv, "wrapping KEK " + kek.hex + " for a transport key"); !ok)
+        return tl::unexpected(ok.error());
+    return out;
+}
+
+Result<void> Pkcs11KeyService::unwrap_kek(const KeyId& transport, const WrappedKek& wrapped, const KeyId& kek,
+                                          const std::string& label)
+{
+    auto id = from_hex(kek.hex);
+    if (!id || id->size() != key_id_size)
+        return fail(Errc::invalid_argument, "malformed KEK id '" + kek.hex + "'");
+    auto taken = impl_->id_in_use(kek);
+    if (!taken)
+        return tl::unexpected(taken.error());
+    if (*taken)
+        return fail(Errc::invalid_argument, impl_->profile.name() + " already holds a key with id " + kek.hex);
+    auto rv = impl_->with_key(CKO_PRIVATE_KEY, transport, [&](ck_session_handle_t s, ck_object_handle_t priv_h) {
+        auto& f = *impl_->module;
+        const ck_object_class_t secret = CKO_SECRET_KEY;
+        const ck_key_type_t aes = CKK_AES;
+        ck_attribute eph_tmpl[] = {
+            attr(CKA_CLASS, &secret, sizeof secret),
+            attr(CKA_KEY_TYPE, &aes, sizeof aes),
+            flag(CKA_TOKEN, false),
+            flag(CKA_SENSITIVE, true),
+            flag(CKA_EXTRACTABLE, false),
+            flag(CKA_UNWRAP, true),
+            flag(CKA_ENCRYPT, false),
+            flag(CKA_DECRYPT, false),
+        };
+        ck_mechanism oaep{CKM_RSA_PKCS_OAEP, &transfer_oaep, sizeof transfer_oaep};
+        ck_object_handle_t eph_h = 0;
+        ck_rv_t r = f->C_UnwrapKey(s, &oaep, priv_h, const_cast<std::uint8_t*>(wrapped.wrapped_key.data()),
+                                   wrapped.wrapped_key.size(), eph_tmpl, std::size(eph_tmpl), &eph_h);
+        if (r != CKR_OK)
+            return r;
+        // No CKA_MODIFIABLE or CKA_VALUE_LEN: SoftHSM2 refuses either in an
+        // unwrap template (CKR_ATTRIBUTE_READ_ONLY).
+        ck_attribute kek_tmpl[] = {
+            attr(CKA_CLASS, &secret, sizeof secret),
+            attr(CKA_KEY_TYPE, &aes, sizeof aes),
+            attr(CKA_LABEL, label.data(), label.size()),
+            attr(CKA_ID, id->data(), id->size()),
+            flag(CKA_TOKEN, true),
+            flag(CKA_PRIVATE, true),
+            flag(CKA_SENSITIVE, true),
+            flag(CKA_EXTRACTABLE, true),
+            flag(CKA_ENCRYPT, true),
+            flag(CKA_DECRYPT, true),
+            flag(CKA_WRAP, false),
+            flag(CKA_UNWRAP, false),
+            flag(CKA_SIGN, false),
+            flag(CKA_VERIFY, false),
+            flag(CKA_DERIVE, false),
+        };
+        ck_mechanism kwp{CKM_AES_KEY_WRAP_PAD, nullptr, 0};
+        ck_object_handle_t kek_h = 0;
+        r = f->C_UnwrapKey(s, &kwp, eph_h, const_cast<std::uint8_t*>(wrapped.wrapped_kek.data()),
+                           wrapped.wrapped_kek.size(), kek_tmpl, std::size(kek_tmpl), &kek_h);
+        f->C_DestroyObject(s, eph_h);
+        return r;
+    });
+    // SoftHSM2 answers a blob that does not open with CKR_GENERAL_ERROR.
+    if (rv && (*rv == CKR_GENERAL_ERROR || *rv == CKR_WRAPPED_KEY_INVALID || *rv == CKR_ENCRYPTED_DATA_INVALID))
+        return fail(Errc::authentication_failed, "the wrapped KEK " + kek.hex + " does not open with this host's transport key "
+                                     "(a grant for another host, or altered)");
+    return call_ok(rv, "unwrapping KEK " + kek.hex);
 }
 
 }  // namespace vaultfs::hsm

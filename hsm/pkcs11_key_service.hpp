@@ -86,6 +86,29 @@ public:
     // Removes a KEK and its MAC key; a key already gone is fine.
     Result<void> destroy_kek(const KeyId& kek);
 
+    // ---- moving KEKs between hosts' tokens (README "Several hosts") ---------
+    // A KEK is sensitive and extractable only wrapped: it never leaves a
+    // token in the clear.
+    //
+    // A host's transport key: RSA-3072, its private half only unwraps (never
+    // decrypts, signs or leaves the token), its public half only wraps.
+    Result<KeyId> create_transport_key(const std::string& label);
+    // `kek` wrapped for the holder of `transport_public` (DER
+    // SubjectPublicKeyInfo, RSA >= 3072): a fresh AES-256 session key wraps
+    // the KEK with CKM_AES_KEY_WRAP_PAD (RFC 5649) and is itself wrapped with
+    // RSA-OAEP (SHA-1, MGF1-SHA-1: SoftHSM2 2.6 takes no other OAEP hash for
+    // wrapping), then destroyed.
+    struct WrappedKek {
+        std::vector<std::uint8_t> wrapped_key;  // the AES key, RSA-OAEP
+        std::vector<std::uint8_t> wrapped_kek;  // the KEK, AES-KWP
+    };
+    Result<WrappedKek> wrap_kek(const KeyId& kek, std::span<const std::uint8_t> transport_public);
+    // Unwraps into this token, as a sensitive token KEK with id `kek`:
+    // Errc::invalid_argument when the token already holds that id,
+    // Errc::authentication_failed when the blobs do not open with `transport`.
+    Result<void> unwrap_kek(const KeyId& transport, const WrappedKek& wrapped, const KeyId& kek,
+                            const std::string& label);
+
     // What the token said it offers, and the constructions in use (with the
     // fallbacks negotiation took, for the admin).
     const TokenProfile& profile() const;

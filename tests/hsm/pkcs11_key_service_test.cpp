@@ -98,7 +98,7 @@ std::array<std::uint8_t, 32> sha256_of(const std::string& text)
     return d;
 }
 
-TEST_CASE("a KEK is generated sensitive, not extractable, for encrypt/decrypt only", "[pkcs11]")
+TEST_CASE("a KEK is generated sensitive, extractable only wrapped, for encrypt/decrypt only", "[pkcs11]")
 {
     TempToken token;
     auto keys = open_service(token);
@@ -113,12 +113,12 @@ TEST_CASE("a KEK is generated sensitive, not extractable, for encrypt/decrypt on
     };
     // SoftHSM defaults every usage flag to true: a false here was set on purpose.
     const Expected expected[] = {
-        {CKA_SENSITIVE, "CKA_SENSITIVE", true},   {CKA_EXTRACTABLE, "CKA_EXTRACTABLE", false},
+        {CKA_SENSITIVE, "CKA_SENSITIVE", true},   {CKA_EXTRACTABLE, "CKA_EXTRACTABLE", true},
         {CKA_ENCRYPT, "CKA_ENCRYPT", true},       {CKA_DECRYPT, "CKA_DECRYPT", true},
         {CKA_WRAP, "CKA_WRAP", false},            {CKA_UNWRAP, "CKA_UNWRAP", false},
         {CKA_SIGN, "CKA_SIGN", false},            {CKA_VERIFY, "CKA_VERIFY", false},
         {CKA_DERIVE, "CKA_DERIVE", false},        {CKA_TOKEN, "CKA_TOKEN", true},
-        {CKA_PRIVATE, "CKA_PRIVATE", true},       {CKA_NEVER_EXTRACTABLE, "CKA_NEVER_EXTRACTABLE", true},
+        {CKA_PRIVATE, "CKA_PRIVATE", true},       {CKA_NEVER_EXTRACTABLE, "CKA_NEVER_EXTRACTABLE", false},
         {CKA_ALWAYS_SENSITIVE, "CKA_ALWAYS_SENSITIVE", true},
     };
     for (const auto& e : expected) {
@@ -132,6 +132,89 @@ TEST_CASE("a KEK is generated sensitive, not extractable, for encrypt/decrypt on
     CHECK(keys->read_attribute_rv(kek, CKA_VALUE) == CKR_ATTRIBUTE_SENSITIVE);
     // The seam itself reports success for a readable attribute.
     CHECK(keys->read_attribute_rv(kek, CKA_LABEL) == CKR_OK);
+}
+
+TEST_CASE("a KEK moves to another token only wrapped for its transport key, and seals the same there",
+          "[pkcs11][transfer]")
+{
+    // Two tokens of one SoftHSM2 (one SOFTHSM2_CONF per process).
+    TempToken token;
+    REQUIRE(initialise_token(VAULTFS_SOFTHSM_MODULE, token.environment(), "vaultfs-host-b",
+                             testing::secure(TempToken::so_pin), testing::secure(TempToken::pin)));
+    REQUIRE(initialise_token(VAULTFS_SOFTHSM_MODULE, token.environment(), "vaultfs-host-c",
+                             testing::secure(TempToken::so_pin), testing::secure(TempToken::pin)));
+    const auto open_label = [&](const char* label) {
+        auto k = Pkcs11KeyService::open(
+            Pkcs11Config{VAULTFS_SOFTHSM_MODULE, label, testing::secure(TempToken::pin), token.environment(), std::nullopt});
+        REQUIRE(k);
+        return std::move(*k);
+    };
+    auto a = open_service(token);
+    auto b = open_label("vaultfs-host-b");
+    auto c = open_label("vaultfs-host-c");
+
+    const KeyId kek = new_kek(*a);
+    const auto dek = testing::secure(std::string(32, 'd'));
+    const std::vector<std::uint8_t> aad{1, 2, 3};
+    auto sealed = a->seal(kek, dek, aad);
+    REQUIRE(sealed);
+
+    auto transport = b->create_transport_key("vaultfs-transport");
+    REQUIRE(transport);
+    // Its private half only unwraps, and never leaves the token.
+    for (const auto& [type, value] : std::vector<std::pair<unsigned long, bool>>{
+             {CKA_UNWRAP, true}, {CKA_DECRYPT, false}, {CKA_SIGN, false}, {CKA_EXTRACTABLE, false},
+             {CKA_SENSITIVE, true}}) {
+        INFO("attribute " << type);
+        auto v = b->read_bool_attribute(*transport, type);
+        REQUIRE(v);
+        CHECK(*v == value);
+    }
+    auto b_public = b->public_key_der(*transport);
+    REQUIRE(b_public);
+    auto wrapped = a->wrap_kek(kek, *b_public);
+    INFO((wrapped ? std::string() : wrapped.error().message));
+    REQUIRE(wrapped);
+    CHECK(wrapped->wrapped_key.size() == 384);  // RSA-3072
+    CHECK(wrapped->wrapped_kek.size() == 40);   // AES-KWP of 32 bytes
+
+    // Only the transport key's holder opens it.
+    auto c_transport = c->create_transport_key("vaultfs-transport");
+    REQUIRE(c_transport);
+    auto wrong = c->unwrap_kek(*c_transport, *wrapped, kek, "vaultfs-kek");
+    REQUIRE_FALSE(wrong);
+    CHECK(wrong.error().code == Errc::authentication_failed);
+    CHECK_FALSE(c->find_key(kek));
+    // Altered in transit: refused.
+    auto altered = *wrapped;
+    altered.wrapped_kek[5] ^= 1;
+    auto bad = b->unwrap_kek(*transport, altered, kek, "vaultfs-kek");
+    REQUIRE_FALSE(bad);
+    CHECK(bad.error().code == Errc::authentication_failed);
+
+    auto moved = b->unwrap_kek(*transport, *wrapped, kek, "vaultfs-kek");
+    INFO((moved ? std::string() : moved.error().message));
+    REQUIRE(moved);
+    auto opened = b->unseal(kek, *sealed, aad);
+    REQUIRE(opened);
+    CHECK(opened->equals(dek.bytes()));
+    // Sensitive there too, and wrappable again (B may grant onward).
+    CHECK(b->read_attribute_rv(kek, CKA_VALUE) == CKR_ATTRIBUTE_SENSITIVE);
+    auto again = b->read_bool_attribute(kek, CKA_EXTRACTABLE);
+    REQUIRE(again);
+    CHECK(*again);
+    // Once there, it is not unwrapped twice.
+    auto twice = b->unwrap_kek(*transport, *wrapped, kek, "vaultfs-kek");
+    REQUIRE_FALSE(twice);
+    CHECK(twice.error().code == Errc::invalid_argument);
+    // A transport key is RSA of 3072 bits at least.
+    auto signing = a->create_signing_key("ec");
+    REQUIRE(signing);
+    auto ec_public = a->public_key_der(*signing);
+    REQUIRE(ec_public);
+    auto not_rsa = a->wrap_kek(kek, *ec_public);
+    REQUIRE_FALSE(not_rsa);
+    CHECK(not_rsa.error().code == Errc::invalid_argument);
 }
 
 TEST_CASE("every KEK gets its own id", "[pkcs11]")
