@@ -406,6 +406,10 @@ json ControlServer::dispatch(const vault::Caller& caller, const std::string& tex
                           {"audit_records_dropped", audit.dropped},
                           {"audit_disk_below_reserve", audit.low_space},
                           {"vaults", vaults ? static_cast<std::int64_t>(vaults->size()) : -1},
+                          {"store", service.store().path()},
+                          {"store_fresh", service.store().fresh() ? std::string("ok")
+                                                                  : "failing: " + service.store().fresh().error().message},
+                          {"store_revision", service.store().revision()},
                           {"open_handles", filesystem_.open_handles()},
                           {"dek_cache",
                            json{{"enabled", service.dek_cache().enabled()},

@@ -229,10 +229,37 @@ json cert_op(vault::State& state, const vault::Caller& caller, const std::string
 
 }  // namespace
 
+// The ceremony's steps an enrolled host runs (vault/hosts/enrolment.hpp):
+// admins only, recorded in this daemon's audit trail.
+json host_op(vault::State& state, const vault::Caller& caller, const std::string& op, const json& args)
+{
+    if (!state.enrolment)
+        return bad("this state does not use a PostgreSQL store: it has no other hosts");
+    if (!state.service->is_admin(caller)) {
+        vault::Errc denied = vault::Errc::access_denied;
+        (void)state.service->audit_management(caller, op, "", false, "not-admin", &denied);
+        return error_reply({denied, "only admins grant and remove hosts"});
+    }
+    if (op == "host_grant") {
+        auto grant = state.enrolment->grant(text_of(args, "request"), text_of(args, "fingerprint"), state.audit.get());
+        if (!grant)
+            return error_reply(grant.error());
+        return json{{"ok", true}, {"result", *grant}};
+    }
+    if (op == "host_remove") {
+        if (auto r = state.enrolment->remove_host(text_of(args, "host"), state.audit.get()); !r)
+            return error_reply(r.error());
+        return json{{"ok", true}, {"result", text_of(args, "host")}};
+    }
+    return bad("unknown operation " + op);
+}
+
 json dispatch_object(vault::State& state, const vault::Caller& caller, const std::string& op, const json& args)
 {
     if (!args.is_object())
         return bad("\"args\" must be an object");
+    if (op.rfind("host_", 0) == 0)
+        return host_op(state, caller, op, args);
     if (text_of(args, "vault").empty() || text_of(args, "name").empty())
         return bad("\"args\" must name \"vault\" and \"name\"");
     const bool key = op.rfind("key_", 0) == 0;

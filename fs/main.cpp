@@ -16,6 +16,7 @@
 #include <iostream>
 #include <sstream>
 
+#include "fs/cli_hosts.hpp"
 #include "fs/cli_objects.hpp"
 #include "fs/control.hpp"
 #include "fs/control_protocol.hpp"
@@ -82,7 +83,8 @@ int run_verify(const std::string& state, std::vector<std::string> files, std::st
             files.push_back(live_file);
         if (const auto daemon = vault::StateLock::holder(dir))
             notes.push_back("the daemon (pid " + std::to_string(*daemon) + ") is running");
-        auto store = vault::Store::open(config->path_of(config->database), vault::Store::Mode::read_only);
+        auto store = vault::Store::open(config->store_location(), vault::Store::Mode::read_only,
+                                        vault::store_options(*config, false));
         if (!store)
             return fail(store.error().message);
         auto a = (*store)->audit_anchor();
@@ -241,6 +243,9 @@ int main(int argc, char** argv)
         ->needs(label_opt);
     label_opt->needs(init->get_option("--pin-file"));
     init->add_option("--admin-group", init_options.admin_group, "Group whose members may create and remove vaults");
+    init->add_option("--store", init_options.store,
+                     "A new PostgreSQL store (postgresql://...) for several hosts, instead of the SQLite file");
+    init->add_option("--host", init_options.host, "With --store: this host's name (default: the system's host name)");
 
     fs::MountOptions mount_options;
     mount_options.state_dir = default_state();
@@ -323,6 +328,7 @@ int main(int argc, char** argv)
     migrate->add_option("--to-module-env", migration_env,
                         "NAME=VALUE set before the target module loads, and kept in vaultfs.conf (e.g. SOFTHSM2_CONF=...)");
     fs::ObjectCommands object_commands(app, default_state());
+    fs::HostCommands host_commands(app, default_state());
     std::string socket;
     for (auto* sub : {vault_create, vault_show, vault_list, status, backup, restore, policy_reset, policy_set}) {
         sub->add_option("--state", mstate, "State directory (default: $VAULTFS_STATE or /var/lib/vaultfs)");
@@ -375,6 +381,8 @@ int main(int argc, char** argv)
     }
     if (*policy_check)
         return run_policy_check(policy_file);
+    if (auto rc = host_commands.run(manage))
+        return *rc;
     if (auto rc = object_commands.run(manage))
         return *rc;
 

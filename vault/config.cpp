@@ -121,6 +121,19 @@ Result<Config> parse_config(std::string_view text, const std::string& state_dir)
             c.module_env.emplace_back(std::string(name), v);
         } else if (key == "database") {
             c.database = v;
+        } else if (key == "store") {
+            if (v.rfind("postgresql://", 0) != 0 && v.rfind("postgres://", 0) != 0)
+                return bad("store must be a postgresql:// connection string (the SQLite file is `database`)");
+            c.store = v;
+        } else if (key == "host") {
+            if (v.empty() || v.size() > 64 || v.find_first_of(" \t/") != std::string_view::npos)
+                return bad("host must be 1-64 characters without spaces or slashes");
+            c.host = v;
+        } else if (key == "staleness_bound_ms") {
+            const auto n = number(std::int64_t{100}, std::int64_t{600000});
+            if (!n)
+                return bad("staleness_bound_ms must be 100..600000");
+            c.staleness_bound = std::chrono::milliseconds(*n);
         } else if (key == "audit_file") {
             c.audit_file = v;
         } else if (key == "audit_public_key") {
@@ -305,8 +318,15 @@ std::string render_config(const Config& c)
     out << "# What the token does for vaultfs, chosen from its mechanisms at init\n"
         << "token_seal = " << hsm::to_string(c.schemes.seal) << "\n"
         << "token_signature = " << hsm::to_string(c.schemes.signature) << "\n";
-    out << "database = " << c.database << "\n"
-        << "audit_file = " << c.audit_file << "\n"
+    if (c.store) {
+        out << "# Several hosts share this PostgreSQL store (README \"Several hosts\"); this is one of them\n"
+            << "store = " << *c.store << "\n"
+            << "host = " << c.host << "\n"
+            << "staleness_bound_ms = " << c.staleness_bound.count() << "\n";
+    } else {
+        out << "database = " << c.database << "\n";
+    }
+    out << "audit_file = " << c.audit_file << "\n"
         << "audit_public_key = " << c.audit_public_key << "\n"
         << "control_socket = " << c.control_socket << "\n"
         << "audit_sync = " << (c.audit_sync == AuditSync::always ? "always" : "interval") << "\n"

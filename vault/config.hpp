@@ -41,6 +41,16 @@ struct Config {
     hsm::Schemes schemes;
 
     std::string database = "vault.db";
+    // A PostgreSQL store shared by several hosts (postgresql://…; libpq's
+    // multi-host form finds the primary); when set, `database` is unused.
+    std::optional<std::string> store;
+    // This host's name among them (hosts.name).
+    std::string host;
+    // Reads fail closed once the change feed has not confirmed freshness
+    // for this long (vault/store/feed.hpp).
+    std::chrono::milliseconds staleness_bound{2000};
+    // Where the store is: the connection string, or the SQLite file's path.
+    std::string store_location() const { return store ? *store : path_of(database); }
     std::string audit_file = "audit.jsonl";
     std::string audit_public_key = "audit-signing.pub.pem";
     // The management socket. The state directory is 0700, so by default only

@@ -68,7 +68,7 @@ Result<VaultView> SecretService::find_vault(const Caller& caller, std::string_vi
     auto v = core_.load_vault(name);
     if (!v) {
         if (v.error().code != Errc::not_found)
-            return tl::unexpected(v.error());
+            return refused_read(caller, name, "", v.error());
         if (auto r = core_.missed_vault(caller, name, is_valid_vault_name(name) ? "no such vault" : "not a vault name"); !r)
             return tl::unexpected(r.error());
     }
@@ -81,7 +81,7 @@ Result<VaultView> SecretService::vault(const Caller& caller, VaultId id)
 {
     auto v = core_.load_vault(id);
     if (!v)
-        return tl::unexpected(v.error());
+        return refused_read(caller, "", "", v.error());
     if (auto r = core_.reach(caller, **v, {}, true, Errc::not_found); !r)
         return tl::unexpected(r.error());
     return view_of(caller, **v);
@@ -123,6 +123,8 @@ Result<VaultView> SecretService::create_vault(const Caller& caller, std::string_
         if (!inserted)
             return tl::unexpected(inserted.error());
         id = *inserted;
+        if (options_.on_new_kek)
+            return options_.on_new_kek(tx, *kek);
         return {};
     });
     if (!w)
@@ -172,7 +174,7 @@ Result<SecretView> SecretService::find_secret(const Caller& caller, VaultId vaul
 {
     auto v = core_.load_vault(vault);
     if (!v)
-        return tl::unexpected(v.error());
+        return refused_read(caller, "", component, v.error());
     if (auto r = core_.reach(caller, **v, component, false, Errc::access_denied); !r)
         return tl::unexpected(r.error());
     const auto path = parse_secret_path(component);
@@ -180,11 +182,29 @@ Result<SecretView> SecretService::find_secret(const Caller& caller, VaultId vaul
         return fail(Errc::not_found);
     auto found = store_.secret_with_version(vault, path->name, path->version);
     if (!found)
-        return tl::unexpected(found.error());
+        return refused_read(caller, (*v)->row.name, path->name, found.error());
     // Names resolve only once a first version exists, and never while deleted.
     if (!*found || !(*found)->version || (*found)->secret.deleted())
         return fail(Errc::not_found);
     return view_of(caller, **v, (*found)->secret, std::move(*(*found)->version), path->version.has_value());
+}
+
+tl::unexpected<Error> SecretService::refused_read(const Caller& caller, std::string_view vault, std::string_view name,
+                                                 const Error& e)
+{
+    if (e.code != Errc::not_fresh && e.code != Errc::storage)
+        return tl::unexpected(e);
+    // Fail closed, audited: coalesced, as every open repeats it until the
+    // store is reachable (or confirmed fresh) again.
+    audit::Event ev{.op = "get",
+                    .caller = &caller,
+                    .vault = vault,
+                    .secret = name,
+                    .allowed = false,
+                    .rule = "fail-closed",
+                    .reason = e.message,
+                    .coalesce = true};
+    return core_.refuse(ev, e.code, e.message);
 }
 
 VersionRow SecretService::no_version_yet(const SecretRow& s)
@@ -216,7 +236,7 @@ Result<SecretView> SecretService::secret_by_id(const Caller& caller, SecretId id
 {
     auto found = store_.secret_with_current(id);
     if (!found)
-        return tl::unexpected(found.error());
+        return refused_read(caller, "", "", found.error());
     if (!*found || (*found)->secret.deleted())
         return fail(Errc::not_found);
     const SecretRow& s = (*found)->secret;
@@ -247,7 +267,7 @@ Result<SecretView> SecretService::by_version_id(const Caller& caller, VersionId 
 {
     auto found = store_.secret_with_version_id(id);
     if (!found)
-        return tl::unexpected(found.error());
+        return refused_read(caller, "", "", found.error());
     if (!*found || (*found)->secret.deleted() || !(*found)->version)
         return fail(Errc::not_found);
     auto v = core_.load_vault((*found)->secret.vault);

@@ -148,6 +148,9 @@ struct Options {
     std::function<Result<std::function<Result<std::vector<std::string>>(Store::Transaction&)>>(
         const Caller&, const VaultEntry& target, VaultId source, const nlohmann::json& objects)>
         restore_objects;
+    // A shared store: runs in the transaction that creates a vault's KEK (its
+    // check value, and the KEK wrapped for the other hosts; vault/hosts).
+    std::function<Result<void>(Store::Transaction&, const hsm::KeyId&)> on_new_kek;
 };
 
 class SecretService {
@@ -400,6 +403,11 @@ private:
     audit::Log& audit_;
     const policy::NameResolver& names_;
     Options options_;
+
+    // A read the store could not serve (unreachable, or a shared store not
+    // confirmed fresh: EIO) is refused and audited; other errors pass.
+    tl::unexpected<Error> refused_read(const Caller& caller, std::string_view vault, std::string_view name,
+                                       const Error& e);
 
     // Who deleted what in the last fresh window: (vault, name) -> (uid, when).
     // `install` removes its target before it creates it again.

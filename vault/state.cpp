@@ -1,5 +1,7 @@
 #include "vault/state.hpp"
 
+#include "vault/store/postgresql.hpp"
+
 #include <dirent.h>
 #include <fcntl.h>
 #include <grp.h>
@@ -82,6 +84,26 @@ Result<void> write_text(const std::string& path, const std::string& text, mode_t
     return write_file(path, text.data(), text.size(), mode);
 }
 
+}  // namespace
+
+Result<void> replace_file(const std::string& path, const std::string& text, mode_t mode)
+{
+    const std::string tmp = path + ".new";
+    ::unlink(tmp.c_str());
+    const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode);
+    if (fd < 0)
+        return fail(Errc::storage, "cannot create " + tmp + ": " + std::strerror(errno));
+    const bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) && ::fsync(fd) == 0;
+    ::close(fd);
+    if (!ok || ::rename(tmp.c_str(), path.c_str()) != 0) {
+        ::unlink(tmp.c_str());
+        return fail(Errc::storage, "cannot write " + path);
+    }
+    return {};
+}
+
+namespace {
+
 // The audit key's public half, from the token. The file in the state
 // directory is only a copy for verifiers without the token; if it no longer
 // holds this key (replaced, so that forged signatures would check out), it is
@@ -131,7 +153,12 @@ std::string absolute_path(const std::string& path)
     return s;
 }
 
-Result<std::vector<std::string>> init_state(const std::string& dir_arg, const InitOptions& options)
+StoreOptions store_options(const Config& c, bool follow)
+{
+    return StoreOptions{c.store ? c.host : std::string(), c.staleness_bound, follow};
+}
+
+Result<std::vector<std::string>> init_state(const std::string& dir_arg, const InitOptions& options, std::string* request)
 {
     const std::string dir = absolute_path(dir_arg);
     std::error_code ec;
@@ -185,6 +212,19 @@ Result<std::vector<std::string>> init_state(const std::string& dir_arg, const In
     Config config;
     config.state_dir = dir;
     config.pkcs11_module = options.module_path;
+    if (options.join && !options.store)
+        return fail(Errc::invalid_argument, "joining needs the store (--store postgresql://...)");
+    if (options.store) {
+        if (!pg::is_conninfo(*options.store) || options.store->find_first_of("#\n\r") != std::string::npos)
+            return fail(Errc::invalid_argument, "--store takes a postgresql:// connection string");
+        config.store = *options.store;
+        config.host = options.host;
+        if (config.host.empty()) {
+            char name[256] = {};
+            ::gethostname(name, sizeof name - 1);
+            config.host = name;
+        }
+    }
     config.admin_group = options.admin_group;
     if (options.admin_group && !resolve_group(*options.admin_group))
         return fail(Errc::invalid_argument, "admin group '" + *options.admin_group + "' does not exist");
@@ -268,13 +308,30 @@ Result<std::vector<std::string>> init_state(const std::string& dir_arg, const In
                    (config.schemes.signature == hsm::SignatureScheme::ecdsa_p256 ? "EC P-256" : "RSA-3072") +
                    ", in the token)");
 
-    auto store = Store::open(config.path_of(config.database), Store::Mode::create);
+    auto store = Store::open(config.store_location(), options.join ? Store::Mode::open_existing : Store::Mode::create,
+                             store_options(config, false));
     if (!store)
         return tl::unexpected(store.error());
+    if (config.store) {
+        hosts::Enrolment enrolment(**store, **keys, config.host, *signing);
+        auto req = enrolment.register_host(options.join ? "requested" : "enrolled");
+        if (!req)
+            return tl::unexpected(req.error());
+        if (request != nullptr)
+            *request = req->render();
+        made.push_back("store                    PostgreSQL " + (*store)->path() +
+                       (options.join ? ", shared: this host asked to join it as '" : ", new: this host is its first, '") +
+                       config.host + "'");
+        made.push_back("transport key            RSA-3072 in the token: other hosts wrap vault KEKs for it");
+        if (options.join)
+            made.push_back("fingerprint              " + req->fingerprint() +
+                           "  (compare it with the enrolled host's admin before they grant)");
+    }
     if (auto r = (*store)->write([&](Store::Transaction& tx) { return tx.set_setting(audit_signing_key_setting, signing->hex); });
         !r)
         return tl::unexpected(r.error());
-    made.push_back(config.database + "                 SQLite database (WAL, synchronous=FULL), no vaults yet");
+    if (!config.store)
+        made.push_back(config.database + "                 SQLite database (WAL, synchronous=FULL), no vaults yet");
 
     const audit::Bound bound{config.audit_checkpoint_records,
                              static_cast<std::uint64_t>(config.audit_checkpoint_interval.count())};
@@ -326,10 +383,22 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
         return fail(Errc::key_unavailable, hsm_hint(keys.error(), c));
     st->keys = std::move(*keys);
 
-    auto store = Store::open(c.path_of(c.database), Store::Mode::open_existing);
+    auto store = Store::open(c.store_location(), Store::Mode::open_existing, store_options(c, purpose == Purpose::serve));
     if (!store)
         return tl::unexpected(store.error());
     st->store = std::move(*store);
+    if (c.store) {
+        auto me = st->store->host_by_name(c.host);
+        if (!me)
+            return tl::unexpected(me.error());
+        if (!*me)
+            return fail(Errc::not_found, "host '" + c.host + "' is not in the store " + st->store->path() +
+                                             " (removed by `vaultfs host remove`?); join it again with a new state");
+        if (purpose == Purpose::serve && (*me)->status != "enrolled")
+            return fail(Errc::not_permitted, "host '" + c.host + "' asked to join " + st->store->path() +
+                                                 " but is not enrolled: run `vaultfs join grant` on an enrolled host, "
+                                                 "then `vaultfs join accept` here");
+    }
 
     auto signing = st->store->setting(audit_signing_key_setting);
     if (!signing || !*signing)
@@ -368,7 +437,25 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
                                             const nlohmann::json& docs) {
             return objects->plan_restore(caller, target, source, docs);
         };
+        if (c.store) {
+            st->enrolment = std::make_unique<hosts::Enrolment>(*st->store, *st->keys, c.host, signing_key);
+            hosts::Enrolment* enrolment = st->enrolment.get();
+            options.on_new_kek = [enrolment](Store::Transaction& tx, const hsm::KeyId& kek) {
+                return enrolment->wrap_for_hosts(tx, kek);
+            };
+        }
         st->service = std::make_unique<SecretService>(*st->core, *st->keys, *st->deks, std::move(options));
+        if (st->enrolment) {
+            // KEKs granted to this host, now and whenever the feed moves.
+            audit::Log* log = st->audit.get();
+            hosts::Enrolment* enrolment = st->enrolment.get();
+            if (auto n = enrolment->import_granted(log); !n)
+                spdlog::error("importing the KEKs granted to this host failed: {}", n.error().message);
+            st->store->on_change([enrolment, log] {
+                if (auto n = enrolment->import_granted(log); !n)
+                    spdlog::error("importing a KEK granted to this host failed: {}", n.error().message);
+            });
+        }
         st->evp = std::make_unique<hsm::TokenEvp>(*st->keys);
         st->key_vault = std::make_unique<keys::KeyVault>(*st->core, *st->keys);
         st->certificates = std::make_unique<certificates::Certificates>(*st->core, *st->keys, *st->keys, *st->evp);
@@ -378,7 +465,7 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
 
 Result<std::string> token_audit_public_key(const Config& c)
 {
-    auto store = Store::open(c.path_of(c.database), Store::Mode::read_only);
+    auto store = Store::open(c.store_location(), Store::Mode::read_only, store_options(c, false));
     if (!store)
         return tl::unexpected(store.error());
     auto signing = (*store)->setting(audit_signing_key_setting);
@@ -404,6 +491,9 @@ void State::close()
     if (closed_)
         return;
     closed_ = true;
+    if (store)
+        store->on_change(nullptr);
+    enrolment.reset();
     certificates.reset();
     key_vault.reset();
     evp.reset();

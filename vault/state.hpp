@@ -29,6 +29,7 @@
 #include "vault/error.hpp"
 #include "vault/secret_service.hpp"
 #include "vault/state_lock.hpp"
+#include "vault/hosts/enrolment.hpp"
 #include "vault/store/store.hpp"
 
 namespace vaultfs::vault {
@@ -40,6 +41,12 @@ struct InitOptions {
     // holding its user PIN, mode 0600) instead of making a SoftHSM2 token.
     std::optional<std::string> token_label;
     std::optional<std::string> pin_file;
+    // A PostgreSQL store (README "Several hosts"): `init` makes it and this
+    // host its first; with `join`, the store exists and this host asks to
+    // join it (vaultfs join request).
+    std::optional<std::string> store;
+    bool join = false;
+    std::string host;  // this host's name in the store; empty: the system's host name
 };
 
 // Creates a state in `dir` (made if missing, or empty): by default the
@@ -48,7 +55,15 @@ struct InitOptions {
 // decide the constructions (hsm/mechanisms.hpp), recorded in vaultfs.conf.
 // Refuses an existing state and changes nothing then. Returns what it made,
 // one line per item, for the user.
-Result<std::vector<std::string>> init_state(const std::string& dir, const InitOptions& options);
+// `request`: for a join, the join request document (to send to an enrolled host).
+Result<std::vector<std::string>> init_state(const std::string& dir, const InitOptions& options,
+                                            std::string* request = nullptr);
+
+// Writes `path` whole or not at all (a new file, fsynced, renamed over it).
+Result<void> replace_file(const std::string& path, const std::string& text, mode_t mode);
+
+// How a state's config opens its store (one-shot commands do not follow the feed).
+StoreOptions store_options(const Config& config, bool follow);
 
 // A state directory opened for use. Members are destroyed in reverse order
 // of declaration, so the service goes before what it uses.
@@ -83,6 +98,7 @@ public:
     std::unique_ptr<hsm::TokenEvp> evp;      // libp11 over `keys`; null for `inspect`
     std::unique_ptr<keys::KeyVault> key_vault;                  // null for `inspect`
     std::unique_ptr<certificates::Certificates> certificates;  // null for `inspect`
+    std::unique_ptr<hosts::Enrolment> enrolment;               // a PostgreSQL store's ceremony; else null
 
 private:
     State() = default;

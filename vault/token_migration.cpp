@@ -40,22 +40,6 @@ std::string read_text(const std::string& path)
     return ss.str();
 }
 
-Result<void> replace_file(const std::string& path, const std::string& text, mode_t mode)
-{
-    const std::string tmp = path + ".new";
-    ::unlink(tmp.c_str());
-    const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode);
-    if (fd < 0)
-        return fail(Errc::storage, "cannot create " + tmp + ": " + std::strerror(errno));
-    const bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) && ::fsync(fd) == 0;
-    ::close(fd);
-    if (!ok || ::rename(tmp.c_str(), path.c_str()) != 0) {
-        ::unlink(tmp.c_str());
-        return fail(Errc::storage, "cannot write " + path);
-    }
-    return {};
-}
-
 json anchor_json(const std::optional<AuditAnchor>& a)
 {
     if (!a)
@@ -217,6 +201,10 @@ Result<std::vector<std::string>> migrate_token(const std::string& state_arg, con
     for (const auto& note : (*target)->negotiation_notes())
         done.push_back(note);
 
+    if (c.store)
+        return fail(Errc::invalid_argument, "token migrate moves a one-host (SQLite) state: on a shared PostgreSQL "
+                                            "store the other hosts use the same sealed DEKs; enrol a host with the new "
+                                            "token instead (vaultfs join request)");
     auto store = Store::open(c.path_of(c.database), Store::Mode::open_existing);
     if (!store)
         return tl::unexpected(store.error());

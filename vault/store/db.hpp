@@ -25,8 +25,9 @@
 
 namespace vaultfs::vault::db {
 
-// What a NULL parameter stands in for (PostgreSQL types its parameters).
-enum class Type { integer, text, blob };
+// What a NULL parameter stands in for (PostgreSQL types its parameters);
+// `any`: whatever the column is (the server infers it).
+enum class Type { integer, text, blob, any };
 
 // A prepared statement of one engine, owned by its Connection's cache.
 class Statement {
@@ -45,6 +46,11 @@ public:
     virtual std::vector<std::uint8_t> blob(int column) const = 0;
     // Forgets the result and the bindings, ready for the next use.
     virtual void reset() = 0;
+    // The row's shape (copying a store between engines): columns, their
+    // names, and each value's type (nullopt: NULL).
+    virtual int column_count() const = 0;
+    virtual std::string column_name(int column) const = 0;
+    virtual std::optional<Type> column_type(int column) const = 0;
 };
 
 // A prepared statement in use; resets it on destruction.
@@ -114,6 +120,9 @@ public:
         return is_null(column) ? std::nullopt : std::optional<std::string>(text(column));
     }
     std::vector<std::uint8_t> blob(int column) const { return s_->blob(column); }
+    int column_count() const { return s_->column_count(); }
+    std::string column_name(int column) const { return s_->column_name(column); }
+    std::optional<Type> column_type(int column) const { return s_->column_type(column); }
 
 private:
     Statement* s_;

@@ -88,7 +88,11 @@ public:
     }
     void bind_null(int index, db::Type type) override
     {
-        slot(index, type == db::Type::integer ? int8_oid : type == db::Type::text ? text_oid : bytea_oid).null = true;
+        const Oid oid = type == db::Type::integer ? int8_oid
+                        : type == db::Type::text  ? text_oid
+                        : type == db::Type::blob  ? bytea_oid
+                                                  : 0;  // the server infers it
+        slot(index, oid).null = true;
     }
 
     Result<bool> step() override
@@ -129,6 +133,19 @@ public:
     {
         const auto* p = reinterpret_cast<const std::uint8_t*>(PQgetvalue(result_, row_, column));
         return std::vector<std::uint8_t>(p, p + PQgetlength(result_, row_, column));
+    }
+    int column_count() const override { return PQnfields(result_); }
+    std::string column_name(int column) const override { return PQfname(result_, column); }
+    std::optional<db::Type> column_type(int column) const override
+    {
+        if (is_null(column))
+            return std::nullopt;
+        const Oid t = PQftype(result_, column);
+        if (t == bytea_oid)
+            return db::Type::blob;
+        if (t == int8_oid || t == int4_oid || t == int2_oid || t == bool_oid)
+            return db::Type::integer;
+        return db::Type::text;
     }
     void reset() override
     {

@@ -65,6 +65,21 @@ public:
         sqlite3_reset(stmt_);
         sqlite3_clear_bindings(stmt_);
     }
+    int column_count() const override { return sqlite3_column_count(stmt_); }
+    std::string column_name(int column) const override { return sqlite3_column_name(stmt_, column); }
+    std::optional<db::Type> column_type(int column) const override
+    {
+        switch (sqlite3_column_type(stmt_, column)) {
+        case SQLITE_NULL:
+            return std::nullopt;
+        case SQLITE_INTEGER:
+            return db::Type::integer;
+        case SQLITE_BLOB:
+            return db::Type::blob;
+        default:
+            return db::Type::text;
+        }
+    }
 
 private:
     sqlite3* db_;

@@ -592,6 +592,24 @@ Result<std::optional<AuditAnchor>> Store::audit_anchor()
     });
 }
 
+Result<void> Store::each_row(const std::string& sql, const std::function<Result<void>(const db::Query&)>& f)
+{
+    return with_reader([&](db::Connection& c) -> Result<void> {
+        auto q = c.query(sql);
+        if (!q)
+            return tl::unexpected(q.error());
+        for (;;) {
+            auto more = q->step();
+            if (!more)
+                return tl::unexpected(more.error());
+            if (!*more)
+                return {};
+            if (auto r = f(*q); !r)
+                return r;
+        }
+    });
+}
+
 Result<void> Store::integrity_check()
 {
     if (shared_)

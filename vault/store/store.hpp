@@ -61,6 +61,7 @@ namespace vaultfs::vault {
 
 namespace db {
 class Connection;
+class Query;
 }
 class Feed;
 
@@ -350,6 +351,10 @@ public:
     Result<std::optional<HostRow>> host_by_name(std::string_view name);
     Result<std::vector<KekGrantRow>> kek_grants_for(std::int64_t host);
     Result<std::optional<std::vector<std::uint8_t>>> kek_check(std::string_view kek_id);
+
+    // Runs `sql` (a whole-table SELECT) and hands every row to `f`
+    // (vault/store/copy.hpp).
+    Result<void> each_row(const std::string& sql, const std::function<Result<void>(const db::Query&)>& f);
 
     // SQLite: PRAGMA integrity_check; Errc::storage naming the first
     // problem. PostgreSQL: the schema is there (the server checks its own).

@@ -1,0 +1,387 @@
+// Several hosts on one PostgreSQL store (README "Several hosts"), with the
+// real parts: a PostgreSQL 15 server of the test's own (and a streaming
+// standby), two or three daemons with their own state directories, tokens
+// and mountpoints, the key ceremony run with the CLI as an admin would.
+#include <openssl/sha.h>
+
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <thread>
+
+#include "fs_support.hpp"
+#include "tests/support/postgres.hpp"
+
+namespace vaultfs::testing {
+namespace {
+
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+// The documented default staleness bound.
+constexpr milliseconds delta{2000};
+
+std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+
+// Polls `done` until it holds or `limit` passes; how long it took (or nullopt).
+template <class F>
+std::optional<milliseconds> within(milliseconds limit, F&& done)
+{
+    const auto start = Clock::now();
+    for (;;) {
+        if (done())
+            return std::chrono::duration_cast<milliseconds>(Clock::now() - start);
+        if (Clock::now() - start > limit)
+            return std::nullopt;
+        std::this_thread::sleep_for(milliseconds(20));
+    }
+}
+
+// A host of the store: a state and a mountpoint of its own (not yet made).
+struct Host {
+    explicit Host(const std::string& name) : name(name), mount(MountOptions{.init = false}) {}
+    Outcome cli(const std::string& args) const
+    {
+        return shell(mount.binary + " " + args + " --state " + mount.state + " 2>" + mount.root + "/cli.stderr");
+    }
+    std::string cli_stderr() const { return slurp(mount.root + "/cli.stderr"); }
+    std::string name;
+    Mount mount;
+};
+
+// A join request with its transport key swapped for another's, and the
+// fingerprint recomputed as the format defines it (README "Several hosts"):
+// well-formed, but not the key that host registered.
+std::string with_transport_of(const std::string& request, const std::string& other)
+{
+    json r = json::parse(request);
+    r["transport_public"] = json::parse(other)["transport_public"];
+    const std::string text = "vaultfs join request v1\n" + r["host"].get<std::string>() + "\n" +
+                             r["transport_public"].get<std::string>() + "\n" + r["signing_public"].get<std::string>() +
+                             "\n" + r["nonce"].get<std::string>();
+    unsigned char d[32];
+    SHA256(reinterpret_cast<const unsigned char*>(text.data()), text.size(), d);
+    std::string fp;
+    for (int i = 0; i < 32; ++i) {
+        char b[3];
+        std::snprintf(b, sizeof b, "%02x", d[i]);
+        if (i > 0 && i % 4 == 0)
+            fp += '-';
+        fp += b;
+    }
+    r["fingerprint"] = fp;
+    return r.dump();
+}
+
+std::string write_temp(const Host& h, const std::string& name, const std::string& text)
+{
+    const std::string path = h.mount.root + "/" + name;
+    std::ofstream(path) << text;
+    return path;
+}
+
+// Runs the ceremony for `joining` with `enrolled`'s daemon; the request.
+std::string enrol(Host& enrolled, Host& joining, const std::string& url)
+{
+    auto req = joining.cli("join request --store " + url + " --host " + joining.name);
+    INFO(joining.cli_stderr());
+    REQUIRE(req.err == 0);
+    const std::string request = first_line(req.data);
+    const std::string req_file = write_temp(joining, "join.req", request);
+    const auto fp = json::parse(request)["fingerprint"].get<std::string>();
+    CHECK(joining.cli_stderr().find(fp) != std::string::npos);  // printed for the out-of-band check
+    auto grant = enrolled.cli("join grant --fingerprint " + fp + " " + req_file);
+    INFO(enrolled.cli_stderr());
+    REQUIRE(grant.err == 0);
+    const std::string grant_file = write_temp(joining, "join.grant", first_line(grant.data));
+    auto accepted = joining.cli("join accept " + grant_file);
+    INFO(joining.cli_stderr());
+    REQUIRE(accepted.err == 0);
+    return request;
+}
+
+TEST_CASE("two hosts on one PostgreSQL: the key ceremony, writes and revocations within the bound, concurrent "
+          "writers, vaults made on either",
+          "[hosts][pg]")
+{
+    PgServer pg;
+    const std::string url = pg.new_database();
+    Host alpha("alpha"), beta("beta"), gamma("gamma");
+    {
+        auto r = alpha.cli("init --store " + url + " --host alpha");
+        INFO(alpha.cli_stderr() << r.data);
+        REQUIRE(r.err == 0);
+    }
+    alpha.mount.start();
+    REQUIRE(make_dir(alpha.mount.path("payments")).err == 0);
+    REQUIRE(write_file(alpha.mount.path("payments/db"), "first").err == 0);
+
+    // ---- the ceremony, and its failures ------------------------------------------------
+    auto req = beta.cli("join request --store " + url + " --host beta");
+    INFO(beta.cli_stderr());
+    REQUIRE(req.err == 0);
+    const std::string request = first_line(req.data);
+    const std::string fp = json::parse(request)["fingerprint"].get<std::string>();
+    const std::string req_file = write_temp(beta, "join.req", request);
+    // Not enrolled yet: beta does not serve.
+    auto early = beta.mount.start_expecting_failure();
+    CHECK(early.err != 0);
+    CHECK(early.data.find("not enrolled") != std::string::npos);
+
+    // A request altered in transit (its key swapped, fingerprint redone).
+    auto g_req = gamma.cli("join request --store " + url + " --host gamma");
+    REQUIRE(g_req.err == 0);
+    const std::string gamma_request = first_line(g_req.data);
+    const std::string tampered = write_temp(beta, "tampered.req", with_transport_of(request, gamma_request));
+    auto t = alpha.cli("join grant " + tampered);
+    CHECK(t.err != 0);
+    CHECK(alpha.cli_stderr().find("not the ones host 'beta' registered") != std::string::npos);
+    CHECK(alpha.mount.last_audit("host_grant")["result"] == "EINVAL");
+    // Edited without redoing the fingerprint; or a fingerprint the admin was not given.
+    json edited = json::parse(request);
+    edited["host"] = "mallory";
+    CHECK(alpha.cli("join grant " + write_temp(beta, "edited.req", edited.dump())).err != 0);
+    CHECK(alpha.cli_stderr().find("altered") != std::string::npos);
+    CHECK(alpha.cli("join grant --fingerprint 00000000-1 " + req_file).err != 0);
+    CHECK(alpha.cli_stderr().find("not the 00000000-1 you were given") != std::string::npos);
+
+    // Beta's own grant; and gamma's, which beta refuses.
+    auto grant = alpha.cli("join grant --fingerprint " + fp + " " + req_file);
+    INFO(alpha.cli_stderr());
+    REQUIRE(grant.err == 0);
+    auto gamma_grant = alpha.cli("join grant " + write_temp(gamma, "join.req", gamma_request));
+    REQUIRE(gamma_grant.err == 0);
+    CHECK(beta.cli("join accept " + write_temp(beta, "other.grant", first_line(gamma_grant.data))).err != 0);
+    CHECK(beta.cli_stderr().find("the grant is for host 'gamma'") != std::string::npos);
+    const auto g = json::parse(first_line(grant.data));
+    CHECK(g["keks"].size() == 1);
+    const std::string grant_file = write_temp(beta, "join.grant", first_line(grant.data));
+    // A grant whose signature does not check (its list of KEKs edited).
+    json forged = g;
+    forged["time"] = forged["time"].get<std::int64_t>() + 1;
+    CHECK(beta.cli("join accept " + write_temp(beta, "forged.grant", forged.dump())).err != 0);
+    CHECK(beta.cli_stderr().find("signature is not alpha's") != std::string::npos);
+    auto accepted = beta.cli("join accept " + grant_file);
+    INFO(beta.cli_stderr());
+    REQUIRE(accepted.err == 0);
+    CHECK(accepted.data.find("1 KEKs imported") != std::string::npos);
+    CHECK(beta.cli("join accept " + grant_file).err != 0);
+    CHECK(beta.cli_stderr().find("replayed") != std::string::npos);
+    std::vector<std::string> grants_to_beta;
+    for (const auto& rec : alpha.mount.audit())
+        if (rec.value("op", "") == "host_grant" && rec.value("attribute", "") == "beta")
+            grants_to_beta.push_back(rec.value("result", ""));
+    CHECK(grants_to_beta == std::vector<std::string>{"EINVAL", "EINVAL", "ok"});
+    beta.mount.start();
+    std::vector<std::string> accepts;
+    for (const auto& rec : beta.mount.audit())
+        if (rec.value("op", "") == "host_accept")
+            accepts.push_back(rec.value("result", ""));
+    CHECK(accepts == std::vector<std::string>{"EINVAL", "EIO", "ok", "EEXIST"});
+
+    auto hosts = alpha.cli("host list");
+    REQUIRE(hosts.err == 0);
+    CHECK(hosts.data.find("alpha") != std::string::npos);
+    CHECK(hosts.data.find("beta                 enrolled") != std::string::npos);
+
+    // ---- reads, writes and revocations across hosts, within the bound ---------------
+    CHECK(ok(read_file(beta.mount.path("payments/db"))) == "first");
+    REQUIRE(write_file(alpha.mount.path("payments/db"), "second").err == 0);
+    auto took = within(delta, [&] { return read_file(beta.mount.path("payments/db")).data == "second"; });
+    CHECK(took);
+    TestUser reader("hr");
+    REQUIRE(write_file(alpha.mount.path("payments/.policy"),
+                       "allow uid:0 *\nallow uid:" + std::to_string(reader.uid) + " get\n")
+                .err == 0);
+    CHECK(within(delta, [&] {
+        return as(reader, [&] { return read_file(beta.mount.path("payments/db")); }).err == 0;
+    }));
+    REQUIRE(write_file(alpha.mount.path("payments/.policy"), "allow uid:0 *\n").err == 0);
+    const auto revoked = Clock::now();
+    // Holding nothing in the vault any more, the reader is told it is not there.
+    auto denied = within(delta, [&] {
+        return as(reader, [&] { return read_file(beta.mount.path("payments/db")); }).err == ENOENT;
+    });
+    CHECK(denied);
+    CHECK(Clock::now() - revoked <= delta + milliseconds(200));
+    std::string last_result;
+    for (const auto& rec : beta.mount.audit())
+        if (rec.contains("uid") && rec["uid"] == reader.uid)
+            last_result = rec.value("result", "");
+    CHECK(last_result == "ENOENT");
+    // Read-your-writes on each host.
+    REQUIRE(write_file(beta.mount.path("payments/db"), "third").err == 0);
+    CHECK(ok(read_file(beta.mount.path("payments/db"))) == "third");
+
+    // A vault made on beta: its KEK reaches alpha's token wrapped, and alpha serves it.
+    REQUIRE(make_dir(beta.mount.path("orders")).err == 0);
+    REQUIRE(write_file(beta.mount.path("orders/api-key"), "from beta").err == 0);
+    CHECK(within(delta * 2, [&] { return read_file(alpha.mount.path("orders/api-key")).data == "from beta"; }));
+    CHECK(alpha.mount.last_audit("kek_import")["result"] == "ok");
+
+    // ---- two hosts writing one secret at once: every write a version ----------------
+    const int per_host = 15;
+    std::atomic<int> failures{0};
+    std::vector<std::thread> writers;
+    for (Host* h : {&alpha, &beta})
+        writers.emplace_back([&, h] {
+            for (int i = 0; i < per_host; ++i)
+                if (write_file(h->mount.path("payments/counter"), h->name + "-" + std::to_string(i)).err != 0)
+                    ++failures;
+        });
+    for (auto& w : writers)
+        w.join();
+    CHECK(failures == 0);
+    std::set<std::string> values;
+    for (int n = 1; n <= 2 * per_host; ++n) {
+        auto v = read_file(alpha.mount.path("payments/counter@" + std::to_string(n)));
+        INFO("version " << n);
+        CHECK(v.err == 0);
+        values.insert(v.data);
+    }
+    CHECK(values.size() == 2 * per_host);  // none lost, none twice
+    CHECK(read_file(alpha.mount.path("payments/counter@" + std::to_string(2 * per_host + 1))).err == ENOENT);
+
+    // Each host keeps its own audit trail, and each verifies.
+    const auto va = alpha.mount.verify();
+    INFO(va.data);
+    CHECK(va.err == 0);
+    const auto vb = beta.mount.verify();
+    INFO(vb.data);
+    CHECK(vb.err == 0);
+    // A removed host gets no more KEKs; it cannot remove itself.
+    CHECK(beta.cli("host remove beta").err != 0);
+    REQUIRE(alpha.cli("host remove gamma").err == 0);
+    CHECK(alpha.cli("host list").data.find("gamma") == std::string::npos);
+}
+
+TEST_CASE("PostgreSQL stopped: reads fail closed after the bound, audited, and resume by themselves", "[hosts][pg]")
+{
+    PgServer pg;
+    const std::string url = pg.new_database();
+    Host alpha("alpha");
+    REQUIRE(alpha.cli("init --store " + url + " --host alpha").err == 0);
+    alpha.mount.start();
+    REQUIRE(make_dir(alpha.mount.path("payments")).err == 0);
+    REQUIRE(write_file(alpha.mount.path("payments/db"), "value").err == 0);
+    CHECK(ok(read_file(alpha.mount.path("payments/db"))) == "value");
+
+    pg.stop(true);  // -m immediate
+    const auto stopped = Clock::now();
+    auto closed = within(delta * 3, [&] { return read_file(alpha.mount.path("payments/db")).err == EIO; });
+    REQUIRE(closed);
+    CHECK(Clock::now() - stopped <= delta + milliseconds(1500));
+    const auto records = alpha.mount.audit();
+    std::string tail;
+    for (std::size_t i = records.size() > 6 ? records.size() - 6 : 0; i < records.size(); ++i)
+        tail += records[i].dump() + "\n";
+    INFO(tail);
+    INFO(alpha.mount.daemon_stderr());
+    const auto rec = alpha.mount.last_audit("get");
+    CHECK(rec["result"] == "EIO");
+    // Unreachable at once (the session is gone), or not fresh once the bound passed.
+    const std::string reason = rec.value("reason", "");
+    CHECK((reason.find("staleness bound 2000 ms") != std::string::npos ||
+           reason.find("PostgreSQL") != std::string::npos));
+    CHECK(write_file(alpha.mount.path("payments/db"), "while down").err != 0);
+
+    REQUIRE(pg.start());
+    CHECK(within(milliseconds(15000), [&] { return read_file(alpha.mount.path("payments/db")).data == "value"; }));
+    CHECK(within(milliseconds(5000), [&] { return write_file(alpha.mount.path("payments/db"), "after").err == 0; }));
+    CHECK(ok(read_file(alpha.mount.path("payments/db"))) == "after");
+}
+
+TEST_CASE("failover: the primary killed, the synchronous standby promoted, every acknowledged write is there",
+          "[hosts][pg][failover]")
+{
+    PgServer primary;
+    const std::string db_url = primary.new_database();
+    const std::string db = db_url.substr(db_url.rfind('/') + 1);
+    auto standby = PgServer::standby_of(primary, "standby1");
+    // From now on a commit returns once the standby has it too.
+    bool ok_sync = false;
+    primary.psql("ALTER SYSTEM SET synchronous_standby_names = 'standby1'", "postgres", &ok_sync);
+    REQUIRE(ok_sync);
+    primary.psql("SELECT pg_reload_conf()", "postgres", &ok_sync);
+    REQUIRE(ok_sync);
+    // The sync standby must be streaming before writes are acknowledged.
+    REQUIRE(within(milliseconds(20000), [&] {
+        return primary.psql("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'standby1'") == "sync";
+    }));
+    const std::string url = "postgresql://postgres@127.0.0.1:" + std::to_string(primary.port()) + ",127.0.0.1:" +
+                            std::to_string(standby->port()) + "/" + db + "?target_session_attrs=read-write";
+    Host alpha("alpha");
+    {
+        auto r = alpha.cli("init --store '" + url + "' --host alpha");
+        INFO(alpha.cli_stderr());
+        REQUIRE(r.err == 0);
+    }
+    alpha.mount.start();
+    REQUIRE(make_dir(alpha.mount.path("payments")).err == 0);
+    int acknowledged = 0;
+    for (; acknowledged < 20; ++acknowledged)
+        REQUIRE(write_file(alpha.mount.path("payments/s" + std::to_string(acknowledged)), "v").err == 0);
+
+    primary.stop(true);
+    REQUIRE(standby->promote());
+    // The daemon finds the new primary through the multi-host string.
+    auto back = within(milliseconds(30000), [&] { return write_file(alpha.mount.path("payments/after"), "x").err == 0; });
+    INFO(alpha.mount.daemon_stderr());
+    REQUIRE(back);
+    for (int i = 0; i < acknowledged; ++i) {
+        INFO("secret s" << i);
+        CHECK(ok(read_file(alpha.mount.path("payments/s" + std::to_string(i)))) == "v");
+    }
+    CHECK(ok(read_file(alpha.mount.path("payments/after"))) == "x");
+    CHECK(alpha.mount.verify().err == 0);
+}
+
+TEST_CASE("migrate --to copies a SQLite state into PostgreSQL as it is, and another host can then join",
+          "[hosts][pg]")
+{
+    PgServer pg;
+    const std::string url = pg.new_database();
+    Mount m;  // SQLite, the default
+    REQUIRE(make_dir(m.path("payments")).err == 0);
+    REQUIRE(write_file(m.path("payments/db"), "one").err == 0);
+    REQUIRE(write_file(m.path("payments/db"), "two").err == 0);
+    m.stop();
+    // Refused while the state is in use elsewhere? No: the daemon is stopped.
+    auto r = shell(m.binary + " migrate --state " + m.state + " --to " + url + " --host alpha 2>&1");
+    INFO(r.data);
+    REQUIRE(r.err == 0);
+    CHECK(r.data.find("nothing decrypted") != std::string::npos);
+    CHECK(slurp(m.state_file("vaultfs.conf")).find("store = " + url) != std::string::npos);
+    // The ciphertext is what SQLite had: same bytes in both.
+    bool ok_pg = false;
+    const std::string db = url.substr(url.rfind('/') + 1);
+    const auto in_pg = pg.psql("SELECT encode(ciphertext, 'hex') FROM versions ORDER BY id", db, &ok_pg);
+    CHECK(ok_pg);
+    const auto in_sqlite = shell("sqlite3 " + m.state_file("vault.db") + " \"SELECT lower(hex(ciphertext)) FROM "
+                                 "versions ORDER BY id\"");
+    CHECK(in_pg + "\n" == in_sqlite.data);
+    m.start();
+    CHECK(ok(read_file(m.path("payments/db"))) == "two");
+    CHECK(ok(read_file(m.path("payments/db@1"))) == "one");
+    CHECK(m.verify().err == 0);
+    // A second host joins the migrated store and reads what was migrated.
+    Host beta("beta");
+    Host* alpha_view = nullptr;
+    (void)alpha_view;
+    auto req = beta.cli("join request --store " + url + " --host beta");
+    REQUIRE(req.err == 0);
+    const std::string req_file = write_temp(beta, "join.req", first_line(req.data));
+    auto grant = shell(m.binary + " join grant --state " + m.state + " " + req_file);
+    REQUIRE(grant.err == 0);
+    REQUIRE(beta.cli("join accept " + write_temp(beta, "join.grant", first_line(grant.data))).err == 0);
+    beta.mount.start();
+    CHECK(ok(read_file(beta.mount.path("payments/db"))) == "two");
+}
+
+}  // namespace
+}  // namespace vaultfs::testing
