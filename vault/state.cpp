@@ -313,7 +313,7 @@ Result<std::vector<std::string>> init_state(const std::string& dir_arg, const In
     if (!store)
         return tl::unexpected(store.error());
     if (config.store) {
-        hosts::Enrolment enrolment(**store, **keys, config.host, *signing);
+        hosts::Enrolment enrolment(**store, **keys, config.host, *signing, dir + "/" + hosts::trust_file_name);
         auto req = enrolment.register_host(options.join ? "requested" : "enrolled");
         if (!req)
             return tl::unexpected(req.error());
@@ -438,7 +438,8 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
             return objects->plan_restore(caller, target, source, docs);
         };
         if (c.store) {
-            st->enrolment = std::make_unique<hosts::Enrolment>(*st->store, *st->keys, c.host, signing_key);
+            st->enrolment = std::make_unique<hosts::Enrolment>(*st->store, *st->keys, c.host, signing_key,
+                                                               dir + "/" + hosts::trust_file_name);
             hosts::Enrolment* enrolment = st->enrolment.get();
             options.on_new_kek = [enrolment](Store::Transaction& tx, const hsm::KeyId& kek) {
                 return enrolment->wrap_for_hosts(tx, kek);

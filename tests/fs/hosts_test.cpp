@@ -224,6 +224,25 @@ TEST_CASE("two hosts on one PostgreSQL: the key ceremony, writes and revocations
     CHECK(within(delta * 2, [&] { return read_file(alpha.mount.path("orders/api-key")).data == "from beta"; }));
     CHECK(alpha.mount.last_audit("kek_import")["result"] == "ok");
 
+    // A host row written into the database directly (no grant, no signature)
+    // gets no KEK: new vaults are wrapped only for enrolments a trusted host signed.
+    Host mallory("mallory");
+    REQUIRE(mallory.cli("join request --store " + url + " --host mallory").err == 0);
+    const std::string db = url.substr(url.rfind('/') + 1);
+    bool sql_ok = false;
+    pg.psql("UPDATE hosts SET status = 'enrolled', enrolled_by = 'alpha' WHERE name = 'mallory'", db, &sql_ok);
+    REQUIRE(sql_ok);
+    REQUIRE(make_dir(alpha.mount.path("billing")).err == 0);
+    const auto grants_for = [&](const std::string& host) {
+        return pg.psql("SELECT count(*) FROM kek_grants g JOIN hosts h ON h.id = g.host JOIN vaults v ON "
+                       "v.kek_id = g.kek_id WHERE v.name = 'billing' AND h.name = '" + host + "'",
+                       db);
+    };
+    CHECK(grants_for("beta") == "1");
+    CHECK(grants_for("mallory") == "0");
+    CHECK(alpha.mount.daemon_stderr().find("host 'mallory' has no enrolment signed by a host this one trusts") !=
+          std::string::npos);
+
     // ---- two hosts writing one secret at once: every write a version ----------------
     const int per_host = 15;
     std::atomic<int> failures{0};

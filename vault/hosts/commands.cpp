@@ -49,7 +49,7 @@ Result<std::vector<std::string>> migrate_store(const std::string& state_dir, con
                                              copied.error().message);
     done.push_back(std::to_string(*copied) + " rows copied into " + (*target)->path() +
                    " as they are (ciphertext, sealed DEKs, signatures: nothing decrypted)");
-    Enrolment enrolment(**target, *(*st)->keys, host, signing_key);
+    Enrolment enrolment(**target, *(*st)->keys, host, signing_key, config.state_dir + "/" + trust_file_name);
     auto registered = enrolment.register_host("enrolled");
     if (!registered)
         return tl::unexpected(registered.error());

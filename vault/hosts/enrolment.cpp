@@ -4,7 +4,11 @@
 #include <openssl/sha.h>
 #include <spdlog/spdlog.h>
 
+#include <sys/stat.h>
+
+#include <algorithm>
 #include <array>
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "hsm/hex.hpp"
@@ -49,6 +53,14 @@ std::string grant_body(const json& g)
     json body = g;
     body.erase("signature");
     return body.dump();
+}
+
+// What a host's enrolment signature covers.
+std::array<std::uint8_t, 32> enrolment_digest(const std::string& name, const std::vector<std::uint8_t>& transport,
+                                              const std::vector<std::uint8_t>& signing, const std::string& by)
+{
+    return sha256("vaultfs host enrolment v1\n" + name + "\n" + hsm::to_hex(transport) + "\n" + hsm::to_hex(signing) +
+                  "\n" + by);
 }
 
 void record(audit::Log* log, std::string_view op, std::string_view host, std::string_view result,
@@ -104,9 +116,79 @@ Result<Request> parse_request(const std::string& text)
     return r;
 }
 
-Enrolment::Enrolment(Store& store, hsm::Pkcs11KeyService& keys, std::string host, hsm::KeyId signing_key)
-    : store_(store), keys_(keys), host_(std::move(host)), signing_key_(std::move(signing_key))
+Enrolment::Enrolment(Store& store, hsm::Pkcs11KeyService& keys, std::string host, hsm::KeyId signing_key,
+                     std::string trust_file)
+    : store_(store),
+      keys_(keys),
+      host_(std::move(host)),
+      signing_key_(std::move(signing_key)),
+      trust_file_(std::move(trust_file))
 {
+}
+
+Result<std::vector<std::vector<std::uint8_t>>> Enrolment::trusted_keys()
+{
+    std::vector<std::vector<std::uint8_t>> keys;
+    auto own = keys_.public_key_der(signing_key_);
+    if (!own)
+        return fail(Errc::key_unavailable, "the token does not give the audit key: " + own.error().message);
+    keys.push_back(*own);
+    std::ifstream in(trust_file_);
+    std::string line;
+    while (std::getline(in, line)) {
+        const auto hex = line.substr(0, line.find(' '));
+        if (auto der = hsm::from_hex(hex); der && !der->empty())
+            keys.push_back(*der);
+    }
+    return keys;
+}
+
+Result<void> Enrolment::trust(const std::vector<std::uint8_t>& signing_public)
+{
+    auto known = trusted_keys();
+    if (!known)
+        return tl::unexpected(known.error());
+    if (std::find(known->begin(), known->end(), signing_public) != known->end())
+        return {};
+    std::ofstream out(trust_file_, std::ios::app);
+    out << hsm::to_hex(signing_public) << "\n";
+    out.flush();
+    if (!out)
+        return fail(Errc::storage, "cannot write " + trust_file_);
+    ::chmod(trust_file_.c_str(), 0600);
+    return {};
+}
+
+Result<void> Enrolment::check_enrolment(const std::vector<HostRow>& hosts, const HostRow& h)
+{
+    auto trusted = trusted_keys();
+    if (!trusted)
+        return tl::unexpected(trusted.error());
+    const HostRow* cur = &h;
+    for (std::size_t step = 0; step <= hosts.size(); ++step) {
+        const std::string by = cur->enrolled_by.value_or("");
+        const HostRow* granter = nullptr;
+        for (const auto& other : hosts)
+            if (other.name == by)
+                granter = &other;
+        if (granter == nullptr || cur->enrolment_sig.empty())
+            break;
+        auto pem = public_key_pem(granter->signing_public);
+        if (!pem)
+            break;
+        const SignatureVerifier verifier(*pem);
+        if (!verifier.usable() ||
+            !verifier.verify(enrolment_digest(cur->name, cur->transport_public, cur->signing_public, by),
+                             cur->enrolment_sig))
+            break;
+        if (std::find(trusted->begin(), trusted->end(), granter->signing_public) != trusted->end())
+            return {};
+        if (granter == cur)
+            break;  // a root this host does not trust
+        cur = granter;
+    }
+    return fail(Errc::integrity, "host '" + h.name + "' has no enrolment signed by a host this one trusts "
+                                 "(a row written into the database directly?): no KEK is wrapped for it");
 }
 
 Result<Request> Enrolment::register_host(const std::string& status)
@@ -138,7 +220,15 @@ Result<Request> Enrolment::register_host(const std::string& status)
                 *signing_public,
                 now,
                 status == "enrolled" ? std::optional<Micros>(now) : std::nullopt,
-                status == "enrolled" ? std::optional<std::string>(host_) : std::nullopt};
+                status == "enrolled" ? std::optional<std::string>(host_) : std::nullopt,
+                {}};
+    if (status == "enrolled") {
+        auto sig = keys_.sign_digest(signing_key_,
+                                     enrolment_digest(host_, *transport_public, *signing_public, host_));
+        if (!sig)
+            return fail(Errc::key_unavailable, "cannot sign this host's enrolment: " + sig.error().message);
+        row.enrolment_sig = *sig;
+    }
     std::int64_t id = 0;
     auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
         auto made = tx.insert_host(row);
@@ -183,6 +273,10 @@ Result<void> Enrolment::wrap_for_hosts(Store::Transaction& tx, const hsm::KeyId&
     for (const auto& h : *hosts) {
         if (h.status != "enrolled" || h.id == tx.host())
             continue;
+        if (auto r = check_enrolment(*hosts, h); !r) {
+            spdlog::error("{}", r.error().message);
+            continue;
+        }
         auto wrapped = keys_.wrap_kek(kek, h.transport_public);
         if (!wrapped)
             return fail(Errc::key_unavailable,
@@ -252,7 +346,11 @@ Result<std::string> Enrolment::grant(const std::string& request_text, const std:
                             {"wrapped_key", hsm::to_hex(wrapped->wrapped_key)},
                             {"wrapped_kek", hsm::to_hex(wrapped->wrapped_kek)}});
         }
-        return tx.enrol_host((*row)->id, now_micros(), host_);
+        auto sig = keys_.sign_digest(signing_key_, enrolment_digest(req->host, req->transport_public,
+                                                                     req->signing_public, host_));
+        if (!sig)
+            return fail(Errc::key_unavailable, "cannot sign the enrolment: " + sig.error().message);
+        return tx.enrol_host((*row)->id, now_micros(), host_, *sig);
     });
     if (!w)
         return refuse(req->host, w.error());
@@ -267,6 +365,8 @@ Result<std::string> Enrolment::grant(const std::string& request_text, const std:
     if (!sig)
         return refuse(req->host, Error{Errc::key_unavailable, "cannot sign the grant: " + sig.error().message});
     g["signature"] = hsm::to_hex(*sig);
+    if (auto r = trust(req->signing_public); !r)
+        return refuse(req->host, r.error());
     record(audit, "host_grant", req->host, "ok", std::to_string(keks.size()) + " KEKs wrapped for it");
     return g.dump();
 }
@@ -349,6 +449,8 @@ Result<std::size_t> Enrolment::accept(const std::string& grant_text, audit::Log*
         ++imported;
     }
     if (auto r = store_.write([&](Store::Transaction& tx) { return tx.set_setting(accepted_setting, **mine); }); !r)
+        return refuse(r.error());
+    if (auto r = trust((*granter)->signing_public); !r)
         return refuse(r.error());
     record(audit, "host_accept", host_, "ok", std::to_string(imported) + " KEKs imported, granted by " + by);
     return imported;

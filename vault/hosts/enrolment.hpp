@@ -19,6 +19,13 @@
 //    sealed block the KEK's creator stored), so a KEK is never taken on
 //    trust.
 //
+// Every enrolment is signed: the granting host signs the new host's row
+// (name, both public keys, who enrolled it) with its audit key, and each
+// host keeps the audit keys of the hosts it granted or was granted by in
+// STATE/trusted-hosts. A host wraps KEKs only for a row whose signatures
+// lead back to a key it trusts, so that write access to the database alone
+// does not make a host.
+//
 // Later vaults: whoever creates a KEK wraps it at once for every other
 // enrolled host (wrap_for_hosts, in the vault's own transaction), and each
 // daemon imports what was granted to it (import_granted) when it starts and
@@ -54,11 +61,16 @@ Result<Request> parse_request(const std::string& text);
 // whether a grant for it was accepted already.
 inline constexpr const char* request_setting = "join_request";
 inline constexpr const char* accepted_setting = "join_accepted";
+// In the state directory: the audit keys of the hosts this one trusts.
+inline constexpr const char* trust_file_name = "trusted-hosts";
 
 // A host's own view of the ceremony: its store, its token, its name.
 class Enrolment {
 public:
-    Enrolment(Store& store, hsm::Pkcs11KeyService& keys, std::string host, hsm::KeyId signing_key);
+    // `trust_file`: the state directory's list of other hosts' audit keys
+    // this host trusts (it granted them, or they granted it).
+    Enrolment(Store& store, hsm::Pkcs11KeyService& keys, std::string host, hsm::KeyId signing_key,
+              std::string trust_file);
 
     // Step 1 on a host not yet in the store. `status` "requested", or
     // "enrolled" for the first host of a store (init, migrate), which
@@ -79,14 +91,23 @@ public:
 
     Result<void> remove_host(const std::string& name, audit::Log* audit);
 
+    // Whether `h`'s row was signed, at enrolment, by a host this one trusts
+    // (itself, a host in the trust file, or one such a host enrolled): KEKs
+    // are wrapped only for such hosts, never for a row someone wrote into
+    // the database.
+    Result<void> check_enrolment(const std::vector<HostRow>& hosts, const HostRow& h);
+
 private:
     Result<void> import_one(const KekGrantRow& grant);
+    Result<std::vector<std::vector<std::uint8_t>>> trusted_keys();
+    Result<void> trust(const std::vector<std::uint8_t>& signing_public);
     Result<std::vector<std::uint8_t>> make_check(const hsm::KeyId& kek);
 
     Store& store_;
     hsm::Pkcs11KeyService& keys_;
     const std::string host_;
     const hsm::KeyId signing_key_;
+    const std::string trust_file_;
 };
 
 }  // namespace vaultfs::vault::hosts

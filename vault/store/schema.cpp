@@ -168,7 +168,8 @@ CREATE TABLE hosts (
   signing_public   BLOB NOT NULL,
   requested        INTEGER NOT NULL,
   enrolled         INTEGER,
-  enrolled_by      TEXT
+  enrolled_by      TEXT,
+  enrolment_sig    BLOB NOT NULL DEFAULT X''
 );
 CREATE TABLE kek_grants (
   kek_id      TEXT NOT NULL,
@@ -273,7 +274,8 @@ CREATE TABLE hosts (
   signing_public   BYTEA NOT NULL,
   requested        BIGINT NOT NULL,
   enrolled         BIGINT,
-  enrolled_by      TEXT
+  enrolled_by      TEXT,
+  enrolment_sig    BYTEA NOT NULL DEFAULT ''
 );
 CREATE TABLE settings (
   host  BIGINT NOT NULL,

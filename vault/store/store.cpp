@@ -445,6 +445,11 @@ Result<std::optional<SecretVersion>> Store::secret_with_current(SecretId id)
 
 Result<std::optional<SecretVersion>> Store::secret_with_version_id(VersionId id)
 {
+    return cached(by_version_, id.value, [&] { return secret_with_version_id_uncached(id); });
+}
+
+Result<std::optional<SecretVersion>> Store::secret_with_version_id_uncached(VersionId id)
+{
     return with_reader([&](db::Connection& c) {
         return first<SecretVersion>(
             c, "SELECT " JOINED_COLUMNS " FROM versions v JOIN secrets s ON s.id = v.secret_id WHERE v.id = ?",

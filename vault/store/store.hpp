@@ -22,7 +22,7 @@
 //   (vault/store/feed.hpp) follows it by LISTEN/NOTIFY and by polling, and
 //   every change another host commits drops this store's caches.
 // - Caches. The lookups every open makes (a secret by name and by id with
-//   the version `S` stands for) are cached in memory, bounded, and dropped
+//   the version `S` stands for, a version by id with its secret) are cached in memory, bounded, and dropped
 //   by every write this store commits and every change the feed reports.
 //   On SQLite values are read fresh on each open (sealed_for_read), so a
 //   row altered behind the daemon's back still fails authentication; on
@@ -233,6 +233,9 @@ struct HostRow {
     Micros requested = 0;
     std::optional<Micros> enrolled;
     std::optional<std::string> enrolled_by;  // the host that granted it
+    // enrolled_by's audit key's signature over the row (hosts::enrolment_text):
+    // a row written into the database by anyone else does not check.
+    std::vector<std::uint8_t> enrolment_sig;
 };
 
 // A vault KEK wrapped for one host's transport key (hsm::WrappedKey).
@@ -385,6 +388,7 @@ private:
     auto with_reader(F&& f) -> decltype(f(std::declval<db::Connection&>()));
     Result<std::optional<SecretVersion>> secret_with_version_uncached(VaultId vault, std::string_view name);
     Result<std::optional<SealedRead>> sealed_for_read_uncached(VersionId id);
+    Result<std::optional<SecretVersion>> secret_with_version_id_uncached(VersionId id);
     // Runs `f` on a pooled reader connection (for vault/store_objects.cpp).
     Result<void> read(const std::function<Result<void>(db::Connection&)>& f);
     // What `f` (a query returning Result<T>) answers on a reader connection.
@@ -429,6 +433,7 @@ private:
     std::mutex cache_mutex_;
     std::unordered_map<std::string, Cached> by_name_;
     std::unordered_map<std::int64_t, Cached> by_id_;
+    std::unordered_map<std::int64_t, Cached> by_version_;
     static constexpr std::size_t cache_limit = 4096;
     // PostgreSQL only: the sealed rows opens read (sealed_for_read), bounded
     // in bytes.
@@ -518,7 +523,7 @@ public:
     Result<std::int64_t> insert_host(const HostRow& row);
     Result<std::optional<HostRow>> host_by_name(std::string_view name);
     Result<std::vector<HostRow>> hosts();
-    Result<void> enrol_host(std::int64_t host, Micros when, std::string_view by);
+    Result<void> enrol_host(std::int64_t host, Micros when, std::string_view by, std::span<const std::uint8_t> sig);
     // Removes the host with its grants, settings and audit anchor.
     Result<void> remove_host(std::int64_t host);
     Result<void> put_kek_grant(const KekGrantRow& row);

@@ -12,12 +12,12 @@ using db::run;
 namespace {
 
 #define HOST_COLUMNS \
-    "id, name, status, transport_key, transport_public, signing_public, requested, enrolled, enrolled_by"
+    "id, name, status, transport_key, transport_public, signing_public, requested, enrolled, enrolled_by, enrolment_sig"
 
 HostRow read_host(const db::Query& q)
 {
-    return HostRow{q.int64(0), q.text(1),  q.text(2),           q.text(3),         q.blob(4),
-                   q.blob(5),  q.int64(6), q.optional_int64(7), q.optional_text(8)};
+    return HostRow{q.int64(0), q.text(1),  q.text(2),           q.text(3),           q.blob(4),
+                   q.blob(5),  q.int64(6), q.optional_int64(7), q.optional_text(8), q.blob(9)};
 }
 
 KekGrantRow read_grant(const db::Query& q)
@@ -80,7 +80,7 @@ Result<std::int64_t> Store::Transaction::insert_host(const HostRow& h)
 {
     return db::integer(conn_,
                        "INSERT INTO hosts (name, status, transport_key, transport_public, signing_public, requested, "
-                       "enrolled, enrolled_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                       "enrolled, enrolled_by, enrolment_sig) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                        [&](db::Query& q) {
                            q.bind(1, h.name)
                                .bind(2, h.status)
@@ -89,7 +89,8 @@ Result<std::int64_t> Store::Transaction::insert_host(const HostRow& h)
                                .bind_blob(5, h.signing_public)
                                .bind(6, h.requested)
                                .bind(7, h.enrolled)
-                               .bind(8, h.enrolled_by);
+                               .bind(8, h.enrolled_by)
+                               .bind_blob(9, h.enrolment_sig);
                        });
 }
 
@@ -100,10 +101,12 @@ Result<std::optional<HostRow>> Store::Transaction::host_by_name(std::string_view
 
 Result<std::vector<HostRow>> Store::Transaction::hosts() { return all_hosts(conn_); }
 
-Result<void> Store::Transaction::enrol_host(std::int64_t host, Micros when, std::string_view by)
+Result<void> Store::Transaction::enrol_host(std::int64_t host, Micros when, std::string_view by,
+                                           std::span<const std::uint8_t> sig)
 {
-    return run(conn_, "UPDATE hosts SET status = 'enrolled', enrolled = ?, enrolled_by = ? WHERE id = ?",
-               [&](db::Query& q) { q.bind(1, when).bind(2, by).bind(3, host); });
+    return run(conn_,
+               "UPDATE hosts SET status = 'enrolled', enrolled = ?, enrolled_by = ?, enrolment_sig = ? WHERE id = ?",
+               [&](db::Query& q) { q.bind(1, when).bind(2, by).bind_blob(3, sig).bind(4, host); });
 }
 
 Result<void> Store::Transaction::remove_host(std::int64_t host)
