@@ -312,11 +312,24 @@ Result<std::vector<std::string>> init_state(const std::string& dir_arg, const In
                              store_options(config, false));
     if (!store)
         return tl::unexpected(store.error());
+    // A failed init takes its hosts row back too (the name stays free).
+    struct HostCleanup {
+        Store* store = nullptr;
+        bool armed = false;
+        ~HostCleanup()
+        {
+            if (armed && store != nullptr && store->host_id() != 0) {
+                const std::int64_t id = store->host_id();
+                (void)store->write([id](Store::Transaction& tx) { return tx.remove_host(id); });
+            }
+        }
+    } host_cleanup{store->get()};
     if (config.store) {
         hosts::Enrolment enrolment(**store, **keys, config.host, *signing, dir + "/" + hosts::trust_file_name);
         auto req = enrolment.register_host(options.join ? "requested" : "enrolled");
         if (!req)
             return tl::unexpected(req.error());
+        host_cleanup.armed = true;
         if (request != nullptr)
             *request = req->render();
         made.push_back("store                    PostgreSQL " + (*store)->path() +
@@ -345,6 +358,7 @@ Result<std::vector<std::string>> init_state(const std::string& dir_arg, const In
         return tl::unexpected(r.error());
     made.push_back(std::string(config_file_name) + "             configuration: module, token label, PIN source");
     key_cleanup.armed = false;
+    host_cleanup.armed = false;
     cleanup.armed = false;
     return made;
 }
