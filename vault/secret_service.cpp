@@ -571,13 +571,38 @@ Result<std::uint64_t> SecretService::seal_and_commit(const Caller& caller, const
                                                      const std::function<Result<void>(Store::Transaction&)>& also)
 {
     // The version number is taken inside the write transaction (two hosts
-    // writing one secret get two numbers); the DEK is sealed and the value
-    // encrypted there too, as the AAD binds the number. The DEK is made
-    // first, outside: it needs no number.
+    // writing one secret get two numbers). The AAD binds the number, so the
+    // DEK is sealed and the value encrypted for the number the secret's row
+    // expects next, outside the transaction (concurrent writers of
+    // different secrets then only queue for the commit); if the transaction
+    // hands out another number (a concurrent writer of the same secret, on
+    // this host or another), they are sealed again inside it.
     const std::string& kek = v.row.kek_id;
     auto dek = new_dek();
     if (!dek)
         return core_.refuse(ev, dek.error().code, dek.error().message);
+    struct Sealed {
+        std::uint64_t number = 0;
+        std::vector<std::uint8_t> sealed_dek;
+        std::vector<std::uint8_t> nonce, ciphertext;
+    };
+    const auto seal_for = [&](std::uint64_t number) -> Result<Sealed> {
+        const Binding binding{v.row.id, name, number, kek};
+        auto sealed_dek = keys_.seal(hsm::KeyId{kek}, *dek, dek_aad(binding));
+        if (!sealed_dek) {
+            spdlog::error("commit to {}/{}: the token cannot seal a DEK: {}", v.row.name, name,
+                          sealed_dek.error().message);
+            return tl::unexpected(core_.from_hsm(sealed_dek.error()));
+        }
+        auto sealed = seal_value(*dek, value.bytes(), value_aad(binding));
+        if (!sealed)
+            return tl::unexpected(sealed.error());
+        return Sealed{number, std::move(*sealed_dek), std::move(sealed->nonce), std::move(sealed->ciphertext)};
+    };
+    std::optional<Sealed> ahead;
+    if (auto current = store_.secret_with_current(secret); current && *current)
+        if (auto made = seal_for((*current)->secret.next_version); made)
+            ahead = std::move(*made);
     std::uint64_t number = 0;
     bool audited = false;
     auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
@@ -593,20 +618,19 @@ Result<std::uint64_t> SecretService::seal_and_commit(const Caller& caller, const
             return tl::unexpected(allocated.error());
         number = *allocated;
         ev.version = number;
-        const Binding binding{v.row.id, name, number, kek};
-        auto sealed_dek = keys_.seal(hsm::KeyId{kek}, *dek, dek_aad(binding));
-        if (!sealed_dek) {
-            spdlog::error("commit to {}/{}: the token cannot seal a DEK: {}", v.row.name, name,
-                          sealed_dek.error().message);
-            return tl::unexpected(core_.from_hsm(sealed_dek.error()));
+        Sealed sealed;
+        if (ahead && ahead->number == number) {
+            sealed = *ahead;
+        } else {
+            auto again = seal_for(number);
+            if (!again)
+                return tl::unexpected(again.error());
+            sealed = std::move(*again);
         }
-        auto sealed = seal_value(*dek, value.bytes(), value_aad(binding));
-        if (!sealed)
-            return tl::unexpected(sealed.error());
         const Micros now = now_micros();
         const SealedVersion row{VersionRow{VersionId{}, secret, number, value.size(), now, now, caller.who.uid, true,
                                            std::nullopt, std::nullopt, std::nullopt},
-                                kek, std::move(sealed->nonce), std::move(sealed->ciphertext), std::move(*sealed_dek)};
+                                kek, std::move(sealed.nonce), std::move(sealed.ciphertext), std::move(sealed.sealed_dek)};
         if (auto r = tx.insert_version(row); !r)
             return tl::unexpected(r.error());
         if (also)
