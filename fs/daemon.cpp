@@ -276,14 +276,16 @@ private:
             lock.unlock();
             state_.deks->sweep();
             filesystem_.sweep_staging();
-            if (std::chrono::steady_clock::now() >= next_purge) {
+            // Several hosts: one of them runs the rounds (vault/store/store.hpp).
+            const bool leader = state_.store->background_leader();
+            if (leader && std::chrono::steady_clock::now() >= next_purge) {
                 next_purge = std::chrono::steady_clock::now() + state_.config.purge_interval;
                 if (auto n = state_.service->purge_expired(); !n)
                     spdlog::error("automatic purge failed: {}", n.error().message);
                 else if (*n > 0)
                     spdlog::info("automatic purge: {} secret(s) past their retention", *n);
             }
-            if (std::chrono::steady_clock::now() >= next_objects) {
+            if (leader && std::chrono::steady_clock::now() >= next_objects) {
                 next_objects = std::chrono::steady_clock::now() + state_.config.object_policy_interval;
                 const vault::Micros now = vault::now_micros();
                 if (auto n = state_.key_vault->run_policies(now); !n)

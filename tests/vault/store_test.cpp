@@ -739,6 +739,31 @@ TEST_CASE("PostgreSQL: two stores writing one secret at once get distinct number
     CHECK(versions->size() == 4 * per_thread);
 }
 
+TEST_CASE("PostgreSQL: one store at a time leads the background rounds; another takes over when it goes",
+          "[store][pg]")
+{
+    const std::string url = testing::shared_pg().new_database();
+    auto a = create_store(url);
+    auto opened = Store::open(url, Store::Mode::open_existing);
+    REQUIRE(opened);
+    auto b = std::move(*opened);
+    CHECK(a->background_leader());
+    CHECK_FALSE(b->background_leader());
+    CHECK(a->background_leader());  // still
+    a.reset();
+    // b asks again at most every 5 s.
+    const auto start = std::chrono::steady_clock::now();
+    bool took_over = false;
+    while (!took_over && std::chrono::steady_clock::now() - start < std::chrono::seconds(8)) {
+        took_over = b->background_leader();
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+    CHECK(took_over);
+    TempDir dir;
+    auto local = create_store(dir / "vault.db");
+    CHECK(local->background_leader());  // SQLite: always
+}
+
 TEST_CASE("PostgreSQL: another store's write reaches this one's cache within the bound; past it reads fail closed",
           "[store][pg]")
 {

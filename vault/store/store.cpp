@@ -213,6 +213,30 @@ Result<void> Store::refresh_host()
     return {};
 }
 
+bool Store::background_leader()
+{
+    if (!shared_)
+        return true;
+    std::lock_guard lock(leader_mutex_);
+    if (leader_ && !leader_->broken())
+        return true;  // the lock is the session's: held while it lives
+    leader_.reset();
+    // Another host leads: ask again every few seconds, not on every round.
+    const auto now = std::chrono::steady_clock::now();
+    if (now < next_leader_try_)
+        return false;
+    next_leader_try_ = now + std::chrono::seconds(5);
+    auto c = connect(false);
+    if (!c)
+        return false;
+    auto got = db::integer(**c, "SELECT CASE WHEN pg_try_advisory_lock(7261537) THEN 1 ELSE 0 END",
+                           [](db::Query&) {});
+    if (!got || *got != 1)
+        return false;
+    leader_ = std::move(*c);
+    return true;
+}
+
 std::int64_t Store::revision() const { return feed_ ? feed_->revision() : 0; }
 
 Result<void> Store::fresh() const

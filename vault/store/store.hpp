@@ -287,6 +287,11 @@ public:
     std::int64_t revision() const;
     Result<void> fresh() const;
     std::chrono::milliseconds staleness_bound() const { return options_.staleness_bound; }
+    // Whether this process runs the background rounds (purge, rotation,
+    // renewal): always on SQLite; on PostgreSQL the one host holding the
+    // store's advisory lock, so that two hosts never rotate one key twice.
+    bool background_leader();
+
     // Called on the feed's thread when another host's change has been seen
     // (before reads see it as fresh): the daemon imports KEKs granted to it.
     void on_change(std::function<void()> f);
@@ -420,6 +425,9 @@ private:
     std::unique_ptr<Feed> feed_;
     std::mutex change_mutex_;
     std::function<void()> on_change_;
+    std::mutex leader_mutex_;
+    std::unique_ptr<db::Connection> leader_;  // holds the advisory lock while this host leads
+    std::chrono::steady_clock::time_point next_leader_try_{};
 
     std::mutex readers_mutex_;
     std::vector<std::unique_ptr<db::Connection>> idle_readers_;
