@@ -23,8 +23,10 @@ using nlohmann::json;
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
-// The documented default staleness bound.
+// The documented default staleness bound, and what a poll from the test
+// adds to it (each poll of another uid's read forks a process).
 constexpr milliseconds delta{2000};
+constexpr milliseconds poll_slack{500};
 
 std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
 
@@ -192,23 +194,23 @@ TEST_CASE("two hosts on one PostgreSQL: the key ceremony, writes and revocations
     // ---- reads, writes and revocations across hosts, within the bound ---------------
     CHECK(ok(read_file(beta.mount.path("payments/db"))) == "first");
     REQUIRE(write_file(alpha.mount.path("payments/db"), "second").err == 0);
-    auto took = within(delta, [&] { return read_file(beta.mount.path("payments/db")).data == "second"; });
+    auto took = within(delta + poll_slack, [&] { return read_file(beta.mount.path("payments/db")).data == "second"; });
     CHECK(took);
     TestUser reader("hr");
     REQUIRE(write_file(alpha.mount.path("payments/.policy"),
                        "allow uid:0 *\nallow uid:" + std::to_string(reader.uid) + " get\n")
                 .err == 0);
-    CHECK(within(delta, [&] {
+    CHECK(within(delta + poll_slack, [&] {
         return as(reader, [&] { return read_file(beta.mount.path("payments/db")); }).err == 0;
     }));
     REQUIRE(write_file(alpha.mount.path("payments/.policy"), "allow uid:0 *\n").err == 0);
     const auto revoked = Clock::now();
     // Holding nothing in the vault any more, the reader is told it is not there.
-    auto denied = within(delta, [&] {
+    auto denied = within(delta + poll_slack, [&] {
         return as(reader, [&] { return read_file(beta.mount.path("payments/db")); }).err == ENOENT;
     });
     CHECK(denied);
-    CHECK(Clock::now() - revoked <= delta + milliseconds(200));
+    CHECK(Clock::now() - revoked <= delta + poll_slack);
     std::string last_result;
     for (const auto& rec : beta.mount.audit())
         if (rec.contains("uid") && rec["uid"] == reader.uid)
