@@ -378,7 +378,6 @@ TEST_CASE("migrate --to copies a SQLite state into PostgreSQL as it is, and anot
     REQUIRE(write_file(m.path("payments/db"), "one").err == 0);
     REQUIRE(write_file(m.path("payments/db"), "two").err == 0);
     m.stop();
-    // Refused while the state is in use elsewhere? No: the daemon is stopped.
     auto r = shell(m.binary + " migrate --state " + m.state + " --to " + url + " --host alpha 2>&1");
     INFO(r.data);
     REQUIRE(r.err == 0);
@@ -398,8 +397,6 @@ TEST_CASE("migrate --to copies a SQLite state into PostgreSQL as it is, and anot
     CHECK(m.verify().err == 0);
     // A second host joins the migrated store and reads what was migrated.
     Host beta("beta");
-    Host* alpha_view = nullptr;
-    (void)alpha_view;
     auto req = beta.cli("join request --store " + url + " --host beta");
     REQUIRE(req.err == 0);
     const std::string req_file = write_temp(beta, "join.req", first_line(req.data));

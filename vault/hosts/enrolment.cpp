@@ -310,12 +310,10 @@ Result<std::string> Enrolment::grant(const std::string& request_text, const std:
         return refuse(req->host, Error{Errc::invalid_argument,
                                        "the request's keys are not the ones host '" + req->host +
                                            "' registered in the store: it was tampered with, or is for another store"});
-    if ((*row)->status == "enrolled" && (*row)->id != 0) {
-        // A second grant for the same request is harmless (it wraps the same
-        // KEKs again), but a host never grants itself.
-        if ((*row)->name == host_)
-            return refuse(req->host, Error{Errc::invalid_argument, "a host does not grant itself"});
-    }
+    // A second grant for the same request is harmless (it wraps the same
+    // KEKs again), but a host never grants itself.
+    if ((*row)->name == host_)
+        return refuse(req->host, Error{Errc::invalid_argument, "a host does not grant itself"});
 
     json keks = json::array();
     auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
@@ -371,18 +369,15 @@ Result<std::string> Enrolment::grant(const std::string& request_text, const std:
     return g.dump();
 }
 
-Result<void> Enrolment::import_one(const KekGrantRow& grant)
+Result<void> Enrolment::import_one(const KekGrantRow& grant, const hsm::KeyId& transport)
 {
     const hsm::KeyId kek{grant.kek_id};
-    auto me = store_.host_by_name(host_);
-    if (!me || !*me)
-        return fail(Errc::not_found, "this host is not in the store");
     auto check = store_.kek_check(grant.kek_id);
     if (!check)
         return tl::unexpected(check.error());
     if (!*check)
         return fail(Errc::integrity, "KEK " + grant.kek_id + " has no check value in the store; it is not taken");
-    if (auto r = keys_.unwrap_kek(hsm::KeyId{(*me)->transport_key},
+    if (auto r = keys_.unwrap_kek(transport,
                                   hsm::Pkcs11KeyService::WrappedKek{grant.wrapped_key, grant.wrapped_kek}, kek,
                                   "vaultfs-kek (from " + grant.granted_by + ")");
         !r)
@@ -444,7 +439,7 @@ Result<std::size_t> Enrolment::accept(const std::string& grant_text, audit::Log*
                               0};
         if (keys_.find_key(hsm::KeyId{row.kek_id}))
             continue;  // already here (imported from the store meanwhile)
-        if (auto r = import_one(row); !r)
+        if (auto r = import_one(row, hsm::KeyId{(*me)->transport_key}); !r)
             return refuse(r.error());
         ++imported;
     }
@@ -460,16 +455,18 @@ Result<std::size_t> Enrolment::import_granted(audit::Log* audit)
 {
     if (store_.host_id() == 0)
         return 0;
+    auto me = store_.host_by_name(host_);
+    if (!me)
+        return tl::unexpected(me.error());
+    if (!*me)
+        return 0;
     // Only once this host has accepted a grant (checked its signature), or
     // is the store's first: before, nothing in the store is taken on trust.
-    auto accepted = store_.setting(accepted_setting);
-    if (!accepted)
-        return tl::unexpected(accepted.error());
-    if (!*accepted) {
-        auto me = store_.host_by_name(host_);
-        if (!me)
-            return tl::unexpected(me.error());
-        if (!*me || (*me)->enrolled_by.value_or("") != host_)
+    if ((*me)->enrolled_by.value_or("") != host_) {
+        auto accepted = store_.setting(accepted_setting);
+        if (!accepted)
+            return tl::unexpected(accepted.error());
+        if (!*accepted)
             return 0;
     }
     auto grants = store_.kek_grants_for(store_.host_id());
@@ -479,7 +476,7 @@ Result<std::size_t> Enrolment::import_granted(audit::Log* audit)
     for (const auto& g : *grants) {
         if (keys_.find_key(hsm::KeyId{g.kek_id}))
             continue;
-        if (auto r = import_one(g); !r) {
+        if (auto r = import_one(g, hsm::KeyId{(*me)->transport_key}); !r) {
             record(audit, "kek_import", host_, result_name(r.error().code), r.error().message);
             return tl::unexpected(r.error());
         }

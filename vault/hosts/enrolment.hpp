@@ -98,7 +98,7 @@ public:
     Result<void> check_enrolment(const std::vector<HostRow>& hosts, const HostRow& h);
 
 private:
-    Result<void> import_one(const KekGrantRow& grant);
+    Result<void> import_one(const KekGrantRow& grant, const hsm::KeyId& transport);
     Result<std::vector<std::vector<std::uint8_t>>> trusted_keys();
     Result<void> trust(const std::vector<std::uint8_t>& signing_public);
     Result<std::vector<std::uint8_t>> make_check(const hsm::KeyId& kek);

@@ -53,11 +53,7 @@ Result<std::vector<HostRow>> Store::hosts()
 
 Result<std::optional<HostRow>> Store::host_by_name(std::string_view name)
 {
-    // Not through with_reader: a host looks itself up before its feed runs.
-    auto conn = connect(true);
-    if (!conn)
-        return tl::unexpected(conn.error());
-    return host_named(**conn, name);
+    return read_one<std::optional<HostRow>>([&](db::Connection& c) { return host_named(c, name); });
 }
 
 Result<std::vector<KekGrantRow>> Store::kek_grants_for(std::int64_t host)
