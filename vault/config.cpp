@@ -320,9 +320,10 @@ std::string render_config(const Config& c)
         << "token_signature = " << hsm::to_string(c.schemes.signature) << "\n";
     if (c.store) {
         out << "# Several hosts share this PostgreSQL store (README \"Several hosts\"); this is one of them\n"
-            << "store = " << *c.store << "\n"
-            << "host = " << c.host << "\n"
-            << "staleness_bound_ms = " << c.staleness_bound.count() << "\n";
+            << "store = " << *c.store << "\n";
+        if (!c.host.empty())
+            out << "host = " << c.host << "\n";
+        out << "staleness_bound_ms = " << c.staleness_bound.count() << "\n";
     } else {
         out << "database = " << c.database << "\n";
     }
