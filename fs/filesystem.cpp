@@ -715,7 +715,8 @@ Reply Filesystem::refuse_mknod(fuse_req_t, fuse_ino_t, const char*, mode_t, dev_
 
 // ---- files ------------------------------------------------------------------------------
 
-Reply Filesystem::open_value(const vault::Caller& caller, const vault::SecretView& view, fuse_file_info* fi)
+Reply Filesystem::open_value(const vault::Caller& caller, const vault::SecretView& view, fuse_file_info* fi,
+                             Caching caching)
 {
     auto charge = this->charge(caller);
     if (!charge)
@@ -724,7 +725,13 @@ Reply Filesystem::open_value(const vault::Caller& caller, const vault::SecretVie
     if (!value)
         return Reply::err(value.error());
     fi->fh = handles_.add(std::make_shared<ValueHandle>(std::move(*value), std::move(*charge)));
-    fi->direct_io = 1;
+    // For the life of this open, the inode of the version `S` stands for
+    // may keep its pages: the kernel then answers the read at EOF (every
+    // program's last read()) from the size it knows, without a round trip.
+    // That inode's size never changes (it is one version's); the open
+    // clears whatever an earlier open left (no keep_cache), and release
+    // drops the pages again.
+    fi->direct_io = caching == Caching::this_open ? 0 : 1;
     fi->keep_cache = 0;
     fi->noflush = 1;  // nothing to commit on close of a reader
     return Reply{Reply::Open{*fi}};
@@ -863,7 +870,7 @@ Reply Filesystem::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi)
                                                    : current_view(caller, node->id);
         if (!view)
             return Reply::err(gone_is_stale(*node, view.error()));
-        return open_value(caller, *view, fi);
+        return open_value(caller, *view, fi, node->kind == NodeKind::current ? Caching::this_open : Caching::none);
     }
     case NodeKind::deleted_secret:
         return Reply::err(EACCES);  // no value until it is recovered
@@ -1117,9 +1124,8 @@ Reply Filesystem::flush(fuse_req_t, fuse_ino_t ino, fuse_file_info* fi)
 Reply Filesystem::release(fuse_req_t, fuse_ino_t ino, fuse_file_info* fi)
 {
     auto h = handles_.remove(fi->fh);
-    // FOPEN_DIRECT_IO keeps read() out of the page cache, but a MAP_PRIVATE
-    // mmap still fills it: whatever a reader's mapping left there is dropped
-    // within 100 ms (and a new mmap of the file drops it first anyway).
+    // What a reader's read() or mmap left in the page cache is dropped
+    // within 100 ms (and the next open of the file drops it first anyway).
     if (h && h->kind == Handle::Kind::value)
         drop_page_cache(ino);
     if (h && h->kind == Handle::Kind::write) {

@@ -151,7 +151,11 @@ private:
     // Attributes of a node as this caller sees it.
     vault::Result<NodeAttr> stat_node(const vault::Caller& caller, Node node);
     Reply entry_for(const vault::Caller& caller, Node node);
-    Reply open_value(const vault::Caller& caller, const vault::SecretView& view, fuse_file_info* fi);
+    // Whether a reader's pages may stay in the page cache while it is open
+    // (only on an inode whose content never changes: `S`'s, per version).
+    enum class Caching { none, this_open };
+    Reply open_value(const vault::Caller& caller, const vault::SecretView& view, fuse_file_info* fi,
+                     Caching caching = Caching::none);
     Reply open_for_write(const vault::Caller& caller, vault::VaultId vault, const std::string& name,
                          vault::SecretService::WriteIntent intent, fuse_file_info* fi, bool reply_create);
     Reply open_policy(const vault::Caller& caller, vault::VaultId vault, fuse_file_info* fi);

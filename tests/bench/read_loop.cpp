@@ -1,8 +1,10 @@
 // read_loop: open + read + close of one file, N times per thread, as a given
 // uid. Prints "ops_per_second". Used by scripts/bench for every system
-// measured, so the loop is the same everywhere.
+// measured, so the loop is the same everywhere. `eof` reads until read()
+// returns 0, as cat, nginx, OpenSSL and every config loader do; `once` makes
+// one read() per open.
 //
-//   read_loop PATH ITERATIONS THREADS [UID GID]
+//   read_loop eof|once PATH ITERATIONS THREADS [UID GID]
 #include <fcntl.h>
 #include <grp.h>
 #include <unistd.h>
@@ -17,10 +19,13 @@
 
 int main(int argc, char** argv)
 {
-    if (argc != 4 && argc != 6) {
-        std::fprintf(stderr, "usage: read_loop PATH ITERATIONS THREADS [UID GID]\n");
+    const bool to_eof = argc > 1 && std::string(argv[1]) == "eof";
+    if ((argc != 5 && argc != 7) || (!to_eof && std::string(argv[1]) != "once")) {
+        std::fprintf(stderr, "usage: read_loop eof|once PATH ITERATIONS THREADS [UID GID]\n");
         return 2;
     }
+    ++argv;
+    --argc;
     const std::string path = argv[1];
     const long iterations = std::atol(argv[2]);
     const int threads = std::atoi(argv[3]);
@@ -42,7 +47,9 @@ int main(int argc, char** argv)
                 ++failures;
                 continue;
             }
-            const ssize_t n = ::read(fd, buf, sizeof buf);
+            ssize_t n = ::read(fd, buf, sizeof buf);
+            if (to_eof && n > 0 && ::read(fd, buf, sizeof buf) != 0)
+                n = -1;  // a 1 KiB file: the second read() is at EOF
             ::close(fd);
             long want = -1;
             if (!expected.compare_exchange_strong(want, n) && want != n)

@@ -152,6 +152,60 @@ TEST_CASE("a reader's mmap leaves no plaintext in the page cache once it closes"
     CHECK(ok(o) == "same " + std::to_string(pages) + " 0");
 }
 
+TEST_CASE("a reader's read() keeps the value in the page cache only while it is open", "[fs][mmap]")
+{
+    Mount m;
+    REQUIRE(make_dir(m.path("cached")).err == 0);
+    const long page = ::sysconf(_SC_PAGESIZE);
+    const std::size_t pages = 3;
+    std::string value(pages * static_cast<std::size_t>(page) - 100, 'r');
+    value[0] = 'A';
+    value.back() = 'Z';
+    REQUIRE(write_file(m.path("cached/key"), value).err == 0);
+
+    // As above: a watcher's untouched mapping tells what sits in the cache.
+    const auto o = as_root([&] {
+        const std::string path = m.path("cached/key");
+        const int watcher_fd = ::open(path.c_str(), O_RDONLY);
+        void* watcher = ::mmap(nullptr, value.size(), PROT_READ, MAP_PRIVATE, watcher_fd, 0);
+        if (watcher_fd < 0 || watcher == MAP_FAILED)
+            return Outcome{errno, "watcher"};
+        const auto resident = [&] {
+            std::vector<unsigned char> in(pages);
+            if (::mincore(watcher, value.size(), in.data()) != 0)
+                return -1;
+            int n = 0;
+            for (const auto b : in)
+                n += b & 1;
+            return n;
+        };
+        // Read until read() returns 0, as cat and every config loader do.
+        const int reader_fd = ::open(path.c_str(), O_RDONLY);
+        if (reader_fd < 0)
+            return Outcome{errno, "reader"};
+        std::string got;
+        char buf[65536];
+        int reads = 0;
+        for (ssize_t n; (n = ::read(reader_fd, buf, sizeof buf)) > 0; ++reads)
+            got.append(buf, static_cast<std::size_t>(n));
+        const int while_open = resident();
+        ::close(reader_fd);
+        int after_close = resident();
+        for (int i = 0; i < 500 && after_close != 0; ++i) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(10));
+            after_close = resident();
+        }
+        ::munmap(watcher, value.size());
+        ::close(watcher_fd);
+        return Outcome{0, (got == value ? "same " : "differs ") + std::to_string(reads) + " " +
+                              std::to_string(while_open) + " " + std::to_string(after_close)};
+    });
+    // One read() brought the whole value, through the page cache while the
+    // reader held it open (the read at EOF needs no round trip then); after
+    // its close the daemon had the kernel drop those pages.
+    CHECK(ok(o) == "same 1 " + std::to_string(pages) + " 0");
+}
+
 TEST_CASE("writes: offsets assemble, EFBIG commits nothing, S@N is read-only", "[fs][token]")
 {
     Mount m;
