@@ -19,9 +19,10 @@
 //    bits (which reflect the other caller's permissions) for at most a
 //    second. It saves one round trip per open, and most of `ls -l`.
 //  - S has an inode per version it stands for (inode.hpp: `current`), so
-//    the kernel's page cache -- filled only by a reader's own mmap -- is
-//    per version: pages a reader keeps alive never reach an opener of
-//    another version.
+//    the kernel's page cache -- filled by a reader of S while it holds S
+//    open, and by a reader's own mmap -- is per version: pages a reader
+//    keeps alive never reach an opener of another version. Each open
+//    clears them and each release drops them (run_invalidations).
 //  - Correctness after writes: a change this daemon makes through an inode
 //    (a new version, an attribute) invalidates that inode's cached
 //    attributes at once (notify_inval_inode, from a separate thread, never
