@@ -30,6 +30,55 @@ void wait_for_release_commit(const std::string& path)
         std::this_thread::sleep_for(std::chrono::milliseconds(10));
 }
 
+// A watcher maps a file and never touches its mapping: mincore() on it
+// reports how many of the file's pages sit in the page cache. (Every open
+// flushes that cache, so the watcher must be in place before a reader fills
+// it.) `ok()` is false if it could not map the file.
+class CacheWatcher {
+public:
+    CacheWatcher(const std::string& path, std::size_t size)
+        : size_(size), fd_(::open(path.c_str(), O_RDONLY)),
+          map_(fd_ < 0 ? MAP_FAILED : ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd_, 0))
+    {
+    }
+    ~CacheWatcher()
+    {
+        if (map_ != MAP_FAILED)
+            ::munmap(map_, size_);
+        if (fd_ >= 0)
+            ::close(fd_);
+    }
+    CacheWatcher(const CacheWatcher&) = delete;
+    CacheWatcher& operator=(const CacheWatcher&) = delete;
+    bool ok() const { return map_ != MAP_FAILED; }
+    int resident() const
+    {
+        const long page = ::sysconf(_SC_PAGESIZE);
+        std::vector<unsigned char> in((size_ + static_cast<std::size_t>(page) - 1) / static_cast<std::size_t>(page));
+        if (::mincore(map_, size_, in.data()) != 0)
+            return -1;
+        int n = 0;
+        for (const auto b : in)
+            n += b & 1;
+        return n;
+    }
+    // What is resident once the daemon had time to drop it (up to 5 s).
+    int resident_after_drop() const
+    {
+        int n = resident();
+        for (int i = 0; i < 500 && n != 0; ++i) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(10));
+            n = resident();
+        }
+        return n;
+    }
+
+private:
+    std::size_t size_;
+    int fd_;
+    void* map_;
+};
+
 }  // namespace
 
 TEST_CASE("the DESIGN walkthrough works as shown", "[fs][token]")
@@ -110,40 +159,21 @@ TEST_CASE("a reader's mmap leaves no plaintext in the page cache once it closes"
     const std::string value(pages * static_cast<std::size_t>(page), 'k');
     REQUIRE(write_file(m.path("mapped/key"), value).err == 0);
 
-    // A watcher maps the file first and never touches its mapping: mincore()
-    // on it reports which of the file's pages sit in the page cache. (Every
-    // open and mmap of a direct-I/O file flushes that cache, so the watcher
-    // must be in place before the reader fills it.)
+    // The watcher must be in place before the reader fills the cache.
     const auto o = as_root([&] {
         const std::string path = m.path("mapped/key");
-        const int watcher_fd = ::open(path.c_str(), O_RDONLY);
-        void* watcher = ::mmap(nullptr, value.size(), PROT_READ, MAP_PRIVATE, watcher_fd, 0);
-        if (watcher_fd < 0 || watcher == MAP_FAILED)
+        const CacheWatcher watcher(path, value.size());
+        if (!watcher.ok())
             return Outcome{errno, "watcher"};
-        const auto resident = [&] {
-            std::vector<unsigned char> in(pages);
-            if (::mincore(watcher, value.size(), in.data()) != 0)
-                return -1;
-            int n = 0;
-            for (const auto b : in)
-                n += b & 1;
-            return n;
-        };
         const int reader_fd = ::open(path.c_str(), O_RDONLY);
         void* reader = ::mmap(nullptr, value.size(), PROT_READ, MAP_PRIVATE, reader_fd, 0);
         if (reader_fd < 0 || reader == MAP_FAILED)
             return Outcome{errno, "reader"};
         const bool same = std::string(static_cast<const char*>(reader), value.size()) == value;
-        const int while_mapped = resident();
+        const int while_mapped = watcher.resident();
         ::munmap(reader, value.size());
         ::close(reader_fd);
-        int after_close = resident();
-        for (int i = 0; i < 500 && after_close != 0; ++i) {
-            std::this_thread::sleep_for(std::chrono::milliseconds(10));
-            after_close = resident();
-        }
-        ::munmap(watcher, value.size());
-        ::close(watcher_fd);
+        const int after_close = watcher.resident_after_drop();
         return Outcome{0, (same ? "same " : "differs ") + std::to_string(while_mapped) + " " +
                               std::to_string(after_close)};
     });
@@ -163,22 +193,11 @@ TEST_CASE("a reader's read() keeps the value in the page cache only while it is 
     value.back() = 'Z';
     REQUIRE(write_file(m.path("cached/key"), value).err == 0);
 
-    // As above: a watcher's untouched mapping tells what sits in the cache.
     const auto o = as_root([&] {
         const std::string path = m.path("cached/key");
-        const int watcher_fd = ::open(path.c_str(), O_RDONLY);
-        void* watcher = ::mmap(nullptr, value.size(), PROT_READ, MAP_PRIVATE, watcher_fd, 0);
-        if (watcher_fd < 0 || watcher == MAP_FAILED)
+        const CacheWatcher watcher(path, value.size());
+        if (!watcher.ok())
             return Outcome{errno, "watcher"};
-        const auto resident = [&] {
-            std::vector<unsigned char> in(pages);
-            if (::mincore(watcher, value.size(), in.data()) != 0)
-                return -1;
-            int n = 0;
-            for (const auto b : in)
-                n += b & 1;
-            return n;
-        };
         // Read until read() returns 0, as cat and every config loader do.
         const int reader_fd = ::open(path.c_str(), O_RDONLY);
         if (reader_fd < 0)
@@ -188,15 +207,9 @@ TEST_CASE("a reader's read() keeps the value in the page cache only while it is 
         int reads = 0;
         for (ssize_t n; (n = ::read(reader_fd, buf, sizeof buf)) > 0; ++reads)
             got.append(buf, static_cast<std::size_t>(n));
-        const int while_open = resident();
+        const int while_open = watcher.resident();
         ::close(reader_fd);
-        int after_close = resident();
-        for (int i = 0; i < 500 && after_close != 0; ++i) {
-            std::this_thread::sleep_for(std::chrono::milliseconds(10));
-            after_close = resident();
-        }
-        ::munmap(watcher, value.size());
-        ::close(watcher_fd);
+        const int after_close = watcher.resident_after_drop();
         return Outcome{0, (got == value ? "same " : "differs ") + std::to_string(reads) + " " +
                               std::to_string(while_open) + " " + std::to_string(after_close)};
     });
