@@ -483,8 +483,6 @@ Result<std::optional<SecretVersion>> Store::secret_with_version_id_uncached(Vers
 
 Result<std::optional<SealedRead>> Store::sealed_for_read(VersionId id)
 {
-    if (!shared_)
-        return sealed_for_read_uncached(id);
     if (auto r = fresh(); !r)
         return tl::unexpected(r.error());
     const std::uint64_t generation = generation_.load();

@@ -21,13 +21,16 @@
 //   `changes`) in its own transaction. On PostgreSQL a listener
 //   (vault/store/feed.hpp) follows it by LISTEN/NOTIFY and by polling, and
 //   every change another host commits drops this store's caches.
-// - Caches. The lookups every open makes (a secret by name and by id with
-//   the version `S` stands for, a version by id with its secret) are cached in memory, bounded, and dropped
-//   by every write this store commits and every change the feed reports.
-//   On SQLite values are read fresh on each open (sealed_for_read), so a
-//   row altered behind the daemon's back still fails authentication; on
-//   PostgreSQL the sealed rows are cached too, so that no open makes a
-//   round trip. Rows hold ciphertext, sealed DEKs and metadata only.
+// - Caches. What every open reads -- a secret by name and by id with the
+//   version `S` stands for, a version by id with its secret, and the sealed
+//   row of the version opened (sealed_for_read) -- is cached in memory,
+//   bounded, and dropped by every write this store commits and every change
+//   the feed reports, so that an open makes no database read (no SQLite
+//   transaction, no PostgreSQL round trip). Rows hold ciphertext, sealed
+//   DEKs and metadata only; a value is authenticated again at every
+//   decryption, and a row altered in the database behind the daemon's back
+//   fails authentication once it is read (at the latest after the next
+//   write, or a restart).
 // - Freshness (PostgreSQL). Reads are served only while the feed has
 //   confirmed, within the staleness bound, that nothing newer exists:
 //   otherwise they fail with Errc::not_fresh (EIO) until it has again.
@@ -443,8 +446,7 @@ private:
     std::unordered_map<std::int64_t, Cached> by_id_;
     std::unordered_map<std::int64_t, Cached> by_version_;
     static constexpr std::size_t cache_limit = 4096;
-    // PostgreSQL only: the sealed rows opens read (sealed_for_read), bounded
-    // in bytes.
+    // The sealed rows opens read (sealed_for_read), bounded in bytes.
     std::unordered_map<std::int64_t, std::pair<std::uint64_t, SealedRead>> sealed_;
     std::size_t sealed_bytes_ = 0;
     static constexpr std::size_t sealed_limit = 32u << 20;
