@@ -716,7 +716,7 @@ Reply Filesystem::refuse_mknod(fuse_req_t, fuse_ino_t, const char*, mode_t, dev_
 // ---- files ------------------------------------------------------------------------------
 
 Reply Filesystem::open_value(const vault::Caller& caller, const vault::SecretView& view, fuse_file_info* fi,
-                             Caching caching)
+                             std::optional<fuse_ino_t> cached)
 {
     auto charge = this->charge(caller);
     if (!charge)
@@ -724,17 +724,42 @@ Reply Filesystem::open_value(const vault::Caller& caller, const vault::SecretVie
     auto value = service_.open_value(caller, view);
     if (!value)
         return Reply::err(value.error());
-    fi->fh = handles_.add(std::make_shared<ValueHandle>(std::move(*value), std::move(*charge)));
-    // For the life of this open, the inode of the version `S` stands for
-    // may keep its pages: the kernel then answers the read at EOF (every
-    // program's last read()) from the size it knows, without a round trip.
-    // That inode's size never changes (it is one version's); the open
-    // clears whatever an earlier open left (no keep_cache), and release
-    // drops the pages again.
-    fi->direct_io = caching == Caching::this_open ? 0 : 1;
-    fi->keep_cache = 0;
     fi->noflush = 1;  // nothing to commit on close of a reader
+    if (!cached) {
+        fi->direct_io = 1;
+        fi->keep_cache = 0;
+        fi->fh = handles_.add(std::make_shared<ValueHandle>(std::move(*value), std::move(*charge)));
+        return Reply{Reply::Open{*fi}};
+    }
+    // For the life of this open, the inode of the version `S` stands for
+    // holds the value in the page cache: every read() of it, the one at EOF
+    // included, is answered by the kernel without a round trip. That
+    // inode's content never changes (it is one version's), so what an
+    // earlier reader left is the same bytes; the first reader fills the
+    // pages here, before the open is answered, and release drops them.
+    auto ticket = page_cache_readers_.enter(*cached);
+    fi->direct_io = 0;
+    fi->keep_cache = 1;
+    if (ticket.first() && !fill_page_cache(*cached, *value))
+        fi->keep_cache = 0;  // the kernel clears the pages; reads come here
+    fi->fh = handles_.add(std::make_shared<ValueHandle>(std::move(*value), std::move(*charge), std::move(ticket)));
     return Reply{Reply::Open{*fi}};
+}
+
+bool Filesystem::fill_page_cache(fuse_ino_t ino, const vault::OpenValue& value)
+{
+    if (value.size() == 0)
+        return true;
+    auto plain = value.plaintext();
+    if (!plain)
+        return false;
+    fuse_bufvec bv = FUSE_BUFVEC_INIT(plain->size());
+    bv.buf[0].mem = const_cast<std::uint8_t*>(plain->data());
+    if (const int r = fuse_lowlevel_notify_store(session_, ino, 0, &bv, FUSE_BUF_NO_SPLICE); r != 0) {
+        spdlog::warn("could not fill the page cache of inode {}: {} (reads go to the daemon)", ino, std::strerror(-r));
+        return false;
+    }
+    return true;
 }
 
 Reply Filesystem::open_for_write(const vault::Caller& caller, vault::VaultId vault, const std::string& name,
@@ -870,7 +895,8 @@ Reply Filesystem::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi)
                                                    : current_view(caller, node->id);
         if (!view)
             return Reply::err(gone_is_stale(*node, view.error()));
-        return open_value(caller, *view, fi, node->kind == NodeKind::current ? Caching::this_open : Caching::none);
+        return open_value(caller, *view, fi,
+                          node->kind == NodeKind::current ? std::optional<fuse_ino_t>(ino) : std::nullopt);
     }
     case NodeKind::deleted_secret:
         return Reply::err(EACCES);  // no value until it is recovered

@@ -19,10 +19,11 @@
 //    bits (which reflect the other caller's permissions) for at most a
 //    second. It saves one round trip per open, and most of `ls -l`.
 //  - S has an inode per version it stands for (inode.hpp: `current`), so
-//    the kernel's page cache -- filled by a reader of S while it holds S
-//    open, and by a reader's own mmap -- is per version: pages a reader
-//    keeps alive never reach an opener of another version. Each open
-//    clears them and each release drops them (run_invalidations).
+//    the kernel's page cache -- filled with the value by the open of S that
+//    finds no other reader of that inode (open_value), and kept by later
+//    ones -- is per version: pages a reader keeps alive never reach an
+//    opener of another version. Each release drops them
+//    (run_invalidations).
 //  - Correctness after writes: a change this daemon makes through an inode
 //    (a new version, an attribute) invalidates that inode's cached
 //    attributes at once (notify_inval_inode, from a separate thread, never
@@ -41,8 +42,8 @@
 //  - OPEN always comes here (no default_permissions): a policy change —
 //    a revocation included — applies at the next open, whatever is cached.
 //    access() answers from the policy too, never from the mode bits.
-// Secret files are opened with FOPEN_DIRECT_IO: no plaintext in the page
-// cache from read().
+// S@N, keys, certificates, .policy and files being written are opened
+// with FOPEN_DIRECT_IO: no plaintext of them in the page cache from read().
 #pragma once
 
 #define FUSE_USE_VERSION 312
@@ -152,11 +153,13 @@ private:
     // Attributes of a node as this caller sees it.
     vault::Result<NodeAttr> stat_node(const vault::Caller& caller, Node node);
     Reply entry_for(const vault::Caller& caller, Node node);
-    // Whether a reader's pages may stay in the page cache while it is open
-    // (only on an inode whose content never changes: `S`'s, per version).
-    enum class Caching { none, this_open };
+    // A reader of `view`. With `cached`, the inode it is opened on (only
+    // one whose content never changes: `S`'s, per version) holds the value
+    // in the page cache while it is open; without, direct I/O.
     Reply open_value(const vault::Caller& caller, const vault::SecretView& view, fuse_file_info* fi,
-                     Caching caching = Caching::none);
+                     std::optional<fuse_ino_t> cached = std::nullopt);
+    // Puts `value` in the page cache of `ino` (fuse_lowlevel_notify_store).
+    bool fill_page_cache(fuse_ino_t ino, const vault::OpenValue& value);
     Reply open_for_write(const vault::Caller& caller, vault::VaultId vault, const std::string& name,
                          vault::SecretService::WriteIntent intent, fuse_file_info* fi, bool reply_create);
     Reply open_policy(const vault::Caller& caller, vault::VaultId vault, fuse_file_info* fi);
@@ -240,6 +243,7 @@ private:
     fuse_session* session_ = nullptr;
     bool inval_stop_ = false;
     std::thread inval_thread_;
+    PageCacheReaders page_cache_readers_;  // before handles_, whose tickets it counts
     HandleTable handles_;
 };
 

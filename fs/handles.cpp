@@ -2,6 +2,21 @@
 
 namespace vaultfs::fs {
 
+PageCacheReaders::Ticket PageCacheReaders::enter(std::uint64_t ino)
+{
+    std::lock_guard lock(mutex_);
+    return Ticket(this, ino, open_[ino]++ == 0);
+}
+
+PageCacheReaders::Ticket::~Ticket()
+{
+    if (!readers_)
+        return;
+    std::lock_guard lock(readers_->mutex_);
+    if (const auto it = readers_->open_.find(ino_); it != readers_->open_.end() && --it->second == 0)
+        readers_->open_.erase(it);
+}
+
 std::uint64_t HandleTable::add(std::shared_ptr<Handle> h)
 {
     std::unique_lock lock(mutex_);

@@ -40,9 +40,47 @@ struct Handle {
     UidQuota::Charge charge;
 };
 
+// The open readers of each inode whose value may be in the kernel's page
+// cache (Filesystem::open_value). While one of them is open, a READ of the
+// inode may be in flight holding a page lock, and filling the pages from a
+// request handler would wait for it; so only the open that finds no other
+// reader fills them.
+class PageCacheReaders {
+public:
+    class Ticket {
+    public:
+        Ticket() = default;
+        Ticket(Ticket&& o) noexcept
+            : readers_(std::exchange(o.readers_, nullptr)), ino_(o.ino_), first_(o.first_)
+        {
+        }
+        Ticket& operator=(Ticket&&) = delete;
+        ~Ticket();
+        // No other reader of the inode was open when this one entered.
+        bool first() const { return first_; }
+
+    private:
+        friend class PageCacheReaders;
+        Ticket(PageCacheReaders* r, std::uint64_t ino, bool first) : readers_(r), ino_(ino), first_(first) {}
+        PageCacheReaders* readers_ = nullptr;
+        std::uint64_t ino_ = 0;
+        bool first_ = false;
+    };
+    // One more open reader of `ino`, until the ticket goes.
+    Ticket enter(std::uint64_t ino);
+
+private:
+    std::mutex mutex_;
+    std::unordered_map<std::uint64_t, unsigned> open_;
+};
+
 struct ValueHandle final : Handle {
-    ValueHandle(vault::OpenValue v, UidQuota::Charge c) : Handle(Kind::value, std::move(c)), value(std::move(v)) {}
+    ValueHandle(vault::OpenValue v, UidQuota::Charge c, PageCacheReaders::Ticket t = {})
+        : Handle(Kind::value, std::move(c)), value(std::move(v)), reader(std::move(t))
+    {
+    }
     const vault::OpenValue value;
+    const PageCacheReaders::Ticket reader;
 };
 
 struct WriteHandle final : Handle {
