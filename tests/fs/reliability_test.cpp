@@ -191,6 +191,51 @@ TEST_CASE("start-up faults: wrong PIN, corrupt database, too little locked memor
     }
 }
 
+TEST_CASE("start-up reads the whole database only when it is not as a clean close left it", "[fs][faults]")
+{
+    Mount m;
+    REQUIRE(make_dir(m.path("stamp")).err == 0);
+    REQUIRE(write_file(m.path("stamp/s"), "kept").err == 0);
+    // How many starts so far found the file as a clean close left it (the
+    // daemon's log accumulates over the starts).
+    const auto skipped = [&] {
+        const std::string log = m.daemon_stderr();
+        const std::string line = "its pages were not read again";
+        std::size_t n = 0;
+        for (auto at = log.find(line); at != std::string::npos; at = log.find(line, at + 1))
+            ++n;
+        return n;
+    };
+    // `init` closed the new file cleanly: the first start found it so.
+    CHECK(skipped() == 1);
+    const auto stamp = m.state_file("vault.db.checked");
+    // While it serves, the file is changing: no stamp.
+    CHECK_FALSE(std::filesystem::exists(stamp));
+    m.stop();
+    CHECK(std::filesystem::exists(stamp));
+    m.start();
+    CHECK(skipped() == 2);
+    CHECK(ok(read_file(m.path("stamp/s"))) == "kept");
+
+    // A crash leaves no stamp: the next start checks every page.
+    m.kill_daemon();
+    CHECK_FALSE(std::filesystem::exists(stamp));
+    m.start();
+    CHECK(skipped() == 2);
+    CHECK(ok(read_file(m.path("stamp/s"))) == "kept");
+
+    // A file changed after the clean close (here: a copy put back over it)
+    // is checked again, whatever its content.
+    m.stop();
+    REQUIRE(std::filesystem::exists(stamp));
+    const auto db = m.state_file("vault.db");
+    std::filesystem::copy_file(db, db + ".copy");
+    std::filesystem::rename(db + ".copy", db);
+    m.start();
+    CHECK(skipped() == 2);
+    CHECK(ok(read_file(m.path("stamp/s"))) == "kept");
+}
+
 TEST_CASE("one corrupted version row: EIO for that version only, audited", "[fs][faults][token]")
 {
     Mount m;

@@ -404,7 +404,8 @@ Result<void> check_sqlite(db::Connection& c, const std::string& path, bool full)
     return check_database(c, path, full ? "PRAGMA integrity_check" : "PRAGMA quick_check");
 }
 
-Result<void> prepare_sqlite(db::Connection& c, const std::string& path, bool create, bool read_only)
+Result<void> prepare_sqlite(db::Connection& c, const std::string& path, bool create, bool read_only,
+                            bool check_pages)
 {
     auto v = user_version(c);
     if (!v)
@@ -416,8 +417,9 @@ Result<void> prepare_sqlite(db::Connection& c, const std::string& path, bool cre
                                        "); upgrade vaultfs");
     if (*v == 0 && !create)
         return fail(Errc::storage, "database " + path + " is not a vaultfs database (no schema)");
-    if (auto r = check_database(c, path, "PRAGMA quick_check"); !r)
-        return r;
+    if (check_pages)
+        if (auto r = check_database(c, path, "PRAGMA quick_check"); !r)
+            return r;
     if (read_only) {
         if (*v < version)
             return fail(Errc::storage, "database " + path + " has schema " + std::to_string(*v) +

@@ -10,9 +10,11 @@ namespace vaultfs::vault::schema {
 
 constexpr int version = 5;
 
-// SQLite: checks the file (quick_check), refuses a newer schema or a file
-// that is not vaultfs's, and migrates forward unless read_only.
-Result<void> prepare_sqlite(db::Connection& c, const std::string& path, bool create, bool read_only);
+// SQLite: checks the file (quick_check, when `check_pages`), refuses a
+// newer schema or a file that is not vaultfs's, and migrates forward unless
+// read_only.
+Result<void> prepare_sqlite(db::Connection& c, const std::string& path, bool create, bool read_only,
+                            bool check_pages);
 // PRAGMA integrity_check (full) or quick_check; Errc::storage naming the
 // first problem.
 Result<void> check_sqlite(db::Connection& c, const std::string& path, bool full);

@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include "vault/store/feed.hpp"
+#include "vault/store/integrity_stamp.hpp"
 #include "vault/store/postgresql.hpp"
 #include "vault/store/schema.hpp"
 #include "vault/store/sqlite.hpp"
@@ -126,6 +127,15 @@ Store::Store(std::string path, std::unique_ptr<Engine> engine, std::unique_ptr<d
 Store::~Store()
 {
     feed_.reset();  // its thread calls into this store
+    if (!stamp_at_close_)
+        return;
+    // Every connection closed: SQLite has checkpointed and removed the log.
+    {
+        std::lock_guard lock(readers_mutex_);
+        idle_readers_.clear();
+    }
+    writer_.reset();
+    integrity_stamp::record(path_);
 }
 
 Result<std::unique_ptr<db::Connection>> Store::connect(bool read_only)
@@ -179,6 +189,9 @@ Result<std::unique_ptr<Store>> Store::open(const std::string& location, Mode mod
         return fail(Errc::already_exists, "database " + path + " already exists");
     if (mode != Mode::create && !exists)
         return fail(Errc::not_found, "database " + path + " does not exist; run `vaultfs init` or fix the path");
+    // The whole file is read (quick_check) unless it is, byte for byte, the
+    // one a clean close left after it had been checked (integrity_stamp.hpp).
+    const bool stamped = mode != Mode::create && integrity_stamp::unchanged(path);
     auto conn = sqlite::Connection::open(path, read_only, mode == Mode::create);
     if (!conn)
         return fail(Errc::storage, conn.error().message + "; check the file and its permissions");
@@ -187,11 +200,15 @@ Result<std::unique_ptr<Store>> Store::open(const std::string& location, Mode mod
             return fail(Errc::storage, "database " + path + " is not usable (" + r.error().message +
                                            "); restore it from a backup");
     }
-    if (auto r = schema::prepare_sqlite(**conn, path, mode == Mode::create, read_only); !r)
+    if (auto r = schema::prepare_sqlite(**conn, path, mode == Mode::create, read_only, !stamped); !r)
         return tl::unexpected(r.error());
-    if (!read_only)
+    if (!read_only) {
         ::chmod(path.c_str(), 0600);
+        integrity_stamp::clear(path);  // until this store's clean close
+    }
     store.reset(new Store(path, std::move(engine), std::move(*conn), read_only, options));
+    store->stamp_at_close_ = !read_only;
+    store->pages_read_at_open_ = !stamped;
     store->host_id_ = 1;
     return store;
 }
@@ -368,6 +385,20 @@ Result<std::vector<SecretRow>> Store::live_secrets(VaultId vault, SecretId after
                 q.bind(1, vault.value).bind(2, after.value).bind(3, static_cast<std::int64_t>(limit));
             },
             read_secret);
+    });
+}
+
+Result<std::vector<SecretName>> Store::live_names(VaultId vault, SecretId after, std::size_t limit)
+{
+    return with_reader([&](db::Connection& c) {
+        return collect<SecretName>(
+            c,
+            "SELECT id, name FROM secrets "
+            "WHERE vault_id = ? AND deleted_at IS NULL AND id > ? AND next_version > 1 ORDER BY id LIMIT ?",
+            [&](db::Query& q) {
+                q.bind(1, vault.value).bind(2, after.value).bind(3, static_cast<std::int64_t>(limit));
+            },
+            [](const db::Query& q) { return SecretName{SecretId{q.int64(0)}, q.text(1)}; });
     });
 }
 

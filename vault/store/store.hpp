@@ -85,6 +85,12 @@ struct PolicyRow {
     uid_t updated_by = 0;
 };
 
+// What a listing shows of a secret (readdir without attributes).
+struct SecretName {
+    SecretId id;
+    std::string name;
+};
+
 struct SecretRow {
     SecretId id;
     VaultId vault;
@@ -313,6 +319,8 @@ public:
     Result<std::optional<SecretRow>> secret_by_id(SecretId id);
     // Secrets with at least one version, ordered by id, after `after`.
     Result<std::vector<SecretRow>> live_secrets(VaultId vault, SecretId after, std::size_t limit);
+    // Their ids and names only (a plain listing: two columns, from one index).
+    Result<std::vector<SecretName>> live_names(VaultId vault, SecretId after, std::size_t limit);
     // The same page with the version each secret stands for (a listing
     // with attributes: readdirplus).
     Result<std::vector<SecretVersion>> live_secrets_with_current(VaultId vault, SecretId after, std::size_t limit);
@@ -370,6 +378,9 @@ public:
     // SQLite: PRAGMA integrity_check; Errc::storage naming the first
     // problem. PostgreSQL: the schema is there (the server checks its own).
     Result<void> integrity_check();
+    // SQLite: whether the open read every page (quick_check), or found the
+    // file as its last clean close left it (integrity_stamp.hpp).
+    bool pages_read_at_open() const { return pages_read_at_open_; }
 
     // ---- writes ------------------------------------------------------------
     class Transaction;
@@ -419,6 +430,9 @@ private:
 
     const std::string path_;
     const bool read_only_;
+    // SQLite, read-write: stamp the file at close (integrity_stamp.hpp).
+    bool stamp_at_close_ = false;
+    bool pages_read_at_open_ = true;
     const StoreOptions options_;
     std::unique_ptr<Engine> engine_;
     const bool shared_;
