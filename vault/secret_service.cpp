@@ -309,12 +309,12 @@ Result<void> SecretService::still_listing(const ListingGrant& grant)
     return core_.refuse(ev, Errc::access_denied);
 }
 
-Result<std::vector<SecretRow>> SecretService::secrets_page(const ListingGrant& grant, SecretId after,
-                                                           std::size_t limit)
+Result<std::vector<SecretName>> SecretService::secrets_page(const ListingGrant& grant, SecretId after,
+                                                            std::size_t limit)
 {
     if (auto r = still_listing(grant); !r)
         return tl::unexpected(r.error());
-    return store_.live_secrets(grant.vault, after, limit);
+    return store_.live_names(grant.vault, after, limit);
 }
 
 Result<std::vector<SecretView>> SecretService::secrets_with_current(const ListingGrant& grant, SecretId after,

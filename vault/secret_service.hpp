@@ -194,7 +194,7 @@ public:
     Result<ListingGrant> open_listing(const Caller& caller, VaultId vault);
     // Pages of a listing already granted: `list` is checked again (a
     // refusal is audited, "list"), an allowed page is not audited again.
-    Result<std::vector<SecretRow>> secrets_page(const ListingGrant& grant, SecretId after, std::size_t limit);
+    Result<std::vector<SecretName>> secrets_page(const ListingGrant& grant, SecretId after, std::size_t limit);
     Result<std::vector<VersionEntry>> versions_page(const ListingGrant& grant, VersionId after, std::size_t limit);
     // A page of secrets with the version each stands for, as views (a
     // listing with attributes: readdirplus). Checked like secrets_page.
