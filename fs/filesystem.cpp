@@ -1,5 +1,6 @@
 #include "fs/filesystem.hpp"
 
+#include <poll.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -92,6 +93,8 @@ int send(fuse_req_t req, const Reply& r)
                 return fuse_reply_xattr(req, x.size);
             else if constexpr (std::is_same_v<T, Reply::Link>)
                 return fuse_reply_readlink(req, x.target.c_str());
+            else if constexpr (std::is_same_v<T, Reply::Poll>)
+                return fuse_reply_poll(req, x.revents);
             else
                 return 0;
         },
@@ -179,6 +182,7 @@ const fuse_lowlevel_ops& Filesystem::operations()
         o.removexattr = Callback<&Filesystem::removexattr>::call;
         o.access = Callback<&Filesystem::access>::call;
         o.create = Callback<&Filesystem::create>::call;
+        o.poll = Callback<&Filesystem::poll>::call;
         return o;
     }();
     return ops;
@@ -188,9 +192,19 @@ Filesystem::Filesystem(vault::SecretService& service, Limits limits, Objects obj
     : service_(service),
       objects_(objects),
       quota_(limits.open_files_per_uid, limits.buffered_bytes_per_uid, limits.buffered_bytes_total),
-      staging_(limits.staging_idle)
+      staging_(limits.staging_idle),
+      polls_([this](std::int64_t secret) { return version_now(secret); },
+             [this] { return service_.change_count(); })
 {
     ::clock_gettime(CLOCK_REALTIME, &mounted_at_);
+}
+
+std::optional<std::int64_t> Filesystem::version_now(std::int64_t secret)
+{
+    const auto v = service_.version_now(vault::SecretId{secret});
+    if (!v)
+        return std::nullopt;  // the store cannot say now: no event
+    return *v ? (*v)->value : PollWaiters::gone;
 }
 
 Filesystem::~Filesystem() { stop_invalidations(); }
@@ -199,10 +213,12 @@ void Filesystem::start_invalidations(fuse_session* session)
 {
     session_ = session;
     inval_thread_ = std::thread([this] { run_invalidations(); });
+    polls_.start(session);
 }
 
 void Filesystem::stop_invalidations()
 {
+    polls_.stop();
     {
         std::lock_guard lock(inval_mutex_);
         inval_stop_ = true;
@@ -232,7 +248,12 @@ void Filesystem::drop_page_cache(std::uint64_t ino)
 
 void Filesystem::drop_handle(std::uint64_t fh)
 {
+    polls_.forget(fh);
     auto h = handles_.remove(fh);
+    // An open the kernel never took may have filled the page cache.
+    if (h && h->kind == Handle::Kind::value)
+        if (const auto ino = static_cast<const ValueHandle&>(*h).reader.ino())
+            drop_page_cache(*ino);
     if (h && h->kind == Handle::Kind::write)
         if (auto& w = static_cast<WriteHandle&>(*h); w.creating)
             creating(w.grant.secret.value, w.caller.who.uid, false);
@@ -728,7 +749,7 @@ Reply Filesystem::open_value(const vault::Caller& caller, const vault::SecretVie
     if (!cached) {
         fi->direct_io = 1;
         fi->keep_cache = 0;
-        fi->fh = handles_.add(std::make_shared<ValueHandle>(std::move(*value), std::move(*charge)));
+        fi->fh = handles_.add(std::make_shared<ValueHandle>(std::move(*value), view, std::move(*charge)));
         return Reply{Reply::Open{*fi}};
     }
     // For the life of this open, the inode of the version `S` stands for
@@ -742,7 +763,7 @@ Reply Filesystem::open_value(const vault::Caller& caller, const vault::SecretVie
     fi->keep_cache = 1;
     if (ticket.first() && !fill_page_cache(*cached, *value))
         fi->keep_cache = 0;  // the kernel clears the pages; reads come here
-    fi->fh = handles_.add(std::make_shared<ValueHandle>(std::move(*value), std::move(*charge), std::move(ticket)));
+    fi->fh = handles_.add(std::make_shared<ValueHandle>(std::move(*value), view, std::move(*charge), std::move(ticket)));
     return Reply{Reply::Open{*fi}};
 }
 
@@ -1149,6 +1170,7 @@ Reply Filesystem::flush(fuse_req_t, fuse_ino_t ino, fuse_file_info* fi)
 
 Reply Filesystem::release(fuse_req_t, fuse_ino_t ino, fuse_file_info* fi)
 {
+    polls_.forget(fi->fh);
     auto h = handles_.remove(fi->fh);
     // What a reader's read() or mmap left in the page cache is dropped
     // within 100 ms (and the next open of the file drops it first anyway).
@@ -1441,6 +1463,27 @@ Reply Filesystem::list_dir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
                 return reply();
         }
     }
+}
+
+Reply Filesystem::poll(fuse_req_t, fuse_ino_t, fuse_file_info* fi, fuse_pollhandle* ph)
+{
+    // What a regular file always is (the kernel's DEFAULT_POLLMASK); only
+    // a reader of S has an event to wait for (poll_waiters.hpp).
+    constexpr unsigned ready = POLLIN | POLLRDNORM;
+    const auto h = handles_.find_as<ValueHandle>(fi->fh, Handle::Kind::value);
+    if (!h || !h->follows_name) {
+        if (ph != nullptr)
+            fuse_pollhandle_destroy(ph);
+        return Reply{Reply::Poll{h ? ready : ready | POLLOUT | POLLWRNORM}};
+    }
+    if (polls_.changed(h->secret.value, h->version.value)) {
+        if (ph != nullptr)
+            fuse_pollhandle_destroy(ph);
+        return Reply{Reply::Poll{ready | POLLPRI | POLLERR}};
+    }
+    if (ph != nullptr)
+        polls_.wait(fi->fh, h->secret.value, h->version.value, ph);
+    return Reply{Reply::Poll{ready}};
 }
 
 Reply Filesystem::releasedir(fuse_req_t, fuse_ino_t, fuse_file_info* fi)

@@ -62,6 +62,7 @@
 #include "fs/caller_cache.hpp"
 #include "fs/handles.hpp"
 #include "fs/inode.hpp"
+#include "fs/poll_waiters.hpp"
 #include "fs/staging.hpp"
 #include "fs/uid_quota.hpp"
 #include "vault/certificates/certificates.hpp"
@@ -135,6 +136,7 @@ public:
     Reply readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi);
     Reply readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi);
     Reply releasedir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi);
+    Reply poll(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi, fuse_pollhandle* ph);
     Reply statfs(fuse_req_t req, fuse_ino_t ino);
     Reply setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* value, size_t size, int flags);
     Reply getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size);
@@ -225,6 +227,9 @@ private:
     Objects objects_;
     UidQuota quota_;
     StagingArea staging_;  // after quota_: its files' charges go back before it does
+    PollWaiters polls_;    // readers of S waiting for it to move on (poll_waiters.hpp)
+    // The version id secret `secret` stands for now (for polls_).
+    std::optional<std::int64_t> version_now(std::int64_t secret);
     // A handle charge for the caller's uid, or nullopt at its limit.
     std::optional<UidQuota::Charge> charge(const vault::Caller& caller) { return quota_.open(caller.who.uid); }
     // Queues the invalidation of an inode's cached attributes.

@@ -58,6 +58,8 @@ public:
         ~Ticket();
         // No other reader of the inode was open when this one entered.
         bool first() const { return first_; }
+        // The inode whose page cache this reader may have filled.
+        std::optional<std::uint64_t> ino() const { return readers_ ? std::optional(ino_) : std::nullopt; }
 
     private:
         friend class PageCacheReaders;
@@ -75,11 +77,15 @@ private:
 };
 
 struct ValueHandle final : Handle {
-    ValueHandle(vault::OpenValue v, UidQuota::Charge c, PageCacheReaders::Ticket t = {})
-        : Handle(Kind::value, std::move(c)), value(std::move(v)), reader(std::move(t))
+    ValueHandle(vault::OpenValue v, const vault::SecretView& view, UidQuota::Charge c, PageCacheReaders::Ticket t = {})
+        : Handle(Kind::value, std::move(c)), value(std::move(v)), secret(view.id), version(view.version.id),
+          follows_name(!view.pinned), reader(std::move(t))
     {
     }
     const vault::OpenValue value;
+    const vault::SecretId secret;
+    const vault::VersionId version;  // the version opened, pinned for this handle
+    const bool follows_name;          // opened as S (not S@N): poll reports when S moves on
     const PageCacheReaders::Ticket reader;
 };
 

@@ -52,7 +52,10 @@ struct Filesystem::Reply {
     struct Link {
         std::string target;
     };
-    std::variant<Error, None, Entry, Attr, Open, Create, Buffer, Written, Statfs, XattrSize, Init, Link> v;
+    struct Poll {
+        unsigned revents;
+    };
+    std::variant<Error, None, Entry, Attr, Open, Create, Buffer, Written, Statfs, XattrSize, Init, Link, Poll> v;
 
     static Reply err(int code) { return Reply{Error{code}}; }
     static Reply err(const vault::Error& e) { return Reply{Error{to_errno(e.code)}}; }

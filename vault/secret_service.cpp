@@ -317,6 +317,18 @@ Result<std::vector<SecretName>> SecretService::secrets_page(const ListingGrant& 
     return store_.live_names(grant.vault, after, limit);
 }
 
+Result<std::optional<VersionId>> SecretService::version_now(SecretId id)
+{
+    auto row = store_.secret_with_current(id);
+    if (!row)
+        return tl::unexpected(row.error());
+    if (!*row || (*row)->secret.deleted() || !(*row)->version)
+        return std::optional<VersionId>();
+    return std::optional((*row)->version->id);
+}
+
+std::uint64_t SecretService::change_count() const { return store_.generation(); }
+
 Result<std::vector<SecretView>> SecretService::secrets_with_current(const ListingGrant& grant, SecretId after,
                                                                    std::size_t limit)
 {

@@ -195,6 +195,13 @@ public:
     // Pages of a listing already granted: `list` is checked again (a
     // refusal is audited, "list"), an allowed page is not audited again.
     Result<std::vector<SecretName>> secrets_page(const ListingGrant& grant, SecretId after, std::size_t limit);
+    // The version secret `id` stands for now, or nullopt when it is gone
+    // (deleted). Neither checked nor audited: it is for a reader that
+    // already holds S open (poll), and says only whether S has moved on
+    // from the version that reader has. An error when the store cannot say.
+    Result<std::optional<VersionId>> version_now(SecretId id);
+    // Changes whenever the store may have changed (Store::generation).
+    std::uint64_t change_count() const;
     Result<std::vector<VersionEntry>> versions_page(const ListingGrant& grant, VersionId after, std::size_t limit);
     // A page of secrets with the version each stands for, as views (a
     // listing with attributes: readdirplus). Checked like secrets_page.
