@@ -1,11 +1,14 @@
-// Consumers learning that a secret changed: poll() on a reader of S.
+// Consumers learning that a secret changed: poll() on a reader of S, and
+// the inotify events of a write through the mount.
 #include <catch2/catch.hpp>
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/inotify.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdint>
 #include <string>
 #include <thread>
 
@@ -93,4 +96,69 @@ TEST_CASE("poll on a reader of S wakes within 100 ms of a newer version; S@N nev
     CHECK((events & POLLPRI) != 0);
     for (const int fd : {reader, pinned, reopened, third})
         ::close(fd);
+}
+
+namespace {
+
+// Waits (up to 10 s) on inotify fd `in` for `event` on the name "s"; then
+// reads `path` at once, as a watcher that reacts would. Records whether
+// IN_MODIFY came first.
+std::string read_on_event(int in, std::uint32_t event, const std::string& path, bool* modified_before)
+{
+    alignas(inotify_event) char buf[4096];
+    for (;;) {
+        pollfd ready{in, POLLIN, 0};
+        if (::poll(&ready, 1, 10000) <= 0)
+            return "(no event)";
+        const ssize_t n = ::read(in, buf, sizeof buf);
+        if (n <= 0)
+            return "(no event)";
+        for (ssize_t at = 0; at < n;) {
+            const auto* e = reinterpret_cast<const inotify_event*>(buf + at);
+            at += static_cast<ssize_t>(sizeof(inotify_event) + e->len);
+            if (e->len == 0 || std::string(e->name) != "s")
+                continue;
+            if ((e->mask & IN_MODIFY) && modified_before != nullptr)
+                *modified_before = true;
+            if (e->mask & event)
+                return read_file(path).data;
+        }
+    }
+}
+
+}  // namespace
+
+TEST_CASE("inotify: IN_CLOSE_WRITE and IN_MOVED_TO on a vault come after the commit is visible", "[fs][inotify]")
+{
+    Mount m;
+    REQUIRE(make_dir(m.path("watched")).err == 0);
+    const std::string s = m.path("watched/s");
+    REQUIRE(write_file(s, "old value").err == 0);
+    REQUIRE(read_file(s).data == "old value");  // the kernel caches S's entry
+    const int in = ::inotify_init1(IN_CLOEXEC);
+    REQUIRE(in >= 0);
+    REQUIRE(::inotify_add_watch(in, m.path("watched").c_str(), IN_CLOSE_WRITE | IN_MODIFY | IN_MOVED_TO) >= 0);
+
+    // A writer's close: IN_MODIFY came with its write(), before anything
+    // was committed; IN_CLOSE_WRITE after the commit.
+    bool modified_before = false;
+    std::string at_close;
+    std::thread watcher([&] { at_close = read_on_event(in, IN_CLOSE_WRITE, s, &modified_before); });
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    REQUIRE(write_file(s, "new value").err == 0);
+    watcher.join();
+    CHECK(modified_before);
+    CHECK(at_close == "new value");
+
+    // sed -i writes a file beside S and renames it onto S: IN_MOVED_TO
+    // names S once the rename committed the new version.
+    std::string at_move;
+    std::thread mover([&] { at_move = read_on_event(in, IN_MOVED_TO, s, nullptr); });
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    const Outcome sed = shell("sed -i s/new/newer/ " + s + " 2>&1");
+    mover.join();
+    INFO(sed.data);
+    CHECK(sed.err == 0);
+    CHECK(at_move == "newer value");
+    ::close(in);
 }
