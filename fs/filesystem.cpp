@@ -300,6 +300,10 @@ Reply Filesystem::init(fuse_conn_info* conn)
         conn->want |= FUSE_CAP_ATOMIC_O_TRUNC;
     // Never cache writes in the kernel: a version is what close() committed.
     conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
+    // The only cached pages are a version's (its content never changes) and
+    // this daemon drops them: no GETATTR before cached reads to compare
+    // mtimes.
+    conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
     // Listings with attributes (`ls -l` without a lookup per name).
     if (conn->capable & FUSE_CAP_READDIRPLUS)
         conn->want |= FUSE_CAP_READDIRPLUS;
@@ -758,11 +762,16 @@ Reply Filesystem::open_value(const vault::Caller& caller, const vault::SecretVie
     // inode's content never changes (it is one version's), so what an
     // earlier reader left is the same bytes; the first reader fills the
     // pages here, before the open is answered, and release drops them.
+    // Another opener of the inode waits in enter() until this fill is done:
+    // a read of its own would lock pages the fill then waits for.
     auto ticket = page_cache_readers_.enter(*cached);
     fi->direct_io = 0;
     fi->keep_cache = 1;
-    if (ticket.first() && !fill_page_cache(*cached, *value))
-        fi->keep_cache = 0;  // the kernel clears the pages; reads come here
+    if (ticket.first()) {
+        if (!fill_page_cache(*cached, *value))
+            fi->keep_cache = 0;  // the kernel clears the pages; reads come here
+        ticket.filled();
+    }
     fi->fh = handles_.add(std::make_shared<ValueHandle>(std::move(*value), view, std::move(*charge), std::move(ticket)));
     return Reply{Reply::Open{*fi}};
 }
@@ -899,8 +908,10 @@ Reply Filesystem::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi)
     }
     case NodeKind::secret:
     case NodeKind::current: {
-        // A value is written whole: O_APPEND never, O_RDWR only from empty.
-        if ((mode == O_RDWR && !(fi->flags & O_TRUNC)) || (fi->flags & O_APPEND))
+        // A value is written whole: O_APPEND never, O_RDWR only for a new
+        // file. A readable writer of this inode could map it and see (or,
+        // through its own reads, fill) the page cache its readers share.
+        if (mode == O_RDWR || (fi->flags & O_APPEND))
             return Reply::err(EINVAL);
         if (mode != O_RDONLY) {
             auto view = node->kind == NodeKind::secret ? service_.secret_by_id(caller, vault::SecretId{node->id})
@@ -1172,8 +1183,9 @@ Reply Filesystem::release(fuse_req_t, fuse_ino_t ino, fuse_file_info* fi)
 {
     polls_.forget(fi->fh);
     auto h = handles_.remove(fi->fh);
-    // What a reader's read() or mmap left in the page cache is dropped
-    // within 100 ms (and the next open of the file drops it first anyway).
+    // What a reader's open, read() or mmap left in the page cache is
+    // dropped within 100 ms (also while other readers of it are open: their
+    // reads then come here).
     if (h && h->kind == Handle::Kind::value)
         drop_page_cache(ino);
     if (h && h->kind == Handle::Kind::write) {

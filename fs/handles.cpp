@@ -4,14 +4,31 @@ namespace vaultfs::fs {
 
 PageCacheReaders::Ticket PageCacheReaders::enter(std::uint64_t ino)
 {
-    std::lock_guard lock(mutex_);
-    return Ticket(this, ino, open_[ino]++ == 0);
+    std::unique_lock lock(mutex_);
+    filled_.wait(lock, [&] { return !filling_.contains(ino); });
+    const bool first = open_[ino]++ == 0;
+    if (first)
+        filling_.insert(ino);
+    return Ticket(this, ino, first);
+}
+
+void PageCacheReaders::Ticket::filled()
+{
+    if (!readers_ || !filling_)
+        return;
+    filling_ = false;
+    {
+        std::lock_guard lock(readers_->mutex_);
+        readers_->filling_.erase(ino_);
+    }
+    readers_->filled_.notify_all();
 }
 
 PageCacheReaders::Ticket::~Ticket()
 {
     if (!readers_)
         return;
+    filled();
     std::lock_guard lock(readers_->mutex_);
     if (const auto it = readers_->open_.find(ino_); it != readers_->open_.end() && --it->second == 0)
         readers_->open_.erase(it);

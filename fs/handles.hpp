@@ -13,6 +13,7 @@
 // mutable state (several fds can share one handle after dup/fork).
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -20,6 +21,7 @@
 #include <shared_mutex>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -44,36 +46,47 @@ struct Handle {
 // cache (Filesystem::open_value). While one of them is open, a READ of the
 // inode may be in flight holding a page lock, and filling the pages from a
 // request handler would wait for it; so only the open that finds no other
-// reader fills them.
+// reader fills them, and every other opener of that inode waits in enter()
+// until the fill is done (its own reads would lock pages the fill needs).
 class PageCacheReaders {
 public:
     class Ticket {
     public:
         Ticket() = default;
         Ticket(Ticket&& o) noexcept
-            : readers_(std::exchange(o.readers_, nullptr)), ino_(o.ino_), first_(o.first_)
+            : readers_(std::exchange(o.readers_, nullptr)), ino_(o.ino_), first_(o.first_),
+              filling_(std::exchange(o.filling_, false))
         {
         }
         Ticket& operator=(Ticket&&) = delete;
         ~Ticket();
-        // No other reader of the inode was open when this one entered.
+        // No other reader of the inode was open when this one entered: it
+        // fills the pages, then says so with filled().
         bool first() const { return first_; }
+        void filled();
         // The inode whose page cache this reader may have filled.
         std::optional<std::uint64_t> ino() const { return readers_ ? std::optional(ino_) : std::nullopt; }
 
     private:
         friend class PageCacheReaders;
-        Ticket(PageCacheReaders* r, std::uint64_t ino, bool first) : readers_(r), ino_(ino), first_(first) {}
+        Ticket(PageCacheReaders* r, std::uint64_t ino, bool first)
+            : readers_(r), ino_(ino), first_(first), filling_(first)
+        {
+        }
         PageCacheReaders* readers_ = nullptr;
         std::uint64_t ino_ = 0;
         bool first_ = false;
+        bool filling_ = false;
     };
-    // One more open reader of `ino`, until the ticket goes.
+    // One more open reader of `ino`, until the ticket goes; waits while
+    // the first reader of `ino` is filling its pages.
     Ticket enter(std::uint64_t ino);
 
 private:
     std::mutex mutex_;
+    std::condition_variable filled_;
     std::unordered_map<std::uint64_t, unsigned> open_;
+    std::unordered_set<std::uint64_t> filling_;
 };
 
 struct ValueHandle final : Handle {

@@ -52,6 +52,9 @@ void PollWaiters::wait(std::uint64_t fh, std::int64_t secret, std::int64_t versi
         fuse_pollhandle_destroy(it->second.ph);
         it->second = Waiter{secret, version, ph};
     }
+    // Its poll() looked before it got here: a change since may already
+    // have been counted as seen, so the next round looks regardless.
+    added_ = true;
     cv_.notify_one();
 }
 
@@ -80,8 +83,9 @@ void PollWaiters::run()
         // Sampled before looking: a change made while looking is seen next time.
         const std::uint64_t generation = generation_();
         const auto now = std::chrono::steady_clock::now();
-        if (generation == seen && now - last_look < 1s)
+        if (generation == seen && !added_ && now - last_look < 1s)
             continue;
+        added_ = false;
         seen = generation;
         last_look = now;
         std::vector<std::pair<std::uint64_t, Waiter>> looking(waiters_.begin(), waiters_.end());

@@ -7,8 +7,8 @@
 //
 // A waiter's poll handle is kept until then. A thread looks again within
 // 20 ms of every change the store reports (its generation, raised by every
-// write and every change the feed brings) and notifies
-// (fuse_lowlevel_notify_poll); it looks once a second anyway.
+// write and every change the feed brings) and of every new waiter, and
+// notifies (fuse_lowlevel_notify_poll); it looks once a second anyway.
 //
 // Thread-safety: every method may be called from any thread.
 #pragma once
@@ -64,6 +64,7 @@ private:
     std::mutex mutex_;
     std::condition_variable cv_;
     std::unordered_map<std::uint64_t, Waiter> waiters_;  // by file handle
+    bool added_ = false;  // a waiter came since the last round looked
     bool stop_ = false;
     std::thread thread_;
 };

@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <set>
 #include <thread>
 
@@ -224,6 +225,34 @@ TEST_CASE("a reader's read() keeps the value in the page cache only while it is 
     CHECK(ok(o) == "same 1 " + all + " " + all + " 0");
 }
 
+TEST_CASE("many readers opening a new version at once all read it (the first fills, the others wait)",
+          "[fs][mmap][concurrency]")
+{
+    Mount m;
+    REQUIRE(make_dir(m.path("crowd")).err == 0);
+    std::atomic<int> wrong{0};
+    std::atomic<int> failed{0};
+    for (int round = 0; round < 20; ++round) {
+        const std::string value = "value of round " + std::to_string(round) + std::string(5000, 'v');
+        REQUIRE(write_file(m.path("crowd/s"), value).err == 0);
+        std::vector<std::thread> readers;
+        for (int t = 0; t < 8; ++t)
+            readers.emplace_back([&] {
+                for (int i = 0; i < 10; ++i) {
+                    const Outcome r = read_file(m.path("crowd/s"));
+                    if (r.err != 0)
+                        ++failed;
+                    else if (r.data != value)
+                        ++wrong;
+                }
+            });
+        for (auto& r : readers)
+            r.join();
+    }
+    CHECK(failed == 0);
+    CHECK(wrong == 0);
+}
+
 TEST_CASE("writes: offsets assemble, EFBIG commits nothing, S@N is read-only", "[fs][token]")
 {
     Mount m;
@@ -270,8 +299,11 @@ TEST_CASE("writes: offsets assemble, EFBIG commits nothing, S@N is read-only", "
     CHECK(write_file(m.path("wvault/pieces@1"), "nope").err == EROFS);
     CHECK(write_file(m.path("wvault/pieces@7"), "nope").err == EROFS);
     CHECK(write_file(m.path("wvault/pieces@1"), "nope", O_WRONLY).err == EROFS);
-    // Secrets are read or written whole: no O_RDWR, no O_APPEND.
+    // Secrets are read or written whole: no O_RDWR (not even truncating: a
+    // readable writer could map the pages readers share), no O_APPEND.
     CHECK(write_file(m.path("wvault/pieces"), "x", O_RDWR).err == EINVAL);
+    CHECK(write_file(m.path("wvault/pieces"), "x", O_RDWR | O_TRUNC).err == EINVAL);
+    CHECK(ok(read_file(m.path("wvault/pieces"))) == std::string("hello\0world", 11));
     CHECK(write_file(m.path("wvault/pieces"), "x", O_WRONLY | O_APPEND).err == EINVAL);
     // truncate: only to empty, only through an open writer.
     const auto ftrunc = as_root([&] {
