@@ -129,13 +129,21 @@ Store::~Store()
     feed_.reset();  // its thread calls into this store
     if (!stamp_at_close_)
         return;
-    // Every connection closed: SQLite has checkpointed and removed the log.
+    // The file is stamped only as it passes quick_check now (a run that met
+    // a damaged page leaves no stamp), and once every connection is closed
+    // (SQLite has checkpointed and removed the log).
     {
         std::lock_guard lock(readers_mutex_);
         idle_readers_.clear();
     }
+    auto sound = writer_ && !writer_->broken() ? schema::check_sqlite(*writer_, path_, false)
+                                               : fail(Errc::storage, "the connection is broken");
     writer_.reset();
-    integrity_stamp::record(path_);
+    if (sound)
+        integrity_stamp::record(path_);
+    else
+        spdlog::warn("database {} was not found sound at close ({}); the next start checks every page",
+                     path_, sound.error().message);
 }
 
 Result<std::unique_ptr<db::Connection>> Store::connect(bool read_only)
