@@ -452,7 +452,7 @@ int run_mount(const MountOptions& options)
     const unsigned threads = options.threads != 0 ? options.threads : (*state)->config.threads;
     if (!(*state)->store->pages_read_at_open())
         spdlog::info("database {}: as its last clean close left it, its pages were not read again",
-                     (*state)->config.path_of((*state)->config.database));
+                     (*state)->store->path());
     spdlog::info("serving {} at {} ({} threads, DEK cache {}, audit {}, log {})", state_dir, mountpoint, threads,
                  (*state)->deks->enabled() ? "on" : "off", (*state)->config.path_of((*state)->config.audit_file),
                  log_target);

@@ -746,7 +746,10 @@ Reply Filesystem::open_value(const vault::Caller& caller, const vault::SecretVie
     auto charge = this->charge(caller);
     if (!charge)
         return Reply::err(service_.refuse_over_limit(caller, "get", view.vault_name, view.name, vault::Errc::too_many_open));
-    auto value = service_.open_value(caller, view);
+    // A reader through the page cache gets the value open_value
+    // authenticated, to fill the pages with (wiped when this returns).
+    hsm::SecureBuffer plain;
+    auto value = service_.open_value(caller, view, cached ? &plain : nullptr);
     if (!value)
         return Reply::err(value.error());
     fi->noflush = 1;  // nothing to commit on close of a reader
@@ -768,7 +771,7 @@ Reply Filesystem::open_value(const vault::Caller& caller, const vault::SecretVie
     fi->direct_io = 0;
     fi->keep_cache = 1;
     if (ticket.first()) {
-        if (!fill_page_cache(*cached, *value))
+        if (!fill_page_cache(*cached, plain))
             fi->keep_cache = 0;  // the kernel clears the pages; reads come here
         ticket.filled();
     }
@@ -776,15 +779,12 @@ Reply Filesystem::open_value(const vault::Caller& caller, const vault::SecretVie
     return Reply{Reply::Open{*fi}};
 }
 
-bool Filesystem::fill_page_cache(fuse_ino_t ino, const vault::OpenValue& value)
+bool Filesystem::fill_page_cache(fuse_ino_t ino, const hsm::SecureBuffer& plain)
 {
-    if (value.size() == 0)
+    if (plain.size() == 0)
         return true;
-    auto plain = value.plaintext();
-    if (!plain)
-        return false;
-    fuse_bufvec bv = FUSE_BUFVEC_INIT(plain->size());
-    bv.buf[0].mem = const_cast<std::uint8_t*>(plain->data());
+    fuse_bufvec bv = FUSE_BUFVEC_INIT(plain.size());
+    bv.buf[0].mem = const_cast<std::uint8_t*>(plain.data());
     if (const int r = fuse_lowlevel_notify_store(session_, ino, 0, &bv, FUSE_BUF_NO_SPLICE); r != 0) {
         spdlog::warn("could not fill the page cache of inode {}: {} (reads go to the daemon)", ino, std::strerror(-r));
         return false;

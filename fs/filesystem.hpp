@@ -160,8 +160,8 @@ private:
     // in the page cache while it is open; without, direct I/O.
     Reply open_value(const vault::Caller& caller, const vault::SecretView& view, fuse_file_info* fi,
                      std::optional<fuse_ino_t> cached = std::nullopt);
-    // Puts `value` in the page cache of `ino` (fuse_lowlevel_notify_store).
-    bool fill_page_cache(fuse_ino_t ino, const vault::OpenValue& value);
+    // Puts `plain` in the page cache of `ino` (fuse_lowlevel_notify_store).
+    bool fill_page_cache(fuse_ino_t ino, const hsm::SecureBuffer& plain);
     Reply open_for_write(const vault::Caller& caller, vault::VaultId vault, const std::string& name,
                          vault::SecretService::WriteIntent intent, fuse_file_info* fi, bool reply_create);
     Reply open_policy(const vault::Caller& caller, vault::VaultId vault, fuse_file_info* fi);

@@ -381,7 +381,8 @@ Result<DekCache::Dek> SecretService::unseal_dek(const VaultEntry& v, const Secre
     return dek;
 }
 
-Result<OpenValue> SecretService::open_value(const Caller& caller, const SecretView& target)
+Result<OpenValue> SecretService::open_value(const Caller& caller, const SecretView& target,
+                                            hsm::SecureBuffer* authenticated)
 {
     auto v = core_.load_vault(target.vault);
     if (!v)
@@ -445,6 +446,8 @@ Result<OpenValue> SecretService::open_value(const Caller& caller, const SecretVi
     ev.bytes = size;
     if (auto r = core_.record(ev); !r)
         return tl::unexpected(r.error());
+    if (authenticated != nullptr)
+        *authenticated = std::move(*check);
     return opened;
 }
 

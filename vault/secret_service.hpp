@@ -211,8 +211,11 @@ public:
     // Needs `get`. Checks enabled / not_before / expires, unseals the DEK of
     // the version `target` stands for and authenticates its value (a
     // tampered row is Errc::integrity here, not at a later read), audits
-    // ("get"), and returns it opened.
-    Result<OpenValue> open_value(const Caller& caller, const SecretView& target);
+    // ("get"), and returns it opened. With `authenticated`, the plaintext
+    // that check decrypted is moved there (locked memory) for the caller's
+    // one use, instead of being wiped.
+    Result<OpenValue> open_value(const Caller& caller, const SecretView& target,
+                                 hsm::SecureBuffer* authenticated = nullptr);
 
     struct WriteIntent {
         bool create = false;     // O_CREAT

@@ -160,7 +160,8 @@ TEST_CASE("a reader's mmap leaves no plaintext in the page cache once it closes"
     const std::string value(pages * static_cast<std::size_t>(page), 'k');
     REQUIRE(write_file(m.path("mapped/key"), value).err == 0);
 
-    // The watcher must be in place before the reader fills the cache.
+    // The watcher is a reader too: its open fills the cache, and it holds
+    // the pages mapped while the reader maps, closes and is dropped.
     const auto o = as_root([&] {
         const std::string path = m.path("mapped/key");
         const CacheWatcher watcher(path, value.size());
@@ -178,8 +179,9 @@ TEST_CASE("a reader's mmap leaves no plaintext in the page cache once it closes"
         return Outcome{0, (same ? "same " : "differs ") + std::to_string(while_mapped) + " " +
                               std::to_string(after_close)};
     });
-    // The mapping read the value and filled the cache (so mincore sees it
-    // here); after the reader closed, the daemon had the kernel drop it.
+    // The mapping read the value from the cache (so mincore sees it here);
+    // after the reader closed, the daemon had the kernel drop it, although
+    // the watcher was still open.
     CHECK(ok(o) == "same " + std::to_string(pages) + " 0");
 }
 

@@ -18,6 +18,15 @@ namespace {
 #define VAULT_COLUMNS \
     "id, name, kek_id, retention_days, purge_protection, created, created_by, default_owner, default_group, default_mode"
 #define SECRET_COLUMNS "id, vault_id, name, created, next_version, deleted_at, purge_at, owner, grp, mode"
+// A page of a vault's secrets with at least one version, by id after `after`
+// (bound by bind_live_page).
+#define LIVE_PAGE \
+    " FROM secrets WHERE vault_id = ? AND deleted_at IS NULL AND id > ? AND next_version > 1 ORDER BY id LIMIT ?"
+
+void bind_live_page(db::Query& q, VaultId vault, SecretId after, std::size_t limit)
+{
+    q.bind(1, vault.value).bind(2, after.value).bind(3, static_cast<std::int64_t>(limit));
+}
 
 VaultRow read_vault(const db::Query& q)
 {
@@ -387,11 +396,7 @@ Result<std::vector<SecretRow>> Store::live_secrets(VaultId vault, SecretId after
     return with_reader([&](db::Connection& c) {
         return collect<SecretRow>(
             c,
-            "SELECT " SECRET_COLUMNS " FROM secrets "
-            "WHERE vault_id = ? AND deleted_at IS NULL AND id > ? AND next_version > 1 ORDER BY id LIMIT ?",
-            [&](db::Query& q) {
-                q.bind(1, vault.value).bind(2, after.value).bind(3, static_cast<std::int64_t>(limit));
-            },
+            "SELECT " SECRET_COLUMNS LIVE_PAGE, [&](db::Query& q) { bind_live_page(q, vault, after, limit); },
             read_secret);
     });
 }
@@ -401,11 +406,7 @@ Result<std::vector<SecretName>> Store::live_names(VaultId vault, SecretId after,
     return with_reader([&](db::Connection& c) {
         return collect<SecretName>(
             c,
-            "SELECT id, name FROM secrets "
-            "WHERE vault_id = ? AND deleted_at IS NULL AND id > ? AND next_version > 1 ORDER BY id LIMIT ?",
-            [&](db::Query& q) {
-                q.bind(1, vault.value).bind(2, after.value).bind(3, static_cast<std::int64_t>(limit));
-            },
+            "SELECT id, name" LIVE_PAGE, [&](db::Query& q) { bind_live_page(q, vault, after, limit); },
             [](const db::Query& q) { return SecretName{SecretId{q.int64(0)}, q.text(1)}; });
     });
 }

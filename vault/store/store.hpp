@@ -319,7 +319,7 @@ public:
     Result<std::optional<SecretRow>> secret_by_id(SecretId id);
     // Secrets with at least one version, ordered by id, after `after`.
     Result<std::vector<SecretRow>> live_secrets(VaultId vault, SecretId after, std::size_t limit);
-    // Their ids and names only (a plain listing: two columns, from one index).
+    // Their ids and names only (a plain listing reads two columns, not all).
     Result<std::vector<SecretName>> live_names(VaultId vault, SecretId after, std::size_t limit);
     // The same page with the version each secret stands for (a listing
     // with attributes: readdirplus).
