@@ -17,6 +17,9 @@
 #include <spdlog/sinks/syslog_sink.h>
 #include <spdlog/spdlog.h>
 
+#include <linux/fuse.h>
+
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
@@ -29,6 +32,10 @@
 
 #include "fs/control.hpp"
 #include "fs/filesystem.hpp"
+#include "fs/restart/channel.hpp"
+#include "fs/restart/device_io.hpp"
+#include "fs/restart/supervisor.hpp"
+#include "hsm/hex.hpp"
 #include "hsm/secure_buffer.hpp"
 #include "vault/state.hpp"
 
@@ -58,6 +65,13 @@ public:
         send("E" + message);
     }
     void ready() { send("R"); }
+    // Leaves the reporting to another process (the one that inherited it).
+    void abandon()
+    {
+        if (fd_ >= 0)
+            ::close(fd_);
+        fd_ = -1;
+    }
 
 private:
     void send(const std::string& msg)
@@ -353,58 +367,16 @@ void harden_process()
     ::setrlimit(RLIMIT_CORE, &none);
 }
 
-int run_mount(const MountOptions& options)
+namespace {
+
+// The FUSE session's arguments, the same for every server of a mount (a
+// restart's new process must negotiate what the first did).
+std::unique_ptr<fuse_session, SessionFree> new_session(Filesystem& filesystem, bool debug)
 {
-    const std::string mountpoint = vault::absolute_path(options.mountpoint);
-    const std::string state_dir = vault::absolute_path(options.state_dir);
-    StartupChannel channel = options.foreground ? StartupChannel() : daemonize();
-    const std::string log_target = setup_logging(options.foreground, state_dir);
-
-    auto config = vault::load_config(state_dir);
-    if (!config) {
-        channel.failed(config.error().message);
-        return 1;
-    }
-    // One process serves a state: a second mount stops here, naming the first.
-    auto lock = vault::StateLock::acquire(state_dir);
-    if (!lock) {
-        channel.failed(lock.error().message);
-        return 1;
-    }
-    if (auto heap = hsm::init_secure_heap(config->secure_heap_kib * 1024); !heap) {
-        channel.failed(heap.error().message);
-        return 1;
-    }
-    std::string stale_error;
-    if (const int rc = in_mount_namespace(options.mount_namespace,
-                                          [&] { return clean_stale_mount(mountpoint, stale_error) ? 0 : EEXIST; });
-        rc != 0) {
-        channel.failed(stale_error.empty() ? "cannot enter mount namespace " + options.mount_namespace + ": " +
-                                                 std::strerror(rc)
-                                           : stale_error);
-        return 1;
-    }
-    // Mounting over files would hide them (and whoever uses them).
-    if (!options.nonempty && options.mount_namespace.empty() && has_entries(mountpoint)) {
-        channel.failed(mountpoint + " is not empty: mounting there would hide what it holds; choose an empty "
-                                    "directory, or pass --nonempty");
-        return 1;
-    }
-    auto state = vault::State::open(state_dir, vault::State::Purpose::serve, std::move(*lock));
-    if (!state) {
-        channel.failed(state.error().message);
-        return 1;
-    }
-    const auto& conf = (*state)->config;
-    Filesystem filesystem(*(*state)->service,
-                          Filesystem::Limits{conf.max_open_files_per_uid, conf.max_buffered_kib_per_uid * 1024,
-                                             conf.secure_heap_kib * 1024 / 2, conf.staging_idle},
-                          ObjectServices{(*state)->key_vault.get(), (*state)->certificates.get()});
-
     std::vector<std::string> arg_text{"vaultfs", "-o", "fsname=vaultfs,subtype=vaultfs,noatime"};
     if (::geteuid() == 0)
         arg_text.insert(arg_text.end(), {"-o", "allow_other"});
-    if (options.debug)
+    if (debug)
         arg_text.emplace_back("-d");
     std::vector<char*> argv;
     for (auto& a : arg_text)
@@ -413,6 +385,187 @@ int run_mount(const MountOptions& options)
     std::unique_ptr<fuse_session, SessionFree> se(
         fuse_session_new(&args, &Filesystem::operations(), sizeof(fuse_lowlevel_ops), &filesystem));
     fuse_opt_free_args(&args);  // the session keeps what it needs
+    return se;
+}
+
+Filesystem::Limits limits_of(const vault::Config& conf)
+{
+    return Filesystem::Limits{conf.max_open_files_per_uid, conf.max_buffered_kib_per_uid * 1024,
+                              conf.secure_heap_kib * 1024 / 2, conf.staging_idle};
+}
+
+// What a server serves with, however it started.
+struct Serving {
+    std::string state_dir;
+    std::string mountpoint;
+    std::string mount_namespace;
+    unsigned threads = 0;
+    bool foreground = false;
+    std::string log_target;
+    vault::State* state = nullptr;
+    Filesystem* filesystem = nullptr;
+    fuse_session* session = nullptr;
+    restart::DeviceIo* io = nullptr;
+    int supervisor = -1;  // the socket to the supervisor
+    bool mounted_here = false;  // libfuse mounted (and unmounts) it
+    int namespace_fd = -1;      // the connection, mounted in mount_namespace
+};
+
+// Answers the supervisor's `handover` (fs/restart/supervisor.hpp) until
+// the socket closes: stops taking requests, and either hands over (the
+// loop ends, `exported` holds the handles) or refuses and serves on.
+class SupervisorLink {
+public:
+    explicit SupervisorLink(Serving& s) : s_(s), thread_([this] { run(); }) {}
+    ~SupervisorLink()
+    {
+        ::shutdown(s_.supervisor, SHUT_RD);
+        thread_.join();
+    }
+    bool handed_over() const { return handed_over_.load(); }
+    std::string exported;
+
+private:
+    void run()
+    {
+        while (auto m = restart::receive_message(s_.supervisor)) {
+            if (m->kind != "handover")
+                continue;
+            const auto deadline =
+                std::chrono::steady_clock::now() + std::chrono::milliseconds(m->number("wait_ms"));
+            std::string why;
+            for (;;) {
+                s_.io->pause();
+                why = s_.filesystem->handover_blockers();
+                if (why.empty() || std::chrono::steady_clock::now() >= deadline)
+                    break;
+                s_.io->resume();
+                std::this_thread::sleep_for(std::chrono::milliseconds(20));
+            }
+            if (!why.empty()) {
+                s_.io->resume();
+                spdlog::warn("restart refused: {} still open after {} ms", why, m->number("wait_ms"));
+                (void)restart::send_message(
+                    s_.supervisor,
+                    restart::Message{"refused",
+                                     {{"reason", why + " still open after " + std::to_string(m->number("wait_ms")) +
+                                                     " ms (what they hold exists only in this process); try again, "
+                                                     "or give --wait more time"}},
+                                     {}});
+                continue;
+            }
+            exported = s_.filesystem->export_handles();
+            handed_over_ = true;
+            s_.io->close();  // the loop ends
+            return;
+        }
+    }
+    Serving& s_;
+    std::atomic<bool> handed_over_{false};
+    std::thread thread_;
+};
+
+// Serves until the mount ends or the server hands over; returns the exit status.
+int serve(Serving& s, StartupChannel& channel, std::optional<std::string> takeover_note = std::nullopt)
+{
+    vault::State& state = *s.state;
+    hup_target.store(state.audit.get());
+    struct sigaction hup{};
+    hup.sa_handler = on_sighup;
+    sigemptyset(&hup.sa_mask);
+    ::sigaction(SIGHUP, &hup, nullptr);
+
+    s.filesystem->start_invalidations(s.session);
+    const unsigned threads = s.threads != 0 ? s.threads : state.config.threads;
+    if (!state.store->pages_read_at_open())
+        spdlog::info("database {}: as its last clean close left it, its pages were not read again",
+                     state.store->path());
+    spdlog::info("serving {} at {} ({} threads, DEK cache {}, audit {}, log {}{})", s.state_dir, s.mountpoint, threads,
+                 state.deks->enabled() ? "on" : "off", state.config.path_of(state.config.audit_file), s.log_target,
+                 takeover_note ? ", " + *takeover_note : std::string());
+    channel.ready();
+    if (!s.foreground)
+        detach_stdio();
+
+    auto control = ControlServer::start(state, *s.filesystem, s.mountpoint);
+    if (!control)
+        spdlog::error("management commands are unavailable: {}", control.error().message);
+    if (takeover_note)
+        (void)restart::send_message(
+            s.supervisor, restart::Message{"serving", {{"handles", std::to_string(s.filesystem->open_handles())}}, {}});
+
+    int rc = 0;
+    bool handed_over = false;
+    std::string exported;
+    {
+        SupervisorLink link(s);
+        Maintenance maintenance(state, *s.filesystem);
+        fuse_loop_config* cfg = fuse_loop_cfg_create();
+        fuse_loop_cfg_set_max_threads(cfg, threads);
+        // Keep every worker: letting idle ones exit means creating threads again
+        // under load, which costs more than the requests.
+        fuse_loop_cfg_set_idle_threads(cfg, threads);
+        // Each worker reads its own clone of the connection: when this
+        // process dies, the kernel fails only the requests it had taken.
+        fuse_loop_cfg_set_clone_fd(cfg, 1);
+        rc = fuse_session_loop_mt(s.session, cfg);
+        fuse_loop_cfg_destroy(cfg);
+        handed_over = link.handed_over();
+        exported = link.exported;
+    }
+    if (handed_over)
+        s.filesystem->wake_pollers();  // the kernel polls again, and the next process answers
+    if (control)
+        control->reset();
+    s.filesystem->stop_invalidations();
+    hup_target.store(nullptr);
+    if (handed_over) {
+        // The next process has the database open: no stamp (integrity_stamp.hpp).
+        state.store->leave_unstamped();
+        state.close();  // the signed shutdown record
+        const std::vector<std::uint8_t> bytes(exported.begin(), exported.end());
+        (void)restart::send_message(s.supervisor, restart::Message{"handles", {{"data", hsm::to_hex(bytes)}}, {}});
+        spdlog::info("handed {} over to the next process", s.mountpoint);
+        return 0;
+    }
+    if (s.mounted_here)
+        fuse_session_unmount(s.session);
+    else if (!s.mount_namespace.empty())
+        in_mount_namespace(s.mount_namespace,
+                           [&] { return ::umount2(s.mountpoint.c_str(), MNT_DETACH) == 0 ? 0 : errno; });
+    else
+        restart::detach_mount(s.mountpoint);  // a server that took over: libfuse did not mount it
+    fuse_remove_signal_handlers(s.session);
+    state.close();
+    spdlog::info("unmounted {}", s.mountpoint);
+    // libfuse reports the signal that ended the loop; SIGINT and SIGTERM are
+    // how a daemon is asked to stop, so they end it successfully.
+    return rc == 0 || rc == SIGINT || rc == SIGTERM ? 0 : 1;
+}
+
+// The first server of a mount: opens the state, mounts, and tells the
+// supervisor the connection and its INIT.
+int serve_first(const MountOptions& options, const std::string& state_dir, const std::string& mountpoint,
+                StartupChannel& channel, const std::string& log_target, vault::StateLock lock, int supervisor)
+{
+    auto config = vault::load_config(state_dir);
+    if (!config) {
+        channel.failed(config.error().message);
+        return 1;
+    }
+    if (auto heap = hsm::init_secure_heap(config->secure_heap_kib * 1024); !heap) {
+        channel.failed(heap.error().message);
+        return 1;
+    }
+    auto state = vault::State::open(state_dir, vault::State::Purpose::serve, std::move(lock));
+    if (!state) {
+        channel.failed(state.error().message);
+        return 1;
+    }
+    const auto& conf = (*state)->config;
+    Filesystem filesystem(*(*state)->service, limits_of(conf),
+                          ObjectServices{(*state)->key_vault.get(), (*state)->certificates.get()});
+    auto se = new_session(filesystem, options.debug);
     if (!se) {
         channel.failed("cannot create the FUSE session");
         return 1;
@@ -421,12 +574,7 @@ int run_mount(const MountOptions& options)
         channel.failed("cannot install signal handlers");
         return 1;
     }
-    hup_target.store((*state)->audit.get());
-    struct sigaction hup{};
-    hup.sa_handler = on_sighup;
-    sigemptyset(&hup.sa_mask);
-    ::sigaction(SIGHUP, &hup, nullptr);
-
+    Serving s{state_dir, mountpoint, options.mount_namespace, options.threads, options.foreground, log_target};
     // In another mount namespace, the kernel mount is made there and libfuse
     // is handed the connection as /dev/fd/N; otherwise libfuse mounts.
     int fuse_fd = -1;
@@ -448,47 +596,228 @@ int run_mount(const MountOptions& options)
         channel.failed("cannot mount at " + mountpoint + " (is /dev/fuse available, and fuse3 installed?)");
         return 1;
     }
-    filesystem.start_invalidations(se.get());
-    const unsigned threads = options.threads != 0 ? options.threads : (*state)->config.threads;
-    if (!(*state)->store->pages_read_at_open())
-        spdlog::info("database {}: as its last clean close left it, its pages were not read again",
-                     (*state)->store->path());
-    spdlog::info("serving {} at {} ({} threads, DEK cache {}, audit {}, log {})", state_dir, mountpoint, threads,
-                 (*state)->deks->enabled() ? "on" : "off", (*state)->config.path_of((*state)->config.audit_file),
-                 log_target);
-    channel.ready();
+    s.mounted_here = fuse_fd < 0;
+    restart::DeviceIo io;
+    if (!io.install(se.get(), fuse_session_fd(se.get()))) {
+        fuse_session_unmount(se.get());
+        channel.failed("cannot set up the FUSE connection's io");
+        return 1;
+    }
+    // The supervisor keeps the connection and its INIT for the next server.
+    (void)restart::send_message(supervisor, restart::Message{"device", {}, {fuse_session_fd(se.get())}});
+    io.on_init([supervisor](const restart::InitExchange& init) {
+        (void)restart::send_message(supervisor, restart::Message{"init",
+                                                                 {{"request", hsm::to_hex(init.request)},
+                                                                  {"reply", hsm::to_hex(init.reply)}},
+                                                                 {}});
+        (void)restart::send_message(supervisor, restart::Message{"serving", {}, {}});
+    });
+    s.state = state->get();
+    s.filesystem = &filesystem;
+    s.session = se.get();
+    s.io = &io;
+    s.supervisor = supervisor;
+    return serve(s, channel);
+}
+
+// Where the binary this process runs was started from (what a restart
+// starts: by then, maybe a newer file at the same path).
+std::string own_binary()
+{
+    char buf[4096];
+    const ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+    return n > 0 ? std::string(buf, static_cast<std::size_t>(n)) : std::string("/proc/self/exe");
+}
+
+// How two INIT replies differ, for the refusal.
+std::string init_difference(const std::vector<std::uint8_t>& was, const std::vector<std::uint8_t>& now)
+{
+    const std::size_t header = sizeof(fuse_out_header);
+    fuse_init_out a{}, b{};
+    std::memcpy(&a, was.data() + header, std::min(sizeof a, was.size() > header ? was.size() - header : 0));
+    std::memcpy(&b, now.data() + header, std::min(sizeof b, now.size() > header ? now.size() - header : 0));
+    std::ostringstream out;
+    const auto field = [&](const char* name, std::uint64_t x, std::uint64_t y) {
+        if (x != y)
+            out << (out.tellp() > 0 ? ", " : "") << name << " " << x << " -> " << y;
+    };
+    field("protocol minor", a.minor, b.minor);
+    field("flags", a.flags | (std::uint64_t{a.flags2} << 32), b.flags | (std::uint64_t{b.flags2} << 32));
+    field("max_readahead", a.max_readahead, b.max_readahead);
+    field("max_write", a.max_write, b.max_write);
+    field("max_background", a.max_background, b.max_background);
+    field("congestion_threshold", a.congestion_threshold, b.congestion_threshold);
+    field("time_gran", a.time_gran, b.time_gran);
+    field("max_pages", a.max_pages, b.max_pages);
+    field("reply size", was.size(), now.size());
+    const std::string d = out.str();
+    return d.empty() ? "the replies differ" : d;
+}
+
+}  // namespace
+
+int run_mount(const MountOptions& options)
+{
+    const std::string mountpoint = vault::absolute_path(options.mountpoint);
+    const std::string state_dir = vault::absolute_path(options.state_dir);
+    StartupChannel channel = options.foreground ? StartupChannel() : daemonize();
+    const std::string log_target = setup_logging(options.foreground, state_dir);
+
+    auto config = vault::load_config(state_dir);
+    if (!config) {
+        channel.failed(config.error().message);
+        return 1;
+    }
+    // One process serves a state: a second mount stops here, naming the first.
+    auto lock = vault::StateLock::acquire(state_dir);
+    if (!lock) {
+        channel.failed(lock.error().message);
+        return 1;
+    }
+    std::string stale_error;
+    if (const int rc = in_mount_namespace(options.mount_namespace,
+                                          [&] { return clean_stale_mount(mountpoint, stale_error) ? 0 : EEXIST; });
+        rc != 0) {
+        channel.failed(stale_error.empty() ? "cannot enter mount namespace " + options.mount_namespace + ": " +
+                                                 std::strerror(rc)
+                                           : stale_error);
+        return 1;
+    }
+    // Mounting over files would hide them (and whoever uses them).
+    if (!options.nonempty && options.mount_namespace.empty() && has_entries(mountpoint)) {
+        channel.failed(mountpoint + " is not empty: mounting there would hide what it holds; choose an empty "
+                                    "directory, or pass --nonempty");
+        return 1;
+    }
+    // This process stays as the supervisor (fs/restart/supervisor.hpp); a
+    // child serves.
+    int sp[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp) != 0) {
+        channel.failed(std::string("socketpair: ") + std::strerror(errno));
+        return 1;
+    }
+    const std::string binary = own_binary();
+    const pid_t supervisor = ::getpid();
+    const pid_t server = ::fork();
+    if (server < 0) {
+        channel.failed(std::string("fork: ") + std::strerror(errno));
+        return 1;
+    }
+    if (server == 0) {
+        ::close(sp[0]);
+        ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (::getppid() != supervisor)
+            return 1;
+        return serve_first(options, state_dir, mountpoint, channel, log_target, std::move(*lock), sp[1]);
+    }
+    ::close(sp[1]);
+    channel.abandon();  // the server reports start-up
     if (!options.foreground)
         detach_stdio();
+    restart::SupervisorOptions so;
+    so.state_dir = state_dir;
+    so.mountpoint = mountpoint;
+    so.mount_namespace = options.mount_namespace;
+    so.binary = binary;
+    so.threads = options.threads;
+    so.debug = options.debug;
+    so.foreground = options.foreground;
+    so.server_socket = sp[0];
+    so.server = server;
+    return restart::supervise(std::move(so), std::move(*lock));
+}
 
-    auto control = ControlServer::start(**state, filesystem, mountpoint);
-    if (!control)
-        spdlog::error("management commands are unavailable: {}", control.error().message);
-
-    int rc = 0;
-    {
-        Maintenance maintenance(**state, filesystem);
-        fuse_loop_config* cfg = fuse_loop_cfg_create();
-        fuse_loop_cfg_set_max_threads(cfg, threads);
-        // Keep every worker: letting idle ones exit means creating threads again
-        // under load, which costs more than the requests.
-        fuse_loop_cfg_set_idle_threads(cfg, threads);
-        rc = fuse_session_loop_mt(se.get(), cfg);
-        fuse_loop_cfg_destroy(cfg);
+int run_takeover(int socket)
+{
+    auto hello = restart::receive_message(socket, 10000);
+    if (!hello || hello->kind != "hello" || hello->fds.size() < 2) {
+        std::fprintf(stderr, "vaultfs takeover: no hello from the supervisor\n");
+        return 1;
     }
-    if (control)
-        control->reset();
-    filesystem.stop_invalidations();
-    fuse_session_unmount(se.get());
-    if (fuse_fd >= 0)
-        in_mount_namespace(options.mount_namespace,
-                           [&] { return ::umount2(mountpoint.c_str(), MNT_DETACH) == 0 ? 0 : errno; });
-    fuse_remove_signal_handlers(se.get());
-    hup_target.store(nullptr);
-    (*state)->close();
-    spdlog::info("unmounted {}", mountpoint);
-    // libfuse reports the signal that ended the loop; SIGINT and SIGTERM are
-    // how a daemon is asked to stop, so they end it successfully.
-    return rc == 0 || rc == SIGINT || rc == SIGTERM ? 0 : 1;
+    const auto refuse = [&](const std::string& reason) {
+        spdlog::error("restart refused: {}", reason);
+        (void)restart::send_message(socket, restart::Message{"refused", {{"reason", reason}}, {}});
+        return 1;
+    };
+    if (hello->get("protocol") != std::to_string(restart::protocol_version))
+        return refuse("the supervisor speaks restart protocol " + hello->get("protocol") + ", this binary " +
+                      std::to_string(restart::protocol_version) + ": remount to change it");
+    const int device = hello->fds[0];
+    vault::StateLock lock = vault::StateLock::adopt(hello->fds[1]);
+    const std::string mode = hello->get("mode");
+    const std::string state_dir = hello->get("state");
+    const std::string mountpoint = hello->get("mountpoint");
+    const bool foreground = hello->get("foreground") == "1";
+    const std::string log_target = setup_logging(foreground, state_dir);
+    StartupChannel channel;
+
+    auto config = vault::load_config(state_dir);
+    if (!config)
+        return refuse(config.error().message);
+    if (auto heap = hsm::init_secure_heap(config->secure_heap_kib * 1024); !heap)
+        return refuse(heap.error().message);
+    auto state = vault::State::open(state_dir, vault::State::Purpose::take_over, std::move(lock));
+    if (!state)
+        return refuse(state.error().message);
+    // From here an abort leaves the database to the running server: no stamp.
+    struct Unstamped {
+        vault::State& st;
+        bool keep = true;
+        ~Unstamped()
+        {
+            if (keep)
+                st.store->leave_unstamped();
+        }
+    } unstamped{**state};
+    const auto& conf = (*state)->config;
+    Filesystem filesystem(*(*state)->service, limits_of(conf),
+                          ObjectServices{(*state)->key_vault.get(), (*state)->certificates.get()});
+    auto se = new_session(filesystem, hello->get("debug") == "1");
+    restart::DeviceIo io;
+    if (!se || !io.install(se.get(), device))
+        return refuse("cannot create the FUSE session");
+    const auto request = hsm::from_hex(hello->get("init_request"));
+    const auto saved = hsm::from_hex(hello->get("init_reply"));
+    if (!request || !saved)
+        return refuse("the supervisor's INIT exchange is malformed");
+    const auto reply = io.replay_init(restart::InitExchange{*request, *saved});
+    if (reply != *saved)
+        return refuse("this binary negotiates other FUSE options than the mount's (" +
+                      init_difference(*saved, reply) + "); they take effect at the next mount");
+    if (fuse_set_signal_handlers(se.get()) != 0)
+        return refuse("cannot install signal handlers");
+    filesystem.number_from(hello->number("generation") << 40);
+
+    std::string exported;
+    if (mode == "graceful") {
+        (void)restart::send_message(socket, restart::Message{"ready", {}, {}});
+        auto m = restart::receive_message(socket);
+        if (!m || m->kind != "handles") {
+            spdlog::info("restart abandoned: the running server serves on");
+            return 1;
+        }
+        const auto bytes = hsm::from_hex(m->get("data"));
+        if (bytes)
+            exported.assign(bytes->begin(), bytes->end());
+    }
+    unstamped.keep = false;
+    const std::size_t adopted = filesystem.adopt(exported);
+    vault::audit::Log::Notes notes{{"restart", mode},
+                                   {"previous_pid", static_cast<std::uint64_t>(hello->number("previous"))},
+                                   {"handles", static_cast<std::uint64_t>(adopted)}};
+    if (auto r = (*state)->start_audit(std::move(notes)); !r) {
+        spdlog::error("cannot start the audit log: {}; not serving (fail closed)", r.error().message);
+        return 1;
+    }
+    Serving s{state_dir, mountpoint, hello->get("mount_namespace"), static_cast<unsigned>(hello->number("threads")),
+              foreground, log_target};
+    s.state = state->get();
+    s.filesystem = &filesystem;
+    s.session = se.get();
+    s.io = &io;
+    s.supervisor = socket;
+    return serve(s, channel, "taken over after " + std::string(mode == "crash" ? "a crash" : "a restart") + " (" +
+                                 std::to_string(adopted) + " open file(s) kept)");
 }
 
 }  // namespace vaultfs::fs

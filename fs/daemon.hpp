@@ -31,6 +31,11 @@ struct MountOptions {
 // Runs the daemon; returns the process exit status.
 int run_mount(const MountOptions& options);
 
+// `vaultfs takeover` (started by a mount's supervisor, never by hand): takes
+// the mount over from the running server, or after its crash
+// (fs/restart/supervisor.hpp). `socket`: the supervisor's.
+int run_takeover(int socket);
+
 // Makes the process non-dumpable and disables core dumps (DESIGN §3).
 void harden_process();
 

@@ -108,6 +108,25 @@ public:
     // it every second).
     void sweep_staging();
 
+    // ---- restart (fs/restart/filesystem_handover.cpp) ---------------------------
+    // What keeps the open files from going to another process now: writes,
+    // policies being written, staging files, open directories and key or
+    // certificate files (what they hold exists only here). Empty when
+    // nothing does.
+    std::string handover_blockers();
+    // The open readers of secrets and the mount's times, for adopt().
+    std::string export_handles();
+    // Re-creates what a previous process exported (each reader's version
+    // opened again with this process's token sessions). Returns how many
+    // handles; a version that cannot be opened again loses its handle (its
+    // reads fail with EBADF) and is logged.
+    std::size_t adopt(const std::string& exported);
+    // Handle numbers and staging inodes this process hands out start at
+    // `base`: never one that a previous process of this mount handed out.
+    void number_from(std::uint64_t base);
+    // Wakes every poll waiter (the kernel polls the next process again).
+    void wake_pollers() { polls_.wake_all(); }
+
     struct Reply;  // defined in filesystem.cpp
 
     // Handlers: one per FUSE operation (see fuse_lowlevel.h for each one's

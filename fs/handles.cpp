@@ -1,5 +1,7 @@
 #include "fs/handles.hpp"
 
+#include <algorithm>
+
 namespace vaultfs::fs {
 
 PageCacheReaders::Ticket PageCacheReaders::enter(std::uint64_t ino)
@@ -58,6 +60,24 @@ std::shared_ptr<Handle> HandleTable::remove(std::uint64_t fh)
     auto h = std::move(it->second);
     handles_.erase(it);
     return h;
+}
+
+void HandleTable::number_from(std::uint64_t base)
+{
+    std::unique_lock lock(mutex_);
+    next_ = std::max(next_, base);
+}
+
+bool HandleTable::add_at(std::uint64_t fh, std::shared_ptr<Handle> h)
+{
+    std::unique_lock lock(mutex_);
+    return handles_.emplace(fh, std::move(h)).second;
+}
+
+std::vector<std::pair<std::uint64_t, std::shared_ptr<Handle>>> HandleTable::all() const
+{
+    std::shared_lock lock(mutex_);
+    return {handles_.begin(), handles_.end()};
 }
 
 std::size_t HandleTable::size() const

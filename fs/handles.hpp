@@ -199,6 +199,11 @@ public:
     std::shared_ptr<Handle> find(std::uint64_t fh) const;
     std::shared_ptr<Handle> remove(std::uint64_t fh);
     std::size_t size() const;
+    // A restart (fs/restart/): numbers handed out from here on start at
+    // `base`; a handle a previous process handed out keeps its number.
+    void number_from(std::uint64_t base);
+    bool add_at(std::uint64_t fh, std::shared_ptr<Handle> h);
+    std::vector<std::pair<std::uint64_t, std::shared_ptr<Handle>>> all() const;
 
     template <class T>
     std::shared_ptr<T> find_as(std::uint64_t fh, Handle::Kind kind) const

@@ -21,6 +21,7 @@
 #include "fs/control.hpp"
 #include "fs/control_protocol.hpp"
 #include "fs/daemon.hpp"
+#include "fs/restart/supervisor.hpp"
 #include "hsm/secure_buffer.hpp"
 #include "policy/policy.hpp"
 #include "vault/secret_service.hpp"
@@ -260,6 +261,18 @@ int main(int argc, char** argv)
                       "Mount in this mount namespace, e.g. /proc/1/ns/mnt (for a sandboxed systemd service)");
     mount->add_flag("--nonempty", mount_options.nonempty, "Mount over a directory that is not empty (hiding it)");
 
+    std::string restart_state = default_state();
+    double restart_wait = 10;
+    auto* restart = app.add_subcommand(
+        "restart", "Replace the serving process with the binary now on disk, without unmounting");
+    restart->add_option("--state", restart_state, "State directory (default: $VAULTFS_STATE or /var/lib/vaultfs)");
+    restart->add_option("--wait", restart_wait, "Seconds to wait for open writes to finish (default 10)")
+        ->check(CLI::Range(0.0, 3600.0));
+    int takeover_socket = -1;
+    auto* takeover = app.add_subcommand("takeover", "");  // started by a mount's supervisor; hidden
+    takeover->group("");
+    takeover->add_option("--socket", takeover_socket)->required();
+
     auto* audit = app.add_subcommand("audit", "Audit trail tools");
     audit->require_subcommand(1);
     std::vector<std::string> audit_files;
@@ -373,6 +386,11 @@ int main(int argc, char** argv)
     }
     if (*mount)
         return fs::run_mount(mount_options);
+    if (*restart)
+        return fs::restart::request_restart(vault::absolute_path(restart_state),
+                                            static_cast<unsigned>(restart_wait * 1000));
+    if (*takeover)
+        return fs::run_takeover(takeover_socket);
     if (*verify) {
         // Files (or a public key) alone: a copy shipped elsewhere, checked by itself.
         if (verify_state.empty() && audit_files.empty() && public_key.empty())

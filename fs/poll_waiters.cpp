@@ -67,6 +67,16 @@ void PollWaiters::forget(std::uint64_t fh)
     }
 }
 
+void PollWaiters::wake_all()
+{
+    std::lock_guard lock(mutex_);
+    for (auto& [fh, w] : waiters_) {
+        fuse_lowlevel_notify_poll(w.ph);
+        fuse_pollhandle_destroy(w.ph);
+    }
+    waiters_.clear();
+}
+
 void PollWaiters::run()
 {
     using namespace std::chrono_literals;

@@ -49,6 +49,9 @@ public:
     void wait(std::uint64_t fh, std::int64_t secret, std::int64_t version, fuse_pollhandle* ph);
     // File handle `fh` was released: its poll handle goes.
     void forget(std::uint64_t fh);
+    // A restart: every waiter is woken, so that the kernel polls again and
+    // the next process keeps the new handles.
+    void wake_all();
 
 private:
     struct Waiter {

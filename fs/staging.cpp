@@ -1,5 +1,7 @@
 #include "fs/staging.hpp"
 
+#include <algorithm>
+
 namespace vaultfs::fs {
 
 std::shared_ptr<StagedFile> StagingArea::create(vault::VaultId vault, const std::string& name, uid_t uid, gid_t gid,
@@ -114,4 +116,16 @@ std::size_t StagingArea::sweep(std::chrono::steady_clock::time_point now)
     }
     return dropped.size();
 }
+std::size_t StagingArea::count() const
+{
+    std::lock_guard lock(mutex_);
+    return by_id_.size();
+}
+
+void StagingArea::number_from(std::int64_t base)
+{
+    std::lock_guard lock(mutex_);
+    next_id_ = std::max(next_id_, base);
+}
+
 }  // namespace vaultfs::fs

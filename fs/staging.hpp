@@ -101,6 +101,11 @@ public:
     // enough for the editor that saved to remove its own.
     static constexpr std::chrono::seconds copy_grace{2};
     void expire_copies(std::int64_t secret, uid_t uid);
+    // Staging files now (a restart waits until there are none).
+    std::size_t count() const;
+    // Ids handed out from here on start at `base` (a restart: never an
+    // inode a previous process of the mount handed out).
+    void number_from(std::int64_t base);
     // Drops files without an open handle for `idle`; returns how many.
     std::size_t sweep(std::chrono::steady_clock::time_point now);
 

@@ -44,6 +44,7 @@ public:
         // Charges `more` bytes; false (and nothing charged) past the uid's
         // limit or the total.
         bool grow(std::size_t more);
+        uid_t uid() const { return uid_; }
 
     private:
         friend class UidQuota;

@@ -451,6 +451,29 @@ Result<OpenValue> SecretService::open_value(const Caller& caller, const SecretVi
     return opened;
 }
 
+Result<OpenValue> SecretService::reopen_value(VersionId version)
+{
+    auto read = store_.sealed_for_read(version);
+    if (!read)
+        return tl::unexpected(read.error());
+    if (!*read)
+        return fail(Errc::not_found, "version " + std::to_string(version.value) + " is gone");
+    auto v = core_.load_vault((*read)->secret.vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    SealedVersion& sealed = (*read)->sealed;
+    auto dek = unseal_dek(**v, (*read)->secret, sealed);
+    if (!dek)
+        return tl::unexpected(dek.error());
+    const Binding binding{(*read)->secret.vault, (*read)->secret.name, sealed.meta.number, sealed.kek_id};
+    const std::uint64_t size =
+        sealed.ciphertext.size() >= value_tag_size ? sealed.ciphertext.size() - value_tag_size : 0;
+    OpenValue opened(std::move(*dek), std::move(sealed.nonce), std::move(sealed.ciphertext), value_aad(binding), size);
+    if (auto check = opened.plaintext(); !check)
+        return tl::unexpected(check.error());
+    return opened;
+}
+
 Result<WriteGrant> SecretService::open_for_write(const Caller& caller, VaultId vault, std::string_view name,
                                                  WriteIntent intent)
 {

@@ -216,6 +216,10 @@ public:
     // one use, instead of being wiped.
     Result<OpenValue> open_value(const Caller& caller, const SecretView& target,
                                  hsm::SecureBuffer* authenticated = nullptr);
+    // A restart: the value of a handle the old process opened (and
+    // audited), opened again here. No policy or validity check (an open
+    // handle keeps what it opened); the value is authenticated as at open.
+    Result<OpenValue> reopen_value(VersionId version);
 
     struct WriteIntent {
         bool create = false;     // O_CREAT

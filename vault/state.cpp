@@ -397,7 +397,7 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
         return fail(Errc::key_unavailable, hsm_hint(keys.error(), c));
     st->keys = std::move(*keys);
 
-    auto store = Store::open(c.store_location(), Store::Mode::open_existing, store_options(c, purpose == Purpose::serve));
+    auto store = Store::open(c.store_location(), Store::Mode::open_existing, store_options(c, purpose != Purpose::inspect));
     if (!store)
         return tl::unexpected(store.error());
     st->store = std::move(*store);
@@ -408,7 +408,7 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
         if (!*me)
             return fail(Errc::not_found, "host '" + c.host + "' is not in the store " + st->store->path() +
                                              " (removed by `vaultfs host remove`?); join it again with a new state");
-        if (purpose == Purpose::serve && (*me)->status != "enrolled")
+        if (purpose != Purpose::inspect && (*me)->status != "enrolled")
             return fail(Errc::not_permitted, "host '" + c.host + "' asked to join " + st->store->path() +
                                                  " but is not enrolled: run `vaultfs join grant` on an enrolled host, "
                                                  "then `vaultfs join accept` here");
@@ -423,7 +423,7 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
         return fail(Errc::key_unavailable, hsm_hint(r.error(), c));
 
     st->deks = std::make_unique<DekCache>(c.dek_cache_entries, c.dek_cache_ttl);
-    if (purpose == Purpose::serve) {
+    if (purpose != Purpose::inspect) {
         auto pem = public_key_of(*st->keys, signing_key, c);
         if (!pem)
             return tl::unexpected(pem.error());
@@ -435,6 +435,7 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
                                 static_cast<std::uint64_t>(c.audit_checkpoint_interval.count())};
         ao.coalesce_window = c.audit_coalesce_interval;
         ao.reserve_bytes = c.audit_reserve_mib << 20;
+        ao.defer_start = purpose == Purpose::take_over;
         auto log = vault::audit::Log::open(std::move(ao), vault::audit::Signer{st->keys.get(), signing_key},
                                            st->store.get());
         if (!log)
@@ -464,8 +465,9 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
             // KEKs granted to this host, now and whenever the feed moves.
             audit::Log* log = st->audit.get();
             hosts::Enrolment* enrolment = st->enrolment.get();
-            if (auto n = enrolment->import_granted(log); !n)
-                spdlog::error("importing the KEKs granted to this host failed: {}", n.error().message);
+            if (purpose == Purpose::serve)  // take_over: at start_audit
+                if (auto n = enrolment->import_granted(log); !n)
+                    spdlog::error("importing the KEKs granted to this host failed: {}", n.error().message);
             st->store->on_change([enrolment, log] {
                 if (auto n = enrolment->import_granted(log); !n)
                     spdlog::error("importing a KEK granted to this host failed: {}", n.error().message);
@@ -500,6 +502,17 @@ Result<std::string> token_audit_public_key(const Config& c)
 }
 
 State::~State() { close(); }
+
+Result<void> State::start_audit(audit::Log::Notes notes)
+{
+    store->drop_caches();
+    if (auto r = audit->start(std::move(notes)); !r)
+        return r;
+    if (enrolment)
+        if (auto n = enrolment->import_granted(audit.get()); !n)
+            spdlog::error("importing the KEKs granted to this host failed: {}", n.error().message);
+    return {};
+}
 
 void State::close()
 {

@@ -69,7 +69,10 @@ StoreOptions store_options(const Config& config, bool follow);
 // of declaration, so the service goes before what it uses.
 class State {
 public:
-    enum class Purpose { serve, inspect };
+    // take_over: as serve, for the new process of a restart (fs/restart/),
+    // with the audit log opened but not started: start_audit() starts it
+    // once the old process has written its shutdown record.
+    enum class Purpose { serve, take_over, inspect };
 
     // Takes the state's lock (state_lock.hpp), reads the config and PIN,
     // logs in to the token, opens the database (quick_check) and, for
@@ -83,6 +86,9 @@ public:
 
     // Writes the audit log's shutdown record. Call once before exit.
     void close();
+    // take_over: the audit log's check and `start` record (with `notes`),
+    // and caches dropped (the old process wrote until now).
+    Result<void> start_audit(audit::Log::Notes notes);
 
     Config config;
     std::optional<StateLock> lock;

@@ -26,6 +26,10 @@ public:
     static Result<StateLock> acquire(const std::string& state_dir);
     // The pid of the process holding the state, or nullopt when none does.
     static std::optional<pid_t> holder(const std::string& state_dir);
+    // The lock held through `fd`, an fd of the holder's open file
+    // description (a restart hands it to the next process).
+    static StateLock adopt(int fd) { return StateLock(fd); }
+    int fd() const { return fd_; }
 
     StateLock(StateLock&& other) noexcept;
     StateLock& operator=(StateLock&& other) noexcept;

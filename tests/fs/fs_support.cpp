@@ -582,10 +582,28 @@ void Mount::stop()
 void Mount::kill_daemon()
 {
     if (pid_ > 0) {
+        // The daemon is two processes (fs/restart/supervisor.hpp): the
+        // supervisor's death ends the server too, a moment later; this
+        // returns once both are gone, as after a crash of the whole daemon.
+        std::ifstream children("/proc/" + std::to_string(pid_) + "/task/" + std::to_string(pid_) + "/children");
+        pid_t server = -1;
+        children >> server;
         ::kill(pid_, SIGKILL);
         int status = 0;
         ::waitpid(pid_, &status, 0);
         pid_ = -1;
+        if (server > 0) {
+            ::kill(server, SIGKILL);
+            // Until its descriptors are closed: gone, or a zombie whose
+            // threads have all exited (a leader shows Z before they have).
+            const auto alive = [server] {
+                std::error_code ec;
+                std::filesystem::directory_iterator fds("/proc/" + std::to_string(server) + "/fd", ec);
+                return !ec && fds != std::filesystem::directory_iterator();
+            };
+            for (int i = 0; i < 500 && alive(); ++i)
+                std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        }
     }
 }
 

@@ -260,21 +260,32 @@ Result<std::unique_ptr<Log>> Log::open(Options options, Signer signer, Store* an
         options.bound.seconds > max_bound.seconds)
         return fail(Errc::invalid_argument, "the audit checkpoint bound is out of range");
     std::unique_ptr<Log> log(new Log(std::move(options), std::move(signer), anchor_store));
-    {
-        std::lock_guard lock(log->mutex_);
-        if (auto r = log->start_locked(); !r)
+    if (!log->options_.defer_start)
+        if (auto r = log->start({}); !r)
             return tl::unexpected(r.error());
-    }
-    // Anchored at once: from here on the anchor says "running, not clean",
-    // so that records added after a clean stop are never mistaken for ours.
-    log->anchor_due_ = true;
-    log->sync_and_anchor(false);
-    log->worker_ = std::thread([raw = log.get()] { raw->background(); });
     return log;
 }
 
+Result<void> Log::start(Notes notes)
+{
+    {
+        std::lock_guard lock(mutex_);
+        if (started_)
+            return fail(Errc::invalid_argument, "the audit log is started already");
+        if (auto r = start_locked(std::move(notes)); !r)
+            return r;
+        started_ = true;
+    }
+    // Anchored at once: from here on the anchor says "running, not clean",
+    // so that records added after a clean stop are never mistaken for ours.
+    anchor_due_ = true;
+    sync_and_anchor(false);
+    worker_ = std::thread([this] { background(); });
+    return {};
+}
+
 // The check of the header comment, then the `start` record.
-Result<void> Log::start_locked()
+Result<void> Log::start_locked(Extras extras)
 {
     const std::string& path = options_.path;
     fd_ = ::open(path.c_str(), O_RDWR | O_APPEND | O_CLOEXEC);
@@ -310,7 +321,6 @@ Result<void> Log::start_locked()
             break;
         --complete;
     }
-    Extras extras;
     if (complete < st.st_size) {
         if (::ftruncate(fd_, complete) != 0)
             return fail(Errc::audit_unavailable, "cannot truncate the torn tail of " + path);
@@ -426,8 +436,8 @@ Result<void> Log::append(const Event& event)
 Result<void> Log::append_fields(Fields& f, const Event& event)
 {
     std::lock_guard lock(mutex_);
-    if (closed_)
-        return fail(Errc::audit_unavailable, "the audit log is closed");
+    if (closed_ || !started_)
+        return fail(Errc::audit_unavailable, started_ ? "the audit log is closed" : "the audit log is not started");
     if (auto r = reopen_if_needed_locked(); !r)
         return r;
     const Micros now = options_.clock();
@@ -548,8 +558,8 @@ Result<void> Log::summary_locked(const RefusalCoalescer::Summary& s, Micros now)
 Result<void> Log::ready()
 {
     std::lock_guard lock(mutex_);
-    if (closed_)
-        return fail(Errc::audit_unavailable, "the audit log is closed");
+    if (closed_ || !started_)
+        return fail(Errc::audit_unavailable, started_ ? "the audit log is closed" : "the audit log is not started");
     if (!healthy_.load())
         return fail(Errc::audit_unavailable, "the audit log " + options_.path + " is failing (see the daemon's log)");
     struct statvfs vfs{};
@@ -663,7 +673,7 @@ Result<void> Log::reopen_locked(bool removed)
 
 void Log::duties_locked(Micros now)
 {
-    if (closed_)
+    if (closed_ || !started_)
         return;
     (void)reopen_if_needed_locked();
     write_summaries_locked(coalescer_.drain(now), now);
@@ -773,7 +783,7 @@ Result<void> Log::close()
 {
     {
         std::lock_guard lock(mutex_);
-        if (closed_)
+        if (closed_ || !started_)
             return {};
         const Micros now = options_.clock();
         write_summaries_locked(coalescer_.drain(now, true), now);

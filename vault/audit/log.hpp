@@ -117,7 +117,13 @@ public:
         std::uint64_t reserve_bytes = std::uint64_t{64} << 20;
         // The time records carry and the bound is kept in (tests set it).
         std::function<Micros()> clock;
+        // open() only prepares: nothing is read or written until start().
+        // A restart's new process opens its state while the old one still
+        // writes the file (fs/restart/), and starts once it has stopped.
+        bool defer_start = false;
     };
+    // Fields a `start` record carries besides its own (a restart's kind).
+    using Notes = std::vector<std::pair<std::string, Body::Value>>;
 
     // Creates a new log whose first record is a signed `init` record, and
     // anchors it in `anchor_store` (may be null in tests).
@@ -128,6 +134,9 @@ public:
     // continuing from the anchor). `anchor_store` receives the chain head
     // after each sync (may be null in tests: no anchor checks then).
     static Result<std::unique_ptr<Log>> open(Options options, Signer signer, Store* anchor_store);
+    // The check and the `start` record of a log opened with defer_start.
+    // Until then appends fail (fail closed), and close() writes nothing.
+    Result<void> start(Notes notes);
 
     ~Log();
     Log(const Log&) = delete;
@@ -179,10 +188,10 @@ public:
 
 private:
     struct Fields;
-    using Extras = std::vector<std::pair<std::string, Body::Value>>;
+    using Extras = Notes;
 
     Log(Options options, Signer signer, Store* anchor_store);
-    Result<void> start_locked();
+    Result<void> start_locked(Extras extras);
     Result<void> write_locked(const Fields& f, Micros now, bool signed_record, const Extras& extras);
     Result<void> covered_write_locked(const Fields& f, Micros now);
     Result<void> signed_locked(std::string_view op, Micros now, Extras extras = {});
@@ -219,6 +228,7 @@ private:
     Micros space_checked_ = 0;
     bool dirty_ = false;
     bool closed_ = false;
+    bool started_ = false;
 
     std::mutex anchor_mutex_;  // one anchor write at a time, newest last
     std::uint64_t anchored_seq_ = 0;

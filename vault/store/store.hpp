@@ -381,6 +381,11 @@ public:
     // SQLite: whether the open read every page (quick_check), or found the
     // file as its last clean close left it (integrity_stamp.hpp).
     bool pages_read_at_open() const { return pages_read_at_open_; }
+    // A restart hands the database to a process that has it open already:
+    // this store's close leaves no stamp (the other may change the file),
+    // and the other drops whatever it cached before it took over.
+    void leave_unstamped() { stamp_at_close_ = false; }
+    void drop_caches() { changed(); }
 
     // ---- writes ------------------------------------------------------------
     class Transaction;

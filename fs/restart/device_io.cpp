@@ -1,0 +1,197 @@
+#include "fs/restart/device_io.hpp"
+
+#include <fcntl.h>
+#include <linux/fuse.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+
+namespace vaultfs::fs::restart {
+
+namespace {
+
+std::atomic<DeviceIo*> active{nullptr};
+
+// Whether this worker thread took a request it has not finished: its next
+// read means it has answered it.
+thread_local bool taken = false;
+// The device fd this worker made non-blocking (each worker reads its own
+// clone of the connection).
+thread_local int nonblocking_fd = -1;
+
+}  // namespace
+
+DeviceIo::DeviceIo() : wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
+
+DeviceIo::~DeviceIo()
+{
+    DeviceIo* self = this;
+    active.compare_exchange_strong(self, nullptr);
+    if (wake_ >= 0)
+        ::close(wake_);
+}
+
+bool DeviceIo::install(fuse_session* se, int fd)
+{
+    if (wake_ < 0)
+        return false;
+    session_ = se;
+    active.store(this);
+    fuse_custom_io io{};
+    io.read = &DeviceIo::read_thunk;
+    io.writev = &DeviceIo::writev_thunk;
+    return fuse_session_custom_io(se, &io, fd) == 0;
+}
+
+ssize_t DeviceIo::read_thunk(int fd, void* buf, size_t len, void*)
+{
+    return active.load()->read(fd, buf, len);
+}
+
+ssize_t DeviceIo::writev_thunk(int fd, struct iovec* iov, int count, void*)
+{
+    return active.load()->writev(fd, iov, count);
+}
+
+ssize_t DeviceIo::read(int fd, void* buf, size_t len)
+{
+    if (nonblocking_fd != fd) {
+        const int flags = ::fcntl(fd, F_GETFL);
+        if (flags >= 0)
+            ::fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+        nonblocking_fd = fd;
+    }
+    for (;;) {
+        {
+            std::unique_lock lock(mutex_);
+            if (taken) {
+                taken = false;
+                --serving_;
+                cv_.notify_all();
+            }
+            cv_.wait(lock, [&] { return !paused_ || closed_; });
+            if (closed_) {
+                errno = EINTR;  // libfuse sees the session exited, and the worker leaves
+                return -1;
+            }
+            ++reading_;
+        }
+        const ssize_t n = ::read(fd, buf, len);
+        const int err = errno;
+        {
+            std::lock_guard lock(mutex_);
+            --reading_;
+            if (n > 0) {
+                taken = true;
+                ++serving_;
+            }
+            cv_.notify_all();
+        }
+        if (n > 0) {
+            const auto* in = static_cast<const fuse_in_header*>(buf);
+            if (static_cast<size_t>(n) >= sizeof(fuse_in_header) && in->opcode == FUSE_INIT) {
+                std::lock_guard lock(mutex_);
+                init_unique_ = in->unique;
+                init_request_.assign(static_cast<const std::uint8_t*>(buf), static_cast<const std::uint8_t*>(buf) + n);
+            }
+            return n;
+        }
+        if (n == 0 || err != EAGAIN) {
+            errno = err;
+            return n;
+        }
+        // Nothing queued: wait for a request, or for pause() or close().
+        pollfd fds[2] = {{fd, POLLIN, 0}, {wake_, POLLIN, 0}};
+        if (::poll(fds, 2, -1) < 0 && errno == EINTR)
+            return -1;  // a signal (SIGTERM): libfuse looks at the session
+    }
+}
+
+ssize_t DeviceIo::writev(int fd, struct iovec* iov, int count)
+{
+    const auto* out = static_cast<const fuse_out_header*>(iov[0].iov_base);
+    std::function<void(const InitExchange&)> report;
+    InitExchange seen;
+    {
+        std::lock_guard lock(mutex_);
+        if (init_unique_ && !init_reply_ && iov[0].iov_len >= sizeof(fuse_out_header) && out->unique == *init_unique_) {
+            std::vector<std::uint8_t> reply;
+            for (int i = 0; i < count; ++i)
+                reply.insert(reply.end(), static_cast<const std::uint8_t*>(iov[i].iov_base),
+                             static_cast<const std::uint8_t*>(iov[i].iov_base) + iov[i].iov_len);
+            init_reply_ = std::move(reply);
+            if (replaying_)
+                return static_cast<ssize_t>(init_reply_->size());  // the kernel has its reply already
+            report = on_init_;
+            seen = InitExchange{init_request_, *init_reply_};
+        }
+    }
+    const ssize_t n = ::writev(fd, iov, count);
+    if (report)
+        report(seen);
+    return n;
+}
+
+std::optional<InitExchange> DeviceIo::init() const
+{
+    std::lock_guard lock(mutex_);
+    if (!init_reply_)
+        return std::nullopt;
+    return InitExchange{init_request_, *init_reply_};
+}
+
+std::vector<std::uint8_t> DeviceIo::replay_init(const InitExchange& saved)
+{
+    if (saved.request.size() < sizeof(fuse_in_header))
+        return {};
+    {
+        std::lock_guard lock(mutex_);
+        replaying_ = true;
+        init_unique_ = reinterpret_cast<const fuse_in_header*>(saved.request.data())->unique;
+        init_request_ = saved.request;
+        init_reply_.reset();
+    }
+    std::vector<std::uint8_t> request = saved.request;
+    fuse_buf buf{};
+    buf.size = request.size();
+    buf.mem = request.data();
+    fuse_session_process_buf(session_, &buf);
+    std::lock_guard lock(mutex_);
+    replaying_ = false;
+    return init_reply_.value_or(std::vector<std::uint8_t>{});
+}
+
+void DeviceIo::pause()
+{
+    std::unique_lock lock(mutex_);
+    paused_ = true;
+    const std::uint64_t one = 1;
+    (void)!::write(wake_, &one, sizeof one);
+    cv_.wait(lock, [&] { return reading_ == 0 && serving_ == 0; });
+}
+
+void DeviceIo::resume()
+{
+    std::lock_guard lock(mutex_);
+    std::uint64_t count = 0;
+    (void)!::read(wake_, &count, sizeof count);
+    paused_ = false;
+    cv_.notify_all();
+}
+
+void DeviceIo::close()
+{
+    fuse_session_exit(session_);
+    std::lock_guard lock(mutex_);
+    closed_ = true;
+    const std::uint64_t one = 1;
+    (void)!::write(wake_, &one, sizeof one);
+    cv_.notify_all();
+}
+
+}  // namespace vaultfs::fs::restart
