@@ -366,8 +366,12 @@ vault::Result<Filesystem::NodeAttr> Filesystem::stat_node(const vault::Caller& c
         st.st_gid = s.ownership.group;
         st.st_size = static_cast<off_t>(s.version.size);
         st.st_blocks = (st.st_size + 511) / 512;
-        st.st_atim = st.st_mtim = to_timespec(s.version.created);
-        st.st_ctim = to_timespec(s.version.updated);
+        if (s.pinned) {
+            st.st_atim = st.st_mtim = to_timespec(s.version.created);
+            st.st_ctim = to_timespec(s.version.updated);
+        } else {
+            st.st_atim = st.st_mtim = st.st_ctim = to_timespec(s.content_time(vault::now_micros()));
+        }
         attr.generation = static_cast<std::uint64_t>(s.secret_created);
     };
 
@@ -1429,8 +1433,7 @@ Reply Filesystem::list_dir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
                 st.st_blksize = 4096;
                 st.st_size = static_cast<off_t>(s.version.size);
                 st.st_blocks = (st.st_size + 511) / 512;
-                st.st_atim = st.st_mtim = to_timespec(s.version.created);
-                st.st_ctim = to_timespec(s.version.updated);
+                st.st_atim = st.st_mtim = st.st_ctim = to_timespec(s.content_time(vault::now_micros()));
                 if (!add(s.name.c_str(), st.st_ino, S_IFREG, s.id.value + row_offset, &st,
                          static_cast<std::uint64_t>(s.version.created)))
                     return reply();

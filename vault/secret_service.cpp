@@ -42,7 +42,7 @@ Result<SecretView> SecretService::view_of(const Caller& caller, const VaultEntry
                                           VersionRow version, bool pinned)
 {
     return SecretView{v.row.id, v.row.name, s.id,   s.name, s.created, std::move(version),
-                      pinned,   v.policy->effective(caller.who, s.name), s.ownership(v.row.defaults)};
+                      pinned,   v.policy->effective(caller.who, s.name), s.ownership(v.row.defaults), s.changed};
 }
 
 // ---- vaults --------------------------------------------------------------------

@@ -30,6 +30,7 @@
 #include <mutex>
 #include <unordered_map>
 #include <memory>
+#include <algorithm>
 #include <optional>
 #include <shared_mutex>
 #include <string>
@@ -77,6 +78,21 @@ struct SecretView {
     bool pinned = false;        // true for S@N
     policy::PermissionSet permissions;
     Ownership ownership;        // what stat shows, the same for every caller
+    Micros changed = 0;         // secrets.changed (see content_time)
+
+    // S's mtime and ctime: when what it serves last changed -- a new
+    // version, a disable or enable, or a validity change (recorded), or
+    // not_before or expires passing (by `now`). Never earlier than the
+    // version's creation, never backwards. S@N's are its version's own.
+    Micros content_time(Micros now) const
+    {
+        Micros t = std::max(changed, version.created);
+        if (version.not_before && *version.not_before <= now)
+            t = std::max(t, *version.not_before);
+        if (version.expires && *version.expires <= now)
+            t = std::max(t, *version.expires);
+        return t;
+    }
 };
 
 // A soft-deleted secret as `.deleted/S` names it.

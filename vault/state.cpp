@@ -397,7 +397,9 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
         return fail(Errc::key_unavailable, hsm_hint(keys.error(), c));
     st->keys = std::move(*keys);
 
-    auto store = Store::open(c.store_location(), Store::Mode::open_existing, store_options(c, purpose != Purpose::inspect));
+    StoreOptions so = store_options(c, purpose != Purpose::inspect);
+    so.migrate = purpose != Purpose::take_over;
+    auto store = Store::open(c.store_location(), Store::Mode::open_existing, so);
     if (!store)
         return tl::unexpected(store.error());
     st->store = std::move(*store);

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <nlohmann/json.hpp>
+#include <sqlite3.h>
 
 #include <chrono>
 #include <filesystem>
@@ -341,6 +342,28 @@ TEST_CASE("restart: refused while a write is open, or onto a binary that cannot 
         CHECK(server_of(m.daemon_pid()) == server);
         CHECK(count_records(m, "shutdown") == 0);
         REQUIRE(::rename(saved.c_str(), m.binary.c_str()) == 0);
+        CHECK(restart(m).err == 0);
+    }
+    SECTION("the new binary would need another state format")
+    {
+        // As if the binary on disk expected another schema: a restart must
+        // not migrate the database under the running server.
+        const auto set_schema = [&](int v) {
+            sqlite3* db = nullptr;
+            REQUIRE(sqlite3_open(m.state_file("vault.db").c_str(), &db) == SQLITE_OK);
+            const std::string sql = "PRAGMA user_version = " + std::to_string(v);
+            CHECK(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, nullptr) == SQLITE_OK);
+            sqlite3_close(db);
+        };
+        set_schema(5);
+        const Outcome o = restart(m);
+        INFO(o.data);
+        CHECK(o.err == 1);
+        CHECK(o.data.find("has schema 5, this binary's is 6: a restart cannot change the state's format") !=
+              std::string::npos);
+        CHECK(server_of(m.daemon_pid()) == server);
+        CHECK(count_records(m, "shutdown") == 0);
+        set_schema(6);
         CHECK(restart(m).err == 0);
     }
     const auto c = consumer.stop();

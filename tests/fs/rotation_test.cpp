@@ -5,9 +5,11 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/inotify.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <ctime>
 #include <cstdint>
 #include <string>
 #include <thread>
@@ -161,4 +163,95 @@ TEST_CASE("inotify: IN_CLOSE_WRITE and IN_MOVED_TO on a vault come after the com
     CHECK(sed.err == 0);
     CHECK(at_move == "newer value");
     ::close(in);
+}
+
+namespace {
+
+// S's mtime and ctime (µs), checked equal; -1 when stat fails.
+std::int64_t content_time(const std::string& path)
+{
+    struct stat st{};
+    if (::stat(path.c_str(), &st) != 0)
+        return -1;
+    const auto us = [](const timespec& t) { return std::int64_t{t.tv_sec} * 1000000 + t.tv_nsec / 1000; };
+    CHECK(us(st.st_mtim) == us(st.st_ctim));
+    return us(st.st_mtim);
+}
+
+std::string rfc3339(std::chrono::system_clock::time_point t)
+{
+    const std::time_t secs = std::chrono::system_clock::to_time_t(t);
+    std::tm tm{};
+    ::gmtime_r(&secs, &tm);
+    char buf[32];
+    std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    return buf;
+}
+
+}  // namespace
+
+TEST_CASE("mtime: S's changes exactly when what it serves does, and never goes back", "[fs][mtime]")
+{
+    using namespace std::chrono_literals;
+    Mount m;
+    REQUIRE(make_dir(m.path("mtime")).err == 0);
+    const std::string s = m.path("mtime/s");
+    // (The kernel keeps S's attributes for 1 s: each check waits that out.)
+    const auto settled = [&] {
+        std::this_thread::sleep_for(1100ms);
+        return content_time(s);
+    };
+    REQUIRE(write_file(s, "one").err == 0);
+    const auto v1 = settled();
+    REQUIRE(v1 > 0);
+    REQUIRE(write_file(s, "two").err == 0);
+    const auto v2 = settled();
+    CHECK(v2 > v1);
+    // S@1 keeps its own version's time.
+    struct stat at1{};
+    REQUIRE(::stat(m.path("mtime/s@1").c_str(), &at1) == 0);
+    CHECK(std::int64_t{at1.st_mtim.tv_sec} * 1000000 + at1.st_mtim.tv_nsec / 1000 == v1);
+
+    // A tag or a content type serves nothing new: no change.
+    REQUIRE(set_xattr(s, "user.vault.tag.owner", "payments").err == 0);
+    REQUIRE(set_xattr(s, "user.vault.content_type", "text/plain").err == 0);
+    CHECK(settled() == v2);
+
+    // A disable makes S serve version 1 again: its mtime moves on, not back to v1's.
+    REQUIRE(set_xattr(m.path("mtime/s@2"), "user.vault.enabled", "false").err == 0);
+    const auto disabled = settled();
+    CHECK(ok(read_file(s)) == "one");
+    CHECK(disabled > v2);
+    // Disabling a version S does not stand for changes nothing.
+    REQUIRE(write_file(m.path("mtime/other"), "x").err == 0);
+    REQUIRE(set_xattr(m.path("mtime/s@2"), "user.vault.tag.note", "still off").err == 0);
+    CHECK(settled() == disabled);
+    // Enabling version 2 again: forward once more.
+    REQUIRE(set_xattr(m.path("mtime/s@2"), "user.vault.enabled", "true").err == 0);
+    const auto enabled = settled();
+    CHECK(ok(read_file(s)) == "two");
+    CHECK(enabled > disabled);
+
+    // An expiry set ahead changes nothing until it passes; then S's mtime
+    // is the expiry time.
+    const auto expiry = std::chrono::system_clock::now() + 3s;
+    REQUIRE(set_xattr(s, "user.vault.expires", rfc3339(expiry)).err == 0);
+    CHECK(settled() == enabled);
+    while (std::chrono::system_clock::now() < expiry + 200ms)
+        std::this_thread::sleep_for(100ms);
+    const auto expired = settled();
+    CHECK(read_file(s).err == EKEYEXPIRED);
+    const auto expiry_us =
+        std::chrono::duration_cast<std::chrono::seconds>(expiry.time_since_epoch()).count() * std::int64_t{1000000};
+    CHECK(expired == expiry_us);
+    CHECK(expired > enabled);
+
+    // Deleted and recovered: the same content as before, the same mtime.
+    REQUIRE(remove_file(s).err == 0);
+    CHECK(content_time(s) == -1);
+    REQUIRE(rename_path(m.path("mtime/.deleted/s"), s).err == 0);
+    CHECK(settled() == expired);
+    // A new version after all that: later than every time before.
+    REQUIRE(write_file(s, "three").err == 0);
+    CHECK(settled() > expired);
 }

@@ -196,16 +196,24 @@ CREATE TABLE changes (
 );
 )sql";
 
+// Version 6: when the content `S` serves last changed (README "Reacting to
+// rotation"): a new version, or an enable, disable or validity change that
+// changes what S serves. 0 for rows written before: their current
+// version's creation time stands.
+constexpr const char* schema_v6 = R"sql(
+ALTER TABLE secrets ADD COLUMN changed INTEGER NOT NULL DEFAULT 0;
+)sql";
+
 // Forward migrations: migrations[i] takes user_version i to i + 1.
-constexpr const char* migrations[] = {schema_v1, schema_v2, schema_v3, schema_v4, schema_v5};
+constexpr const char* migrations[] = {schema_v1, schema_v2, schema_v3, schema_v4, schema_v5, schema_v6};
 static_assert(std::size(migrations) == version);
 
-// PostgreSQL: the same tables as SQLite's schema 5, in its types (every
+// PostgreSQL: the same tables as SQLite's schema 6, in its types (every
 // integer BIGINT, every blob BYTEA; sequences never hand an id out twice,
 // as AUTOINCREMENT does not). `schema` holds the version.
 constexpr const char* postgresql_schema = R"sql(
 CREATE TABLE schema (version BIGINT NOT NULL);
-INSERT INTO schema (version) VALUES (5);
+INSERT INTO schema (version) VALUES (6);
 CREATE TABLE vaults (
   id               BIGSERIAL PRIMARY KEY,
   name             TEXT NOT NULL UNIQUE,
@@ -230,6 +238,7 @@ CREATE TABLE secrets (
   name         TEXT NOT NULL,
   created      BIGINT NOT NULL,
   next_version BIGINT NOT NULL DEFAULT 1,
+  changed      BIGINT NOT NULL DEFAULT 0,
   deleted_at   BIGINT,
   purge_at     BIGINT,
   owner        BIGINT,
@@ -405,7 +414,7 @@ Result<void> check_sqlite(db::Connection& c, const std::string& path, bool full)
 }
 
 Result<void> prepare_sqlite(db::Connection& c, const std::string& path, bool create, bool read_only,
-                            bool check_pages)
+                            bool check_pages, bool may_migrate)
 {
     auto v = user_version(c);
     if (!v)
@@ -420,6 +429,10 @@ Result<void> prepare_sqlite(db::Connection& c, const std::string& path, bool cre
     if (check_pages)
         if (auto r = check_database(c, path, "PRAGMA quick_check"); !r)
             return r;
+    if (!may_migrate && *v != version)
+        return fail(Errc::storage, "database " + path + " has schema " + std::to_string(*v) + ", this binary's is " +
+                                       std::to_string(version) + ": a restart cannot change the state's format; "
+                                       "unmount, then mount with the new binary (it upgrades the database)");
     if (read_only) {
         if (*v < version)
             return fail(Errc::storage, "database " + path + " has schema " + std::to_string(*v) +

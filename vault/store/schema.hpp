@@ -8,13 +8,14 @@
 
 namespace vaultfs::vault::schema {
 
-constexpr int version = 5;
+constexpr int version = 6;
 
 // SQLite: checks the file (quick_check, when `check_pages`), refuses a
 // newer schema or a file that is not vaultfs's, and migrates forward unless
-// read_only.
+// read_only. Without `may_migrate`, any other schema than this version's is
+// refused.
 Result<void> prepare_sqlite(db::Connection& c, const std::string& path, bool create, bool read_only,
-                            bool check_pages);
+                            bool check_pages, bool may_migrate = true);
 // PRAGMA integrity_check (full) or quick_check; Errc::storage naming the
 // first problem.
 Result<void> check_sqlite(db::Connection& c, const std::string& path, bool full);

@@ -17,7 +17,7 @@ namespace {
 
 #define VAULT_COLUMNS \
     "id, name, kek_id, retention_days, purge_protection, created, created_by, default_owner, default_group, default_mode"
-#define SECRET_COLUMNS "id, vault_id, name, created, next_version, deleted_at, purge_at, owner, grp, mode"
+#define SECRET_COLUMNS "id, vault_id, name, created, next_version, deleted_at, purge_at, owner, grp, mode, changed"
 // A page of a vault's secrets with at least one version, by id after `after`
 // (bound by bind_live_page).
 #define LIVE_PAGE \
@@ -42,7 +42,7 @@ VaultRow read_vault(const db::Query& q)
 }
 
 // The number of SECRET_COLUMNS: joined queries select a version's after them.
-constexpr int secret_column_count = 10;
+constexpr int secret_column_count = 11;
 
 SecretRow read_secret(const db::Query& q)
 {
@@ -54,6 +54,7 @@ SecretRow read_secret(const db::Query& q)
         s.group = static_cast<gid_t>(*g);
     if (const auto m = q.optional_int64(9))
         s.mode = static_cast<std::uint32_t>(*m);
+    s.changed = q.int64(10);
     return s;
 }
 
@@ -78,6 +79,7 @@ VersionRow read_version(const db::Query& q)
 // Secret columns then version columns, as the joined hot-path queries select them.
 #define JOINED_COLUMNS                                                                                      \
     "s.id, s.vault_id, s.name, s.created, s.next_version, s.deleted_at, s.purge_at, s.owner, s.grp, s.mode, " \
+    "s.changed, "                                                                                          \
     "v.id, v.secret_id, v.version, v.size, v.created, v.updated, v.created_by, v.enabled, v.not_before, "     \
     "v.expires, v.content_type"
 
@@ -217,7 +219,7 @@ Result<std::unique_ptr<Store>> Store::open(const std::string& location, Mode mod
             return fail(Errc::storage, "database " + path + " is not usable (" + r.error().message +
                                            "); restore it from a backup");
     }
-    if (auto r = schema::prepare_sqlite(**conn, path, mode == Mode::create, read_only, !stamped); !r)
+    if (auto r = schema::prepare_sqlite(**conn, path, mode == Mode::create, read_only, !stamped, options.migrate); !r)
         return tl::unexpected(r.error());
     if (!read_only) {
         ::chmod(path.c_str(), 0600);
@@ -1007,22 +1009,63 @@ Result<VersionId> Store::Transaction::insert_version(const SealedVersion& v)
                  });
     if (!r)
         return tl::unexpected(r.error());
+    // An enabled new version is what S serves from now on.
+    if (v.meta.enabled)
+        if (auto c = mark_changed(v.meta.secret, v.meta.created); !c)
+            return tl::unexpected(c.error());
     return VersionId{*r};
+}
+
+Result<Store::Transaction::Served> Store::Transaction::served(SecretId secret, Micros at)
+{
+    // The version S stands for: the highest enabled one, else the highest.
+    auto row = first<Served>(
+        conn_,
+        "SELECT id, enabled, not_before, expires FROM versions WHERE secret_id = ? "
+        "ORDER BY enabled DESC, version DESC LIMIT 1",
+        [&](db::Query& q) { q.bind(1, secret.value); },
+        [at](const db::Query& q) {
+            const auto nb = q.optional_int64(2);
+            const auto exp = q.optional_int64(3);
+            return Served{q.int64(0), q.int64(1) != 0 && !(nb && at < *nb) && !(exp && at >= *exp)};
+        });
+    if (!row)
+        return tl::unexpected(row.error());
+    return row->value_or(Served{});
+}
+
+Result<void> Store::Transaction::mark_changed(SecretId secret, Micros at)
+{
+    return run(conn_, "UPDATE secrets SET changed = ? WHERE id = ? AND changed < ?",
+               [&](db::Query& q) { q.bind(1, at).bind(2, secret.value).bind(3, at); });
 }
 
 Result<void> Store::Transaction::update_version(const VersionRow& v)
 {
-    return run(conn_,
-               "UPDATE versions SET updated = ?, enabled = ?, not_before = ?, expires = ?, content_type = ? "
-               "WHERE id = ?",
-               [&](db::Query& q) {
-                   q.bind(1, v.updated)
-                       .bind(2, static_cast<std::int64_t>(v.enabled))
-                       .bind(3, v.not_before)
-                       .bind(4, v.expires)
-                       .bind(5, v.content_type)
-                       .bind(6, v.id.value);
-               });
+    auto before = served(v.secret, v.updated);
+    if (!before)
+        return tl::unexpected(before.error());
+    if (auto r = run(conn_,
+                     "UPDATE versions SET updated = ?, enabled = ?, not_before = ?, expires = ?, content_type = ? "
+                     "WHERE id = ?",
+                     [&](db::Query& q) {
+                         q.bind(1, v.updated)
+                             .bind(2, static_cast<std::int64_t>(v.enabled))
+                             .bind(3, v.not_before)
+                             .bind(4, v.expires)
+                             .bind(5, v.content_type)
+                             .bind(6, v.id.value);
+                     });
+        !r)
+        return r;
+    // What S serves changed (another version, or readable no more or again):
+    // its mtime moves on (a tag or content type change does not move it).
+    auto after = served(v.secret, v.updated);
+    if (!after)
+        return tl::unexpected(after.error());
+    if (*after != *before)
+        return mark_changed(v.secret, v.updated);
+    return {};
 }
 
 Result<void> Store::Transaction::replace_tags(VersionId version, const std::vector<Tag>& tags)

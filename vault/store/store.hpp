@@ -103,6 +103,8 @@ struct SecretRow {
     std::optional<uid_t> owner;
     std::optional<gid_t> group;
     std::optional<std::uint32_t> mode;
+    // When what `S` serves last changed (schema 6; 0: not recorded).
+    Micros changed = 0;
 
     Ownership ownership(const Ownership& defaults) const
     {
@@ -265,6 +267,9 @@ struct StoreOptions {
     // Follow the change feed (PostgreSQL): daemons do; one-shot commands,
     // which read once and exit, need not.
     bool follow = true;
+    // Bring an older SQLite schema up to date. A restart's new process may
+    // not (fs/restart/): the old one still serves the file.
+    bool migrate = true;
 };
 
 class Store {
@@ -566,6 +571,17 @@ public:
     std::int64_t host() const { return host_; }
 
 private:
+    // What S serves at `at`: the version it stands for, and whether it is
+    // readable then (enabled, within not_before and expires).
+    struct Served {
+        std::int64_t version = 0;
+        bool readable = false;
+        bool operator==(const Served&) const = default;
+    };
+    Result<Served> served(SecretId secret, Micros at);
+    // secrets.changed = at, never backwards.
+    Result<void> mark_changed(SecretId secret, Micros at);
+
     db::Connection& conn_;
     const std::int64_t host_;
 };
