@@ -422,8 +422,7 @@ public:
         ::shutdown(s_.supervisor, SHUT_RD);
         thread_.join();
     }
-    bool handed_over() const { return handed_over_.load(); }
-    std::string exported;
+    std::string exported;  // set before the loop is closed for a hand-over
 
 private:
     void run()
@@ -431,49 +430,54 @@ private:
         while (auto m = restart::receive_message(s_.supervisor)) {
             if (m->kind != "handover")
                 continue;
-            const auto deadline =
-                std::chrono::steady_clock::now() + std::chrono::milliseconds(m->number("wait_ms"));
+            const auto wait = std::chrono::milliseconds(m->number("wait_ms"));
+            const auto deadline = std::chrono::steady_clock::now() + wait;
             std::string why;
             for (;;) {
-                s_.io->pause();
+                if (!s_.io->pause()) {
+                    why = "the server is stopping";
+                    break;
+                }
                 why = s_.filesystem->handover_blockers();
-                if (why.empty() || std::chrono::steady_clock::now() >= deadline)
+                if (why.empty())
                     break;
                 s_.io->resume();
+                if (std::chrono::steady_clock::now() >= deadline) {
+                    why += " still open after " + std::to_string(wait.count()) +
+                           " ms (what they hold exists only in this process); try again, or give --wait more time";
+                    break;
+                }
                 std::this_thread::sleep_for(std::chrono::milliseconds(20));
             }
-            if (!why.empty()) {
-                s_.io->resume();
-                spdlog::warn("restart refused: {} still open after {} ms", why, m->number("wait_ms"));
-                (void)restart::send_message(
-                    s_.supervisor,
-                    restart::Message{"refused",
-                                     {{"reason", why + " still open after " + std::to_string(m->number("wait_ms")) +
-                                                     " ms (what they hold exists only in this process); try again, "
-                                                     "or give --wait more time"}},
-                                     {}});
-                continue;
+            if (why.empty()) {
+                exported = s_.filesystem->export_handles();
+                if (s_.io->close())
+                    return;  // the loop ends; serve() hands over
+                why = "the server is stopping";
             }
-            exported = s_.filesystem->export_handles();
-            handed_over_ = true;
-            s_.io->close();  // the loop ends
-            return;
+            spdlog::warn("restart refused: {}", why);
+            (void)restart::send_message(s_.supervisor, restart::Message{"refused", {{"reason", why}}, {}});
         }
     }
     Serving& s_;
-    std::atomic<bool> handed_over_{false};
     std::thread thread_;
 };
+
+// SIGHUP reopens the audit file (logrotate). Installed before libfuse's
+// handlers, which then leave it alone (they would end the session on it).
+void install_sighup()
+{
+    struct sigaction hup{};
+    hup.sa_handler = on_sighup;
+    sigemptyset(&hup.sa_mask);
+    ::sigaction(SIGHUP, &hup, nullptr);
+}
 
 // Serves until the mount ends or the server hands over; returns the exit status.
 int serve(Serving& s, StartupChannel& channel, std::optional<std::string> takeover_note = std::nullopt)
 {
     vault::State& state = *s.state;
     hup_target.store(state.audit.get());
-    struct sigaction hup{};
-    hup.sa_handler = on_sighup;
-    sigemptyset(&hup.sa_mask);
-    ::sigaction(SIGHUP, &hup, nullptr);
 
     s.filesystem->start_invalidations(s.session);
     const unsigned threads = s.threads != 0 ? s.threads : state.config.threads;
@@ -510,30 +514,35 @@ int serve(Serving& s, StartupChannel& channel, std::optional<std::string> takeov
         fuse_loop_cfg_set_clone_fd(cfg, 1);
         rc = fuse_session_loop_mt(s.session, cfg);
         fuse_loop_cfg_destroy(cfg);
-        handed_over = link.handed_over();
-        exported = link.exported;
+        handed_over = s.io->loop_ended();
+        if (handed_over)
+            exported = link.exported;
     }
-    if (handed_over)
-        s.filesystem->wake_pollers();  // the kernel polls again, and the next process answers
     if (control)
         control->reset();
-    s.filesystem->stop_invalidations();
     hup_target.store(nullptr);
     if (handed_over) {
+        s.filesystem->wake_pollers();  // the kernel polls again, and the next process answers
+        s.filesystem->stop_polls();
         // The next process has the database open: no stamp (integrity_stamp.hpp).
         state.store->leave_unstamped();
         state.close();  // the signed shutdown record
         const std::vector<std::uint8_t> bytes(exported.begin(), exported.end());
         (void)restart::send_message(s.supervisor, restart::Message{"handles", {{"data", hsm::to_hex(bytes)}}, {}});
+        s.filesystem->stop_invalidations();
         spdlog::info("handed {} over to the next process", s.mountpoint);
         return 0;
     }
+    s.filesystem->stop_invalidations();
+    // (An unmount from outside has ended the connection: nothing to do, and
+    // whatever is mounted at the path now is not this mount.)
+    const bool connected = restart::connection_alive(fuse_session_fd(s.session));
     if (s.mounted_here)
         fuse_session_unmount(s.session);
-    else if (!s.mount_namespace.empty())
+    else if (connected && !s.mount_namespace.empty())
         in_mount_namespace(s.mount_namespace,
                            [&] { return ::umount2(s.mountpoint.c_str(), MNT_DETACH) == 0 ? 0 : errno; });
-    else
+    else if (connected)
         restart::detach_mount(s.mountpoint);  // a server that took over: libfuse did not mount it
     fuse_remove_signal_handlers(s.session);
     state.close();
@@ -570,6 +579,7 @@ int serve_first(const MountOptions& options, const std::string& state_dir, const
         channel.failed("cannot create the FUSE session");
         return 1;
     }
+    install_sighup();
     if (fuse_set_signal_handlers(se.get()) != 0) {
         channel.failed("cannot install signal handlers");
         return 1;
@@ -784,6 +794,7 @@ int run_takeover(int socket)
     if (reply != *saved)
         return refuse("this binary negotiates other FUSE options than the mount's (" +
                       init_difference(*saved, reply) + "); they take effect at the next mount");
+    install_sighup();
     if (fuse_set_signal_handlers(se.get()) != 0)
         return refuse("cannot install signal handlers");
     filesystem.number_from(hello->number("generation") << 40);

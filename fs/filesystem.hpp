@@ -98,6 +98,11 @@ public:
     // (call after mounting); stop_invalidations() before unmounting.
     void start_invalidations(fuse_session* session);
     void stop_invalidations();
+    // Only the poll waiters' thread (it uses the service): a hand-over stops
+    // it before the state closes, and the invalidations only after the next
+    // process serves (an invalidation may wait for a page a READ queued for
+    // that process holds).
+    void stop_polls() { polls_.stop(); }
 
     // Forgets a handle the kernel never received.
     void drop_handle(std::uint64_t fh);

@@ -463,17 +463,12 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
             };
         }
         st->service = std::make_unique<SecretService>(*st->core, *st->keys, *st->deks, std::move(options));
-        if (st->enrolment) {
-            // KEKs granted to this host, now and whenever the feed moves.
-            audit::Log* log = st->audit.get();
-            hosts::Enrolment* enrolment = st->enrolment.get();
-            if (purpose == Purpose::serve)  // take_over: at start_audit
-                if (auto n = enrolment->import_granted(log); !n)
-                    spdlog::error("importing the KEKs granted to this host failed: {}", n.error().message);
-            st->store->on_change([enrolment, log] {
-                if (auto n = enrolment->import_granted(log); !n)
-                    spdlog::error("importing a KEK granted to this host failed: {}", n.error().message);
-            });
+        // KEKs granted to this host, now and whenever the feed moves
+        // (take_over: once its audit log starts, in start_audit).
+        if (st->enrolment && purpose == Purpose::serve) {
+            if (auto n = st->enrolment->import_granted(st->audit.get()); !n)
+                spdlog::error("importing the KEKs granted to this host failed: {}", n.error().message);
+            st->watch_grants();
         }
         st->evp = std::make_unique<hsm::TokenEvp>(*st->keys);
         st->key_vault = std::make_unique<keys::KeyVault>(*st->core, *st->keys);
@@ -510,10 +505,22 @@ Result<void> State::start_audit(audit::Log::Notes notes)
     store->drop_caches();
     if (auto r = audit->start(std::move(notes)); !r)
         return r;
-    if (enrolment)
+    if (enrolment) {
         if (auto n = enrolment->import_granted(audit.get()); !n)
             spdlog::error("importing the KEKs granted to this host failed: {}", n.error().message);
+        watch_grants();
+    }
     return {};
+}
+
+void State::watch_grants()
+{
+    audit::Log* log = audit.get();
+    hosts::Enrolment* e = enrolment.get();
+    store->on_change([e, log] {
+        if (auto n = e->import_granted(log); !n)
+            spdlog::error("importing a KEK granted to this host failed: {}", n.error().message);
+    });
 }
 
 void State::close()

@@ -108,6 +108,8 @@ public:
 
 private:
     State() = default;
+    // KEKs granted to this host are imported whenever the feed moves.
+    void watch_grants();
     bool closed_ = false;
 };
 

@@ -4,6 +4,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <cstring>
@@ -19,8 +20,11 @@ constexpr std::size_t max_fds = 4;
 std::string encode(const Message& m)
 {
     std::string text = m.kind + "\n";
-    for (const auto& [k, v] : m.fields)
-        text += k + "=" + v + "\n";
+    for (const auto& [k, v] : m.fields) {
+        std::string value = v;
+        std::replace(value.begin(), value.end(), '\n', ' ');  // a message's reason may hold one
+        text += k + "=" + value + "\n";
+    }
     return text;
 }
 
@@ -149,8 +153,13 @@ std::optional<Message> receive_message(int socket, int timeout_ms)
         return std::nullopt;
     ssize_t r;
     do
-        r = ::recvmsg(socket, &msg, MSG_CMSG_CLOEXEC | MSG_WAITALL);
+        r = ::recvmsg(socket, &msg, MSG_CMSG_CLOEXEC);
     while (r < 0 && errno == EINTR);
+    // (The fds come with the first bytes; the rest of the header may follow.)
+    if (r > 0 && r < static_cast<ssize_t>(sizeof length) &&
+        read_all(socket, reinterpret_cast<char*>(&length) + r, sizeof length - static_cast<std::size_t>(r),
+                 timeout_ms))
+        r = sizeof length;
     std::vector<int> fds;
     for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c))
         if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {

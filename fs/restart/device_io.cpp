@@ -166,13 +166,16 @@ std::vector<std::uint8_t> DeviceIo::replay_init(const InitExchange& saved)
     return init_reply_.value_or(std::vector<std::uint8_t>{});
 }
 
-void DeviceIo::pause()
+bool DeviceIo::pause()
 {
     std::unique_lock lock(mutex_);
+    if (loop_ended_ || closed_)
+        return false;
     paused_ = true;
     const std::uint64_t one = 1;
     (void)!::write(wake_, &one, sizeof one);
-    cv_.wait(lock, [&] { return reading_ == 0 && serving_ == 0; });
+    cv_.wait(lock, [&] { return loop_ended_ || (reading_ == 0 && serving_ == 0); });
+    return !loop_ended_;
 }
 
 void DeviceIo::resume()
@@ -184,14 +187,25 @@ void DeviceIo::resume()
     cv_.notify_all();
 }
 
-void DeviceIo::close()
+bool DeviceIo::close()
 {
-    fuse_session_exit(session_);
     std::lock_guard lock(mutex_);
+    if (loop_ended_)
+        return false;
+    fuse_session_exit(session_);
     closed_ = true;
     const std::uint64_t one = 1;
     (void)!::write(wake_, &one, sizeof one);
     cv_.notify_all();
+    return true;
+}
+
+bool DeviceIo::loop_ended()
+{
+    std::lock_guard lock(mutex_);
+    loop_ended_ = true;
+    cv_.notify_all();
+    return closed_;
 }
 
 }  // namespace vaultfs::fs::restart

@@ -56,12 +56,16 @@ public:
     // it, and returns the reply the session made (not sent).
     std::vector<std::uint8_t> replay_init(const InitExchange& saved);
 
-    // Stops workers taking requests; returns once none is being served.
-    void pause();
+    // Stops workers taking requests; returns true once none is being
+    // served, false when the loop has ended meanwhile (unmount, SIGTERM).
+    bool pause();
     void resume();
-    // Every worker leaves the loop (fuse_session_exit); for the end of a
-    // hand-over, after pause().
-    void close();
+    // Every worker leaves the loop (fuse_session_exit): the end of a
+    // hand-over, after pause(). False when the loop had ended already.
+    bool close();
+    // Called when libfuse's loop has returned; true when close() ended it
+    // (a hand-over), false when something else did.
+    bool loop_ended();
 
 private:
     static ssize_t read_thunk(int fd, void* buf, size_t len, void* userdata);
@@ -75,7 +79,8 @@ private:
     mutable std::mutex mutex_;
     std::condition_variable cv_;
     bool paused_ = false;
-    bool closed_ = false;
+    bool closed_ = false;       // close(): workers leave
+    bool loop_ended_ = false;   // libfuse's loop returned
     unsigned reading_ = 0;  // workers inside read(2) now
     unsigned serving_ = 0;  // workers between taking a request and their next read
 

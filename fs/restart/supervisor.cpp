@@ -1,5 +1,6 @@
 #include "fs/restart/supervisor.hpp"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/mount.h>
@@ -33,8 +34,13 @@ struct Server {
     pid_t pid = -1;
     int socket = -1;
     bool serving = false;
+    bool handed_over = false;  // sent its handles: its clean exit is not the mount's end
     Clock::time_point started = Clock::now();
 };
+
+// How long a restart's new process may take to be ready (a token login, a
+// quick_check of a large database) before the restart is abandoned.
+constexpr auto takeover_deadline = std::chrono::seconds(120);
 
 std::string describe(int status)
 {
@@ -63,6 +69,7 @@ private:
     bool listen();
     void accept_client();
     void on_server_message(Server& from, const Message& m);
+    void drain(pid_t pid);
     void on_exit(pid_t pid, int status);
     std::optional<Server> spawn(const std::string& mode, const std::string& previous);
     void answer_client(const Message& m);
@@ -125,7 +132,10 @@ std::optional<Server> Supervisor::spawn(const std::string& mode, const std::stri
         sigset_t none;
         sigemptyset(&none);
         ::sigprocmask(SIG_SETMASK, &none, nullptr);
-        ::dup2(sp[1], 3);  // dup2 leaves the copy open across exec
+        if (sp[1] == 3)
+            ::fcntl(3, F_SETFD, 0);
+        else
+            ::dup2(sp[1], 3);  // dup2 leaves the copy open across exec
         const std::string bin = options_.binary;
         ::execl(bin.c_str(), bin.c_str(), "takeover", "--socket", "3", static_cast<char*>(nullptr));
         std::fprintf(stderr, "vaultfs: cannot start %s: %s\n", bin.c_str(), std::strerror(errno));
@@ -176,7 +186,18 @@ void Supervisor::accept_client()
     const int c = ::accept4(listen_, nullptr, nullptr, SOCK_CLOEXEC);
     if (c < 0)
         return;
-    auto m = receive_message(c, 5000);
+    // Only root or this daemon's user (the socket is 0600 in a 0700
+    // directory as well).
+    ucred peer{};
+    socklen_t len = sizeof peer;
+    if (::getsockopt(c, SOL_SOCKET, SO_PEERCRED, &peer, &len) != 0 || (peer.uid != 0 && peer.uid != ::geteuid())) {
+        ::close(c);
+        return;
+    }
+    auto m = receive_message(c, 1000);
+    if (m)
+        for (const int fd : m->fds)
+            ::close(fd);
     if (!m || m->kind != "restart") {
         ::close(c);
         return;
@@ -222,13 +243,16 @@ void Supervisor::on_server_message(Server& from, const Message& m)
         (void)send_message(current_.socket, Message{"handover", {{"wait_ms", std::to_string(wait_ms_)}}, {}});
     } else if (m.kind == "refused" && (is_next || is_current)) {
         abandon_restart(m.get("reason"));
-    } else if (m.kind == "handles" && is_current && next_) {
+    } else if (m.kind == "handles" && is_current) {
         // The old server has written its shutdown record and is leaving.
-        (void)send_message(next_->socket, Message{"handles", {{"data", m.get("data")}}, {}});
-        old_ = current_;
-        restarted_from_ = current_.pid;
-        current_ = *next_;
-        next_.reset();
+        current_.handed_over = true;
+        if (next_) {
+            (void)send_message(next_->socket, Message{"handles", {{"data", m.get("data")}}, {}});
+            old_ = current_;
+            restarted_from_ = current_.pid;
+            current_ = *next_;
+            next_.reset();
+        }
     }
     if (m.kind == "serving" && is_current && client_ >= 0) {
         const auto pause = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - handover_at_);
@@ -245,9 +269,27 @@ void Supervisor::on_server_message(Server& from, const Message& m)
 void Supervisor::end_mount()
 {
     // The servers are gone: detach the mount, so that its users get errors
-    // instead of a hung connection.
-    if (options_.mount_namespace.empty())
+    // instead of a hung connection (only if it is still this connection's).
+    if (options_.mount_namespace.empty() && connection_alive(device_))
         detach_mount(options_.mountpoint);
+}
+
+void Supervisor::drain(pid_t pid)
+{
+    for (;;) {
+        Server* s = pid == current_.pid ? &current_ : next_ && pid == next_->pid ? &*next_ : nullptr;
+        if (s == nullptr || s->socket < 0)
+            return;
+        pollfd p{s->socket, POLLIN, 0};
+        if (::poll(&p, 1, 0) != 1)
+            return;
+        auto m = receive_message(s->socket, 1000);
+        if (!m) {
+            close_fd(s->socket);
+            return;
+        }
+        on_server_message(*s, *m);
+    }
 }
 
 void Supervisor::on_exit(pid_t pid, int status)
@@ -269,9 +311,17 @@ void Supervisor::on_exit(pid_t pid, int status)
     }
     if (pid != current_.pid)
         return;
+    // What it said before it went comes first (its handles, say).
+    drain(pid);
+    if (pid != current_.pid) {
+        on_exit(pid, status);
+        return;
+    }
     close_fd(current_.socket);
     const bool clean = WIFEXITED(status) && WEXITSTATUS(status) == 0;
-    if (stopping_ || clean) {
+    if (stopping_ || (clean && !current_.handed_over)) {
+        if (!clean)
+            end_mount();
         exit_status_ = clean ? 0 : 1;
         return;
     }
@@ -317,15 +367,27 @@ int Supervisor::run()
                 fds.push_back({s->socket, POLLIN, 0});
                 servers.push_back(s->pid);
             }
-        if (::poll(fds.data(), fds.size(), -1) < 0 && errno != EINTR)
+        int timeout = -1;
+        if (next_) {
+            const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(next_->started +
+                                                                                    takeover_deadline - Clock::now());
+            if (left.count() <= 0) {
+                ::kill(next_->pid, SIGKILL);  // its exit answers the client
+                next_->started = Clock::now();  // (once)
+                continue;
+            }
+            timeout = static_cast<int>(left.count());
+        }
+        if (::poll(fds.data(), fds.size(), timeout) < 0 && errno != EINTR)
             break;
         if (fds[0].revents & POLLIN) {
             signalfd_siginfo info{};
             if (::read(signals, &info, sizeof info) == sizeof info && info.ssi_signo != SIGCHLD) {
-                if (info.ssi_signo != SIGHUP)
+                if (info.ssi_signo != SIGHUP) {
                     stopping_ = true;
-                if (next_)
-                    ::kill(next_->pid, SIGKILL);
+                    if (next_)
+                        ::kill(next_->pid, SIGKILL);
+                }
                 ::kill(current_.pid, static_cast<int>(info.ssi_signo));
             }
             int status = 0;
@@ -372,6 +434,12 @@ void detach_mount(const std::string& mountpoint)
     int status = 0;
     if (p > 0)
         ::waitpid(p, &status, 0);
+}
+
+bool connection_alive(int fd)
+{
+    pollfd p{fd, 0, 0};
+    return fd >= 0 && ::poll(&p, 1, 0) >= 0 && !(p.revents & (POLLERR | POLLNVAL));
 }
 
 std::string supervisor_socket_path(const std::string& state_dir) { return state_dir + "/supervisor.sock"; }

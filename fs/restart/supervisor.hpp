@@ -56,6 +56,8 @@ int supervise(SupervisorOptions options, vault::StateLock lock);
 // Unmounts lazily as libfuse would: umount2 where this process may, else
 // fusermount3 -u -z.
 void detach_mount(const std::string& mountpoint);
+// Whether the FUSE connection `fd` is still up (not unmounted or aborted).
+bool connection_alive(int fd);
 
 // The socket `vaultfs restart` talks to.
 std::string supervisor_socket_path(const std::string& state_dir);

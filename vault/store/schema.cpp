@@ -202,6 +202,7 @@ CREATE TABLE changes (
 // version's creation time stands.
 constexpr const char* schema_v6 = R"sql(
 ALTER TABLE secrets ADD COLUMN changed INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX secrets_changed ON secrets (changed);
 )sql";
 
 // Forward migrations: migrations[i] takes user_version i to i + 1.
@@ -249,6 +250,7 @@ CREATE TABLE secrets (
 CREATE INDEX secrets_live ON secrets (vault_id, id) WHERE deleted_at IS NULL;
 CREATE INDEX secrets_deleted ON secrets (vault_id, id) WHERE deleted_at IS NOT NULL;
 CREATE INDEX secrets_purge ON secrets (purge_at) WHERE purge_at IS NOT NULL;
+CREATE INDEX secrets_changed ON secrets (changed);
 CREATE TABLE versions (
   id           BIGSERIAL PRIMARY KEY,
   secret_id    BIGINT NOT NULL REFERENCES secrets(id) ON DELETE CASCADE,

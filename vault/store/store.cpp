@@ -573,6 +573,31 @@ Result<std::optional<VersionRow>> Store::version(SecretId secret, std::uint64_t 
     });
 }
 
+Result<std::vector<Change>> Store::changes_since(Micros since, std::size_t limit)
+{
+    return with_reader([&](db::Connection& c) {
+        return collect<Change>(
+            c,
+            "SELECT * FROM ("
+            "SELECT s.id, 0, v.name, s.name, 0, s.changed FROM secrets s JOIN vaults v ON v.id = s.vault_id "
+            "WHERE s.changed >= ?1 AND s.deleted_at IS NULL "
+            "UNION ALL "
+            "SELECT o.id, 1, v.name, o.name, ov.version, ov.created FROM object_versions ov "
+            "JOIN objects o ON o.id = ov.object_id JOIN vaults v ON v.id = o.vault_id "
+            "WHERE o.kind = ?2 AND ov.created >= ?1"
+            ") AS c ORDER BY 6 LIMIT ?3",
+            [&](db::Query& q) {
+                q.bind(1, since)
+                    .bind(2, static_cast<std::int64_t>(ObjectKind::certificate))
+                    .bind(3, static_cast<std::int64_t>(limit));
+            },
+            [](const db::Query& q) {
+                return Change{q.int64(0), q.int64(1) != 0, q.text(2), q.text(3),
+                              static_cast<std::uint64_t>(q.int64(4)), q.int64(5)};
+            });
+    });
+}
+
 Result<std::optional<VersionRow>> Store::version_by_id(VersionId id)
 {
     return with_reader([&](db::Connection& c) {

@@ -152,6 +152,17 @@ struct SecretVersion {
 };
 
 // What a read needs, in one query: the version as stored, and its secret.
+// What S serves changed (secrets.changed), or a certificate got a new
+// version: what on_change hooks fire on (vault/hooks/hooks.hpp).
+struct Change {
+    std::int64_t id = 0;  // the secret's or the certificate's
+    bool certificate = false;
+    std::string vault;
+    std::string name;
+    std::uint64_t version = 0;  // the certificate's new version; for a secret, 0
+    Micros at = 0;
+};
+
 struct SealedRead {
     SecretRow secret;
     SealedVersion sealed;
@@ -346,6 +357,8 @@ public:
 
     Result<std::optional<VersionRow>> version(SecretId secret, std::uint64_t number);
     Result<std::optional<VersionRow>> version_by_id(VersionId id);
+    // Changes at or after `since`, oldest first, at most `limit`.
+    Result<std::vector<Change>> changes_since(Micros since, std::size_t limit);
     // The version `S` stands for: the highest enabled one, else the highest.
     Result<std::optional<VersionRow>> current_version(SecretId secret);
     Result<std::vector<VersionRow>> versions_of(SecretId secret);
