@@ -37,6 +37,7 @@
 #include "fs/restart/supervisor.hpp"
 #include "hsm/hex.hpp"
 #include "hsm/secure_buffer.hpp"
+#include "vault/hooks/hooks.hpp"
 #include "vault/state.hpp"
 
 namespace vaultfs::fs {
@@ -407,6 +408,7 @@ struct Serving {
     fuse_session* session = nullptr;
     restart::DeviceIo* io = nullptr;
     int supervisor = -1;  // the socket to the supervisor
+    vault::Micros hooks_since = vault::now_micros();  // on_change hooks fire for changes after this
     bool mounted_here = false;  // libfuse mounted (and unmounts) it
     int namespace_fd = -1;      // the connection, mounted in mount_namespace
 };
@@ -494,6 +496,10 @@ int serve(Serving& s, StartupChannel& channel, std::optional<std::string> takeov
     auto control = ControlServer::start(state, *s.filesystem, s.mountpoint);
     if (!control)
         spdlog::error("management commands are unavailable: {}", control.error().message);
+    std::unique_ptr<vault::hooks::Runner> hooks;
+    if (!state.config.on_change.empty())
+        hooks = std::make_unique<vault::hooks::Runner>(state.config.on_change, *state.store, *state.audit,
+                                                       s.hooks_since);
     if (takeover_note)
         (void)restart::send_message(
             s.supervisor, restart::Message{"serving", {{"handles", std::to_string(s.filesystem->open_handles())}}, {}});
@@ -521,6 +527,8 @@ int serve(Serving& s, StartupChannel& channel, std::optional<std::string> takeov
     if (control)
         control->reset();
     hup_target.store(nullptr);
+    const vault::Micros hooks_seen = hooks ? hooks->seen() : vault::now_micros();
+    hooks.reset();
     if (handed_over) {
         s.filesystem->wake_pollers();  // the kernel polls again, and the next process answers
         s.filesystem->stop_polls();
@@ -528,7 +536,11 @@ int serve(Serving& s, StartupChannel& channel, std::optional<std::string> takeov
         state.store->leave_unstamped();
         state.close();  // the signed shutdown record
         const std::vector<std::uint8_t> bytes(exported.begin(), exported.end());
-        (void)restart::send_message(s.supervisor, restart::Message{"handles", {{"data", hsm::to_hex(bytes)}}, {}});
+        (void)restart::send_message(s.supervisor,
+                                    restart::Message{"handles",
+                                                     {{"data", hsm::to_hex(bytes)},
+                                                      {"hooks_seen", std::to_string(hooks_seen)}},
+                                                     {}});
         s.filesystem->stop_invalidations();
         spdlog::info("handed {} over to the next process", s.mountpoint);
         return 0;
@@ -800,6 +812,7 @@ int run_takeover(int socket)
     filesystem.number_from(hello->number("generation") << 40);
 
     std::string exported;
+    vault::Micros hooks_since = vault::now_micros();
     if (mode == "graceful") {
         (void)restart::send_message(socket, restart::Message{"ready", {}, {}});
         auto m = restart::receive_message(socket);
@@ -810,6 +823,8 @@ int run_takeover(int socket)
         const auto bytes = hsm::from_hex(m->get("data"));
         if (bytes)
             exported.assign(bytes->begin(), bytes->end());
+        if (const auto seen = m->number("hooks_seen"); seen != 0)
+            hooks_since = static_cast<vault::Micros>(seen);
     }
     unstamped.keep = false;
     const std::size_t adopted = filesystem.adopt(exported);
@@ -827,6 +842,7 @@ int run_takeover(int socket)
     s.session = se.get();
     s.io = &io;
     s.supervisor = socket;
+    s.hooks_since = hooks_since;
     return serve(s, channel, "taken over after " + std::string(mode == "crash" ? "a crash" : "a restart") + " (" +
                                  std::to_string(adopted) + " open file(s) kept)");
 }

@@ -224,6 +224,11 @@ Result<Config> parse_config(std::string_view text, const std::string& state_dir)
             if (!n)
                 return bad("object_policy_interval_seconds must be 1..86400");
             c.object_policy_interval = std::chrono::seconds(*n);
+        } else if (key == "on_change") {
+            auto h = hooks::parse(value);
+            if (!h)
+                return bad(h.error().message);
+            c.on_change.push_back(std::move(*h));
         } else {
             return bad("unknown key '" + std::string(key) + "'");
         }
@@ -351,6 +356,8 @@ std::string render_config(const Config& c)
         out << "purge_interval_seconds = " << c.purge_interval.count() << "\n";
     if (c.object_policy_interval != std::chrono::seconds(60))
         out << "object_policy_interval_seconds = " << c.object_policy_interval.count() << "\n";
+    for (const auto& h : c.on_change)
+        out << "on_change = " << h.spec << "\n";
     return out.str();
 }
 

@@ -18,6 +18,7 @@
 #include "hsm/mechanisms.hpp"
 #include "hsm/secure_buffer.hpp"
 #include "vault/error.hpp"
+#include "vault/hooks/hooks.hpp"
 
 namespace vaultfs::vault {
 
@@ -91,6 +92,8 @@ struct Config {
     // How often the background task runs key rotation policies and
     // certificate renewals (tests shorten it, with validities of seconds).
     std::chrono::seconds object_policy_interval{60};
+    // `on_change` lines, in order (vault/hooks/hooks.hpp).
+    std::vector<hooks::Hook> on_change;
 
     // An absolute path for a file named in the config.
     std::string path_of(const std::string& name) const;

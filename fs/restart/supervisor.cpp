@@ -247,7 +247,9 @@ void Supervisor::on_server_message(Server& from, const Message& m)
         // The old server has written its shutdown record and is leaving.
         current_.handed_over = true;
         if (next_) {
-            (void)send_message(next_->socket, Message{"handles", {{"data", m.get("data")}}, {}});
+            (void)send_message(next_->socket, Message{"handles",
+                                                      {{"data", m.get("data")}, {"hooks_seen", m.get("hooks_seen")}},
+                                                      {}});
             old_ = current_;
             restarted_from_ = current_.pid;
             current_ = *next_;

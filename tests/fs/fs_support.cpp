@@ -420,6 +420,17 @@ Outcome list_xattr(const std::string& path)
     return {0, out};
 }
 
+bool eventually(int seconds, const std::function<bool()>& done)
+{
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
+    while (std::chrono::steady_clock::now() < until) {
+        if (done())
+            return true;
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+    return done();
+}
+
 Outcome shell(const std::string& command)
 {
     FILE* p = ::popen(command.c_str(), "r");

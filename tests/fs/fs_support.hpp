@@ -101,6 +101,9 @@ std::string ok(const Outcome& o);
 // The whole content of a file ("" when it cannot be read).
 std::string slurp(const std::string& path);
 
+// Waits up to `seconds` for `done` (looking every 200 ms).
+bool eventually(int seconds, const std::function<bool()>& done);
+
 // Runs a shell command as root; returns its exit status and stdout.
 Outcome shell(const std::string& command);
 

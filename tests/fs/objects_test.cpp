@@ -6,6 +6,8 @@
 // permission get EACCES and a record.
 #include <catch2/catch.hpp>
 
+#include <filesystem>
+
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -87,17 +89,7 @@ int free_port()
     return ntohs(a.sin_port);
 }
 
-// Waits up to `seconds` for `done`.
-bool eventually(int seconds, const std::function<bool()>& done)
-{
-    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
-    while (std::chrono::steady_clock::now() < until) {
-        if (done())
-            return true;
-        std::this_thread::sleep_for(std::chrono::milliseconds(200));
-    }
-    return done();
-}
+
 
 }  // namespace
 
@@ -445,15 +437,39 @@ TEST_CASE("certificates: vault CAs, exportable or token keys, merge, import; ope
     CHECK(m.verify().err == 0);
 }
 
-TEST_CASE("nginx serves an exportable certificate from the vault, and the renewed one after a reload",
-          "[fs][certificates][nginx]")
+TEST_CASE("nginx serves an exportable certificate from the vault, and the renewed one once the on_change hook "
+          "sends it SIGHUP",
+          "[fs][certificates][nginx][hooks]")
 {
-    Mount m;
+    // nginx's prefix is made first: the hook in vaultfs.conf names its pid file.
+    std::string prefix = (std::filesystem::temp_directory_path() / "vaultfs-nginx-XXXXXX").string();
+    REQUIRE(::mkdtemp(prefix.data()) != nullptr);
+    struct Prefix {
+        std::string path;
+        ~Prefix()
+        {
+            std::error_code ec;
+            std::filesystem::remove_all(path, ec);
+        }
+    } prefix_dir{prefix};
+    MountOptions o;
+    o.config_lines = {"on_change = web/site signal " + prefix + "/nginx.pid SIGHUP"};
+    Mount m(o);
     REQUIRE(make_dir(m.path("web")).err == 0);
     REQUIRE(shell(cli(m, "cert create web/site --subject CN=site.test --san DNS:site.test --days 30 --exportable"))
                 .err == 0);
+    // The create fired the hook, before nginx runs: a failure, audited,
+    // that changed nothing else.
+    REQUIRE(eventually(5, [&] {
+        for (const auto& rec : m.audit())
+            if (rec["op"] == "hook")
+                return true;
+        return false;
+    }));
+    CHECK(m.last_audit("hook")["version"] == 1);
+    CHECK(m.last_audit("hook")["result"] == "EIO");
+    CHECK(m.last_audit("hook")["reason"] == "no pid in " + prefix + "/nginx.pid: No such file or directory");
     const int port = free_port();
-    const std::string prefix = m.root + "/nginx";
     REQUIRE(shell("mkdir -p " + prefix + "/logs").err == 0);
     put(prefix + "/nginx.conf", "user root;\nworker_processes 1;\npid " + prefix + "/nginx.pid;\nerror_log " +
                                     prefix + "/logs/error.log;\nevents { worker_connections 16; }\nhttp {\n"
@@ -493,9 +509,19 @@ TEST_CASE("nginx serves an exportable certificate from the vault, and the renewe
     CHECK(m.last_audit("cert_renew")["version"] == 2);
     const std::string serial_of_v2 = shell("openssl x509 -noout -serial -in " + m.path("web/.certs/site/cert.pem")).data;
     REQUIRE(serial_of_v2 != serial_of_v1);
-    CHECK(served_serial() == serial_of_v1);  // nginx holds what it loaded
-    REQUIRE(shell("nginx -p " + prefix + " -c " + prefix + "/nginx.conf -s reload").err == 0);
+    // The renewal's commit fires the hook: nginx reloads and serves version 2.
     CHECK(eventually(10, [&] { return served_serial() == serial_of_v2; }));
+    const auto hook = m.last_audit("hook");
+    CHECK(hook["result"] == "ok");
+    CHECK(hook["secret"] == ".certs/site");
+    CHECK(hook["version"] == 2);
+    CHECK(hook["rule"] == "web/site signal " + prefix + "/nginx.pid SIGHUP");
+    const std::string nginx_pid = slurp(prefix + "/nginx.pid");
+    CHECK(hook["reason"] == "sent SIGHUP to " + nginx_pid.substr(0, nginx_pid.find('\n')));
+    std::size_t firings = 0;
+    for (const auto& rec : m.audit())
+        firings += rec["op"] == "hook";
+    CHECK(firings == 2);  // the create's, and the renewal's
     // Readers of NAME@1 keep what they had.
     CHECK(shell("openssl x509 -noout -serial -in " + m.path("web/.certs/site@1/cert.pem")).data == serial_of_v1);
 }

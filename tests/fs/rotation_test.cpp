@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <ctime>
+#include <filesystem>
 #include <cstdint>
 #include <string>
 #include <thread>
@@ -254,4 +255,72 @@ TEST_CASE("mtime: S's changes exactly when what it serves does, and never goes b
     // A new version after all that: later than every time before.
     REQUIRE(write_file(s, "three").err == 0);
     CHECK(settled() > expired);
+}
+
+TEST_CASE("on_change hooks: exec as a user, a failing hook, systemd-reload; audited, never blocking the commit",
+          "[fs][hooks]")
+{
+    TestUser user("hk");
+    // Where the hook writes: made before the mount, whose config names it.
+    std::string out_dir = (std::filesystem::temp_directory_path() / "vaultfs-hooks-XXXXXX").string();
+    REQUIRE(::mkdtemp(out_dir.data()) != nullptr);
+    ::chmod(out_dir.c_str(), 0777);
+    struct Cleanup {
+        std::string path;
+        ~Cleanup()
+        {
+            std::error_code ec;
+            std::filesystem::remove_all(path, ec);
+        }
+    } cleanup{out_dir};
+    const std::string out = out_dir + "/fired";
+    MountOptions o;
+    o.config_lines = {
+        "on_change = hooked/db-* exec " + user.name + " echo \"$(id -u) $VAULTFS_VAULT $VAULTFS_NAME $VAULTFS_KIND\" >> " +
+            out,
+        "on_change = hooked/db-password exec root exit 3",
+        "on_change = */db-password systemd-reload nginx.service",
+    };
+    Mount m(o);
+    const auto hooks = [&] {
+        std::vector<nlohmann::json> r;
+        for (const auto& rec : m.audit())
+            if (rec["op"] == "hook")
+                r.push_back(rec);
+        return r;
+    };
+    REQUIRE(make_dir(m.path("hooked")).err == 0);
+    REQUIRE(write_file(m.path("hooked/db-password"), "one").err == 0);  // close() returned 0: committed
+    CHECK(ok(read_file(m.path("hooked/db-password"))) == "one");
+    REQUIRE(eventually(10, [&] { return hooks().size() == 3; }));
+    CHECK(slurp(out) == std::to_string(user.uid) + " hooked db-password secret\n");
+    for (const auto& h : hooks()) {
+        INFO(h.dump());
+        CHECK(h["vault"] == "hooked");
+        CHECK(h["secret"] == "db-password");
+        CHECK(h["uid"] == 0);  // the daemon's own record
+        if (h["rule"] == "hooked/db-password exec root exit 3") {
+            CHECK(h["result"] == "EIO");
+            CHECK(h["reason"] == "exit status 3");
+        } else if (h["rule"] == "*/db-password systemd-reload nginx.service") {
+            // No systemd here: the failure is audited, and nothing else changes.
+            CHECK(h["result"] == "EIO");
+        } else {
+            CHECK(h["result"] == "ok");
+            CHECK(h["reason"] == "exit status 0");
+        }
+    }
+    // A name no hook matches fires nothing; a graceful restart fires nothing
+    // again; the next change fires each matching hook once.
+    REQUIRE(write_file(m.path("hooked/api-key"), "k").err == 0);
+    REQUIRE(shell(m.binary + " restart --state " + m.state).err == 0);
+    REQUIRE(write_file(m.path("hooked/db-user"), "app").err == 0);
+    REQUIRE(eventually(10, [&] { return hooks().size() == 4; }));
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    CHECK(hooks().size() == 4);
+    CHECK(slurp(out) == std::to_string(user.uid) + " hooked db-password secret\n" + std::to_string(user.uid) +
+                            " hooked db-user secret\n");
+    const auto verified = m.verify();
+    INFO(verified.data);
+    CHECK(verified.err == 0);
 }

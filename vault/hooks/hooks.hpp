@@ -1,0 +1,107 @@
+// hooks: what vaultfs.conf's `on_change` lines run when what a secret
+// serves changes, or a certificate gets a new version (README "Reacting
+// to rotation").
+//
+//   on_change = VAULT/GLOB signal PIDFILE SIGNAL     kill(pid in PIDFILE, SIGNAL)
+//   on_change = VAULT/GLOB exec USER COMMAND         /bin/sh -c COMMAND as USER
+//   on_change = VAULT/GLOB systemd-reload UNIT       systemctl reload UNIT
+//
+// VAULT and GLOB are fnmatch(3) patterns for the vault's name and the
+// secret's (or the certificate's) name. Hooks live only in vaultfs.conf:
+// root's, in the 0700 state directory, never reachable through the mount.
+//
+// The runner watches the store (a commit here, or on another host through
+// the change feed) for changes recorded in secrets.changed and for new
+// certificate versions, and fires every matching hook once per change, on
+// its own thread: a commit never waits for a hook, and a failing hook
+// changes nothing but its own audit record. Each firing is audited (`hook`,
+// with the hook as written and its outcome); a command gets 30 s, then
+// SIGKILL. It runs with a minimal environment: PATH, and VAULTFS_VAULT,
+// VAULTFS_NAME, VAULTFS_KIND (secret or certificate), VAULTFS_VERSION.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <set>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include "vault/error.hpp"
+#include "vault/types.hpp"
+
+namespace vaultfs::vault {
+class Store;
+struct Change;
+namespace audit {
+class Log;
+}
+}  // namespace vaultfs::vault
+
+namespace vaultfs::vault::hooks {
+
+struct Hook {
+    enum class Action { signal, exec, systemd_reload };
+    std::string spec;  // as written after `on_change =`
+    std::string vault_glob;
+    std::string name_glob;
+    Action action = Action::signal;
+    std::string pid_file;  // signal
+    int signal = 0;
+    std::string user;      // exec
+    std::string command;
+    std::string unit;      // systemd-reload
+
+    bool matches(std::string_view vault, std::string_view name) const;
+};
+
+// Errc::invalid_argument with what is wrong, for the config's error.
+Result<Hook> parse(std::string_view spec);
+
+class Runner {
+public:
+    // Fires `hooks` for changes made after `since` (a restart passes on
+    // where the previous process was).
+    Runner(std::vector<Hook> hooks, Store& store, audit::Log& audit, Micros since);
+    ~Runner();
+    Runner(const Runner&) = delete;
+    Runner& operator=(const Runner&) = delete;
+    // Changes up to here have been fired (for the next process of a restart).
+    Micros seen() const { return seen_.load(); }
+
+private:
+    struct Running {
+        pid_t pid;
+        std::string spec;
+        std::string vault;
+        std::string name;
+        std::uint64_t version;
+        std::chrono::steady_clock::time_point started;
+    };
+    void run();
+    void look();
+    void fire(const Hook& hook, const Change& change);
+    void reap(bool all);
+    void record(const std::string& spec, const std::string& vault, const std::string& name, std::uint64_t version,
+                bool ok, const std::string& outcome);
+
+    const std::vector<Hook> hooks_;
+    Store& store_;
+    audit::Log& audit_;
+    std::atomic<Micros> seen_;
+    // Changes fired within the look-back window (commits become visible out
+    // of their time order): (kind, id, at).
+    std::set<std::tuple<bool, std::int64_t, Micros>> fired_;
+    std::vector<Running> running_;
+    std::mutex mutex_;
+    std::condition_variable cv_;
+    bool stop_ = false;
+    std::thread thread_;
+};
+
+}  // namespace vaultfs::vault::hooks
