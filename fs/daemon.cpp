@@ -651,31 +651,6 @@ std::string own_binary()
     return n > 0 ? std::string(buf, static_cast<std::size_t>(n)) : std::string("/proc/self/exe");
 }
 
-// How two INIT replies differ, for the refusal.
-std::string init_difference(const std::vector<std::uint8_t>& was, const std::vector<std::uint8_t>& now)
-{
-    const std::size_t header = sizeof(fuse_out_header);
-    fuse_init_out a{}, b{};
-    std::memcpy(&a, was.data() + header, std::min(sizeof a, was.size() > header ? was.size() - header : 0));
-    std::memcpy(&b, now.data() + header, std::min(sizeof b, now.size() > header ? now.size() - header : 0));
-    std::ostringstream out;
-    const auto field = [&](const char* name, std::uint64_t x, std::uint64_t y) {
-        if (x != y)
-            out << (out.tellp() > 0 ? ", " : "") << name << " " << x << " -> " << y;
-    };
-    field("protocol minor", a.minor, b.minor);
-    field("flags", a.flags | (std::uint64_t{a.flags2} << 32), b.flags | (std::uint64_t{b.flags2} << 32));
-    field("max_readahead", a.max_readahead, b.max_readahead);
-    field("max_write", a.max_write, b.max_write);
-    field("max_background", a.max_background, b.max_background);
-    field("congestion_threshold", a.congestion_threshold, b.congestion_threshold);
-    field("time_gran", a.time_gran, b.time_gran);
-    field("max_pages", a.max_pages, b.max_pages);
-    field("reply size", was.size(), now.size());
-    const std::string d = out.str();
-    return d.empty() ? "the replies differ" : d;
-}
-
 }  // namespace
 
 int run_mount(const MountOptions& options)
@@ -805,7 +780,7 @@ int run_takeover(int socket)
     const auto reply = io.replay_init(restart::InitExchange{*request, *saved});
     if (reply != *saved)
         return refuse("this binary negotiates other FUSE options than the mount's (" +
-                      init_difference(*saved, reply) + "); they take effect at the next mount");
+                      restart::init_difference(*saved, reply) + "); they take effect at the next mount");
     install_sighup();
     if (fuse_set_signal_handlers(se.get()) != 0)
         return refuse("cannot install signal handlers");

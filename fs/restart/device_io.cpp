@@ -7,9 +7,11 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <sstream>
 
 namespace vaultfs::fs::restart {
 
@@ -25,6 +27,30 @@ thread_local bool taken = false;
 thread_local int nonblocking_fd = -1;
 
 }  // namespace
+
+std::string init_difference(const std::vector<std::uint8_t>& was, const std::vector<std::uint8_t>& now)
+{
+    const std::size_t header = sizeof(fuse_out_header);
+    fuse_init_out a{}, b{};
+    std::memcpy(&a, was.data() + header, std::min(sizeof a, was.size() > header ? was.size() - header : 0));
+    std::memcpy(&b, now.data() + header, std::min(sizeof b, now.size() > header ? now.size() - header : 0));
+    std::ostringstream out;
+    const auto field = [&](const char* name, std::uint64_t x, std::uint64_t y) {
+        if (x != y)
+            out << (out.tellp() > 0 ? ", " : "") << name << " " << x << " -> " << y;
+    };
+    field("protocol minor", a.minor, b.minor);
+    field("flags", a.flags | (std::uint64_t{a.flags2} << 32), b.flags | (std::uint64_t{b.flags2} << 32));
+    field("max_readahead", a.max_readahead, b.max_readahead);
+    field("max_write", a.max_write, b.max_write);
+    field("max_background", a.max_background, b.max_background);
+    field("congestion_threshold", a.congestion_threshold, b.congestion_threshold);
+    field("time_gran", a.time_gran, b.time_gran);
+    field("max_pages", a.max_pages, b.max_pages);
+    field("reply size", was.size(), now.size());
+    const std::string d = out.str();
+    return d.empty() ? "the replies differ" : d;
+}
 
 DeviceIo::DeviceIo() : wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
 

@@ -36,6 +36,9 @@ struct InitExchange {
     std::vector<std::uint8_t> reply;
 };
 
+// How two INIT replies differ (the fields of fuse_init_out), for a refusal.
+std::string init_difference(const std::vector<std::uint8_t>& was, const std::vector<std::uint8_t>& now);
+
 class DeviceIo {
 public:
     DeviceIo();

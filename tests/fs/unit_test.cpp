@@ -1,6 +1,10 @@
 // fs unit tests: inode numbering, the errno mapping, control requests, the
-// caller cache, per-uid quotas.
+// caller cache, per-uid quotas, the INIT replay of a restart.
 #include <catch2/catch.hpp>
+
+#include <fcntl.h>
+#include <linux/fuse.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <string>
@@ -11,6 +15,7 @@
 #include "fs/control_protocol.hpp"
 #include "fs/errno_map.hpp"
 #include "fs/inode.hpp"
+#include "fs/restart/device_io.hpp"
 #include "fs/uid_quota.hpp"
 #include "vault/error.hpp"
 
@@ -141,4 +146,65 @@ TEST_CASE("per-uid quotas: handles and bytes per uid, bytes in total; charges co
     auto d = quota.open(1004);
     CHECK(c->grow(100));  // everything was given back
     CHECK(d->grow(50));
+}
+
+namespace {
+
+// FUSE_INIT as a 6.1 kernel sends it (protocol 7.38).
+std::vector<std::uint8_t> init_request()
+{
+    fuse_in_header h{};
+    fuse_init_in in{};
+    h.len = sizeof h + sizeof in;
+    h.opcode = FUSE_INIT;
+    h.unique = 2;
+    in.major = 7;
+    in.minor = 38;
+    in.max_readahead = 131072;
+    in.flags = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_ATOMIC_O_TRUNC | FUSE_DO_READDIRPLUS | FUSE_MAX_PAGES;
+    std::vector<std::uint8_t> bytes(h.len);
+    std::memcpy(bytes.data(), &h, sizeof h);
+    std::memcpy(bytes.data() + sizeof h, &in, sizeof in);
+    return bytes;
+}
+
+// The reply a session whose init callback is `init` makes to `request`,
+// replayed through DeviceIo (sent nowhere).
+std::vector<std::uint8_t> replayed(void (*init)(void*, fuse_conn_info*), const std::vector<std::uint8_t>& request)
+{
+    fuse_lowlevel_ops ops{};
+    ops.init = init;
+    char name[] = "vaultfs-test";
+    char* argv[] = {name};
+    fuse_args args = FUSE_ARGS_INIT(1, argv);
+    fuse_session* se = fuse_session_new(&args, &ops, sizeof ops, nullptr);
+    REQUIRE(se != nullptr);
+    fs::restart::DeviceIo io;
+    REQUIRE(io.install(se, ::open("/dev/null", O_RDWR | O_CLOEXEC)));
+    auto reply = io.replay_init(fs::restart::InitExchange{request, {}});
+    fuse_session_destroy(se);
+    return reply;
+}
+
+void plain_init(void*, fuse_conn_info*) {}
+void small_writes(void*, fuse_conn_info* conn) { conn->max_write = 4096; }
+
+}  // namespace
+
+TEST_CASE("a restart's INIT replay: the same code makes the same reply, other options another", "[fs][restart]")
+{
+    const auto request = init_request();
+    const auto a = replayed(plain_init, request);
+    REQUIRE(a.size() >= sizeof(fuse_out_header) + 24);
+    fuse_out_header h{};
+    std::memcpy(&h, a.data(), sizeof h);
+    CHECK(h.unique == 2);
+    CHECK(h.error == 0);
+    CHECK(h.len == a.size());
+    // Byte for byte: what a restart's new process compares with the saved reply.
+    CHECK(replayed(plain_init, request) == a);
+    const auto b = replayed(small_writes, request);
+    CHECK(b != a);
+    CHECK(fs::restart::init_difference(a, b).find("max_write ") != std::string::npos);
+    CHECK(fs::restart::init_difference(a, b).find(" -> 4096") != std::string::npos);
 }
