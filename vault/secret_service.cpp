@@ -242,7 +242,7 @@ Result<SecretView> SecretService::secret_by_id(const Caller& caller, SecretId id
     const SecretRow& s = (*found)->secret;
     auto v = core_.load_vault(s.vault);
     if (!v)
-        return tl::unexpected(v.error());
+        return refused_read(caller, "", s.name, v.error());
     if (auto r = core_.reach(caller, **v, s.name, false, Errc::access_denied); !r)
         return tl::unexpected(r.error());
     if (!(*found)->version) {
@@ -272,7 +272,7 @@ Result<SecretView> SecretService::by_version_id(const Caller& caller, VersionId 
         return fail(Errc::not_found);
     auto v = core_.load_vault((*found)->secret.vault);
     if (!v)
-        return tl::unexpected(v.error());
+        return refused_read(caller, "", (*found)->secret.name, v.error());
     if (auto r = core_.reach(caller, **v, (*found)->secret.name, false, Errc::access_denied); !r)
         return tl::unexpected(r.error());
     return view_of(caller, **v, (*found)->secret, std::move(*(*found)->version), pinned);
@@ -386,7 +386,7 @@ Result<OpenValue> SecretService::open_value(const Caller& caller, const SecretVi
 {
     auto v = core_.load_vault(target.vault);
     if (!v)
-        return tl::unexpected(v.error());
+        return refused_read(caller, target.vault_name, target.name, v.error());
     const Decided d = core_.decide(caller, **v, Permission::get, target.name);
     audit::Event ev{.op = "get",
                     .caller = &caller,
