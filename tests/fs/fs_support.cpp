@@ -605,12 +605,18 @@ void Mount::kill_daemon()
         pid_ = -1;
         if (server > 0) {
             ::kill(server, SIGKILL);
-            // Until its descriptors are closed: gone, or a zombie whose
-            // threads have all exited (a leader shows Z before they have).
+            // Until its descriptors are closed. The leader's fd list empties
+            // as it exits, while its other threads may still hold the
+            // table: wait until they have left /proc/PID/task too.
             const auto alive = [server] {
+                const std::string dir = "/proc/" + std::to_string(server);
                 std::error_code ec;
-                std::filesystem::directory_iterator fds("/proc/" + std::to_string(server) + "/fd", ec);
-                return !ec && fds != std::filesystem::directory_iterator();
+                std::size_t threads = 0;
+                for (std::filesystem::directory_iterator t(dir + "/task", ec), end; !ec && t != end; t.increment(ec))
+                    ++threads;
+                std::filesystem::directory_iterator fds(dir + "/fd", ec);
+                const bool open = !ec && fds != std::filesystem::directory_iterator();
+                return threads > 1 || open;
             };
             for (int i = 0; i < 500 && alive(); ++i)
                 std::this_thread::sleep_for(std::chrono::milliseconds(10));

@@ -155,7 +155,7 @@ TEST_CASE("create makes a new WAL database at schema 5, readable only by its own
         REQUIRE(::stat(path.c_str(), &st) == 0);
         CHECK((st.st_mode & 0777) == 0600);
         Db db(path, SQLITE_OPEN_READONLY);
-        CHECK(db.integer("PRAGMA user_version") == 5);
+        CHECK(db.integer("PRAGMA user_version") == 6);
         CHECK(db.text("PRAGMA journal_mode") == "wal");
         CHECK(db.integer("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN "
                          "('vaults', 'policies', 'secrets', 'versions', 'tags', 'settings', 'audit_anchor', 'hosts', "
@@ -530,7 +530,7 @@ TEST_CASE("the audit anchor is stored and read back", "[store]")
     CHECK((*a)->sig == sig);
 }
 
-TEST_CASE("a schema-1 database migrates to schema 5: its anchor reads back unsigned, owners are the defaults",
+TEST_CASE("a schema-1 database migrates to the current schema: its anchor reads back unsigned, owners are the defaults",
           "[store]")
 {
     TempDir dir;
@@ -684,7 +684,7 @@ TEST_CASE("PostgreSQL: create makes the schema once; open needs it; an unreachab
         CHECK(store->shared());
         CHECK(store->path() == url);
         bool ok = false;
-        CHECK(pg.psql("SELECT version FROM schema", url.substr(url.rfind('/') + 1), &ok) == "5");
+        CHECK(pg.psql("SELECT version FROM schema", url.substr(url.rfind('/') + 1), &ok) == "6");
         CHECK(ok);
     }
     auto twice = Store::open(url, Store::Mode::create);
