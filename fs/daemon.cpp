@@ -597,18 +597,21 @@ int serve_first(const MountOptions& options, const std::string& state_dir, const
         return 1;
     }
     Serving s{state_dir, mountpoint, options.mount_namespace, options.threads, options.foreground, log_target};
-    // In another mount namespace, the kernel mount is made there and libfuse
-    // is handed the connection as /dev/fd/N; otherwise libfuse mounts.
+    // Root mounts itself (in another mount namespace, there) and hands
+    // libfuse the connection as /dev/fd/N: what libfuse would keep of a
+    // mount of its own is for its unmount, which a server that hands over
+    // never does. Otherwise libfuse mounts (through fusermount3).
     int fuse_fd = -1;
-    if (!options.mount_namespace.empty()) {
+    if (!options.mount_namespace.empty() || ::geteuid() == 0) {
         fuse_fd = ::open("/dev/fuse", O_RDWR | O_CLOEXEC);
         const int rc = fuse_fd < 0 ? errno : in_mount_namespace(options.mount_namespace, [&] {
             return mount_fuse_fd(fuse_fd, mountpoint, ::geteuid() == 0);
         });
         if (rc != 0) {
             fuse_remove_signal_handlers(se.get());
-            channel.failed("cannot mount at " + mountpoint + " in " + options.mount_namespace + ": " +
-                           std::strerror(rc));
+            channel.failed("cannot mount at " + mountpoint +
+                           (options.mount_namespace.empty() ? "" : " in " + options.mount_namespace) + ": " +
+                           std::strerror(rc) + " (is /dev/fuse available, and fuse3 installed?)");
             return 1;
         }
     }
@@ -621,7 +624,10 @@ int serve_first(const MountOptions& options, const std::string& state_dir, const
     s.mounted_here = fuse_fd < 0;
     restart::DeviceIo io;
     if (!io.install(se.get(), fuse_session_fd(se.get()))) {
-        fuse_session_unmount(se.get());
+        if (s.mounted_here)
+            fuse_session_unmount(se.get());
+        else if (options.mount_namespace.empty())
+            restart::detach_mount(mountpoint);
         channel.failed("cannot set up the FUSE connection's io");
         return 1;
     }

@@ -3,12 +3,14 @@
 #include <fcntl.h>
 #include <linux/fuse.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sys/eventfd.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <cstring>
 #include <sstream>
@@ -86,6 +88,17 @@ ssize_t DeviceIo::writev_thunk(int fd, struct iovec* iov, int count, void*)
 
 ssize_t DeviceIo::read(int fd, void* buf, size_t len)
 {
+    // libfuse ends its loop by cancelling the workers that are still
+    // reading. A cancellation here would unwind through these frames (and
+    // their locks); so none acts here, and a worker looks at the session
+    // every `look` instead and leaves by returning.
+    struct NoCancel {
+        int old = 0;
+        NoCancel() { ::pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &old); }
+        ~NoCancel() { ::pthread_setcancelstate(old, nullptr); }
+    } no_cancel;
+    constexpr auto look = std::chrono::milliseconds(200);
+    const auto ended = [&] { return closed_ || fuse_session_exited(session_) != 0; };
     if (nonblocking_fd != fd) {
         const int flags = ::fcntl(fd, F_GETFL);
         if (flags >= 0)
@@ -100,8 +113,9 @@ ssize_t DeviceIo::read(int fd, void* buf, size_t len)
                 --serving_;
                 cv_.notify_all();
             }
-            cv_.wait(lock, [&] { return !paused_ || closed_; });
-            if (closed_) {
+            while (paused_ && !ended())
+                cv_.wait_for(lock, look);
+            if (ended()) {
                 errno = EINTR;  // libfuse sees the session exited, and the worker leaves
                 return -1;
             }
@@ -133,8 +147,11 @@ ssize_t DeviceIo::read(int fd, void* buf, size_t len)
         }
         // Nothing queued: wait for a request, or for pause() or close().
         pollfd fds[2] = {{fd, POLLIN, 0}, {wake_, POLLIN, 0}};
-        if (::poll(fds, 2, -1) < 0 && errno == EINTR)
-            return -1;  // a signal (SIGTERM): libfuse looks at the session
+        const int r = ::poll(fds, 2, static_cast<int>(look.count()));
+        if ((r < 0 && errno == EINTR) || (r == 0 && fuse_session_exited(session_) != 0)) {
+            errno = EINTR;  // a signal (SIGTERM), or the loop ends: libfuse looks at the session
+            return -1;
+        }
     }
 }
 

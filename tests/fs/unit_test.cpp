@@ -178,6 +178,7 @@ std::vector<std::uint8_t> replayed(void (*init)(void*, fuse_conn_info*), const s
     char* argv[] = {name};
     fuse_args args = FUSE_ARGS_INIT(1, argv);
     fuse_session* se = fuse_session_new(&args, &ops, sizeof ops, nullptr);
+    fuse_opt_free_args(&args);  // the session keeps what it needs
     REQUIRE(se != nullptr);
     fs::restart::DeviceIo io;
     REQUIRE(io.install(se, ::open("/dev/null", O_RDWR | O_CLOEXEC)));
