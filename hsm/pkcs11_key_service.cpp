@@ -266,6 +266,7 @@ ck_attribute flag(ck_attribute_type_t type, bool on) { return attr(type, on ? &c
 }  // namespace
 
 struct Pkcs11KeyService::Impl {
+    OpStats op_stats;
     std::shared_ptr<Module> module;
     ck_slot_id_t slot = 0;
     std::string module_path;
@@ -775,6 +776,7 @@ Result<void> Pkcs11KeyService::find_key(const KeyId& id)
 Result<std::vector<std::uint8_t>> Pkcs11KeyService::seal(const KeyId& kek, const SecureBuffer& dek,
                                                          std::span<const std::uint8_t> aad)
 {
+    OpStats::Timer timer(impl_->op_stats, TokenOp::seal);
     if (dek.size() != dek_size)
         return fail(Errc::invalid_argument, "a DEK must be 32 bytes");
     if (impl_->schemes.seal == SealScheme::aes_cbc_hmac)
@@ -841,6 +843,7 @@ Result<std::vector<std::uint8_t>> Pkcs11KeyService::seal_cbc_hmac(const KeyId& k
 Result<SecureBuffer> Pkcs11KeyService::unseal(const KeyId& kek, std::span<const std::uint8_t> sealed,
                                               std::span<const std::uint8_t> aad)
 {
+    OpStats::Timer timer(impl_->op_stats, TokenOp::unseal);
     if (impl_->schemes.seal == SealScheme::aes_cbc_hmac)
         return unseal_cbc_hmac(kek, sealed, aad);
     if (sealed.size() != gcm_iv_size + dek_size + gcm_tag_size)
@@ -942,7 +945,8 @@ Result<std::vector<std::uint8_t>> Pkcs11KeyService::sign_digest(const KeyId& key
                                                                 std::span<const std::uint8_t, 32> digest)
 {
     if (impl_->schemes.signature == SignatureScheme::rsa_pss_sha256)
-        return sign(key, Mechanism{Mechanism::Kind::rsa_pss, Digest::sha256}, digest);
+        return sign(key, Mechanism{Mechanism::Kind::rsa_pss, Digest::sha256}, digest);  // timed there
+    OpStats::Timer timer(impl_->op_stats, TokenOp::sign);
     Bytes sig(64);
     auto rv = impl_->with_key(CKO_PRIVATE_KEY, key, [&](ck_session_handle_t s, ck_object_handle_t h) {
         ck_mechanism mech{CKM_ECDSA, nullptr, 0};
@@ -962,6 +966,7 @@ Result<std::vector<std::uint8_t>> Pkcs11KeyService::sign_digest(const KeyId& key
 
 Result<void> Pkcs11KeyService::ping()
 {
+    OpStats::Timer timer(impl_->op_stats, TokenOp::ping);
     const auto once = [&] {
         return impl_->with_session([&](ck_session_handle_t s) {
             ck_session_info info{};
@@ -1309,6 +1314,7 @@ Result<std::vector<std::uint8_t>> Pkcs11KeyService::public_key_der(const KeyId& 
 Result<std::vector<std::uint8_t>> Pkcs11KeyService::sign(const KeyId& key, Mechanism m,
                                                          std::span<const std::uint8_t> digest)
 {
+    OpStats::Timer timer(impl_->op_stats, TokenOp::sign);
     if (digest.size() != digest_size(m.digest))
         return fail(Errc::invalid_argument, "a " + std::to_string(digest_size(m.digest) * 8) +
                                                 "-bit digest is " + std::to_string(digest_size(m.digest)) +
@@ -1353,6 +1359,7 @@ Result<std::vector<std::uint8_t>> Pkcs11KeyService::sign(const KeyId& key, Mecha
 
 Result<SecureBuffer> Pkcs11KeyService::decrypt(const KeyId& key, Mechanism m, std::span<const std::uint8_t> data)
 {
+    OpStats::Timer timer(impl_->op_stats, TokenOp::decrypt);
     ck_mechanism mech{};
     ck_rsa_pkcs_oaep_params oaep{hash_mechanism(m.digest), mgf_of(m.digest), CKZ_DATA_SPECIFIED, nullptr, 0};
     if (m.kind == Mechanism::Kind::rsa_oaep)
@@ -1446,6 +1453,7 @@ std::shared_lock<std::shared_mutex> Pkcs11KeyService::hold_module()
     return std::shared_lock<std::shared_mutex>(impl_->module_mutex);
 }
 const TokenProfile& Pkcs11KeyService::profile() const { return impl_->profile; }
+const OpStats& Pkcs11KeyService::op_stats() const { return impl_->op_stats; }
 const Schemes& Pkcs11KeyService::schemes() const { return impl_->schemes; }
 const std::vector<std::string>& Pkcs11KeyService::negotiation_notes() const { return impl_->notes; }
 const std::string& Pkcs11KeyService::module_path() const { return impl_->module_path; }

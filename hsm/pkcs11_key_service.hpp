@@ -31,6 +31,7 @@
 #include "hsm/key_pairs.hpp"
 #include "hsm/key_service.hpp"
 #include "hsm/mechanisms.hpp"
+#include "hsm/op_stats.hpp"
 
 namespace vaultfs::hsm {
 
@@ -112,6 +113,8 @@ public:
     // What the token said it offers, and the constructions in use (with the
     // fallbacks negotiation took, for the admin).
     const TokenProfile& profile() const;
+    // Operations asked of the token and their latency (metrics).
+    const OpStats& op_stats() const;
     const Schemes& schemes() const;
     const std::vector<std::string>& negotiation_notes() const;
 

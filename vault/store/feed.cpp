@@ -121,6 +121,12 @@ void Feed::run(std::unique_ptr<FeedConnection> conn)
     }
 }
 
+std::chrono::milliseconds Feed::age() const
+{
+    const std::int64_t at = confirmed_.load();
+    return std::chrono::milliseconds(at == 0 ? now_ns() / 1000000 : (now_ns() - at) / 1000000);
+}
+
 Result<void> Feed::fresh() const
 {
     const std::int64_t at = confirmed_.load();

@@ -42,6 +42,8 @@ public:
     Result<void> start();
 
     Result<void> fresh() const;
+    // Since the last confirmation started (the whole run when none has).
+    std::chrono::milliseconds age() const;
     std::int64_t revision() const { return revision_.load(); }
 
 private:

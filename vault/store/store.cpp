@@ -282,6 +282,13 @@ Result<void> Store::fresh() const
     return feed_->fresh();
 }
 
+std::optional<std::chrono::milliseconds> Store::feed_age() const
+{
+    if (!feed_)
+        return std::nullopt;
+    return feed_->age();
+}
+
 void Store::on_change(std::function<void()> f)
 {
     std::lock_guard lock(change_mutex_);
@@ -594,6 +601,30 @@ Result<std::vector<Change>> Store::changes_since(Micros since, std::size_t limit
             [](const db::Query& q) {
                 return Change{q.int64(0), q.int64(1) != 0, q.text(2), q.text(3),
                               static_cast<std::uint64_t>(q.int64(4)), q.int64(5)};
+            });
+    });
+}
+
+Result<std::vector<Expiring>> Store::expiring()
+{
+    return with_reader([&](db::Connection& c) {
+        return collect<Expiring>(
+            c,
+            "SELECT * FROM ("
+            "SELECT 0, v.name, s.name, ver.version, ver.id, ver.expires FROM secrets s "
+            "JOIN vaults v ON v.id = s.vault_id JOIN versions ver ON ver.secret_id = s.id "
+            "WHERE s.deleted_at IS NULL AND ver.expires IS NOT NULL AND ver.version = "
+            "(SELECT MAX(x.version) FROM versions x WHERE x.secret_id = s.id AND x.enabled = 1) "
+            "UNION ALL "
+            "SELECT o.kind, v.name, o.name, ov.version, ov.id, ov.expires FROM objects o "
+            "JOIN vaults v ON v.id = o.vault_id JOIN object_versions ov ON ov.object_id = o.id "
+            "WHERE ov.expires IS NOT NULL AND ov.version = "
+            "(SELECT MAX(y.version) FROM object_versions y WHERE y.object_id = o.id AND y.enabled = 1)"
+            ") AS e ORDER BY 6, 2, 3",
+            [](db::Query&) {},
+            [](const db::Query& q) {
+                return Expiring{static_cast<Expiring::Kind>(q.int64(0)), q.text(1), q.text(2),
+                                static_cast<std::uint64_t>(q.int64(3)), q.int64(4), q.int64(5)};
             });
     });
 }

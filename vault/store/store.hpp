@@ -163,6 +163,18 @@ struct Change {
     Micros at = 0;
 };
 
+// An object whose current version has an expiry: a secret's highest
+// enabled version, a key's or a certificate's (monitor/expiry.hpp).
+struct Expiring {
+    enum class Kind { secret = 0, key = 1, certificate = 2 };
+    Kind kind = Kind::secret;
+    std::string vault;
+    std::string name;
+    std::uint64_t version = 0;
+    std::int64_t version_id = 0;  // versions.id or object_versions.id
+    Micros expires = 0;
+};
+
 struct SealedRead {
     SecretRow secret;
     SealedVersion sealed;
@@ -311,6 +323,8 @@ public:
     // The feed's revision as last confirmed, and whether reads are served.
     std::int64_t revision() const;
     Result<void> fresh() const;
+    // How long since the feed last confirmed freshness; nullopt without a feed.
+    std::optional<std::chrono::milliseconds> feed_age() const;
     std::chrono::milliseconds staleness_bound() const { return options_.staleness_bound; }
     // Whether this process runs the background rounds (purge, rotation,
     // renewal): always on SQLite; on PostgreSQL the one host holding the
@@ -359,6 +373,8 @@ public:
     Result<std::optional<VersionRow>> version_by_id(VersionId id);
     // Changes at or after `since`, oldest first, at most `limit`.
     Result<std::vector<Change>> changes_since(Micros since, std::size_t limit);
+    // Every current version with an expiry, soonest first.
+    Result<std::vector<Expiring>> expiring();
     // The version `S` stands for: the highest enabled one, else the highest.
     Result<std::optional<VersionRow>> current_version(SecretId secret);
     Result<std::vector<VersionRow>> versions_of(SecretId secret);
