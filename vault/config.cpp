@@ -6,6 +6,7 @@
 
 #include <openssl/crypto.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cstdlib>
 #include <cstring>
@@ -229,6 +230,54 @@ Result<Config> parse_config(std::string_view text, const std::string& state_dir)
             if (!h)
                 return bad(h.error().message);
             c.on_change.push_back(std::move(*h));
+        } else if (key == "on_expiry") {
+            auto h = hooks::parse(value);
+            if (!h)
+                return bad(h.error().message);
+            c.on_expiry.push_back(std::move(*h));
+        } else if (key == "audit_syslog") {
+            auto t = audit::parse_syslog_target(value);
+            if (!t)
+                return bad(t.error().message);
+            c.audit_syslog = std::move(*t);
+        } else if (key == "audit_syslog_facility") {
+            auto f = audit::parse_facility(value);
+            if (!f)
+                return bad(f.error().message);
+            c.audit_syslog_facility = *f;
+        } else if (key == "audit_syslog_queue") {
+            const auto n = number(std::size_t{1}, std::size_t{1000000});
+            if (!n)
+                return bad("audit_syslog_queue must be 1..1000000");
+            c.audit_syslog_queue = *n;
+        } else if (key == "metrics_textfile") {
+            if (v.size() < 6 || v.substr(v.size() - 5) != ".prom")
+                return bad("metrics_textfile must end in .prom (node_exporter's textfile collector reads only those)");
+            c.metrics_textfile = v;
+        } else if (key == "metrics_interval_seconds") {
+            const auto n = number(std::int64_t{1}, std::int64_t{3600});
+            if (!n)
+                return bad("metrics_interval_seconds must be 1..3600");
+            c.metrics_interval = std::chrono::seconds(*n);
+        } else if (key == "expiry_check_seconds") {
+            const auto n = number(std::int64_t{1}, std::int64_t{86400});
+            if (!n)
+                return bad("expiry_check_seconds must be 1..86400");
+            c.expiry_check_interval = std::chrono::seconds(*n);
+        } else if (key == "expiry_warn_days") {
+            std::vector<std::int64_t> days;
+            std::string_view rest = value;
+            while (!rest.empty()) {
+                const auto comma = rest.find(',');
+                const auto n = parse_number<std::int64_t>(trim(rest.substr(0, comma)), 1, 3650);
+                if (!n)
+                    return bad("expiry_warn_days must be days 1..3650, separated by commas (e.g. 30,7)");
+                days.push_back(*n);
+                rest = comma == std::string_view::npos ? std::string_view() : rest.substr(comma + 1);
+            }
+            std::sort(days.rbegin(), days.rend());
+            days.erase(std::unique(days.begin(), days.end()), days.end());
+            c.expiry_warn_days = std::move(days);
         } else {
             return bad("unknown key '" + std::string(key) + "'");
         }
@@ -358,6 +407,23 @@ std::string render_config(const Config& c)
         out << "object_policy_interval_seconds = " << c.object_policy_interval.count() << "\n";
     for (const auto& h : c.on_change)
         out << "on_change = " << h.spec << "\n";
+    if (c.audit_syslog)
+        out << "audit_syslog = " << audit::render_syslog_target(*c.audit_syslog) << "\n"
+            << "audit_syslog_facility = " << audit::facility_name(c.audit_syslog_facility) << "\n"
+            << "audit_syslog_queue = " << c.audit_syslog_queue << "\n";
+    if (!c.metrics_textfile.empty())
+        out << "metrics_textfile = " << c.metrics_textfile << "\n"
+            << "metrics_interval_seconds = " << c.metrics_interval.count() << "\n";
+    if (c.expiry_warn_days != std::vector<std::int64_t>{30, 7}) {
+        out << "expiry_warn_days = ";
+        for (std::size_t i = 0; i < c.expiry_warn_days.size(); ++i)
+            out << (i ? "," : "") << c.expiry_warn_days[i];
+        out << "\n";
+    }
+    if (c.expiry_check_interval != std::chrono::seconds(60))
+        out << "expiry_check_seconds = " << c.expiry_check_interval.count() << "\n";
+    for (const auto& h : c.on_expiry)
+        out << "on_expiry = " << h.spec << "\n";
     return out.str();
 }
 

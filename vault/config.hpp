@@ -18,6 +18,7 @@
 #include "hsm/mechanisms.hpp"
 #include "hsm/secure_buffer.hpp"
 #include "vault/error.hpp"
+#include "vault/audit/shipping.hpp"
 #include "vault/hooks/hooks.hpp"
 
 namespace vaultfs::vault {
@@ -94,6 +95,22 @@ struct Config {
     std::chrono::seconds object_policy_interval{60};
     // `on_change` lines, in order (vault/hooks/hooks.hpp).
     std::vector<hooks::Hook> on_change;
+
+    // Monitoring (README "Monitoring").
+    // Every audit record also sent here (audit/shipping.hpp); unset: not shipped.
+    std::optional<audit::SyslogTarget> audit_syslog;
+    int audit_syslog_facility = 21;  // local5
+    std::size_t audit_syslog_queue = 10000;
+    // The metrics (monitor/metrics.hpp) written here every metrics_interval,
+    // for node_exporter's textfile collector; empty: not written.
+    std::string metrics_textfile;
+    std::chrono::seconds metrics_interval{15};
+    // Near-expiry events this many days before an expiry (monitor/expiry.hpp),
+    // longest first; days of retention_day_ms, as retention is.
+    std::vector<std::int64_t> expiry_warn_days{30, 7};
+    std::chrono::seconds expiry_check_interval{60};
+    // `on_expiry` lines: hooks fired by near-expiry and expired events.
+    std::vector<hooks::Hook> on_expiry;
 
     // An absolute path for a file named in the config.
     std::string path_of(const std::string& name) const;

@@ -438,11 +438,28 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
         ao.coalesce_window = c.audit_coalesce_interval;
         ao.reserve_bytes = c.audit_reserve_mib << 20;
         ao.defer_start = purpose == Purpose::take_over;
+        st->metrics = std::make_unique<monitor::Metrics>();
+        if (c.audit_syslog) {
+            audit::SyslogTarget target = *c.audit_syslog;
+            target.facility = c.audit_syslog_facility;
+            target.queue = c.audit_syslog_queue;
+            st->shipper = std::make_unique<audit::Shipper>(std::move(target));
+        }
+        monitor::Metrics* metrics = st->metrics.get();
+        audit::Shipper* shipper = st->shipper.get();
+        ao.on_event = [metrics](const audit::Event& e) { metrics->count(e); };
+        ao.on_record = [metrics, shipper](std::string_view line) {
+            metrics->record_written();
+            if (shipper)
+                shipper->enqueue(line);
+        };
         auto log = vault::audit::Log::open(std::move(ao), vault::audit::Signer{st->keys.get(), signing_key},
                                            st->store.get());
         if (!log)
             return tl::unexpected(log.error());
         st->audit = std::move(*log);
+        st->expiry = std::make_unique<monitor::ExpiryWatch>(*st->store, *st->audit, *st->metrics, c.expiry_warn_days,
+                                                            c.retention_day_ms);
         st->core = std::make_unique<Core>(*st->store, *st->audit, st->names, st->admin_gid);
         st->object_backup = std::make_unique<ObjectBackup>(*st->core, *st->keys);
         Options options{c.retention_day_ms, signing_key, *pem};

@@ -21,6 +21,9 @@
 #include "hsm/pkcs11_key_service.hpp"
 #include "hsm/token_evp.hpp"
 #include "vault/audit/log.hpp"
+#include "vault/audit/shipping.hpp"
+#include "vault/monitor/expiry.hpp"
+#include "vault/monitor/metrics.hpp"
 #include "vault/certificates/certificates.hpp"
 #include "vault/keys/key_vault.hpp"
 #include "vault/objects/object_backup.hpp"
@@ -95,7 +98,11 @@ public:
     std::optional<gid_t> admin_gid;
     std::unique_ptr<hsm::Pkcs11KeyService> keys;
     std::unique_ptr<Store> store;
+    // Before the audit log, which feeds them (null for `inspect`):
+    std::unique_ptr<monitor::Metrics> metrics;
+    std::unique_ptr<audit::Shipper> shipper;  // null unless audit_syslog is set
     std::unique_ptr<audit::Log> audit;  // null for `inspect`
+    std::unique_ptr<monitor::ExpiryWatch> expiry;  // null for `inspect`
     std::unique_ptr<DekCache> deks;
     SystemNameResolver names;
     std::unique_ptr<Core> core;              // null for `inspect`

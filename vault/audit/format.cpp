@@ -26,7 +26,7 @@ constexpr std::size_t signed_suffix(std::size_t sig_hex) { return hash_key.size(
 
 constexpr std::array<std::string_view, 6> signed_ops{"init", "start", "checkpoint", "rotate", "shutdown", "handover"};
 // Everything else a record may be about (README "The audit trail").
-constexpr std::array<std::string_view, 47> record_ops{
+constexpr std::array<std::string_view, 50> record_ops{
     "get",        "set",        "commit",       "list",         "delete",       "recover",   "purge",
     "policy_get", "policy_set", "policy_reset", "xattr_get",    "xattr_list",   "xattr_set", "vault_create",
     "vault_remove", "vault_set", "vault_show",  "vault_list",   "status",       "backup",    "restore",
@@ -37,7 +37,11 @@ constexpr std::array<std::string_view, 47> record_ops{
     // several hosts (vault/hosts): the ceremony, and KEKs imported from grants
     "host_request", "host_grant", "host_accept", "host_remove", "kek_import",
     // an on_change hook fired (vault/hooks)
-    "hook"};
+    "hook",
+    // expiry warnings (vault/monitor/expiry)
+    "near_expiry", "expired",
+    // `vaultfs metrics` (fs/monitor)
+    "metrics"};
 
 bool plain(std::string_view s)
 {

@@ -428,6 +428,8 @@ Result<void> Log::append(const Event& event)
 {
     Fields f = Fields::of(event);  // outside the lock: exe lookup
     auto r = append_fields(f, event);
+    if (r && options_.on_event)
+        options_.on_event(event);
     if (anchor_due_)
         sync_and_anchor(false);  // a rotation: the new file's start is anchored at once
     return r;
@@ -519,6 +521,8 @@ Result<void> Log::write_locked(const Fields& f, Micros now, bool signed_record, 
     ++seq_;
     head_ = line.hash;
     dirty_ = true;
+    if (options_.on_record)
+        options_.on_record(line.text);
     if (signed_record) {
         unsigned_ = 0;
         dropped_since_signed_ = 0;

@@ -121,6 +121,12 @@ public:
         // A restart's new process opens its state while the old one still
         // writes the file (fs/restart/), and starts once it has stopped.
         bool defer_start = false;
+        // Who else learns of the trail, neither of which may block: the
+        // metrics count every event appended (written or coalesced), before
+        // the writer's lock; shipping gets each record's line once it is in
+        // the file, under that lock (monitor/metrics.hpp, audit/shipping.hpp).
+        std::function<void(const Event&)> on_event;
+        std::function<void(std::string_view line)> on_record;
     };
     // Fields a `start` record carries besides its own (a restart's kind).
     using Notes = std::vector<std::pair<std::string, Body::Value>>;

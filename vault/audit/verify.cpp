@@ -439,6 +439,8 @@ VerifyReport verify_files(const std::vector<std::string>& files, const std::stri
         v.fail_file(0, "the audit public key cannot be read (not a PEM public key)");
         return v.finish("");
     }
+    if (options.slice)
+        v.trust_first_record();
     if (files.empty()) {
         v.fail_file(0, "no audit files given");
         return v.finish("");
@@ -477,7 +479,19 @@ VerifyReport verify_files(const std::vector<std::string>& files, const std::stri
             v.line(line_no, lines[li].text, li == 0, next);
         }
     }
-    return v.finish(files.back());
+    VerifyReport report = v.finish(files.back());
+    if (options.slice && report.unsigned_tail > 0) {
+        const std::string why = "the slice ends with " + std::to_string(report.unsigned_tail) +
+                                " record(s) no signature covers (cut after seq " +
+                                std::to_string(report.last_signed_seq) + ")";
+        if (report.ok) {
+            report.ok = false;
+            report.file = files.back();
+            report.problem = why;
+        }
+        report.problems.push_back(why);
+    }
+    return report;
 }
 
 VerifyReport verify_tail(const std::string& file, const std::vector<std::string>& lines, std::uint64_t first_line,

@@ -40,6 +40,10 @@ namespace vaultfs::vault::audit {
 struct VerifyOptions {
     std::optional<AuditAnchor> anchor;  // from the database
     bool anchor_expected = false;       // a state was given: no anchor is a failure
+    // A slice `vaultfs audit export` wrote: it begins with a signed record,
+    // where trust starts (its signature is checked), and must end with one:
+    // every record in it lies between two signatures.
+    bool slice = false;
 };
 
 struct VerifyReport {

@@ -131,8 +131,8 @@ Result<Hook> parse(std::string_view spec)
     return h;
 }
 
-Runner::Runner(std::vector<Hook> hooks, Store& store, audit::Log& audit, Micros since)
-    : hooks_(std::move(hooks)), store_(store), audit_(audit), seen_(since)
+Runner::Runner(std::vector<Hook> hooks, std::vector<Hook> expiry_hooks, Store& store, audit::Log& audit, Micros since)
+    : hooks_(std::move(hooks)), expiry_hooks_(std::move(expiry_hooks)), store_(store), audit_(audit), seen_(since)
 {
     // What was there before `since` counts as fired.
     if (auto before = store_.changes_since(since - look_back, 100000))
@@ -170,6 +170,16 @@ void Runner::run()
             last_look = now;
             look();
         }
+        lock.lock();
+        std::vector<Event> events = std::move(pending_);
+        pending_.clear();
+        lock.unlock();
+        for (const Event& e : events)
+            for (const Hook& h : expiry_hooks_)
+                if (h.matches(e.vault, e.name.starts_with(".certs/") || e.name.starts_with(".keys/")
+                                           ? std::string_view(e.name).substr(e.name.find('/') + 1)
+                                           : std::string_view(e.name)))
+                    fire(h, e);
         reap(false);
         lock.lock();
     }
@@ -192,15 +202,25 @@ void Runner::look()
             continue;
         for (const Hook& h : hooks_)
             if (h.matches(c.vault, c.name))
-                fire(h, c);
+                fire(h, Event{c.vault, c.certificate ? ".certs/" + c.name : c.name,
+                              c.certificate ? "certificate" : "secret", "change", c.version});
     }
     seen_.store(newest);
     std::erase_if(fired_, [&](const auto& k) { return std::get<2>(k) < newest - 2 * look_back; });
 }
 
-void Runner::fire(const Hook& hook, const Change& change)
+void Runner::expiry_event(Event event)
 {
-    const std::string name = change.certificate ? ".certs/" + change.name : change.name;
+    {
+        std::lock_guard lock(mutex_);
+        pending_.push_back(std::move(event));
+    }
+    cv_.notify_all();
+}
+
+void Runner::fire(const Hook& hook, const Event& change)
+{
+    const std::string& name = change.name;
     if (hook.action == Hook::Action::signal) {
         std::string text(32, '\0');
         const int fd = ::open(hook.pid_file.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
@@ -268,9 +288,10 @@ void Runner::fire(const Hook& hook, const Change& change)
         args = {systemctl, "reload", hook.unit};
     }
     std::vector<std::string> env{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                                 "VAULTFS_VAULT=" + change.vault, "VAULTFS_NAME=" + change.name,
-                                 std::string("VAULTFS_KIND=") + (change.certificate ? "certificate" : "secret"),
-                                 "VAULTFS_VERSION=" + std::to_string(change.version)};
+                                 "VAULTFS_VAULT=" + change.vault,
+                                 "VAULTFS_NAME=" + name.substr(name.starts_with(".") ? name.find('/') + 1 : 0),
+                                 "VAULTFS_KIND=" + change.kind, "VAULTFS_VERSION=" + std::to_string(change.version),
+                                 "VAULTFS_EVENT=" + change.event};
     std::vector<char*> argv, envp;
     for (auto& a : args)
         argv.push_back(a.data());

@@ -17,7 +17,11 @@
 // changes nothing but its own audit record. Each firing is audited (`hook`,
 // with the hook as written and its outcome); a command gets 30 s, then
 // SIGKILL. It runs with a minimal environment: PATH, and VAULTFS_VAULT,
-// VAULTFS_NAME, VAULTFS_KIND (secret or certificate), VAULTFS_VERSION.
+// VAULTFS_NAME, VAULTFS_KIND (secret, key or certificate), VAULTFS_VERSION,
+// VAULTFS_EVENT (change, near_expiry or expired).
+//
+// `on_expiry` lines (same syntax) are fired by the expiry watch's events
+// (monitor/expiry.hpp), handed to the runner with expiry_event().
 #pragma once
 
 #include <sys/types.h>
@@ -67,12 +71,20 @@ class Runner {
 public:
     // Fires `hooks` for changes made after `since` (a restart passes on
     // where the previous process was).
-    Runner(std::vector<Hook> hooks, Store& store, audit::Log& audit, Micros since);
+    Runner(std::vector<Hook> hooks, std::vector<Hook> expiry_hooks, Store& store, audit::Log& audit, Micros since);
     ~Runner();
     Runner(const Runner&) = delete;
     Runner& operator=(const Runner&) = delete;
     // Changes up to here have been fired (for the next process of a restart).
     Micros seen() const { return seen_.load(); }
+
+    // Fires the `on_expiry` hooks matching an expiry event, on the runner's
+    // thread. `name` as the mount shows it (.certs/NAME for a certificate).
+    struct Event {
+        std::string vault, name, kind, event;
+        std::uint64_t version = 0;
+    };
+    void expiry_event(Event event);
 
 private:
     struct Running {
@@ -85,12 +97,14 @@ private:
     };
     void run();
     void look();
-    void fire(const Hook& hook, const Change& change);
+    void fire(const Hook& hook, const Event& event);
     void reap(bool all);
     void record(const std::string& spec, const std::string& vault, const std::string& name, std::uint64_t version,
                 bool ok, const std::string& outcome);
 
     const std::vector<Hook> hooks_;
+    const std::vector<Hook> expiry_hooks_;
+    std::vector<Event> pending_;  // expiry events to fire
     Store& store_;
     audit::Log& audit_;
     std::atomic<Micros> seen_;
