@@ -15,6 +15,7 @@
 
 #include "fs/control_protocol.hpp"
 #include "fs/filesystem.hpp"
+#include "fs/monitor.hpp"
 #include "hsm/secure_buffer.hpp"
 
 namespace vaultfs::fs {
@@ -391,32 +392,37 @@ json ControlServer::dispatch(const vault::Caller& caller, const std::string& tex
         const auto stats = service.dek_cache().stats();
         const auto audit = service.audit_log().stats();
         auto vaults = service.store().vaults();
-        return json{{"ok", true},
-                    {"result",
-                     json{{"mounted", true},
-                          {"mountpoint", mountpoint_},
-                          {"state", state_.config.state_dir},
-                          {"token", token ? std::string("ok") : "failing: " + token.error().message},
-                          {"token_name", state_.keys->profile().name()},
-                          {"token_seal", std::string(hsm::to_string(state_.keys->schemes().seal))},
-                          {"token_signature", std::string(hsm::to_string(state_.keys->schemes().signature))},
-                          {"audit", audit_state},
-                          {"audit_records", audit.last_seq},
-                          {"audit_refusals_coalesced", audit.coalesced},
-                          {"audit_records_dropped", audit.dropped},
-                          {"audit_disk_below_reserve", audit.low_space},
-                          {"vaults", vaults ? static_cast<std::int64_t>(vaults->size()) : -1},
-                          {"store", service.store().path()},
-                          {"store_fresh", service.store().fresh() ? std::string("ok")
-                                                                  : "failing: " + service.store().fresh().error().message},
-                          {"store_revision", service.store().revision()},
-                          {"open_handles", filesystem_.open_handles()},
-                          {"dek_cache",
-                           json{{"enabled", service.dek_cache().enabled()},
-                                {"hits", stats.hits},
-                                {"misses", stats.misses},
-                                {"entries", stats.entries}}},
-                          {"locked_memory_bytes", hsm::secure_heap_used()}}}};
+        json result{{"mounted", true},
+                {"mountpoint", mountpoint_},
+                {"state", state_.config.state_dir},
+                {"token", token ? std::string("ok") : "failing: " + token.error().message},
+                {"token_name", state_.keys->profile().name()},
+                {"token_seal", std::string(hsm::to_string(state_.keys->schemes().seal))},
+                {"token_signature", std::string(hsm::to_string(state_.keys->schemes().signature))},
+                {"audit", audit_state},
+                {"audit_records", audit.last_seq},
+                {"audit_refusals_coalesced", audit.coalesced},
+                {"audit_records_dropped", audit.dropped},
+                {"audit_disk_below_reserve", audit.low_space},
+                {"vaults", vaults ? static_cast<std::int64_t>(vaults->size()) : -1},
+                {"store", service.store().path()},
+                {"store_fresh", service.store().fresh() ? std::string("ok")
+                                                        : "failing: " + service.store().fresh().error().message},
+                {"store_revision", service.store().revision()},
+                {"open_handles", filesystem_.open_handles()},
+                {"dek_cache",
+                 json{{"enabled", service.dek_cache().enabled()},
+                      {"hits", stats.hits},
+                      {"misses", stats.misses},
+                      {"entries", stats.entries}}},
+                {"locked_memory_bytes", hsm::secure_heap_used()}};
+        add_health(state_, result);
+        return json{{"ok", true}, {"result", std::move(result)}};
+    }
+    case C::metrics: {
+        if (auto a = service.audit_management(caller, "metrics", "", true, "admin"); !a)
+            return failure(a.error(), "the metrics");
+        return json{{"ok", true}, {"result", render_metrics(state_, filesystem_)}};
     }
     case C::backup: {
         auto doc = service.backup(caller, request->vault,

@@ -21,6 +21,7 @@ constexpr std::pair<const char*, ControlRequest::Command> commands[] = {
     {"policy_reset", ControlRequest::Command::policy_reset},
     {"policy_set", ControlRequest::Command::policy_set},
     {"object", ControlRequest::Command::object},
+    {"metrics", ControlRequest::Command::metrics},
 };
 
 }  // namespace

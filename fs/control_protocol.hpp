@@ -3,7 +3,7 @@
 // mistyped fields are errors). The libFuzzer target drives parse_request.
 //
 //   {"cmd":"vault_create","vault":"payments","retention_days":30,"purge_protection":true}
-//   {"cmd":"vault_show","vault":"payments"}   {"cmd":"vault_list"}   {"cmd":"status"}
+//   {"cmd":"vault_show","vault":"payments"}   {"cmd":"vault_list"}   {"cmd":"status"}   {"cmd":"metrics"}
 //   {"cmd":"backup","vault":"payments","secret":"db-password"}   (secret optional)
 //   {"cmd":"restore","backup":"<backup document>","into":"payments2"}   (into optional)
 //   {"cmd":"policy_reset","vault":"payments","owner":1001}   (owner optional: the caller)
@@ -37,7 +37,8 @@ struct ControlRequest {
         restore,
         policy_reset,
         policy_set,
-        object
+        object,
+        metrics
     };
     Command command = Command::status;
     std::string vault;

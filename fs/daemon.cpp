@@ -32,6 +32,7 @@
 
 #include "fs/control.hpp"
 #include "fs/filesystem.hpp"
+#include "fs/monitor.hpp"
 #include "fs/restart/channel.hpp"
 #include "fs/restart/device_io.hpp"
 #include "fs/restart/supervisor.hpp"
@@ -261,12 +262,17 @@ bool clean_stale_mount(const std::string& mountpoint, std::string& error)
 // Periodic housekeeping: expired DEKs out of locked memory and idle
 // staging files (every second), the automatic purge of soft-deleted
 // secrets whose retention has ended (every purge_interval), and key
-// rotation and certificate renewal policies (every object_policy_interval).
+// rotation and certificate renewal policies (every object_policy_interval),
+// expiry warnings (every expiry_check_interval), and the metrics textfile
+// (every metrics_interval).
 class Maintenance {
 public:
-    Maintenance(vault::State& state, Filesystem& filesystem)
-        : state_(state), filesystem_(filesystem), thread_([this] { run(); })
+    Maintenance(vault::State& state, Filesystem& filesystem, vault::hooks::Runner* hooks)
+        : state_(state), filesystem_(filesystem)
     {
+        if (hooks)
+            state_.expiry->on_event([hooks](vault::hooks::Runner::Event e) { hooks->expiry_event(std::move(e)); });
+        thread_ = std::thread([this] { run(); });
     }
     ~Maintenance()
     {
@@ -283,6 +289,8 @@ private:
     {
         auto next_purge = std::chrono::steady_clock::now();
         auto next_objects = std::chrono::steady_clock::now();
+        auto next_expiry = std::chrono::steady_clock::now();
+        auto next_metrics = std::chrono::steady_clock::now();
         std::unique_lock lock(mutex_);
         while (!stop_) {
             cv_.wait_for(lock, std::chrono::seconds(1));
@@ -308,11 +316,27 @@ private:
                 if (auto n = state_.certificates->run_policies(now); !n)
                     spdlog::error("certificate renewals failed: {}", n.error().message);
             }
+            if (leader && std::chrono::steady_clock::now() >= next_expiry) {
+                next_expiry = std::chrono::steady_clock::now() + state_.config.expiry_check_interval;
+                if (auto n = state_.expiry->run(vault::now_micros()); !n)
+                    spdlog::error("expiry warnings failed: {}", n.error().message);
+            }
+            if (!state_.config.metrics_textfile.empty() && std::chrono::steady_clock::now() >= next_metrics) {
+                next_metrics = std::chrono::steady_clock::now() + state_.config.metrics_interval;
+                const std::string path = state_.config.path_of(state_.config.metrics_textfile);
+                if (auto w = write_metrics_textfile(path, render_metrics(state_, filesystem_)); !w && !textfile_failing_) {
+                    spdlog::error("metrics textfile: {}", w.error().message);
+                    textfile_failing_ = true;
+                } else if (w) {
+                    textfile_failing_ = false;
+                }
+            }
             lock.lock();
         }
     }
     vault::State& state_;
     Filesystem& filesystem_;
+    bool textfile_failing_ = false;  // said once, until it works again
     std::mutex mutex_;
     std::condition_variable cv_;
     bool stop_ = false;
@@ -497,9 +521,9 @@ int serve(Serving& s, StartupChannel& channel, std::optional<std::string> takeov
     if (!control)
         spdlog::error("management commands are unavailable: {}", control.error().message);
     std::unique_ptr<vault::hooks::Runner> hooks;
-    if (!state.config.on_change.empty())
-        hooks = std::make_unique<vault::hooks::Runner>(state.config.on_change, *state.store, *state.audit,
-                                                       s.hooks_since);
+    if (!state.config.on_change.empty() || !state.config.on_expiry.empty())
+        hooks = std::make_unique<vault::hooks::Runner>(state.config.on_change, state.config.on_expiry, *state.store,
+                                                       *state.audit, s.hooks_since);
     if (takeover_note)
         (void)restart::send_message(
             s.supervisor, restart::Message{"serving", {{"handles", std::to_string(s.filesystem->open_handles())}}, {}});
@@ -509,7 +533,7 @@ int serve(Serving& s, StartupChannel& channel, std::optional<std::string> takeov
     std::string exported;
     {
         SupervisorLink link(s);
-        Maintenance maintenance(state, *s.filesystem);
+        Maintenance maintenance(state, *s.filesystem, hooks.get());
         fuse_loop_config* cfg = fuse_loop_cfg_create();
         fuse_loop_cfg_set_max_threads(cfg, threads);
         // Keep every worker: letting idle ones exit means creating threads again

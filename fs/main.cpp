@@ -17,6 +17,7 @@
 #include <sstream>
 
 #include "fs/cli_hosts.hpp"
+#include "fs/cli_monitor.hpp"
 #include "fs/cli_objects.hpp"
 #include "fs/control.hpp"
 #include "fs/control_protocol.hpp"
@@ -66,9 +67,10 @@ std::string read_file(const std::string& path)
     return ss.str();
 }
 
-int run_verify(const std::string& state, std::vector<std::string> files, std::string public_key)
+int run_verify(const std::string& state, std::vector<std::string> files, std::string public_key, bool slice)
 {
     vault::audit::VerifyOptions options;
+    options.slice = slice;
     std::string pem;
     std::vector<std::string> key_problems;
     std::vector<std::string> notes;
@@ -80,19 +82,22 @@ int run_verify(const std::string& state, std::vector<std::string> files, std::st
         if (!config)
             return fail(config.error().message);
         const std::string live_file = config->path_of(config->audit_file);
-        if (files.empty())
+        if (files.empty() && !slice)
             files.push_back(live_file);
         if (const auto daemon = vault::StateLock::holder(dir))
             notes.push_back("the daemon (pid " + std::to_string(*daemon) + ") is running");
-        auto store = vault::Store::open(config->store_location(), vault::Store::Mode::read_only,
-                                        vault::store_options(*config, false));
-        if (!store)
-            return fail(store.error().message);
-        auto a = (*store)->audit_anchor();
-        if (!a)
-            return fail(a.error().message);
-        options.anchor = *a;
-        options.anchor_expected = true;
+        // A slice is checked by its signatures alone: the anchor is the live file's.
+        if (!slice) {
+            auto store = vault::Store::open(config->store_location(), vault::Store::Mode::read_only,
+                                            vault::store_options(*config, false));
+            if (!store)
+                return fail(store.error().message);
+            auto a = (*store)->audit_anchor();
+            if (!a)
+                return fail(a.error().message);
+            options.anchor = *a;
+            options.anchor_expected = true;
+        }
         // The key file is a copy; the token holds the key itself.
         const std::string file_pem = read_file(config->path_of(config->audit_public_key));
         if (public_key.empty()) {
@@ -111,7 +116,7 @@ int run_verify(const std::string& state, std::vector<std::string> files, std::st
         }
     }
     if (files.empty())
-        return fail("name audit files, or a state directory with --state");
+        return fail(slice ? "name the slice file to check" : "name audit files, or a state directory with --state");
     if (pem.empty()) {
         if (public_key.empty())
             return fail("--public-key is needed without --state");
@@ -121,10 +126,13 @@ int run_verify(const std::string& state, std::vector<std::string> files, std::st
     }
 
     const auto report = vault::audit::verify_files(files, pem, options);
+    // A slice is about itself: not about the daemon, nor the trail's end.
     for (const auto& n : notes)
-        std::printf("note: %s\n", n.c_str());
+        if (!slice)
+            std::printf("note: %s\n", n.c_str());
     for (const auto& w : report.warnings)
-        std::printf("warning: %s\n", w.c_str());
+        if (!slice || w.find("shutdown record") == std::string::npos)
+            std::printf("warning: %s\n", w.c_str());
     for (const auto& b : report.breaks)
         std::printf("break: %s\n", b.c_str());
     const bool ok = report.ok && key_problems.empty();
@@ -141,6 +149,12 @@ int run_verify(const std::string& state, std::vector<std::string> files, std::st
                            : "unsigned tail: " + std::to_string(report.unsigned_tail) + " record(s) over " +
                                  std::to_string(report.tail_seconds) + " s after the signature at seq " +
                                  std::to_string(report.last_signed_seq);
+    if (slice) {
+        std::printf("OK: slice of %llu records, %llu signed, chain intact from its first signature to its last\n",
+                    static_cast<unsigned long long>(report.records),
+                    static_cast<unsigned long long>(report.signed_records));
+        return 0;
+    }
     std::printf("OK: %llu records, %llu signed, chain intact%s; %s\n", static_cast<unsigned long long>(report.records),
                 static_cast<unsigned long long>(report.signed_records),
                 options.anchor ? ", reaches the signed database anchor" : "", tail.c_str());
@@ -179,11 +193,14 @@ std::string default_state()
     return env != nullptr && *env != '\0' ? env : "/var/lib/vaultfs";
 }
 
-// `vaultfs status`, for people: one line per part, problems said plainly.
+// `vaultfs status`, for people: the verdict on one line, then one line per
+// part, problems said plainly.
 int print_status(const nlohmann::json& r)
 {
     const auto text = [&](const char* key) { return r.value(key, std::string("?")); };
     const auto number = [&](const char* key) { return r.value(key, std::int64_t{-1}); };
+    const fs::Health health = fs::health_of(r);
+    std::printf("%s\n", health.line.c_str());
     std::printf("vaultfs: serving %s at %s\n", text("state").c_str(), text("mountpoint").c_str());
     std::printf("token:   %s\n", text("token").c_str());
     std::printf("         %s; DEKs sealed with %s, audit signed with %s\n", text("token_name").c_str(),
@@ -200,7 +217,19 @@ int print_status(const nlohmann::json& r)
                 static_cast<long long>(dek.value("hits", std::int64_t{0})),
                 static_cast<long long>(dek.value("misses", std::int64_t{0})));
     std::printf("locked memory: %lld bytes in use\n", static_cast<long long>(number("locked_memory_bytes")));
-    return 0;
+    std::printf("expiry:  %lld expiring within %lld days, %lld expired\n", static_cast<long long>(number("expiring_soon")),
+                static_cast<long long>(number("expiry_lead_days")), static_cast<long long>(number("expired")));
+    if (r.contains("feed_staleness_ms"))
+        std::printf("feed:    confirmed %lld ms ago (bound %lld ms)\n", static_cast<long long>(number("feed_staleness_ms")),
+                    static_cast<long long>(number("staleness_bound_ms")));
+    if (r.contains("shipping")) {
+        const auto& s = r["shipping"];
+        std::printf("shipping: to %s, %lld sent, %lld dropped, %lld queued, %lld errors\n",
+                    s.value("target", std::string("?")).c_str(), static_cast<long long>(s.value("shipped", 0LL)),
+                    static_cast<long long>(s.value("dropped", 0LL)), static_cast<long long>(s.value("queued", 0LL)),
+                    static_cast<long long>(s.value("errors", 0LL)));
+    }
+    return health.code;
 }
 
 // `vaultfs policy check FILE`: the checks a write of the policy makes, here.
@@ -284,6 +313,10 @@ int main(int argc, char** argv)
                        "nor --public-key: $VAULTFS_STATE or /var/lib/vaultfs)");
     verify->add_option("--public-key", public_key, "PEM public key (default: the state's)");
     verify->add_option("files", audit_files, "Audit files, oldest first (default: the state's)");
+    bool verify_slice = false;
+    verify->add_flag("--slice", verify_slice,
+                     "The file is a slice `audit export` wrote: trust starts at its first signature, and it must end "
+                     "with one");
 
     // The management plane: these talk to the running daemon.
     std::string mstate = default_state();
@@ -342,6 +375,7 @@ int main(int argc, char** argv)
                         "NAME=VALUE set before the target module loads, and kept in vaultfs.conf (e.g. SOFTHSM2_CONF=...)");
     fs::ObjectCommands object_commands(app, default_state());
     fs::HostCommands host_commands(app, default_state());
+    fs::MonitorCommands monitor_commands(app, *audit, default_state());
     std::string socket;
     for (auto* sub : {vault_create, vault_show, vault_list, status, backup, restore, policy_reset, policy_set}) {
         sub->add_option("--state", mstate, "State directory (default: $VAULTFS_STATE or /var/lib/vaultfs)");
@@ -395,11 +429,15 @@ int main(int argc, char** argv)
         // Files (or a public key) alone: a copy shipped elsewhere, checked by itself.
         if (verify_state.empty() && audit_files.empty() && public_key.empty())
             verify_state = default_state();
-        return run_verify(verify_state, audit_files, public_key);
+        if (verify_slice && verify_state.empty() && public_key.empty())
+            verify_state = default_state();  // the state's key
+        return run_verify(verify_state, audit_files, public_key, verify_slice);
     }
     if (*policy_check)
         return run_policy_check(policy_file);
     if (auto rc = host_commands.run(manage))
+        return *rc;
+    if (auto rc = monitor_commands.run(manage))
         return *rc;
     if (auto rc = object_commands.run(manage))
         return *rc;
@@ -428,10 +466,19 @@ int main(int argc, char** argv)
         });
     }
     if (*status) {
+        // Exit codes for monitoring checks (fs/cli_monitor.hpp Health): 0 OK,
+        // 1 warning, 2 critical, 3 unknown (no daemon answered).
         request.command = C::status;
-        return manage(mstate, socket, request, [&](const nlohmann::json& reply) {
-            return status_json ? print_json(reply["result"]) : print_status(reply["result"]);
+        bool answered = false;
+        const int rc = manage(mstate, socket, request, [&](const nlohmann::json& reply) {
+            answered = true;
+            const auto& result = reply["result"];
+            if (!status_json)
+                return print_status(result);
+            (void)print_json(result);
+            return fs::health_of(result).code;
         });
+        return answered ? rc : 3;
     }
     if (*policy_set) {
         request.command = C::policy_set;
