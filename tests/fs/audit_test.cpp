@@ -179,6 +179,10 @@ TEST_CASE("disk full: reads fail with EIO and serve nothing, and recover", "[fs]
     CHECK(denied.data.empty());
     CHECK(write_file(m.path("full/s"), "new").err == EIO);
     CHECK(m.daemon_stderr().find("audit") != std::string::npos);
+    // A monitoring check sees it: critical, exit 2, and why.
+    const auto status = shell(m.binary + " status --state " + m.state);
+    CHECK(status.err == 2);
+    CHECK(status.data.rfind("vaultfs CRITICAL: audit failing: ", 0) == 0);
 
     // The daemon survived and serves again once there is room.
     std::filesystem::remove(tmpfs.path() + "/filler");

@@ -297,6 +297,19 @@ TEST_CASE("PostgreSQL stopped: reads fail closed after the bound, audited, and r
     REQUIRE(make_dir(alpha.mount.path("payments")).err == 0);
     REQUIRE(write_file(alpha.mount.path("payments/db"), "value").err == 0);
     CHECK(ok(read_file(alpha.mount.path("payments/db"))) == "value");
+    // Monitoring: the feed's staleness as a metric, and the status verdict.
+    const auto gauge = [&](const std::string& name) -> double {
+        const auto text = alpha.cli("metrics").data;
+        const auto at = text.find("\n" + name + " ");
+        return at == std::string::npos ? -1 : std::stod(text.substr(at + name.size() + 2));
+    };
+    const double fresh_age = gauge("vaultfs_feed_staleness_seconds");
+    CHECK(fresh_age >= 0);
+    CHECK(fresh_age < 2.0);
+    CHECK(gauge("vaultfs_store_up") == 1);
+    const auto healthy = alpha.cli("status");
+    CHECK(healthy.err == 0);
+    CHECK(healthy.data.rfind("vaultfs OK: token ok, audit ok, store ok, feed ", 0) == 0);
 
     pg.stop(true);  // -m immediate
     const auto stopped = Clock::now();
@@ -316,11 +329,19 @@ TEST_CASE("PostgreSQL stopped: reads fail closed after the bound, audited, and r
     CHECK((reason.find("staleness bound 2000 ms") != std::string::npos ||
            reason.find("PostgreSQL") != std::string::npos));
     CHECK(write_file(alpha.mount.path("payments/db"), "while down").err != 0);
+    // (A read may fail at once, its session gone; freshness lapses at the bound.)
+    CHECK(within(milliseconds(5000), [&] {
+        return gauge("vaultfs_store_up") == 0 && gauge("vaultfs_feed_staleness_seconds") > 2.0;
+    }));
+    const auto down = alpha.cli("status");
+    CHECK(down.err == 2);
+    CHECK(down.data.rfind("vaultfs CRITICAL: store failing: ", 0) == 0);
 
     REQUIRE(pg.start());
     CHECK(within(milliseconds(15000), [&] { return read_file(alpha.mount.path("payments/db")).data == "value"; }));
     CHECK(within(milliseconds(5000), [&] { return write_file(alpha.mount.path("payments/db"), "after").err == 0; }));
     CHECK(ok(read_file(alpha.mount.path("payments/db"))) == "after");
+    CHECK(alpha.cli("status").err == 0);
 }
 
 TEST_CASE("failover: the primary killed, the synchronous standby promoted, every acknowledged write is there",

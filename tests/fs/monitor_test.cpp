@@ -310,6 +310,13 @@ TEST_CASE("expiry warnings: one event per lead time reached and one at expiry, a
     REQUIRE(set_xattr(m.path("expiring/week"), "user.vault.expires", rfc3339(now + 3 * 86400)).err == 0);
     const std::time_t soon = now + 4;
     REQUIRE(set_xattr(m.path("expiring/now"), "user.vault.expires", rfc3339(soon)).err == 0);
+    // A key and a certificate: their current versions' expiries too.
+    REQUIRE(shell(m.binary + " key create expiring/signer --type ec-p256 --expires-after 3d --state " + m.state +
+                  " >/dev/null")
+                .err == 0);
+    REQUIRE(shell(m.binary + " cert create expiring/web --subject CN=web.test --days 20 --key ec-p256 --state " +
+                  m.state + " >/dev/null")
+                .err == 0);
 
     const auto events = [&] {
         std::vector<nlohmann::json> r;
@@ -318,8 +325,10 @@ TEST_CASE("expiry warnings: one event per lead time reached and one at expiry, a
                 r.push_back(rec);
         return r;
     };
-    REQUIRE(eventually(20, [&] { return events().size() == 4; }));
-    REQUIRE(eventually(20, [&] { return events().size() == 4 && std::time(nullptr) > soon + 1; }));
+    const bool all_six = eventually(20, [&] { return events().size() == 6; });
+    INFO(nlohmann::json(events()).dump(1) << "\n" << m.daemon_stderr());
+    REQUIRE(all_six);
+    REQUIRE(eventually(20, [&] { return events().size() == 6 && std::time(nullptr) > soon + 1; }));
     std::this_thread::sleep_for(std::chrono::milliseconds(1500));  // a round after expiry
     const auto all = events();
     std::map<std::string, std::vector<std::string>> by;
@@ -339,30 +348,40 @@ TEST_CASE("expiry warnings: one event per lead time reached and one at expiry, a
     REQUIRE(by["now"].size() == 2);
     CHECK(by["now"][0].find("within the 7-day warning") != std::string::npos);
     CHECK(by["now"][1].find("expired: expired at ") == 0);
+    REQUIRE(by[".keys/signer"].size() == 1);
+    CHECK(by[".keys/signer"][0].find("within the 7-day warning") != std::string::npos);
+    REQUIRE(by[".certs/web"].size() == 1);
+    CHECK(by[".certs/web"][0].find("within the 30-day warning") != std::string::npos);
     CHECK(m.daemon_stderr().find("expiry: secret expiring/now version 1 expired at") != std::string::npos);
-    REQUIRE(eventually(10, [&] { return lines_of(slurp(fired)).size() == 4; }));
+    REQUIRE(eventually(10, [&] { return lines_of(slurp(fired)).size() == 6; }));
     const auto hooked = slurp(fired);
     CHECK(hooked.find("near_expiry secret month\n") != std::string::npos);
     CHECK(hooked.find("near_expiry secret week\n") != std::string::npos);
     CHECK(hooked.find("expired secret now\n") != std::string::npos);
+    CHECK(hooked.find("near_expiry key signer\n") != std::string::npos);
+    CHECK(hooked.find("near_expiry certificate web\n") != std::string::npos);
     const auto metrics = shell(m.binary + " metrics --state " + m.state).data;
     CHECK(metric(metrics, R"(vaultfs_expiry_events_total{kind="secret",event="near_expiry"})") == 3);
     CHECK(metric(metrics, R"(vaultfs_expiry_events_total{kind="secret",event="expired"})") == 1);
-    CHECK(metric(metrics, "vaultfs_expiring_soon") == 2);
+    CHECK(metric(metrics, R"(vaultfs_expiry_events_total{kind="key",event="near_expiry"})") == 1);
+    CHECK(metric(metrics, R"(vaultfs_expiry_events_total{kind="certificate",event="near_expiry"})") == 1);
+    CHECK(metric(metrics, R"(vaultfs_expiry_timestamp_seconds{vault="expiring",name="web",kind="certificate"})")
+              .value_or(0) > static_cast<double>(now + 19 * 86400));
+    CHECK(metric(metrics, "vaultfs_expiring_soon") == 4);
     CHECK(metric(metrics, "vaultfs_expired") == 1);
 
     // The monitoring check: a warning, exit 1.
     const auto status = shell(m.binary + " status --state " + m.state);
     CHECK(status.err == 1);
-    CHECK(status.data.rfind("vaultfs WARNING: 1 expired; 2 expiring within 30 days\n", 0) == 0);
+    CHECK(status.data.rfind("vaultfs WARNING: 1 expired; 4 expiring within 30 days\n", 0) == 0);
 
     // A restart sends nothing again; a new version with a near expiry does.
     REQUIRE(shell(m.binary + " restart --state " + m.state).err == 0);
     std::this_thread::sleep_for(std::chrono::seconds(3));
-    CHECK(events().size() == 4);
+    CHECK(events().size() == 6);
     REQUIRE(write_file(m.path("expiring/week"), "w2").err == 0);
     REQUIRE(set_xattr(m.path("expiring/week"), "user.vault.expires", rfc3339(now + 2 * 86400)).err == 0);
-    REQUIRE(eventually(10, [&] { return events().size() == 5; }));
+    REQUIRE(eventually(10, [&] { return events().size() == 7; }));
     CHECK(events().back()["secret"] == "week");
     CHECK(events().back()["version"] == 2);
 }

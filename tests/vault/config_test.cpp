@@ -78,6 +78,19 @@ void check_same(const Config& a, const Config& b)
     CHECK(a.secure_heap_kib == b.secure_heap_kib);
     CHECK(a.retention_day_ms == b.retention_day_ms);
     CHECK(a.purge_interval == b.purge_interval);
+    CHECK(a.audit_syslog.has_value() == b.audit_syslog.has_value());
+    if (a.audit_syslog && b.audit_syslog) {
+        CHECK(a.audit_syslog->host == b.audit_syslog->host);
+        CHECK(a.audit_syslog->port == b.audit_syslog->port);
+        CHECK(a.audit_syslog->transport == b.audit_syslog->transport);
+    }
+    CHECK(a.audit_syslog_facility == b.audit_syslog_facility);
+    CHECK(a.audit_syslog_queue == b.audit_syslog_queue);
+    CHECK(a.metrics_textfile == b.metrics_textfile);
+    CHECK(a.metrics_interval == b.metrics_interval);
+    CHECK(a.expiry_warn_days == b.expiry_warn_days);
+    CHECK(a.expiry_check_interval == b.expiry_check_interval);
+    CHECK(a.on_expiry.size() == b.on_expiry.size());
 }
 
 TEST_CASE("parse_config reads back what render_config wrote", "[config]")
@@ -109,7 +122,18 @@ TEST_CASE("parse_config reads back what render_config wrote", "[config]")
         c.secure_heap_kib = 1024;
         c.retention_day_ms = 1500;
         c.purge_interval = std::chrono::seconds(5);
-        check_same(parsed(render_config(c), c.state_dir), c);
+        c.audit_syslog = audit::SyslogTarget{audit::SyslogTarget::Transport::tcp, "::1", "6514"};
+        c.audit_syslog_facility = 4;  // auth
+        c.audit_syslog_queue = 50;
+        c.metrics_textfile = "/var/lib/prometheus/node-exporter/vaultfs.prom";
+        c.metrics_interval = std::chrono::seconds(30);
+        c.expiry_warn_days = {60, 14, 1};
+        c.expiry_check_interval = std::chrono::seconds(600);
+        c.on_expiry = {*hooks::parse("*/* signal /run/nginx.pid SIGHUP")};
+        const std::string text = render_config(c);
+        CHECK(text.find("audit_syslog = tcp:[::1]:6514\n") != std::string::npos);
+        CHECK(text.find("expiry_warn_days = 60,14,1\n") != std::string::npos);
+        check_same(parsed(text, c.state_dir), c);
     }
     SECTION("the defaults, with only the module set")
     {
@@ -161,6 +185,15 @@ TEST_CASE("each configuration error names its line", "[config]")
         {module + "just some words\n", 2, "key = value"},
         {module + "database =\n", 2, "no value"},
         {module + "token_label = " + std::string(33, 'L') + "\n", 2, "token_label"},
+        {module + "audit_syslog = smtp:host:25\n", 2, "unknown transport"},
+        {module + "audit_syslog = udp:host\n", 2, "no port"},
+        {module + "audit_syslog = tcp:host:70000\n", 2, "the port is not 1-65535"},
+        {module + "audit_syslog_facility = local9\n", 2, "unknown syslog facility 'local9'"},
+        {module + "audit_syslog_queue = 0\n", 2, "audit_syslog_queue"},
+        {module + "metrics_textfile = /tmp/vaultfs.txt\n", 2, "must end in .prom"},
+        {module + "expiry_warn_days = 30,,7\n", 2, "expiry_warn_days"},
+        {module + "expiry_warn_days = 0\n", 2, "expiry_warn_days"},
+        {module + "on_expiry = */* teleport\n", 2, "line 2"},
     };
     for (const auto& c : cases) {
         const Error e = parse_error(c.text);

@@ -91,9 +91,14 @@ std::string denial_reason(std::string_view rule)
 {
     if (std::find(own_rules.begin(), own_rules.end(), rule) != own_rules.end())
         return std::string(rule);
+    // A policy line as the audit names it: "3: deny uid:7 get".
+    if (const auto colon = rule.find(": "); colon != std::string_view::npos && colon > 0 &&
+                                            rule.find_first_not_of("0123456789") == colon)
+        rule.remove_prefix(colon + 2);
     if (rule.starts_with("deny"))
         return "deny-rule";
-    if (rule.starts_with("needs ") || rule.find(" or ") != std::string_view::npos)
+    // An allow line without the permission, or the permission a refusal names.
+    if (rule.starts_with("allow") || rule.starts_with("needs ") || rule.find(" or ") != std::string_view::npos)
         return "missing-permission";
     return rule.empty() ? "unknown" : "other";
 }

@@ -5,6 +5,11 @@
 
 #include <spdlog/spdlog.h>
 
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <tuple>
+
 #include "vault/store/feed.hpp"
 #include "vault/store/integrity_stamp.hpp"
 #include "vault/store/postgresql.hpp"
@@ -607,26 +612,46 @@ Result<std::vector<Change>> Store::changes_since(Micros since, std::size_t limit
 
 Result<std::vector<Expiring>> Store::expiring()
 {
-    return with_reader([&](db::Connection& c) {
-        return collect<Expiring>(
+    auto rows = with_reader([&](db::Connection& c) {
+        return collect<std::pair<Expiring, std::string>>(
             c,
-            "SELECT * FROM ("
-            "SELECT 0, v.name, s.name, ver.version, ver.id, ver.expires FROM secrets s "
+            "SELECT 0, v.name, s.name, ver.version, ver.id, ver.expires, '' FROM secrets s "
             "JOIN vaults v ON v.id = s.vault_id JOIN versions ver ON ver.secret_id = s.id "
             "WHERE s.deleted_at IS NULL AND ver.expires IS NOT NULL AND ver.version = "
             "(SELECT MAX(x.version) FROM versions x WHERE x.secret_id = s.id AND x.enabled = 1) "
             "UNION ALL "
-            "SELECT o.kind, v.name, o.name, ov.version, ov.id, ov.expires FROM objects o "
+            // A certificate's expiry is its not_after, in the version's body.
+            "SELECT o.kind, v.name, o.name, ov.version, ov.id, ov.expires, "
+            "CASE WHEN o.kind = ?1 THEN ov.body ELSE '' END FROM objects o "
             "JOIN vaults v ON v.id = o.vault_id JOIN object_versions ov ON ov.object_id = o.id "
-            "WHERE ov.expires IS NOT NULL AND ov.version = "
-            "(SELECT MAX(y.version) FROM object_versions y WHERE y.object_id = o.id AND y.enabled = 1)"
-            ") AS e ORDER BY 6, 2, 3",
-            [](db::Query&) {},
+            "WHERE (ov.expires IS NOT NULL OR o.kind = ?1) AND ov.version = "
+            "(SELECT MAX(y.version) FROM object_versions y WHERE y.object_id = o.id AND y.enabled = 1)",
+            [](db::Query& q) { q.bind(1, static_cast<std::int64_t>(ObjectKind::certificate)); },
             [](const db::Query& q) {
-                return Expiring{static_cast<Expiring::Kind>(q.int64(0)), q.text(1), q.text(2),
-                                static_cast<std::uint64_t>(q.int64(3)), q.int64(4), q.int64(5)};
+                return std::pair{Expiring{static_cast<Expiring::Kind>(q.int64(0)), q.text(1), q.text(2),
+                                          static_cast<std::uint64_t>(q.int64(3)), q.int64(4),
+                                          q.is_null(5) ? 0 : q.int64(5)},
+                                 q.text(6)};
             });
     });
+    if (!rows)
+        return tl::unexpected(rows.error());
+    std::vector<Expiring> out;
+    for (auto& [e, body] : *rows) {
+        if (e.kind == Expiring::Kind::certificate && !body.empty()) {
+            const auto j = nlohmann::json::parse(body, nullptr, false);
+            if (j.is_object() && j.contains("not_after") && j["not_after"].is_number_integer()) {
+                const Micros not_after = j["not_after"].get<Micros>();
+                e.expires = e.expires == 0 ? not_after : std::min(e.expires, not_after);
+            }
+        }
+        if (e.expires != 0)
+            out.push_back(std::move(e));
+    }
+    std::sort(out.begin(), out.end(), [](const Expiring& a, const Expiring& b) {
+        return std::tie(a.expires, a.vault, a.name) < std::tie(b.expires, b.vault, b.name);
+    });
+    return out;
 }
 
 Result<std::optional<VersionRow>> Store::version_by_id(VersionId id)
