@@ -71,6 +71,13 @@ public:
     }
     int fd() const { return fd_; }
     off_t offset() const { return offset_; }
+    // Reads on from `at` (the file was cut back): what was read past it is gone.
+    void rewind(off_t at)
+    {
+        ::lseek(fd_, at, SEEK_SET);
+        offset_ = at;
+        partial_.clear();
+    }
 
 private:
     int fd_;
@@ -298,9 +305,9 @@ std::optional<int> MonitorCommands::run(const ManageFn& manage)
                 current = std::make_unique<LineReader>(fd);
                 continue;
             }
-        } else if (::stat(live.c_str(), &now_st) == 0 && now_st.st_size < current->offset()) {
+        } else if (struct stat open_st{}; ::fstat(current->fd(), &open_st) == 0 && open_st.st_size < current->offset()) {
             // Cut back (a torn tail truncated at start): read on from there.
-            ::lseek(current->fd(), now_st.st_size, SEEK_SET);
+            current->rewind(open_st.st_size);
         }
         pollfd p{STDOUT_FILENO, 0, 0};
         if (::poll(&p, 1, 200) > 0 && (p.revents & (POLLERR | POLLHUP)) != 0)

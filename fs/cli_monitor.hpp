@@ -29,7 +29,7 @@ private:
 // expired or expires within the longest warning lead, the audit disk below
 // its reserve, the feed past half its staleness bound), 2 critical (the
 // token, the audit trail or the store failing). 3, unknown, is the
-// caller's: the daemon did not answer.
+// caller's: no daemon answered, or it refused the caller.
 struct Health {
     int code = 0;
     std::string line;  // "vaultfs OK: ..." for the first line of the output

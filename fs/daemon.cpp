@@ -282,6 +282,7 @@ public:
         }
         cv_.notify_all();
         thread_.join();
+        state_.expiry->on_event(nullptr);  // the hook runner goes next
     }
 
 private:

@@ -93,7 +93,9 @@ Result<void> replace_file(const std::string& path, const std::string& text, mode
     const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode);
     if (fd < 0)
         return fail(Errc::storage, "cannot create " + tmp + ": " + std::strerror(errno));
-    const bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) && ::fsync(fd) == 0;
+    // The mode as asked, whatever the umask (a metrics textfile is 0644 under the unit's UMask=0077).
+    const bool ok = ::fchmod(fd, mode) == 0 &&
+                    ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) && ::fsync(fd) == 0;
     ::close(fd);
     if (!ok || ::rename(tmp.c_str(), path.c_str()) != 0) {
         ::unlink(tmp.c_str());
@@ -554,6 +556,7 @@ void State::close()
     service.reset();
     object_backup.reset();
     core.reset();
+    expiry.reset();
     if (audit) {
         if (auto r = audit->close(); !r)
             spdlog::error("audit: cannot write the shutdown record: {}", r.error().message);

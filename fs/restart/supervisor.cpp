@@ -302,6 +302,10 @@ void Supervisor::on_exit(pid_t pid, int status)
         return;
     }
     if (next_ && pid == next_->pid) {
+        // Why it refused, if it said so before it went, comes first.
+        drain(pid);
+        if (!next_ || pid != next_->pid)
+            return;
         close_fd(next_->socket);
         next_.reset();
         if (client_ >= 0)

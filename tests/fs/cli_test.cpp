@@ -73,7 +73,7 @@ TEST_CASE("$VAULTFS_STATE stands in for --state in every command", "[fs][cli]")
     CHECK(shell("VAULTFS_STATE=" + other + " " + m.binary + " vault list").data == "elsewhere\n");
 }
 
-TEST_CASE("status is for people (--json for machines), and says what is unhealthy instead of failing", "[fs][cli]")
+TEST_CASE("status is for people (--json for machines), says what is unhealthy, and exits with the verdict", "[fs][cli]")
 {
     TestUser outsider("x");
     Mount m(MountOptions{{}, 8, false});
@@ -84,7 +84,8 @@ TEST_CASE("status is for people (--json for machines), and says what is unhealth
     auto r = shell(m.binary + " status --state " + m.state + " 2>&1");
     INFO(r.data);
     CHECK(r.err == 0);
-    CHECK(r.data.find("vaultfs: serving " + m.state + " at " + m.mountpoint + "\n") == 0);
+    CHECK(r.data.find("vaultfs OK: token ok, audit ok, store ok, 0 expiring within 30 days\nvaultfs: serving " + m.state +
+                      " at " + m.mountpoint + "\n") == 0);
     CHECK(r.data.find("\ntoken:   ok\n") != std::string::npos);
     CHECK(r.data.find("\naudit:   ok (") != std::string::npos);
     r = shell(m.binary + " status --json --state " + m.state);
@@ -93,23 +94,23 @@ TEST_CASE("status is for people (--json for machines), and says what is unhealth
     REQUIRE(j.is_object());
     CHECK(j["audit"] == "ok");
     CHECK(j["mountpoint"] == m.mountpoint);
-    // The audit's disk full: status still answers, and says so.
+    // The audit's disk full: status still answers, and says so (critical: 2).
     REQUIRE(shell("dd if=/dev/zero of=" + tmpfs.path() + "/filler bs=4k 2>/dev/null; true").err == 0);
     r = shell(m.binary + " status --state " + m.state + " 2>&1");
     INFO(r.data);
-    CHECK(r.err == 0);
+    CHECK(r.err == 2);
     CHECK(r.data.find("\naudit:   failing: the disk of the audit log") != std::string::npos);
     std::filesystem::remove(tmpfs.path() + "/filler");
     // Someone who cannot reach the socket is told so, not that no daemon answers.
     const std::string copy = m.root + "/vaultfs";
     r = as(outsider, [&] { return shell(copy + " status --state " + m.state + " 2>&1"); });
-    CHECK(r.err == 1);
+    CHECK(r.err == 3);  // no verdict: unknown
     CHECK(r.data.find("permission denied reaching the control socket " + m.state + "/control.sock") !=
           std::string::npos);
     // No daemon at all: said as such.
     m.stop();
     r = shell(m.binary + " status --state " + m.state + " 2>&1");
-    CHECK(r.err == 1);
+    CHECK(r.err == 3);  // unknown, as a monitoring check reads it
     CHECK(r.data.find("no vaultfs daemon answers on") != std::string::npos);
 }
 

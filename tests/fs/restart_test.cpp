@@ -363,6 +363,7 @@ TEST_CASE("restart: refused while a write is open, or onto a binary that cannot 
         set_schema(5);
         const Outcome o = restart(m);
         INFO(o.data);
+        INFO(m.daemon_stderr());
         CHECK(o.err == 1);
         CHECK(o.data.find("has schema 5, this binary's is 6: a restart cannot change the state's format") !=
               std::string::npos);

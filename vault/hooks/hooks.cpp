@@ -174,16 +174,15 @@ void Runner::run()
         std::vector<Event> events = std::move(pending_);
         pending_.clear();
         lock.unlock();
-        for (const Event& e : events)
-            for (const Hook& h : expiry_hooks_)
-                if (h.matches(e.vault, e.name.starts_with(".certs/") || e.name.starts_with(".keys/")
-                                           ? std::string_view(e.name).substr(e.name.find('/') + 1)
-                                           : std::string_view(e.name)))
-                    fire(h, e);
+        fire_expiry(events);
         reap(false);
         lock.lock();
     }
+    // Expiry events handed over are recorded as sent: fire them before going.
+    std::vector<Event> events = std::move(pending_);
+    pending_.clear();
     lock.unlock();
+    fire_expiry(events);
     reap(true);
 }
 
@@ -207,6 +206,14 @@ void Runner::look()
     }
     seen_.store(newest);
     std::erase_if(fired_, [&](const auto& k) { return std::get<2>(k) < newest - 2 * look_back; });
+}
+
+void Runner::fire_expiry(const std::vector<Event>& events)
+{
+    for (const Event& e : events)
+        for (const Hook& h : expiry_hooks_)  // globs match the name without .keys/ or .certs/
+            if (h.matches(e.vault, e.name.substr(e.name.starts_with(".") ? e.name.find('/') + 1 : 0)))
+                fire(h, e);
 }
 
 void Runner::expiry_event(Event event)

@@ -98,6 +98,7 @@ private:
     void run();
     void look();
     void fire(const Hook& hook, const Event& event);
+    void fire_expiry(const std::vector<Event>& events);
     void reap(bool all);
     void record(const std::string& spec, const std::string& vault, const std::string& name, std::uint64_t version,
                 bool ok, const std::string& outcome);

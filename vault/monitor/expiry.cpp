@@ -4,6 +4,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <limits>
 #include <map>
 
@@ -66,16 +67,23 @@ Result<std::size_t> ExpiryWatch::run(Micros now)
     auto items = store_.expiring();
     if (!items)
         return tl::unexpected(items.error());
-    auto saved = store_.setting(notified_setting);
+    // What any host sent (the rounds move to another host when one goes).
+    auto saved = store_.setting_on_all_hosts(notified_setting);
     if (!saved)
         return tl::unexpected(saved.error());
+    auto mine = store_.setting(notified_setting);
+    if (!mine)
+        return tl::unexpected(mine.error());
     std::map<std::string, std::int64_t> sent;
-    if (*saved) {
-        const auto j = nlohmann::json::parse(**saved, nullptr, false);
+    for (const std::string& text : *saved) {
+        const auto j = nlohmann::json::parse(text, nullptr, false);
         if (j.is_object())
             for (const auto& [k, v] : j.items())
-                if (v.is_number_integer())
-                    sent[k] = v.get<std::int64_t>();
+                if (v.is_number_integer()) {
+                    const auto [it, added] = sent.emplace(k, v.get<std::int64_t>());
+                    if (!added)
+                        it->second = std::min(it->second, v.get<std::int64_t>());  // the furthest along
+                }
     }
     std::map<std::string, std::int64_t> kept;
     std::size_t events = 0;
@@ -122,8 +130,8 @@ Result<std::size_t> ExpiryWatch::run(Micros now)
         changed = true;
         ++events;
     }
-    if (kept.size() != sent.size())
-        changed = true;
+    if (kept.size() != sent.size() || saved->size() > (*mine ? 1u : 0u))
+        changed = true;  // forgotten versions go; another host's record becomes this one's
     if (changed) {
         nlohmann::json j = nlohmann::json::object();
         for (const auto& [k, v] : kept)

@@ -10,8 +10,9 @@
 // metric (vaultfs_expiry_events_total) and the `on_expiry` hooks that match.
 //
 // What was sent is kept in the store (the `expiry_notified` setting, by
-// version), so a restart does not send it again; a new version, or a new
-// expiry on the same one, starts over.
+// version and expiry), so a restart does not send it again, nor another host
+// that takes over the rounds (each reads every host's); a new version, or a
+// new expiry on the same one, starts over.
 #pragma once
 
 #include <cstdint>

@@ -38,7 +38,8 @@ Feed::Feed(std::string conninfo, std::string where, std::chrono::milliseconds bo
       where_(std::move(where)),
       bound_(bound),
       changed_(std::move(changed)),
-      after_(std::move(after))
+      after_(std::move(after)),
+      created_(now_ns())
 {
 }
 
@@ -124,7 +125,7 @@ void Feed::run(std::unique_ptr<FeedConnection> conn)
 std::chrono::milliseconds Feed::age() const
 {
     const std::int64_t at = confirmed_.load();
-    return std::chrono::milliseconds(at == 0 ? now_ns() / 1000000 : (now_ns() - at) / 1000000);
+    return std::chrono::milliseconds((now_ns() - (at == 0 ? created_ : at)) / 1000000);
 }
 
 Result<void> Feed::fresh() const

@@ -42,7 +42,7 @@ public:
     Result<void> start();
 
     Result<void> fresh() const;
-    // Since the last confirmation started (the whole run when none has).
+    // Since the last confirmation started (since this Feed was made when none has).
     std::chrono::milliseconds age() const;
     std::int64_t revision() const { return revision_.load(); }
 
@@ -59,6 +59,7 @@ private:
     std::atomic<std::int64_t> revision_{-1};
     // steady_clock nanoseconds of the last confirmation's start (0: none).
     std::atomic<std::int64_t> confirmed_{0};
+    std::int64_t created_;  // steady_clock nanoseconds
     std::mutex mutex_;
     std::condition_variable stop_cv_;
     bool stop_ = false;

@@ -729,6 +729,15 @@ Result<std::optional<std::string>> Store::setting(std::string_view key)
     });
 }
 
+Result<std::vector<std::string>> Store::setting_on_all_hosts(std::string_view key)
+{
+    return with_reader([&](db::Connection& c) {
+        return collect<std::string>(
+            c, "SELECT value FROM settings WHERE key = ? ORDER BY host", [&](db::Query& q) { q.bind(1, key); },
+            [](const db::Query& q) { return q.text(0); });
+    });
+}
+
 Result<std::optional<AuditAnchor>> Store::audit_anchor()
 {
     return with_reader([&](db::Connection& c) {

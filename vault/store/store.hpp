@@ -396,6 +396,9 @@ public:
 
     // This host's setting.
     Result<std::optional<std::string>> setting(std::string_view key);
+    // The setting's value on every host that has it (several hosts share
+    // what one of them did: monitor/expiry.hpp).
+    Result<std::vector<std::string>> setting_on_all_hosts(std::string_view key);
     // This host's audit anchor.
     Result<std::optional<AuditAnchor>> audit_anchor();
 
