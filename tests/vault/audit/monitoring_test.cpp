@@ -14,6 +14,11 @@
 #include "vault/audit/reader.hpp"
 #include "vault/audit/shipping.hpp"
 #include "vault/monitor/metrics.hpp"
+#include "vault/state.hpp"
+
+#include <sys/stat.h>
+
+#include <filesystem>
 
 namespace vaultfs::vault {
 namespace {
@@ -141,6 +146,20 @@ TEST_CASE("metrics: counters from audit events, denial reasons, escaped labels",
     CHECK(monitor::denial_reason("2: allow group:ops list") == "missing-permission");
     CHECK(monitor::denial_reason("12: deny uid:7 *") == "deny-rule");
     CHECK(monitor::label_value("a\\b\nc") == "a\\\\b\\nc");
+}
+
+TEST_CASE("the metrics textfile's mode is 0644 whatever the umask (the unit's is 0077)", "[monitor][metrics]")
+{
+    std::string dir = (std::filesystem::temp_directory_path() / "vaultfs-prom-XXXXXX").string();
+    REQUIRE(::mkdtemp(dir.data()) != nullptr);
+    const mode_t old = ::umask(0077);
+    const auto r = replace_file(dir + "/vaultfs.prom", "vaultfs_up 1\n", 0644);
+    ::umask(old);
+    REQUIRE(r);
+    struct stat st{};
+    REQUIRE(::stat((dir + "/vaultfs.prom").c_str(), &st) == 0);
+    CHECK((st.st_mode & 0777) == 0644);
+    std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("audit reader: command-line times, filters", "[audit][reader]")
