@@ -15,7 +15,8 @@
 //
 // The audit file stays the record of truth; shipping is best effort. The
 // writer hands each line to a bounded queue and goes on (it never waits on
-// the network); a worker sends. A full queue, or a send that fails, drops
+// the network); a worker sends what has queued up in one go (one send for
+// many records over TCP). A full queue, or a send that fails, drops
 // the record and counts it (metrics), and the worker reconnects at most once
 // a second.
 #pragma once
@@ -31,6 +32,7 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <vector>
 
 #include "vault/error.hpp"
 
@@ -77,7 +79,9 @@ public:
 private:
     void run();
     bool connect_now();
-    bool send_one(const std::string& message);
+    bool send_all(std::string_view data);
+    // Returns how many of `messages` were sent.
+    std::size_t send_batch(const std::vector<std::string>& messages);
 
     const SyslogTarget target_;
     std::string hostname_;
@@ -89,6 +93,7 @@ private:
     std::condition_variable idle_cv_;
     std::deque<std::string> queue_;
     bool sending_ = false;
+    std::size_t in_flight_ = 0;  // taken from the queue, being sent
     bool stop_ = false;
     std::atomic<std::uint64_t> shipped_{0}, dropped_{0}, errors_{0};
     std::thread thread_;
