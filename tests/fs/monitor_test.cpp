@@ -172,8 +172,9 @@ TEST_CASE("audit shipping: every record reaches a real rsyslogd as RFC 5424 with
     CHECK(m.last_audit("get")["secret"] == "after-4");
     REQUIRE(eventually(10, [&] {
         const auto after = shell(m.binary + " metrics --state " + m.state).data;
+        // (The `metrics` request's own record may be waiting for the next batch.)
         return metric(after, "vaultfs_audit_ship_dropped_total").value_or(0) > 0 &&
-               metric(after, "vaultfs_audit_ship_queued") == 0;
+               metric(after, "vaultfs_audit_ship_queued").value_or(99) <= 1;
     }));
     CHECK(m.verify().err == 0);
 }

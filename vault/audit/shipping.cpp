@@ -21,6 +21,11 @@ namespace {
 
 using namespace std::chrono_literals;
 
+// How the sender batches: what has queued up every this long, or as soon as
+// this many records wait.
+constexpr auto batch_interval = 20ms;
+constexpr std::size_t batch_records = 512;
+
 constexpr std::array<std::pair<std::string_view, int>, 16> facilities{{{"kern", 0},
                                                                        {"user", 1},
                                                                        {"daemon", 3},
@@ -229,7 +234,9 @@ void Shipper::enqueue(std::string_view line)
             return;
         }
         queue_.emplace_back(line);
-        wake = !sending_;  // a sender at work takes it with the rest
+        // The sender looks every batch_interval; a full batch wakes it
+        // sooner. No wake-up per record: a reader never pays for one.
+        wake = queue_.size() == batch_records && !sending_;
     }
     if (wake)
         cv_.notify_one();
@@ -244,6 +251,7 @@ Shipper::Stats Shipper::stats() const
 
 bool Shipper::drain(std::chrono::milliseconds timeout)
 {
+    cv_.notify_one();
     std::unique_lock lock(mutex_);
     return idle_cv_.wait_for(lock, timeout, [&] { return queue_.empty() && !sending_; });
 }
@@ -252,9 +260,12 @@ void Shipper::run()
 {
     std::unique_lock lock(mutex_);
     while (true) {
-        cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
-        if (queue_.empty() && stop_)
-            break;
+        cv_.wait_for(lock, batch_interval, [&] { return stop_ || queue_.size() >= batch_records; });
+        if (queue_.empty()) {
+            if (stop_)
+                break;
+            continue;
+        }
         // Everything queued, in one go: one send for many records over TCP.
         std::deque<std::string> batch;
         batch.swap(queue_);

@@ -15,8 +15,9 @@
 //
 // The audit file stays the record of truth; shipping is best effort. The
 // writer hands each line to a bounded queue and goes on (it never waits on
-// the network); a worker sends what has queued up in one go (one send for
-// many records over TCP). A full queue, or a send that fails, drops
+// the network, nor wakes anything up); a worker sends what has queued up
+// every 20 ms (or at 512 records), in one go: one send for many records over
+// TCP. A full queue, or a send that fails, drops
 // the record and counts it (metrics), and the worker reconnects at most once
 // a second.
 #pragma once
