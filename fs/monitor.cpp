@@ -35,8 +35,8 @@ vault::monitor::Metrics::Gauges gauges_of(vault::State& state)
         g.feed_age_seconds = static_cast<double>(age->count()) / 1000.0;
     if (auto items = state.store->expiring())
         g.expiring = std::move(*items);
-    g.expiry_lead_seconds = state.expiry->longest_lead_seconds();
-    g.now_seconds = static_cast<double>(vault::now_micros()) / 1e6;
+    g.expiry_lead = state.expiry->longest_lead();
+    g.now = vault::now_micros();
     return g;
 }
 
@@ -56,19 +56,12 @@ vault::Result<void> write_metrics_textfile(const std::string& path, const std::s
 
 void add_health(vault::State& state, nlohmann::json& status)
 {
-    const vault::Micros now = vault::now_micros();
-    const auto lead = static_cast<vault::Micros>(state.expiry->longest_lead_seconds()) * 1000000;
-    std::int64_t soon = 0, expired = 0;
-    auto items = state.store->expiring();
-    if (items)
-        for (const auto& e : *items) {
-            if (e.expires <= now)
-                ++expired;
-            else if (e.expires - now <= lead)
-                ++soon;
-        }
-    status["expiring_soon"] = items ? soon : -1;
-    status["expired"] = items ? expired : -1;
+    const auto items = state.store->expiring();
+    const auto counts =
+        items ? vault::monitor::count_expiring(*items, vault::now_micros(), state.expiry->longest_lead())
+              : vault::monitor::ExpiryCounts{};
+    status["expiring_soon"] = items ? static_cast<std::int64_t>(counts.soon) : -1;
+    status["expired"] = items ? static_cast<std::int64_t>(counts.expired) : -1;
     status["expiry_lead_days"] = state.config.expiry_warn_days.empty() ? 0 : state.config.expiry_warn_days.front();
     if (const auto age = state.store->feed_age()) {
         status["feed_staleness_ms"] = age->count();

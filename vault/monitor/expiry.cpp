@@ -20,11 +20,6 @@ constexpr const char* notified_setting = "expiry_notified";
 // What was last sent for a version: a lead in days, or 0 for expired.
 constexpr std::int64_t expired_stage = 0;
 
-std::string_view kind_name(Expiring::Kind k)
-{
-    return k == Expiring::Kind::secret ? "secret" : k == Expiring::Kind::key ? "key" : "certificate";
-}
-
 std::string shown_name(const Expiring& e)
 {
     if (e.kind == Expiring::Kind::key)
@@ -57,9 +52,9 @@ ExpiryWatch::ExpiryWatch(Store& store, audit::Log& audit, Metrics& metrics, std:
 {
 }
 
-std::uint64_t ExpiryWatch::longest_lead_seconds() const
+Micros ExpiryWatch::longest_lead() const
 {
-    return lead_days_.empty() ? 0 : static_cast<std::uint64_t>(lead_days_.front() * day_ms_ / 1000);
+    return lead_days_.empty() ? 0 : lead_days_.front() * day_ms_ * 1000;
 }
 
 Result<std::size_t> ExpiryWatch::run(Micros now)

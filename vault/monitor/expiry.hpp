@@ -48,8 +48,8 @@ public:
     // One round at `now`: returns the number of events sent.
     Result<std::size_t> run(Micros now);
 
-    // The longest lead time, in seconds (what counts as "soon").
-    std::uint64_t longest_lead_seconds() const;
+    // The longest lead time (what counts as "soon").
+    Micros longest_lead() const;
 
 private:
     Store& store_;

@@ -72,19 +72,6 @@ private:
     std::string out_;
 };
 
-std::string_view kind_name(Expiring::Kind k)
-{
-    switch (k) {
-    case Expiring::Kind::secret:
-        return "secret";
-    case Expiring::Kind::key:
-        return "key";
-    case Expiring::Kind::certificate:
-        return "certificate";
-    }
-    return "secret";
-}
-
 }  // namespace
 
 std::string denial_reason(std::string_view rule)
@@ -101,6 +88,31 @@ std::string denial_reason(std::string_view rule)
     if (rule.starts_with("allow") || rule.starts_with("needs ") || rule.find(" or ") != std::string_view::npos)
         return "missing-permission";
     return rule.empty() ? "unknown" : "other";
+}
+
+std::string_view kind_name(Expiring::Kind kind)
+{
+    switch (kind) {
+    case Expiring::Kind::secret:
+        return "secret";
+    case Expiring::Kind::key:
+        return "key";
+    case Expiring::Kind::certificate:
+        return "certificate";
+    }
+    return "secret";
+}
+
+ExpiryCounts count_expiring(const std::vector<Expiring>& items, Micros now, Micros lead)
+{
+    ExpiryCounts c;
+    for (const auto& e : items) {
+        if (e.expires <= now)
+            ++c.expired;
+        else if (e.expires - now <= lead)
+            ++c.soon;
+    }
+    return c;
 }
 
 std::string label_value(std::string_view v)
@@ -171,7 +183,7 @@ std::string Metrics::render(const Gauges& g) const
         for (const auto& [r, n] : denials_)
             t.sample("vaultfs_denials_total", {{"reason", r}}, static_cast<double>(n));
         t.one("vaultfs_audit_records_written_total", "counter", "Audit records this process wrote.",
-              static_cast<double>(records_written_));
+              static_cast<double>(records_written_.load(std::memory_order_relaxed)));
         t.family("vaultfs_expiry_events_total", "counter", "Near-expiry and expired events, by object kind.");
         for (const auto& [k, n] : expiry_events_)
             t.sample("vaultfs_expiry_events_total", {{"kind", std::get<0>(k)}, {"event", std::get<1>(k)}},
@@ -220,21 +232,15 @@ std::string Metrics::render(const Gauges& g) const
         t.one("vaultfs_feed_staleness_seconds", "gauge",
               "Since the shared store's change feed last confirmed freshness (reads fail closed past the bound).",
               *g.feed_age_seconds);
-    std::uint64_t soon = 0, expired = 0;
     t.family("vaultfs_expiry_timestamp_seconds", "gauge",
              "When the current version of a secret, key or certificate expires (Unix time).");
-    for (const auto& e : g.expiring) {
-        const double at = static_cast<double>(e.expires) / 1e6;
+    for (const auto& e : g.expiring)
         t.sample("vaultfs_expiry_timestamp_seconds", {{"vault", e.vault}, {"name", e.name}, {"kind", kind_name(e.kind)}},
-                 at);
-        if (at <= g.now_seconds)
-            ++expired;
-        else if (at - g.now_seconds <= static_cast<double>(g.expiry_lead_seconds))
-            ++soon;
-    }
+                 static_cast<double>(e.expires) / 1e6);
+    const ExpiryCounts counts = count_expiring(g.expiring, g.now, g.expiry_lead);
     t.one("vaultfs_expiring_soon", "gauge", "Current versions that expire within the longest warning lead time.",
-          static_cast<double>(soon));
-    t.one("vaultfs_expired", "gauge", "Current versions already past their expiry.", static_cast<double>(expired));
+          static_cast<double>(counts.soon));
+    t.one("vaultfs_expired", "gauge", "Current versions already past their expiry.", static_cast<double>(counts.expired));
     return t.take();
 }
 

@@ -10,6 +10,7 @@
 // Thread-safety: all methods may be called concurrently.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -35,11 +36,23 @@ std::string denial_reason(std::string_view rule);
 // Escapes a label value (backslash, double quote, newline).
 std::string label_value(std::string_view v);
 
+// "secret", "key" or "certificate".
+std::string_view kind_name(Expiring::Kind kind);
+
+// How many of `items` have expired at `now`, and how many expire within
+// `lead` of it (the metrics' gauges and `vaultfs status` count the same).
+struct ExpiryCounts {
+    std::uint64_t soon = 0;
+    std::uint64_t expired = 0;
+};
+ExpiryCounts count_expiring(const std::vector<Expiring>& items, Micros now, Micros lead);
+
 class Metrics {
 public:
     // The audit log's observers (audit/log.hpp Options).
     void count(const audit::Event& event);
-    void record_written() { std::lock_guard lock(mutex_); ++records_written_; }
+    // Called under the audit writer's lock: one atomic add.
+    void record_written() { records_written_.fetch_add(1, std::memory_order_relaxed); }
 
     // Read when rendering.
     struct Gauges {
@@ -57,8 +70,8 @@ public:
         std::uint64_t locked_bytes = 0, locked_limit = 0;
         std::optional<double> feed_age_seconds;  // a shared store's
         std::vector<Expiring> expiring;
-        std::uint64_t expiry_lead_seconds = 0;  // the longest lead time: what counts as soon
-        double now_seconds = 0;
+        Micros expiry_lead = 0;  // the longest lead time: what counts as soon
+        Micros now = 0;
     };
     // Events of the expiry watch (monitor/expiry.hpp).
     void count_expiry_event(std::string_view kind, std::string_view event);
@@ -73,7 +86,7 @@ private:
     std::map<std::string, std::uint64_t> read_bytes_;                      // vault
     std::map<std::string, std::uint64_t> denials_;                         // reason
     std::map<std::tuple<std::string, std::string>, std::uint64_t> expiry_events_;  // (kind, event)
-    std::uint64_t records_written_ = 0;
+    std::atomic<std::uint64_t> records_written_{0};
 };
 
 }  // namespace vaultfs::vault::monitor
