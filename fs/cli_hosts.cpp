@@ -1,10 +1,15 @@
 #include "fs/cli_hosts.hpp"
 
+#include <fcntl.h>
+#include <termios.h>
+#include <unistd.h>
+
 #include <cstdio>
 #include <ctime>
 #include <fstream>
 #include <sstream>
 
+#include "fs/control.hpp"
 #include "hsm/secure_buffer.hpp"
 #include "vault/hosts/commands.hpp"
 #include "vault/state.hpp"
@@ -33,6 +38,63 @@ std::optional<std::string> slurp(const std::string& path)
     return ss.str();
 }
 
+// The token's Security Officer PIN: from --so-pin-file, else asked for on
+// the terminal (not echoed). Never from argv or the environment.
+vault::Result<hsm::SecureBuffer> so_pin(const std::string& file)
+{
+    if (!file.empty())
+        return vault::hosts::read_so_pin(file);
+    const int tty = ::open("/dev/tty", O_RDWR | O_CLOEXEC | O_NOCTTY);
+    if (tty < 0)
+        return vault::fail(vault::Errc::invalid_argument,
+                           "this step needs the token's Security Officer PIN: give --so-pin-file FILE (mode 0600 or "
+                           "0400), or run it on a terminal");
+    const std::string ask = "Security Officer PIN of this host's token: ";
+    (void)!::write(tty, ask.data(), ask.size());
+    termios saved{};
+    const bool terminal = ::tcgetattr(tty, &saved) == 0;
+    if (terminal) {
+        termios quiet = saved;
+        quiet.c_lflag &= ~static_cast<tcflag_t>(ECHO);
+        ::tcsetattr(tty, TCSAFLUSH, &quiet);
+    }
+    auto pin = hsm::SecureBuffer::allocate(0, 256);
+    if (pin && pin->resize(256)) {
+        std::size_t n = 0;
+        char c = 0;
+        while (n < 256 && ::read(tty, &c, 1) == 1 && c != '\n')
+            pin->data()[n++] = static_cast<std::uint8_t>(c);
+        c = 0;
+        (void)pin->resize(n);
+    }
+    if (terminal)
+        ::tcsetattr(tty, TCSAFLUSH, &saved);
+    (void)!::write(tty, "\n", 1);
+    ::close(tty);
+    if (!pin)
+        return vault::fail(vault::Errc::out_of_memory, pin.error().message);
+    if (pin->size() == 0)
+        return vault::fail(vault::Errc::invalid_argument, "no Security Officer PIN given");
+    return std::move(*pin);
+}
+
+// One request to the daemon; its error as the daemon said it.
+vault::Result<json> ask_daemon(const std::string& state, const std::string& socket, const std::string& op,
+                               const json& args)
+{
+    ControlRequest request;
+    request.command = ControlRequest::Command::object;
+    request.op = op;
+    request.args = args.dump();
+    auto reply = control_call(state, socket, render_request(request));
+    if (!reply)
+        return reply;
+    if (!reply->value("ok", false))
+        return vault::fail(vault::Errc::invalid_argument, reply->value("error", std::string("the daemon refused")) +
+                                                              " (" + reply->value("errno", std::string("?")) + ")");
+    return reply;
+}
+
 std::string when(std::int64_t micros)
 {
     const std::time_t t = static_cast<std::time_t>(micros / 1000000);
@@ -56,9 +118,12 @@ struct HostCommands::Options {
     vault::InitOptions init;
     std::string fingerprint;
     std::string file;
+    std::string so_pin_file;
     CLI::App* hosts = nullptr;
     CLI::App* list = nullptr;
     CLI::App* remove = nullptr;
+    CLI::App* trust = nullptr;
+    bool all = false;
 };
 
 HostCommands::HostCommands(CLI::App& app, const std::string& default_state) : o_(std::make_unique<Options>())
@@ -85,15 +150,26 @@ HostCommands::HostCommands(CLI::App& app, const std::string& default_state) : o_
     auto* label = o.request->add_option("--token-label", o.init.token_label, "Adopt this initialised token");
     o.request->add_option("--pin-file", o.init.pin_file, "The adopted token's user PIN file (mode 0600)")->needs(label);
     o.request->add_option("--admin-group", o.init.admin_group, "Group whose members may create and remove vaults");
+    o.request->add_option("--so-pin-file", o.init.so_pin_file,
+                          "Where to write the embedded token's Security Officer PIN (default: STATE/so-pin)");
+    const auto so_opt = [&](CLI::App* sub) {
+        sub->add_option("--so-pin-file", o.so_pin_file,
+                        "File holding this host's token's Security Officer PIN (default: asked on the terminal)");
+    };
     o.grant = o.join->add_subcommand(
-        "grant", "On an enrolled host (its daemon running): wrap every vault KEK for the request, print the grant");
+        "grant", "On an enrolled host (its daemon running): its token's SO trusts the new host's transport key, "
+                 "every vault KEK is wrapped for it; prints the grant");
     state_opt(o.grant);
+    so_opt(o.grant);
     o.grant->add_option("--socket", o.socket, "Control socket (default: the state's control_socket)");
     o.grant->add_option("--fingerprint", o.fingerprint,
-                        "The fingerprint the new host printed, compared out of band (refused if it differs)");
+                        "The fingerprint the new host printed, compared with its admin out of band")
+        ->required();
     o.grant->add_option("request", o.file, "The request file (- for stdin)")->required();
-    o.accept = o.join->add_subcommand("accept", "On the new host: import the granted KEKs into its token");
+    o.accept = o.join->add_subcommand(
+        "accept", "On the new host: import the granted KEKs; its token's SO trusts the enrolled hosts");
     state_opt(o.accept);
+    so_opt(o.accept);
     o.accept->add_option("grant", o.file, "The grant file (- for stdin)")->required();
 
     o.hosts = app.add_subcommand("host", "The hosts of a PostgreSQL store");
@@ -104,6 +180,13 @@ HostCommands::HostCommands(CLI::App& app, const std::string& default_state) : o_
     state_opt(o.remove);
     o.remove->add_option("--socket", o.socket, "Control socket (default: the state's control_socket)");
     o.remove->add_option("name", o.host, "The host's name")->required();
+    o.trust = o.hosts->add_subcommand(
+        "trust", "This token's SO trusts another enrolled host's transport key, so that this host hands it KEKs");
+    state_opt(o.trust);
+    so_opt(o.trust);
+    o.trust->add_option("--socket", o.socket, "Control socket (default: the state's control_socket)");
+    o.trust->add_option("name", o.host, "The host's name");
+    o.trust->add_flag("--all", o.all, "Every enrolled host this token does not trust yet");
 }
 
 HostCommands::~HostCommands() = default;
@@ -138,38 +221,83 @@ std::optional<int> HostCommands::run(const ManageFn& manage)
         std::printf("%s\n", request.c_str());
         return 0;
     }
-    if (*o.grant || *o.remove) {
-        ControlRequest request;
-        request.command = ControlRequest::Command::object;
-        json args;
-        if (*o.grant) {
-            auto text = slurp(o.file);
-            if (!text)
-                return fail("cannot read " + o.file);
-            args = json{{"request", *text}, {"fingerprint", o.fingerprint}};
-            request.op = "host_grant";
-        } else {
-            args = json{{"host", o.host}};
-            request.op = "host_remove";
-        }
-        request.args = args.dump();
-        return manage(o.state, o.socket, request, [&](const json& reply) {
-            if (*o.grant)
-                std::printf("%s\n", reply.value("result", std::string()).c_str());
-            else
-                std::printf("removed host %s\n", o.host.c_str());
-            return 0;
+    if (*o.grant) {
+        auto text = slurp(o.file);
+        if (!text)
+            return fail("cannot read " + o.file);
+        const json args{{"request", *text}, {"fingerprint", o.fingerprint}};
+        // Everything the daemon can check first, before the SO logs in.
+        json check = args;
+        check["check_only"] = true;
+        if (auto r = ask_daemon(o.state, o.socket, "host_grant", check); !r)
+            return fail(r.error().message);
+        auto pin = so_pin(o.so_pin_file);
+        if (!pin)
+            return fail(pin.error().message);
+        auto grant = vault::hosts::grant_with_trust(o.state, *text, *pin, [&]() -> vault::Result<std::string> {
+            auto r = ask_daemon(o.state, o.socket, "host_grant", args);
+            if (!r)
+                return tl::unexpected(r.error());
+            return r->value("result", std::string());
         });
+        pin->clear();
+        if (!grant)
+            return fail(grant.error().message);
+        std::printf("%s\n", grant->c_str());
+        return 0;
+    }
+    if (*o.remove) {
+        if (auto r = ask_daemon(o.state, o.socket, "host_remove", json{{"host", o.host}}); !r)
+            return fail(r.error().message);
+        std::printf("removed host %s\n", o.host.c_str());
+        return 0;
     }
     if (*o.accept) {
         auto text = slurp(o.file);
         if (!text)
             return fail("cannot read " + o.file);
-        auto n = vault::hosts::accept_grant(o.state, *text);
-        if (!n)
-            return fail(n.error().message);
-        std::printf("Joined: %zu KEKs imported into this host's token\n", *n);
+        auto pin = so_pin(o.so_pin_file);
+        if (!pin)
+            return fail(pin.error().message);
+        auto accepted = vault::hosts::accept_grant(o.state, *text);
+        if (!accepted)
+            return fail(accepted.error().message);
+        std::printf("Joined: %zu KEKs imported into this host's token\n", accepted->imported);
+        auto trusted = vault::hosts::trust_hosts(o.state, accepted->to_trust, *pin);
+        pin->clear();
+        if (!trusted)
+            return fail("joined, but the Security Officer step failed: " + trusted.error().message +
+                        "; run `vaultfs host trust --all` here, or this host's vaults reach no other host");
+        for (const auto& line : *trusted)
+            std::printf("%s\n", line.c_str());
         std::printf("Next: vaultfs mount --state %s MOUNTPOINT\n", vault::absolute_path(o.state).c_str());
+        return 0;
+    }
+    if (*o.trust) {
+        if (o.host.empty() == !o.all)
+            return fail("host trust takes a host's name, or --all");
+        auto pin = so_pin(o.so_pin_file);
+        if (!pin)
+            return fail(pin.error().message);
+        auto hosts = vault::hosts::untrusted_hosts(o.state, o.all ? std::string() : o.host);
+        if (!hosts) {
+            pin->clear();
+            return fail(hosts.error().message);
+        }
+        auto trusted = vault::hosts::trust_hosts(o.state, *hosts, *pin);
+        pin->clear();
+        if (!trusted)
+            return fail(trusted.error().message);
+        for (const auto& line : *trusted)
+            std::printf("%s\n", line.c_str());
+        if (hosts->empty())
+            std::printf(o.all ? "every enrolled host is trusted here already\n"
+                              : "host %s: its transport key is trusted in this token already\n",
+                        o.host.c_str());
+        // The daemon records what its token now trusts, and hands on KEKs.
+        if (auto r = ask_daemon(o.state, o.socket, "host_trusted", json::object()); !r)
+            std::printf("(the daemon did not answer: %s; it records the trust in its audit trail when it starts)\n",
+                        r.error().message.c_str());
         return 0;
     }
     if (*o.list) {

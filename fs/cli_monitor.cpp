@@ -329,6 +329,12 @@ Health health_of(const json& r)
         critical.push_back("store " + text("store_fresh"));
     if (r.value("audit_disk_below_reserve", false))
         warning.push_back("the audit disk is below its reserve");
+    if (r.contains("keks_to_rekey") && r["keks_to_rekey"].is_array() && !r["keks_to_rekey"].empty()) {
+        std::string vaults;
+        for (const auto& f : r["keks_to_rekey"])
+            vaults += (vaults.empty() ? "" : " ") + f.value("vault", std::string("?"));
+        warning.push_back("KEKs to replace (vaultfs vault rekey VAULT): " + vaults);
+    }
     const auto expired = number("expired");
     const auto soon = number("expiring_soon");
     const auto lead = number("expiry_lead_days");

@@ -122,7 +122,9 @@ json vault_json(const vault::VaultView& v)
     return json{{"name", v.name},
                 {"created", v.created},
                 {"retention_days", v.settings.retention_days},
-                {"purge_protection", v.settings.purge_protection}};
+                {"purge_protection", v.settings.purge_protection},
+                {"rekey_after_days", v.settings.rekey_after_days},
+                {"kek_created", v.kek_created}};
 }
 
 }  // namespace
@@ -418,6 +420,16 @@ json ControlServer::dispatch(const vault::Caller& caller, const std::string& tex
                 {"locked_memory_bytes", hsm::secure_heap_used()}};
         add_health(state_, result);
         return json{{"ok", true}, {"result", std::move(result)}};
+    }
+    case C::vault_rekey: {
+        auto done = state_.rekey->rekey(&caller, request->vault);
+        if (!done)
+            return failure(done.error(), "the rekey of vault " + request->vault);
+        return json{{"ok", true},
+                    {"result", json{{"vault", done->vault},
+                                    {"old_kek", done->old_kek},
+                                    {"new_kek", done->new_kek},
+                                    {"resealed", done->resealed}}}};
     }
     case C::metrics: {
         if (auto a = service.audit_management(caller, "metrics", "", true, "admin"); !a)

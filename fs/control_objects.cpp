@@ -241,10 +241,23 @@ json host_op(vault::State& state, const vault::Caller& caller, const std::string
         return error_reply({denied, "only admins grant and remove hosts"});
     }
     if (op == "host_grant") {
-        auto grant = state.enrolment->grant(text_of(args, "request"), text_of(args, "fingerprint"), state.audit.get());
+        const bool check_only = args.contains("check_only") && args["check_only"].is_boolean() &&
+                                args["check_only"].get<bool>();
+        auto grant = state.enrolment->grant(text_of(args, "request"), text_of(args, "fingerprint"), state.audit.get(),
+                                            check_only);
         if (!grant)
             return error_reply(grant.error());
         return json{{"ok", true}, {"result", *grant}};
+    }
+    if (op == "host_trusted") {
+        // After `host trust` (the SO step, in the CLI's process): what the
+        // token trusts now is audited, and KEKs handed on.
+        if (auto r = state.enrolment->audit_trust(state.audit.get()); !r)
+            return error_reply(r.error());
+        auto n = state.enrolment->grant_missing(state.audit.get());
+        if (!n)
+            return error_reply(n.error());
+        return json{{"ok", true}, {"result", *n}};
     }
     if (op == "host_remove") {
         if (auto r = state.enrolment->remove_host(text_of(args, "host"), state.audit.get()); !r)

@@ -22,6 +22,7 @@ constexpr std::pair<const char*, ControlRequest::Command> commands[] = {
     {"policy_set", ControlRequest::Command::policy_set},
     {"object", ControlRequest::Command::object},
     {"metrics", ControlRequest::Command::metrics},
+    {"vault_rekey", ControlRequest::Command::vault_rekey},
 };
 
 }  // namespace
@@ -68,7 +69,7 @@ tl::expected<ControlRequest, std::string> parse_request(std::string_view text)
     }
     using C = ControlRequest::Command;
     const bool needs_vault = r.command == C::vault_create || r.command == C::vault_show || r.command == C::backup ||
-                             r.command == C::policy_reset || r.command == C::policy_set;
+                             r.command == C::policy_reset || r.command == C::policy_set || r.command == C::vault_rekey;
     auto vault = string_field("vault", needs_vault);
     if (!vault)
         return tl::unexpected(vault.error());

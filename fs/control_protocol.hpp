@@ -4,6 +4,7 @@
 //
 //   {"cmd":"vault_create","vault":"payments","retention_days":30,"purge_protection":true}
 //   {"cmd":"vault_show","vault":"payments"}   {"cmd":"vault_list"}   {"cmd":"status"}   {"cmd":"metrics"}
+//   {"cmd":"vault_rekey","vault":"payments"}
 //   {"cmd":"backup","vault":"payments","secret":"db-password"}   (secret optional)
 //   {"cmd":"restore","backup":"<backup document>","into":"payments2"}   (into optional)
 //   {"cmd":"policy_reset","vault":"payments","owner":1001}   (owner optional: the caller)
@@ -38,7 +39,8 @@ struct ControlRequest {
         policy_reset,
         policy_set,
         object,
-        metrics
+        metrics,
+        vault_rekey
     };
     Command command = Command::status;
     std::string vault;

@@ -316,6 +316,8 @@ private:
                     spdlog::error("key rotation policies failed: {}", n.error().message);
                 if (auto n = state_.certificates->run_policies(now); !n)
                     spdlog::error("certificate renewals failed: {}", n.error().message);
+                if (auto n = state_.rekey->rotate_due(now); !n)
+                    spdlog::error("KEK rotations failed: {}", n.error().message);
             }
             if (leader && std::chrono::steady_clock::now() >= next_expiry) {
                 next_expiry = std::chrono::steady_clock::now() + state_.config.expiry_check_interval;

@@ -210,6 +210,10 @@ int print_status(const nlohmann::json& r)
                 static_cast<long long>(number("audit_records_dropped")),
                 r.value("audit_disk_below_reserve", false) ? "; its disk is below the reserve" : "");
     std::printf("vaults:  %lld\n", static_cast<long long>(number("vaults")));
+    if (r.contains("keks_to_rekey") && r["keks_to_rekey"].is_array())
+        for (const auto& f : r["keks_to_rekey"])
+            std::printf("         vault %s: %s\n", f.value("vault", std::string("?")).c_str(),
+                        f.value("reason", std::string()).c_str());
     std::printf("open files: %lld\n", static_cast<long long>(number("open_handles")));
     const auto dek = r.value("dek_cache", nlohmann::json::object());
     std::printf("DEK cache: %s, %lld entries, %lld hits, %lld misses\n", dek.value("enabled", false) ? "on" : "off",
@@ -276,6 +280,8 @@ int main(int argc, char** argv)
     init->add_option("--store", init_options.store,
                      "A new PostgreSQL store (postgresql://...) for several hosts, instead of the SQLite file");
     init->add_option("--host", init_options.host, "With --store: this host's name (default: the system's host name)");
+    init->add_option("--so-pin-file", init_options.so_pin_file,
+                     "Where to write the embedded token's Security Officer PIN (default: STATE/so-pin, mode 0400)");
 
     fs::MountOptions mount_options;
     mount_options.state_dir = default_state();
@@ -333,6 +339,9 @@ int main(int argc, char** argv)
     auto* vault_show = vault_cmd->add_subcommand("show", "Show a vault's settings, policy and secret count");
     vault_show->add_option("name", request.vault, "Vault name")->required();
     auto* vault_list = vault_cmd->add_subcommand("list", "List the vaults");
+    auto* vault_rekey = vault_cmd->add_subcommand(
+        "rekey", "Move a vault to a new KEK made now, and destroy the old one (needs manage; audited)");
+    vault_rekey->add_option("name", request.vault, "Vault name")->required();
     auto* status = app.add_subcommand("status", "Is it mounted; are the token and the audit trail healthy");
     bool status_json = false;
     status->add_flag("--json", status_json, "Print the status as JSON, for machines");
@@ -377,7 +386,8 @@ int main(int argc, char** argv)
     fs::HostCommands host_commands(app, default_state());
     fs::MonitorCommands monitor_commands(app, *audit, default_state());
     std::string socket;
-    for (auto* sub : {vault_create, vault_show, vault_list, status, backup, restore, policy_reset, policy_set}) {
+    for (auto* sub :
+         {vault_create, vault_show, vault_list, vault_rekey, status, backup, restore, policy_reset, policy_set}) {
         sub->add_option("--state", mstate, "State directory (default: $VAULTFS_STATE or /var/lib/vaultfs)");
         sub->add_option("--socket", socket, "Control socket (default: the state's control_socket)");
     }
@@ -462,6 +472,17 @@ int main(int argc, char** argv)
         return manage(mstate, socket, request, [](const nlohmann::json& reply) {
             for (const auto& v : reply["result"])
                 std::printf("%s\n", v.value("name", std::string()).c_str());
+            return 0;
+        });
+    }
+    if (*vault_rekey) {
+        request.command = C::vault_rekey;
+        return manage(mstate, socket, request, [](const nlohmann::json& reply) {
+            const auto& r = reply["result"];
+            std::printf("vault %s rekeyed: %lld row(s) sealed again under KEK %s; KEK %s destroyed\n"
+                        "backups made before now name the old KEK and no longer restore: take a new one\n",
+                        r.value("vault", std::string()).c_str(), static_cast<long long>(r.value("resealed", 0)),
+                        r.value("new_kek", std::string()).c_str(), r.value("old_kek", std::string()).c_str());
             return 0;
         });
     }

@@ -67,6 +67,13 @@ void add_health(vault::State& state, nlohmann::json& status)
         status["feed_staleness_ms"] = age->count();
         status["staleness_bound_ms"] = state.store->staleness_bound().count();
     }
+    // KEKs a token lets out under any key (made by an older vaultfs), or
+    // that a shared store cannot share: each needs `vaultfs vault rekey`.
+    nlohmann::json rekey = nlohmann::json::array();
+    if (state.rekey)
+        for (const auto& f : state.rekey->findings())
+            rekey.push_back({{"vault", f.vault}, {"reason", f.reason}});
+    status["keks_to_rekey"] = std::move(rekey);
     if (state.shipper) {
         const auto s = state.shipper->stats();
         status["shipping"] = nlohmann::json{{"target", vault::audit::render_syslog_target(*state.config.audit_syslog)},

@@ -2,8 +2,10 @@
 //
 // Key hierarchy (DESIGN §3):
 //   token ── KEK (AES-256, one per vault, generated inside the token,
-//   │             sensitive, never extractable, encrypt/decrypt only; with
-//   │             a MAC key beside it on tokens without GCM)
+//   │             sensitive, encrypt/decrypt only; never extractable on
+//   │             one host, extractable only under keys the token's
+//   │             Security Officer trusts on a shared store (KekReach);
+//   │             with a MAC key beside it on tokens without GCM)
 //   │          └─ seals each version's DEK (AES-GCM, or AES-CBC-PAD +
 //   │             HMAC-SHA256; the AAD binds the row: mechanisms.hpp)
 //   └─ audit signing key (EC P-256 or RSA-3072, sign only; public half
@@ -35,15 +37,28 @@ struct KeyId {
 
 inline constexpr std::size_t dek_size = 32;
 
+// Where a KEK may ever go (SECURITY.md "What each key is, and who can move it").
+enum class KekReach {
+    // One host: CKA_EXTRACTABLE false (and so CKA_NEVER_EXTRACTABLE): no
+    // key, trusted or not, wraps it out of the token, whoever holds the PIN.
+    this_token,
+    // A shared store: CKA_EXTRACTABLE with CKA_WRAP_WITH_TRUSTED, so that
+    // only a key the token's Security Officer marked CKA_TRUSTED (an
+    // enrolled host's transport key) can wrap it. The user PIN alone wraps
+    // it for nobody.
+    trusted_tokens,
+};
+
 class KeyService {
 public:
     virtual ~KeyService() = default;
 
     // Generates a new KEK inside the token for the state's seal scheme: an
-    // AES-256 key, CKA_SENSITIVE, not extractable, encrypt/decrypt only
-    // (every usage flag set explicitly), and for aes-cbc-pad+hmac-sha256 its
-    // MAC key, sign/verify only.
-    virtual Result<KeyId> create_kek(const std::string& label) = 0;
+    // AES-256 key, CKA_SENSITIVE, encrypt/decrypt only (every usage flag
+    // set explicitly), extractable as `reach` says; and for
+    // aes-cbc-pad+hmac-sha256 its MAC key, sign/verify only (such a pair
+    // never leaves the token, whatever `reach`).
+    virtual Result<KeyId> create_kek(const std::string& label, KekReach reach) = 0;
 
     // Succeeds when a key with this id exists in the token.
     virtual Result<void> find_key(const KeyId& id) = 0;

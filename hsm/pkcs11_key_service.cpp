@@ -1,39 +1,25 @@
 #include "hsm/pkcs11_key_service.hpp"
 
-#include "hsm/hex.hpp"
-
-// GNU names only: the compatibility names are macros (`value`, `flags`...)
-// that would rewrite unrelated C++ identifiers.
-#define CRYPTOKI_GNU 1
-#include <p11-kit/pkcs11.h>
-
-#include <dlfcn.h>
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/ec.h>
 #include <openssl/evp.h>
 #include <openssl/param_build.h>
+#include <openssl/rand.h>
 #include <openssl/rsa.h>
 #include <openssl/x509.h>
-#include <openssl/rand.h>
 
 #include <algorithm>
-#include <atomic>
 #include <array>
-#include <cstdlib>
-#include <cstring>
-#include <map>
-#include <chrono>
-#include <mutex>
-#include <shared_mutex>
 #include <optional>
-#include <unordered_map>
+
+#include "hsm/pkcs11_session.hpp"
 
 namespace vaultfs::hsm {
 
 namespace {
 
-using Bytes = std::vector<std::uint8_t>;
+using p11::Module;
 
 constexpr std::size_t gcm_iv_size = 12;
 constexpr std::size_t gcm_tag_size = 16;
@@ -41,564 +27,10 @@ constexpr std::size_t cbc_iv_size = 16;
 constexpr std::size_t cbc_ct_size = 48;  // a 32-byte DEK and a block of padding
 constexpr std::size_t hmac_size = 32;
 constexpr std::string_view cbc_hmac_context = "vaultfs-seal-cbc-hmac-v1";
-constexpr std::size_t key_id_size = 16;
 // DER of OID 1.2.840.10045.3.1.7 (prime256v1)
 constexpr std::array<std::uint8_t, 10> p256_oid_der{0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07};
 
-// The MAC key beside an aes-cbc-pad+hmac-sha256 KEK: the KEK's CKA_ID and 'm'.
-KeyId mac_key_of(const KeyId& kek) { return KeyId{kek.hex + "6d"}; }
-
-std::string rv_name(ck_rv_t rv)
-{
-    static const std::map<ck_rv_t, const char*> names{
-        {CKR_OK, "CKR_OK"},
-        {CKR_HOST_MEMORY, "CKR_HOST_MEMORY"},
-        {CKR_SLOT_ID_INVALID, "CKR_SLOT_ID_INVALID"},
-        {CKR_GENERAL_ERROR, "CKR_GENERAL_ERROR"},
-        {CKR_FUNCTION_FAILED, "CKR_FUNCTION_FAILED"},
-        {CKR_ARGUMENTS_BAD, "CKR_ARGUMENTS_BAD"},
-        {CKR_ATTRIBUTE_SENSITIVE, "CKR_ATTRIBUTE_SENSITIVE"},
-        {CKR_ATTRIBUTE_TYPE_INVALID, "CKR_ATTRIBUTE_TYPE_INVALID"},
-        {CKR_DEVICE_ERROR, "CKR_DEVICE_ERROR"},
-        {CKR_DEVICE_MEMORY, "CKR_DEVICE_MEMORY"},
-        {CKR_DEVICE_REMOVED, "CKR_DEVICE_REMOVED"},
-        {CKR_ENCRYPTED_DATA_INVALID, "CKR_ENCRYPTED_DATA_INVALID"},
-        {CKR_ENCRYPTED_DATA_LEN_RANGE, "CKR_ENCRYPTED_DATA_LEN_RANGE"},
-        {CKR_KEY_HANDLE_INVALID, "CKR_KEY_HANDLE_INVALID"},
-        {CKR_KEY_FUNCTION_NOT_PERMITTED, "CKR_KEY_FUNCTION_NOT_PERMITTED"},
-        {CKR_MECHANISM_INVALID, "CKR_MECHANISM_INVALID"},
-        {CKR_MECHANISM_PARAM_INVALID, "CKR_MECHANISM_PARAM_INVALID"},
-        {CKR_OBJECT_HANDLE_INVALID, "CKR_OBJECT_HANDLE_INVALID"},
-        {CKR_OPERATION_ACTIVE, "CKR_OPERATION_ACTIVE"},
-        {CKR_PIN_INCORRECT, "CKR_PIN_INCORRECT"},
-        {CKR_PIN_LOCKED, "CKR_PIN_LOCKED"},
-        {CKR_SESSION_CLOSED, "CKR_SESSION_CLOSED"},
-        {CKR_SESSION_HANDLE_INVALID, "CKR_SESSION_HANDLE_INVALID"},
-        {CKR_TOKEN_NOT_PRESENT, "CKR_TOKEN_NOT_PRESENT"},
-        {CKR_TOKEN_NOT_RECOGNIZED, "CKR_TOKEN_NOT_RECOGNIZED"},
-        {CKR_USER_ALREADY_LOGGED_IN, "CKR_USER_ALREADY_LOGGED_IN"},
-        {CKR_USER_NOT_LOGGED_IN, "CKR_USER_NOT_LOGGED_IN"},
-        {CKR_USER_PIN_NOT_INITIALIZED, "CKR_USER_PIN_NOT_INITIALIZED"},
-        {CKR_BUFFER_TOO_SMALL, "CKR_BUFFER_TOO_SMALL"},
-        {CKR_CRYPTOKI_NOT_INITIALIZED, "CKR_CRYPTOKI_NOT_INITIALIZED"},
-        {CKR_CRYPTOKI_ALREADY_INITIALIZED, "CKR_CRYPTOKI_ALREADY_INITIALIZED"},
-    };
-    const auto it = names.find(rv);
-    if (it != names.end())
-        return it->second;
-    char buf[32];
-    std::snprintf(buf, sizeof buf, "CKR_0x%lx", rv);
-    return buf;
-}
-
-bool session_lost(ck_rv_t rv)
-{
-    return rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED || rv == CKR_USER_NOT_LOGGED_IN;
-}
-
-bool handle_stale(ck_rv_t rv) { return rv == CKR_OBJECT_HANDLE_INVALID || rv == CKR_KEY_HANDLE_INVALID; }
-
-// The outcome of a call made through a session: the session's own error,
-// or "<what> failed: CKR_…" for a call the token refused.
-Result<void> call_ok(const Result<ck_rv_t>& rv, const std::string& what)
-{
-    if (!rv)
-        return tl::unexpected(rv.error());
-    if (*rv != CKR_OK)
-        return fail(Errc::device_error, what + " failed: " + rv_name(*rv));
-    return {};
-}
-
-std::string trimmed_label(const unsigned char (&label)[32])
-{
-    std::string s(reinterpret_cast<const char*>(label), 32);
-    while (!s.empty() && (s.back() == ' ' || s.back() == '\0'))
-        s.pop_back();
-    return s;
-}
-
-std::string trimmed_text(const unsigned char* text, std::size_t size)
-{
-    std::string s(reinterpret_cast<const char*>(text), size);
-    while (!s.empty() && (s.back() == ' ' || s.back() == '\0'))
-        s.pop_back();
-    return s;
-}
-
-std::array<unsigned char, 32> padded_label(const std::string& label)
-{
-    std::array<unsigned char, 32> out;
-    out.fill(' ');
-    std::memcpy(out.data(), label.data(), std::min<std::size_t>(label.size(), out.size()));
-    return out;
-}
-
-// A loaded and initialised module. One per module path per process.
-class Module {
-public:
-    static Result<std::shared_ptr<Module>> load(const std::string& path,
-                                                const std::vector<std::pair<std::string, std::string>>& env)
-    {
-        static std::mutex registry_mutex;
-        static std::map<std::string, std::weak_ptr<Module>> registry;
-        std::lock_guard lock(registry_mutex);
-        if (auto existing = registry[path].lock()) {
-            // A module is initialised once per process, with the environment
-            // it had then (SoftHSM2 reads one SOFTHSM2_CONF): a second
-            // configuration of it cannot be reached from this process.
-            if (existing->env_ != env)
-                return fail(Errc::module_unavailable,
-                            path + " is already in use in this process with another module environment; one process "
-                                   "reaches one configuration of a module (SoftHSM2 reads one SOFTHSM2_CONF), so move "
-                                   "between two tokens of one module only when they share it");
-            return existing;
-        }
-
-        for (const auto& [name, value] : env)
-            ::setenv(name.c_str(), value.c_str(), 1);
-
-        // Never dlclosed: modules keep process-wide state and atexit hooks.
-        void* handle = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
-        if (handle == nullptr)
-            return fail(Errc::module_unavailable, "cannot load PKCS#11 module " + path + ": " + ::dlerror());
-        auto get_list = reinterpret_cast<CK_C_GetFunctionList>(::dlsym(handle, "C_GetFunctionList"));
-        if (get_list == nullptr)
-            return fail(Errc::module_unavailable, path + " is not a PKCS#11 module (no C_GetFunctionList)");
-        ck_function_list* fn = nullptr;
-        if (const ck_rv_t rv = get_list(&fn); rv != CKR_OK || fn == nullptr)
-            return fail(Errc::module_unavailable, path + ": C_GetFunctionList failed: " + rv_name(rv));
-
-        ck_c_initialize_args args{};
-        args.flags = CKF_OS_LOCKING_OK;
-        if (const ck_rv_t rv = fn->C_Initialize(&args); rv != CKR_OK)
-            return fail(Errc::module_unavailable, path + ": C_Initialize failed: " + rv_name(rv));
-        auto module = std::shared_ptr<Module>(new Module(fn));
-        module->env_ = env;
-        registry[path] = module;
-        return module;
-    }
-
-    ~Module() { fn_->C_Finalize(nullptr); }
-    // Moves on with every reinitialize(): object handles from before name
-    // nothing (or another object) after, in every service sharing the module.
-    std::atomic<std::uint64_t> generation{0};
-    ck_function_list* operator->() const { return fn_; }
-
-    // Finalizes and initialises the module again: the way back after the
-    // token went away (a removed device, SoftHSM's directory vanishing).
-    // REQUIRES: no other thread is inside the module.
-    ck_rv_t reinitialize()
-    {
-        generation.fetch_add(1);
-        fn_->C_Finalize(nullptr);
-        ck_c_initialize_args args{};
-        args.flags = CKF_OS_LOCKING_OK;
-        return fn_->C_Initialize(&args);
-    }
-
-    // The slot holding the initialised token labelled `label`.
-    Result<ck_slot_id_t> find_token(const std::string& label) const
-    {
-        auto slots = slot_list();
-        if (!slots)
-            return tl::unexpected(slots.error());
-        for (const auto slot : *slots) {
-            ck_token_info info{};
-            if (fn_->C_GetTokenInfo(slot, &info) != CKR_OK)
-                continue;
-            if ((info.flags & CKF_TOKEN_INITIALIZED) && trimmed_label(info.label) == label)
-                return slot;
-        }
-        return fail(Errc::token_not_found, "no initialised token labelled '" + label + "'");
-    }
-
-    Result<std::vector<ck_slot_id_t>> slot_list() const
-    {
-        unsigned long count = 0;
-        if (const ck_rv_t rv = fn_->C_GetSlotList(1, nullptr, &count); rv != CKR_OK)
-            return fail(Errc::device_error, "C_GetSlotList failed: " + rv_name(rv));
-        std::vector<ck_slot_id_t> slots(count);
-        if (const ck_rv_t rv = fn_->C_GetSlotList(1, slots.data(), &count); rv != CKR_OK)
-            return fail(Errc::device_error, "C_GetSlotList failed: " + rv_name(rv));
-        slots.resize(count);
-        return slots;
-    }
-
-private:
-    explicit Module(ck_function_list* fn) : fn_(fn) {}
-    ck_function_list* fn_;
-    std::vector<std::pair<std::string, std::string>> env_;  // as loaded
-};
-
-// Every answer that says the PIN itself is wrong: never presented again.
-bool pin_problem(ck_rv_t rv)
-{
-    return rv == CKR_PIN_INCORRECT || rv == CKR_PIN_LOCKED || rv == CKR_PIN_INVALID || rv == CKR_PIN_LEN_RANGE ||
-           rv == CKR_PIN_EXPIRED;
-}
-
-Error login_error(ck_rv_t rv, const std::string& label)
-{
-    switch (rv) {
-    case CKR_PIN_INCORRECT:
-    case CKR_PIN_INVALID:
-    case CKR_PIN_LEN_RANGE:
-    case CKR_PIN_EXPIRED:
-        return {Errc::pin_incorrect, "token '" + label + "' rejected the PIN (" + rv_name(rv) + "); not retrying"};
-    case CKR_PIN_LOCKED:
-        return {Errc::pin_locked, "token '" + label + "' has locked its user PIN (CKR_PIN_LOCKED)"};
-    case CKR_USER_PIN_NOT_INITIALIZED:
-        return {Errc::token_not_found, "token '" + label + "' has no user PIN set (CKR_USER_PIN_NOT_INITIALIZED)"};
-    default:
-        return {Errc::device_error, "login to token '" + label + "' failed: " + rv_name(rv)};
-    }
-}
-
-ck_attribute attr(ck_attribute_type_t type, const void* value, unsigned long len)
-{
-    return ck_attribute{type, const_cast<void*>(value), len};
-}
-
-const unsigned char ck_true = 1;
-const unsigned char ck_false = 0;
-ck_attribute flag(ck_attribute_type_t type, bool on) { return attr(type, on ? &ck_true : &ck_false, 1); }
-
 }  // namespace
-
-struct Pkcs11KeyService::Impl {
-    OpStats op_stats;
-    std::shared_ptr<Module> module;
-    ck_slot_id_t slot = 0;
-    std::string module_path;
-    std::string label;
-    SecureBuffer pin;
-
-    // Held shared by every operation, exclusively by reconnect(): PKCS#11
-    // forbids C_Finalize while other threads are inside the module.
-    std::shared_mutex module_mutex;
-    std::mutex reconnect_mutex;
-    std::chrono::steady_clock::time_point last_reconnect{};
-    std::atomic<std::uint64_t> epoch{0};  // reconnects so far
-
-    std::mutex pool_mutex;
-    std::vector<ck_session_handle_t> idle;  // logged-in sessions nobody is using
-    std::size_t open_sessions = 0;
-    bool logged_in = false;
-    bool pin_rejected = false;  // sticky: never present a rejected PIN again
-
-    std::mutex handles_mutex;
-    std::uint64_t handles_generation = 0;  // the module generation the handles are from
-    std::unordered_map<std::string, ck_object_handle_t> handles;  // "class:idhex" -> handle
-
-    TokenProfile profile;  // read once at open
-    Schemes schemes;
-    std::vector<std::string> notes;
-
-    ~Impl()
-    {
-        std::lock_guard lock(pool_mutex);
-        for (const auto s : idle)
-            (*module)->C_CloseSession(s);
-    }
-
-    // After the token failed: drop every session and cached handle,
-    // reinitialise the module and find the token again. At most once a
-    // second; never presents a PIN that was rejected (open_session checks).
-    // Returns true when the token is back.
-    bool reconnect()
-    {
-        std::lock_guard once(reconnect_mutex);
-        const auto now = std::chrono::steady_clock::now();
-        if (now - last_reconnect < std::chrono::seconds(1))
-            return false;
-        last_reconnect = now;
-        std::unique_lock exclusive(module_mutex);
-        {
-            std::lock_guard lock(pool_mutex);
-            idle.clear();  // C_Finalize closes them
-            open_sessions = 0;
-            logged_in = false;
-        }
-        {
-            std::lock_guard lock(handles_mutex);
-            handles.clear();
-        }
-        epoch.fetch_add(1);
-        if (module->reinitialize() != CKR_OK)
-            return false;
-        auto found = module->find_token(label);
-        if (!found)
-            return false;
-        slot = *found;
-        return true;
-    }
-
-    // Opens a session and, when the application is not logged in, logs in.
-    Result<ck_session_handle_t> open_session()
-    {
-        {
-            std::lock_guard lock(pool_mutex);
-            if (pin_rejected)
-                return tl::unexpected(login_error(CKR_PIN_INCORRECT, label));
-        }
-        ck_session_handle_t s = 0;
-        ck_rv_t rv = (*module)->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &s);
-        if (rv != CKR_OK)
-            return fail(Errc::device_error, "C_OpenSession on token '" + label + "' failed: " + rv_name(rv));
-        std::lock_guard lock(pool_mutex);
-        ++open_sessions;
-        if (!logged_in) {
-            rv = (*module)->C_Login(s, CKU_USER, pin.data(), pin.size());
-            if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN) {
-                if (pin_problem(rv))
-                    pin_rejected = true;
-                (*module)->C_CloseSession(s);
-                --open_sessions;
-                return tl::unexpected(login_error(rv, label));
-            }
-            logged_in = true;
-        }
-        return s;
-    }
-
-    Result<ck_session_handle_t> acquire()
-    {
-        {
-            std::lock_guard lock(pool_mutex);
-            if (!idle.empty()) {
-                const auto s = idle.back();
-                idle.pop_back();
-                return s;
-            }
-        }
-        return open_session();
-    }
-
-    void release(ck_session_handle_t s)
-    {
-        std::lock_guard lock(pool_mutex);
-        idle.push_back(s);
-    }
-
-    // Closes every idle session (after one was found lost).
-    void drain_idle(ck_rv_t why)
-    {
-        std::vector<ck_session_handle_t> drained;
-        {
-            std::lock_guard lock(pool_mutex);
-            drained.swap(idle);
-        }
-        for (const auto s : drained)
-            discard(s, why);
-    }
-
-    void discard(ck_session_handle_t s, ck_rv_t why)
-    {
-        (*module)->C_CloseSession(s);
-        std::lock_guard lock(pool_mutex);
-        --open_sessions;
-        if (why == CKR_USER_NOT_LOGGED_IN || open_sessions == 0)
-            logged_in = false;
-    }
-
-    // Runs `op(session)` on a pooled session. A lost session is replaced and
-    // the operation retried once.
-    template <class Op>
-    Result<ck_rv_t> with_session(Op&& op)
-    {
-        std::shared_lock inside(module_mutex);
-        return with_session_held(op);
-    }
-
-    // REQUIRES: module_mutex held (shared).
-    template <class Op>
-    Result<ck_rv_t> with_session_held(Op&& op)
-    {
-        ck_rv_t rv = CKR_OK;
-        // A lost session seldom goes alone (C_CloseAllSessions by libp11 on
-        // the same module, a token that went away, a logout): the idle ones
-        // go with it, and the third try runs on a freshly logged-in session.
-        for (int attempt = 0; attempt < 3; ++attempt) {
-            auto s = acquire();
-            if (!s)
-                return tl::unexpected(s.error());
-            rv = op(*s);
-            if (!session_lost(rv)) {
-                release(*s);
-                return rv;
-            }
-            discard(*s, rv);
-            drain_idle(rv);
-        }
-        return rv;
-    }
-
-    Result<ck_object_handle_t> find_object(ck_object_class_t cls, const KeyId& id)
-    {
-        std::shared_lock inside(module_mutex);
-        return find_object_held(cls, id);
-    }
-
-    // REQUIRES: module_mutex held (shared), so that no reconnect() can come
-    // between finding a handle, caching it and using it: handle numbers from
-    // before a reinitialisation may name another key after it.
-    Result<ck_object_handle_t> find_object_held(ck_object_class_t cls, const KeyId& id)
-    {
-        const std::string cache_key = std::to_string(cls) + ":" + id.hex;
-        {
-            std::lock_guard lock(handles_mutex);
-            // Another service on this module may have reinitialised it.
-            if (const auto g = module->generation.load(); g != handles_generation) {
-                handles.clear();
-                handles_generation = g;
-            }
-            if (const auto it = handles.find(cache_key); it != handles.end())
-                return it->second;
-        }
-        const auto raw = from_hex(id.hex);
-        if (!raw || raw->empty())
-            return fail(Errc::invalid_argument, "malformed key id '" + id.hex + "'");
-        ck_object_handle_t found = 0;
-        unsigned long count = 0;
-        auto rv = with_session_held([&](ck_session_handle_t s) {
-            ck_attribute tmpl[] = {attr(CKA_CLASS, &cls, sizeof cls), attr(CKA_ID, raw->data(), raw->size())};
-            ck_rv_t r = (*module)->C_FindObjectsInit(s, tmpl, 2);
-            if (r != CKR_OK)
-                return r;
-            r = (*module)->C_FindObjects(s, &found, 1, &count);
-            (*module)->C_FindObjectsFinal(s);
-            return r;
-        });
-        if (auto ok = call_ok(rv, "C_FindObjects"); !ok)
-            return tl::unexpected(ok.error());
-        if (count == 0)
-            return fail(Errc::key_not_found, "no key with id " + id.hex + " in token '" + label + "'");
-        std::lock_guard lock(handles_mutex);
-        handles[cache_key] = found;
-        return found;
-    }
-
-    void forget_object(ck_object_class_t cls, const KeyId& id)
-    {
-        std::lock_guard lock(handles_mutex);
-        handles.erase(std::to_string(cls) + ":" + id.hex);
-    }
-
-    // Runs `op(session, handle)` against a key; a stale cached handle is
-    // looked up again once.
-    template <class Op>
-    Result<ck_rv_t> with_key(ck_object_class_t cls, const KeyId& id, Op&& op)
-    {
-        auto rv = with_key_once(cls, id, op);
-        // A key that is missing or a token that fails may mean the token
-        // went away and came back: reconnect (rate-limited) and try once more.
-        const bool token_trouble =
-            (!rv && (rv.error().code == Errc::key_not_found || rv.error().code == Errc::device_error)) ||
-            (rv && (*rv == CKR_DEVICE_ERROR || *rv == CKR_DEVICE_REMOVED || *rv == CKR_TOKEN_NOT_PRESENT ||
-                    *rv == CKR_CRYPTOKI_NOT_INITIALIZED));
-        if (token_trouble && reconnect())
-            return with_key_once(cls, id, op);
-        return rv;
-    }
-
-    template <class Op>
-    Result<ck_rv_t> with_key_once(ck_object_class_t cls, const KeyId& id, Op& op)
-    {
-        std::shared_lock inside(module_mutex);
-        for (int attempt = 0; attempt < 2; ++attempt) {
-            auto h = find_object_held(cls, id);
-            if (!h)
-                return tl::unexpected(h.error());
-            auto rv = with_session_held([&](ck_session_handle_t s) { return op(s, *h); });
-            if (!rv || !handle_stale(*rv))
-                return rv;
-            forget_object(cls, id);
-        }
-        return fail(Errc::key_not_found, "key " + id.hex + " vanished from token '" + label + "'");
-    }
-
-    // Removes the object of class `cls` with this id; one already gone is
-    // fine (and asks for no reconnect: a removal expects absence).
-    Result<void> destroy_object(ck_object_class_t cls, const KeyId& id)
-    {
-        auto destroy = [&](ck_session_handle_t s, ck_object_handle_t h) { return (*module)->C_DestroyObject(s, h); };
-        auto rv = with_key_once(cls, id, destroy);
-        if (!rv && rv.error().code == Errc::key_not_found)
-            return {};
-        if (auto ok = call_ok(rv, "removing key " + id.hex); !ok)
-            return ok;
-        forget_object(cls, id);
-        return {};
-    }
-
-    // Whether any object in the token, of any class, has this CKA_ID.
-    Result<bool> id_in_use(const KeyId& id)
-    {
-        const auto raw = from_hex(id.hex);
-        if (!raw || raw->empty())
-            return fail(Errc::invalid_argument, "malformed key id '" + id.hex + "'");
-        unsigned long count = 0;
-        ck_object_handle_t found = 0;
-        auto rv = with_session([&](ck_session_handle_t s) {
-            ck_attribute tmpl[] = {attr(CKA_ID, raw->data(), raw->size())};
-            ck_rv_t r = (*module)->C_FindObjectsInit(s, tmpl, 1);
-            if (r != CKR_OK)
-                return r;
-            r = (*module)->C_FindObjects(s, &found, 1, &count);
-            (*module)->C_FindObjectsFinal(s);
-            return r;
-        });
-        if (auto ok = call_ok(rv, "C_FindObjects"); !ok)
-            return tl::unexpected(ok.error());
-        return count > 0;
-    }
-
-    // A random CKA_ID that no object in the token has yet, nor the MAC key
-    // id made from it: an adopted token holds its owner's objects too, and
-    // vaultfs never takes one of them for its own.
-    Result<Bytes> new_key_id()
-    {
-        for (int attempt = 0; attempt < 4; ++attempt) {
-            Bytes id(key_id_size);
-            if (RAND_bytes(id.data(), static_cast<int>(id.size())) != 1)
-                return fail(Errc::device_error, "RAND_bytes failed");
-            bool free = true;
-            for (const KeyId& k : {KeyId{to_hex(id)}, mac_key_of(KeyId{to_hex(id)})}) {
-                auto taken = id_in_use(k);
-                if (!taken)
-                    return tl::unexpected(taken.error());
-                free = free && !*taken;
-            }
-            if (free)
-                return id;
-        }
-        return fail(Errc::device_error, "token '" + label + "' holds an object with every fresh id tried");
-    }
-
-    // Reads the token's description and mechanism list.
-    Result<void> read_profile()
-    {
-        ck_token_info info{};
-        if (const ck_rv_t rv = (*module)->C_GetTokenInfo(slot, &info); rv != CKR_OK)
-            return fail(Errc::device_error, "C_GetTokenInfo on token '" + label + "' failed: " + rv_name(rv));
-        profile.label = label;
-        profile.manufacturer = trimmed_label(info.manufacturer_id);
-        profile.model = trimmed_text(info.model, sizeof info.model);
-        unsigned long count = 0;
-        if (const ck_rv_t rv = (*module)->C_GetMechanismList(slot, nullptr, &count); rv != CKR_OK)
-            return fail(Errc::device_error, "C_GetMechanismList on token '" + label + "' failed: " + rv_name(rv));
-        std::vector<ck_mechanism_type_t> list(count);
-        if (const ck_rv_t rv = (*module)->C_GetMechanismList(slot, list.data(), &count); rv != CKR_OK)
-            return fail(Errc::device_error, "C_GetMechanismList on token '" + label + "' failed: " + rv_name(rv));
-        list.resize(count);
-        for (const auto m : list) {
-            ck_mechanism_info mi{};
-            if ((*module)->C_GetMechanismInfo(slot, m, &mi) == CKR_OK)
-                profile.mechanisms[m] = TokenProfile::Mechanism{mi.min_key_size, mi.max_key_size, mi.flags};
-        }
-        return {};
-    }
-};
 
 Pkcs11KeyService::Pkcs11KeyService(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Pkcs11KeyService::~Pkcs11KeyService() = default;
@@ -642,26 +74,26 @@ Result<std::unique_ptr<Pkcs11KeyService>> Pkcs11KeyService::open(Pkcs11Config co
 namespace {
 
 // An AES-256 or generic-secret token key, sensitive, with exactly the
-// usages given (SoftHSM defaults every usage flag to true). `wrappable`: it
-// may leave the token wrapped (an AES-GCM KEK, for another host), never in
-// the clear.
+// usages given (SoftHSM defaults every usage flag to true). `reach` says
+// whether it may ever leave the token, and then only wrapped under a key
+// the Security Officer trusted (key_service.hpp).
 Result<void> generate_secret_key(Pkcs11KeyService::Impl& impl, ck_mechanism_type_t mechanism, ck_key_type_t type,
-                                 const std::string& label, const Bytes& id, bool encrypt, bool sign, bool wrappable);
+                                 const std::string& label, const Bytes& id, bool encrypt, bool sign, KekReach reach);
 
 }  // namespace
 
-Result<KeyId> Pkcs11KeyService::create_kek(const std::string& label)
+Result<KeyId> Pkcs11KeyService::create_kek(const std::string& label, KekReach reach)
 {
     auto id = impl_->new_key_id();
     if (!id)
         return tl::unexpected(id.error());
     const KeyId kek{to_hex(*id)};
-    if (auto r = create_kek_with_id(label, kek); !r)
+    if (auto r = create_kek_with_id(label, kek, reach); !r)
         return tl::unexpected(r.error());
     return kek;
 }
 
-Result<void> Pkcs11KeyService::create_kek_with_id(const std::string& label, const KeyId& kek)
+Result<void> Pkcs11KeyService::create_kek_with_id(const std::string& label, const KeyId& kek, KekReach reach)
 {
     auto id = from_hex(kek.hex);
     if (!id || id->size() != key_id_size)
@@ -679,15 +111,19 @@ Result<void> Pkcs11KeyService::create_kek_with_id(const std::string& label, cons
                             " (this state's own keys, left from before a migration?); vaultfs will not share it — "
                             "remove it first (pkcs11-tool --delete-object --id " + want.hex + ") or use another token");
     }
-    // An AES-GCM KEK can be wrapped for another host (wrap_kek); a CBC+HMAC
-    // pair cannot be moved, so neither half leaves the token at all.
-    const bool wrappable = impl_->schemes.seal == SealScheme::aes_gcm;
-    if (auto r = generate_secret_key(*impl_, CKM_AES_KEY_GEN, CKK_AES, label, *id, true, false, wrappable); !r)
+    // Only an AES-GCM KEK is ever wrapped for another host (wrap_kek): a
+    // CBC+HMAC pair cannot be moved, so neither half leaves the token at all.
+    if (impl_->schemes.seal != SealScheme::aes_gcm)
+        reach = KekReach::this_token;
+    if (reach == KekReach::trusted_tokens)
+        if (auto r = check_trusted_wrapping(); !r)
+            return r;
+    if (auto r = generate_secret_key(*impl_, CKM_AES_KEY_GEN, CKK_AES, label, *id, true, false, reach); !r)
         return r;
     if (impl_->schemes.seal == SealScheme::aes_cbc_hmac) {
         auto mac = from_hex(mac_key_of(kek).hex);
         if (auto r = generate_secret_key(*impl_, CKM_GENERIC_SECRET_KEY_GEN, CKK_GENERIC_SECRET, label + " (mac)", *mac,
-                                         false, true, false);
+                                         false, true, KekReach::this_token);
             !r) {
             static_cast<void>(destroy_kek(kek));
             return r;
@@ -710,8 +146,9 @@ Result<void> Pkcs11KeyService::destroy_kek(const KeyId& kek)
 namespace {
 
 Result<void> generate_secret_key(Pkcs11KeyService::Impl& impl, ck_mechanism_type_t mechanism, ck_key_type_t type,
-                                 const std::string& label, const Bytes& id, bool encrypt, bool sign, bool wrappable)
+                                 const std::string& label, const Bytes& id, bool encrypt, bool sign, KekReach reach)
 {
+    const bool movable = reach == KekReach::trusted_tokens;
     const ck_object_class_t cls = CKO_SECRET_KEY;
     const unsigned long len = 32;
     ck_attribute tmpl[] = {
@@ -723,7 +160,7 @@ Result<void> generate_secret_key(Pkcs11KeyService::Impl& impl, ck_mechanism_type
         flag(CKA_TOKEN, true),
         flag(CKA_PRIVATE, true),
         flag(CKA_SENSITIVE, true),
-        flag(CKA_EXTRACTABLE, wrappable),
+        flag(CKA_EXTRACTABLE, movable),
         flag(CKA_MODIFIABLE, false),
         flag(CKA_ENCRYPT, encrypt),
         flag(CKA_DECRYPT, encrypt),
@@ -732,11 +169,14 @@ Result<void> generate_secret_key(Pkcs11KeyService::Impl& impl, ck_mechanism_type
         flag(CKA_SIGN, sign),
         flag(CKA_VERIFY, sign),
         flag(CKA_DERIVE, false),
+        // Last, and only when set: a token that does not know the attribute
+        // still makes the one-host kind.
+        flag(CKA_WRAP_WITH_TRUSTED, true),
     };
     ck_object_handle_t key = 0;
     auto rv = impl.with_session([&](ck_session_handle_t s) {
         ck_mechanism mech{mechanism, nullptr, 0};
-        return (*impl.module)->C_GenerateKey(s, &mech, tmpl, std::size(tmpl), &key);
+        return (*impl.module)->C_GenerateKey(s, &mech, tmpl, std::size(tmpl) - (movable ? 0 : 1), &key);
     });
     return call_ok(rv, "C_GenerateKey (" + mechanism_name(mechanism) + ") in " + impl.profile.name());
 }
@@ -1008,6 +448,29 @@ Result<bool> Pkcs11KeyService::read_bool_attribute(const KeyId& id, unsigned lon
     return value != 0;
 }
 
+Result<Pkcs11KeyService::KekExposure> Pkcs11KeyService::kek_exposure(const KeyId& kek)
+{
+    unsigned char extractable = 0;
+    unsigned char with_trusted = 0;
+    auto rv = impl_->with_key(CKO_SECRET_KEY, kek, [&](ck_session_handle_t s, ck_object_handle_t h) {
+        ck_attribute a = attr(CKA_EXTRACTABLE, &extractable, 1);
+        ck_rv_t r = (*impl_->module)->C_GetAttributeValue(s, h, &a, 1);
+        if (r != CKR_OK || extractable == 0)
+            return r;
+        // A token that does not know CKA_WRAP_WITH_TRUSTED answers
+        // CKR_ATTRIBUTE_TYPE_INVALID: it cannot hold such a key, so any
+        // wrapping key takes this one out.
+        ck_attribute w = attr(CKA_WRAP_WITH_TRUSTED, &with_trusted, 1);
+        r = (*impl_->module)->C_GetAttributeValue(s, h, &w, 1);
+        return r == CKR_ATTRIBUTE_TYPE_INVALID ? CKR_OK : r;
+    });
+    if (auto ok = call_ok(rv, "reading how KEK " + kek.hex + " may leave the token"); !ok)
+        return tl::unexpected(ok.error());
+    if (extractable == 0)
+        return KekExposure::none;
+    return with_trusted != 0 ? KekExposure::trusted_only : KekExposure::any_wrapping_key;
+}
+
 // ---- application key pairs (KeyPairService) -------------------------------------
 
 namespace {
@@ -1109,6 +572,22 @@ Result<Bytes> spki_from(const char* type, OSSL_PARAM_BLD* bld)
     i2d_PUBKEY(pkey.get(), &p);
     return der;
 }
+
+}  // namespace
+
+Result<Bytes> p11::rsa_spki(const Bytes& modulus, const Bytes& exponent)
+{
+    std::unique_ptr<OSSL_PARAM_BLD, BldFree> bld(OSSL_PARAM_BLD_new());
+    std::unique_ptr<BIGNUM, BnFree> n(BN_bin2bn(modulus.data(), static_cast<int>(modulus.size()), nullptr));
+    std::unique_ptr<BIGNUM, BnFree> e(BN_bin2bn(exponent.data(), static_cast<int>(exponent.size()), nullptr));
+    if (!bld || !n || !e)
+        return fail(Errc::device_error, "out of memory building an RSA public key");
+    OSSL_PARAM_BLD_push_BN(bld.get(), OSSL_PKEY_PARAM_RSA_N, n.get());
+    OSSL_PARAM_BLD_push_BN(bld.get(), OSSL_PKEY_PARAM_RSA_E, e.get());
+    return spki_from("RSA", bld.get());
+}
+
+namespace {
 
 // ECDSA r | s, as the token gives it, to the DER SEQUENCE OpenSSL reads.
 Result<Bytes> ecdsa_der(const Bytes& raw)
@@ -1241,13 +720,18 @@ Result<KeyId> Pkcs11KeyService::generate_key_pair(KeyType type, const std::strin
         flag(CKA_DECRYPT, rsa && usage.decrypt),
         flag(CKA_UNWRAP, rsa && usage.unwrap),
         flag(CKA_DERIVE, false),
+        // A transport key's: what every key it unwraps must be (last: no
+        // other key pair carries it).
+        attr(CKA_UNWRAP_TEMPLATE, p11::unwrapped_kek_attributes().data(),
+             p11::unwrapped_kek_attributes().size() * sizeof(ck_attribute)),
     };
     auto rv = impl_->with_session([&](ck_session_handle_t s) {
         ck_mechanism mech{rsa ? CKM_RSA_PKCS_KEY_PAIR_GEN : CKM_EC_KEY_PAIR_GEN, nullptr, 0};
         ck_object_handle_t pub_h = 0;
         ck_object_handle_t priv_h = 0;
-        return (*impl_->module)->C_GenerateKeyPair(s, &mech, pub.data(), pub.size(), priv, std::size(priv), &pub_h,
-                                                   &priv_h);
+        const bool transport = rsa && usage.unwrap;
+        return (*impl_->module)->C_GenerateKeyPair(s, &mech, pub.data(), pub.size(), priv,
+                                                   std::size(priv) - (transport ? 0 : 1), &pub_h, &priv_h);
     });
     if (auto ok = call_ok(rv, "C_GenerateKeyPair (" + std::string(to_string(type)) + ")"); !ok)
         return tl::unexpected(ok.error());
@@ -1281,14 +765,9 @@ Result<std::vector<std::uint8_t>> Pkcs11KeyService::public_key_der(const KeyId& 
         return tl::unexpected(ok.error());
     a.resize(a_len);
     b.resize(b_len);
+    if (type == CKK_RSA)
+        return p11::rsa_spki(a, b);
     std::unique_ptr<OSSL_PARAM_BLD, BldFree> bld(OSSL_PARAM_BLD_new());
-    if (type == CKK_RSA) {
-        std::unique_ptr<BIGNUM, BnFree> n(BN_bin2bn(a.data(), static_cast<int>(a.size()), nullptr));
-        std::unique_ptr<BIGNUM, BnFree> e(BN_bin2bn(b.data(), static_cast<int>(b.size()), nullptr));
-        OSSL_PARAM_BLD_push_BN(bld.get(), OSSL_PKEY_PARAM_RSA_N, n.get());
-        OSSL_PARAM_BLD_push_BN(bld.get(), OSSL_PKEY_PARAM_RSA_E, e.get());
-        return spki_from("RSA", bld.get());
-    }
     const Curve* curve = nullptr;
     for (const auto& c : curves())
         if (c.oid_der == a)
@@ -1486,7 +965,7 @@ Result<void> initialise_token(const std::string& module_path,
     if (!free_slot)
         return fail(Errc::token_not_found, "module " + module_path + " offers no free slot for a new token");
 
-    auto padded = padded_label(label);
+    auto padded = p11::padded_label(label);
     if (const ck_rv_t rv = fn->C_InitToken(*free_slot, const_cast<std::uint8_t*>(so_pin.data()), so_pin.size(),
                                            padded.data());
         rv != CKR_OK)
@@ -1509,177 +988,6 @@ Result<void> initialise_token(const std::string& module_path,
     if (rv != CKR_OK)
         return fail(Errc::device_error, "setting the user PIN failed: " + rv_name(rv));
     return {};
-}
-
-// ---- moving KEKs between hosts' tokens ------------------------------------------
-
-Result<KeyId> Pkcs11KeyService::create_transport_key(const std::string& label)
-{
-    if (!impl_->profile.offers(CKM_RSA_PKCS_KEY_PAIR_GEN, CKF_GENERATE_KEY_PAIR, 3072) ||
-        !impl_->profile.offers(CKM_RSA_PKCS_OAEP, CKF_UNWRAP) || !impl_->profile.offers(CKM_AES_KEY_WRAP_PAD, CKF_UNWRAP))
-        return fail(Errc::mechanism_unsupported,
-                    impl_->profile.name() + " cannot receive KEKs from other hosts: it needs CKM_RSA_PKCS_KEY_PAIR_GEN, "
-                                            "CKM_RSA_PKCS_OAEP and CKM_AES_KEY_WRAP_PAD");
-    return generate_key_pair(KeyType::rsa_3072, label, KeyUsage{.unwrap = true});
-}
-
-namespace {
-
-// RSA-OAEP as SoftHSM2 2.6 takes it for C_WrapKey/C_UnwrapKey (SHA-1 only;
-// OAEP's security rests on the hash as a random oracle, not on its
-// collision resistance).
-ck_rsa_pkcs_oaep_params transfer_oaep{CKM_SHA_1, CKG_MGF1_SHA1, CKZ_DATA_SPECIFIED, nullptr, 0};
-
-}  // namespace
-
-Result<Pkcs11KeyService::WrappedKek> Pkcs11KeyService::wrap_kek(const KeyId& kek,
-                                                                std::span<const std::uint8_t> transport_public)
-{
-    if (impl_->schemes.seal != SealScheme::aes_gcm)
-        return fail(Errc::mechanism_unsupported,
-                    "this state's KEKs are aes-cbc-pad+hmac-sha256 pairs; moving them between hosts is built only for "
-                    "aes-gcm KEKs");
-    const unsigned char* p = transport_public.data();
-    std::unique_ptr<EVP_PKEY, PkeyFree> pkey(d2i_PUBKEY(nullptr, &p, static_cast<long>(transport_public.size())));
-    if (!pkey || EVP_PKEY_get_base_id(pkey.get()) != EVP_PKEY_RSA || EVP_PKEY_get_bits(pkey.get()) < 3072)
-        return fail(Errc::invalid_argument, "a transport key is an RSA public key of at least 3072 bits");
-    BIGNUM* n_raw = nullptr;
-    BIGNUM* e_raw = nullptr;
-    EVP_PKEY_get_bn_param(pkey.get(), OSSL_PKEY_PARAM_RSA_N, &n_raw);
-    EVP_PKEY_get_bn_param(pkey.get(), OSSL_PKEY_PARAM_RSA_E, &e_raw);
-    std::unique_ptr<BIGNUM, BnFree> n(n_raw), e(e_raw);
-    if (!n || !e)
-        return fail(Errc::invalid_argument, "the transport key has no modulus or exponent");
-    Bytes modulus(static_cast<std::size_t>(BN_num_bytes(n.get()))), exponent(static_cast<std::size_t>(BN_num_bytes(e.get())));
-    BN_bn2bin(n.get(), modulus.data());
-    BN_bn2bin(e.get(), exponent.data());
-
-    WrappedKek out;
-    auto rv = impl_->with_key(CKO_SECRET_KEY, kek, [&](ck_session_handle_t s, ck_object_handle_t kek_h) {
-        auto& f = *impl_->module;
-        const ck_object_class_t pub_class = CKO_PUBLIC_KEY;
-        const ck_key_type_t rsa = CKK_RSA;
-        ck_attribute pub_tmpl[] = {
-            attr(CKA_CLASS, &pub_class, sizeof pub_class),
-            attr(CKA_KEY_TYPE, &rsa, sizeof rsa),
-            flag(CKA_TOKEN, false),
-            attr(CKA_MODULUS, modulus.data(), modulus.size()),
-            attr(CKA_PUBLIC_EXPONENT, exponent.data(), exponent.size()),
-            flag(CKA_WRAP, true),
-            flag(CKA_ENCRYPT, false),
-            flag(CKA_VERIFY, false),
-        };
-        ck_object_handle_t pub_h = 0;
-        ck_rv_t r = f->C_CreateObject(s, pub_tmpl, std::size(pub_tmpl), &pub_h);
-        if (r != CKR_OK)
-            return r;
-        const ck_object_class_t secret = CKO_SECRET_KEY;
-        const ck_key_type_t aes = CKK_AES;
-        const unsigned long len = 32;
-        ck_attribute eph_tmpl[] = {
-            attr(CKA_CLASS, &secret, sizeof secret),
-            attr(CKA_KEY_TYPE, &aes, sizeof aes),
-            attr(CKA_VALUE_LEN, &len, sizeof len),
-            flag(CKA_TOKEN, false),
-            flag(CKA_PRIVATE, true),
-            flag(CKA_SENSITIVE, true),
-            flag(CKA_EXTRACTABLE, true),
-            flag(CKA_WRAP, true),
-            flag(CKA_ENCRYPT, false),
-            flag(CKA_DECRYPT, false),
-        };
-        ck_object_handle_t eph_h = 0;
-        ck_mechanism gen{CKM_AES_KEY_GEN, nullptr, 0};
-        r = f->C_GenerateKey(s, &gen, eph_tmpl, std::size(eph_tmpl), &eph_h);
-        if (r == CKR_OK) {
-            ck_mechanism kwp{CKM_AES_KEY_WRAP_PAD, nullptr, 0};
-            unsigned long kek_len = 64;
-            out.wrapped_kek.resize(kek_len);
-            r = f->C_WrapKey(s, &kwp, eph_h, kek_h, out.wrapped_kek.data(), &kek_len);
-            out.wrapped_kek.resize(kek_len);
-            if (r == CKR_OK) {
-                ck_mechanism oaep{CKM_RSA_PKCS_OAEP, &transfer_oaep, sizeof transfer_oaep};
-                unsigned long key_len = 1024;
-                out.wrapped_key.resize(key_len);
-                r = f->C_WrapKey(s, &oaep, pub_h, eph_h, out.wrapped_key.data(), &key_len);
-                out.wrapped_key.resize(key_len);
-            }
-            f->C_DestroyObject(s, eph_h);
-        }
-        f->C_DestroyObject(s, pub_h);
-        return r;
-    });
-    if (rv && *rv == CKR_KEY_UNEXTRACTABLE)
-        return fail(Errc::invalid_argument,
-                    "KEK " + kek.hex + " was made unextractable (by a vaultfs before several hosts): it cannot be "
-                                       "wrapped for another host");
-    if (auto ok = call_ok(rv, "wrapping KEK " + kek.hex + " for a transport key"); !ok)
-        return tl::unexpected(ok.error());
-    return out;
-}
-
-Result<void> Pkcs11KeyService::unwrap_kek(const KeyId& transport, const WrappedKek& wrapped, const KeyId& kek,
-                                          const std::string& label)
-{
-    auto id = from_hex(kek.hex);
-    if (!id || id->size() != key_id_size)
-        return fail(Errc::invalid_argument, "malformed KEK id '" + kek.hex + "'");
-    auto taken = impl_->id_in_use(kek);
-    if (!taken)
-        return tl::unexpected(taken.error());
-    if (*taken)
-        return fail(Errc::invalid_argument, impl_->profile.name() + " already holds a key with id " + kek.hex);
-    auto rv = impl_->with_key(CKO_PRIVATE_KEY, transport, [&](ck_session_handle_t s, ck_object_handle_t priv_h) {
-        auto& f = *impl_->module;
-        const ck_object_class_t secret = CKO_SECRET_KEY;
-        const ck_key_type_t aes = CKK_AES;
-        ck_attribute eph_tmpl[] = {
-            attr(CKA_CLASS, &secret, sizeof secret),
-            attr(CKA_KEY_TYPE, &aes, sizeof aes),
-            flag(CKA_TOKEN, false),
-            flag(CKA_SENSITIVE, true),
-            flag(CKA_EXTRACTABLE, false),
-            flag(CKA_UNWRAP, true),
-            flag(CKA_ENCRYPT, false),
-            flag(CKA_DECRYPT, false),
-        };
-        ck_mechanism oaep{CKM_RSA_PKCS_OAEP, &transfer_oaep, sizeof transfer_oaep};
-        ck_object_handle_t eph_h = 0;
-        ck_rv_t r = f->C_UnwrapKey(s, &oaep, priv_h, const_cast<std::uint8_t*>(wrapped.wrapped_key.data()),
-                                   wrapped.wrapped_key.size(), eph_tmpl, std::size(eph_tmpl), &eph_h);
-        if (r != CKR_OK)
-            return r;
-        // No CKA_MODIFIABLE or CKA_VALUE_LEN: SoftHSM2 refuses either in an
-        // unwrap template (CKR_ATTRIBUTE_READ_ONLY).
-        ck_attribute kek_tmpl[] = {
-            attr(CKA_CLASS, &secret, sizeof secret),
-            attr(CKA_KEY_TYPE, &aes, sizeof aes),
-            attr(CKA_LABEL, label.data(), label.size()),
-            attr(CKA_ID, id->data(), id->size()),
-            flag(CKA_TOKEN, true),
-            flag(CKA_PRIVATE, true),
-            flag(CKA_SENSITIVE, true),
-            flag(CKA_EXTRACTABLE, true),
-            flag(CKA_ENCRYPT, true),
-            flag(CKA_DECRYPT, true),
-            flag(CKA_WRAP, false),
-            flag(CKA_UNWRAP, false),
-            flag(CKA_SIGN, false),
-            flag(CKA_VERIFY, false),
-            flag(CKA_DERIVE, false),
-        };
-        ck_mechanism kwp{CKM_AES_KEY_WRAP_PAD, nullptr, 0};
-        ck_object_handle_t kek_h = 0;
-        r = f->C_UnwrapKey(s, &kwp, eph_h, const_cast<std::uint8_t*>(wrapped.wrapped_kek.data()),
-                           wrapped.wrapped_kek.size(), kek_tmpl, std::size(kek_tmpl), &kek_h);
-        f->C_DestroyObject(s, eph_h);
-        return r;
-    });
-    // SoftHSM2 answers a blob that does not open with CKR_GENERAL_ERROR.
-    if (rv && (*rv == CKR_GENERAL_ERROR || *rv == CKR_WRAPPED_KEY_INVALID || *rv == CKR_ENCRYPTED_DATA_INVALID))
-        return fail(Errc::authentication_failed, "the wrapped KEK " + kek.hex + " does not open with this host's transport key "
-                                     "(a grant for another host, or altered)");
-    return call_ok(rv, "unwrapping KEK " + kek.hex);
 }
 
 }  // namespace vaultfs::hsm

@@ -60,7 +60,7 @@ public:
     Pkcs11KeyService(const Pkcs11KeyService&) = delete;
     Pkcs11KeyService& operator=(const Pkcs11KeyService&) = delete;
 
-    Result<KeyId> create_kek(const std::string& label) override;
+    Result<KeyId> create_kek(const std::string& label, KekReach reach) override;
     Result<void> find_key(const KeyId& id) override;
     Result<std::vector<std::uint8_t>> seal(const KeyId& kek, const SecureBuffer& dek,
                                            std::span<const std::uint8_t> aad) override;
@@ -83,32 +83,69 @@ public:
     // A KEK (and its MAC key) under a given id, for moving a state from
     // another token with its rows unchanged (vault/token_migration.hpp).
     // Fails if the token already holds a key with that id.
-    Result<void> create_kek_with_id(const std::string& label, const KeyId& kek);
+    Result<void> create_kek_with_id(const std::string& label, const KeyId& kek, KekReach reach);
     // Removes a KEK and its MAC key; a key already gone is fine.
     Result<void> destroy_kek(const KeyId& kek);
 
-    // ---- moving KEKs between hosts' tokens (README "Several hosts") ---------
-    // A KEK is sensitive and extractable only wrapped: it never leaves a
-    // token in the clear.
-    //
-    // A host's transport key: RSA-3072, its private half only unwraps (never
-    // decrypts, signs or leaves the token), its public half only wraps.
-    Result<KeyId> create_transport_key(const std::string& label);
-    // `kek` wrapped for the holder of `transport_public` (DER
-    // SubjectPublicKeyInfo, RSA >= 3072): a fresh AES-256 session key wraps
-    // the KEK with CKM_AES_KEY_WRAP_PAD (RFC 5649) and is itself wrapped with
-    // RSA-OAEP (SHA-1, MGF1-SHA-1: SoftHSM2 2.6 takes no other OAEP hash for
-    // wrapping), then destroyed.
-    struct WrappedKek {
-        std::vector<std::uint8_t> wrapped_key;  // the AES key, RSA-OAEP
-        std::vector<std::uint8_t> wrapped_kek;  // the KEK, AES-KWP
+    // What a KEK in the token lets out, read back from its attributes:
+    // a KEK of any other kind than vaultfs makes today (`any_wrapping_key`:
+    // made by a vaultfs before 0.2, or by hand) needs `vaultfs vault rekey`.
+    enum class KekExposure {
+        none,              // not extractable: it never leaves the token
+        trusted_only,      // extractable only under a key the SO trusted
+        any_wrapping_key,  // extractable under any key a PIN holder makes
     };
-    Result<WrappedKek> wrap_kek(const KeyId& kek, std::span<const std::uint8_t> transport_public);
-    // Unwraps into this token, as a sensitive token KEK with id `kek`:
-    // Errc::invalid_argument when the token already holds that id,
-    // Errc::authentication_failed when the blobs do not open with `transport`.
-    Result<void> unwrap_kek(const KeyId& transport, const WrappedKek& wrapped, const KeyId& kek,
+    Result<KekExposure> kek_exposure(const KeyId& kek);
+
+    // ---- moving KEKs between hosts' tokens (hsm/kek_transfer.cpp) -----------
+    // README "Several hosts". A KEK moves only wrapped (RSA-OAEP) under the
+    // receiving host's transport key, and only where this token's Security
+    // Officer made that key CKA_TRUSTED (security_officer.hpp): the user PIN
+    // alone wraps a KEK for nobody.
+    //
+    // Whether the token refuses to wrap a CKA_WRAP_WITH_TRUSTED key under a
+    // key nobody trusted: tried once with session keys of its own (a key
+    // without the attribute must wrap, the one with it must be refused with
+    // CKR_KEY_NOT_WRAPPABLE), then remembered. Errc::not_permitted, naming
+    // what the token did, when it does not enforce it (openCryptoki before
+    // 3.16): such a token serves one host, and never shares a KEK.
+    Result<void> check_trusted_wrapping();
+
+    // A host's transport key: RSA-3072, its private half only unwraps (never
+    // decrypts, signs or leaves the token) and carries a CKA_UNWRAP_TEMPLATE
+    // that every key unwrapped with it must take: sensitive, extractable
+    // only under a trusted key, never a wrapping, unwrapping or deriving key.
+    // So a PIN holder who unwraps a grant gets nothing they can read. Its
+    // public half only wraps.
+    Result<KeyId> create_transport_key(const std::string& label);
+    // The CKA_ID under which a token keeps another host's transport key as a
+    // trusted wrapping key: the first 16 bytes of SHA-256 over its DER.
+    static KeyId trusted_key_id(std::span<const std::uint8_t> transport_public);
+    // Whether this token holds `transport_public` (DER SubjectPublicKeyInfo)
+    // as a key its Security Officer trusted.
+    Result<bool> trusts(std::span<const std::uint8_t> transport_public);
+    // `kek` wrapped with RSA-OAEP (SHA-1, MGF1-SHA-1: SoftHSM2 2.6 takes no
+    // other OAEP hash for wrapping) under the trusted copy of
+    // `transport_public`. Errc::not_permitted when this token does not trust
+    // that key, or the KEK may not leave (made for one host);
+    // Errc::invalid_argument for anything but an RSA key of 3072 bits or more.
+    Result<std::vector<std::uint8_t>> wrap_kek(const KeyId& kek, std::span<const std::uint8_t> transport_public);
+    // Unwraps into this token, as a token KEK with id `kek` and the
+    // attributes of KekReach::trusted_tokens: Errc::invalid_argument when
+    // the token already holds that id, Errc::authentication_failed when the
+    // blob does not open with `transport`.
+    Result<void> unwrap_kek(const KeyId& transport, std::span<const std::uint8_t> wrapped, const KeyId& kek,
                             const std::string& label);
+    // The public keys the Security Officer marked trusted in this token.
+    struct TrustedKey {
+        KeyId id;
+        std::string label;
+        std::vector<std::uint8_t> spki;  // DER SubjectPublicKeyInfo
+    };
+    Result<std::vector<TrustedKey>> trusted_keys();
+    // Removes the trusted copy of `transport_public` (its host was removed);
+    // one already gone is fine. Takes trust away, so needs no SO.
+    Result<void> forget_trusted_key(std::span<const std::uint8_t> transport_public);
 
     // What the token said it offers, and the constructions in use (with the
     // fallbacks negotiation took, for the admin).

@@ -410,7 +410,9 @@ Result<std::vector<std::pair<std::string, std::string>>> SecretService::vault_at
         {"purge_protection", format_bool(v->settings.purge_protection)},
         {"default_owner", std::to_string(v->defaults.owner)},
         {"default_group", std::to_string(v->defaults.group)},
-        {"default_mode", format_mode(v->defaults.mode)}};
+        {"default_mode", format_mode(v->defaults.mode)},
+        {"rekey_after_days", std::to_string(v->settings.rekey_after_days)},
+        {"kek_created", format_rfc3339(v->kek_created)}};
 }
 
 Result<void> SecretService::set_vault_attribute(const Caller& caller, VaultId vault, std::string_view name,
@@ -422,6 +424,30 @@ Result<void> SecretService::set_vault_attribute(const Caller& caller, VaultId va
     audit::Event ev{.op = "vault_set", .caller = &caller, .vault = (*v)->row.name, .allowed = false, .rule = "not-admin",
                   .attribute = name};
     VaultRow row = (*v)->row;
+    if (name == "rekey_after_days") {
+        // The KEK's rotation, as Azure Key Vault's key rotation policy: the
+        // vault's managers decide.
+        const Decided d = core_.decide(caller, **v, Permission::manage);
+        d.fill(ev);
+        if (!d.allowed)
+            return core_.refuse(ev, Errc::access_denied, "setting a vault's KEK rotation needs manage");
+        const std::string text(value);
+        int days = -1;
+        const auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), days);
+        if (text.empty() || ec != std::errc() || p != text.data() + text.size() || days < 0 || days > 36500)
+            return core_.refuse(ev, Errc::invalid_argument, "rekey_after_days is 0 (only when asked) to 36500");
+        auto w = core_.write_audited(ev, [&](Store::Transaction& tx) { return tx.set_rekey_after(vault, days); });
+        if (!w)
+            return tl::unexpected(w.error());
+        core_.forget_vault(vault);
+        return {};
+    }
+    if (name == "kek_created") {
+        ev.allowed = true;
+        ev.rule = "read-only";
+        return core_.refuse(ev, Errc::not_permitted, "kek_created is when the KEK was made; `vaultfs vault rekey` "
+                                                     "makes a new one");
+    }
     if (name == "default_owner" || name == "default_group" || name == "default_mode") {
         // What new secrets show: the vault's managers decide, as they do chown.
         const Decided d = core_.decide(caller, **v, Permission::manage);

@@ -31,11 +31,12 @@ VaultView SecretService::view_of(const Caller& caller, const VaultEntry& v) cons
     return VaultView{v.row.id,
                      v.row.name,
                      v.row.created,
-                     VaultSettings{v.row.retention_days, v.row.purge_protection},
+                     VaultSettings{v.row.retention_days, v.row.purge_protection, v.row.rekey_after_days},
                      v.policy->effective(caller.who),
                      is_admin(caller),
                      v.policy_size,
-                     v.row.defaults};
+                     v.row.defaults,
+                     v.row.kek_created};
 }
 
 Result<SecretView> SecretService::view_of(const Caller& caller, const VaultEntry& v, const SecretRow& s,
@@ -108,7 +109,7 @@ Result<VaultView> SecretService::create_vault(const Caller& caller, std::string_
     if (auto existing = store_.vault_by_name(name); existing && *existing)
         return core_.refuse(ev, Errc::already_exists);
 
-    auto kek = keys_.create_kek("vaultfs-kek-" + std::string(name));
+    auto kek = keys_.create_kek("vaultfs-kek-" + std::string(name), options_.kek_reach);
     if (!kek) {
         spdlog::error("creating the KEK for vault {} failed: {}", name, kek.error().message);
         return core_.refuse(ev, Errc::key_unavailable, kek.error().message);
@@ -401,6 +402,7 @@ Result<OpenValue> SecretService::open_value(const Caller& caller, const SecretVi
 
     // One query for the row as it is now: attributes may have changed, or
     // the secret been deleted, since the lookup.
+    const std::uint64_t generation = store_.generation();
     auto read = store_.sealed_for_read(target.version.id);
     if (!read)
         return core_.refuse(ev, read.error().code, read.error().message);
@@ -428,6 +430,15 @@ Result<OpenValue> SecretService::open_value(const Caller& caller, const SecretVi
         return core_.refuse(ev, e.code, e.message);
     };
     auto dek = unseal_dek(**v, (*read)->secret, sealed);
+    if (!dek && store_.generation() != generation) {
+        // The row may have been sealed again meanwhile under a new KEK (a
+        // rekey, which destroys the one it was sealed under): once more.
+        auto again = store_.sealed_for_read(target.version.id);
+        if (again && *again && (*again)->sealed.meta.id == version.id) {
+            **read = std::move(**again);
+            dek = unseal_dek(**v, (*read)->secret, sealed);
+        }
+    }
     if (!dek)
         return failed(dek.error());
     const Binding binding{target.vault, (*read)->secret.name, version.number, sealed.kek_id};
@@ -615,7 +626,10 @@ Result<std::uint64_t> SecretService::seal_and_commit(const Caller& caller, const
     // different secrets then only queue for the commit); if the transaction
     // hands out another number (a concurrent writer of the same secret, on
     // this host or another), they are sealed again inside it.
-    const std::string& kek = v.row.kek_id;
+    // Sealed ahead under the KEK the vault had when loaded; a rekey since
+    // (vault/kek/rekey.hpp) is seen inside the transaction, which holds the
+    // vault's KEK until it ends, and sealed again there.
+    std::string kek = v.row.kek_id;
     auto dek = new_dek();
     if (!dek)
         return core_.refuse(ev, dek.error().code, dek.error().message);
@@ -656,6 +670,13 @@ Result<std::uint64_t> SecretService::seal_and_commit(const Caller& caller, const
             return tl::unexpected(allocated.error());
         number = *allocated;
         ev.version = number;
+        auto current_kek = tx.vault_kek(v.row.id, false);
+        if (!current_kek)
+            return tl::unexpected(current_kek.error());
+        if (*current_kek != kek) {
+            kek = *current_kek;
+            ahead.reset();
+        }
         Sealed sealed;
         if (ahead && ahead->number == number) {
             sealed = *ahead;

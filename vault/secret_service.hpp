@@ -54,6 +54,7 @@ namespace vaultfs::vault {
 struct VaultSettings {
     int retention_days = 90;  // 7..90
     bool purge_protection = false;
+    int rekey_after_days = 0;  // a new KEK every this many days; 0: only when asked (vault/kek/rekey.hpp)
 };
 
 struct VaultView {
@@ -65,6 +66,7 @@ struct VaultView {
     bool caller_is_admin = false;
     std::size_t policy_size = 0;  // bytes of the canonical policy text
     Ownership defaults;           // what its new secrets show
+    Micros kek_created = 0;       // when the KEK in use was made
 };
 
 // A secret as one path names it: `S` (the current version) or `S@N`.
@@ -167,6 +169,9 @@ struct Options {
     // A shared store: runs in the transaction that creates a vault's KEK (its
     // check value, and the KEK wrapped for the other hosts; vault/hosts).
     std::function<Result<void>(Store::Transaction&, const hsm::KeyId&)> on_new_kek;
+    // Where new KEKs may go: one host's never leave its token; a shared
+    // store's leave only under keys its Security Officer trusted.
+    hsm::KekReach kek_reach = hsm::KekReach::this_token;
 };
 
 class SecretService {

@@ -186,11 +186,14 @@ Result<std::vector<std::string>> init_state(const std::string& dir_arg, const In
         std::string dir;
         bool made_dir;
         bool armed = true;
+        std::vector<std::string> files;  // made outside the directory
         ~Cleanup()
         {
             if (!armed)
                 return;
             std::error_code e;
+            for (const auto& f : files)
+                fs::remove(f, e);
             if (made_dir) {
                 fs::remove_all(dir, e);
             } else {
@@ -209,6 +212,9 @@ Result<std::vector<std::string>> init_state(const std::string& dir_arg, const In
     const bool adopt = options.token_label.has_value();
     if (adopt != options.pin_file.has_value())
         return fail(Errc::invalid_argument, "adopting a token needs both --token-label and --pin-file");
+    if (adopt && !options.so_pin_file.empty())
+        return fail(Errc::invalid_argument, "an adopted token's Security Officer PIN is its owner's: vaultfs neither "
+                                            "makes nor keeps it (--so-pin-file is for the embedded token)");
     if (adopt && options.token_label->size() > 32)
         return fail(Errc::invalid_argument, "a token label is at most 32 bytes");
     Config config;
@@ -258,12 +264,23 @@ Result<std::vector<std::string>> init_state(const std::string& dir_arg, const In
             return tl::unexpected(so_pin.error());
         if (auto r = write_file(dir + "/pin", p->data(), p->size(), 0600); !r)
             return tl::unexpected(r.error());
+        // Kept for the admin to move offline (the key ceremony's SO step).
+        const std::string so_pin_path = options.so_pin_file.empty() ? dir + "/so-pin" : absolute_path(options.so_pin_file);
+        if (!options.so_pin_file.empty() && fs::exists(so_pin_path, ec))
+            return fail(Errc::already_exists, so_pin_path + " exists; --so-pin-file names a new file");
+        if (auto r = write_file(so_pin_path, so_pin->data(), so_pin->size(), 0400); !r)
+            return tl::unexpected(r.error());
+        cleanup.files.push_back(so_pin_path);
         if (auto r = hsm::initialise_token(config.pkcs11_module, config.environment(), config.token_label, *so_pin, *p);
             !r)
             return fail(Errc::key_unavailable, "cannot initialise the SoftHSM2 token: " + hsm_hint(r.error(), config));
         made.push_back("softhsm2.conf, tokens/   SoftHSM2 token '" + config.token_label + "' (module " +
                        config.pkcs11_module + ")");
-        made.push_back("pin                      the token's user PIN (mode 0600); the SO PIN was random and is not kept");
+        made.push_back("pin                      the token's user PIN (mode 0600)");
+        made.push_back((options.so_pin_file.empty() ? std::string("so-pin                   ")
+                                                    : so_pin_path + "  ") +
+                       "the token's Security Officer PIN (mode 0400): move it offline. Only the key ceremony "
+                       "of several hosts needs it (--so-pin-file); the daemon never reads it");
         pin.emplace(std::move(*p));
     }
 
@@ -310,6 +327,12 @@ Result<std::vector<std::string>> init_state(const std::string& dir_arg, const In
                    (config.schemes.signature == hsm::SignatureScheme::ecdsa_p256 ? "EC P-256" : "RSA-3072") +
                    ", in the token)");
 
+    // A shared store's KEKs move only under trusted keys: a token that does
+    // not enforce that is refused before anything is made in the store.
+    if (config.store)
+        if (auto t = (*keys)->check_trusted_wrapping(); !t)
+            return fail(Errc::not_permitted, t.error().message + ": it cannot hold KEKs shared with other hosts; use "
+                                                                 "it for one host (init without --store)");
     auto store = Store::open(config.store_location(), options.join ? Store::Mode::open_existing : Store::Mode::create,
                              store_options(config, false));
     if (!store)
@@ -474,6 +497,12 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
             return objects->plan_restore(caller, target, source, docs);
         };
         if (c.store) {
+            // Shared KEKs only where the token keeps them to trusted keys.
+            if (auto t = st->keys->check_trusted_wrapping(); t)
+                st->kek_reach = hsm::KekReach::trusted_tokens;
+            else
+                spdlog::warn("{}; new vaults' KEKs are made for this token only, and no other host can be granted "
+                             "them", t.error().message);
             st->enrolment = std::make_unique<hosts::Enrolment>(*st->store, *st->keys, c.host, signing_key,
                                                                dir + "/" + hosts::trust_file_name);
             hosts::Enrolment* enrolment = st->enrolment.get();
@@ -481,14 +510,13 @@ Result<std::unique_ptr<State>> State::open(const std::string& dir_arg, Purpose p
                 return enrolment->wrap_for_hosts(tx, kek);
             };
         }
+        options.kek_reach = st->kek_reach;
         st->service = std::make_unique<SecretService>(*st->core, *st->keys, *st->deks, std::move(options));
-        // KEKs granted to this host, now and whenever the feed moves
-        // (take_over: once its audit log starts, in start_audit).
-        if (st->enrolment && purpose == Purpose::serve) {
-            if (auto n = st->enrolment->import_granted(st->audit.get()); !n)
-                spdlog::error("importing the KEKs granted to this host failed: {}", n.error().message);
-            st->watch_grants();
-        }
+        st->rekey = std::make_unique<kek::Rekey>(*st->core, *st->keys, st->kek_reach, st->enrolment.get(),
+                                                 c.retention_day_ms);
+        // (take_over: once its audit log starts, in start_audit.)
+        if (purpose == Purpose::serve)
+            st->start_keys();
         st->evp = std::make_unique<hsm::TokenEvp>(*st->keys);
         st->key_vault = std::make_unique<keys::KeyVault>(*st->core, *st->keys);
         st->certificates = std::make_unique<certificates::Certificates>(*st->core, *st->keys, *st->keys, *st->evp);
@@ -524,12 +552,26 @@ Result<void> State::start_audit(audit::Log::Notes notes)
     store->drop_caches();
     if (auto r = audit->start(std::move(notes)); !r)
         return r;
+    start_keys();
+    return {};
+}
+
+void State::start_keys()
+{
     if (enrolment) {
+        if (auto r = enrolment->audit_trust(audit.get()); !r)
+            spdlog::error("auditing the token's trusted keys failed: {}", r.error().message);
         if (auto n = enrolment->import_granted(audit.get()); !n)
             spdlog::error("importing the KEKs granted to this host failed: {}", n.error().message);
+        if (auto n = enrolment->grant_missing(audit.get()); !n)
+            spdlog::error("granting KEKs to trusted hosts failed: {}", n.error().message);
         watch_grants();
     }
-    return {};
+    if (auto r = rekey->recover(); !r)
+        spdlog::error("{}", r.error().message);
+    if (auto found = rekey->inspect(); found)
+        for (const auto& f : *found)
+            spdlog::warn("vault {}: {}", f.vault, f.reason);
 }
 
 void State::watch_grants()
@@ -539,6 +581,8 @@ void State::watch_grants()
     store->on_change([e, log] {
         if (auto n = e->import_granted(log); !n)
             spdlog::error("importing a KEK granted to this host failed: {}", n.error().message);
+        if (auto n = e->grant_missing(log); !n)
+            spdlog::error("granting KEKs to trusted hosts failed: {}", n.error().message);
     });
 }
 
@@ -549,6 +593,7 @@ void State::close()
     closed_ = true;
     if (store)
         store->on_change(nullptr);
+    rekey.reset();
     enrolment.reset();
     certificates.reset();
     key_vault.reset();

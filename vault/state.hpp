@@ -7,6 +7,7 @@
 //     tokens/           the SoftHSM2 token "vaultfs" (KEKs, audit     } default only;
 //                       signing key)                                 } an adopted token
 //     pin               the token's user PIN, mode 0600, random      } lives elsewhere
+//     so-pin            its Security Officer PIN, mode 0400, random  } (move it offline)
 //     vault.db          SQLite: vaults, policies, secrets, versions (ciphertext)
 //     audit.jsonl       the audit trail
 //     audit-signing.pub.pem  public half of the audit signing key
@@ -33,6 +34,7 @@
 #include "vault/secret_service.hpp"
 #include "vault/state_lock.hpp"
 #include "vault/hosts/enrolment.hpp"
+#include "vault/kek/rekey.hpp"
 #include "vault/store/store.hpp"
 
 namespace vaultfs::vault {
@@ -50,6 +52,11 @@ struct InitOptions {
     std::optional<std::string> store;
     bool join = false;
     std::string host;  // this host's name in the store; empty: the system's host name
+    // The embedded token's Security Officer PIN is random and written here
+    // (mode 0400; empty: STATE/so-pin) for the admin to move offline: the
+    // key ceremony needs it (README "Several hosts"); the daemon never reads
+    // it. An adopted token's SO PIN is its owner's, and never written.
+    std::string so_pin_file;
 };
 
 // Creates a state in `dir` (made if missing, or empty): by default the
@@ -112,11 +119,20 @@ public:
     std::unique_ptr<keys::KeyVault> key_vault;                  // null for `inspect`
     std::unique_ptr<certificates::Certificates> certificates;  // null for `inspect`
     std::unique_ptr<hosts::Enrolment> enrolment;               // a PostgreSQL store's ceremony; else null
+    std::unique_ptr<kek::Rekey> rekey;                         // null for `inspect`
+    // Where this state's new KEKs may go: a shared store's token, when it
+    // enforces CKA_WRAP_WITH_TRUSTED, makes them movable under trusted keys.
+    hsm::KekReach kek_reach = hsm::KekReach::this_token;
 
 private:
     State() = default;
-    // KEKs granted to this host are imported whenever the feed moves.
+    // KEKs granted to this host are imported whenever the feed moves, and
+    // what it holds is granted to trusted hosts that lack it.
     void watch_grants();
+    // At start (serve, or a take-over's audit start): the token's trusted
+    // keys audited, grants imported and handed on, an interrupted rekey
+    // finished, and the KEKs that need a rekey named.
+    void start_keys();
     bool closed_ = false;
 };
 

@@ -285,7 +285,7 @@ Result<std::vector<std::string>> migrate_token(const std::string& state_arg, con
         if (!keks)
             return tl::unexpected(keks.error());
         for (const auto& id : *keks) {
-            if (auto r = (*target)->create_kek_with_id("vaultfs-kek " + id, hsm::KeyId{id}); !r)
+            if (auto r = (*target)->create_kek_with_id("vaultfs-kek " + id, hsm::KeyId{id}, hsm::KekReach::this_token); !r)
                 return fail(Errc::key_unavailable, "cannot make KEK " + id + " in " + target_name + ": " +
                                                        r.error().message + "; nothing was changed");
             made_keks.push_back(hsm::KeyId{id});

@@ -664,3 +664,42 @@ std::vector<nlohmann::json> Mount::records_of(const std::function<void()>& actio
 Outcome Mount::verify() const { return shell(binary + " audit verify --state " + state + " 2>&1"); }
 
 }  // namespace vaultfs::testing
+
+namespace vaultfs::testing {
+
+nlohmann::json p11_attack(const std::string& state, const std::string& command)
+{
+    const char* tool = std::getenv("VAULTFS_P11_ATTACK");
+    if (tool == nullptr)
+        throw std::runtime_error("VAULTFS_P11_ATTACK is not set (meson test sets it)");
+    std::string module, label, pin, env;
+    std::ifstream conf(state + "/vaultfs.conf");
+    std::string line;
+    const auto value = [&](const std::string& key) -> std::optional<std::string> {
+        if (line.rfind(key + " = ", 0) != 0)
+            return std::nullopt;
+        std::string v = line.substr(key.size() + 3);
+        if (const auto at = v.find("${STATE}"); at != std::string::npos)
+            v.replace(at, 8, state);
+        return v;
+    };
+    while (std::getline(conf, line)) {
+        if (auto v = value("pkcs11_module"))
+            module = *v;
+        else if (auto v = value("token_label"))
+            label = *v;
+        else if (auto v = value("pin_source"))
+            pin = v->substr(5);  // file:PATH
+        else if (auto v = value("module_env.SOFTHSM2_CONF"))
+            env = "SOFTHSM2_CONF=" + *v;
+    }
+    if (!pin.empty() && pin[0] != '/')
+        pin = state + "/" + pin;
+    const auto r = shell(std::string(tool) + " --module " + module + " --label " + label + " --pin-file " + pin +
+                         (env.empty() ? "" : " --env " + env) + " " + command);
+    if (r.err != 0)
+        throw std::runtime_error("p11-attack " + command + " failed with " + std::to_string(r.err));
+    return nlohmann::json::parse(r.data);
+}
+
+}  // namespace vaultfs::testing

@@ -182,6 +182,20 @@ struct BackgroundDaemon {
 
 std::string vaultfs_binary();
 
+// The attacker of tests/support/token_attack.hpp (tests/support/p11_attack.cpp)
+// aimed at the state's token with the state's own user PIN, as a root shell
+// or a copy of the state directory would: its JSON answer to `command`
+// ("keys", "trust", "unwrap ID HEX", "plant-exposed-kek ID").
+nlohmann::json p11_attack(const std::string& state, const std::string& command);
+
+// PKCS#11 return values the attacks expect.
+inline constexpr unsigned long ckr_ok = 0x0;
+inline constexpr unsigned long ckr_attribute_read_only = 0x10;
+inline constexpr unsigned long ckr_attribute_sensitive = 0x11;
+inline constexpr unsigned long ckr_key_not_wrappable = 0x69;
+inline constexpr unsigned long ckr_key_unextractable = 0x6a;
+inline constexpr unsigned long ckr_template_inconsistent = 0xd1;
+
 // The token the suite runs on besides SoftHSM2, from the environment
 // tests/support/with-opencryptoki sets; nullopt when there is none.
 struct TestToken {

@@ -11,6 +11,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
+
+#include <sys/stat.h>
 #include <thread>
 
 #include "fs_support.hpp"
@@ -51,6 +53,8 @@ struct Host {
     {
         return shell(mount.binary + " " + args + " --state " + mount.state + " 2>" + mount.root + "/cli.stderr");
     }
+    // The SO step's PIN: init kept the embedded token's in STATE/so-pin.
+    std::string so() const { return " --so-pin-file " + mount.state + "/so-pin "; }
     std::string cli_stderr() const { return slurp(mount.root + "/cli.stderr"); }
     std::string name;
     Mount mount;
@@ -97,11 +101,11 @@ std::string enrol(Host& enrolled, Host& joining, const std::string& url)
     const std::string req_file = write_temp(joining, "join.req", request);
     const auto fp = json::parse(request)["fingerprint"].get<std::string>();
     CHECK(joining.cli_stderr().find(fp) != std::string::npos);  // printed for the out-of-band check
-    auto grant = enrolled.cli("join grant --fingerprint " + fp + " " + req_file);
+    auto grant = enrolled.cli("join grant --fingerprint " + fp + enrolled.so() + req_file);
     INFO(enrolled.cli_stderr());
     REQUIRE(grant.err == 0);
     const std::string grant_file = write_temp(joining, "join.grant", first_line(grant.data));
-    auto accepted = joining.cli("join accept " + grant_file);
+    auto accepted = joining.cli("join accept" + joining.so() + grant_file);
     INFO(joining.cli_stderr());
     REQUIRE(accepted.err == 0);
     return request;
@@ -139,26 +143,43 @@ TEST_CASE("two hosts on one PostgreSQL: the key ceremony, writes and revocations
     auto g_req = gamma.cli("join request --store " + url + " --host gamma");
     REQUIRE(g_req.err == 0);
     const std::string gamma_request = first_line(g_req.data);
-    const std::string tampered = write_temp(beta, "tampered.req", with_transport_of(request, gamma_request));
-    auto t = alpha.cli("join grant " + tampered);
+    // (Its admin was told the tampered fingerprint, so it passes that check.)
+    const std::string tampered_text = with_transport_of(request, gamma_request);
+    const std::string tampered = write_temp(beta, "tampered.req", tampered_text);
+    const std::string tampered_fp = json::parse(tampered_text)["fingerprint"].get<std::string>();
+    auto t = alpha.cli("join grant --fingerprint " + tampered_fp + alpha.so() + tampered);
     CHECK(t.err != 0);
     CHECK(alpha.cli_stderr().find("not the ones host 'beta' registered") != std::string::npos);
     CHECK(alpha.mount.last_audit("host_grant")["result"] == "EINVAL");
-    // Edited without redoing the fingerprint; or a fingerprint the admin was not given.
+    // Edited without redoing the fingerprint; or a fingerprint the admin was
+    // not given, refused without printing the right one; or none at all: the
+    // comparison out of band cannot be skipped.
     json edited = json::parse(request);
     edited["host"] = "mallory";
-    CHECK(alpha.cli("join grant " + write_temp(beta, "edited.req", edited.dump())).err != 0);
+    CHECK(alpha.cli("join grant --fingerprint " + fp + alpha.so() + write_temp(beta, "edited.req", edited.dump()))
+              .err != 0);
     CHECK(alpha.cli_stderr().find("altered") != std::string::npos);
-    CHECK(alpha.cli("join grant --fingerprint 00000000-1 " + req_file).err != 0);
-    CHECK(alpha.cli_stderr().find("not the 00000000-1 you were given") != std::string::npos);
+    CHECK(alpha.cli("join grant --fingerprint 00000000-1" + alpha.so() + req_file).err != 0);
+    CHECK(alpha.cli_stderr().find("the request's fingerprint is not the one you were given") != std::string::npos);
+    CHECK(alpha.cli_stderr().find(fp) == std::string::npos);
+    CHECK(alpha.cli("join grant" + alpha.so() + req_file).err != 0);
+    CHECK(alpha.cli_stderr().find("--fingerprint is required") != std::string::npos);
+    // Nothing was trusted in alpha's token by any of these.
+    CHECK(p11_attack(alpha.mount.state, "trust")["copy_rvs"].empty());
 
     // Beta's own grant; and gamma's, which beta refuses.
-    auto grant = alpha.cli("join grant --fingerprint " + fp + " " + req_file);
+    auto grant = alpha.cli("join grant --fingerprint " + fp + alpha.so() + req_file);
     INFO(alpha.cli_stderr());
     REQUIRE(grant.err == 0);
-    auto gamma_grant = alpha.cli("join grant " + write_temp(gamma, "join.req", gamma_request));
+    // The SO step is in alpha's audit trail: beta's transport key trusted.
+    const auto trusted = alpha.mount.last_audit("host_trust");
+    CHECK(trusted["attribute"] == "beta");
+    CHECK(trusted["result"] == "ok");
+    const std::string gamma_fp = json::parse(gamma_request)["fingerprint"].get<std::string>();
+    auto gamma_grant =
+        alpha.cli("join grant --fingerprint " + gamma_fp + alpha.so() + write_temp(gamma, "join.req", gamma_request));
     REQUIRE(gamma_grant.err == 0);
-    CHECK(beta.cli("join accept " + write_temp(beta, "other.grant", first_line(gamma_grant.data))).err != 0);
+    CHECK(beta.cli("join accept" + beta.so() + write_temp(beta, "other.grant", first_line(gamma_grant.data))).err != 0);
     CHECK(beta.cli_stderr().find("the grant is for host 'gamma'") != std::string::npos);
     const auto g = json::parse(first_line(grant.data));
     CHECK(g["keks"].size() == 1);
@@ -166,13 +187,27 @@ TEST_CASE("two hosts on one PostgreSQL: the key ceremony, writes and revocations
     // A grant whose signature does not check (its list of KEKs edited).
     json forged = g;
     forged["time"] = forged["time"].get<std::int64_t>() + 1;
-    CHECK(beta.cli("join accept " + write_temp(beta, "forged.grant", forged.dump())).err != 0);
+    CHECK(beta.cli("join accept" + beta.so() + write_temp(beta, "forged.grant", forged.dump())).err != 0);
     CHECK(beta.cli_stderr().find("signature is not alpha's") != std::string::npos);
-    auto accepted = beta.cli("join accept " + grant_file);
+    // Accepted, but with a wrong SO PIN: the KEKs are in, the SO step failed
+    // (the token rejects the PIN once; it is not tried again) and says what
+    // to run.
+    const std::string wrong_so = write_temp(beta, "wrong.so-pin", "not-the-so-pin");
+    REQUIRE(::chmod(wrong_so.c_str(), 0600) == 0);
+    auto accepted = beta.cli("join accept --so-pin-file " + wrong_so + " " + grant_file);
     INFO(beta.cli_stderr());
-    REQUIRE(accepted.err == 0);
-    CHECK(accepted.data.find("1 KEKs imported") != std::string::npos);
-    CHECK(beta.cli("join accept " + grant_file).err != 0);
+    CHECK(accepted.err == 1);
+    CHECK(accepted.data.find("Joined: 1 KEKs imported") != std::string::npos);
+    CHECK(beta.cli_stderr().find("rejected the Security Officer PIN") != std::string::npos);
+    CHECK(beta.cli_stderr().find("run `vaultfs host trust --all` here") != std::string::npos);
+    // Beta's SO trusts the hosts enrolled before it, so that beta's own vaults
+    // reach them: alpha, and gamma (enrolled by alpha just now).
+    auto trusting = beta.cli("host trust --all" + beta.so());
+    INFO(beta.cli_stderr());
+    REQUIRE(trusting.err == 0);
+    CHECK(trusting.data.find("host alpha: its transport key") != std::string::npos);
+    CHECK(trusting.data.find("host gamma: its transport key") != std::string::npos);
+    CHECK(beta.cli("join accept" + beta.so() + grant_file).err != 0);
     CHECK(beta.cli_stderr().find("replayed") != std::string::npos);
     std::vector<std::string> grants_to_beta;
     for (const auto& rec : alpha.mount.audit())
@@ -185,6 +220,12 @@ TEST_CASE("two hosts on one PostgreSQL: the key ceremony, writes and revocations
         if (rec.value("op", "") == "host_accept")
             accepts.push_back(rec.value("result", ""));
     CHECK(accepts == std::vector<std::string>{"EINVAL", "EIO", "ok", "EEXIST"});
+    // Beta's daemon audits what its token trusts (it was stopped at the SO step).
+    std::set<std::string> trusted_on_beta;
+    for (const auto& rec : beta.mount.audit())
+        if (rec.value("op", "") == "host_trust")
+            trusted_on_beta.insert(rec.value("attribute", ""));
+    CHECK(trusted_on_beta == std::set<std::string>{"alpha", "gamma"});
 
     auto hosts = alpha.cli("host list");
     REQUIRE(hosts.err == 0);
@@ -228,6 +269,70 @@ TEST_CASE("two hosts on one PostgreSQL: the key ceremony, writes and revocations
     CHECK(within(delta, [&] {
         for (const auto& rec : alpha.mount.audit())
             if (rec.value("op", "") == "kek_import" && rec.value("result", "") == "ok")
+                return true;
+        return false;
+    }));
+
+    // ---- whoever holds a host's PIN takes no KEK out -------------------------------------
+    // Every KEK (payments, orders) is in both tokens, and each refuses to be
+    // wrapped under a key the PIN holder makes; their private keys refuse
+    // outright; the PIN cannot make a key trusted.
+    const std::string db_name = url.substr(url.rfind('/') + 1);
+    for (Host* h : {&alpha, &beta}) {
+        INFO("host " << h->name);
+        int keks = 0;
+        for (const auto& k : p11_attack(h->mount.state, "keys")) {
+            INFO(k.dump());
+            CHECK(k["recovered_bytes"] == 0);
+            if (k["class"] == 4) {  // a KEK
+                ++keks;
+                CHECK(k["wrap_aes_rv"] == ckr_key_not_wrappable);
+                CHECK(k["wrap_rsa_rv"] == ckr_key_not_wrappable);
+                CHECK(k["value_rv"] == ckr_attribute_sensitive);
+            } else {
+                CHECK(k["wrap_aes_rv"] == ckr_key_unextractable);
+            }
+        }
+        CHECK(keks == 2);
+        const auto trust = p11_attack(h->mount.state, "trust");
+        CHECK(trust["own_key_rv"] == ckr_attribute_read_only);
+        for (const auto& rv : trust["copy_rvs"])
+            CHECK(rv == ckr_attribute_read_only);
+    }
+    // Beta's PIN and a grant from the store: unwrapped into a key it could
+    // read, the transport key's unwrap template refuses.
+    {
+        const std::string transport = pg.psql("SELECT transport_key FROM hosts WHERE name = 'beta'", db_name);
+        const std::string blob = pg.psql("SELECT encode(g.wrapped_kek, 'hex') FROM kek_grants g JOIN hosts h ON "
+                                         "h.id = g.host WHERE h.name = 'beta' AND length(g.wrapped_kek) > 0 LIMIT 1",
+                                         db_name);
+        REQUIRE(blob.size() == 768);  // RSA-3072 OAEP
+        const auto unwrap = p11_attack(beta.mount.state, "unwrap " + transport + " " + blob);
+        CHECK(unwrap["unwrap_rv"] == ckr_template_inconsistent);
+    }
+
+    // ---- a rekey on one host reaches the other, and the old KEK goes from both ----------
+    const std::string old_kek = pg.psql("SELECT kek_id FROM vaults WHERE name = 'payments'", db_name);
+    {
+        auto r = beta.cli("vault rekey payments");
+        INFO(beta.cli_stderr());
+        REQUIRE(r.err == 0);
+    }
+    const std::string new_kek = pg.psql("SELECT kek_id FROM vaults WHERE name = 'payments'", db_name);
+    CHECK(new_kek != old_kek);
+    CHECK(within(delta * 2, [&] { return read_file(alpha.mount.path("payments/db")).data == "third"; }));
+    CHECK(ok(read_file(alpha.mount.path("payments/db@1"))) == "first");
+    const auto holds = [&](Host& h, const std::string& id) {
+        for (const auto& k : p11_attack(h.mount.state, "keys"))
+            if (k["id"] == id)
+                return true;
+        return false;
+    };
+    CHECK(within(delta * 2, [&] { return !holds(alpha, old_kek) && holds(alpha, new_kek); }));
+    CHECK_FALSE(holds(beta, old_kek));
+    CHECK(within(delta, [&] {
+        for (const auto& rec : alpha.mount.audit())
+            if (rec.value("op", "") == "kek_retire" && rec.value("reason", "").find(old_kek) != std::string::npos)
                 return true;
         return false;
     }));
@@ -281,10 +386,59 @@ TEST_CASE("two hosts on one PostgreSQL: the key ceremony, writes and revocations
     const auto vb = beta.mount.verify();
     INFO(vb.data);
     CHECK(vb.err == 0);
+    // Trusting again changes nothing; a host whose enrolment does not check
+    // (mallory, written into the database) is never trusted.
+    auto again = beta.cli("host trust --all" + beta.so());
+    REQUIRE(again.err == 0);
+    CHECK(again.data.find("every enrolled host is trusted here already") != std::string::npos);
+    CHECK(beta.cli("host trust gamma" + beta.so()).data.find("host gamma: its transport key is trusted in this "
+                                                             "token already") != std::string::npos);
+    CHECK(beta.cli("host trust mallory" + beta.so()).err != 0);
+    CHECK(beta.cli_stderr().find("host 'mallory' has no enrolment signed by a host this one trusts") !=
+          std::string::npos);
     // A removed host gets no more KEKs; it cannot remove itself.
     CHECK(beta.cli("host remove beta").err != 0);
     REQUIRE(alpha.cli("host remove gamma").err == 0);
     CHECK(alpha.cli("host list").data.find("gamma") == std::string::npos);
+    // Its transport key is trusted in alpha's token no more.
+    CHECK(alpha.mount.last_audit("host_untrust")["attribute"] == "gamma");
+}
+
+TEST_CASE("a token that does not enforce CKA_WRAP_WITH_TRUSTED serves a store alone, and never shares a KEK",
+          "[.ock][hosts][pg]")
+{
+    // openCryptoki 3.8 (tests/support/with-opencryptoki) wraps a key marked
+    // wrap-with-trusted under any key: vaultfs finds it out and says so.
+    auto t = test_token();
+    if (!t)
+        FAIL("no second token: run under tests/support/with-opencryptoki");
+    PgServer pg;
+    const std::string url = pg.new_database();
+    Host alpha("alpha");
+    auto r = shell(alpha.mount.binary + " init --state " + alpha.mount.state + " --store " + url +
+                   " --host alpha --module " + t->module + " --token-label " + t->label + " --pin-file " +
+                   t->pin_file + " 2>&1");
+    INFO(r.data);
+    // (openCryptoki 3.8 lacks CKM_AES_GCM too: its KEKs are CBC+HMAC pairs, which never move at all.)
+    CHECK(r.err != 0);
+    CHECK_THAT(r.data, Catch::Contains("does not enforce CKA_WRAP_WITH_TRUSTED") ||
+                           Catch::Contains("cannot receive KEKs from other hosts"));
+    // A host on SoftHSM2 leads the store; the openCryptoki one cannot join it.
+    Host beta("beta");
+    {
+        auto first = beta.cli("init --store " + url + " --host beta");
+        INFO(beta.cli_stderr());
+        REQUIRE(first.err == 0);
+    }
+    Host gamma("gamma");
+    r = shell(gamma.mount.binary + " join request --state " + gamma.mount.state + " --store " + url +
+              " --host gamma --module " + t->module + " --token-label " + t->label + " --pin-file " + t->pin_file +
+              " 2>&1");
+    INFO(r.data);
+    CHECK(r.err != 0);
+    CHECK_THAT(r.data, Catch::Contains("does not enforce CKA_WRAP_WITH_TRUSTED") ||
+                           Catch::Contains("cannot receive KEKs from other hosts"));
+    CHECK(pg.psql("SELECT count(*) FROM hosts WHERE name = 'gamma'", url.substr(url.rfind('/') + 1)) == "0");
 }
 
 TEST_CASE("PostgreSQL stopped: reads fail closed after the bound, audited, and resume by themselves", "[hosts][pg]")
@@ -402,16 +556,28 @@ TEST_CASE("migrate --to copies a SQLite state into PostgreSQL as it is, and anot
     auto r = shell(m.binary + " migrate --state " + m.state + " --to " + url + " --host alpha 2>&1");
     INFO(r.data);
     REQUIRE(r.err == 0);
-    CHECK(r.data.find("nothing decrypted") != std::string::npos);
+    // A one-host KEK never leaves its token: the vault moved to a new KEK,
+    // which leaves it only under keys its SO trusts.
+    CHECK(r.data.find("1 vault(s) moved to new KEKs that leave the token only wrapped under keys its Security "
+                      "Officer trusts; 2 value(s) sealed again") != std::string::npos);
     CHECK(slurp(m.state_file("vaultfs.conf")).find("store = " + url) != std::string::npos);
-    // The ciphertext is what SQLite had: same bytes in both.
     bool ok_pg = false;
     const std::string db = url.substr(url.rfind('/') + 1);
-    const auto in_pg = pg.psql("SELECT encode(ciphertext, 'hex') FROM versions ORDER BY id", db, &ok_pg);
+    const auto kek = pg.psql("SELECT kek_id FROM vaults", db, &ok_pg);
     CHECK(ok_pg);
-    const auto in_sqlite = shell("sqlite3 " + m.state_file("vault.db") + " \"SELECT lower(hex(ciphertext)) FROM "
-                                 "versions ORDER BY id\"");
-    CHECK(in_pg + "\n" == in_sqlite.data);
+    const auto old_kek = shell("sqlite3 " + m.state_file("vault.db") + " \"SELECT kek_id FROM vaults\"");
+    CHECK(old_kek.data != kek + "\n");
+    CHECK(pg.psql("SELECT DISTINCT kek_id FROM versions", db) == kek);
+    const auto moved = p11_attack(m.state, "keys");
+    bool found = false;
+    for (const auto& k : moved) {
+        CHECK(k["id"] != old_kek.data.substr(0, 32));  // the old one is gone
+        if (k["id"] == kek) {
+            found = true;
+            CHECK(k["wrap_aes_rv"] == ckr_key_not_wrappable);
+        }
+    }
+    CHECK(found);
     m.start();
     CHECK(ok(read_file(m.path("payments/db"))) == "two");
     CHECK(ok(read_file(m.path("payments/db@1"))) == "one");
@@ -421,9 +587,11 @@ TEST_CASE("migrate --to copies a SQLite state into PostgreSQL as it is, and anot
     auto req = beta.cli("join request --store " + url + " --host beta");
     REQUIRE(req.err == 0);
     const std::string req_file = write_temp(beta, "join.req", first_line(req.data));
-    auto grant = shell(m.binary + " join grant --state " + m.state + " " + req_file);
+    const std::string beta_fp = json::parse(first_line(req.data))["fingerprint"].get<std::string>();
+    auto grant = shell(m.binary + " join grant --state " + m.state + " --fingerprint " + beta_fp +
+                       " --so-pin-file " + m.state + "/so-pin " + req_file);
     REQUIRE(grant.err == 0);
-    REQUIRE(beta.cli("join accept " + write_temp(beta, "join.grant", first_line(grant.data))).err == 0);
+    REQUIRE(beta.cli("join accept" + beta.so() + write_temp(beta, "join.grant", first_line(grant.data))).err == 0);
     beta.mount.start();
     CHECK(ok(read_file(beta.mount.path("payments/db"))) == "two");
 }

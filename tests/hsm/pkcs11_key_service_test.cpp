@@ -31,9 +31,12 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
+#include "hsm/security_officer.hpp"
 #include "tests/support/temp_token.hpp"
+#include "tests/support/token_attack.hpp"
 
 namespace vaultfs::hsm {
 namespace {
@@ -59,9 +62,9 @@ std::unique_ptr<Pkcs11KeyService> open_service(const TempToken& token)
     return std::move(*keys);
 }
 
-KeyId new_kek(KeyService& keys, const std::string& label = "test-kek")
+KeyId new_kek(KeyService& keys, const std::string& label = "test-kek", KekReach reach = KekReach::this_token)
 {
-    auto kek = keys.create_kek(label);
+    auto kek = keys.create_kek(label, reach);
     if (!kek)
         FAIL("create_kek failed: " << kek.error().message);
     return *kek;
@@ -98,46 +101,114 @@ std::array<std::uint8_t, 32> sha256_of(const std::string& text)
     return d;
 }
 
-TEST_CASE("a KEK is generated sensitive, extractable only wrapped, for encrypt/decrypt only", "[pkcs11]")
+testing::TokenAccess access(const TempToken& token, const std::string& label = TempToken::label)
+{
+    return testing::TokenAccess{VAULTFS_SOFTHSM_MODULE, label, TempToken::pin, token.environment()};
+}
+
+// What the attacker of token_attack.hpp did to the key with this id.
+testing::KeyUnderAttack attacked(const std::vector<testing::KeyUnderAttack>& all, const KeyId& id)
+{
+    for (const auto& k : all)
+        if (k.id == id.hex)
+            return k;
+    FAIL("the attacker did not find key " << id.hex);
+    return {};
+}
+
+void check_bools(Pkcs11KeyService& keys, const KeyId& id,
+                 const std::vector<std::tuple<unsigned long, const char*, bool>>& expected)
+{
+    for (const auto& [type, name, value] : expected) {
+        INFO(name);
+        auto v = keys.read_bool_attribute(id, type);
+        REQUIRE(v);
+        CHECK(*v == value);
+    }
+}
+
+TEST_CASE("a one-host KEK never leaves the token: whoever holds the PIN cannot wrap it out, nor any other key",
+          "[pkcs11][attack]")
 {
     TempToken token;
     auto keys = open_service(token);
     const KeyId kek = new_kek(*keys);
     CHECK(kek.hex.size() == 32);  // a 16-byte CKA_ID in lowercase hex
     CHECK(kek.hex.find_first_not_of("0123456789abcdef") == std::string::npos);
-
-    struct Expected {
-        unsigned long type;
-        const char* name;
-        bool value;
-    };
     // SoftHSM defaults every usage flag to true: a false here was set on purpose.
-    const Expected expected[] = {
-        {CKA_SENSITIVE, "CKA_SENSITIVE", true},   {CKA_EXTRACTABLE, "CKA_EXTRACTABLE", true},
-        {CKA_ENCRYPT, "CKA_ENCRYPT", true},       {CKA_DECRYPT, "CKA_DECRYPT", true},
-        {CKA_WRAP, "CKA_WRAP", false},            {CKA_UNWRAP, "CKA_UNWRAP", false},
-        {CKA_SIGN, "CKA_SIGN", false},            {CKA_VERIFY, "CKA_VERIFY", false},
-        {CKA_DERIVE, "CKA_DERIVE", false},        {CKA_TOKEN, "CKA_TOKEN", true},
-        {CKA_PRIVATE, "CKA_PRIVATE", true},       {CKA_NEVER_EXTRACTABLE, "CKA_NEVER_EXTRACTABLE", false},
-        {CKA_ALWAYS_SENSITIVE, "CKA_ALWAYS_SENSITIVE", true},
-    };
-    for (const auto& e : expected) {
-        INFO(e.name);
-        auto v = keys->read_bool_attribute(kek, e.type);
-        REQUIRE(v);
-        CHECK(*v == e.value);
-    }
-
-    // The key's value never leaves the token.
+    check_bools(*keys, kek,
+                {{CKA_SENSITIVE, "CKA_SENSITIVE", true},         {CKA_EXTRACTABLE, "CKA_EXTRACTABLE", false},
+                 {CKA_NEVER_EXTRACTABLE, "CKA_NEVER_EXTRACTABLE", true},
+                 {CKA_ALWAYS_SENSITIVE, "CKA_ALWAYS_SENSITIVE", true}, {CKA_ENCRYPT, "CKA_ENCRYPT", true},
+                 {CKA_DECRYPT, "CKA_DECRYPT", true},             {CKA_WRAP, "CKA_WRAP", false},
+                 {CKA_UNWRAP, "CKA_UNWRAP", false},               {CKA_SIGN, "CKA_SIGN", false},
+                 {CKA_VERIFY, "CKA_VERIFY", false},               {CKA_DERIVE, "CKA_DERIVE", false},
+                 {CKA_TOKEN, "CKA_TOKEN", true},                  {CKA_PRIVATE, "CKA_PRIVATE", true}});
     CHECK(keys->read_attribute_rv(kek, CKA_VALUE) == CKR_ATTRIBUTE_SENSITIVE);
-    // The seam itself reports success for a readable attribute.
-    CHECK(keys->read_attribute_rv(kek, CKA_LABEL) == CKR_OK);
+    CHECK(keys->read_attribute_rv(kek, CKA_LABEL) == CKR_OK);  // the seam reports success when it can
+    CHECK(*keys->kek_exposure(kek) == Pkcs11KeyService::KekExposure::none);
+    // It is never wrapped for another host either.
+    auto transport = keys->create_transport_key("transport");
+    REQUIRE(transport);
+    auto transport_public = keys->public_key_der(*transport);
+    REQUIRE(transport_public);
+    auto wrapped = keys->wrap_kek(kek, *transport_public);
+    REQUIRE_FALSE(wrapped);
+    CHECK(wrapped.error().code == Errc::not_permitted);
+
+    // Every other key vaultfs makes: the audit signing key, application keys.
+    auto signing = keys->create_signing_key("audit");
+    REQUIRE(signing);
+    auto app_rsa = keys->create_key_pair(KeyType::rsa_2048, "app-rsa", KeyUsage{.sign = true, .decrypt = true});
+    REQUIRE(app_rsa);
+    auto app_ec = keys->create_key_pair(KeyType::ec_p384, "app-ec", KeyUsage{.sign = true});
+    REQUIRE(app_ec);
+
+    // The attack of issue 33: a session key of the attacker's own
+    // (CKA_SENSITIVE false, CKA_WRAP true) wraps the key out, then opens
+    // the blob offline; and an RSA key of theirs, imported to wrap with.
+    const auto all = testing::attack_every_key(access(token));
+    for (const KeyId& id : {kek, *signing, *app_rsa, *app_ec, *transport}) {
+        const auto k = attacked(all, id);
+        INFO(k.label << " " << k.id);
+        CHECK(k.wrap_aes_rv == CKR_KEY_UNEXTRACTABLE);
+        CHECK(k.recovered_bytes == 0);
+        CHECK(k.value_rv == CKR_ATTRIBUTE_SENSITIVE);
+        if (k.cls == CKO_SECRET_KEY)
+            CHECK(k.wrap_rsa_rv == CKR_KEY_UNEXTRACTABLE);
+    }
+    // Every key the token holds was tried, and none came out.
+    CHECK(all.size() == 5);
+    for (const auto& k : all)
+        CHECK(k.recovered_bytes == 0);
 }
 
-TEST_CASE("a KEK moves to another token only wrapped for its transport key, and seals the same there",
+TEST_CASE("a shared store's KEK leaves only under a key the Security Officer trusted", "[pkcs11][attack]")
+{
+    TempToken token;
+    auto keys = open_service(token);
+    REQUIRE(keys->check_trusted_wrapping());  // SoftHSM2 2.6.1 enforces CKA_WRAP_WITH_TRUSTED
+    const KeyId kek = new_kek(*keys, "movable", KekReach::trusted_tokens);
+    check_bools(*keys, kek,
+                {{CKA_SENSITIVE, "CKA_SENSITIVE", true},       {CKA_EXTRACTABLE, "CKA_EXTRACTABLE", true},
+                 {CKA_WRAP_WITH_TRUSTED, "CKA_WRAP_WITH_TRUSTED", true},
+                 {CKA_NEVER_EXTRACTABLE, "CKA_NEVER_EXTRACTABLE", false},
+                 {CKA_ALWAYS_SENSITIVE, "CKA_ALWAYS_SENSITIVE", true}, {CKA_WRAP, "CKA_WRAP", false},
+                 {CKA_UNWRAP, "CKA_UNWRAP", false},             {CKA_DERIVE, "CKA_DERIVE", false}});
+    CHECK(*keys->kek_exposure(kek) == Pkcs11KeyService::KekExposure::trusted_only);
+    const auto k = attacked(testing::attack_every_key(access(token)), kek);
+    CHECK(k.wrap_aes_rv == CKR_KEY_NOT_WRAPPABLE);
+    CHECK(k.wrap_rsa_rv == CKR_KEY_NOT_WRAPPABLE);
+    CHECK(k.recovered_bytes == 0);
+    // Nor can the PIN make a key of its own trusted.
+    CHECK(testing::attack_trust(access(token)).own_key_rv == CKR_ATTRIBUTE_READ_ONLY);
+}
+
+TEST_CASE("a KEK moves to another token only under the transport key its SO trusted, and seals the same there",
           "[pkcs11][transfer]")
 {
-    // Two tokens of one SoftHSM2 (one SOFTHSM2_CONF per process).
+    // Three tokens of one SoftHSM2 (one SOFTHSM2_CONF per process): A (the
+    // test token) grants, B receives, C is another host.
     TempToken token;
     REQUIRE(initialise_token(VAULTFS_SOFTHSM_MODULE, token.environment(), "vaultfs-host-b",
                              testing::secure(TempToken::so_pin), testing::secure(TempToken::pin)));
@@ -149,48 +220,90 @@ TEST_CASE("a KEK moves to another token only wrapped for its transport key, and 
         REQUIRE(k);
         return std::move(*k);
     };
-    auto a = open_service(token);
     auto b = open_label("vaultfs-host-b");
     auto c = open_label("vaultfs-host-c");
+    auto transport = b->create_transport_key("vaultfs-transport");
+    REQUIRE(transport);
+    // Its private half only unwraps, and never leaves the token.
+    check_bools(*b, *transport,
+                {{CKA_UNWRAP, "CKA_UNWRAP", true}, {CKA_DECRYPT, "CKA_DECRYPT", false}, {CKA_SIGN, "CKA_SIGN", false},
+                 {CKA_EXTRACTABLE, "CKA_EXTRACTABLE", false}, {CKA_SENSITIVE, "CKA_SENSITIVE", true},
+                 {CKA_MODIFIABLE, "CKA_MODIFIABLE", false}});
+    auto b_public = b->public_key_der(*transport);
+    REQUIRE(b_public);
 
-    const KeyId kek = new_kek(*a);
+    // A's Security Officer takes B's key in; A's user could not (above).
+    {
+        auto wrong = SecurityOfficer::login(VAULTFS_SOFTHSM_MODULE, token.environment(), TempToken::label,
+                                            testing::secure("not-the-so-pin"));
+        REQUIRE_FALSE(wrong);
+        CHECK(wrong.error().code == Errc::pin_incorrect);
+        auto so = SecurityOfficer::login(VAULTFS_SOFTHSM_MODULE, token.environment(), TempToken::label,
+                                         testing::secure(TempToken::so_pin));
+        INFO((so ? std::string() : so.error().message));
+        REQUIRE(so);
+        auto made = (*so)->trust(*b_public, "vaultfs-trusted host-b");
+        INFO((made ? std::string() : made.error().message));
+        REQUIRE(made);
+        CHECK(*made);
+        auto again = (*so)->trust(*b_public, "vaultfs-trusted host-b");
+        REQUIRE(again);
+        CHECK_FALSE(*again);
+    }
+    auto a = open_service(token);
+    // While A's user is logged in, its SO cannot log in from this process.
+    auto busy = SecurityOfficer::login(VAULTFS_SOFTHSM_MODULE, token.environment(), TempToken::label,
+                                       testing::secure(TempToken::so_pin));
+    CHECK_FALSE(busy);
+
+    const KeyId kek = new_kek(*a, "movable", KekReach::trusted_tokens);
     const auto dek = testing::secure(std::string(32, 'd'));
     const std::vector<std::uint8_t> aad{1, 2, 3};
     auto sealed = a->seal(kek, dek, aad);
     REQUIRE(sealed);
+    CHECK(*a->trusts(*b_public));
+    auto listed = a->trusted_keys();
+    REQUIRE(listed);
+    REQUIRE(listed->size() == 1);
+    CHECK((*listed)[0].spki == *b_public);
+    CHECK((*listed)[0].id == Pkcs11KeyService::trusted_key_id(*b_public));
+    // The trusted key cannot be copied with another modulus (it is not modifiable).
+    const auto copies = testing::attack_trust(access(token)).copy_rvs;
+    REQUIRE(copies.size() == 1);
+    CHECK(copies[0] == CKR_ATTRIBUTE_READ_ONLY);
 
-    auto transport = b->create_transport_key("vaultfs-transport");
-    REQUIRE(transport);
-    // Its private half only unwraps, and never leaves the token.
-    for (const auto& [type, value] : std::vector<std::pair<unsigned long, bool>>{
-             {CKA_UNWRAP, true}, {CKA_DECRYPT, false}, {CKA_SIGN, false}, {CKA_EXTRACTABLE, false},
-             {CKA_SENSITIVE, true}}) {
-        INFO("attribute " << type);
-        auto v = b->read_bool_attribute(*transport, type);
-        REQUIRE(v);
-        CHECK(*v == value);
-    }
-    auto b_public = b->public_key_der(*transport);
-    REQUIRE(b_public);
     auto wrapped = a->wrap_kek(kek, *b_public);
     INFO((wrapped ? std::string() : wrapped.error().message));
     REQUIRE(wrapped);
-    CHECK(wrapped->wrapped_key.size() == 384);  // RSA-3072
-    CHECK(wrapped->wrapped_kek.size() == 40);   // AES-KWP of 32 bytes
-
-    // Only the transport key's holder opens it.
+    CHECK(wrapped->size() == 384);  // RSA-3072 OAEP around the 32-byte key
+    // A one-host KEK stays, even for a trusted key.
+    auto fixed = a->wrap_kek(new_kek(*a), *b_public);
+    REQUIRE_FALSE(fixed);
+    CHECK(fixed.error().code == Errc::not_permitted);
+    // C's transport key was never trusted on A: nothing is wrapped for it.
     auto c_transport = c->create_transport_key("vaultfs-transport");
     REQUIRE(c_transport);
+    auto c_public = c->public_key_der(*c_transport);
+    REQUIRE(c_public);
+    CHECK_FALSE(*a->trusts(*c_public));
+    auto for_c = a->wrap_kek(kek, *c_public);
+    REQUIRE_FALSE(for_c);
+    CHECK(for_c.error().code == Errc::not_permitted);
+
+    // Only the transport key's holder opens it.
     auto wrong = c->unwrap_kek(*c_transport, *wrapped, kek, "vaultfs-kek");
     REQUIRE_FALSE(wrong);
     CHECK(wrong.error().code == Errc::authentication_failed);
     CHECK_FALSE(c->find_key(kek));
-    // Altered in transit: refused.
     auto altered = *wrapped;
-    altered.wrapped_kek[5] ^= 1;
+    altered[5] ^= 1;
     auto bad = b->unwrap_kek(*transport, altered, kek, "vaultfs-kek");
     REQUIRE_FALSE(bad);
     CHECK(bad.error().code == Errc::authentication_failed);
+    // B's PIN holder unwraps the grant into a key they could read: the
+    // transport key's unwrap template refuses.
+    const auto attack = testing::attack_unwrap(access(token, "vaultfs-host-b"), transport->hex, *wrapped);
+    CHECK(attack.unwrap_rv == CKR_TEMPLATE_INCONSISTENT);
 
     auto moved = b->unwrap_kek(*transport, *wrapped, kek, "vaultfs-kek");
     INFO((moved ? std::string() : moved.error().message));
@@ -198,11 +311,15 @@ TEST_CASE("a KEK moves to another token only wrapped for its transport key, and 
     auto opened = b->unseal(kek, *sealed, aad);
     REQUIRE(opened);
     CHECK(opened->equals(dek.bytes()));
-    // Sensitive there too, and wrappable again (B may grant onward).
-    CHECK(b->read_attribute_rv(kek, CKA_VALUE) == CKR_ATTRIBUTE_SENSITIVE);
-    auto again = b->read_bool_attribute(kek, CKA_EXTRACTABLE);
-    REQUIRE(again);
-    CHECK(*again);
+    // There it is what it was on A: sensitive, leaving only under trusted keys.
+    check_bools(*b, kek,
+                {{CKA_SENSITIVE, "CKA_SENSITIVE", true}, {CKA_EXTRACTABLE, "CKA_EXTRACTABLE", true},
+                 {CKA_WRAP_WITH_TRUSTED, "CKA_WRAP_WITH_TRUSTED", true}, {CKA_WRAP, "CKA_WRAP", false},
+                 {CKA_DERIVE, "CKA_DERIVE", false}});
+    const auto on_b = attacked(testing::attack_every_key(access(token, "vaultfs-host-b")), kek);
+    CHECK(on_b.wrap_aes_rv == CKR_KEY_NOT_WRAPPABLE);
+    CHECK(on_b.wrap_rsa_rv == CKR_KEY_NOT_WRAPPABLE);
+    CHECK(on_b.value_rv == CKR_ATTRIBUTE_SENSITIVE);
     // Once there, it is not unwrapped twice.
     auto twice = b->unwrap_kek(*transport, *wrapped, kek, "vaultfs-kek");
     REQUIRE_FALSE(twice);
@@ -215,6 +332,10 @@ TEST_CASE("a KEK moves to another token only wrapped for its transport key, and 
     auto not_rsa = a->wrap_kek(kek, *ec_public);
     REQUIRE_FALSE(not_rsa);
     CHECK(not_rsa.error().code == Errc::invalid_argument);
+    // Trust taken back: nothing more is wrapped for B.
+    REQUIRE(a->forget_trusted_key(*b_public));
+    CHECK_FALSE(*a->trusts(*b_public));
+    CHECK_FALSE(a->wrap_kek(kek, *b_public));
 }
 
 TEST_CASE("every KEK gets its own id", "[pkcs11]")

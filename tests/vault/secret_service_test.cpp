@@ -11,11 +11,14 @@
 #include <catch2/catch.hpp>
 
 #include <sqlite3.h>
+#define CRYPTOKI_GNU 1
+#include <p11-kit/pkcs11.h>
 #include <unistd.h>
 
 #include <openssl/rand.h>
 
 #include <algorithm>
+#include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
@@ -30,6 +33,8 @@
 
 #include "tests/support/temp_token.hpp"
 #include "tests/support/small_tmpfs.hpp"
+#include "tests/support/token_attack.hpp"
+#include "vault/kek/rekey.hpp"
 #include "vault/signing.hpp"
 
 namespace vaultfs::vault {
@@ -1043,6 +1048,7 @@ TEST_CASE("version numbers: taken in the commit's transaction, so a failed commi
     CHECK(next_in_db() == 5);
 }
 
+
 }  // namespace
 }  // namespace vaultfs::vault
 
@@ -1149,6 +1155,211 @@ TEST_CASE("ownership: managers change it (audited), others set only what is show
     CHECK(s.view(v, "t").ownership == Ownership{0, 0, 0440});
     CHECK(s.view(v, "s").ownership == Ownership{4242, 4242, 0640});
     CHECK(s.service->set_vault_attribute(other, v, "default_mode", "0400").error().code == Errc::access_denied);
+}
+
+
+// ---- KEK rotation (vault/kek/rekey.hpp) ----------------------------------------------
+
+// Every version row's KEK id, and the vault's, as the database holds them.
+std::set<std::string> row_keks(const std::string& db)
+{
+    sqlite3* c = nullptr;
+    REQUIRE(sqlite3_open_v2(db.c_str(), &c, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
+    sqlite3_busy_timeout(c, 5000);
+    std::set<std::string> out;
+    sqlite3_stmt* st = nullptr;
+    REQUIRE(sqlite3_prepare_v2(c, "SELECT kek_id FROM versions", -1, &st, nullptr) == SQLITE_OK);
+    while (sqlite3_step(st) == SQLITE_ROW)
+        out.insert(reinterpret_cast<const char*>(sqlite3_column_text(st, 0)));
+    sqlite3_finalize(st);
+    sqlite3_close_v2(c);
+    return out;
+}
+
+TEST_CASE("rekey: every version reads the same under a new KEK, the old one is gone, and readers and writers "
+          "meanwhile lose nothing",
+          "[rekey][concurrency]")
+{
+    Stack s;
+    kek::Rekey rekey(*s.core, *s.keys, hsm::KekReach::this_token, nullptr);
+    const VaultId v = s.make_vault("rotating").id;
+    const std::string first_kek = s.store->vault_by_id(v).value()->kek_id;
+    for (int i = 0; i < 20; ++i)
+        s.must_put(v, "s" + std::to_string(i % 5), bytes_of("value-" + std::to_string(i)));
+
+    // Writers and readers go on while the vault is rekeyed three times.
+    std::atomic<bool> done{false};
+    std::atomic<int> write_failures{0}, read_failures{0}, writes{0};
+    std::thread writer([&] {
+        for (int i = 0; !done; ++i) {
+            if (s.put(v, "w", bytes_of("w-" + std::to_string(i))))
+                ++writes;
+            else
+                ++write_failures;
+        }
+    });
+    std::thread reader([&] {
+        while (!done)
+            for (int i = 0; i < 5; ++i)
+                if (auto r = s.get(v, "s" + std::to_string(i)); !r)
+                    ++read_failures;
+    });
+    std::vector<std::string> keks{first_kek};
+    for (int round = 0; round < 3; ++round) {
+        auto r = rekey.rekey(&root, "rotating");
+        INFO((r ? std::string() : r.error().message));
+        REQUIRE(r);
+        CHECK(r->old_kek == keks.back());
+        CHECK(r->resealed >= 20);
+        keks.push_back(r->new_kek);
+        std::this_thread::sleep_for(20ms);
+    }
+    done = true;
+    writer.join();
+    reader.join();
+    CHECK(write_failures == 0);
+    CHECK(read_failures == 0);
+    CHECK(writes > 0);
+
+    // Every version as it was written, each under the last KEK.
+    for (int i = 0; i < 20; ++i) {
+        auto value = s.get(v, "s" + std::to_string(i % 5) + "@" + std::to_string(i / 5 + 1));
+        REQUIRE(value);
+        CHECK(value->equals(bytes_of("value-" + std::to_string(i))));
+    }
+    for (int n = 1; n <= writes; ++n)
+        CHECK(s.get(v, "w@" + std::to_string(n)));
+    CHECK(row_keks(s.db_path()) == std::set<std::string>{keks.back()});
+    CHECK(s.store->vault_by_id(v).value()->kek_id == keks.back());
+    for (std::size_t i = 0; i + 1 < keks.size(); ++i)
+        CHECK_FALSE(s.keys->find_key(hsm::KeyId{keks[i]}));
+    // Made under today's rule for one host: it never leaves the token.
+    CHECK(*s.keys->kek_exposure(hsm::KeyId{keks.back()}) == hsm::Pkcs11KeyService::KekExposure::none);
+    const auto record = s.last_record("vault_rekey");
+    CHECK(record["decision"] == "allow");
+    CHECK(record["result"] == "ok");
+    CHECK(record["rule"] == "1: allow uid:0 *");
+    CHECK(record["reason"].get<std::string>().find("in place of " + keks[2]) != std::string::npos);
+}
+
+TEST_CASE("rekey needs manage, and a refusal changes nothing", "[rekey]")
+{
+    Stack s;
+    kek::Rekey rekey(*s.core, *s.keys, hsm::KekReach::this_token, nullptr);
+    const VaultId v = s.make_vault("guarded").id;
+    s.must_put(v, "s", bytes_of("x"));
+    REQUIRE(s.service->write_policy(root, v, "allow uid:0 *\nallow uid:4242 get,set,list\n"));
+    const std::string before = s.store->vault_by_id(v).value()->kek_id;
+    const Caller reader = caller(4242, 4242);
+    auto refused = rekey.rekey(&reader, "guarded");
+    REQUIRE_FALSE(refused);
+    CHECK(refused.error().code == Errc::access_denied);
+    CHECK(s.last_record("vault_rekey")["decision"] == "deny");
+    auto missing = rekey.rekey(&root, "no-such-vault");
+    REQUIRE_FALSE(missing);
+    CHECK(missing.error().code == Errc::not_found);
+    CHECK(s.store->vault_by_id(v).value()->kek_id == before);
+    CHECK(s.keys->find_key(hsm::KeyId{before}));
+    CHECK(s.get(v, "s")->equals(bytes_of("x")));
+    // rekey_after_days: the vault's managers set it, and the round rekeys
+    // once the KEK is older (a day here is a millisecond).
+    kek::Rekey quick(*s.core, *s.keys, hsm::KekReach::this_token, nullptr, 1);
+    CHECK(s.service->set_vault_attribute(caller(4242, 4242), v, "rekey_after_days", "1").error().code ==
+          Errc::access_denied);
+    CHECK(s.service->set_vault_attribute(root, v, "rekey_after_days", "-1").error().code == Errc::invalid_argument);
+    CHECK(*quick.rotate_due(now_micros()) == 0);
+    REQUIRE(s.service->set_vault_attribute(root, v, "rekey_after_days", "1"));
+    std::this_thread::sleep_for(5ms);
+    CHECK(*quick.rotate_due(now_micros()) == 1);
+    CHECK(s.store->vault_by_id(v).value()->kek_id != before);
+    CHECK(s.last_record("vault_rekey")["rule"] == "rekey_after_days");
+    CHECK(s.get(v, "s")->equals(bytes_of("x")));
+}
+
+TEST_CASE("an interrupted rekey is undone, or finished, at the next start; every secret reads either way",
+          "[rekey]")
+{
+    Stack s;
+    kek::Rekey rekey(*s.core, *s.keys, hsm::KekReach::this_token, nullptr);
+    const VaultId v = s.make_vault("crashing").id;
+    s.must_put(v, "s", bytes_of("one"));
+    s.must_put(v, "s", bytes_of("two"));
+    const std::string old_kek = s.store->vault_by_id(v).value()->kek_id;
+    // What step 1 leaves: the record, then the new KEK.
+    const auto interrupted = [&] {
+        auto id = kek::fresh_kek_id();
+        REQUIRE(id);
+        const json pending{{"vault", "crashing"}, {"vault_id", v.value}, {"old", s.store->vault_by_id(v).value()->kek_id},
+                           {"new", *id}};
+        REQUIRE(s.store->write([&](Store::Transaction& tx) { return tx.set_setting(kek::pending_setting, pending.dump()); }));
+        REQUIRE(s.keys->create_kek_with_id("vaultfs-kek-crashing", hsm::KeyId{*id}, hsm::KekReach::this_token));
+        return *id;
+    };
+    SECTION("before the transaction committed: the new KEK goes")
+    {
+        const std::string made = interrupted();
+        REQUIRE(rekey.recover());
+        CHECK_FALSE(s.keys->find_key(hsm::KeyId{made}));
+        CHECK(s.keys->find_key(hsm::KeyId{old_kek}));
+        CHECK(s.store->vault_by_id(v).value()->kek_id == old_kek);
+    }
+    SECTION("after it committed: the old KEK goes")
+    {
+        const std::string made = interrupted();
+        REQUIRE(s.store->write([&](Store::Transaction& tx) -> Result<void> {
+            auto n = kek::move_vault_to(tx, *s.keys, v, old_kek, made);
+            if (!n)
+                return tl::unexpected(n.error());
+            return {};
+        }));
+        REQUIRE(rekey.recover());
+        CHECK_FALSE(s.keys->find_key(hsm::KeyId{old_kek}));
+        CHECK(s.keys->find_key(hsm::KeyId{made}));
+        CHECK(s.store->vault_by_id(v).value()->kek_id == made);
+    }
+    CHECK_FALSE(*s.store->setting(kek::pending_setting));
+    s.restart_service();
+    CHECK(s.get(v, "s@1")->equals(bytes_of("one")));
+    CHECK(s.get(v, "s")->equals(bytes_of("two")));
+    // Nothing left to do: recover is a no-op, and a rekey works.
+    kek::Rekey after(*s.core, *s.keys, hsm::KekReach::this_token, nullptr);
+    REQUIRE(after.recover());
+    CHECK(after.rekey(&root, "crashing"));
+    CHECK(s.get(v, "s")->equals(bytes_of("two")));
+}
+
+TEST_CASE("a KEK an older vaultfs made extractable is named, and a rekey replaces it", "[rekey][attack]")
+{
+    Stack s;
+    kek::Rekey rekey(*s.core, *s.keys, hsm::KekReach::this_token, nullptr);
+    const VaultId fresh = s.make_vault("fresh").id;
+    const VaultId old = s.make_vault("old").id;
+    const std::string old_kek = s.store->vault_by_id(old).value()->kek_id;
+    const testing::TokenAccess access{VAULTFS_SOFTHSM_MODULE, TempToken::label, TempToken::pin,
+                                      s.token.environment()};
+    REQUIRE(testing::plant_exposed_kek(access, old_kek) == 0);  // as vaultfs 0.1 made them
+    s.must_put(old, "s", bytes_of("secret"));
+    s.must_put(fresh, "s", bytes_of("other"));
+    auto found = rekey.inspect();
+    REQUIRE(found);
+    REQUIRE(found->size() == 1);
+    CHECK((*found)[0].vault == "old");
+    CHECK((*found)[0].reason.find("vaultfs vault rekey old") != std::string::npos);
+    // The attack works on it, until the rekey.
+    const auto before = testing::attack_every_key(access);
+    const auto taken = std::find_if(before.begin(), before.end(), [&](const auto& k) { return k.id == old_kek; });
+    REQUIRE(taken != before.end());
+    CHECK(taken->recovered_bytes == 32);
+    auto r = rekey.rekey(&root, "old");
+    REQUIRE(r);
+    CHECK(rekey.findings().empty());
+    CHECK(s.get(old, "s")->equals(bytes_of("secret")));
+    for (const auto& k : testing::attack_every_key(access)) {
+        INFO(k.label);
+        CHECK(k.id != old_kek);
+        CHECK(k.wrap_aes_rv == CKR_KEY_UNEXTRACTABLE);
+        CHECK(k.recovered_bytes == 0);
+    }
 }
 
 }  // namespace

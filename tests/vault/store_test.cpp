@@ -155,7 +155,7 @@ TEST_CASE("create makes a new WAL database at schema 5, readable only by its own
         REQUIRE(::stat(path.c_str(), &st) == 0);
         CHECK((st.st_mode & 0777) == 0600);
         Db db(path, SQLITE_OPEN_READONLY);
-        CHECK(db.integer("PRAGMA user_version") == 6);
+        CHECK(db.integer("PRAGMA user_version") == 7);
         CHECK(db.text("PRAGMA journal_mode") == "wal");
         CHECK(db.integer("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN "
                          "('vaults', 'policies', 'secrets', 'versions', 'tags', 'settings', 'audit_anchor', 'hosts', "
@@ -684,7 +684,7 @@ TEST_CASE("PostgreSQL: create makes the schema once; open needs it; an unreachab
         CHECK(store->shared());
         CHECK(store->path() == url);
         bool ok = false;
-        CHECK(pg.psql("SELECT version FROM schema", url.substr(url.rfind('/') + 1), &ok) == "6");
+        CHECK(pg.psql("SELECT version FROM schema", url.substr(url.rfind('/') + 1), &ok) == "7");
         CHECK(ok);
     }
     auto twice = Store::open(url, Store::Mode::create);
@@ -697,6 +697,41 @@ TEST_CASE("PostgreSQL: create makes the schema once; open needs it; an unreachab
     REQUIRE_FALSE(away);
     CHECK(away.error().code == Errc::storage);
     CHECK_THAT(away.error().message, Catch::Contains("127.0.0.1:1") && !Catch::Contains("hunter2"));
+}
+
+TEST_CASE("PostgreSQL: a store of schema 6 is brought up to 7 by a new host, never by a restart's new process",
+          "[store][pg]")
+{
+    auto& pg = testing::shared_pg();
+    const std::string url = pg.new_database();
+    const std::string db = url.substr(url.rfind('/') + 1);
+    VaultId vault;
+    {
+        auto store = create_store(url);
+        vault = add_vault(*store, "payments");
+    }
+    // What vaultfs 0.1 made: no KEK rotation columns.
+    bool ok = false;
+    pg.psql("ALTER TABLE vaults DROP COLUMN rekey_after_days, DROP COLUMN kek_created; UPDATE schema SET version = 6",
+            db, &ok);
+    REQUIRE(ok);
+    StoreOptions restart;
+    restart.migrate = false;
+    auto refused = Store::open(url, Store::Mode::open_existing, restart);
+    REQUIRE_FALSE(refused);
+    CHECK_THAT(refused.error().message, Catch::Contains("has schema 6"));
+    CHECK(pg.psql("SELECT version FROM schema", db) == "6");
+    auto upgraded = Store::open(url, Store::Mode::open_existing);
+    INFO((upgraded ? std::string() : upgraded.error().message));
+    REQUIRE(upgraded);
+    CHECK(pg.psql("SELECT version FROM schema", db) == "7");
+    auto row = (*upgraded)->vault_by_id(vault);
+    REQUIRE(row);
+    REQUIRE(*row);
+    CHECK((*row)->rekey_after_days == 0);
+    CHECK((*row)->kek_created == (*row)->created);  // 0 in the column: the vault's creation
+    // A second host of the new version finds it done.
+    CHECK(Store::open(url, Store::Mode::open_existing));
 }
 
 TEST_CASE("PostgreSQL: two stores writing one secret at once get distinct numbers, and none is lost",

@@ -26,7 +26,7 @@ constexpr std::size_t signed_suffix(std::size_t sig_hex) { return hash_key.size(
 
 constexpr std::array<std::string_view, 6> signed_ops{"init", "start", "checkpoint", "rotate", "shutdown", "handover"};
 // Everything else a record may be about (README "The audit trail").
-constexpr std::array<std::string_view, 50> record_ops{
+constexpr std::array<std::string_view, 55> record_ops{
     "get",        "set",        "commit",       "list",         "delete",       "recover",   "purge",
     "policy_get", "policy_set", "policy_reset", "xattr_get",    "xattr_list",   "xattr_set", "vault_create",
     "vault_remove", "vault_set", "vault_show",  "vault_list",   "status",       "backup",    "restore",
@@ -34,8 +34,13 @@ constexpr std::array<std::string_view, 50> record_ops{
     // keys and certificates (vault/keys, vault/certificates)
     "key_create", "key_rotate", "key_policy", "key_get", "key_sign", "key_decrypt", "key_unwrap",
     "key_near_expiry", "cert_create", "cert_renew", "cert_merge", "cert_import", "cert_get", "cert_issue",
-    // several hosts (vault/hosts): the ceremony, and KEKs imported from grants
-    "host_request", "host_grant", "host_accept", "host_remove", "kek_import",
+    // several hosts (vault/hosts): the ceremony, KEKs imported from grants,
+    // handed on to trusted hosts, or dropped once no vault uses them, and
+    // the transport keys a token's Security Officer trusted or untrusted
+    "host_request", "host_grant", "host_accept", "host_remove", "kek_import", "kek_grant", "kek_retire",
+    "host_trust", "host_untrust",
+    // a vault moved to a new KEK (vault/kek)
+    "vault_rekey",
     // an on_change hook fired (vault/hooks)
     "hook",
     // expiry warnings (vault/monitor/expiry)

@@ -7,6 +7,8 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <map>
+#include <set>
 #include <array>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -23,7 +25,9 @@ using nlohmann::json;
 namespace {
 
 constexpr const char* request_kind = "vaultfs join request v1";
-constexpr const char* grant_kind = "vaultfs join grant v1";
+// v2: each KEK wrapped with RSA-OAEP under the trusted transport key alone
+// (v1 wrapped an AES key that wrapped the KEK, under any key).
+constexpr const char* grant_kind = "vaultfs join grant v2";
 
 std::array<std::uint8_t, 32> sha256(const std::string& text)
 {
@@ -126,7 +130,7 @@ Enrolment::Enrolment(Store& store, hsm::Pkcs11KeyService& keys, std::string host
 {
 }
 
-Result<std::vector<std::vector<std::uint8_t>>> Enrolment::trusted_keys()
+Result<std::vector<std::vector<std::uint8_t>>> Enrolment::trusted_signers()
 {
     std::vector<std::vector<std::uint8_t>> keys;
     auto own = keys_.public_key_der(signing_key_);
@@ -143,9 +147,9 @@ Result<std::vector<std::vector<std::uint8_t>>> Enrolment::trusted_keys()
     return keys;
 }
 
-Result<void> Enrolment::trust(const std::vector<std::uint8_t>& signing_public)
+Result<void> Enrolment::trust_signer(const std::vector<std::uint8_t>& signing_public)
 {
-    auto known = trusted_keys();
+    auto known = trusted_signers();
     if (!known)
         return tl::unexpected(known.error());
     if (std::find(known->begin(), known->end(), signing_public) != known->end())
@@ -161,7 +165,7 @@ Result<void> Enrolment::trust(const std::vector<std::uint8_t>& signing_public)
 
 Result<void> Enrolment::check_enrolment(const std::vector<HostRow>& hosts, const HostRow& h)
 {
-    auto trusted = trusted_keys();
+    auto trusted = trusted_signers();
     if (!trusted)
         return tl::unexpected(trusted.error());
     const HostRow* cur = &h;
@@ -260,6 +264,21 @@ Result<std::vector<std::uint8_t>> Enrolment::make_check(const hsm::KeyId& kek)
     return *sealed;
 }
 
+Result<std::vector<HostRow>> Enrolment::verified_peers(const std::vector<HostRow>& hosts)
+{
+    std::vector<HostRow> out;
+    for (const auto& h : hosts) {
+        if (h.status != "enrolled" || h.name == host_)
+            continue;
+        if (auto r = check_enrolment(hosts, h); !r) {
+            spdlog::error("{}", r.error().message);
+            continue;
+        }
+        out.push_back(h);
+    }
+    return out;
+}
+
 Result<void> Enrolment::wrap_for_hosts(Store::Transaction& tx, const hsm::KeyId& kek)
 {
     auto check = make_check(kek);
@@ -267,29 +286,39 @@ Result<void> Enrolment::wrap_for_hosts(Store::Transaction& tx, const hsm::KeyId&
         return tl::unexpected(check.error());
     if (auto r = tx.put_kek_check(kek.hex, *check); !r)
         return r;
+    // This host's own row, unwrapped: it made the KEK (nothing to hand it;
+    // and when no vault uses the KEK any more, it goes here as everywhere).
+    if (auto r = tx.put_kek_grant(KekGrantRow{kek.hex, tx.host(), {}, {}, host_, now_micros()}); !r)
+        return r;
     auto hosts = tx.hosts();
     if (!hosts)
         return tl::unexpected(hosts.error());
-    for (const auto& h : *hosts) {
-        if (h.status != "enrolled" || h.id == tx.host())
-            continue;
-        if (auto r = check_enrolment(*hosts, h); !r) {
-            spdlog::error("{}", r.error().message);
+    auto peers = verified_peers(*hosts);
+    if (!peers)
+        return tl::unexpected(peers.error());
+    for (const auto& h : *peers) {
+        auto trusted = keys_.trusts(h.transport_public);
+        if (!trusted)
+            return fail(Errc::key_unavailable, "cannot look for host " + h.name + "'s trusted key: " +
+                                                   trusted.error().message);
+        if (!*trusted) {
+            spdlog::info("KEK {} is not wrapped for host {} here: this token does not trust its transport key; a "
+                         "host that trusts it hands it on",
+                         kek.hex, h.name);
             continue;
         }
         auto wrapped = keys_.wrap_kek(kek, h.transport_public);
         if (!wrapped)
             return fail(Errc::key_unavailable,
                         "cannot wrap KEK " + kek.hex + " for host " + h.name + ": " + wrapped.error().message);
-        if (auto r = tx.put_kek_grant(KekGrantRow{kek.hex, h.id, wrapped->wrapped_key, wrapped->wrapped_kek, host_,
-                                                  now_micros()});
-            !r)
+        if (auto r = tx.put_kek_grant(KekGrantRow{kek.hex, h.id, {}, *wrapped, host_, now_micros()}); !r)
             return r;
     }
     return {};
 }
 
-Result<std::string> Enrolment::grant(const std::string& request_text, const std::string& expected, audit::Log* audit)
+Result<std::string> Enrolment::grant(const std::string& request_text, const std::string& expected, audit::Log* audit,
+                                     bool check_only)
 {
     const auto refuse = [&](const std::string& who, Error e) -> Result<std::string> {
         record(audit, "host_grant", who, result_name(e.code), e.message);
@@ -298,9 +327,17 @@ Result<std::string> Enrolment::grant(const std::string& request_text, const std:
     auto req = parse_request(request_text);
     if (!req)
         return refuse("", req.error());
-    if (!expected.empty() && expected != req->fingerprint())
-        return refuse(req->host, Error{Errc::invalid_argument, "the request's fingerprint is " + req->fingerprint() +
-                                                                   ", not the " + expected + " you were given"});
+    // The comparison out of band is the ceremony's point: it cannot be
+    // skipped, and a mismatch does not say what would have matched.
+    if (expected.empty())
+        return refuse(req->host, Error{Errc::invalid_argument,
+                                       "no fingerprint given: compare the one the new host printed with its admin, "
+                                       "out of band, and pass it with --fingerprint"});
+    if (expected != req->fingerprint())
+        return refuse(req->host, Error{Errc::invalid_argument,
+                                       "the request's fingerprint is not the one you were given: refused (the "
+                                       "request was altered, or the fingerprint mistyped; compare again with the new "
+                                       "host's admin)"});
     auto row = store_.host_by_name(req->host);
     if (!row)
         return refuse(req->host, row.error());
@@ -314,6 +351,19 @@ Result<std::string> Enrolment::grant(const std::string& request_text, const std:
     // KEKs again), but a host never grants itself.
     if ((*row)->name == host_)
         return refuse(req->host, Error{Errc::invalid_argument, "a host does not grant itself"});
+    if (auto r = keys_.check_trusted_wrapping(); !r)
+        return refuse(req->host, Error{Errc::not_permitted, r.error().message + ": this host cannot share KEKs"});
+    if (check_only)
+        return std::string();
+    auto trusted = keys_.trusts(req->transport_public);
+    if (!trusted)
+        return refuse(req->host, Error{Errc::key_unavailable, trusted.error().message});
+    if (!*trusted)
+        return refuse(req->host, Error{Errc::not_permitted,
+                                       "this token's Security Officer has not trusted host '" + req->host +
+                                           "''s transport key: `vaultfs join grant` does that with the SO PIN"});
+    if (auto r = audit_trust(audit); !r)
+        spdlog::error("auditing the token's trusted keys: {}", r.error().message);
 
     json keks = json::array();
     auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
@@ -336,13 +386,9 @@ Result<std::string> Enrolment::grant(const std::string& request_text, const std:
             auto wrapped = keys_.wrap_kek(kek, req->transport_public);
             if (!wrapped)
                 return fail(Errc::key_unavailable, "cannot wrap KEK " + id + ": " + wrapped.error().message);
-            if (auto r = tx.put_kek_grant(
-                    KekGrantRow{id, (*row)->id, wrapped->wrapped_key, wrapped->wrapped_kek, host_, now_micros()});
-                !r)
+            if (auto r = tx.put_kek_grant(KekGrantRow{id, (*row)->id, {}, *wrapped, host_, now_micros()}); !r)
                 return r;
-            keks.push_back({{"kek_id", id},
-                            {"wrapped_key", hsm::to_hex(wrapped->wrapped_key)},
-                            {"wrapped_kek", hsm::to_hex(wrapped->wrapped_kek)}});
+            keks.push_back({{"kek_id", id}, {"wrapped_kek", hsm::to_hex(*wrapped)}});
         }
         auto sig = keys_.sign_digest(signing_key_, enrolment_digest(req->host, req->transport_public,
                                                                      req->signing_public, host_));
@@ -352,18 +398,27 @@ Result<std::string> Enrolment::grant(const std::string& request_text, const std:
     });
     if (!w)
         return refuse(req->host, w.error());
+    // The hosts this one vouches for (it checked their enrolment): the new
+    // host believes their enrolments too, through this signed document.
+    json vouched = json::array();
+    if (auto hosts = store_.hosts(); hosts)
+        if (auto peers = verified_peers(*hosts); peers)
+            for (const auto& p : *peers)
+                if (p.name != req->host)
+                    vouched.push_back({{"host", p.name}, {"signing_public", hsm::to_hex(p.signing_public)}});
     json g{{"kind", grant_kind},
            {"host", req->host},
            {"request", req->fingerprint()},
            {"granted_by", host_},
            {"time", now_micros()},
-           {"keks", keks}};
+           {"keks", keks},
+           {"vouched", vouched}};
     const auto digest = sha256(grant_body(g));
     auto sig = keys_.sign_digest(signing_key_, digest);
     if (!sig)
         return refuse(req->host, Error{Errc::key_unavailable, "cannot sign the grant: " + sig.error().message});
     g["signature"] = hsm::to_hex(*sig);
-    if (auto r = trust(req->signing_public); !r)
+    if (auto r = trust_signer(req->signing_public); !r)
         return refuse(req->host, r.error());
     record(audit, "host_grant", req->host, "ok", std::to_string(keks.size()) + " KEKs wrapped for it");
     return g.dump();
@@ -377,9 +432,11 @@ Result<void> Enrolment::import_one(const KekGrantRow& grant, const hsm::KeyId& t
         return tl::unexpected(check.error());
     if (!*check)
         return fail(Errc::integrity, "KEK " + grant.kek_id + " has no check value in the store; it is not taken");
-    if (auto r = keys_.unwrap_kek(transport,
-                                  hsm::Pkcs11KeyService::WrappedKek{grant.wrapped_key, grant.wrapped_kek}, kek,
-                                  "vaultfs-kek (from " + grant.granted_by + ")");
+    if (!grant.wrapped_key.empty())
+        return fail(Errc::integrity, "KEK " + grant.kek_id + " was granted by a vaultfs before trusted wrapping (by " +
+                                         grant.granted_by + "), under any key: it is not taken; `vaultfs vault "
+                                         "rekey` on a host that has it makes a new KEK and grants it anew");
+    if (auto r = keys_.unwrap_kek(transport, grant.wrapped_kek, kek, "vaultfs-kek (from " + grant.granted_by + ")");
         !r)
         return fail(r.error().code == hsm::Errc::authentication_failed ? Errc::integrity : Errc::key_unavailable,
                     r.error().message);
@@ -399,6 +456,9 @@ Result<std::size_t> Enrolment::accept(const std::string& grant_text, audit::Log*
         return tl::unexpected(std::move(e));
     };
     const json g = json::parse(grant_text, nullptr, false);
+    if (g.is_object() && g.value("kind", "") == "vaultfs join grant v1")
+        return refuse(Error{Errc::invalid_argument, "the grant was made by an older vaultfs (its KEKs wrapped under any "
+                                                    "key): upgrade the granting host and grant again"});
     if (!g.is_object() || g.value("kind", "") != grant_kind || !g.contains("keks") || !g["keks"].is_array())
         return refuse(Error{Errc::invalid_argument, "not a vaultfs join grant (made by `vaultfs join grant`)"});
     if (g.value("host", "") != host_)
@@ -435,8 +495,7 @@ Result<std::size_t> Enrolment::accept(const std::string& grant_text, audit::Log*
 
     std::size_t imported = 0;
     for (const auto& k : g["keks"]) {
-        const KekGrantRow row{k.value("kek_id", ""), (*me)->id, unhex(k, "wrapped_key"), unhex(k, "wrapped_kek"), by,
-                              0};
+        const KekGrantRow row{k.value("kek_id", ""), (*me)->id, {}, unhex(k, "wrapped_kek"), by, 0};
         if (keys_.find_key(hsm::KeyId{row.kek_id}))
             continue;  // already here (imported from the store meanwhile)
         if (auto r = import_one(row, hsm::KeyId{(*me)->transport_key}); !r)
@@ -445,37 +504,58 @@ Result<std::size_t> Enrolment::accept(const std::string& grant_text, audit::Log*
     }
     if (auto r = store_.write([&](Store::Transaction& tx) { return tx.set_setting(accepted_setting, **mine); }); !r)
         return refuse(r.error());
-    if (auto r = trust((*granter)->signing_public); !r)
+    if (auto r = trust_signer((*granter)->signing_public); !r)
         return refuse(r.error());
+    if (g.contains("vouched") && g["vouched"].is_array())
+        for (const auto& v : g["vouched"])
+            if (v.is_object())
+                if (auto key = unhex(v, "signing_public"); !key.empty())
+                    if (auto r = trust_signer(key); !r)
+                        return refuse(r.error());
     record(audit, "host_accept", host_, "ok", std::to_string(imported) + " KEKs imported, granted by " + by);
     return imported;
 }
 
 Result<std::size_t> Enrolment::import_granted(audit::Log* audit)
 {
-    if (store_.host_id() == 0)
-        return 0;
-    auto me = store_.host_by_name(host_);
+    auto me = member();
     if (!me)
         return tl::unexpected(me.error());
     if (!*me)
         return 0;
-    // Only once this host has accepted a grant (checked its signature), or
-    // is the store's first: before, nothing in the store is taken on trust.
-    if ((*me)->enrolled_by.value_or("") != host_) {
-        auto accepted = store_.setting(accepted_setting);
-        if (!accepted)
-            return tl::unexpected(accepted.error());
-        if (!*accepted)
-            return 0;
-    }
     auto grants = store_.kek_grants_for(store_.host_id());
     if (!grants)
         return tl::unexpected(grants.error());
+    auto vaults = store_.vaults();
+    if (!vaults)
+        return tl::unexpected(vaults.error());
+    std::set<std::string> in_use;
+    for (const auto& v : *vaults)
+        in_use.insert(v.kek_id);
     std::size_t imported = 0;
     for (const auto& g : *grants) {
-        if (keys_.find_key(hsm::KeyId{g.kek_id}))
+        if (!in_use.contains(g.kek_id)) {
+            // A rekey replaced it (no vault uses it, and the rekey dropped
+            // its check value): not needed anywhere, so not kept here. A
+            // removed vault's KEK stays, for the backups made of it.
+            auto check = store_.kek_check(g.kek_id);
+            if (!check)
+                return tl::unexpected(check.error());
+            if (*check)
+                continue;
+            std::string problem;
+            if (auto r = keys_.destroy_kek(hsm::KeyId{g.kek_id}); !r)
+                problem = r.error().message;
+            else if (auto w = store_.write([&](Store::Transaction& tx) { return tx.delete_kek_grant(g.kek_id, g.host); });
+                     !w)
+                problem = w.error().message;
+            record(audit, "kek_retire", host_, problem.empty() ? "ok" : "EIO",
+                   "KEK " + g.kek_id + " is used by no vault" +
+                       (problem.empty() ? ": destroyed in this token" : ": " + problem));
             continue;
+        }
+        if (g.wrapped_kek.empty() || keys_.find_key(hsm::KeyId{g.kek_id}))
+            continue;  // made here, or here already
         if (auto r = import_one(g, hsm::KeyId{(*me)->transport_key}); !r) {
             record(audit, "kek_import", host_, result_name(r.error().code), r.error().message);
             return tl::unexpected(r.error());
@@ -484,6 +564,185 @@ Result<std::size_t> Enrolment::import_granted(audit::Log* audit)
         ++imported;
     }
     return imported;
+}
+
+Result<std::optional<HostRow>> Enrolment::member()
+{
+    if (store_.host_id() == 0)
+        return std::optional<HostRow>();
+    auto me = store_.host_by_name(host_);
+    if (!me || !*me)
+        return me;
+    // Only once this host has accepted a grant (checked its signature), or
+    // is the store's first: before, nothing in the store is taken on trust.
+    if ((*me)->enrolled_by.value_or("") != host_) {
+        auto accepted = store_.setting(accepted_setting);
+        if (!accepted)
+            return tl::unexpected(accepted.error());
+        if (!*accepted)
+            return std::optional<HostRow>();
+    }
+    return me;
+}
+
+Result<std::size_t> Enrolment::grant_missing(audit::Log* audit)
+{
+    auto me = member();
+    if (!me)
+        return tl::unexpected(me.error());
+    if (!*me)
+        return 0;
+    auto missing = store_.missing_grants();
+    if (!missing)
+        return tl::unexpected(missing.error());
+    if (missing->empty())
+        return 0;
+    auto hosts = store_.hosts();
+    if (!hosts)
+        return tl::unexpected(hosts.error());
+    auto peers = verified_peers(*hosts);
+    if (!peers)
+        return tl::unexpected(peers.error());
+    std::size_t granted = 0;
+    for (const auto& m : *missing) {
+        const auto peer = std::find_if(peers->begin(), peers->end(), [&](const HostRow& h) { return h.id == m.host; });
+        if (peer == peers->end() || !keys_.find_key(hsm::KeyId{m.kek_id}))
+            continue;
+        auto trusted = keys_.trusts(peer->transport_public);
+        if (!trusted || !*trusted)
+            continue;
+        auto wrapped = keys_.wrap_kek(hsm::KeyId{m.kek_id}, peer->transport_public);
+        Result<void> w = wrapped ? store_.write([&](Store::Transaction& tx) {
+            return tx.put_kek_grant(KekGrantRow{m.kek_id, peer->id, {}, *wrapped, host_, now_micros()});
+        })
+                                 : fail(Errc::key_unavailable, wrapped.error().message);
+        record(audit, "kek_grant", peer->name, w ? "ok" : result_name(w.error().code),
+               "KEK " + m.kek_id + (w ? " wrapped for it" : ": " + w.error().message));
+        if (w)
+            ++granted;
+    }
+    return granted;
+}
+
+Result<std::vector<HostRow>> Enrolment::peers_to_trust(const std::string& only)
+{
+    auto hosts = store_.hosts();
+    if (!hosts)
+        return tl::unexpected(hosts.error());
+    auto peers = verified_peers(*hosts);
+    if (!peers)
+        return tl::unexpected(peers.error());
+    if (!only.empty() &&
+        std::none_of(peers->begin(), peers->end(), [&](const HostRow& h) { return h.name == only; }))
+        return fail(Errc::integrity, "host '" + only + "' has no enrolment signed by a host this one trusts: it is "
+                                     "not trusted here");
+    std::vector<HostRow> out;
+    for (auto& h : *peers) {
+        if (!only.empty() && h.name != only)
+            continue;
+        auto trusted = keys_.trusts(h.transport_public);
+        if (!trusted)
+            return fail(Errc::key_unavailable, trusted.error().message);
+        if (!*trusted)
+            out.push_back(std::move(h));
+    }
+    return out;
+}
+
+std::string trusted_key_label(const std::string& host) { return "vaultfs-trusted " + host; }
+
+Result<void> Enrolment::audit_trust(audit::Log* audit, const std::vector<HostRow>& gone)
+{
+    auto keys = keys_.trusted_keys();
+    if (!keys)
+        return fail(Errc::key_unavailable, "cannot list the token's trusted keys: " + keys.error().message);
+    auto seen_text = store_.setting(trusted_keys_setting);
+    if (!seen_text)
+        return tl::unexpected(seen_text.error());
+    std::set<std::string> seen;
+    if (*seen_text) {
+        const json j = json::parse(**seen_text, nullptr, false);
+        if (j.is_array())
+            for (const auto& id : j)
+                if (id.is_string())
+                    seen.insert(id.get<std::string>());
+    }
+    auto hosts = store_.hosts();
+    if (!hosts)
+        return tl::unexpected(hosts.error());
+    hosts->insert(hosts->end(), gone.begin(), gone.end());
+    const auto host_of = [&](const hsm::KeyId& id) -> std::string {
+        for (const auto& h : *hosts)
+            if (hsm::Pkcs11KeyService::trusted_key_id(h.transport_public) == id)
+                return h.name;
+        return {};
+    };
+    json now = json::array();
+    std::set<std::string> current;
+    for (const auto& k : *keys) {
+        now.push_back(k.id.hex);
+        current.insert(k.id.hex);
+        if (seen.contains(k.id.hex))
+            continue;
+        const std::string host = host_of(k.id);
+        record(audit, "host_trust", host.empty() ? "unknown" : host, "ok",
+               "transport key " + k.id.hex + " ('" + k.label + "') marked trusted by the token's Security Officer" +
+                   (host.empty() ? std::string("; no host in the store has it, so no KEK is wrapped for it") : ""));
+    }
+    for (const auto& id : seen)
+        if (!current.contains(id)) {
+            const std::string host = host_of(hsm::KeyId{id});
+            record(audit, "host_untrust", host.empty() ? "unknown" : host, "ok",
+                   "transport key " + id + " is no longer trusted in this token");
+        }
+    if (current == seen && *seen_text)
+        return {};
+    return store_.write([&](Store::Transaction& tx) { return tx.set_setting(trusted_keys_setting, now.dump()); });
+}
+
+Result<std::vector<std::string>> Enrolment::unreached_hosts()
+{
+    auto hosts = store_.hosts();
+    if (!hosts)
+        return tl::unexpected(hosts.error());
+    auto peers = verified_peers(*hosts);
+    if (!peers)
+        return tl::unexpected(peers.error());
+    auto published = store_.setting_by_host(trusted_keys_setting);
+    if (!published)
+        return tl::unexpected(published.error());
+    // Who trusts whom: each host's published list; this token's own, read now.
+    std::map<std::int64_t, std::set<std::string>> trusts;
+    for (const auto& [host, text] : *published) {
+        const json j = json::parse(text, nullptr, false);
+        if (j.is_array())
+            for (const auto& id : j)
+                if (id.is_string())
+                    trusts[host].insert(id.get<std::string>());
+    }
+    auto own = keys_.trusted_keys();
+    if (!own)
+        return fail(Errc::key_unavailable, own.error().message);
+    trusts[store_.host_id()].clear();
+    for (const auto& k : *own)
+        trusts[store_.host_id()].insert(k.id.hex);
+    std::set<std::int64_t> reached{store_.host_id()};
+    for (bool grew = true; grew;) {
+        grew = false;
+        for (const auto& p : *peers)
+            if (!reached.contains(p.id))
+                for (const auto from : reached)
+                    if (trusts[from].contains(hsm::Pkcs11KeyService::trusted_key_id(p.transport_public).hex)) {
+                        reached.insert(p.id);
+                        grew = true;
+                        break;
+                    }
+    }
+    std::vector<std::string> out;
+    for (const auto& p : *peers)
+        if (!reached.contains(p.id))
+            out.push_back(p.name);
+    return out;
 }
 
 Result<void> Enrolment::remove_host(const std::string& name, audit::Log* audit)
@@ -497,6 +756,14 @@ Result<void> Enrolment::remove_host(const std::string& name, audit::Log* audit)
         return fail(Errc::not_found, "no host '" + name + "' in the store");
     auto w = store_.write([&](Store::Transaction& tx) { return tx.remove_host((*row)->id); });
     record(audit, "host_remove", name, w ? "ok" : result_name(w.error().code), w ? "" : w.error().message);
+    if (!w)
+        return w;
+    // Its transport key is trusted here no more (a token of its own, or
+    // whoever holds it, gets no KEK from this one again).
+    if (auto r = keys_.forget_trusted_key((*row)->transport_public); !r)
+        spdlog::error("removing host {}'s trusted key from the token: {}", name, r.error().message);
+    if (auto r = audit_trust(audit, {**row}); !r)
+        spdlog::error("auditing the token's trusted keys: {}", r.error().message);
     return w;
 }
 

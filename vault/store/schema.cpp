@@ -205,16 +205,24 @@ ALTER TABLE secrets ADD COLUMN changed INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX secrets_changed ON secrets (changed);
 )sql";
 
+// Version 7: KEK rotation (vault/kek/rekey.hpp): each vault's rotation
+// period in days (0: only when asked) and when its KEK was made (0: when
+// the vault was). The same on PostgreSQL (postgresql_v7).
+constexpr const char* schema_v7 = R"sql(
+ALTER TABLE vaults ADD COLUMN rekey_after_days INTEGER NOT NULL DEFAULT 0 CHECK (rekey_after_days BETWEEN 0 AND 36500);
+ALTER TABLE vaults ADD COLUMN kek_created INTEGER NOT NULL DEFAULT 0;
+)sql";
+
 // Forward migrations: migrations[i] takes user_version i to i + 1.
-constexpr const char* migrations[] = {schema_v1, schema_v2, schema_v3, schema_v4, schema_v5, schema_v6};
+constexpr const char* migrations[] = {schema_v1, schema_v2, schema_v3, schema_v4, schema_v5, schema_v6, schema_v7};
 static_assert(std::size(migrations) == version);
 
-// PostgreSQL: the same tables as SQLite's schema 6, in its types (every
+// PostgreSQL: the same tables as SQLite's schema 7, in its types (every
 // integer BIGINT, every blob BYTEA; sequences never hand an id out twice,
 // as AUTOINCREMENT does not). `schema` holds the version.
 constexpr const char* postgresql_schema = R"sql(
 CREATE TABLE schema (version BIGINT NOT NULL);
-INSERT INTO schema (version) VALUES (6);
+INSERT INTO schema (version) VALUES (7);
 CREATE TABLE vaults (
   id               BIGSERIAL PRIMARY KEY,
   name             TEXT NOT NULL UNIQUE,
@@ -225,7 +233,9 @@ CREATE TABLE vaults (
   created_by       BIGINT NOT NULL,
   default_owner    BIGINT NOT NULL DEFAULT 0,
   default_group    BIGINT NOT NULL DEFAULT 0,
-  default_mode     BIGINT NOT NULL DEFAULT 256 CHECK (default_mode BETWEEN 0 AND 511)
+  default_mode     BIGINT NOT NULL DEFAULT 256 CHECK (default_mode BETWEEN 0 AND 511),
+  rekey_after_days BIGINT NOT NULL DEFAULT 0 CHECK (rekey_after_days BETWEEN 0 AND 36500),
+  kek_created      BIGINT NOT NULL DEFAULT 0
 );
 CREATE TABLE policies (
   vault_id   BIGINT PRIMARY KEY REFERENCES vaults(id) ON DELETE CASCADE,
@@ -364,6 +374,19 @@ CREATE TABLE changes (
 );
 )sql";
 
+// PostgreSQL's forward migrations, from the first schema it had (6):
+// postgresql_migrations[i] takes version 6 + i to 7 + i. Only columns are
+// added, so hosts still on the older binary go on working until they are
+// restarted with the new one.
+constexpr int postgresql_first = 6;
+constexpr const char* postgresql_v7 = R"sql(
+ALTER TABLE vaults ADD COLUMN rekey_after_days BIGINT NOT NULL DEFAULT 0 CHECK (rekey_after_days BETWEEN 0 AND 36500);
+ALTER TABLE vaults ADD COLUMN kek_created BIGINT NOT NULL DEFAULT 0;
+UPDATE schema SET version = 7;
+)sql";
+constexpr const char* postgresql_migrations[] = {postgresql_v7};
+static_assert(postgresql_first + std::size(postgresql_migrations) == version);
+
 Result<void> check_database(db::Connection& c, const std::string& path, const char* pragma)
 {
     auto rows = collect<std::string>(
@@ -444,7 +467,7 @@ Result<void> prepare_sqlite(db::Connection& c, const std::string& path, bool cre
     return migrate(c, path, *v);
 }
 
-Result<void> prepare_postgresql(db::Connection& c, const std::string& where, bool create)
+Result<void> prepare_postgresql(db::Connection& c, const std::string& where, bool create, bool may_migrate)
 {
     auto present = db::integer(c, "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() AND "
                                   "tablename = 'schema'",
@@ -474,6 +497,26 @@ Result<void> prepare_postgresql(db::Connection& c, const std::string& where, boo
     auto v = db::integer(c, "SELECT version FROM schema", [](db::Query&) {});
     if (!v)
         return fail(Errc::storage, "PostgreSQL at " + where + ": " + v.error().message);
+    for (std::int64_t at = *v; may_migrate && at >= postgresql_first && at < version; ++at) {
+        // One host upgrades; the others, starting at once, wait on the lock
+        // and find the work done.
+        auto r = c.exec("BEGIN");
+        if (r)
+            r = c.exec("LOCK TABLE schema IN EXCLUSIVE MODE");
+        auto now = r ? db::integer(c, "SELECT version FROM schema", [](db::Query&) {}) : Result<std::int64_t>(0);
+        if (r && !now)
+            r = tl::unexpected(now.error());
+        if (r && *now == at)
+            r = c.exec(postgresql_migrations[at - postgresql_first]);
+        if (r)
+            r = c.exec("COMMIT");
+        if (!r) {
+            (void)c.exec("ROLLBACK");
+            return fail(r.error().code, "upgrading the store in PostgreSQL at " + where + " to schema " +
+                                            std::to_string(at + 1) + " failed: " + r.error().message);
+        }
+        *v = at + 1;
+    }
     if (*v != version)
         return fail(Errc::storage, "PostgreSQL at " + where + " has schema " + std::to_string(*v) +
                                        ", this vaultfs understands " + std::to_string(version) +

@@ -8,7 +8,7 @@
 
 namespace vaultfs::vault::schema {
 
-constexpr int version = 6;
+constexpr int version = 7;
 
 // SQLite: checks the file (quick_check, when `check_pages`), refuses a
 // newer schema or a file that is not vaultfs's, and migrates forward unless
@@ -21,8 +21,9 @@ Result<void> prepare_sqlite(db::Connection& c, const std::string& path, bool cre
 Result<void> check_sqlite(db::Connection& c, const std::string& path, bool full);
 
 // PostgreSQL: `create` makes the schema in an empty database (and refuses
-// one that already holds a store); otherwise the schema must be there, at
-// this version.
-Result<void> prepare_postgresql(db::Connection& c, const std::string& where, bool create);
+// one that already holds a store); otherwise the schema must be there, and
+// an older one (from 6 on) is brought up to this version when
+// `may_migrate` (not by a restart's new process, nor a read-only open).
+Result<void> prepare_postgresql(db::Connection& c, const std::string& where, bool create, bool may_migrate = true);
 
 }  // namespace vaultfs::vault::schema

@@ -20,8 +20,9 @@ namespace vaultfs::vault {
 
 namespace {
 
-#define VAULT_COLUMNS \
-    "id, name, kek_id, retention_days, purge_protection, created, created_by, default_owner, default_group, default_mode"
+#define VAULT_COLUMNS                                                                                              \
+    "id, name, kek_id, retention_days, purge_protection, created, created_by, default_owner, default_group, "        \
+    "default_mode, rekey_after_days, kek_created"
 #define SECRET_COLUMNS "id, vault_id, name, created, next_version, deleted_at, purge_at, owner, grp, mode, changed"
 // A page of a vault's secrets with at least one version, by id after `after`
 // (bound by bind_live_page).
@@ -43,7 +44,9 @@ VaultRow read_vault(const db::Query& q)
                     q.int64(5),
                     static_cast<uid_t>(q.int64(6)),
                     Ownership{static_cast<uid_t>(q.int64(7)), static_cast<gid_t>(q.int64(8)),
-                              static_cast<std::uint32_t>(q.int64(9))}};
+                              static_cast<std::uint32_t>(q.int64(9))},
+                    static_cast<int>(q.int64(10)),
+                    q.int64(11) != 0 ? q.int64(11) : q.int64(5)};
 }
 
 // The number of SECRET_COLUMNS: joined queries select a version's after them.
@@ -186,7 +189,9 @@ Result<std::unique_ptr<Store>> Store::open(const std::string& location, Mode mod
         auto conn = pg::Connection::open(location);
         if (!conn)
             return fail(Errc::storage, conn.error().message + "; check that the server runs and the connection string");
-        if (auto r = schema::prepare_postgresql(**conn, where, mode == Mode::create); !r)
+        if (auto r = schema::prepare_postgresql(**conn, where, mode == Mode::create,
+                                                options.migrate && mode != Mode::read_only);
+            !r)
             return tl::unexpected(r.error());
         store.reset(new Store(where, std::move(engine), std::move(*conn), read_only, options));
         if (auto r = store->refresh_host(); !r)
@@ -738,6 +743,15 @@ Result<std::vector<std::string>> Store::setting_on_all_hosts(std::string_view ke
     });
 }
 
+Result<std::vector<std::pair<std::int64_t, std::string>>> Store::setting_by_host(std::string_view key)
+{
+    return with_reader([&](db::Connection& c) {
+        return collect<std::pair<std::int64_t, std::string>>(
+            c, "SELECT host, value FROM settings WHERE key = ? ORDER BY host", [&](db::Query& q) { q.bind(1, key); },
+            [](const db::Query& q) { return std::pair<std::int64_t, std::string>{q.int64(0), q.text(1)}; });
+    });
+}
+
 Result<std::optional<AuditAnchor>> Store::audit_anchor()
 {
     return with_reader([&](db::Connection& c) {
@@ -772,7 +786,7 @@ Result<void> Store::each_row(const std::string& sql, const std::function<Result<
 Result<void> Store::integrity_check()
 {
     if (shared_)
-        return with_reader([&](db::Connection& c) { return schema::prepare_postgresql(c, path_, false); });
+        return with_reader([&](db::Connection& c) { return schema::prepare_postgresql(c, path_, false, false); });
     return with_reader([&](db::Connection& c) { return schema::check_sqlite(c, path_, true); });
 }
 
@@ -867,7 +881,7 @@ Result<void> Store::run_batch(std::deque<PendingWrite*>& batch)
     };
     if (auto r = control(c.begin_write()); !r)
         return fail(r.error().code, "cannot start a write transaction: " + r.error().message);
-    Transaction tx(c, host_id_);
+    Transaction tx(c, host_id_, shared_);
     // A lone unit needs no savepoint: its failure rolls back the whole.
     const bool alone = batch.size() == 1;
     bool any_ok = false;
@@ -958,6 +972,32 @@ Result<void> Store::Transaction::update_vault_settings(VaultId vault, int retent
                        .bind(2, static_cast<std::int64_t>(purge_protection))
                        .bind(3, vault.value);
                });
+}
+
+Result<void> Store::Transaction::set_rekey_after(VaultId vault, int days)
+{
+    return run(conn_, "UPDATE vaults SET rekey_after_days = ? WHERE id = ?",
+               [&](db::Query& q) { q.bind(1, static_cast<std::int64_t>(days)).bind(2, vault.value); });
+}
+
+Result<std::string> Store::Transaction::vault_kek(VaultId vault, bool exclusive)
+{
+    const char* sql = !postgresql_ ? "SELECT kek_id FROM vaults WHERE id = ?"
+                      : exclusive  ? "SELECT kek_id FROM vaults WHERE id = ? FOR UPDATE"
+                                   : "SELECT kek_id FROM vaults WHERE id = ? FOR SHARE";
+    auto kek = first<std::string>(
+        conn_, sql, [&](db::Query& q) { q.bind(1, vault.value); }, [](const db::Query& q) { return q.text(0); });
+    if (!kek)
+        return tl::unexpected(kek.error());
+    if (!*kek)
+        return fail(Errc::not_found, "the vault was removed");
+    return **kek;
+}
+
+Result<void> Store::Transaction::set_vault_kek(VaultId vault, std::string_view kek_id, Micros created)
+{
+    return run(conn_, "UPDATE vaults SET kek_id = ?, kek_created = ? WHERE id = ?",
+               [&](db::Query& q) { q.bind(1, kek_id).bind(2, created).bind(3, vault.value); });
 }
 
 Result<void> Store::Transaction::set_vault_defaults(VaultId vault, const Ownership& d)
@@ -1075,8 +1115,34 @@ Result<std::uint64_t> Store::Transaction::allocate_version(SecretId secret)
     return static_cast<std::uint64_t>(**n);
 }
 
+Result<void> Store::Transaction::require_vault_kek(bool object, std::int64_t owner, std::string_view kek)
+{
+    // Locks the vault's row on PostgreSQL (FOR SHARE): a rekey, which holds
+    // it FOR UPDATE while it re-seals, then waits for this row to commit and
+    // re-seals it too -- or this waits for the rekey, and sees its KEK.
+    const char* sql = object ? (postgresql_ ? "SELECT v.kek_id FROM vaults v JOIN objects o ON o.vault_id = v.id "
+                                              "WHERE o.id = ? FOR SHARE OF v"
+                                            : "SELECT v.kek_id FROM vaults v JOIN objects o ON o.vault_id = v.id "
+                                              "WHERE o.id = ?")
+                             : (postgresql_ ? "SELECT v.kek_id FROM vaults v JOIN secrets s ON s.vault_id = v.id "
+                                              "WHERE s.id = ? FOR SHARE OF v"
+                                            : "SELECT v.kek_id FROM vaults v JOIN secrets s ON s.vault_id = v.id "
+                                              "WHERE s.id = ?");
+    auto current = first<std::string>(
+        conn_, sql, [&](db::Query& q) { q.bind(1, owner); }, [](const db::Query& q) { return q.text(0); });
+    if (!current)
+        return tl::unexpected(current.error());
+    if (!*current)
+        return fail(Errc::not_found, "the vault was removed");
+    if (**current != kek)
+        return fail(Errc::busy, "the vault got a new KEK (vault rekey) while this was sealed; do it again");
+    return {};
+}
+
 Result<VersionId> Store::Transaction::insert_version(const SealedVersion& v)
 {
+    if (auto k = require_vault_kek(false, v.meta.secret.value, v.kek_id); !k)
+        return tl::unexpected(k.error());
     auto r = db::integer(conn_,
                  "INSERT INTO versions (secret_id, version, kek_id, nonce, ciphertext, sealed_dek, size, created, "
                  "created_by, updated, enabled, not_before, expires, content_type) "

@@ -77,6 +77,11 @@ struct VaultRow {
     Micros created = 0;
     uid_t created_by = 0;
     Ownership defaults;  // what a new secret's stat shows until a manager changes it
+    // KEK rotation (vault/kek/rekey.hpp): a new KEK every this many days
+    // (0: only when asked), and when the KEK in use was made (the vault's
+    // creation until its first rekey).
+    int rekey_after_days = 0;
+    Micros kek_created = 0;
 };
 
 struct PolicyRow {
@@ -256,6 +261,20 @@ struct SealedDek {
     std::string body;           // object versions: the JSON body (its key_ref binds the key)
 };
 
+// A sealed row of a vault with its ciphertext: a secret's version (the
+// value), or an object version's exportable key (sealed_key).
+struct SealedRow {
+    SealedDek::Table table = SealedDek::Table::versions;
+    std::int64_t row = 0;
+    std::string name;           // the secret's or the object's name
+    std::uint64_t version = 0;
+    std::string kek_id;
+    std::vector<std::uint8_t> nonce;
+    std::vector<std::uint8_t> ciphertext;
+    std::vector<std::uint8_t> sealed_dek;
+    std::string body;           // object versions: the JSON body (its key_ref binds the key)
+};
+
 // An enrolled host, or one that asked to be (README "Several hosts").
 struct HostRow {
     std::int64_t id = 0;
@@ -399,6 +418,8 @@ public:
     // The setting's value on every host that has it (several hosts share
     // what one of them did: monitor/expiry.hpp).
     Result<std::vector<std::string>> setting_on_all_hosts(std::string_view key);
+    // The same, with the host each value belongs to.
+    Result<std::vector<std::pair<std::int64_t, std::string>>> setting_by_host(std::string_view key);
     // This host's audit anchor.
     Result<std::optional<AuditAnchor>> audit_anchor();
 
@@ -406,6 +427,12 @@ public:
     Result<std::vector<HostRow>> hosts();
     Result<std::optional<HostRow>> host_by_name(std::string_view name);
     Result<std::vector<KekGrantRow>> kek_grants_for(std::int64_t host);
+    // Each vault KEK an enrolled host other than this one has no grant of.
+    struct MissingGrant {
+        std::string kek_id;
+        std::int64_t host = 0;
+    };
+    Result<std::vector<MissingGrant>> missing_grants();
     Result<std::optional<std::vector<std::uint8_t>>> kek_check(std::string_view kek_id);
 
     // Runs `sql` (a whole-table SELECT) and hands every row to `f`
@@ -518,11 +545,21 @@ private:
 // The writer's view inside Store::write(). Valid only during that call.
 class Store::Transaction {
 public:
-    Transaction(db::Connection& conn, std::int64_t host) : conn_(conn), host_(host) {}
+    Transaction(db::Connection& conn, std::int64_t host, bool postgresql = false)
+        : conn_(conn), host_(host), postgresql_(postgresql)
+    {
+    }
 
     Result<VaultId> insert_vault(const VaultRow& row, const PolicyRow& policy);
     Result<void> delete_vault(VaultId vault);
     Result<void> update_vault_settings(VaultId vault, int retention_days, bool purge_protection);
+    Result<void> set_rekey_after(VaultId vault, int days);
+    // The vault's KEK as this transaction sees it, the row locked until it
+    // ends (PostgreSQL: FOR UPDATE when `exclusive`, else FOR SHARE; SQLite
+    // has one writer): a version sealed under it cannot meet a rekey
+    // half-way. Errc::not_found when the vault is gone.
+    Result<std::string> vault_kek(VaultId vault, bool exclusive);
+    Result<void> set_vault_kek(VaultId vault, std::string_view kek_id, Micros created);
     Result<void> set_vault_defaults(VaultId vault, const Ownership& defaults);
     // A secret's owner, group and mode (nullopt: the vault's default).
     Result<void> set_ownership(SecretId secret, std::optional<uid_t> owner, std::optional<gid_t> group,
@@ -540,6 +577,7 @@ public:
     // The secret's next version number, taken in this transaction (so two
     // hosts writing one secret get two numbers, and a rollback gives it back).
     Result<std::uint64_t> allocate_version(SecretId secret);
+    // Errc::busy when the vault's KEK is no longer version.kek_id.
     Result<VersionId> insert_version(const SealedVersion& version);
     Result<void> update_version(const VersionRow& row);
     Result<void> replace_tags(VersionId version, const std::vector<Tag>& tags);
@@ -570,7 +608,14 @@ public:
     Result<void> delete_object(ObjectId object);
 
     // ---- every sealed DEK (vault/store_sealed.cpp), for moving to another token
+    // or to a new KEK (vault/kek/rekey.hpp)
     Result<std::vector<SealedDek>> sealed_deks();
+    // A page of one vault's sealed rows in `table`, by id after `after`,
+    // with their ciphertext (a rekey encrypts each again).
+    Result<std::vector<SealedRow>> sealed_rows(VaultId vault, SealedDek::Table table, std::int64_t after,
+                                               std::size_t limit);
+    // Writes `row` back: its KEK id, nonce, ciphertext and sealed DEK.
+    Result<void> replace_sealed_row(const SealedRow& row);
     // Replaces a sealed DEK, keeping the one it replaces in an undo log
     // (the table migration_undo) in the same transaction.
     Result<void> replace_sealed_dek(const SealedDek& row, std::span<const std::uint8_t> sealed);
@@ -594,6 +639,10 @@ public:
     Result<void> remove_host(std::int64_t host);
     Result<void> put_kek_grant(const KekGrantRow& row);
     Result<void> put_kek_check(std::string_view kek_id, std::span<const std::uint8_t> sealed);
+    // A KEK no vault uses any more: its check value goes, and one host's
+    // grant of it (each host drops its own once it destroyed the KEK).
+    Result<void> delete_kek_check(std::string_view kek_id);
+    Result<void> delete_kek_grant(std::string_view kek_id, std::int64_t host);
     Result<std::optional<std::vector<std::uint8_t>>> kek_check(std::string_view kek_id);
     // Every KEK vaults name (not the older ones versions may still use).
     Result<std::vector<std::string>> vault_kek_ids();
@@ -611,11 +660,16 @@ private:
         bool operator==(const Served&) const = default;
     };
     Result<Served> served(SecretId secret, Micros at);
+    // Errc::busy unless the vault of the secret (or, `object`, the key or
+    // certificate) `owner` uses `kek`: no row is ever sealed under a KEK
+    // its vault no longer has (vault/kek/rekey.hpp).
+    Result<void> require_vault_kek(bool object, std::int64_t owner, std::string_view kek);
     // secrets.changed = at, never backwards.
     Result<void> mark_changed(SecretId secret, Micros at);
 
     db::Connection& conn_;
     const std::int64_t host_;
+    const bool postgresql_;
 };
 
 }  // namespace vaultfs::vault

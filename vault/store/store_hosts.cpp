@@ -67,6 +67,19 @@ Result<std::vector<KekGrantRow>> Store::kek_grants_for(std::int64_t host)
     });
 }
 
+Result<std::vector<Store::MissingGrant>> Store::missing_grants()
+{
+    return read_one<std::vector<MissingGrant>>([&](db::Connection& c) {
+        return collect<MissingGrant>(
+            c,
+            "SELECT v.kek_id, h.id FROM vaults v JOIN hosts h ON h.status = 'enrolled' AND h.id <> ? "
+            "WHERE NOT EXISTS (SELECT 1 FROM kek_grants g WHERE g.kek_id = v.kek_id AND g.host = h.id) "
+            "ORDER BY h.id, v.kek_id",
+            [&](db::Query& q) { q.bind(1, host_id_); },
+            [](const db::Query& q) { return MissingGrant{q.text(0), q.int64(1)}; });
+    });
+}
+
 Result<std::optional<std::vector<std::uint8_t>>> Store::kek_check(std::string_view kek_id)
 {
     return read_one<std::optional<std::vector<std::uint8_t>>>([&](db::Connection& c) { return check_of(c, kek_id); });
@@ -135,6 +148,17 @@ Result<void> Store::Transaction::put_kek_check(std::string_view kek_id, std::spa
 {
     return run(conn_, "INSERT INTO kek_checks (kek_id, sealed) VALUES (?, ?) ON CONFLICT (kek_id) DO NOTHING",
                [&](db::Query& q) { q.bind(1, kek_id).bind_blob(2, sealed); });
+}
+
+Result<void> Store::Transaction::delete_kek_check(std::string_view kek_id)
+{
+    return run(conn_, "DELETE FROM kek_checks WHERE kek_id = ?", [&](db::Query& q) { q.bind(1, kek_id); });
+}
+
+Result<void> Store::Transaction::delete_kek_grant(std::string_view kek_id, std::int64_t host)
+{
+    return run(conn_, "DELETE FROM kek_grants WHERE kek_id = ? AND host = ?",
+               [&](db::Query& q) { q.bind(1, kek_id).bind(2, host); });
 }
 
 Result<std::optional<std::vector<std::uint8_t>>> Store::Transaction::kek_check(std::string_view kek_id)

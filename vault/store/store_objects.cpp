@@ -171,6 +171,9 @@ Result<void> Store::Transaction::update_object_spec(ObjectId object, std::string
 
 Result<void> Store::Transaction::insert_object_version(ObjectVersionRow& row)
 {
+    if (!row.sealed_dek.empty())
+        if (auto k = require_vault_kek(true, row.object.value, row.kek_id); !k)
+            return k;
     auto number = first<std::int64_t>(
         conn_, "UPDATE objects SET next_version = next_version + 1 WHERE id = ? RETURNING next_version - 1",
         [&](db::Query& q) { q.bind(1, row.object.value); }, [](const db::Query& q) { return q.int64(0); });

@@ -1,6 +1,7 @@
 // The Store's sealed DEKs as one list (store.hpp, SealedDek): what moving a
-// state to another token re-seals (vault/token_migration.hpp). Only sealed
-// DEKs and their bindings; no ciphertext is read or written.
+// state to another token (vault/token_migration.hpp) or a vault to a new KEK
+// (vault/kek/rekey.hpp) re-seals. Only sealed DEKs and their bindings; no
+// ciphertext is read or written.
 #include "vault/store/db.hpp"
 #include "vault/store/store.hpp"
 
@@ -18,23 +19,55 @@ const char* table_name(SealedDek::Table t)
     return t == SealedDek::Table::versions ? "versions" : "object_versions";
 }
 
+
+SealedDek read_sealed(const db::Query& q)
+{
+    return SealedDek{static_cast<SealedDek::Table>(q.int64(0)), q.int64(1), VaultId{q.int64(2)}, q.text(3),
+                     static_cast<std::uint64_t>(q.int64(4)), q.text(5), q.blob(6), q.text(7)};
+}
+
+#define SEALED_ROWS(WHERE_SECRET, WHERE_OBJECT)                                                                     \
+    "SELECT 0, v.id, s.vault_id, s.name, v.version, v.kek_id, v.sealed_dek, '' FROM versions v "                    \
+    "JOIN secrets s ON s.id = v.secret_id " WHERE_SECRET                                                             \
+    " UNION ALL "                                                                                                    \
+    "SELECT 1, ov.id, o.vault_id, o.name, ov.version, ov.kek_id, ov.sealed_dek, ov.body FROM object_versions ov "   \
+    "JOIN objects o ON o.id = ov.object_id WHERE length(ov.sealed_dek) > 0 " WHERE_OBJECT " ORDER BY 1, 2"
+
 }  // namespace
 
 Result<std::vector<SealedDek>> Store::Transaction::sealed_deks()
 {
-    return collect<SealedDek>(
-        conn_,
-        "SELECT 0, v.id, s.vault_id, s.name, v.version, v.kek_id, v.sealed_dek, '' FROM versions v "
-        "JOIN secrets s ON s.id = v.secret_id "
-        "UNION ALL "
-        "SELECT 1, ov.id, o.vault_id, o.name, ov.version, ov.kek_id, ov.sealed_dek, ov.body FROM object_versions ov "
-        "JOIN objects o ON o.id = ov.object_id WHERE length(ov.sealed_dek) > 0 "
-        "ORDER BY 1, 2",
-        [](db::Query&) {},
-        [](const db::Query& q) {
-            return SealedDek{static_cast<SealedDek::Table>(q.int64(0)), q.int64(1), VaultId{q.int64(2)}, q.text(3),
-                             static_cast<std::uint64_t>(q.int64(4)), q.text(5), q.blob(6), q.text(7)};
+    return collect<SealedDek>(conn_, SEALED_ROWS("", ""), [](db::Query&) {}, read_sealed);
+}
+
+Result<std::vector<SealedRow>> Store::Transaction::sealed_rows(VaultId vault, SealedDek::Table table,
+                                                               std::int64_t after, std::size_t limit)
+{
+    const char* sql =
+        table == SealedDek::Table::versions
+            ? "SELECT v.id, s.name, v.version, v.kek_id, v.nonce, v.ciphertext, v.sealed_dek, '' FROM versions v "
+              "JOIN secrets s ON s.id = v.secret_id WHERE s.vault_id = ? AND v.id > ? ORDER BY v.id LIMIT ?"
+            : "SELECT ov.id, o.name, ov.version, ov.kek_id, ov.nonce, ov.sealed_key, ov.sealed_dek, ov.body "
+              "FROM object_versions ov JOIN objects o ON o.id = ov.object_id WHERE o.vault_id = ? AND ov.id > ? "
+              "AND length(ov.sealed_dek) > 0 ORDER BY ov.id LIMIT ?";
+    return collect<SealedRow>(
+        conn_, sql,
+        [&](db::Query& q) { q.bind(1, vault.value).bind(2, after).bind(3, static_cast<std::int64_t>(limit)); },
+        [&](const db::Query& q) {
+            return SealedRow{table,      q.int64(0), q.text(1), static_cast<std::uint64_t>(q.int64(2)), q.text(3),
+                             q.blob(4),  q.blob(5),  q.blob(6), q.text(7)};
         });
+}
+
+Result<void> Store::Transaction::replace_sealed_row(const SealedRow& row)
+{
+    const char* sql = row.table == SealedDek::Table::versions
+                          ? "UPDATE versions SET kek_id = ?, nonce = ?, ciphertext = ?, sealed_dek = ? WHERE id = ?"
+                          : "UPDATE object_versions SET kek_id = ?, nonce = ?, sealed_key = ?, sealed_dek = ? "
+                            "WHERE id = ?";
+    return run(conn_, sql, [&](db::Query& q) {
+        q.bind(1, row.kek_id).bind_blob(2, row.nonce).bind_blob(3, row.ciphertext).bind_blob(4, row.sealed_dek).bind(5, row.row);
+    });
 }
 
 // The undo log of a migration: each replaced sealed DEK as it was, kept in

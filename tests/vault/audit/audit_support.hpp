@@ -34,7 +34,7 @@ public:
     explicit FlakyKeys(hsm::KeyService* real) : real_(*real) {}
     std::atomic<bool> refuse_signatures{false};
 
-    hsm::Result<hsm::KeyId> create_kek(const std::string& l) override { return real_.create_kek(l); }
+    hsm::Result<hsm::KeyId> create_kek(const std::string& l, hsm::KekReach r) override { return real_.create_kek(l, r); }
     hsm::Result<void> find_key(const hsm::KeyId& id) override { return real_.find_key(id); }
     hsm::Result<std::vector<std::uint8_t>> seal(const hsm::KeyId& k, const hsm::SecureBuffer& d,
                                                 std::span<const std::uint8_t> a) override
