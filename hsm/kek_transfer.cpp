@@ -68,18 +68,9 @@ Bytes without_leading_zeros(Bytes b)
 ck_rv_t find_first(const ck_function_list& f, ck_session_handle_t s, const ck_object_class_t& cls, const Bytes& id,
                    bool trusted, ck_object_handle_t& found)
 {
-    found = 0;
     ck_attribute tmpl[] = {attr(CKA_CLASS, &cls, sizeof cls), attr(CKA_ID, id.data(), id.size()),
                            flag(CKA_TRUSTED, true)};
-    ck_rv_t r = f.C_FindObjectsInit(s, tmpl, trusted ? 3 : 2);
-    if (r != CKR_OK)
-        return r;
-    unsigned long count = 0;
-    r = f.C_FindObjects(s, &found, 1, &count);
-    f.C_FindObjectsFinal(s);
-    if (count == 0)
-        found = 0;
-    return r;
+    return p11::find_first(f, s, tmpl, trusted ? 3 : 2, found);
 }
 
 // A public RSA object's modulus, as the token holds it.

@@ -180,6 +180,22 @@ inline ck_attribute attr(ck_attribute_type_t type, const void* value, unsigned l
     return ck_attribute{type, const_cast<void*>(value), len};
 }
 
+// The first object the template matches, or 0 (found), in one search.
+inline ck_rv_t find_first(const ck_function_list& f, ck_session_handle_t s, ck_attribute* tmpl, unsigned long count,
+                          ck_object_handle_t& found)
+{
+    found = 0;
+    ck_rv_t r = f.C_FindObjectsInit(s, tmpl, count);
+    if (r != CKR_OK)
+        return r;
+    unsigned long n = 0;
+    r = f.C_FindObjects(s, &found, 1, &n);
+    f.C_FindObjectsFinal(s);
+    if (n == 0)
+        found = 0;
+    return r;
+}
+
 // DER SubjectPublicKeyInfo of the RSA key (modulus, exponent), big-endian
 // as tokens hold them (pkcs11_key_service.cpp).
 Result<Bytes> rsa_spki(const Bytes& modulus, const Bytes& exponent);
@@ -423,19 +439,13 @@ struct Pkcs11KeyService::Impl {
         if (!raw || raw->empty())
             return fail(Errc::invalid_argument, "malformed key id '" + id.hex + "'");
         ck_object_handle_t found = 0;
-        unsigned long count = 0;
         auto rv = with_session_held([&](ck_session_handle_t s) {
             ck_attribute tmpl[] = {attr(CKA_CLASS, &cls, sizeof cls), attr(CKA_ID, raw->data(), raw->size())};
-            ck_rv_t r = (*module)->C_FindObjectsInit(s, tmpl, 2);
-            if (r != CKR_OK)
-                return r;
-            r = (*module)->C_FindObjects(s, &found, 1, &count);
-            (*module)->C_FindObjectsFinal(s);
-            return r;
+            return p11::find_first(module->functions(), s, tmpl, 2, found);
         });
         if (auto ok = call_ok(rv, "C_FindObjects"); !ok)
             return tl::unexpected(ok.error());
-        if (count == 0)
+        if (found == 0)
             return fail(Errc::key_not_found, "no key with id " + id.hex + " in token '" + label + "'");
         std::lock_guard lock(handles_mutex);
         handles[cache_key] = found;
@@ -526,20 +536,14 @@ struct Pkcs11KeyService::Impl {
         const auto raw = from_hex(id.hex);
         if (!raw || raw->empty())
             return fail(Errc::invalid_argument, "malformed key id '" + id.hex + "'");
-        unsigned long count = 0;
         ck_object_handle_t found = 0;
         auto rv = with_session([&](ck_session_handle_t s) {
             ck_attribute tmpl[] = {attr(CKA_ID, raw->data(), raw->size())};
-            ck_rv_t r = (*module)->C_FindObjectsInit(s, tmpl, 1);
-            if (r != CKR_OK)
-                return r;
-            r = (*module)->C_FindObjects(s, &found, 1, &count);
-            (*module)->C_FindObjectsFinal(s);
-            return r;
+            return p11::find_first(module->functions(), s, tmpl, 1, found);
         });
         if (auto ok = call_ok(rv, "C_FindObjects"); !ok)
             return tl::unexpected(ok.error());
-        return count > 0;
+        return found != 0;
     }
 
     // A random CKA_ID that no object in the token has yet, nor the MAC key

@@ -210,8 +210,10 @@ Result<std::vector<HostRow>> untrusted_hosts(const std::string& state_dir, const
     return p->enrolment->peers_to_trust(only);
 }
 
-Result<std::vector<std::string>> trust_hosts(const std::string& state_dir, const std::vector<HostRow>& hosts,
-                                             const hsm::SecureBuffer& so_pin)
+namespace {
+
+// The state's token, logged in as its Security Officer.
+Result<std::unique_ptr<hsm::SecurityOfficer>> so_login(const std::string& state_dir, const hsm::SecureBuffer& so_pin)
 {
     auto config = load_config(absolute_path(state_dir));
     if (!config)
@@ -219,6 +221,17 @@ Result<std::vector<std::string>> trust_hosts(const std::string& state_dir, const
     auto so = hsm::SecurityOfficer::login(config->pkcs11_module, config->environment(), config->token_label, so_pin);
     if (!so)
         return fail(Errc::key_unavailable, so.error().message);
+    return std::move(*so);
+}
+
+}  // namespace
+
+Result<std::vector<std::string>> trust_hosts(const std::string& state_dir, const std::vector<HostRow>& hosts,
+                                             const hsm::SecureBuffer& so_pin)
+{
+    auto so = so_login(state_dir, so_pin);
+    if (!so)
+        return tl::unexpected(so.error());
     std::vector<std::string> lines;
     for (const auto& h : hosts) {
         auto made = (*so)->trust(h.transport_public, trusted_key_label(h.name));
@@ -237,12 +250,9 @@ Result<std::string> grant_with_trust(const std::string& state_dir, const std::st
     auto req = parse_request(request_text);
     if (!req)
         return tl::unexpected(req.error());
-    auto config = load_config(absolute_path(state_dir));
-    if (!config)
-        return tl::unexpected(config.error());
-    auto so = hsm::SecurityOfficer::login(config->pkcs11_module, config->environment(), config->token_label, so_pin);
+    auto so = so_login(state_dir, so_pin);
     if (!so)
-        return fail(Errc::key_unavailable, so.error().message);
+        return tl::unexpected(so.error());
     auto made = (*so)->trust(req->transport_public, trusted_key_label(req->host));
     if (!made)
         return fail(Errc::key_unavailable, "trusting host " + req->host + "'s transport key: " + made.error().message);
