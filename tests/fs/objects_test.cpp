@@ -453,7 +453,7 @@ TEST_CASE("nginx serves an exportable certificate from the vault, and the renewe
         }
     } prefix_dir{prefix};
     MountOptions o;
-    o.config_lines = {"on_change = web/site signal " + prefix + "/nginx.pid SIGHUP"};
+    o.config_lines = {"on_change = web/site signal root " + prefix + "/nginx.pid SIGHUP"};
     Mount m(o);
     REQUIRE(make_dir(m.path("web")).err == 0);
     REQUIRE(shell(cli(m, "cert create web/site --subject CN=site.test --san DNS:site.test --days 30 --exportable"))
@@ -515,9 +515,9 @@ TEST_CASE("nginx serves an exportable certificate from the vault, and the renewe
     CHECK(hook["result"] == "ok");
     CHECK(hook["secret"] == ".certs/site");
     CHECK(hook["version"] == 2);
-    CHECK(hook["rule"] == "web/site signal " + prefix + "/nginx.pid SIGHUP");
+    CHECK(hook["rule"] == "web/site signal root " + prefix + "/nginx.pid SIGHUP");
     const std::string nginx_pid = slurp(prefix + "/nginx.pid");
-    CHECK(hook["reason"] == "sent SIGHUP to " + nginx_pid.substr(0, nginx_pid.find('\n')));
+    CHECK(hook["reason"] == "sent SIGHUP to " + nginx_pid.substr(0, nginx_pid.find('\n')) + " (root)");
     std::size_t firings = 0;
     for (const auto& rec : m.audit())
         firings += rec["op"] == "hook";

@@ -5,9 +5,12 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/inotify.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <ctime>
 #include <filesystem>
@@ -323,4 +326,122 @@ TEST_CASE("on_change hooks: exec as a user, a failing hook, systemd-reload; audi
     const auto verified = m.verify();
     INFO(verified.data);
     CHECK(verified.err == 0);
+}
+
+TEST_CASE("a signal hook is no confused deputy: only the named user's process, through a pidfile that user or root "
+          "owns, never init or vaultfs; each refusal audited",
+          "[fs][hooks][attack]")
+{
+    TestUser alice("sig");
+    // Alice's own directory, where her service would keep its pidfile.
+    std::string dir = (std::filesystem::temp_directory_path() / "vaultfs-sig-XXXXXX").string();
+    REQUIRE(::mkdtemp(dir.data()) != nullptr);
+    REQUIRE(::chown(dir.c_str(), alice.uid, alice.gid) == 0);
+    ::chmod(dir.c_str(), 0755);
+    struct Cleanup {
+        std::string path;
+        std::vector<pid_t> pids;
+        ~Cleanup()
+        {
+            for (pid_t p : pids) {
+                ::kill(p, SIGKILL);
+                ::waitpid(p, nullptr, 0);
+            }
+            std::error_code ec;
+            std::filesystem::remove_all(path, ec);
+        }
+    } cleanup{dir, {}};
+    const std::string pidfile = dir + "/app.pid";
+    const std::string rootfile = dir + "/root.pid";  // alice's too, but its hook names root
+    MountOptions o;
+    o.config_lines = {"on_change = team/pub-* signal " + alice.name + " " + pidfile + " SIGTERM",
+                      "on_change = team/root-* signal root " + rootfile + " SIGTERM"};
+    Mount m(o);
+    REQUIRE(make_dir(m.path("team")).err == 0);
+
+    // A process of root's, and one of alice's.
+    const auto spawn = [&](const TestUser* as_user) {
+        const pid_t pid = ::fork();
+        if (pid == 0) {
+            if (as_user != nullptr && (::setgid(as_user->gid) != 0 || ::setuid(as_user->uid) != 0))
+                ::_exit(1);
+            ::execl("/bin/sleep", "sleep", "300", static_cast<char*>(nullptr));
+            ::_exit(127);
+        }
+        cleanup.pids.push_back(pid);
+        return pid;
+    };
+    const auto alive = [](pid_t pid) {
+        int status = 0;
+        return ::waitpid(pid, &status, WNOHANG) == 0;
+    };
+    const pid_t root_sleep = spawn(nullptr);
+    const pid_t alice_sleep = spawn(&alice);
+    REQUIRE(eventually(5, [&] { return slurp("/proc/" + std::to_string(alice_sleep) + "/comm") == "sleep\n"; }));
+
+    // Alice writes a pid into a pidfile of hers, then a secret a hook
+    // matches; each firing is audited: the last `hook` record says how.
+    std::size_t fired = 0;
+    const auto fire = [&](const std::string& file, const std::string& pid, const std::string& secret,
+                          mode_t mode = 0644) {
+        const Outcome w = as(alice, [&] {
+            ::unlink(file.c_str());
+            const int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, mode);
+            if (fd < 0 || ::write(fd, pid.data(), pid.size()) != static_cast<ssize_t>(pid.size()) || ::close(fd) != 0)
+                return Outcome{errno, {}};
+            ::chmod(file.c_str(), mode);
+            return Outcome{};
+        });
+        REQUIRE(w.err == 0);
+        REQUIRE(write_file(m.path("team/" + secret), pid).err == 0);
+        ++fired;
+        REQUIRE(eventually(10, [&] {
+            std::size_t n = 0;
+            for (const auto& rec : m.audit())
+                n += rec["op"] == "hook";
+            return n == fired;
+        }));
+        return m.last_audit("hook");
+    };
+    const auto refused = [&](const nlohmann::json& rec, const std::string& reason) {
+        INFO(rec.dump());
+        CHECK(rec["result"] == "EIO");
+        CHECK(rec.value("reason", "") == reason);
+    };
+
+    refused(fire(pidfile, std::to_string(root_sleep) + "\n", "pub-a"),
+            "pid " + std::to_string(root_sleep) + " runs as uid 0, not " + alice.name);
+    CHECK(alive(root_sleep));
+    refused(fire(pidfile, "1\n", "pub-b"), "pid 1 is init: never signalled");
+    refused(fire(pidfile, std::to_string(m.daemon_pid()), "pub-c"),
+            "pid " + std::to_string(m.daemon_pid()) + " is vaultfs itself: never signalled");
+    refused(fire(pidfile, std::to_string(alice_sleep), "pub-d", 0666),
+            pidfile + " is writable by others than its owner: not trusted");
+    CHECK(alive(alice_sleep));
+    // A hook for root's processes does not trust a pidfile alice owns.
+    refused(fire(rootfile, std::to_string(root_sleep), "root-a"),
+            rootfile + " belongs to uid " + std::to_string(alice.uid) + ", neither root nor root: not trusted");
+    CHECK(alive(root_sleep));
+    // Her own process, through her own pidfile: signalled.
+    const auto sent = fire(pidfile, std::to_string(alice_sleep) + "\n", "pub-e");
+    INFO(sent.dump());
+    CHECK(sent["result"] == "ok");
+    CHECK(sent["reason"] == "sent SIGTERM to " + std::to_string(alice_sleep) + " (" + alice.name + ")");
+    int status = 0;
+    REQUIRE(::waitpid(alice_sleep, &status, 0) == alice_sleep);
+    CHECK(WIFSIGNALED(status));
+    CHECK(WTERMSIG(status) == SIGTERM);
+    cleanup.pids.erase(std::find(cleanup.pids.begin(), cleanup.pids.end(), alice_sleep));
+    CHECK(m.verify().err == 0);
+
+    // The form without a USER is refused at start, showing the new one.
+    m.stop();
+    REQUIRE(shell("sed -i 's|^on_change = team/pub-\\* signal " + alice.name + " |on_change = team/pub-* signal |' " +
+                  m.state_file("vaultfs.conf"))
+                .err == 0);
+    const auto old = m.start_expecting_failure();
+    INFO(old.data);
+    CHECK(old.err != 0);
+    CHECK(old.data.find("signal names the user whose process it signals: signal USER PIDFILE SIGNAL (e.g. "
+                        "'team/pub-* signal www-data " + pidfile + " SIGTERM')") != std::string::npos);
 }

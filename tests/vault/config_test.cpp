@@ -129,7 +129,7 @@ TEST_CASE("parse_config reads back what render_config wrote", "[config]")
         c.metrics_interval = std::chrono::seconds(30);
         c.expiry_warn_days = {60, 14, 1};
         c.expiry_check_interval = std::chrono::seconds(600);
-        c.on_expiry = {*hooks::parse("*/* signal /run/nginx.pid SIGHUP")};
+        c.on_expiry = {*hooks::parse("*/* signal root /run/nginx.pid SIGHUP")};
         const std::string text = render_config(c);
         CHECK(text.find("audit_syslog = tcp:[::1]:6514\n") != std::string::npos);
         CHECK(text.find("expiry_warn_days = 60,14,1\n") != std::string::npos);

@@ -5,6 +5,8 @@
 #include <grp.h>
 #include <pwd.h>
 #include <signal.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -14,6 +16,8 @@
 #include <cerrno>
 #include <charconv>
 #include <cstring>
+#include <fstream>
+#include <optional>
 #include <sstream>
 
 #include "vault/audit/log.hpp"
@@ -79,7 +83,98 @@ std::string describe_status(int status)
     return std::string("killed by signal ") + ::strsignal(WTERMSIG(status));
 }
 
+// A uid by name (or number).
+std::optional<uid_t> uid_of(const std::string& user)
+{
+    passwd pw{};
+    passwd* found = nullptr;
+    std::vector<char> buf(16384);
+    if (::getpwnam_r(user.c_str(), &pw, buf.data(), buf.size(), &found) == 0 && found != nullptr)
+        return pw.pw_uid;
+    uid_t uid = 0;
+    const auto [p, ec] = std::from_chars(user.data(), user.data() + user.size(), uid);
+    if (!user.empty() && ec == std::errc() && p == user.data() + user.size())
+        return uid;
+    return std::nullopt;
+}
+
+// The real uid of the process `pidfd` holds, as /proc says it while the
+// process is alive (a pid is not reused while its process lives).
+std::optional<uid_t> real_uid(pid_t pid, int pidfd)
+{
+    std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+    std::string line;
+    std::optional<uid_t> uid;
+    while (std::getline(status, line))
+        if (line.rfind("Uid:", 0) == 0) {
+            std::istringstream fields(line.substr(4));
+            uid_t real = 0;
+            if (fields >> real)
+                uid = real;
+        }
+    // Still the process the pidfd holds: then /proc/PID was its.
+    if (::syscall(SYS_pidfd_send_signal, pidfd, 0, nullptr, 0) != 0)
+        return std::nullopt;
+    return uid;
+}
+
 }  // namespace
+
+// The confused-deputy rules of a signal hook (README "Reacting to
+// rotation"): vaultfs runs as root, and a pidfile is whatever its writer
+// put there. So the pidfile must be root's or the hook's user's, and
+// writable by nobody else; the process must be the user's (its real uid);
+// never pid 1 nor vaultfs itself; and the signal goes through a pidfd, so a
+// pid recycled meanwhile is never hit.
+Result<std::string> send_signal(const Hook& hook)
+{
+    const auto uid = uid_of(hook.user);
+    if (!uid)
+        return fail(Errc::not_found, "no user '" + hook.user + "'");
+    const int fd = ::open(hook.pid_file.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0)
+        return fail(Errc::not_found, "no pid in " + hook.pid_file + ": " + std::strerror(errno));
+    struct stat st{};
+    std::string text(32, '\0');
+    const bool stat_ok = ::fstat(fd, &st) == 0;
+    const ssize_t n = stat_ok ? ::read(fd, text.data(), text.size()) : -1;
+    ::close(fd);
+    if (!stat_ok || !S_ISREG(st.st_mode))
+        return fail(Errc::not_permitted, hook.pid_file + " is not a regular file");
+    if (st.st_uid != 0 && st.st_uid != *uid)
+        return fail(Errc::not_permitted, hook.pid_file + " belongs to uid " + std::to_string(st.st_uid) +
+                                             ", neither root nor " + hook.user + ": not trusted");
+    if ((st.st_mode & 022) != 0)
+        return fail(Errc::not_permitted, hook.pid_file + " is writable by others than its owner: not trusted");
+    long pid = 0;
+    if (n > 0) {
+        text.resize(static_cast<std::size_t>(n));
+        const auto first = text.find_first_not_of(" \t\n");
+        if (first != std::string::npos)
+            std::from_chars(text.data() + first, text.data() + text.size(), pid);
+    }
+    if (pid <= 0)
+        return fail(Errc::not_found, "no pid in " + hook.pid_file);
+    if (pid == 1 || pid == ::getpid() || pid == ::getppid())
+        return fail(Errc::not_permitted, "pid " + std::to_string(pid) + " is " +
+                                             (pid == 1 ? std::string("init") : std::string("vaultfs itself")) +
+                                             ": never signalled");
+    const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, static_cast<pid_t>(pid), 0));
+    if (pidfd < 0)
+        return fail(Errc::not_found, "pid " + std::to_string(pid) + ": " + std::strerror(errno));
+    const auto owner = real_uid(static_cast<pid_t>(pid), pidfd);
+    std::string refused;
+    if (!owner)
+        refused = "pid " + std::to_string(pid) + " is gone";
+    else if (*owner != *uid)
+        refused = "pid " + std::to_string(pid) + " runs as uid " + std::to_string(*owner) + ", not " + hook.user;
+    else if (::syscall(SYS_pidfd_send_signal, pidfd, hook.signal, nullptr, 0) != 0)
+        refused = "pidfd_send_signal(" + std::to_string(pid) + "): " + std::strerror(errno);
+    ::close(pidfd);
+    if (!refused.empty())
+        return fail(Errc::not_permitted, refused);
+    return "sent SIG" + signal_name(hook.signal) + " to " + std::to_string(pid) + " (" + hook.user + ")";
+}
 
 bool Hook::matches(std::string_view vault, std::string_view name) const
 {
@@ -102,6 +197,12 @@ Result<Hook> parse(std::string_view spec)
     const std::string_view action = next_word(rest);
     if (action == "signal") {
         h.action = Hook::Action::signal;
+        h.user = std::string(next_word(rest));
+        if (!h.user.empty() && h.user.front() == '/')  // the form before the USER was required
+            return fail(Errc::invalid_argument,
+                        "on_change: signal names the user whose process it signals: signal USER PIDFILE SIGNAL "
+                        "(e.g. '" + h.vault_glob + "/" + h.name_glob + " signal www-data " + h.user + " " +
+                            std::string(next_word(rest)) + "')");
         h.pid_file = std::string(next_word(rest));
         std::string_view name = next_word(rest);
         if (name.substr(0, 3) == "SIG")
@@ -109,9 +210,11 @@ Result<Hook> parse(std::string_view spec)
         for (const auto& [n, s] : signals)
             if (n == name)
                 h.signal = s;
-        if (h.pid_file.empty() || h.pid_file.front() != '/' || h.signal == 0 || !next_word(rest).empty())
-            return fail(Errc::invalid_argument, "on_change: signal takes an absolute PIDFILE and one of SIGHUP, "
-                                                "SIGUSR1, SIGUSR2, SIGTERM, SIGINT, SIGQUIT, SIGWINCH, SIGALRM");
+        if (h.user.empty() || h.pid_file.empty() || h.pid_file.front() != '/' || h.signal == 0 ||
+            !next_word(rest).empty())
+            return fail(Errc::invalid_argument, "on_change: signal takes a USER, an absolute PIDFILE and one of "
+                                                "SIGHUP, SIGUSR1, SIGUSR2, SIGTERM, SIGINT, SIGQUIT, SIGWINCH, "
+                                                "SIGALRM");
     } else if (action == "exec") {
         h.action = Hook::Action::exec;
         h.user = std::string(next_word(rest));
@@ -229,31 +332,9 @@ void Runner::fire(const Hook& hook, const Event& change)
 {
     const std::string& name = change.name;
     if (hook.action == Hook::Action::signal) {
-        std::string text(32, '\0');
-        const int fd = ::open(hook.pid_file.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-        const ssize_t n = fd < 0 ? -1 : ::read(fd, text.data(), text.size());
-        const int err = errno;
-        if (fd >= 0)
-            ::close(fd);
-        long pid = 0;
-        if (n > 0) {
-            text.resize(static_cast<std::size_t>(n));
-            const auto first = text.find_first_not_of(" \t\n");
-            if (first != std::string::npos)
-                std::from_chars(text.data() + first, text.data() + text.size(), pid);
-        }
-        if (pid <= 1) {
-            record(hook.spec, change.vault, name, change.version, false,
-                   "no pid in " + hook.pid_file + (n < 0 ? std::string(": ") + std::strerror(err) : std::string()));
-            return;
-        }
-        if (::kill(static_cast<pid_t>(pid), hook.signal) != 0) {
-            record(hook.spec, change.vault, name, change.version, false,
-                   "kill(" + std::to_string(pid) + "): " + std::strerror(errno));
-            return;
-        }
-        record(hook.spec, change.vault, name, change.version, true,
-               "sent SIG" + signal_name(hook.signal) + " to " + std::to_string(pid));
+        auto sent = send_signal(hook);
+        record(hook.spec, change.vault, name, change.version, sent.has_value(),
+               sent ? *sent : sent.error().message);
         return;
     }
 

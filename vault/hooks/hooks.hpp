@@ -2,7 +2,7 @@
 // serves changes, or a certificate gets a new version (README "Reacting
 // to rotation").
 //
-//   on_change = VAULT/GLOB signal PIDFILE SIGNAL     kill(pid in PIDFILE, SIGNAL)
+//   on_change = VAULT/GLOB signal USER PIDFILE SIGNAL   SIGNAL to USER's process in PIDFILE
 //   on_change = VAULT/GLOB exec USER COMMAND         /bin/sh -c COMMAND as USER
 //   on_change = VAULT/GLOB systemd-reload UNIT       systemctl reload UNIT
 //
@@ -57,15 +57,22 @@ struct Hook {
     Action action = Action::signal;
     std::string pid_file;  // signal
     int signal = 0;
-    std::string user;      // exec
+    std::string user;      // signal (whose process), exec (who runs it)
     std::string command;
     std::string unit;      // systemd-reload
 
     bool matches(std::string_view vault, std::string_view name) const;
 };
 
-// Errc::invalid_argument with what is wrong, for the config's error.
+// Errc::invalid_argument with what is wrong, for the config's error; the
+// signal form without a USER (vaultfs 0.1's) is refused, showing the new one.
 Result<Hook> parse(std::string_view spec);
+
+// A signal hook's firing: the signal sent, and what was done; or why not
+// (the pidfile not root's or the user's, or writable by others; the
+// process not the user's, pid 1, or vaultfs's own; gone). Never a pid
+// recycled meanwhile: the signal goes through a pidfd.
+Result<std::string> send_signal(const Hook& hook);
 
 class Runner {
 public:
