@@ -366,6 +366,103 @@ TEST_CASE("attack: a caller with no grant floods refusals for 5 s; the audit sta
     CHECK(m.verify().err == 0);
 }
 
+TEST_CASE("attack: a caller who holds list and get pub-* floods refused opens, names and listings for 5 s; the "
+          "audit stays small, the first of each refusal is there at once, the counts follow",
+          "[fs][attack][flood]")
+{
+    TestUser insider("n");
+    TestUser reader("r");
+    Mount m;
+    REQUIRE(make_dir(m.path("team")).err == 0);
+    REQUIRE(make_dir(m.path("other")).err == 0);
+    REQUIRE(write_file(m.path("team/pub-a"), "public").err == 0);
+    REQUIRE(write_file(m.path("team/private"), "secret").err == 0);
+    REQUIRE(write_file(m.path("other/s"), "served").err == 0);
+    REQUIRE(write_file(m.path("team/.policy"), "allow uid:0 *\nallow uid:" + std::to_string(insider.uid) +
+                                                   " get pub-*\n")
+                .err == 0);
+    REQUIRE(write_file(m.path("other/.policy"), "allow uid:0 *\nallow uid:" + std::to_string(insider.uid) +
+                                                    " get\nallow uid:" + std::to_string(reader.uid) + " get\n")
+                .err == 0);
+
+    // One refused open: its record is written at once, in full.
+    const auto once = m.records_of([&] {
+        CHECK(as(insider, [&] { return read_file(m.path("team/private")); }).err == EACCES);
+    });
+    REQUIRE(count(once, "get", insider.uid) == 1);
+    for (const auto& r : once)
+        if (r.value("op", "") == "get") {
+            CHECK(r["decision"] == "deny");
+            CHECK(r["result"] == "EACCES");
+            CHECK(r["vault"] == "team");
+            CHECK(r["secret"] == "private");
+        }
+
+    const auto size_before = std::filesystem::file_size(m.state_file("audit.jsonl"));
+    std::atomic<bool> stop{false};
+    std::atomic<int> served{0};
+    std::thread allowed([&] {
+        while (!stop) {
+            if (as(reader, [&] { return read_file(m.path("other/s")); }).data == "served")
+                ++served;
+            std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        }
+    });
+    const auto flood = as(insider, [&] {
+        const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+        long n = 0;
+        while (std::chrono::steady_clock::now() < end) {
+            const int fd = ::open(m.path("team/private").c_str(), O_RDONLY);  // EACCES
+            if (fd >= 0)
+                ::close(fd);
+            if (DIR* d = ::opendir(m.path("team").c_str()))  // no list: EACCES
+                ::closedir(d);
+            struct stat st{};
+            ::stat(m.path("team/nope-" + std::to_string(n % 500)).c_str(), &st);  // names of its own
+            ++n;
+        }
+        return Outcome{0, std::to_string(n)};
+    });
+    stop = true;
+    allowed.join();
+    const long attempts = std::stol(flood.data);
+    const auto growth = std::filesystem::file_size(m.state_file("audit.jsonl")) - size_before;
+    INFO(attempts << " rounds of refusals wrote " << growth << " bytes");
+    CHECK(attempts > 1000);
+    CHECK(growth < 1024 * 1024);
+    CHECK(served > 10);
+    WARN("insider flood: " << attempts << " x 3 refused operations in 5 s by a uid holding get pub-* wrote " << growth
+                           << " audit bytes; another uid was served " << served.load() << " times meanwhile");
+
+    // At shutdown the open windows are counted out.
+    m.stop();
+    const auto all = m.audit();
+    std::size_t by_insider = 0;
+    std::uint64_t counted = 0;
+    bool list_refusal = false;
+    for (const auto& r : all) {
+        if (r.value("uid", -1) != static_cast<std::int64_t>(insider.uid))
+            continue;
+        ++by_insider;
+        if (r.value("op", "") == "repeats")
+            counted += r.value("count", std::uint64_t{0});
+        if (r.value("op", "") == "list" && r.value("decision", "") == "deny")
+            list_refusal = true;
+    }
+    // A few records per group and window (32 groups at most), not one per attempt.
+    CHECK(by_insider <= 200);
+    CHECK(list_refusal);
+    CHECK(counted > static_cast<std::uint64_t>(attempts));
+    // The count of the refused opens names what was tried.
+    bool counted_private = false;
+    for (const auto& r : all)
+        if (r.value("op", "") == "repeats" && r.value("uid", -1) == static_cast<std::int64_t>(insider.uid) &&
+            r.value("of", "") == "get" && r.value("secret", "") == "private" && r.value("vault", "") == "team")
+            counted_private = counted_private || r.value("count", std::uint64_t{0}) > 1000;
+    CHECK(counted_private);
+    CHECK(m.verify().err == 0);
+}
+
 // ---- 3. no reader can exhaust the locked heap ------------------------------------------------
 
 TEST_CASE("attack: one uid hoards descriptors and write buffers; another uid still reads and writes",

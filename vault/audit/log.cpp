@@ -443,10 +443,21 @@ Result<void> Log::append_fields(Fields& f, const Event& event)
     if (auto r = reopen_if_needed_locked(); !r)
         return r;
     const Micros now = options_.clock();
-    if (event.coalesce && !event.allowed) {
-        f.vault = cut(f.vault);
-        f.secret = cut(f.secret);
-        const auto verdict = coalescer_.admit({f.uid, f.op, f.result}, f.gid, now);
+    if (!event.allowed) {
+        // Every refusal is coalesced (audit/coalescer.hpp): by its names for
+        // a caller who holds something where it knocked, by (uid, op,
+        // result) alone for one who holds nothing (its names, its own
+        // invention, are cut short).
+        RefusalCoalescer::Key key{f.uid, f.op, f.result, {}, {}, {}};
+        if (event.coalesce) {
+            f.vault = cut(f.vault);
+            f.secret = cut(f.secret);
+        } else {
+            key.vault = f.vault.empty() ? "-" : f.vault;
+            key.secret = f.secret;
+            key.reason = f.reason;
+        }
+        const auto verdict = coalescer_.admit(key, f.gid, now);
         if (verdict.flush)
             if (auto r = summary_locked(*verdict.flush, now); !r) {
                 unwritten_.push_back(*verdict.flush);
@@ -544,7 +555,15 @@ Result<void> Log::summary_locked(const RefusalCoalescer::Summary& s, Micros now)
     f.uid = s.key.uid;
     f.gid = s.gid;
     f.result = s.key.result;
-    f.reason = "refusals of a caller who holds nothing, counted, not written one by one";
+    if (s.key.vault != "-")
+        f.vault = s.key.vault;
+    f.secret = s.key.secret;
+    if (s.key.vault.empty())
+        f.reason = "refusals of a caller who holds nothing, counted, not written one by one";
+    else if (s.key.reason.empty() || s.key.reason == "*")
+        f.reason = "refusals repeated within the window, counted, not written one by one";
+    else
+        f.reason = "refusals repeated within the window, counted, not written one by one: " + s.key.reason;
     if (auto r = ensure_covered_locked(now); !r)
         return r;
     if (auto r = write_locked(f, now, false,

@@ -26,14 +26,15 @@
 // and records the break (`break`, `break_line`, `trusted_seq`), which
 // `audit verify` reports for ever. Either way the daemon serves.
 //
-// Refusals a caller can repeat at will (Event::coalesce) -- of callers who
-// hold nothing where they knocked, or of a uid past its open-file limits --
-// are coalesced (audit/coalescer.hpp) and their names cut to 64 bytes, so
-// such a caller writes at most two records per (uid, op, result) per
-// `coalesce_window`. When the audit file's disk has less than
-// `reserve_bytes` free, these records are not written but counted; the count
-// goes into the next signed record (`dropped`), and allowed operations keep
-// their room.
+// Every refusal is coalesced (audit/coalescer.hpp): a caller writes at most
+// two records per (uid, vault, secret, op, result) per `coalesce_window`
+// (the first at once, then a `repeats` count), and at most 32 such groups
+// at once. Refusals a caller who holds nothing where it knocked can repeat
+// at will (Event::coalesce) -- or a uid past its open-file limits -- are
+// grouped by (uid, op, result) alone, their names cut to 64 bytes. When the
+// audit file's disk has less than `reserve_bytes` free, refusals are not
+// written but counted; the count goes into the next signed record
+// (`dropped`), and allowed operations keep their room.
 //
 // What a crash leaves: every record whose operation was answered was written
 // (the write comes before the reply); with audit_sync=interval the last
