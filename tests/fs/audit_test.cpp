@@ -258,3 +258,36 @@ TEST_CASE("SIGHUP reopens the audit file; the rotated files verify as a chain", 
     v = shell(m.binary + " audit verify" + key + " " + m.state_file("audit.jsonl"));
     CHECK(v.data.find("starts at a rotation") != std::string::npos);
 }
+
+TEST_CASE("the audit file replaced while a hard link keeps the old one: the records go on in the file its path "
+          "names, and the daemon says so",
+          "[fs][audit][attack]")
+{
+    Mount m;
+    REQUIRE(make_dir(m.path("linked")).err == 0);
+    REQUIRE(write_file(m.path("linked/s"), "one").err == 0);
+    // A hard link keeps the file the daemon writes; the path names a new one.
+    const std::string hidden = m.root + "/hidden.jsonl";
+    REQUIRE(::link(m.state_file("audit.jsonl").c_str(), hidden.c_str()) == 0);
+    REQUIRE(::unlink(m.state_file("audit.jsonl").c_str()) == 0);
+    const int fd = ::open(m.state_file("audit.jsonl").c_str(), O_WRONLY | O_CREAT | O_EXCL, 0600);
+    REQUIRE(fd >= 0);
+    ::close(fd);
+    // Reads go on; their records appear where the path points (the check
+    // runs at most every 100 ms, so the first may still reach the old one).
+    CHECK(eventually(5, [&] {
+        REQUIRE(read_file(m.path("linked/s")).data == "one");
+        return slurp(m.state_file("audit.jsonl")).find("\"op\":\"get\"") != std::string::npos;
+    }));
+    CHECK(m.daemon_stderr().find("is no longer the file the daemon writes (moved or replaced without SIGHUP)") !=
+          std::string::npos);
+    m.stop();
+    const auto now = m.audit();
+    REQUIRE_FALSE(now.empty());
+    CHECK(now.front()["op"] == "rotate");
+    // The old file ends signed, and the two verify as one chain.
+    const std::string key = " --public-key " + m.state_file("audit-signing.pub.pem");
+    auto v = shell(m.binary + " audit verify" + key + " " + hidden + " " + m.state_file("audit.jsonl"));
+    INFO(v.data);
+    CHECK(v.err == 0);
+}

@@ -647,9 +647,30 @@ Result<void> Log::write_line_locked(const std::string& line)
 Result<void> Log::reopen_if_needed_locked()
 {
     struct stat st{};
-    const bool removed = ::fstat(fd_, &st) == 0 && st.st_nlink == 0;
+    bool removed = ::fstat(fd_, &st) == 0 && st.st_nlink == 0;
+    // The path may name another file while the old one lives on under
+    // another link (moved away, or a hard link kept while the path was
+    // replaced): compared, at most every 100 ms, by device and inode. The
+    // records go on in the file the path names, as after a rotation, so
+    // that nobody can hide them behind a link.
+    bool replaced = false;
+    const Micros now = options_.clock();
+    if (!removed && (identity_checked_ == 0 || now - identity_checked_ >= 100000 || now < identity_checked_)) {
+        identity_checked_ = now;
+        struct stat at_path{};
+        if (::stat(options_.path.c_str(), &at_path) != 0)
+            replaced = errno == ENOENT;
+        else
+            replaced = at_path.st_dev != st.st_dev || at_path.st_ino != st.st_ino;
+        if (replaced && !reopen_requested_.load(std::memory_order_relaxed))
+            spdlog::warn("audit: {} is no longer the file the daemon writes (moved or replaced without SIGHUP); "
+                         "the records go on in the file it names now",
+                         options_.path);
+    }
     if (removed && !reopen_requested_.load(std::memory_order_relaxed))
         spdlog::error("audit: {} was removed while the daemon ran; a new file records the break", options_.path);
+    if (replaced)
+        reopen_requested_.store(true, std::memory_order_relaxed);
     if (!removed && !reopen_requested_.load(std::memory_order_relaxed))
         return {};
     if (auto r = reopen_locked(removed); !r)

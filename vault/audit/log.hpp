@@ -233,6 +233,7 @@ private:
     std::vector<RefusalCoalescer::Summary> unwritten_;  // summaries to try again
     bool low_space_ = false;
     Micros space_checked_ = 0;
+    Micros identity_checked_ = 0;  // when the path was last compared with the open file
     bool dirty_ = false;
     bool closed_ = false;
     bool started_ = false;
