@@ -215,9 +215,21 @@ std::optional<int> MonitorCommands::run(const ManageFn& manage)
     filter.vaults = o.vaults;
     filter.ops = o.ops;
     std::string out;
+    // Lines that are not intact records (their hash does not match their
+    // bytes, or they are not records at all) are never shown, and never
+    // passed over in silence either.
+    std::size_t skipped = 0;
+    const auto skip = [&](const std::string& why) {
+        if (skipped++ == 0 || o.follow)
+            std::fprintf(stderr, "vaultfs: skipped a line that is not an intact audit record (%s)\n", why.c_str());
+    };
     const auto emit = [&](const std::string& line) {
         auto r = vault::audit::parse(line);
-        if (!r || !filter.matches(*r))
+        if (!r) {
+            skip(r.error());
+            return;
+        }
+        if (!filter.matches(*r))
             return;
         out += o.as_json ? line : vault::audit::human(*r);
         out += '\n';
@@ -249,6 +261,8 @@ std::optional<int> MonitorCommands::run(const ManageFn& manage)
                     emit(line);
                 } else {
                     auto r = vault::audit::parse(line);
+                    if (!r)
+                        skip(r.error());
                     if (r && filter.matches(*r)) {
                         last.push_back(std::move(line));
                         if (last.size() > o.lines)
@@ -267,8 +281,13 @@ std::optional<int> MonitorCommands::run(const ManageFn& manage)
     }
     for (const auto& line : last)
         emit(line);
+    if (skipped > 0 && !o.follow)
+        std::fprintf(stderr,
+                     "vaultfs: %zu line(s) skipped: not intact audit records (tampered with, or not records); "
+                     "`vaultfs audit verify` names the first\n",
+                     skipped);
     if (!flush() || !o.follow)
-        return 0;
+        return skipped > 0 ? 1 : 0;
 
     // Follow: new lines of the file. When the path is another file (rotated),
     // the old one is read too until the new one has a record: the daemon

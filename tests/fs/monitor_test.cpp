@@ -507,3 +507,34 @@ TEST_CASE("audit tail filters and follows across a rotation; audit export writes
                 m.state_file("audit.jsonl") + " >/dev/null")
               .err == 0);
 }
+
+TEST_CASE("audit tail says when it skips lines that are not intact records, and exits 1", "[monitor][tail]")
+{
+    Mount m;
+    REQUIRE(make_dir(m.path("tampered")).err == 0);
+    REQUIRE(write_file(m.path("tampered/s"), "x").err == 0);
+    m.stop();
+    // One record edited (its hash no longer matches), one line of garbage.
+    auto lines = audit_lines(m);
+    REQUIRE(lines.size() > 4);
+    std::size_t edited = lines.size() - 2;
+    while (edited > 0 && lines[edited].find("\"uid\":0") == std::string::npos)
+        --edited;
+    const auto at = lines[edited].find("\"uid\":0");
+    REQUIRE(at != std::string::npos);
+    lines[edited].replace(at, 7, "\"uid\":7");
+    lines.push_back("not a record");
+    {
+        std::ofstream out(m.state_file("audit.jsonl"), std::ios::trunc);
+        for (const auto& l : lines)
+            out << l << "\n";
+    }
+    const auto r = shell(m.binary + " audit tail --state " + m.state + " -n 100 --json 2>" + m.root + "/tail.err");
+    CHECK(r.err == 1);
+    const std::string err = slurp(m.root + "/tail.err");
+    CHECK(err.find("vaultfs: skipped a line that is not an intact audit record (") != std::string::npos);
+    CHECK(err.find("vaultfs: 2 line(s) skipped: not intact audit records") != std::string::npos);
+    const auto printed = lines_of(r.data);
+    CHECK(printed.size() == lines.size() - 2);
+    CHECK(std::find(printed.begin(), printed.end(), lines[edited]) == printed.end());
+}
