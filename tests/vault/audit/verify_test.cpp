@@ -331,6 +331,60 @@ TEST_CASE("a forger without the token key cannot rewrite the trail", "[audit][ve
     }
 }
 
+TEST_CASE("a slice whose first signed record is forged, its hash redone and its old signature kept, is refused by "
+          "verify --slice and by the check at start",
+          "[audit][verify][tamper]")
+{
+    Signing signing;
+    TempDir dir;
+    const std::string path = dir / "audit.jsonl";
+    {
+        auto log = create_and_open(signing, path, nullptr, Bound{5, 60});
+        append_n(*log, 2);
+        REQUIRE(log->close());
+    }
+    const Lines lines = read_lines(path);
+    auto init = parse(lines[0]);
+    REQUIRE(init);
+    REQUIRE(init->is_signed());
+    // As it was, one record is a slice that verifies: signed at both ends.
+    const std::string honest = dir / "honest.jsonl";
+    write_lines(honest, {lines[0]});
+    VerifyOptions as_slice;
+    as_slice.slice = true;
+    const VerifyReport ok = verify({honest}, signing.pem, as_slice);
+    INFO(joined(ok.problems));
+    REQUIRE(ok.ok);
+    // Its time moved, its body hashed again, the signature of the old body kept.
+    json f = init->fields;
+    f["time"] = "2000-01-01T00:00:00.000000Z";
+    Body b;
+    for (const auto& [k, v] : f.items()) {
+        if (v.is_string())
+            b.text(k, v.get<std::string>());
+        else if (v.is_boolean())
+            b.boolean(k, v.get<bool>());
+        else if (v.is_number_unsigned())
+            b.number(k, v.get<std::uint64_t>());
+        else if (v.is_number_integer())
+            b.integer(k, v.get<std::int64_t>());
+    }
+    const SealedLine forged = seal(std::move(b).finish(), init->sig);
+    REQUIRE(parse(forged.text));  // a well-formed record: only its signature can tell
+    const std::string copy = dir / "forged.jsonl";
+    write_lines(copy, {forged.text});
+    const VerifyReport rep = verify({copy}, signing.pem, as_slice);
+    INFO(joined(rep.problems));
+    CHECK_FALSE(rep.ok);
+    CHECK_THAT(rep.problem, Catch::Contains("signature"));
+    // The daemon's check before it appends to a file starts at its last
+    // signed record, the same way.
+    const VerifyReport start = verify_tail(copy, {forged.text}, 1, signing.pem, VerifyOptions{});
+    INFO(joined(start.problems));
+    CHECK_FALSE(start.ok);
+    CHECK_THAT(start.problem, Catch::Contains("signature"));
+}
+
 TEST_CASE("an unsigned tail longer than the bound fails, the daemon running or not", "[audit][verify]")
 {
     Signing signing;
