@@ -1134,8 +1134,11 @@ Reply Filesystem::write(fuse_req_t, fuse_ino_t, const char* buf, size_t size, of
 Reply Filesystem::flush(fuse_req_t, fuse_ino_t ino, fuse_file_info* fi)
 {
     auto h = handles_.find(fi->fh);
+    // Only writers are flushed (readers and operation files are opened
+    // noflush); one this process does not know was dropped by
+    // `restart --force`, and what it held was never committed.
     if (!h)
-        return Reply::ok();
+        return Reply::err(EBADF);
     if (h->kind == Handle::Kind::write) {
         auto& w = static_cast<WriteHandle&>(*h);
         std::lock_guard lock(w.mutex);

@@ -303,6 +303,9 @@ int main(int argc, char** argv)
     restart->add_option("--state", restart_state, "State directory (default: $VAULTFS_STATE or /var/lib/vaultfs)");
     restart->add_option("--wait", restart_wait, "Seconds to wait for open writes to finish (default 10)")
         ->check(CLI::Range(0.0, 3600.0));
+    bool restart_force = false;
+    restart->add_flag("--force", restart_force,
+                      "After --wait, restart anyway: the writes still open fail (their close() returns an error)");
     int takeover_socket = -1;
     auto* takeover = app.add_subcommand("takeover", "");  // started by a mount's supervisor; hidden
     takeover->group("");
@@ -432,7 +435,7 @@ int main(int argc, char** argv)
         return fs::run_mount(mount_options);
     if (*restart)
         return fs::restart::request_restart(vault::absolute_path(restart_state),
-                                            static_cast<unsigned>(restart_wait * 1000));
+                                            static_cast<unsigned>(restart_wait * 1000), restart_force);
     if (*takeover)
         return fs::run_takeover(takeover_socket);
     if (*verify) {

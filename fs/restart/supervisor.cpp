@@ -87,6 +87,7 @@ private:
     int listen_ = -1;
     int client_ = -1;
     unsigned wait_ms_ = 10000;
+    bool force_ = false;  // go on after wait_ms_, failing the writes still open
     Clock::time_point handover_at_{};
     pid_t restarted_from_ = -1;
     std::deque<Clock::time_point> crashes_;
@@ -214,6 +215,7 @@ void Supervisor::accept_client()
     }
     client_ = c;
     wait_ms_ = static_cast<unsigned>(m->number("wait_ms"));
+    force_ = m->get("force") == "1";
     spdlog::info("restart: starting {} to take over from process {}", options_.binary, current_.pid);
     next_ = spawn("graceful", std::to_string(current_.pid));
     if (!next_)
@@ -240,7 +242,9 @@ void Supervisor::on_server_message(Server& from, const Message& m)
         crashes_.clear();
     } else if (m.kind == "ready" && is_next) {
         handover_at_ = Clock::now();
-        (void)send_message(current_.socket, Message{"handover", {{"wait_ms", std::to_string(wait_ms_)}}, {}});
+        (void)send_message(current_.socket, Message{"handover",
+                                                    {{"wait_ms", std::to_string(wait_ms_)}, {"force", force_ ? "1" : "0"}},
+                                                    {}});
     } else if (m.kind == "refused" && (is_next || is_current)) {
         abandon_restart(m.get("reason"));
     } else if (m.kind == "handles" && is_current) {
@@ -456,7 +460,7 @@ int supervise(SupervisorOptions options, vault::StateLock lock)
     return s.run();
 }
 
-int request_restart(const std::string& state_dir, unsigned wait_ms)
+int request_restart(const std::string& state_dir, unsigned wait_ms, bool force)
 {
     const std::string path = supervisor_socket_path(state_dir);
     sockaddr_un addr{};
@@ -468,7 +472,7 @@ int request_restart(const std::string& state_dir, unsigned wait_ms)
                      path.c_str(), std::strerror(errno), state_dir.c_str());
         return 1;
     }
-    if (!send_message(s, Message{"restart", {{"wait_ms", std::to_string(wait_ms)}}, {}})) {
+    if (!send_message(s, Message{"restart", {{"wait_ms", std::to_string(wait_ms)}, {"force", force ? "1" : "0"}}, {}})) {
         std::fprintf(stderr, "vaultfs: cannot send to %s: %s\n", path.c_str(), std::strerror(errno));
         return 1;
     }

@@ -63,8 +63,10 @@ bool connection_alive(int fd);
 std::string supervisor_socket_path(const std::string& state_dir);
 
 // `vaultfs restart`: asks the supervisor of `state_dir` to restart its
-// server, waiting up to `wait_ms` for open writes to finish. Prints the
-// outcome; returns the exit status.
-int request_restart(const std::string& state_dir, unsigned wait_ms);
+// server, waiting up to `wait_ms` for open writes to finish; with `force`,
+// it then goes on, failing only the writes still open (their write() and
+// close() fail: what they held never committed). Prints the outcome;
+// returns the exit status.
+int request_restart(const std::string& state_dir, unsigned wait_ms, bool force = false);
 
 }  // namespace vaultfs::fs::restart

@@ -328,6 +328,24 @@ TEST_CASE("restart: refused while a write is open, or onto a binary that cannot 
         // Once it is closed, the restart goes through.
         CHECK(restart(m).err == 0);
     }
+    SECTION("--force goes on after --wait: only the write still open fails, and makes no version")
+    {
+        const int w = ::open(m.path("app/other").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        REQUIRE(w >= 0);
+        REQUIRE(::write(w, "half", 4) == 4);
+        const Outcome o = restart(m, "--wait 0.3 --force");
+        INFO(o.data);
+        INFO(m.daemon_stderr());
+        CHECK(o.err == 0);
+        CHECK(server_of(m.daemon_pid()) != server);
+        CHECK(m.daemon_stderr().find("restart --force: 1 file(s) open for writing still open after 300 ms; handed "
+                                     "over without them, they fail") != std::string::npos);
+        // What it held is gone: its next write and its close fail, and no version was made.
+        CHECK(::write(w, " more", 5) == -1);
+        CHECK(errno == EBADF);
+        CHECK(::close(w) == -1);
+        CHECK(read_file(m.path("app/other")).err == ENOENT);
+    }
     SECTION("the binary on disk is replaced by one that exits at once")
     {
         const std::string next = m.root + "/vaultfs.next";
