@@ -400,4 +400,31 @@ TEST_CASE("restart: refused while a write is open, or onto a binary that cannot 
     CHECK(c.wrong == 0);
 }
 
+TEST_CASE("restart: the supervisor closes a client that is neither root nor the daemon's uid, and restarts nothing",
+          "[fs][restart][attack]")
+{
+    TestUser user("rs");
+    Mount m;
+    const pid_t server = server_of(m.daemon_pid());
+    // Defence in depth behind the socket's mode (0600 in the 0700 state
+    // directory): the way is opened here so that the check itself is tried.
+    const std::string socket = m.state_file("supervisor.sock");
+    REQUIRE(::chmod(m.state.c_str(), 0711) == 0);
+    REQUIRE(::chmod(socket.c_str(), 0666) == 0);
+    const Outcome o = shell("setpriv --reuid " + std::to_string(user.uid) + " --regid " + std::to_string(user.gid) +
+                            " --clear-groups " + m.binary + " restart --state " + m.state + " 2>&1");
+    ::chmod(socket.c_str(), 0600);
+    ::chmod(m.state.c_str(), 0700);
+    INFO(o.data);
+    CHECK(o.err == 1);
+    // Closed at once: the request is lost on the way, or unanswered.
+    CHECK((o.data.find("the supervisor ended the exchange without an answer") != std::string::npos ||
+           o.data.find("vaultfs: cannot send to ") != std::string::npos));
+    CHECK(server_of(m.daemon_pid()) == server);
+    CHECK(count_records(m, "shutdown") == 0);
+    // Root still restarts it.
+    CHECK(restart(m).err == 0);
+    CHECK(server_of(m.daemon_pid()) != server);
+}
+
 }  // namespace vaultfs::testing
