@@ -20,6 +20,11 @@ bool SecretService::is_fresh(const Caller& caller, const SecretRow& s, const std
     const Micros now = now_micros();
     if (s.deleted() || s.next_version > 2 || now - s.created > fresh_window || now < s.created)
         return false;
+    // The caller's own: it made the row (its open created the name), and
+    // wrote its first version if there is one -- not another's name it
+    // wrote to while that one's writer still held it open.
+    if (!s.created_by || *s.created_by != caller.who.uid)
+        return false;
     return !first || (first->number == 1 && first->created_by == caller.who.uid);
 }
 
@@ -60,7 +65,7 @@ Result<SecretRow> SecretService::replace_target(const Caller& caller, const Vaul
     if (!found)
         return core_.refuse(ev, found.error().code, found.error().message);
     if (!*found) {
-        auto made = ensure_row(v.row.id, name);
+        auto made = ensure_row(v.row.id, name, caller.who.uid);
         if (!made)
             return core_.refuse(ev, made.error().code, made.error().message);
         return made;

@@ -524,7 +524,7 @@ Result<WriteGrant> SecretService::open_for_write(const Caller& caller, VaultId v
             return core_.refuse(ev, Errc::not_found);
     }
     if (!row) {
-        auto made = ensure_row(vault, name);
+        auto made = ensure_row(vault, name, caller.who.uid);
         if (!made)
             return core_.refuse(ev, made.error().code, made.error().message);
         row = std::move(*made);
@@ -553,11 +553,11 @@ Result<Decided> SecretService::decide_write(const Caller& caller, const VaultEnt
     return d;
 }
 
-Result<SecretRow> SecretService::ensure_row(VaultId vault, std::string_view name)
+Result<SecretRow> SecretService::ensure_row(VaultId vault, std::string_view name, uid_t by)
 {
     std::optional<SecretRow> row;
     auto w = store_.write([&](Store::Transaction& tx) -> Result<void> {
-        auto made = tx.ensure_secret(vault, name, now_micros());
+        auto made = tx.ensure_secret(vault, name, now_micros(), by);
         if (!made)
             return tl::unexpected(made.error());
         row = std::move(*made);

@@ -411,7 +411,7 @@ private:
     // decision it gets back, which `ev` then views.
     Result<Decided> decide_write(const Caller& caller, const VaultEntry& v, std::string_view name, audit::Event& ev);
     // The row for `name`, made (without versions) if missing.
-    Result<SecretRow> ensure_row(VaultId vault, std::string_view name);
+    Result<SecretRow> ensure_row(VaultId vault, std::string_view name, uid_t by);
     // What a rename may replace: `name`'s row, made if missing, recovered
     // if the caller's uid just deleted it (recover_own_delete); refused as
     // `ev` when soft-deleted otherwise, or live under `noreplace`.

@@ -40,7 +40,7 @@ int main(int argc, char** argv)
         const vault::Micros now = vault::now_micros();
         for (long i = 0; i < count; ++i) {
             const std::string name = "secret-" + std::to_string(i);
-            auto s = tx.ensure_secret(v.id, name, now);
+            auto s = tx.ensure_secret(v.id, name, now, 0);
             if (!s)
                 return tl::unexpected(s.error());
             for (long n = 0; n < versions; ++n) {

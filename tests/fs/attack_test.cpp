@@ -878,3 +878,118 @@ TEST_CASE("attack: a second daemon on the same state fails at once, naming the f
     CHECK(took < std::chrono::seconds(5));
     CHECK(ok(list_dir(m.path())) == "single");
 }
+
+TEST_CASE("attack: another uid's freshly made secret, written to while its maker holds it open, is not that uid's "
+          "to rename away",
+          "[fs][attack][rename]")
+{
+    TestUser alice("fa");
+    TestUser mallory("fm");
+    Mount m;
+    REQUIRE(make_dir(m.path("team")).err == 0);
+    // Both may write pub-*; neither may delete.
+    REQUIRE(write_file(m.path("team/.policy"), "allow uid:0 *\nallow uid:" + std::to_string(alice.uid) +
+                                                   " get,set pub-*\nallow uid:" + std::to_string(alice.uid) + " list\nallow uid:" +
+                                                   std::to_string(mallory.uid) + " get,set pub-*\nallow uid:" +
+                                                   std::to_string(mallory.uid) + " list\n")
+                .err == 0);
+    // Alice makes pub-x and holds it open, nothing written yet.
+    int fd = -1;
+    Paused making(
+        &alice,
+        [&] {
+            fd = ::open(m.path("team/pub-x").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+            return fd < 0 ? Outcome{errno, "open"} : Outcome{};
+        },
+        [&] {
+            const bool wrote = ::write(fd, "alice", 5) == 5;
+            const int close_err = ::close(fd) == 0 ? 0 : errno;
+            return Outcome{wrote ? close_err : EIO, {}};
+        });
+    REQUIRE(making.first().err == 0);
+    // Mallory writes a first version into it, then renames it away: the
+    // name is not hers, so it is not her fresh file to move (EPERM).
+    REQUIRE(as(mallory, [&] { return write_file(m.path("team/pub-x"), "mallory"); }).err == 0);
+    CHECK(as(mallory, [&] { return rename_path(m.path("team/pub-x"), m.path("team/pub-y")); }).err == EPERM);
+    const auto rec = m.last_audit("rename", mallory.uid);
+    CHECK(rec["decision"] == "allow");  // set allows the target; the rule of fresh files refuses
+    CHECK(rec["result"] == "EPERM");
+    CHECK(as(mallory, [&] { return stat_path(m.path("team/pub-y")); }).err == ENOENT);
+    // Alice's write still lands, as a version of her name.
+    CHECK(making.finish().err == 0);
+    CHECK(ok(read_file(m.path("team/pub-x"))) == "alice");
+    CHECK(ok(read_file(m.path("team/pub-x@1"))) == "mallory");
+    // Her own fresh file she still moves (as editors do).
+    REQUIRE(as(alice, [&] { return write_file(m.path("team/pub-new"), "n"); }).err == 0);
+    CHECK(as(alice, [&] { return rename_path(m.path("team/pub-new"), m.path("team/pub-renamed")); }).err == 0);
+    CHECK(ok(read_file(m.path("team/pub-renamed"))) == "n");
+}
+
+TEST_CASE("attack: staging files grown by ftruncate alone are charged to their uid's limit", "[fs][attack][heap]")
+{
+    TestUser user("ft");
+    Mount m(MountOptions{{"max_buffered_kib_per_uid = 26"}});
+    REQUIRE(make_dir(m.path("grow")).err == 0);
+    REQUIRE(write_file(m.path("grow/.policy"), "allow uid:0 *\nallow uid:" + std::to_string(user.uid) +
+                                                   " get,set,list\n")
+                .err == 0);
+    const auto o = as(user, [&] {
+        // Two staging files (an editor's swap files), each made 20 KiB by
+        // ftruncate alone, not a byte written: the second passes the limit.
+        const int a = ::open(m.path("grow/.a.swp").c_str(), O_RDWR | O_CREAT, 0600);
+        const int b = ::open(m.path("grow/.b.swp").c_str(), O_RDWR | O_CREAT, 0600);
+        if (a < 0 || b < 0)
+            return Outcome{errno, "open"};
+        const int first = ::ftruncate(a, 20 * 1024) == 0 ? 0 : errno;
+        const int second = ::ftruncate(b, 20 * 1024) == 0 ? 0 : errno;
+        // The first one gone (closed and removed), its bytes are given back.
+        ::close(a);
+        const int removed = ::unlink(m.path("grow/.a.swp").c_str()) == 0 ? 0 : errno;
+        const int again = ::ftruncate(b, 20 * 1024) == 0 ? 0 : errno;
+        ::close(b);
+        return Outcome{0, std::to_string(first) + " " + std::to_string(second) + " " + std::to_string(removed) + " " +
+                              std::to_string(again)};
+    });
+    CHECK(ok(o) == "0 " + std::to_string(ENOMEM) + " 0 0");
+}
+
+TEST_CASE("attack: renaming a staging file onto a secret needs set: never had, or lost since the file was made",
+          "[fs][attack][staging]")
+{
+    TestUser reader("sr");
+    TestUser writer("sw");
+    Mount m;
+    REQUIRE(make_dir(m.path("conf")).err == 0);
+    REQUIRE(write_file(m.path("conf/app"), "v1").err == 0);
+    const auto policy = [&](const std::string& writer_perms) {
+        REQUIRE(write_file(m.path("conf/.policy"), "allow uid:0 *\nallow uid:" + std::to_string(reader.uid) +
+                                                       " get,list\nallow uid:" + std::to_string(writer.uid) + " " +
+                                                       writer_perms + "\n")
+                    .err == 0);
+    };
+    policy("get,list,set");
+    const auto stage = [&](const TestUser& u, const std::string& name, const std::string& value) {
+        return as(u, [&] { return write_file(m.path("conf/" + name), value); });
+    };
+    const auto commits_denied = [&](const TestUser& u) {
+        std::size_t n = 0;
+        for (const auto& r : m.audit())
+            if (r.value("op", "") == "commit" && r.value("uid", -1) == static_cast<std::int64_t>(u.uid) &&
+                r.value("decision", "") == "deny" && r.value("result", "") == "EACCES" &&
+                r.value("secret", "") == "app")
+                ++n;
+        return n;
+    };
+    // Never had set: a staging file is its own to make, but not to put in place.
+    REQUIRE(stage(reader, ".app.swp", "reader's").err == 0);
+    CHECK(as(reader, [&] { return rename_path(m.path("conf/.app.swp"), m.path("conf/app")); }).err == EACCES);
+    CHECK(commits_denied(reader) == 1);
+    // Had it when the file was made, lost it before the rename.
+    REQUIRE(stage(writer, ".app.tmp", "writer's").err == 0);
+    policy("get,list");
+    CHECK(as(writer, [&] { return rename_path(m.path("conf/.app.tmp"), m.path("conf/app")); }).err == EACCES);
+    CHECK(commits_denied(writer) == 1);
+    // No version was made either way.
+    CHECK(ok(list_dir(m.path("conf/.versions"))) == "app@1");
+    CHECK(ok(read_file(m.path("conf/app"))) == "v1");
+}

@@ -103,7 +103,7 @@ SecretId add_secret(Store& store, VaultId vault, const std::string& name)
 {
     SecretId id;
     auto w = store.write([&](Store::Transaction& tx) -> Result<void> {
-        auto s = tx.ensure_secret(vault, name, now_micros());
+        auto s = tx.ensure_secret(vault, name, now_micros(), 0);
         if (!s)
             return tl::unexpected(s.error());
         id = s->id;
@@ -155,7 +155,7 @@ TEST_CASE("create makes a new WAL database at schema 5, readable only by its own
         REQUIRE(::stat(path.c_str(), &st) == 0);
         CHECK((st.st_mode & 0777) == 0600);
         Db db(path, SQLITE_OPEN_READONLY);
-        CHECK(db.integer("PRAGMA user_version") == 7);
+        CHECK(db.integer("PRAGMA user_version") == 8);
         CHECK(db.text("PRAGMA journal_mode") == "wal");
         CHECK(db.integer("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN "
                          "('vaults', 'policies', 'secrets', 'versions', 'tags', 'settings', 'audit_anchor', 'hosts', "
@@ -579,6 +579,7 @@ TEST_CASE("a schema-1 database migrates to the current schema: its anchor reads 
     REQUIRE(*sec);
     CHECK_FALSE((*sec)->owner);
     CHECK_FALSE((*sec)->mode);
+    CHECK_FALSE((*sec)->created_by);  // made before schema 8: nobody's fresh file
     auto none = (*store)->objects((*v)->id, ObjectKind::key);
     REQUIRE(none);
     CHECK(none->empty());
@@ -632,7 +633,7 @@ TEST_CASE("keys and certificates: numbered versions, the current one, names uniq
     CHECK(clash.error().code == Errc::already_exists);
     // A certificate's name is taken among secrets too, both ways.
     REQUIRE(store->write([&](Store::Transaction& tx) -> Result<void> {
-        auto s = tx.ensure_secret(vault, "db", now_micros());
+        auto s = tx.ensure_secret(vault, "db", now_micros(), 0);
         if (!s)
             return tl::unexpected(s.error());
         return tx.allocate_version(s->id).map([](auto) {});
@@ -643,7 +644,7 @@ TEST_CASE("keys and certificates: numbered versions, the current one, names uniq
     CHECK(object(ObjectKind::key, "db"));  // keys and secrets are apart
     REQUIRE(object(ObjectKind::certificate, "web"));
     auto secret_over = store->write([&](Store::Transaction& tx) -> Result<void> {
-        return tx.ensure_secret(vault, "web", now_micros()).map([](auto&&) {});
+        return tx.ensure_secret(vault, "web", now_micros(), 0).map([](auto&&) {});
     });
     REQUIRE_FALSE(secret_over);
     CHECK(secret_over.error().code == Errc::already_exists);
@@ -684,7 +685,7 @@ TEST_CASE("PostgreSQL: create makes the schema once; open needs it; an unreachab
         CHECK(store->shared());
         CHECK(store->path() == url);
         bool ok = false;
-        CHECK(pg.psql("SELECT version FROM schema", url.substr(url.rfind('/') + 1), &ok) == "7");
+        CHECK(pg.psql("SELECT version FROM schema", url.substr(url.rfind('/') + 1), &ok) == "8");
         CHECK(ok);
     }
     auto twice = Store::open(url, Store::Mode::create);
@@ -699,7 +700,7 @@ TEST_CASE("PostgreSQL: create makes the schema once; open needs it; an unreachab
     CHECK_THAT(away.error().message, Catch::Contains("127.0.0.1:1") && !Catch::Contains("hunter2"));
 }
 
-TEST_CASE("PostgreSQL: a store of schema 6 is brought up to 7 by a new host, never by a restart's new process",
+TEST_CASE("PostgreSQL: a store of schema 6 is brought up to 8 by a new host, never by a restart's new process",
           "[store][pg]")
 {
     auto& pg = testing::shared_pg();
@@ -710,9 +711,10 @@ TEST_CASE("PostgreSQL: a store of schema 6 is brought up to 7 by a new host, nev
         auto store = create_store(url);
         vault = add_vault(*store, "payments");
     }
-    // What vaultfs 0.1 made: no KEK rotation columns.
+    // What vaultfs 0.1 made: no KEK rotation columns, no secret creators.
     bool ok = false;
-    pg.psql("ALTER TABLE vaults DROP COLUMN rekey_after_days, DROP COLUMN kek_created; UPDATE schema SET version = 6",
+    pg.psql("ALTER TABLE vaults DROP COLUMN rekey_after_days, DROP COLUMN kek_created; ALTER TABLE secrets DROP "
+            "COLUMN created_by; UPDATE schema SET version = 6",
             db, &ok);
     REQUIRE(ok);
     StoreOptions restart;
@@ -724,7 +726,7 @@ TEST_CASE("PostgreSQL: a store of schema 6 is brought up to 7 by a new host, nev
     auto upgraded = Store::open(url, Store::Mode::open_existing);
     INFO((upgraded ? std::string() : upgraded.error().message));
     REQUIRE(upgraded);
-    CHECK(pg.psql("SELECT version FROM schema", db) == "7");
+    CHECK(pg.psql("SELECT version FROM schema", db) == "8");
     auto row = (*upgraded)->vault_by_id(vault);
     REQUIRE(row);
     REQUIRE(*row);

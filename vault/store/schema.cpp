@@ -213,16 +213,24 @@ ALTER TABLE vaults ADD COLUMN rekey_after_days INTEGER NOT NULL DEFAULT 0 CHECK 
 ALTER TABLE vaults ADD COLUMN kek_created INTEGER NOT NULL DEFAULT 0;
 )sql";
 
+// Version 8: who made a secret's row (NULL for rows made before, or
+// restored), which decides whether a name is the caller's own fresh file
+// (vault/replace.cpp). The same on PostgreSQL (postgresql_v8).
+constexpr const char* schema_v8 = R"sql(
+ALTER TABLE secrets ADD COLUMN created_by INTEGER;
+)sql";
+
 // Forward migrations: migrations[i] takes user_version i to i + 1.
-constexpr const char* migrations[] = {schema_v1, schema_v2, schema_v3, schema_v4, schema_v5, schema_v6, schema_v7};
+constexpr const char* migrations[] = {schema_v1, schema_v2, schema_v3, schema_v4,
+                                      schema_v5, schema_v6, schema_v7, schema_v8};
 static_assert(std::size(migrations) == version);
 
-// PostgreSQL: the same tables as SQLite's schema 7, in its types (every
+// PostgreSQL: the same tables as SQLite's schema 8, in its types (every
 // integer BIGINT, every blob BYTEA; sequences never hand an id out twice,
 // as AUTOINCREMENT does not). `schema` holds the version.
 constexpr const char* postgresql_schema = R"sql(
 CREATE TABLE schema (version BIGINT NOT NULL);
-INSERT INTO schema (version) VALUES (7);
+INSERT INTO schema (version) VALUES (8);
 CREATE TABLE vaults (
   id               BIGSERIAL PRIMARY KEY,
   name             TEXT NOT NULL UNIQUE,
@@ -255,6 +263,7 @@ CREATE TABLE secrets (
   owner        BIGINT,
   grp          BIGINT,
   mode         BIGINT CHECK (mode BETWEEN 0 AND 511),
+  created_by   BIGINT,
   UNIQUE (vault_id, name)
 );
 CREATE INDEX secrets_live ON secrets (vault_id, id) WHERE deleted_at IS NULL;
@@ -384,7 +393,11 @@ ALTER TABLE vaults ADD COLUMN rekey_after_days BIGINT NOT NULL DEFAULT 0 CHECK (
 ALTER TABLE vaults ADD COLUMN kek_created BIGINT NOT NULL DEFAULT 0;
 UPDATE schema SET version = 7;
 )sql";
-constexpr const char* postgresql_migrations[] = {postgresql_v7};
+constexpr const char* postgresql_v8 = R"sql(
+ALTER TABLE secrets ADD COLUMN created_by BIGINT;
+UPDATE schema SET version = 8;
+)sql";
+constexpr const char* postgresql_migrations[] = {postgresql_v7, postgresql_v8};
 static_assert(postgresql_first + std::size(postgresql_migrations) == version);
 
 Result<void> check_database(db::Connection& c, const std::string& path, const char* pragma)

@@ -8,7 +8,7 @@
 
 namespace vaultfs::vault::schema {
 
-constexpr int version = 7;
+constexpr int version = 8;
 
 // SQLite: checks the file (quick_check, when `check_pages`), refuses a
 // newer schema or a file that is not vaultfs's, and migrates forward unless

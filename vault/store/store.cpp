@@ -23,7 +23,8 @@ namespace {
 #define VAULT_COLUMNS                                                                                              \
     "id, name, kek_id, retention_days, purge_protection, created, created_by, default_owner, default_group, "        \
     "default_mode, rekey_after_days, kek_created"
-#define SECRET_COLUMNS "id, vault_id, name, created, next_version, deleted_at, purge_at, owner, grp, mode, changed"
+#define SECRET_COLUMNS \
+    "id, vault_id, name, created, next_version, deleted_at, purge_at, owner, grp, mode, changed, created_by"
 // A page of a vault's secrets with at least one version, by id after `after`
 // (bound by bind_live_page).
 #define LIVE_PAGE \
@@ -50,7 +51,7 @@ VaultRow read_vault(const db::Query& q)
 }
 
 // The number of SECRET_COLUMNS: joined queries select a version's after them.
-constexpr int secret_column_count = 11;
+constexpr int secret_column_count = 12;
 
 SecretRow read_secret(const db::Query& q)
 {
@@ -63,6 +64,8 @@ SecretRow read_secret(const db::Query& q)
     if (const auto m = q.optional_int64(9))
         s.mode = static_cast<std::uint32_t>(*m);
     s.changed = q.int64(10);
+    if (const auto by = q.optional_int64(11))
+        s.created_by = static_cast<uid_t>(*by);
     return s;
 }
 
@@ -87,7 +90,7 @@ VersionRow read_version(const db::Query& q)
 // Secret columns then version columns, as the joined hot-path queries select them.
 #define JOINED_COLUMNS                                                                                      \
     "s.id, s.vault_id, s.name, s.created, s.next_version, s.deleted_at, s.purge_at, s.owner, s.grp, s.mode, " \
-    "s.changed, "                                                                                          \
+    "s.changed, s.created_by, "                                                                            \
     "v.id, v.secret_id, v.version, v.size, v.created, v.updated, v.created_by, v.enabled, v.not_before, "     \
     "v.expires, v.content_type"
 
@@ -1074,7 +1077,7 @@ Result<std::vector<Tag>> Store::Transaction::tags(VersionId version)
         [](const db::Query& q) { return Tag{q.text(0), q.text(1)}; });
 }
 
-Result<SecretRow> Store::Transaction::ensure_secret(VaultId vault, std::string_view name, Micros now)
+Result<SecretRow> Store::Transaction::ensure_secret(VaultId vault, std::string_view name, Micros now, uid_t by)
 {
     // A certificate owns its name among secrets too (store.hpp, ObjectKind).
     auto certificate = first<std::int64_t>(
@@ -1087,8 +1090,11 @@ Result<SecretRow> Store::Transaction::ensure_secret(VaultId vault, std::string_v
         return tl::unexpected(certificate.error());
     if (*certificate)
         return fail(Errc::already_exists, "a certificate in this vault is named " + std::string(name));
-    auto r = run(conn_, "INSERT INTO secrets (vault_id, name, created) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-                 [&](db::Query& q) { q.bind(1, vault.value).bind(2, name).bind(3, now); });
+    auto r = run(conn_,
+                 "INSERT INTO secrets (vault_id, name, created, created_by) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                 [&](db::Query& q) {
+                     q.bind(1, vault.value).bind(2, name).bind(3, now).bind(4, static_cast<std::int64_t>(by));
+                 });
     if (!r)
         return tl::unexpected(r.error());
     auto row = first<SecretRow>(

@@ -110,6 +110,9 @@ struct SecretRow {
     std::optional<std::uint32_t> mode;
     // When what `S` serves last changed (schema 6; 0: not recorded).
     Micros changed = 0;
+    // The uid whose open made the row (schema 8; nullopt: made before, or
+    // restored from a backup).
+    std::optional<uid_t> created_by;
 
     Ownership ownership(const Ownership& defaults) const
     {
@@ -566,8 +569,8 @@ public:
                                std::optional<std::uint32_t> mode);
     Result<void> set_policy(VaultId vault, const PolicyRow& policy);
 
-    // The row for `name`, created (without versions) if missing.
-    Result<SecretRow> ensure_secret(VaultId vault, std::string_view name, Micros now);
+    // The row for `name`, created (without versions, by `by`) if missing.
+    Result<SecretRow> ensure_secret(VaultId vault, std::string_view name, Micros now, uid_t by);
     // Reads inside the transaction (they see its own and its batch's writes).
     Result<std::optional<SecretRow>> secret(SecretId id);
     Result<std::optional<SecretRow>> secret_by_name(VaultId vault, std::string_view name);
