@@ -179,6 +179,7 @@ struct ObjectHandle final : Handle {
     int failed = 0;                // the errno of the last operation, until the next write
     std::size_t charged = 0;       // bytes charged to the opener's quota (the most ever held)
     off_t result_at = 0;           // the file offset of the read that ran the operation: its result's byte 0
+    bool oversized = false;        // this operation's input overflowed (audited once)
 };
 
 struct DirHandle final : Handle {

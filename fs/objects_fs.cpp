@@ -315,12 +315,25 @@ Reply Filesystem::object_write(const std::shared_ptr<Handle>& h, const char* buf
         o.content.reset();
         o.failed = 0;
         o.result_at = 0;
+        o.oversized = false;
         static_cast<void>(o.input.resize(0));
     }
-    // Input beyond what the operation takes fails here, where it is known.
+    // Input beyond what the operation takes fails here, where it is known,
+    // and is audited once per operation.
     const std::size_t end = o.input.size() + size;
     if (end > o.max_input) {
         wipe();
+        if (!o.oversized) {
+            o.oversized = true;
+            const bool sign = o.op == ObjectHandle::Op::sign;
+            const std::string_view alg =
+                sign ? keys::to_string(all_sign[o.algorithm]) : keys::to_string(all_decrypt[o.algorithm]);
+            const std::string_view op = sign ? "key_sign" : o.op == ObjectHandle::Op::unwrap ? "key_unwrap" : "key_decrypt";
+            auto r = objects_.keys->refuse_input(o.caller, o.view, op, alg, end, o.max_input);
+            o.failed = r ? EINVAL : to_errno(r.error().code);  // a read then fails too, running nothing
+            static_cast<void>(o.input.resize(0));
+            return Reply::err(o.failed);
+        }
         return Reply::err(EINVAL);
     }
     if (end > o.charged) {

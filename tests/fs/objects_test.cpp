@@ -151,6 +151,16 @@ TEST_CASE("keys live in the token and sign and decrypt through files and the CLI
     {
         CHECK(as(signer, [&] { return operate(m.path("apps/.keys/signer/sign.ES256"), std::string(33, 'x')); }).err ==
               EINVAL);
+        // ... and is audited, once, with the bytes given.
+        const auto big = m.last_audit("key_sign", signer.uid);
+        INFO(big.dump());
+        REQUIRE(big.is_object());
+        REQUIRE(big.contains("reason"));
+        CHECK(big["decision"] == "allow");
+        CHECK(big["result"] == "EINVAL");
+        CHECK(big["bytes"] == 33);
+        CHECK(big["attribute"] == "ES256");
+        CHECK(big["reason"] == "more input than ES256 takes (at most 32 bytes)");
         CHECK(as(reader, [&] { return operate(m.path("apps/.keys/signer/sign.ES256"), sha256(data)); }).err == EACCES);
         const auto rec = m.last_audit("key_sign", reader.uid);
         CHECK(rec["decision"] == "deny");
@@ -231,6 +241,38 @@ TEST_CASE("keys live in the token and sign and decrypt through files and the CLI
         // An EC key has no decrypt files; no unwrapkey, no unwrap files.
         CHECK(as(signer, [&] { return stat_path(m.path("apps/.keys/signer/decrypt.RSA-OAEP")); }).err == ENOENT);
         CHECK(as(signer, [&] { return stat_path(m.path("apps/.keys/rsa/unwrap.RSA-OAEP")); }).err == ENOENT);
+    }
+    SECTION("without decrypt or unwrap a caller is refused by the files and the CLI, each with a deny record")
+    {
+        REQUIRE(shell(cli(m, "key create apps/wrap --type rsa-2048 --ops decrypt,unwrapkey,encrypt,wrapkey")).err == 0);
+        const std::string ct(256, 'c');
+        const auto refused = [&](const TestUser& who, const std::string& file, const std::string& op) {
+            INFO(file << " as " << who.name);
+            CHECK(as(who, [&] { return operate(m.path(file), ct); }).err == EACCES);
+            const auto rec = m.last_audit(op, who.uid);
+            CHECK(rec["decision"] == "deny");
+            CHECK(rec["result"] == "EACCES");
+        };
+        refused(reader, "apps/.keys/wrap/decrypt.RSA-OAEP", "key_decrypt");
+        refused(reader, "apps/.keys/wrap/unwrap.RSA-OAEP", "key_unwrap");
+        refused(signer, "apps/.keys/wrap/unwrap.RSA-OAEP", "key_unwrap");  // decrypt is not unwrap
+        // The CLI: an admin whose policy in the vault lacks them.
+        REQUIRE(write_file(m.path("apps/.policy"), "allow uid:0 get,list,set,manage,sign\nallow uid:" +
+                                                       std::to_string(signer.uid) + " get,sign,decrypt\n")
+                    .err == 0);
+        put(m.root + "/ct", ct);
+        for (const std::string verb : {"decrypt", "unwrap"}) {
+            INFO(verb);
+            r = shell(cli(m, "key " + verb + " apps/wrap --alg RSA-OAEP --in " + m.root + "/ct --out " + m.root +
+                             "/out") +
+                      " 2>&1");
+            CHECK(r.err == 1);
+            CHECK(r.data.find("(EACCES)") != std::string::npos);
+            const auto rec = m.last_audit("key_" + verb, 0);
+            CHECK(rec["decision"] == "deny");
+            CHECK(rec["result"] == "EACCES");
+        }
+        REQUIRE(write_file(m.path("apps/.policy"), "allow uid:0 *\n").err == 0);
     }
     SECTION("rotation makes a new version; NAME@N keeps signing with the old one")
     {

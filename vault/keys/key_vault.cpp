@@ -515,6 +515,26 @@ Result<std::vector<std::uint8_t>> KeyVault::sign(const Caller& caller, const Obj
     return std::move(*sig);
 }
 
+Result<void> KeyVault::refuse_input(const Caller& caller, const ObjectView& view, std::string_view op,
+                                    std::string_view alg, std::size_t bytes, std::size_t most)
+{
+    auto v = core_.load_vault(view.vault);
+    if (!v)
+        return tl::unexpected(v.error());
+    const std::string path = objects_.path_of(view.object.name);
+    const Permission wanted = op == "key_sign" ? Permission::sign : op == "key_unwrap" ? Permission::unwrap
+                                                                                       : Permission::decrypt;
+    const Decided d = core_.decide(caller, **v, wanted, view.object.name);
+    audit::Event ev{.op = op, .caller = &caller, .vault = (*v)->row.name, .secret = path,
+                    .version = view.version.number, .bytes = bytes, .attribute = alg};
+    d.fill(ev);
+    if (!d.allowed)
+        return core_.refuse(ev, Errc::access_denied);
+    const std::string why = "more input than " + std::string(alg) + " takes (at most " + std::to_string(most) + " bytes)";
+    ev.reason = why;
+    return core_.refuse(ev, Errc::invalid_argument, why);
+}
+
 Result<hsm::SecureBuffer> KeyVault::decrypt(const Caller& caller, const ObjectView& view, DecryptAlgorithm alg,
                                             std::span<const std::uint8_t> data, bool unwrap)
 {

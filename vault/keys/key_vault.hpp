@@ -110,6 +110,13 @@ public:
     Result<hsm::SecureBuffer> decrypt(const Caller& caller, const ObjectView& view, DecryptAlgorithm alg,
                                       std::span<const std::uint8_t> data, bool unwrap);
 
+    // An operation file given more input than its operation takes (`most`
+    // bytes): refused with Errc::invalid_argument and audited as the
+    // operation's record ("key_sign", "key_decrypt" or "key_unwrap"), with
+    // the bytes given. `alg` names the algorithm, as the file does.
+    Result<void> refuse_input(const Caller& caller, const ObjectView& view, std::string_view op, std::string_view alg,
+                              std::size_t bytes, std::size_t most);
+
     // type, ops, rotation policy, with the attributes every object has.
     Result<std::vector<std::pair<std::string, std::string>>> attributes(const Caller& caller, const ObjectView& view);
 
