@@ -362,6 +362,50 @@ TEST_CASE("certificates: vault CAs, exportable or token keys, merge, import; ope
     CHECK(r.data.find("label:      vaultfs-cert:pki/token") != std::string::npos);
     CHECK(r.data.find("subject:    DN: CN=token.test") != std::string::npos);
     CHECK(ok(as(getter, [&] { return read_file(certs + "/token/status"); })).rfind("status: issued\n", 0) == 0);
+    // Issuing with a vault CA needs sign on it: refused, and recorded on the CA.
+    REQUIRE(write_file(m.path("pki/.policy"), "allow uid:0 *\ndeny uid:0 sign ca\nallow uid:" +
+                                                  std::to_string(viewer.uid) + " certificates\nallow uid:" +
+                                                  std::to_string(getter.uid) + " get\n")
+                .err == 0);
+    r = shell(cli(m, "cert create pki/unsigned --subject CN=unsigned.test --key rsa-2048 --issuer pki/ca") + " 2>&1");
+    CHECK(r.err == 1);
+    CHECK(r.data.find("(EACCES)") != std::string::npos);
+    const auto issue = m.last_audit("cert_issue");
+    CHECK(issue["decision"] == "deny");
+    CHECK(issue["result"] == "EACCES");
+    CHECK(issue["secret"] == ".certs/ca");
+    CHECK(as(getter, [&] { return stat_path(certs + "/unsigned"); }).err == ENOENT);
+    REQUIRE(write_file(m.path("pki/.policy"), "allow uid:0 *\nallow uid:" + std::to_string(viewer.uid) +
+                                                  " certificates\nallow uid:" + std::to_string(getter.uid) +
+                                                  " get\n")
+                .err == 0);
+    // A certificate never outlives the CA that issued it, whatever --days says.
+    REQUIRE(shell(cli(m, "cert create pki/shortca --subject CN=Short-CA --ca --days 10 --key ec-p256")).err == 0);
+    REQUIRE(shell(cli(m, "cert create pki/long --subject CN=long.test --key ec-p256 --days 365 --issuer pki/shortca"))
+                .err == 0);
+    const auto end_of = [&](const std::string& name) {
+        return shell("date -d \"$(openssl x509 -noout -enddate -in " + certs + "/" + name +
+                     "/cert.pem | cut -d= -f2)\" +%s")
+            .data;
+    };
+    const std::string ca_end = end_of("shortca"), leaf_end = end_of("long");
+    REQUIRE_FALSE(ca_end.empty());
+    CHECK(std::stoll(leaf_end) <= std::stoll(ca_end));
+    CHECK(std::stoll(leaf_end) < std::stoll(shell("date -d '+300 days' +%s").data));
+    // A version outside its window (user.vault.expires, not_before) serves
+    // no file but its status, read by its number as by its name; audited.
+    REQUIRE(set_xattr(certs + "/token@1", "user.vault.expires", "2001-01-01T00:00:00Z").err == 0);
+    CHECK(as(getter, [&] { return read_file(certs + "/token@1/cert.pem"); }).err == EKEYEXPIRED);
+    auto late = m.last_audit("cert_get", getter.uid);
+    CHECK(late["result"] == "EKEYEXPIRED");
+    CHECK(late["version"] == 1);
+    CHECK(as(getter, [&] { return read_file(certs + "/token/chain.pem"); }).err == EKEYEXPIRED);
+    CHECK(as(getter, [&] { return read_file(certs + "/token@1/status"); }).err == 0);
+    REQUIRE(shell("setfattr -x user.vault.expires " + certs + "/token@1").err == 0);
+    REQUIRE(set_xattr(certs + "/token@1", "user.vault.not_before", "2099-01-01T00:00:00Z").err == 0);
+    CHECK(as(getter, [&] { return read_file(certs + "/token@1/cert.pem"); }).err == EKEYEXPIRED);
+    REQUIRE(shell("setfattr -x user.vault.not_before " + certs + "/token@1").err == 0);
+    CHECK(as(getter, [&] { return read_file(certs + "/token@1/cert.pem"); }).err == 0);
 
     // `certificates` reads the public files, never the key.
     CHECK(ok(as(viewer, [&] { return read_file(certs + "/web/chain.pem"); })).find("BEGIN CERTIFICATE") !=

@@ -530,6 +530,13 @@ Result<hsm::SecureBuffer> Certificates::read_file(const Caller& caller, const Ob
                                 : path + " has no " + std::string(to_string(file)) + " now");
     if (file != CertFile::status && !view.version.enabled)
         return core_.refuse(ev, Errc::disabled, "version " + std::to_string(view.version.number) + " is disabled");
+    // Its window too (`user.vault.not_before`, `expires`), as a secret's
+    // version and a key's have: `status` alone still answers outside it.
+    if (const Micros now = now_micros();
+        file != CertFile::status && ((view.version.not_before && now < *view.version.not_before) ||
+                                     (view.version.expires && now >= *view.version.expires)))
+        return core_.refuse(ev, Errc::not_valid_now,
+                            "version " + std::to_string(view.version.number) + " is outside its validity");
     const json body = body_of(view.version);
     Result<hsm::SecureBuffer> out = fail(Errc::not_found);
     switch (file) {
