@@ -11,6 +11,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <sstream>
 
 #include <sys/stat.h>
 #include <thread>
@@ -355,6 +356,45 @@ TEST_CASE("two hosts on one PostgreSQL: the key ceremony, writes and revocations
     CHECK(grants_for("mallory") == "0");
     CHECK(alpha.mount.daemon_stderr().find("host 'mallory' has no enrolment signed by a host this one trusts") !=
           std::string::npos);
+    // A signature present but wrong (beta's, copied onto mallory's row) gets nothing either.
+    pg.psql("UPDATE hosts SET enrolment_sig = (SELECT enrolment_sig FROM hosts WHERE name = 'beta') WHERE name = "
+            "'mallory'",
+            db, &sql_ok);
+    REQUIRE(sql_ok);
+    REQUIRE(make_dir(alpha.mount.path("billing2")).err == 0);
+    CHECK(pg.psql("SELECT count(*) FROM kek_grants g JOIN hosts h ON h.id = g.host JOIN vaults v ON v.kek_id = "
+                  "g.kek_id WHERE v.name = 'billing2' AND h.name IN ('beta', 'mallory') GROUP BY h.name ORDER BY "
+                  "h.name",
+                  db) == "1");  // beta's one row; none for mallory
+    // A signature that checks, but by a key no trusted host holds: the first
+    // host of another store (its own, self-signed enrolment), its row copied in.
+    {
+        const std::string other_url = pg.new_database();
+        const std::string other_db = other_url.substr(other_url.rfind('/') + 1);
+        Host outsider("outsider");
+        REQUIRE(outsider.cli("init --store " + other_url + " --host outsider").err == 0);
+        const std::string row = pg.psql(
+            "SELECT encode(transport_public, 'hex') || ' ' || encode(signing_public, 'hex') || ' ' || "
+            "encode(enrolment_sig, 'hex') || ' ' || transport_key FROM hosts WHERE name = 'outsider'",
+            other_db);
+        std::istringstream fields(row);
+        std::string transport, signing, sig, key;
+        REQUIRE(fields >> transport >> signing >> sig >> key);
+        pg.psql("INSERT INTO hosts (name, status, transport_key, transport_public, signing_public, requested, "
+                "enrolled, enrolled_by, enrolment_sig) VALUES ('outsider', 'enrolled', '" + key +
+                    "', decode('" + transport + "', 'hex'), decode('" + signing + "', 'hex'), 0, 0, 'outsider', "
+                    "decode('" + sig + "', 'hex'))",
+                db, &sql_ok);
+        REQUIRE(sql_ok);
+        REQUIRE(make_dir(alpha.mount.path("billing3")).err == 0);
+        CHECK(pg.psql("SELECT count(*) FROM kek_grants g JOIN hosts h ON h.id = g.host JOIN vaults v ON v.kek_id = "
+                      "g.kek_id WHERE v.name = 'billing3' AND h.name = 'outsider'",
+                      db) == "0");
+        CHECK(alpha.mount.daemon_stderr().find("host 'outsider' has no enrolment signed by a host this one trusts") !=
+              std::string::npos);
+        pg.psql("DELETE FROM hosts WHERE name = 'outsider'", db, &sql_ok);
+        REQUIRE(sql_ok);
+    }
 
     // ---- two hosts writing one secret at once: every write a version ----------------
     const int per_host = 15;

@@ -110,6 +110,21 @@ TEST_CASE("disabled and out-of-window versions refuse to open, audited with the 
     CHECK(m.last_audit("get", 0)["reason"] == "expired");
     REQUIRE(shell("setfattr -x user.vault.expires " + m.path("window/s")).err == 0);
     CHECK(ok(read_file(m.path("window/s"))) == "new");
+
+    // An older version read by its number keeps its own window, audited alike.
+    REQUIRE(set_xattr(m.path("window/s@1"), "user.vault.expires", "2001-01-01T00:00:00Z").err == 0);
+    CHECK(read_file(m.path("window/s@1")).err == EKEYEXPIRED);
+    auto rec = m.last_audit("get", 0);
+    CHECK(rec["reason"] == "expired");
+    CHECK(rec["version"] == 1);
+    CHECK(rec["result"] == "EKEYEXPIRED");
+    REQUIRE(shell("setfattr -x user.vault.expires " + m.path("window/s@1")).err == 0);
+    REQUIRE(set_xattr(m.path("window/s@1"), "user.vault.not_before", "2099-01-01T00:00:00Z").err == 0);
+    CHECK(read_file(m.path("window/s@1")).err == EKEYEXPIRED);
+    rec = m.last_audit("get", 0);
+    CHECK(rec["reason"] == "not yet valid");
+    CHECK(rec["version"] == 1);
+    CHECK(ok(read_file(m.path("window/s"))) == "new");  // S, version 2, is not held back by it
 }
 
 TEST_CASE("delete, .deleted, name reuse refused, recover with all versions, purge", "[fs][lifecycle]")

@@ -1155,8 +1155,47 @@ TEST_CASE("ownership: managers change it (audited), others set only what is show
     CHECK(s.view(v, "t").ownership == Ownership{0, 0, 0440});
     CHECK(s.view(v, "s").ownership == Ownership{4242, 4242, 0640});
     CHECK(s.service->set_vault_attribute(other, v, "default_mode", "0400").error().code == Errc::access_denied);
+    // `set` is not `manage`: a writer does not change what new secrets show.
+    REQUIRE(s.service->write_policy(root, v, "allow uid:0 *\nallow uid:4242 get,list\nallow uid:4343 get,set,list\n"));
+    const Caller writer = caller(4343, 4343);
+    for (const char* name : {"default_mode", "default_owner", "default_group"}) {
+        INFO(name);
+        auto r = s.service->set_vault_attribute(writer, v, name, "0");
+        REQUIRE_FALSE(r);
+        CHECK(r.error().code == Errc::access_denied);
+        const auto rec = s.last_record("vault_set");
+        CHECK(rec["decision"] == "deny");
+        CHECK(rec["uid"] == 4343);
+    }
+    CHECK(s.view(v, "t").ownership == Ownership{0, 0, 0440});
 }
 
+
+TEST_CASE("a caller with neither get nor list is refused attributes, and each refusal is a deny record",
+          "[secret_service][xattr]")
+{
+    Stack s;
+    const VaultId v = s.make_vault("attrs").id;
+    s.must_put(v, "s", bytes_of("x"));
+    REQUIRE(s.service->write_policy(root, v, "allow uid:0 *\nallow uid:4242 set\n"));
+    const Caller setter = caller(4242, 4242);
+    auto view = s.service->find_secret(setter, v, "s");
+    REQUIRE(view);  // set-only: the name resolves (it may write it)
+    auto listed = s.service->list_attributes(setter, *view);
+    REQUIRE_FALSE(listed);
+    CHECK(listed.error().code == Errc::access_denied);
+    auto rec = s.last_record("xattr_list");
+    CHECK(rec["decision"] == "deny");
+    CHECK(rec["uid"] == 4242);
+    CHECK(rec["rule"] == "needs get or list");
+    auto got = s.service->get_attribute(setter, *view, "version");
+    REQUIRE_FALSE(got);
+    CHECK(got.error().code == Errc::access_denied);
+    rec = s.last_record("xattr_get");
+    CHECK(rec["decision"] == "deny");
+    CHECK(rec["uid"] == 4242);
+    CHECK(rec["attribute"] == "version");
+}
 
 // ---- KEK rotation (vault/kek/rekey.hpp) ----------------------------------------------
 
