@@ -33,6 +33,7 @@ int to_errno(vault::Errc code)
     case Errc::key_unavailable:
     case Errc::storage:
     case Errc::not_fresh:
+    case Errc::in_doubt:
     case Errc::audit_unavailable:
         return EIO;
     case Errc::no_space:

@@ -11,7 +11,20 @@ using policy::Permission;
 Core::Core(Store& store, audit::Log& audit, const policy::NameResolver& names, std::optional<gid_t> admin_gid)
     : store_(store), audit_(audit), names_(names), admin_gid_(admin_gid)
 {
+    store_.on_in_doubt_resolved([this](std::int64_t xid, const std::string& outcome, const std::string&) {
+        // The write itself was answered EIO (its record's reason names the
+        // transaction); this record says what became of it.
+        const std::string reason = "transaction " + std::to_string(xid) +
+                                   ", whose commit the database did not confirm in time: " + outcome;
+        if (auto r = record(audit::Event{.op = "commit_outcome", .allowed = true, .rule = "daemon", .result = "ok",
+                                         .reason = reason, .attribute = outcome});
+            !r)
+            spdlog::error("audit: cannot record the outcome of transaction {} ({}): {}", xid, outcome,
+                          r.error().message);
+    });
 }
+
+Core::~Core() { store_.on_in_doubt_resolved({}); }
 
 std::string Core::rule_of(const policy::Decision& d)
 {
@@ -114,6 +127,7 @@ std::string_view result_name(Errc code)
     case Errc::key_unavailable:
     case Errc::storage:
     case Errc::not_fresh:
+    case Errc::in_doubt:
     case Errc::audit_unavailable:
         return "EIO";
     case Errc::no_space:
@@ -164,6 +178,8 @@ Result<void> Core::write_audited(audit::Event event,
     if (!w) {
         if (w.error().code == Errc::audit_unavailable)
             return w;
+        if (w.error().code == Errc::in_doubt)
+            event.reason = w.error().message;  // names the transaction its commit_outcome record will
         return refuse(event, w.error().code, w.error().message);
     }
     return {};

@@ -55,7 +55,12 @@ struct Decided {
 
 class Core {
 public:
+    // Audits the outcome of every commit the store left in doubt
+    // (Store::on_in_doubt_resolved) for as long as it lives.
     Core(Store& store, audit::Log& audit, const policy::NameResolver& names, std::optional<gid_t> admin_gid);
+    ~Core();
+    Core(const Core&) = delete;
+    Core& operator=(const Core&) = delete;
 
     Store& store() { return store_; }
     audit::Log& audit_log() { return audit_; }

@@ -33,6 +33,7 @@ enum class Errc {
     stale,              // a name's inode stands for a version that is no longer current
     no_attribute,       // the attribute is not set
     not_fresh,          // a shared store this host cannot confirm it is current with (fail closed)
+    in_doubt,           // the database stopped answering at COMMIT: the write may have committed
 };
 
 struct Error {

@@ -704,7 +704,9 @@ Result<std::uint64_t> SecretService::seal_and_commit(const Caller& caller, const
     if (!w) {
         if (w.error().code == Errc::audit_unavailable && !audited)
             return tl::unexpected(w.error());
-        if (audited)
+        if (w.error().code == Errc::in_doubt)
+            ev.reason = w.error().message;  // names the transaction its commit_outcome record will
+        else if (audited)
             ev.reason = "rolled back";
         if (w.error().code == Errc::not_found)
             spdlog::info("commit to {}/{} did not happen: {}", v.row.name, name, w.error().message);

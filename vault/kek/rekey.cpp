@@ -218,7 +218,16 @@ Result<Rekeyed> Rekey::rekey(const Caller* caller, std::string_view name)
             return r;
         audited = true;
         return {};
-    });
+    },
+                                 false);  // one transaction for the whole vault: as long as it takes
+    if (!w && w.error().code == Errc::in_doubt) {
+        // It may have committed: both KEKs stay, and so does the pending
+        // note, which recover() settles by the KEK the vault names.
+        ev.result = {};
+        ev.reason = w.error().message;
+        spdlog::error("rekey of vault {}: {}", done.vault, w.error().message);
+        return core_.refuse(ev, w.error().code, w.error().message);
+    }
     if (!w) {
         (void)keys_.destroy_kek(hsm::KeyId{done.new_kek});
         forget_pending();

@@ -11,6 +11,7 @@
 // out from pools).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -142,6 +143,10 @@ public:
     virtual bool broken() const { return false; }
     // What starts a write transaction.
     virtual const char* begin_write() const = 0;
+    // Calls from now on give up at `deadline` (nullopt: none). Only a
+    // server across a network needs one (PostgreSQL): SQLite's waits are
+    // bounded by its busy timeout.
+    virtual void set_deadline(std::optional<std::chrono::steady_clock::time_point> /*deadline*/) {}
 
     // A cached prepared statement for `sql`, a string literal: its pointer
     // is the cache key.

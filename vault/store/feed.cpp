@@ -19,11 +19,13 @@ std::int64_t now_ns()
 // The listener's session: LISTENs as soon as it is opened.
 class FeedConnection {
 public:
-    static Result<FeedConnection> open(const std::string& conninfo)
+    static Result<FeedConnection> open(const std::string& conninfo, std::chrono::milliseconds bound)
     {
-        auto c = pg::Connection::open(conninfo);
+        const auto deadline = std::chrono::steady_clock::now() + bound;
+        auto c = pg::Connection::open(conninfo, deadline);
         if (!c)
             return tl::unexpected(c.error());
+        (*c)->set_deadline(deadline);
         if (auto r = (*c)->exec("LISTEN vaultfs_changes"); !r)
             return tl::unexpected(r.error());
         return FeedConnection{std::move(*c)};
@@ -33,12 +35,13 @@ public:
 };
 
 Feed::Feed(std::string conninfo, std::string where, std::chrono::milliseconds bound, std::function<void()> changed,
-           std::function<void()> after)
+           std::function<void()> after, std::function<void(db::Connection&)> confirmed)
     : conninfo_(std::move(conninfo)),
       where_(std::move(where)),
       bound_(bound),
       changed_(std::move(changed)),
       after_(std::move(after)),
+      confirmed_fn_(std::move(confirmed)),
       created_(now_ns())
 {
 }
@@ -57,6 +60,7 @@ Feed::~Feed()
 Result<void> Feed::confirm(FeedConnection& conn)
 {
     const std::int64_t sent = now_ns();
+    conn.get().set_deadline(std::chrono::steady_clock::now() + bound_);
     auto rev = db::integer(conn.get(), "SELECT rev FROM feed WHERE id = 1", [](db::Query&) {});
     if (!rev)
         return tl::unexpected(rev.error());
@@ -67,12 +71,15 @@ Result<void> Feed::confirm(FeedConnection& conn)
     confirmed_.store(sent);
     if (moved && after_)
         after_();
+    if (confirmed_fn_)
+        confirmed_fn_(conn.get());
+    conn.get().set_deadline(std::nullopt);  // waiting for notifications has its own timeout
     return {};
 }
 
 Result<void> Feed::start()
 {
-    auto conn = FeedConnection::open(conninfo_);
+    auto conn = FeedConnection::open(conninfo_, bound_);
     if (!conn)
         return tl::unexpected(conn.error());
     if (auto r = confirm(*conn); !r)
@@ -93,7 +100,7 @@ void Feed::run(std::unique_ptr<FeedConnection> conn)
                 return;
         }
         if (!conn) {
-            auto opened = FeedConnection::open(conninfo_);
+            auto opened = FeedConnection::open(conninfo_, bound_);
             if (!opened) {
                 if (!reported)
                     spdlog::error("change feed: {}; reads fail closed after {} ms without a confirmation, "

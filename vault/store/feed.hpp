@@ -13,6 +13,9 @@
 // fresh() fails once no read has confirmed freshness for the staleness
 // bound: PostgreSQL is unreachable, or the listener is stuck. It recovers
 // by itself: the listener reconnects every 200 ms until it can read again.
+// Its own calls give up at the bound too (a stopped server never answers),
+// and after each confirmation `confirmed` runs on its session (the Store
+// looks up the outcome of commits left in doubt).
 #pragma once
 
 #include <atomic>
@@ -29,11 +32,16 @@
 
 namespace vaultfs::vault {
 
+namespace db {
+class Connection;
+}
+
 class Feed {
 public:
-    // `changed` runs before a moved revision counts as fresh, `after` once it does.
+    // `changed` runs before a moved revision counts as fresh, `after` once
+    // it does; `confirmed` after every confirmation, on the feed's session.
     Feed(std::string conninfo, std::string where, std::chrono::milliseconds bound, std::function<void()> changed,
-         std::function<void()> after);
+         std::function<void()> after, std::function<void(db::Connection&)> confirmed = {});
     ~Feed();
     Feed(const Feed&) = delete;
     Feed& operator=(const Feed&) = delete;
@@ -56,6 +64,7 @@ private:
     const std::chrono::milliseconds bound_;
     const std::function<void()> changed_;
     const std::function<void()> after_;
+    const std::function<void(db::Connection&)> confirmed_fn_;
     std::atomic<std::int64_t> revision_{-1};
     // steady_clock nanoseconds of the last confirmation's start (0: none).
     std::atomic<std::int64_t> confirmed_{0};

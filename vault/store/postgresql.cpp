@@ -3,6 +3,8 @@
 #include <libpq-fe.h>
 #include <poll.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <regex>
 
@@ -66,9 +68,12 @@ std::uint64_t big_endian(const char* p, int n)
     return v;
 }
 
+}  // namespace
+
 class Statement final : public db::Statement {
 public:
-    Statement(PGconn* conn, std::string name, std::string sql) : conn_(conn), name_(std::move(name)), sql_(std::move(sql))
+    Statement(Connection& owner, PGconn* conn, std::string name, std::string sql)
+        : owner_(owner), conn_(conn), name_(std::move(name)), sql_(std::move(sql))
     {
     }
     ~Statement() override { reset(); }
@@ -182,7 +187,12 @@ private:
             std::vector<Oid> types;
             for (const auto& p : params_)
                 types.push_back(p.type);
-            PGresult* r = PQprepare(conn_, name_.c_str(), sql_.c_str(), n, types.data());
+            auto sent = owner_.await("cannot prepare statement", [&] {
+                return PQsendPrepare(conn_, name_.c_str(), sql_.c_str(), n, types.data());
+            });
+            if (!sent)
+                return tl::unexpected(sent.error());
+            PGresult* r = *sent;
             const bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
             Error e = ok ? Error{} : error_of(conn_, r, "cannot prepare statement");
             PQclear(r);
@@ -197,7 +207,12 @@ private:
             lengths.push_back(static_cast<int>(p.value.size()));
             formats.push_back(1);
         }
-        result_ = PQexecPrepared(conn_, name_.c_str(), n, values.data(), lengths.data(), formats.data(), 1);
+        auto sent = owner_.await("query failed", [&] {
+            return PQsendQueryPrepared(conn_, name_.c_str(), n, values.data(), lengths.data(), formats.data(), 1);
+        });
+        if (!sent)
+            return tl::unexpected(sent.error());
+        result_ = *sent;
         const auto status = PQresultStatus(result_);
         if (status != PGRES_TUPLES_OK && status != PGRES_COMMAND_OK) {
             Error e = error_of(conn_, result_, "query failed");
@@ -208,6 +223,7 @@ private:
         return {};
     }
 
+    Connection& owner_;
     PGconn* conn_;
     const std::string name_;
     const std::string sql_;
@@ -216,8 +232,6 @@ private:
     PGresult* result_ = nullptr;
     int row_ = -1;
 };
-
-}  // namespace
 
 std::string redact(const std::string& conninfo)
 {
@@ -233,13 +247,60 @@ bool is_conninfo(const std::string& s)
            s.find("host=") != std::string::npos || s.find("dbname=") != std::string::npos;
 }
 
-Result<std::unique_ptr<Connection>> Connection::open(const std::string& conninfo)
+namespace {
+
+// What is left until `deadline`, for poll(): -1 without one, 0 once passed.
+int remaining_ms(std::optional<Deadline> deadline)
+{
+    if (!deadline)
+        return -1;
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(*deadline - std::chrono::steady_clock::now());
+    return left.count() <= 0 ? 0 : static_cast<int>(left.count());
+}
+
+// Waits for `events` on `fd` until the deadline. false: it passed.
+Result<bool> wait_for(int fd, short events, std::optional<Deadline> deadline)
+{
+    for (;;) {
+        pollfd pfd{fd, events, 0};
+        const int n = ::poll(&pfd, 1, remaining_ms(deadline));
+        if (n > 0)
+            return true;
+        if (n == 0)
+            return false;
+        if (errno != EINTR)
+            return fail(Errc::storage, std::string("poll on the PostgreSQL connection failed: ") + std::strerror(errno));
+    }
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Connection>> Connection::open(const std::string& conninfo, std::optional<Deadline> deadline)
 {
     // Defaults first: what the connection string says overrides them.
     const char* keys[] = {"connect_timeout", "tcp_user_timeout", "keepalives_idle", "keepalives_interval",
                           "keepalives_count", "application_name", "dbname", nullptr};
     const char* values[] = {"3", "5000", "5", "2", "2", "vaultfs", conninfo.c_str(), nullptr};
-    PGconn* c = PQconnectdbParams(keys, values, 1);
+    PGconn* c = nullptr;
+    if (!deadline) {
+        c = PQconnectdbParams(keys, values, 1);
+    } else {
+        // Within the deadline, whatever the server does: a stopped server's
+        // kernel still completes the TCP handshake, and then nothing comes.
+        c = PQconnectStartParams(keys, values, 1);
+        PostgresPollingStatusType state = PGRES_POLLING_WRITING;
+        while (c != nullptr && PQstatus(c) != CONNECTION_BAD && state != PGRES_POLLING_OK &&
+               state != PGRES_POLLING_FAILED) {
+            auto ready = wait_for(PQsocket(c), state == PGRES_POLLING_READING ? POLLIN : POLLOUT, deadline);
+            if (!ready || !*ready) {
+                PQfinish(c);
+                return fail(Errc::storage, "cannot connect to PostgreSQL at " + redact(conninfo) + ": " +
+                                               (ready ? std::string("no answer within the deadline")
+                                                      : ready.error().message));
+            }
+            state = PQconnectPoll(c);
+        }
+    }
     if (c == nullptr)
         return fail(Errc::out_of_memory, "libpq cannot allocate a connection");
     if (PQstatus(c) != CONNECTION_OK) {
@@ -249,7 +310,87 @@ Result<std::unique_ptr<Connection>> Connection::open(const std::string& conninfo
     }
     // Notices (e.g. "relation already exists, skipping") are not errors.
     PQsetNoticeProcessor(c, [](void*, const char*) {}, nullptr);
+    // Every call waits in poll() (await), never in libpq's blocking reads.
+    if (PQsetnonblocking(c, 1) != 0) {
+        std::string why = trimmed(PQerrorMessage(c));
+        PQfinish(c);
+        return fail(Errc::storage, "cannot use PostgreSQL at " + redact(conninfo) + " without blocking: " + why);
+    }
     return std::unique_ptr<Connection>(new Connection(c));
+}
+
+Result<PGresult*> Connection::await(const char* what, const std::function<int()>& send)
+{
+    if (dead_)
+        return fail(Errc::storage, std::string("PostgreSQL: ") + what + ": the session was dropped");
+    const auto lost = [&](std::string why) -> tl::unexpected<Error> {
+        dead_ = true;
+        return tl::unexpected(Error{Errc::storage, "PostgreSQL: " + std::string(what) + ": " + std::move(why)});
+    };
+    const auto late = [&]() -> tl::unexpected<Error> {
+        // Nothing of this session can be trusted any more (a reply may still
+        // come, to a request nobody waits for): it is dropped, and the next
+        // use opens another.
+        return lost("no answer within " + std::to_string(budget_ms_) +
+                    " ms (the server is stopped, unreachable, or a lock is held); the session is dropped");
+    };
+    if (send() == 0)
+        return lost(trimmed(PQerrorMessage(conn_)));
+    for (;;) {
+        const int f = PQflush(conn_);
+        if (f == 0)
+            break;
+        if (f < 0)
+            return lost(trimmed(PQerrorMessage(conn_)));
+        auto ready = wait_for(PQsocket(conn_), POLLOUT | POLLIN, deadline_);
+        if (!ready)
+            return lost(ready.error().message);
+        if (!*ready)
+            return late();
+        if (PQconsumeInput(conn_) == 0)
+            return lost(trimmed(PQerrorMessage(conn_)));
+    }
+    // Every result of the command; the first error, or else the last.
+    PGresult* kept = nullptr;
+    for (;;) {
+        while (PQisBusy(conn_) != 0) {
+            auto ready = wait_for(PQsocket(conn_), POLLIN, deadline_);
+            if (!ready || !*ready) {
+                if (kept != nullptr)
+                    PQclear(kept);
+                return ready ? late() : lost(ready.error().message);
+            }
+            if (PQconsumeInput(conn_) == 0) {
+                if (kept != nullptr)
+                    PQclear(kept);
+                return lost(trimmed(PQerrorMessage(conn_)));
+            }
+        }
+        PGresult* r = PQgetResult(conn_);
+        if (r == nullptr)
+            break;
+        const auto status = PQresultStatus(r);
+        const bool failed = status != PGRES_COMMAND_OK && status != PGRES_TUPLES_OK;
+        if (kept == nullptr || (failed && PQresultStatus(kept) != PGRES_FATAL_ERROR)) {
+            if (kept != nullptr)
+                PQclear(kept);
+            kept = r;
+        } else {
+            PQclear(r);
+        }
+    }
+    if (kept == nullptr)
+        return lost(trimmed(PQerrorMessage(conn_)));
+    return kept;
+}
+
+void Connection::set_deadline(std::optional<Deadline> deadline)
+{
+    deadline_ = deadline;
+    budget_ms_ = deadline ? std::max<long long>(0, std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                       *deadline - std::chrono::steady_clock::now())
+                                                       .count())
+                          : 0;
 }
 
 Connection::~Connection()
@@ -260,7 +401,10 @@ Connection::~Connection()
 
 Result<void> Connection::exec(const char* sql)
 {
-    PGresult* r = PQexec(conn_, sql);
+    auto sent = await("statement failed", [&] { return PQsendQuery(conn_, sql); });
+    if (!sent)
+        return tl::unexpected(sent.error());
+    PGresult* r = *sent;
     const auto status = PQresultStatus(r);
     const bool ok = status == PGRES_COMMAND_OK || status == PGRES_TUPLES_OK;
     Error e = ok ? Error{} : error_of(conn_, r, "statement failed");
@@ -276,7 +420,7 @@ bool Connection::in_transaction() const
     return s == PQTRANS_INTRANS || s == PQTRANS_INERROR || s == PQTRANS_ACTIVE;
 }
 
-bool Connection::broken() const { return PQstatus(conn_) != CONNECTION_OK; }
+bool Connection::broken() const { return dead_ || PQstatus(conn_) != CONNECTION_OK; }
 
 std::string Connection::server() const
 {
@@ -311,7 +455,7 @@ Result<bool> Connection::wait_notification(std::chrono::milliseconds timeout)
 
 Result<std::unique_ptr<db::Statement>> Connection::prepare(const char* sql)
 {
-    return std::unique_ptr<db::Statement>(new Statement(conn_, "vaultfs_" + std::to_string(++statements_),
+    return std::unique_ptr<db::Statement>(new Statement(*this, conn_, "vaultfs_" + std::to_string(++statements_),
                                                         dollar_parameters(sql)));
 }
 

@@ -127,6 +127,7 @@ struct PendingWrite {
     const Store::Work* work;
     Result<void> result;
     bool done = false;
+    std::optional<std::chrono::steady_clock::time_point> deadline;  // its request's (shared stores)
 };
 
 struct Store::Engine {
@@ -168,10 +169,18 @@ Store::~Store()
                      path_, sound.error().message);
 }
 
-Result<std::unique_ptr<db::Connection>> Store::connect(bool read_only)
+std::optional<std::chrono::steady_clock::time_point> Store::request_deadline() const
+{
+    if (!shared_)
+        return std::nullopt;
+    return std::chrono::steady_clock::now() + options_.staleness_bound;
+}
+
+Result<std::unique_ptr<db::Connection>> Store::connect(bool read_only,
+                                                       std::optional<std::chrono::steady_clock::time_point> deadline)
 {
     if (engine_->postgresql) {
-        auto c = pg::Connection::open(engine_->location);
+        auto c = pg::Connection::open(engine_->location, deadline);
         if (!c)
             return tl::unexpected(c.error());
         return std::unique_ptr<db::Connection>(std::move(*c));
@@ -207,7 +216,8 @@ Result<std::unique_ptr<Store>> Store::open(const std::string& location, Mode mod
                     std::lock_guard lock(self->change_mutex_);
                     if (self->on_change_)
                         self->on_change_();
-                });
+                },
+                [self](db::Connection& c) { self->resolve_in_doubt(c); });
             if (auto r = store->feed_->start(); !r)
                 return fail(Errc::storage, "cannot follow the change feed of " + where + ": " + r.error().message);
         }
@@ -311,10 +321,14 @@ void Store::on_change(std::function<void()> f)
 void Store::changed() { generation_.fetch_add(1); }
 
 template <class F>
-auto Store::with_reader(F&& f) -> decltype(f(std::declval<db::Connection&>()))
+auto Store::with_reader(F&& f, bool bounded) -> decltype(f(std::declval<db::Connection&>()))
 {
     if (auto r = fresh(); !r)
         return tl::unexpected(r.error());
+    // On a shared store no request waits on the database past the
+    // staleness bound, whatever the server does (frozen, partitioned, a
+    // lock held): every call of this read gives up at the deadline.
+    const auto deadline = bounded ? request_deadline() : std::nullopt;
     std::unique_ptr<db::Connection> conn;
     {
         std::lock_guard lock(readers_mutex_);
@@ -324,23 +338,29 @@ auto Store::with_reader(F&& f) -> decltype(f(std::declval<db::Connection&>()))
         }
     }
     if (!conn) {
-        auto opened = connect(true);
+        auto opened = connect(true, deadline);
         if (!opened)
             return tl::unexpected(opened.error());
         conn = std::move(*opened);
     }
+    conn->set_deadline(deadline);
     auto result = f(*conn);
-    if (!result && conn->broken()) {
+    const bool late = deadline && std::chrono::steady_clock::now() >= *deadline;
+    if (!result && conn->broken() && !late) {
         // A lost session (a restarted server, a failover): once more, on a
         // new one, which libpq's multi-host string points at the primary.
-        auto opened = connect(true);
+        auto opened = connect(true, deadline);
         if (!opened)
             return result;
         conn = std::move(*opened);
+        conn->set_deadline(deadline);
         result = f(*conn);
         if (conn->broken())
             return result;
     }
+    if (conn->broken())
+        return result;  // dropped at the deadline: never pooled again
+    conn->set_deadline(std::nullopt);
     std::lock_guard lock(readers_mutex_);
     idle_readers_.push_back(std::move(conn));
     return result;
@@ -770,7 +790,8 @@ Result<std::optional<AuditAnchor>> Store::audit_anchor()
 
 Result<void> Store::each_row(const std::string& sql, const std::function<Result<void>(const db::Query&)>& f)
 {
-    return with_reader([&](db::Connection& c) -> Result<void> {
+    return with_reader(
+        [&](db::Connection& c) -> Result<void> {
         auto q = c.query(sql);
         if (!q)
             return tl::unexpected(q.error());
@@ -783,23 +804,25 @@ Result<void> Store::each_row(const std::string& sql, const std::function<Result<
             if (auto r = f(*q); !r)
                 return r;
         }
-    });
+        },
+        false);
 }
 
 Result<void> Store::integrity_check()
 {
     if (shared_)
-        return with_reader([&](db::Connection& c) { return schema::prepare_postgresql(c, path_, false, false); });
-    return with_reader([&](db::Connection& c) { return schema::check_sqlite(c, path_, true); });
+        return with_reader([&](db::Connection& c) { return schema::prepare_postgresql(c, path_, false, false); },
+                           false);
+    return with_reader([&](db::Connection& c) { return schema::check_sqlite(c, path_, true); }, false);
 }
 
 // ---- writes ------------------------------------------------------------------
 
-Result<void> Store::write(const Work& work)
+Result<void> Store::write(const Work& work, bool bounded)
 {
     if (read_only_)
         return fail(Errc::storage, "database " + path_ + " is open read-only");
-    PendingWrite mine{&work, {}, false};
+    PendingWrite mine{&work, {}, false, bounded ? request_deadline() : std::nullopt};
     std::unique_lock lock(queue_mutex_);
     queue_.push_back(&mine);
     // Wait until a leader has run our work, or until we can lead.
@@ -865,15 +888,30 @@ Result<std::optional<SecretVersion>> Store::cached(Map& map, const Key& key, Loa
 // in it. Returns the commit's own outcome.
 Result<void> Store::run_batch(std::deque<PendingWrite*>& batch)
 {
+    // The batch answers by its most pressed request's deadline (each
+    // waited behind the batch before it, which ended by its own).
+    std::optional<std::chrono::steady_clock::time_point> deadline;
+    for (const auto* p : batch)
+        if (p->deadline && (!deadline || *p->deadline < *deadline))
+            deadline = p->deadline;
+    if (deadline && std::chrono::steady_clock::now() >= *deadline)
+        return fail(Errc::storage, "the database did not answer within the staleness bound (" +
+                                       std::to_string(options_.staleness_bound.count()) +
+                                       " ms) while this write waited behind another");
     if (writer_->broken()) {
-        // Lost (a restarted server, a failover): a new session, on whichever
-        // host libpq's connection string now finds writable.
-        auto c = connect(false);
+        // Lost (a restarted server, a failover, a deadline): a new session,
+        // on whichever host libpq's connection string now finds writable.
+        auto c = connect(false, deadline);
         if (!c)
             return fail(c.error().code, "cannot start a write transaction: " + c.error().message);
         writer_ = std::move(*c);
     }
     db::Connection& c = *writer_;
+    c.set_deadline(deadline);
+    struct Unbound {
+        db::Connection& c;
+        ~Unbound() { c.set_deadline(std::nullopt); }
+    } unbind{c};
     // Transaction control through cached statements: parsing these on every
     // commit showed up in profiles.
     const auto control = [&](const char* sql) -> Result<void> {
@@ -916,7 +954,22 @@ Result<void> Store::run_batch(std::deque<PendingWrite*>& batch)
     }
     // The change feed (vault/store/feed.hpp): writers queue on feed's row
     // until COMMIT, so revisions commit in order.
-    auto rev = db::integer(c, "UPDATE feed SET rev = rev + 1 WHERE id = 1 RETURNING rev", [](db::Query&) {});
+    // On PostgreSQL the transaction's id comes along: should the server stop
+    // answering at COMMIT, it is how the outcome is looked up later.
+    std::int64_t xid = 0;
+    auto rev = shared_ ? first<std::int64_t>(
+                             c, "UPDATE feed SET rev = rev + 1 WHERE id = 1 RETURNING rev, txid_current()",
+                             [](db::Query&) {},
+                             [&](const db::Query& q) {
+                                 xid = q.int64(1);
+                                 return q.int64(0);
+                             })
+                             .and_then([](std::optional<std::int64_t> r) -> Result<std::int64_t> {
+                                 if (!r)
+                                     return fail(Errc::storage, "the feed row is missing");
+                                 return *r;
+                             })
+                       : db::integer(c, "UPDATE feed SET rev = rev + 1 WHERE id = 1 RETURNING rev", [](db::Query&) {});
     Result<void> logged = rev ? run(c, "INSERT INTO changes (rev, host, at) VALUES (?, ?, ?)",
                                     [&](db::Query& q) { q.bind(1, *rev).bind(2, host_id_).bind(3, now_micros()); })
                               : Result<void>(tl::unexpected(rev.error()));
@@ -930,10 +983,71 @@ Result<void> Store::run_batch(std::deque<PendingWrite*>& batch)
         return fail(logged.error().code, "the change feed cannot be written: " + logged.error().message);
     }
     if (auto r = control("COMMIT"); !r) {
+        if (shared_ && c.broken() && xid != 0) {
+            // The server stopped answering (or the session broke) after
+            // COMMIT was sent: it may have committed. Never a second try
+            // (that would be a duplicate); the outcome is looked up when
+            // the server answers again, and reported.
+            std::string why = "the database did not confirm the commit of transaction " + std::to_string(xid) +
+                              " (" + r.error().message + "): it may have committed; its outcome is looked up and "
+                              "audited when the database answers";
+            std::lock_guard lock(in_doubt_mutex_);
+            in_doubt_.push_back(InDoubt{xid, why});
+            spdlog::error("{}", why);
+            return fail(Errc::in_doubt, std::move(why));
+        }
         (void)control("ROLLBACK");
         return fail(r.error().code, "commit failed: " + r.error().message);
     }
     return {};
+}
+
+void Store::on_in_doubt_resolved(InDoubtResolved f)
+{
+    // Also waits for a report under way: none runs after it is replaced.
+    std::lock_guard report(in_doubt_report_mutex_);
+    on_in_doubt_resolved_ = std::move(f);
+}
+
+std::size_t Store::in_doubt() const
+{
+    std::lock_guard lock(in_doubt_mutex_);
+    return in_doubt_.size();
+}
+
+void Store::resolve_in_doubt(db::Connection& c)
+{
+    std::vector<InDoubt> pending;
+    {
+        std::lock_guard lock(in_doubt_mutex_);
+        if (in_doubt_.empty())
+            return;
+        pending = in_doubt_;
+    }
+    for (const auto& d : pending) {
+        // 'committed', 'aborted', or 'in progress' (the server resumed and
+        // is finishing it: asked again at the next confirmation).
+        auto status = first<std::string>(
+            c, "SELECT txid_status(?)", [&](db::Query& q) { q.bind(1, d.xid); },
+            [](const db::Query& q) { return q.is_null(0) ? std::string() : q.text(0); });
+        if (!status)
+            return;  // asked again at the next confirmation
+        const std::string s = status->value_or("");
+        if (s == "in progress")
+            continue;
+        const bool committed = s == "committed";
+        const std::string outcome = committed ? "committed" : s == "aborted" ? "rolled back" : "unknown";
+        spdlog::warn("the commit of transaction {}, in doubt until now: {}", d.xid, outcome);
+        {
+            std::lock_guard lock(in_doubt_mutex_);
+            std::erase_if(in_doubt_, [&](const InDoubt& x) { return x.xid == d.xid; });
+        }
+        if (committed)
+            generation_.fetch_add(1);
+        std::lock_guard report(in_doubt_report_mutex_);
+        if (on_in_doubt_resolved_)
+            on_in_doubt_resolved_(d.xid, outcome, d.failed_with);
+    }
 }
 
 Result<VaultId> Store::Transaction::insert_vault(const VaultRow& row, const PolicyRow& policy)

@@ -462,7 +462,24 @@ public:
     // callers' work (group commit). Returns when the transaction holding it
     // has committed (durably) or failed. If `work` fails, its changes are
     // rolled back and its error returned; others' work is unaffected.
-    Result<void> write(const Work& work);
+    //
+    // On a shared store a write is `bounded` by its request's deadline
+    // (request_deadline): a server that does not answer by then fails it
+    // with Errc::storage, or with Errc::in_doubt if it stopped answering at
+    // COMMIT; the outcome of such a commit is looked up once the server
+    // answers again and reported to on_in_doubt_resolved. Unbounded writes
+    // (a rekey's one large transaction) wait as long as they take.
+    Result<void> write(const Work& work, bool bounded = true);
+
+    // Called, from the change feed's thread, with the outcome of a commit
+    // that was in doubt: its transaction id, "committed", "rolled back" or
+    // "unknown" (the server no longer knows it), and the message its write
+    // failed with.
+    using InDoubtResolved =
+        std::function<void(std::int64_t xid, const std::string& outcome, const std::string& failed_with)>;
+    void on_in_doubt_resolved(InDoubtResolved f);
+    // Commits whose outcome is not known yet.
+    std::size_t in_doubt() const;
 
     // Units queued behind the running batch (tests use it to build a batch).
     std::size_t pending_writes();
@@ -472,11 +489,21 @@ public:
 private:
     Store(std::string path, std::unique_ptr<Engine> engine, std::unique_ptr<db::Connection> writer, bool read_only,
           StoreOptions options);
-    Result<std::unique_ptr<db::Connection>> connect(bool read_only);
+    // A new session; on a shared store, connecting gives up at `deadline`.
+    Result<std::unique_ptr<db::Connection>> connect(
+        bool read_only, std::optional<std::chrono::steady_clock::time_point> deadline = std::nullopt);
+    // When a request that starts now must have its answer from a shared
+    // store: the staleness bound from now (nullopt: SQLite, no deadline).
+    std::optional<std::chrono::steady_clock::time_point> request_deadline() const;
     // Raised when another host's change is seen: every cache is dropped.
     void changed();
+    // Looks up the outcome of in-doubt commits on `c` (the feed's session,
+    // after it confirmed the server answers).
+    void resolve_in_doubt(db::Connection& c);
+    // `bounded`: the request's deadline applies (request_deadline); bulk
+    // reads (export, copy, integrity checks) wait as long as they take.
     template <class F>
-    auto with_reader(F&& f) -> decltype(f(std::declval<db::Connection&>()));
+    auto with_reader(F&& f, bool bounded = true) -> decltype(f(std::declval<db::Connection&>()));
     Result<std::optional<SecretVersion>> secret_with_version_uncached(VaultId vault, std::string_view name);
     Result<std::optional<SealedRead>> sealed_for_read_uncached(VersionId id);
     Result<std::optional<SecretVersion>> secret_with_version_id_uncached(VersionId id);
@@ -514,6 +541,14 @@ private:
     std::unique_ptr<Feed> feed_;
     std::mutex change_mutex_;
     std::function<void()> on_change_;
+    struct InDoubt {
+        std::int64_t xid;
+        std::string failed_with;
+    };
+    mutable std::mutex in_doubt_mutex_;
+    std::mutex in_doubt_report_mutex_;  // held while on_in_doubt_resolved_ runs
+    std::vector<InDoubt> in_doubt_;
+    InDoubtResolved on_in_doubt_resolved_;
     std::mutex leader_mutex_;
     std::unique_ptr<db::Connection> leader_;  // holds the advisory lock while this host leads
     std::chrono::steady_clock::time_point next_leader_try_{};
