@@ -53,7 +53,7 @@ TEST_CASE("audit result names agree with the errno the fs layer returns", "[fs]"
                             Errc::access_denied, Errc::disabled, Errc::not_valid_now, Errc::not_permitted,
                             Errc::read_only, Errc::not_empty, Errc::integrity, Errc::key_unavailable, Errc::storage,
                             Errc::no_space, Errc::audit_unavailable, Errc::out_of_memory, Errc::busy, Errc::too_many_open, Errc::stale,
-                            Errc::no_attribute}) {
+                            Errc::no_attribute, Errc::not_fresh, Errc::in_doubt}) {
         const int e = fs::to_errno(code);
         INFO(static_cast<int>(code));
         CHECK(std::string(vault::result_name(code)) == strerrorname_np(e));
