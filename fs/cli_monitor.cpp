@@ -93,6 +93,8 @@ struct MonitorCommands::Options {
     CLI::App* metrics = nullptr;
     CLI::App* tail = nullptr;
     CLI::App* exporter = nullptr;
+    CLI::App* acknowledge = nullptr;
+    std::uint64_t through = 0;
     bool follow = false;
     bool as_json = false;
     std::size_t lines = 10;
@@ -134,6 +136,14 @@ MonitorCommands::MonitorCommands(CLI::App& app, CLI::App& audit, const std::stri
     o.exporter->add_option("--until", o.until, "Up to this time (default: now)");
     o.exporter->add_option("-o,--output", o.output, "File to write (mode 0600; must not exist), or - for stdout")
         ->required();
+
+    o.acknowledge = audit.add_subcommand(
+        "acknowledge", "Say that you examined the records an unclean stop left unproven (`audit verify` names them): "
+                       "a signed record, after which verify no longer fails on them");
+    state_opt(o.acknowledge);
+    o.acknowledge->add_option("--socket", o.socket, "Control socket (default: the state's control_socket)");
+    o.acknowledge->add_option("--through", o.through, "The last seq you examined (the end of the range verify named)")
+        ->required();
 }
 
 MonitorCommands::~MonitorCommands() = default;
@@ -147,6 +157,18 @@ std::optional<int> MonitorCommands::run(const ManageFn& manage)
         return manage(o.state, o.socket, request, [](const json& reply) {
             const std::string text = reply.value("result", std::string());
             return write_all(STDOUT_FILENO, text) ? 0 : fail(std::string("stdout: ") + std::strerror(errno));
+        });
+    }
+    if (*o.acknowledge) {
+        ControlRequest request;
+        request.command = ControlRequest::Command::audit_acknowledge;
+        request.through = o.through;
+        return manage(o.state, o.socket, request, [&](const json& reply) {
+            const auto& r = reply["result"];
+            std::printf("acknowledged records through seq %llu (the signed record is seq %llu)\n",
+                        static_cast<unsigned long long>(r.value("through", std::uint64_t{0})),
+                        static_cast<unsigned long long>(r.value("seq", std::uint64_t{0})));
+            return 0;
         });
     }
     if (!*o.tail && !*o.exporter)

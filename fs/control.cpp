@@ -431,6 +431,14 @@ json ControlServer::dispatch(const vault::Caller& caller, const std::string& tex
                                     {"new_kek", done->new_kek},
                                     {"resealed", done->resealed}}}};
     }
+    case C::audit_acknowledge: {
+        // The admin's word on records an unclean stop left unproven: a
+        // signed record of its own, which names who gave it.
+        if (auto r = service.audit_log().acknowledge(request->through, caller.who.uid); !r)
+            return failure(r.error(), "the acknowledgement");
+        return json{{"ok", true},
+                    {"result", json{{"through", request->through}, {"seq", service.audit_log().stats().last_seq}}}};
+    }
     case C::metrics: {
         if (auto a = service.audit_management(caller, "metrics", "", true, "admin"); !a)
             return failure(a.error(), "the metrics");

@@ -23,6 +23,7 @@ constexpr std::pair<const char*, ControlRequest::Command> commands[] = {
     {"object", ControlRequest::Command::object},
     {"metrics", ControlRequest::Command::metrics},
     {"vault_rekey", ControlRequest::Command::vault_rekey},
+    {"audit_acknowledge", ControlRequest::Command::audit_acknowledge},
 };
 
 }  // namespace
@@ -61,7 +62,7 @@ tl::expected<ControlRequest, std::string> parse_request(std::string_view text)
     };
     for (const auto& item : j.items()) {
         static const char* allowed[] = {"cmd",  "vault", "secret", "retention_days", "purge_protection",
-                                        "backup", "into", "owner", "policy", "op", "args"};
+                                        "backup", "into", "owner", "policy", "op", "args", "through"};
         const std::string key = item.key();
         if (std::find_if(std::begin(allowed), std::end(allowed), [&](const char* a) { return key == a; }) ==
             std::end(allowed))
@@ -115,6 +116,13 @@ tl::expected<ControlRequest, std::string> parse_request(std::string_view text)
             return tl::unexpected(std::string("\"owner\" must be a uid"));
         r.owner = static_cast<std::uint32_t>(j["owner"].get<std::uint64_t>());
     }
+    if (j.contains("through") || r.command == C::audit_acknowledge) {
+        if (r.command != C::audit_acknowledge)
+            return tl::unexpected(std::string("\"through\" belongs to \"audit_acknowledge\" requests"));
+        if (!j.contains("through") || !j["through"].is_number_unsigned() || j["through"].get<std::uint64_t>() == 0)
+            return tl::unexpected(std::string("\"through\" must be a record's seq (1 or more)"));
+        r.through = j["through"].get<std::uint64_t>();
+    }
     if (j.contains("purge_protection")) {
         if (!j["purge_protection"].is_boolean())
             return tl::unexpected(std::string("\"purge_protection\" must be true or false"));
@@ -149,6 +157,8 @@ std::string render_request(const ControlRequest& r)
     }
     if (r.owner)
         j["owner"] = *r.owner;
+    if (r.command == ControlRequest::Command::audit_acknowledge)
+        j["through"] = r.through;
     return j.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 

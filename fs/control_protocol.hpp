@@ -5,6 +5,7 @@
 //   {"cmd":"vault_create","vault":"payments","retention_days":30,"purge_protection":true}
 //   {"cmd":"vault_show","vault":"payments"}   {"cmd":"vault_list"}   {"cmd":"status"}   {"cmd":"metrics"}
 //   {"cmd":"vault_rekey","vault":"payments"}
+//   {"cmd":"audit_acknowledge","through":4711}
 //   {"cmd":"backup","vault":"payments","secret":"db-password"}   (secret optional)
 //   {"cmd":"restore","backup":"<backup document>","into":"payments2"}   (into optional)
 //   {"cmd":"policy_reset","vault":"payments","owner":1001}   (owner optional: the caller)
@@ -40,7 +41,8 @@ struct ControlRequest {
         policy_set,
         object,
         metrics,
-        vault_rekey
+        vault_rekey,
+        audit_acknowledge
     };
     Command command = Command::status;
     std::string vault;
@@ -53,6 +55,7 @@ struct ControlRequest {
     std::string policy;                  // policy_set: the text
     std::string op;                      // object: key_create, cert_renew, ...
     std::string args;                    // object: its arguments, a JSON object (as text)
+    std::uint64_t through = 0;           // audit_acknowledge: the last seq acknowledged
 };
 
 // Base64 (RFC 4648, with padding) for binary fields; nullopt for bad input.

@@ -86,6 +86,8 @@ int run_verify(const std::string& state, std::vector<std::string> files, std::st
             files.push_back(live_file);
         if (const auto daemon = vault::StateLock::holder(dir))
             notes.push_back("the daemon (pid " + std::to_string(*daemon) + ") is running");
+        else
+            options.stopped = true;  // an unclean stop's last records are unproven
         // A slice is checked by its signatures alone: the anchor is the live file's.
         if (!slice) {
             auto store = vault::Store::open(config->store_location(), vault::Store::Mode::read_only,

@@ -3,6 +3,10 @@
 // rotation on SIGHUP.
 #include <catch2/catch.hpp>
 
+#include <openssl/sha.h>
+
+#include <ctime>
+
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mount.h>
@@ -290,4 +294,128 @@ TEST_CASE("the audit file replaced while a hard link keeps the old one: the reco
     auto v = shell(m.binary + " audit verify" + key + " " + hidden + " " + m.state_file("audit.jsonl"));
     INFO(v.data);
     CHECK(v.err == 0);
+}
+
+namespace {
+
+// Records chained by the published rule (README "The audit trail"): what
+// anyone who can write the file can append. `step_us` moves each record's
+// time on from the last one's (negative: backwards).
+void append_forged(const std::string& file, int count, long long step_us)
+{
+    std::ifstream in(file);
+    std::string line, last;
+    while (std::getline(in, line))
+        if (!line.empty())
+            last = line;
+    auto prev = nlohmann::json::parse(last);
+    std::uint64_t seq = prev["seq"];
+    std::string hash = prev["hash"];
+    // "2026-12-07T17:43:20.262514Z" as microseconds since the epoch, and back.
+    std::tm tm{};
+    int micros = 0;
+    REQUIRE(std::sscanf(prev["time"].get<std::string>().c_str(), "%d-%d-%dT%d:%d:%d.%6dZ", &tm.tm_year, &tm.tm_mon,
+                        &tm.tm_mday, &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &micros) == 7);
+    tm.tm_year -= 1900;
+    tm.tm_mon -= 1;
+    long long t = static_cast<long long>(::timegm(&tm)) * 1000000 + micros;
+    std::ofstream out(file, std::ios::app);
+    for (int i = 0; i < count; ++i) {
+        t += step_us;
+        const std::time_t secs = static_cast<std::time_t>(t / 1000000);
+        std::tm at{};
+        ::gmtime_r(&secs, &at);
+        char time[40];
+        std::snprintf(time, sizeof time, "%04d-%02d-%02dT%02d:%02d:%02d.%06lldZ", at.tm_year + 1900, at.tm_mon + 1,
+                      at.tm_mday, at.tm_hour, at.tm_min, at.tm_sec, t % 1000000);
+        const std::string body = "{\"seq\":" + std::to_string(++seq) + ",\"time\":\"" + time +
+                                 "\",\"op\":\"get\",\"uid\":0,\"gid\":0,\"vault\":\"forged\",\"secret\":\"s\","
+                                 "\"decision\":\"allow\",\"rule\":\"1: allow uid:0 *\",\"result\":\"ok\",\"prev\":\"" +
+                                 hash + "\"}";
+        unsigned char d[32];
+        SHA256(reinterpret_cast<const unsigned char*>(body.data()), body.size(), d);
+        hash.clear();
+        for (unsigned char c : d) {
+            char b[3];
+            std::snprintf(b, sizeof b, "%02x", c);
+            hash += b;
+        }
+        out << body.substr(0, body.size() - 1) << ",\"hash\":\"" << hash << "\"}\n";
+    }
+}
+
+}  // namespace
+
+TEST_CASE("attack: records chained onto the trail after kill -9 are unproven until an admin acknowledges them; the "
+          "next start names them and never covers them",
+          "[fs][audit][attack]")
+{
+    Mount m;
+    REQUIRE(make_dir(m.path("audited")).err == 0);
+    REQUIRE(write_file(m.path("audited/s"), "x").err == 0);
+    // Synced and anchored: what the daemon wrote is vouched for.
+    REQUIRE(eventually(10, [&] {
+        const auto anchored = shell("sqlite3 " + m.state_file("vault.db") + " 'SELECT seq FROM audit_anchor'");
+        return anchored.err == 0 && !anchored.data.empty() &&
+               std::stoull(anchored.data) == m.audit().back()["seq"].get<std::uint64_t>();
+    }));
+    REQUIRE(shell(m.binary + " audit verify --state " + m.state).err == 0);
+    m.kill_daemon();
+    const std::uint64_t last = m.audit().back()["seq"];
+    append_forged(m.state_file("audit.jsonl"), 300, 1000);
+    const std::string range = std::to_string(last + 1) + "–" + std::to_string(last + 300);
+    // While the daemon is down: the range is named, verify fails.
+    auto down = shell(m.binary + " audit verify --state " + m.state);
+    INFO(down.data);
+    CHECK(down.err == 1);
+    CHECK(down.data.find("records " + range + " follow the last signature, and the daemon stopped without a clean "
+                         "shutdown") != std::string::npos);
+    CHECK(unproven_through(down.data) == last + 300);
+    // The next start names them in its signed record, and covers none of
+    // them as its own: verify still fails, now at the start record.
+    m.start();
+    const auto start = m.last_audit("start");
+    CHECK(start["unproven_from"] == last + 1);
+    CHECK(start["unproven_through"] == last + 300);
+    CHECK(start["clean"] == false);
+    auto up = shell(m.binary + " audit verify --state " + m.state);
+    INFO(up.data);
+    CHECK(up.err == 1);
+    CHECK(up.data.find("records " + range + " were written after the last signature before an unclean stop") !=
+          std::string::npos);
+    // Acknowledging less than the range leaves it failing; a seq the trail
+    // has not reached is refused.
+    CHECK(shell(m.binary + " audit acknowledge --through " + std::to_string(last + 100) + " --state " + m.state)
+              .err == 0);
+    CHECK(shell(m.binary + " audit verify --state " + m.state).err == 1);
+    auto beyond = shell(m.binary + " audit acknowledge --through 99999999 --state " + m.state + " 2>&1");
+    CHECK(beyond.err != 0);
+    CHECK(beyond.data.find("is not a record of this trail") != std::string::npos);
+    // The admin's word, a signed record naming who gave it: verify passes,
+    // and says what was acknowledged.
+    auto ack = shell(m.binary + " audit acknowledge --through " + std::to_string(last + 300) + " --state " + m.state);
+    INFO(ack.data);
+    CHECK(ack.err == 0);
+    const auto rec = m.last_audit("acknowledge");
+    CHECK(rec["through"] == last + 300);
+    CHECK(rec["uid"] == 0);
+    CHECK(rec.contains("sig"));
+    auto after = shell(m.binary + " audit verify --state " + m.state);
+    INFO(after.data);
+    CHECK(after.err == 0);
+    CHECK(after.data.find("warning: records " + range + " were written after the last signature before an unclean "
+                          "stop; an admin acknowledged them") != std::string::npos);
+}
+
+TEST_CASE("attack: records whose times go backwards fail verification", "[fs][audit][attack]")
+{
+    Mount m;
+    REQUIRE(make_dir(m.path("audited")).err == 0);
+    m.kill_daemon();
+    append_forged(m.state_file("audit.jsonl"), 2, -5000000);
+    auto v = shell(m.binary + " audit verify --public-key " + m.state_file("audit-signing.pub.pem") + " " +
+                   m.state_file("audit.jsonl"));
+    INFO(v.data);
+    CHECK(v.err == 1);
+    CHECK(v.data.find("time goes backwards") != std::string::npos);
 }

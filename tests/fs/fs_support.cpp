@@ -431,6 +431,15 @@ bool eventually(int seconds, const std::function<bool()>& done)
     return done();
 }
 
+std::uint64_t unproven_through(const std::string& verify_output)
+{
+    static const std::string mark = "acknowledge --through ";
+    std::uint64_t through = 0;
+    for (auto at = verify_output.find(mark); at != std::string::npos; at = verify_output.find(mark, at + 1))
+        through = std::max<std::uint64_t>(through, std::stoull(verify_output.substr(at + mark.size())));
+    return through;
+}
+
 Outcome shell(const std::string& command)
 {
     FILE* p = ::popen(command.c_str(), "r");

@@ -107,6 +107,10 @@ bool eventually(int seconds, const std::function<bool()>& done);
 // Runs a shell command as root; returns its exit status and stdout.
 Outcome shell(const std::string& command);
 
+// The end of the last range `audit verify` output names as unproven (its
+// "acknowledge --through N"), or 0 when it names none.
+std::uint64_t unproven_through(const std::string& verify_output);
+
 struct MountOptions {
     std::vector<std::string> config_lines;  // appended to vaultfs.conf
     unsigned threads = 8;

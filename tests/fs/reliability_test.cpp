@@ -111,6 +111,21 @@ TEST_CASE("crash consistency: SIGKILL during concurrent writes loses no committe
     INFO(committed.size() << " committed versions over " << kills << " kills");
     CHECK(committed.size() > static_cast<std::size_t>(kills));
     CHECK(missing == 0);
+    // What each kill left after the last signature and anchor is unproven
+    // (anyone who can write the file could have chained it) until an admin
+    // acknowledges it; then the trail verifies.
+    const auto unproven = shell(m.binary + " audit verify --state " + m.state);
+    INFO(unproven.data);
+    const std::uint64_t through = unproven_through(unproven.data);
+    if (through != 0) {
+        CHECK(unproven.err == 1);
+        CHECK(unproven.data.find("no signature vouches for them") != std::string::npos);
+        const auto ack = shell(m.binary + " audit acknowledge --through " + std::to_string(through) + " --state " +
+                               m.state + " 2>&1");
+        INFO(ack.data);
+        CHECK(ack.err == 0);
+        CHECK(m.last_audit("acknowledge")["through"] == through);
+    }
     m.stop();
     CHECK(shell("sqlite3 " + m.state_file("vault.db") + " 'PRAGMA integrity_check'").data == "ok\n");
     const auto verify = shell(m.binary + " audit verify --state " + m.state);

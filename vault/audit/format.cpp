@@ -24,9 +24,10 @@ constexpr std::array<std::size_t, 2> sig_hex_sizes{128, 768};
 constexpr std::size_t unsigned_suffix = hash_key.size() + hash_hex + 2;
 constexpr std::size_t signed_suffix(std::size_t sig_hex) { return hash_key.size() + hash_hex + sig_key.size() + sig_hex + 2; }
 
-constexpr std::array<std::string_view, 6> signed_ops{"init", "start", "checkpoint", "rotate", "shutdown", "handover"};
+constexpr std::array<std::string_view, 7> signed_ops{"init",     "start",    "checkpoint", "rotate",
+                                                     "shutdown", "handover", "acknowledge"};
 // Everything else a record may be about (README "The audit trail").
-constexpr std::array<std::string_view, 55> record_ops{
+constexpr std::array<std::string_view, 56> record_ops{
     "get",        "set",        "commit",       "list",         "delete",       "recover",   "purge",
     "policy_get", "policy_set", "policy_reset", "xattr_get",    "xattr_list",   "xattr_set", "vault_create",
     "vault_remove", "vault_set", "vault_show",  "vault_list",   "status",       "backup",    "restore",
@@ -46,7 +47,9 @@ constexpr std::array<std::string_view, 55> record_ops{
     // expiry warnings (vault/monitor/expiry)
     "near_expiry", "expired",
     // `vaultfs metrics` (fs/monitor)
-    "metrics"};
+    "metrics",
+    // what became of a commit the database did not confirm (vault/store)
+    "commit_outcome"};
 
 bool plain(std::string_view s)
 {

@@ -10,7 +10,7 @@
 //
 // Every record has `seq` (1, 2, ...), `time` (UTC, µs), `op` and `prev` (the
 // previous record's H; 64 zeros before the first). Signed records (init,
-// start, checkpoint, rotate, shutdown) also carry `records` (unsigned
+// start, checkpoint, rotate, shutdown, handover, acknowledge) also carry `records` (unsigned
 // records since the previous signature) and the coverage bound that holds
 // until the next signature: `bound_records` and `bound_seconds`.
 #pragma once

@@ -158,6 +158,12 @@ public:
     // to call from a signal handler.
     void request_reopen() { reopen_requested_.store(true, std::memory_order_relaxed); }
 
+    // A signed `acknowledge` record: the admin `uid` examined the records
+    // through seq `through` that an unclean stop left unproven (verify
+    // reports them until such a record covers them). Errc::invalid_argument
+    // for a seq this trail has not reached.
+    Result<void> acknowledge(std::uint64_t through, std::uint32_t uid);
+
     // Writes pending `repeats` records and a signed `shutdown` record,
     // syncs, and anchors it as a clean end. Called once at unmount; later
     // appends fail.
@@ -233,6 +239,8 @@ private:
     std::vector<RefusalCoalescer::Summary> unwritten_;  // summaries to try again
     bool low_space_ = false;
     Micros space_checked_ = 0;
+    Micros last_time_ = 0;        // of the last record written: no record is older
+    bool clock_behind_ = false;   // the clock is behind last_time_ (said once)
     Micros identity_checked_ = 0;  // when the path was last compared with the open file
     bool dirty_ = false;
     bool closed_ = false;

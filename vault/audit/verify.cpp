@@ -172,6 +172,13 @@ public:
 
         if (!is_known_op(r.op))
             return problem(line_no, "unknown op '" + r.op.substr(0, 40) + "' (edited)");
+        // The writer never goes back in time (it holds the last time it
+        // wrote when the clock steps back), so a record that does was not
+        // written by it.
+        if (have_prev_ && r.time < last_time_)
+            return problem(line_no, "time goes backwards: seq " + seq_text(r.seq) + " at " +
+                                        r.fields.value("time", std::string()) + " is older than seq " +
+                                        seq_text(prev_seq_) + " (forged, or records moved)");
         if (is_signed_op(r.op) && !r.is_signed())
             return problem(line_no, "forged " + r.op + " record: it carries no signature");
         if (!is_signed_op(r.op) && r.is_signed())
@@ -190,6 +197,7 @@ public:
                 return;
             ++rep_.signed_records;
             rep_.last_signed_seq = r.seq;
+            note_unproven(r, line_no);
             if (r.op == "handover") {
                 if (!hand_over(r, line_no))
                     return;
@@ -228,8 +236,38 @@ public:
 
     void fail_file(std::uint64_t line_no, const std::string& why) { problem(line_no, why); }
 
+    // The records after the last signature and the anchor when the daemon
+    // is not running and its last stop was not clean: what it wrote last
+    // (or what was added since) that no signature vouches for.
+    void stopped_uncleanly()
+    {
+        if (!opt_.anchor || opt_.anchor->clean_shutdown || !have_prev_)
+            return;
+        const std::uint64_t proven = std::max(rep_.last_signed_seq, anchor_seen_ ? opt_.anchor->seq : 0);
+        if (prev_seq_ > proven)
+            unproven_.push_back(Unproven{proven + 1, prev_seq_, file_, 0, true});
+    }
+
     VerifyReport finish(const std::string& last_file)
     {
+        if (opt_.stopped)
+            stopped_uncleanly();
+        for (const auto& u : unproven_) {
+            const std::string range = "records " + seq_text(u.from) + "–" + seq_text(u.through);
+            if (u.through <= acknowledged_through_) {
+                rep_.warnings.push_back(range + " were written after the last signature before an unclean stop; "
+                                        "an admin acknowledged them (seq " + seq_text(acknowledged_at_) + ")");
+                continue;
+            }
+            rep_.unproven.emplace_back(u.from, u.through);
+            add_problem(u.file, u.line,
+                        range + (u.tail ? " follow the last signature, and the daemon stopped without a clean "
+                                          "shutdown (kill -9, a crash, power loss)"
+                                        : " were written after the last signature before an unclean stop (kill -9, "
+                                          "a crash, power loss)") +
+                            ": no signature vouches for them, so they may be forged. Examine them, then run "
+                            "`vaultfs audit acknowledge --through " + seq_text(u.through) + "`");
+        }
         if (!resync_ && over_)
             add_problem(over_file_, over_line_, "unsigned tail: " + over_why_);
         if (unconfirmed_handover_)
@@ -343,6 +381,23 @@ private:
         add_problem(file_, line_no, "the daemon recorded a break in the chain when it started: " + reason);
     }
 
+    // A signed `start` names the records it found after the last signature
+    // of an unclean stop; a signed `acknowledge` is an admin's word on them.
+    void note_unproven(const Record& r, std::uint64_t line_no)
+    {
+        if (r.op == "start") {
+            const auto from = r.count("unproven_from");
+            const auto through = r.count("unproven_through");
+            if (from && through && *from <= *through)
+                unproven_.push_back(Unproven{*from, *through, file_, line_no, false});
+        } else if (r.op == "acknowledge") {
+            if (const auto through = r.count("through"); through && *through > acknowledged_through_) {
+                acknowledged_through_ = *through;
+                acknowledged_at_ = r.seq;
+            }
+        }
+    }
+
     void resume(const Record& r, std::uint64_t line_no)
     {
         resync_ = false;
@@ -422,6 +477,16 @@ private:
     std::string over_file_;
     std::uint64_t over_line_ = 0;
     std::string over_why_;
+
+    struct Unproven {
+        std::uint64_t from, through;
+        std::string file;
+        std::uint64_t line;
+        bool tail;  // after the last record of a daemon that is not running
+    };
+    std::vector<Unproven> unproven_;
+    std::uint64_t acknowledged_through_ = 0;
+    std::uint64_t acknowledged_at_ = 0;
 
     bool anchor_seen_ = false;
     std::string anchor_file_;

@@ -19,6 +19,14 @@
 //  - the database anchor, when given: its signature, that the chain reaches
 //    the anchored record with the anchored hash (a cut-off tail), and that
 //    the file holding it begins where the anchor says (a replaced file);
+//  - unproven records: records after the last signature and the last
+//    anchor of a daemon that stopped uncleanly (kill -9, a crash) are
+//    vouched for by nothing: anyone who can write the file could have
+//    chained them. The next `start` names them (`unproven_from`,
+//    `unproven_through`), and so does verify with `stopped` while the daemon
+//    is down. Each range is a failure until a signed `acknowledge` record
+//    (`through` >= its end) says an admin examined it;
+//  - time never goes backwards from one record to the next;
 //  - breaks: a signed `start` (or `rotate`) record carrying `break` says the
 //    daemon found the chain broken when it started (or its file removed); it
 //    is reported, always, as a failure.
@@ -44,6 +52,9 @@ struct VerifyOptions {
     // where trust starts (its signature is checked), and must end with one:
     // every record in it lies between two signatures.
     bool slice = false;
+    // The state's daemon is not running: with an anchor that is not clean,
+    // the records after the last signature and the anchor are unproven.
+    bool stopped = false;
 };
 
 struct VerifyReport {
@@ -63,6 +74,9 @@ struct VerifyReport {
     std::uint64_t tail_seconds = 0;
     std::uint64_t last_signed_seq = 0;
     bool anchor_reached = false;
+    // Ranges of seq no signature vouches for, written around an unclean
+    // stop and not acknowledged (`vaultfs audit acknowledge`): failures.
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> unproven;
 };
 
 // Checks files given oldest first.
