@@ -12,8 +12,13 @@
 #include <csignal>
 #include <dirent.h>
 #include <fstream>
+#include <atomic>
+#include <functional>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <thread>
@@ -171,6 +176,108 @@ std::vector<nlohmann::json> since(const Mount& m, std::size_t n)
     return std::vector<nlohmann::json>(all.begin() + static_cast<std::ptrdiff_t>(std::min(n, all.size())), all.end());
 }
 
+// A TCP proxy to the server that the test can stop forwarding through, as
+// a network partition would: the connections stay up, nothing crosses.
+class Proxy {
+public:
+    explicit Proxy(int to_port) : to_port_(to_port)
+    {
+        listen_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        sockaddr_in a{};
+        a.sin_family = AF_INET;
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        REQUIRE(::bind(listen_, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+        REQUIRE(::listen(listen_, 64) == 0);
+        socklen_t len = sizeof a;
+        REQUIRE(::getsockname(listen_, reinterpret_cast<sockaddr*>(&a), &len) == 0);
+        port_ = ntohs(a.sin_port);
+        accepting_ = std::thread([this] { accept_loop(); });
+    }
+    ~Proxy()
+    {
+        stop_ = true;
+        accepting_.join();  // no pump starts after this
+        for (auto& t : threads_)
+            t.join();
+        for (const int fd : fds_)
+            ::close(fd);
+        ::close(listen_);
+    }
+    Proxy(const Proxy&) = delete;
+    Proxy& operator=(const Proxy&) = delete;
+    int port() const { return port_; }
+    void cut() { forwarding_ = false; }
+    void mend() { forwarding_ = true; }
+
+private:
+    void accept_loop()
+    {
+        while (!stop_) {
+            pollfd p{listen_, POLLIN, 0};
+            if (::poll(&p, 1, 50) <= 0)
+                continue;
+            const int client = ::accept4(listen_, nullptr, nullptr, SOCK_CLOEXEC);
+            if (client < 0)
+                continue;
+            const int server = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+            sockaddr_in a{};
+            a.sin_family = AF_INET;
+            a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+            a.sin_port = htons(static_cast<std::uint16_t>(to_port_));
+            if (::connect(server, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+                ::close(client);
+                ::close(server);
+                continue;
+            }
+            std::lock_guard lock(mutex_);
+            fds_.push_back(client);
+            fds_.push_back(server);
+            threads_.emplace_back([this, client, server] { pump(client, server); });
+        }
+    }
+    // Copies both ways while forwarding; holds everything while cut.
+    void pump(int a, int b)
+    {
+        char buf[16384];
+        while (!stop_) {
+            if (!forwarding_) {
+                std::this_thread::sleep_for(milliseconds(10));
+                continue;
+            }
+            pollfd p[2] = {{a, POLLIN, 0}, {b, POLLIN, 0}};
+            if (::poll(p, 2, 50) <= 0)
+                continue;
+            for (int i = 0; i < 2; ++i) {
+                if ((p[i].revents & (POLLIN | POLLHUP | POLLERR)) == 0)
+                    continue;
+                const ssize_t n = ::read(p[i].fd, buf, sizeof buf);
+                if (n <= 0) {
+                    ::shutdown(a, SHUT_RDWR);
+                    ::shutdown(b, SHUT_RDWR);
+                    return;
+                }
+                const int to = i == 0 ? b : a;
+                for (ssize_t off = 0; off < n;) {
+                    const ssize_t w = ::write(to, buf + off, static_cast<std::size_t>(n - off));
+                    if (w <= 0)
+                        return;
+                    off += w;
+                }
+            }
+        }
+    }
+
+    const int to_port_;
+    int listen_ = -1;
+    int port_ = 0;
+    std::atomic<bool> stop_{false};
+    std::atomic<bool> forwarding_{true};
+    std::mutex mutex_;
+    std::thread accepting_;
+    std::vector<std::thread> threads_;
+    std::vector<int> fds_;
+};
+
 // How many of `done` were refused.
 std::size_t refused(const std::vector<Requests::Done>& done)
 {
@@ -209,12 +316,24 @@ std::size_t refusals_audited(const Mount& m, std::size_t before)
 
 // Reads, stat, ls, a write and a commit at close, against a stopped server:
 // each returns within the bound, a write fails with EIO and makes nothing.
-void requests_while_frozen(PgServer& pg, Host& h, const std::string& round)
+void requests_while_cut(Host& h, const std::string& round, const std::function<void()>& cut,
+                        const std::function<void()>& restore)
 {
     Mount& m = h.mount;
     const std::size_t before = m.audit_count();
     Requests r;
-    Frozen frozen(pg);
+    struct Restore {
+        const std::function<void()>& restore;
+        bool done = false;
+        void now()
+        {
+            if (!done)
+                restore();
+            done = true;
+        }
+        ~Restore() { now(); }
+    } frozen{restore};
+    cut();
     r.run("cat cached", [&] { return read_file(m.path("app/cached")); });
     r.run("cat cold", [&] { return read_file(m.path("app/cold")); });
     r.run("stat", [&] { return stat_path(m.path("app/other")); });
@@ -226,7 +345,7 @@ void requests_while_frozen(PgServer& pg, Host& h, const std::string& round)
     std::this_thread::sleep_for(milliseconds(500));
     r.run("cat cached, later", [&] { return read_file(m.path("app/cached")); });
     const bool all = r.wait(bound + milliseconds(2000));
-    frozen.thaw();
+    frozen.now();
     const auto done = r.join();
     INFO("round " << round << "\n" << describe(done));
     INFO(m.daemon_stderr());
@@ -268,10 +387,34 @@ TEST_CASE("a frozen PostgreSQL: every request returns within the bound, refusals
     REQUIRE(write_file(m.path("app/cold"), "cold").err == 0);
     REQUIRE(write_file(m.path("app/other"), "other").err == 0);
     REQUIRE(ok(read_file(m.path("app/cached"))) == "v1");
-    requests_while_frozen(pg, h, "1");
+    std::unique_ptr<Frozen> frozen;
+    const auto freeze = [&] { frozen = std::make_unique<Frozen>(pg); };
+    const auto thaw = [&] { frozen.reset(); };
+    requests_while_cut(h, "1", freeze, thaw);
     // The second outage meets a daemon that has already dropped sessions
     // and failed a write: the same bound.
-    requests_while_frozen(pg, h, "2");
+    requests_while_cut(h, "2", freeze, thaw);
+    CHECK(write_file(m.path("app/cached"), "v2").err == 0);
+    CHECK(ok(read_file(m.path("app/cached"))) == "v2");
+}
+
+TEST_CASE("a network partition (a proxy that stops forwarding): every request returns within the bound, refusals "
+          "audited, service resumes when it mends",
+          "[hosts][pg][frozen]")
+{
+    PgServer pg;
+    Proxy proxy(pg.port());
+    std::string url = pg.new_database();
+    const std::string direct = ":" + std::to_string(pg.port()) + "/";
+    url.replace(url.find(direct), direct.size(), ":" + std::to_string(proxy.port()) + "/");
+    Host h(url);
+    Mount& m = h.mount;
+    REQUIRE(make_dir(m.path("app")).err == 0);
+    REQUIRE(write_file(m.path("app/cached"), "v1").err == 0);
+    REQUIRE(write_file(m.path("app/cold"), "cold").err == 0);
+    REQUIRE(write_file(m.path("app/other"), "other").err == 0);
+    REQUIRE(ok(read_file(m.path("app/cached"))) == "v1");
+    requests_while_cut(h, "partition", [&] { proxy.cut(); }, [&] { proxy.mend(); });
     CHECK(write_file(m.path("app/cached"), "v2").err == 0);
     CHECK(ok(read_file(m.path("app/cached"))) == "v2");
 }

@@ -121,6 +121,16 @@ using db::collect;
 using db::first;
 using db::run;
 
+// A lock another session holds is waited for half of what a request may
+// wait (the staleness bound): the server then cancels the statement itself,
+// before the request's deadline, and the session stays usable (the deadline
+// would drop it, leaving a backend waiting on the lock until it is released).
+Result<void> bound_lock_waits(db::Connection& c, std::chrono::milliseconds bound)
+{
+    const std::string sql = "SET lock_timeout = " + std::to_string(std::max<long long>(50, bound.count() / 2));
+    return c.exec(sql.c_str());
+}
+
 }  // namespace
 
 struct PendingWrite {
@@ -183,6 +193,10 @@ Result<std::unique_ptr<db::Connection>> Store::connect(bool read_only,
         auto c = pg::Connection::open(engine_->location, deadline);
         if (!c)
             return tl::unexpected(c.error());
+        (*c)->set_deadline(deadline);
+        if (auto r = bound_lock_waits(**c, options_.staleness_bound); !r)
+            return tl::unexpected(r.error());
+        (*c)->set_deadline(std::nullopt);
         return std::unique_ptr<db::Connection>(std::move(*c));
     }
     auto c = sqlite::Connection::open(engine_->location, read_only, false);
@@ -204,6 +218,8 @@ Result<std::unique_ptr<Store>> Store::open(const std::string& location, Mode mod
         if (auto r = schema::prepare_postgresql(**conn, where, mode == Mode::create,
                                                 options.migrate && mode != Mode::read_only);
             !r)
+            return tl::unexpected(r.error());
+        if (auto r = bound_lock_waits(**conn, options.staleness_bound); !r)
             return tl::unexpected(r.error());
         store.reset(new Store(where, std::move(engine), std::move(*conn), read_only, options));
         if (auto r = store->refresh_host(); !r)
@@ -285,13 +301,18 @@ bool Store::background_leader()
     if (now < next_leader_try_)
         return false;
     next_leader_try_ = now + std::chrono::seconds(5);
-    auto c = connect(false);
+    // Within the bound, as a request: a frozen server must not hold the
+    // background rounds (or the daemon's stop, which waits for them).
+    const auto deadline = request_deadline();
+    auto c = connect(false, deadline);
     if (!c)
         return false;
+    (*c)->set_deadline(deadline);
     auto got = db::integer(**c, "SELECT CASE WHEN pg_try_advisory_lock(7261537) THEN 1 ELSE 0 END",
                            [](db::Query&) {});
     if (!got || *got != 1)
         return false;
+    (*c)->set_deadline(std::nullopt);
     leader_ = std::move(*c);
     return true;
 }
