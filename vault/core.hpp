@@ -56,7 +56,8 @@ struct Decided {
 class Core {
 public:
     // Audits the outcome of every commit the store left in doubt
-    // (Store::on_in_doubt_resolved) for as long as it lives.
+    // (Store::on_in_doubt_resolved) for as long as it lives. REQUIRES: the
+    // store and the audit log outlive it.
     Core(Store& store, audit::Log& audit, const policy::NameResolver& names, std::optional<gid_t> admin_gid);
     ~Core();
     Core(const Core&) = delete;

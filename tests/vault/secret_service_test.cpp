@@ -909,6 +909,7 @@ TEST_CASE("no plaintext reaches the disk: database, WAL, audit log, token", "[se
     // After an orderly shutdown (the WAL is checkpointed into vault.db).
     REQUIRE(s.audit->close());
     s.service.reset();
+    s.core.reset();  // it reports to the store while it lives
     s.audit.reset();
     s.store.reset();
     s.keys.reset();
