@@ -50,6 +50,20 @@ struct Host {
     Mount mount;
 };
 
+// A host on a PostgreSQL of its own, serving app/s at version 1.
+struct OneSecret {
+    PgServer pg;
+    std::string url = pg.new_database();
+    std::string db = url.substr(url.rfind('/') + 1);
+    Host h{url};
+    Mount& m = h.mount;
+    OneSecret()
+    {
+        REQUIRE(make_dir(m.path("app")).err == 0);
+        REQUIRE(write_file(m.path("app/s"), "v1").err == 0);
+    }
+};
+
 // The server and every process it started, stopped (SIGSTOP) while this
 // lives; continued at the end whatever happened.
 class Frozen {
@@ -425,13 +439,10 @@ TEST_CASE("a lock held by another session: requests return within the bound, ref
           "it is released",
           "[hosts][pg][frozen]")
 {
-    PgServer pg;
-    const std::string url = pg.new_database();
-    const std::string db = url.substr(url.rfind('/') + 1);
-    Host h(url);
-    Mount& m = h.mount;
-    REQUIRE(make_dir(m.path("app")).err == 0);
-    REQUIRE(write_file(m.path("app/s"), "v1").err == 0);
+    OneSecret one;
+    PgServer& pg = one.pg;
+    const std::string& db = one.db;
+    Mount& m = one.m;
     // Another session takes every table vaultfs reads and writes, and sits.
     const std::string sql = "BEGIN; LOCK TABLE secrets, versions, feed IN ACCESS EXCLUSIVE MODE; "
                             "SELECT pg_sleep(120);";
@@ -495,13 +506,10 @@ TEST_CASE("a commit the server is slow to finish: the write fails with EIO in th
           "up and audited once the server answers, never made twice",
           "[hosts][pg][frozen]")
 {
-    PgServer pg;
-    const std::string url = pg.new_database();
-    const std::string db = url.substr(url.rfind('/') + 1);
-    Host h(url);
-    Mount& m = h.mount;
-    REQUIRE(make_dir(m.path("app")).err == 0);
-    REQUIRE(write_file(m.path("app/s"), "v1").err == 0);
+    OneSecret one;
+    PgServer& pg = one.pg;
+    const std::string& db = one.db;
+    Mount& m = one.m;
     const std::string outcome = GENERATE(Catch::Generators::as<std::string>{}, "committed", "rolled back");
     INFO("the slow commit is " << outcome);
     // A deferred trigger runs at COMMIT: it takes 4 s (a slow disk, a

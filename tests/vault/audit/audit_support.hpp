@@ -203,6 +203,30 @@ inline std::size_t count_op(const Lines& lines, const std::string& op)
     return n;
 }
 
+// A record body with `f`'s fields, in their order, `prev` last (as the
+// writer puts it).
+inline std::string body_of(const json& f)
+{
+    Body b;
+    for (const auto& [k, v] : f.items()) {
+        if (k == "prev")
+            continue;
+        if (v.is_string())
+            b.text(k, v.get<std::string>());
+        else if (v.is_boolean())
+            b.boolean(k, v.get<bool>());
+        else if (v.is_number_unsigned())
+            b.number(k, v.get<std::uint64_t>());
+        else if (v.is_number_integer())
+            b.integer(k, v.get<std::int64_t>());
+        else
+            b.text(k, "");
+    }
+    if (f.contains("prev"))
+        b.text("prev", f["prev"].get<std::string>());
+    return std::move(b).finish();
+}
+
 // What a forger without the token key can do: rewrite a record's fields and
 // re-seal it unsigned, with a hash that matches its bytes. Lines from
 // `from` on are re-linked: seq renumbered from the record before, prev set
@@ -221,25 +245,9 @@ inline Lines forge(Lines lines, std::size_t from, const std::function<void(json&
             edit(f);
         f["seq"] = ++seq;
         f["prev"] = prev;
-        // Rebuild the body in the writer's own field order, so only what the
-        // forger changed differs.
-        Body b;
-        for (const auto& [k, v] : f.items()) {
-            if (k == "prev")
-                continue;
-            if (v.is_string())
-                b.text(k, v.get<std::string>());
-            else if (v.is_boolean())
-                b.boolean(k, v.get<bool>());
-            else if (v.is_number_unsigned())
-                b.number(k, v.get<std::uint64_t>());
-            else if (v.is_number_integer())
-                b.integer(k, v.get<std::int64_t>());
-            else
-                b.text(k, "");
-        }
-        b.text("prev", prev);
-        const SealedLine sealed = seal(std::move(b).finish());
+        // Rebuilt in the writer's own field order, so only what the forger
+        // changed differs.
+        const SealedLine sealed = seal(body_of(f));
         lines[i] = sealed.text;
         prev = sealed.hash;
     }
