@@ -221,8 +221,9 @@ Result<ObjectVersionRow> Certificates::make_version(const Caller* caller, const 
         if (caller != nullptr) {
             const Decided d = core_.decide(*caller, *ca_vault, Permission::sign, ca_name);
             if (!d.allowed) {
+                const std::string ca_path = objects_.path_of(ca_name);  // the event only views it
                 audit::Event ca_ev{.op = "cert_issue", .caller = caller, .vault = ca_vault->row.name,
-                                   .secret = objects_.path_of(ca_name)};
+                                   .secret = ca_path};
                 d.fill(ca_ev);
                 static_cast<void>(core_.refuse(ca_ev, Errc::access_denied));
                 return core_.refuse(ev, Errc::access_denied,
