@@ -84,6 +84,39 @@ bool write_all(int fd, const void* data, std::size_t n)
     return true;
 }
 
+void send_outcome(int fd, const Outcome& o)
+{
+    const std::uint64_t len = o.data.size();
+    write_all(fd, &o.err, sizeof o.err);
+    write_all(fd, &len, sizeof len);
+    write_all(fd, o.data.data(), o.data.size());
+}
+
+bool read_exact(int fd, void* out, std::size_t n)
+{
+    auto* p = static_cast<char*>(out);
+    while (n > 0) {
+        const ssize_t r = ::read(fd, p, n);
+        if (r <= 0)
+            return false;
+        p += r;
+        n -= static_cast<std::size_t>(r);
+    }
+    return true;
+}
+
+Outcome receive_outcome(int fd)
+{
+    Outcome o;
+    std::uint64_t len = 0;
+    if (!read_exact(fd, &o.err, sizeof o.err) || !read_exact(fd, &len, sizeof len))
+        throw std::runtime_error("test child died without an answer");
+    o.data.resize(len);
+    if (!read_exact(fd, o.data.data(), len))
+        throw std::runtime_error("test child died mid-answer");
+    return o;
+}
+
 Outcome in_child(const std::function<void()>& become, const std::function<Outcome()>& action)
 {
     int fds[2];
@@ -93,29 +126,22 @@ Outcome in_child(const std::function<void()>& become, const std::function<Outcom
     if (pid == 0) {
         ::close(fds[0]);
         become();
-        const Outcome o = action();
-        const std::uint64_t len = o.data.size();
-        write_all(fds[1], &o.err, sizeof o.err);
-        write_all(fds[1], &len, sizeof len);
-        write_all(fds[1], o.data.data(), o.data.size());
+        send_outcome(fds[1], action());
         ::_exit(0);
     }
     ::close(fds[1]);
+    // Read by length, not to end of file: a child another thread forks
+    // meanwhile holds a copy of the write end for as long as it lives.
     Outcome o;
-    std::uint64_t len = 0;
-    std::string all;
-    char buf[65536];
-    ssize_t n;
-    while ((n = ::read(fds[0], buf, sizeof buf)) > 0)
-        all.append(buf, static_cast<std::size_t>(n));
+    try {
+        o = receive_outcome(fds[0]);
+    } catch (...) {
+        ::close(fds[0]);
+        ::waitpid(pid, nullptr, 0);
+        throw;
+    }
     ::close(fds[0]);
-    int status = 0;
-    ::waitpid(pid, &status, 0);
-    if (all.size() < sizeof o.err + sizeof len)
-        throw std::runtime_error("test child died without an answer");
-    std::memcpy(&o.err, all.data(), sizeof o.err);
-    std::memcpy(&len, all.data() + sizeof o.err, sizeof len);
-    o.data = all.substr(sizeof o.err + sizeof len, len);
+    ::waitpid(pid, nullptr, 0);
     return o;
 }
 
@@ -224,42 +250,6 @@ Outcome as_root(const std::function<Outcome()>& action)
     return in_child([] {}, action);
 }
 
-namespace {
-
-void send_outcome(int fd, const Outcome& o)
-{
-    const std::uint64_t len = o.data.size();
-    write_all(fd, &o.err, sizeof o.err);
-    write_all(fd, &len, sizeof len);
-    write_all(fd, o.data.data(), o.data.size());
-}
-
-bool read_exact(int fd, void* out, std::size_t n)
-{
-    auto* p = static_cast<char*>(out);
-    while (n > 0) {
-        const ssize_t r = ::read(fd, p, n);
-        if (r <= 0)
-            return false;
-        p += r;
-        n -= static_cast<std::size_t>(r);
-    }
-    return true;
-}
-
-Outcome receive_outcome(int fd)
-{
-    Outcome o;
-    std::uint64_t len = 0;
-    if (!read_exact(fd, &o.err, sizeof o.err) || !read_exact(fd, &len, sizeof len))
-        throw std::runtime_error("test child died without an answer");
-    o.data.resize(len);
-    if (!read_exact(fd, o.data.data(), len))
-        throw std::runtime_error("test child died mid-answer");
-    return o;
-}
-
-}  // namespace
 
 Paused::Paused(const TestUser* user, std::function<Outcome()> first, std::function<Outcome()> second)
 {
