@@ -432,9 +432,11 @@ TEST_CASE("audit tail filters and follows across a rotation; audit export writes
     char start[40];
     std::strftime(start, sizeof start, "%Y-%m-%dT%H:%M:%S", std::gmtime(&t0_s));
     const std::string since_text = std::string(start) + "." + std::to_string(1000000 + t0_us).substr(1) + "Z";
-    Background follow({m.binary, "audit", "tail", "-f", "-n", "0", "--state", m.state, "--op", "commit", "--json"},
+    // --since rather than -n 0: what comes from t0 on is followed, however
+    // late the follower starts reading.
+    Background follow({m.binary, "audit", "tail", "-f", "--since", since_text, "--state", m.state, "--op", "commit",
+                       "--json"},
                       dir.path + "/followed");
-    std::this_thread::sleep_for(std::chrono::milliseconds(500));
     REQUIRE(write_file(m.path("tailed/two"), "2").err == 0);
     REQUIRE(eventually(10, [&] { return lines_of(slurp(follow.out)).size() == 1; }));
     std::filesystem::rename(m.state_file("audit.jsonl"), m.state_file("audit.jsonl.1"));
