@@ -9,6 +9,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "fs/cli_support.hpp"
 #include "fs/control.hpp"
 #include "hsm/secure_buffer.hpp"
 #include "vault/hosts/commands.hpp"
@@ -21,22 +22,6 @@ using nlohmann::json;
 namespace {
 
 constexpr std::size_t command_heap_bytes = 1 << 20;
-
-int fail(const std::string& message)
-{
-    std::fprintf(stderr, "vaultfs: %s\n", message.c_str());
-    return 1;
-}
-
-std::optional<std::string> slurp(const std::string& path)
-{
-    std::ifstream in(path == "-" ? "/dev/stdin" : path);
-    if (!in)
-        return std::nullopt;
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-}
 
 // The token's Security Officer PIN: from --so-pin-file, else asked for on
 // the terminal (not echoed). Never from argv or the environment.

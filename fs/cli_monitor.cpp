@@ -13,6 +13,7 @@
 #include <deque>
 #include <thread>
 
+#include "fs/cli_support.hpp"
 #include "vault/audit/reader.hpp"
 #include "vault/config.hpp"
 #include "vault/state.hpp"
@@ -22,12 +23,6 @@ namespace vaultfs::fs {
 using nlohmann::json;
 
 namespace {
-
-int fail(const std::string& message)
-{
-    std::fprintf(stderr, "vaultfs: %s\n", message.c_str());
-    return 1;
-}
 
 // Writes all of `text` to `fd`; false on error (errno set).
 bool write_all(int fd, std::string_view text)

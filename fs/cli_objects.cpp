@@ -17,6 +17,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "fs/cli_support.hpp"
 #include "vault/keys/key_vault.hpp"
 
 namespace vaultfs::fs {
@@ -50,12 +51,6 @@ struct ObjectCommands::Options {
 
 namespace {
 
-int fail(const std::string& message)
-{
-    std::fprintf(stderr, "vaultfs: %s\n", message.c_str());
-    return 1;
-}
-
 // "90d", "12h", "30m", "45s" or plain seconds; nullopt for anything else.
 std::optional<std::int64_t> duration(const std::string& text)
 {
@@ -75,16 +70,6 @@ std::optional<std::int64_t> duration(const std::string& text)
     if (unit == "d")
         return n * 86400;
     return std::nullopt;
-}
-
-std::optional<std::string> slurp(const std::string& path)
-{
-    std::ifstream in(path, std::ios::binary);
-    if (!in)
-        return std::nullopt;
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
 }
 
 // Writes `data` to `path` (mode 0600, replacing it) or stdout for "-",

@@ -39,11 +39,6 @@ constexpr std::size_t page_rows = 256;
 // The largest .policy text accepted (1000 rules of generous length).
 constexpr std::size_t max_policy_size = 256 * 1024;
 
-timespec to_timespec(vault::Micros t)
-{
-    return timespec{static_cast<time_t>(t / 1000000), static_cast<long>((t % 1000000) * 1000)};
-}
-
 // Directories show the same for everyone; what a caller may do is the
 // policy's to say (access(), and every operation).
 constexpr mode_t dir_mode = S_IFDIR | 0755;

@@ -16,6 +16,7 @@
 #include <iostream>
 #include <sstream>
 
+#include "fs/cli_support.hpp"
 #include "fs/cli_hosts.hpp"
 #include "fs/cli_monitor.hpp"
 #include "fs/cli_objects.hpp"
@@ -35,15 +36,10 @@
 namespace {
 
 using namespace vaultfs;
+using vaultfs::fs::fail;
 
 // Locked memory for the short-lived commands (PINs only).
 constexpr std::size_t command_heap_bytes = 1 << 20;
-
-int fail(const std::string& message)
-{
-    std::fprintf(stderr, "vaultfs: %s\n", message.c_str());
-    return 1;
-}
 
 int run_init(const std::string& state, const vault::InitOptions& options)
 {

@@ -92,11 +92,6 @@ std::optional<int> key_file_index(const keys::KeySpec& spec, std::string_view na
 bool is_key_kind(NodeKind k) { return k == NodeKind::key || k == NodeKind::key_version; }
 bool is_cert_kind(NodeKind k) { return k == NodeKind::cert || k == NodeKind::cert_version; }
 
-timespec to_timespec(vault::Micros t)
-{
-    return timespec{static_cast<time_t>(t / 1000000), static_cast<long>((t % 1000000) * 1000)};
-}
-
 std::size_t modulus_bytes(hsm::KeyType t)
 {
     return t == hsm::KeyType::rsa_2048 ? 256 : t == hsm::KeyType::rsa_3072 ? 384 : 512;

@@ -13,6 +13,12 @@
 
 namespace vaultfs::fs {
 
+// A record's time (microseconds since the epoch) as a stat time.
+inline timespec to_timespec(vault::Micros t)
+{
+    return timespec{static_cast<time_t>(t / 1000000), static_cast<long>((t % 1000000) * 1000)};
+}
+
 // What a handler answers; sent by the dispatcher with exactly one
 // fuse_reply_* call.
 struct Filesystem::Reply {

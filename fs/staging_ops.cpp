@@ -18,11 +18,6 @@ using vault::Errc;
 
 namespace {
 
-timespec to_timespec(vault::Micros t)
-{
-    return timespec{static_cast<time_t>(t / 1000000), static_cast<long>((t % 1000000) * 1000)};
-}
-
 }  // namespace
 
 namespace {

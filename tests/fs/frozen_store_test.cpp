@@ -34,12 +34,12 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
-constexpr milliseconds delta{2000};                   // the default staleness bound
-constexpr milliseconds bound = delta + milliseconds(1000);  // what SECURITY.md promises
+constexpr milliseconds staleness{2000};  // the default staleness bound
+constexpr milliseconds bound = staleness + milliseconds(1000);  // what SECURITY.md promises
 
 // One host of a store on `pg`, mounted.
-struct Host {
-    explicit Host(const std::string& url) : mount(MountOptions{.init = false})
+struct StoreHost {
+    explicit StoreHost(const std::string& url) : mount(MountOptions{.init = false})
     {
         const auto made = shell(mount.binary + " init --store " + url + " --host alpha --state " + mount.state +
                                 " 2>&1");
@@ -55,7 +55,7 @@ struct OneSecret {
     PgServer pg;
     std::string url = pg.new_database();
     std::string db = url.substr(url.rfind('/') + 1);
-    Host h{url};
+    StoreHost h{url};
     Mount& m = h.mount;
     OneSecret()
     {
@@ -326,7 +326,7 @@ std::size_t refusals_audited(const Mount& m, std::size_t before, std::size_t exp
 
 // Reads, stat, ls, a write and a commit at close, against a stopped server:
 // each returns within the bound, a write fails with EIO and makes nothing.
-void requests_while_cut(Host& h, const std::string& round, const std::function<void()>& cut,
+void requests_while_cut(StoreHost& h, const std::string& round, const std::function<void()>& cut,
                         const std::function<void()>& restore)
 {
     Mount& m = h.mount;
@@ -394,7 +394,7 @@ TEST_CASE("a frozen PostgreSQL: every request returns within the bound, refusals
           "[hosts][pg][frozen]")
 {
     PgServer pg;
-    Host h(pg.new_database());
+    StoreHost h(pg.new_database());
     Mount& m = h.mount;
     REQUIRE(make_dir(m.path("app")).err == 0);
     REQUIRE(write_file(m.path("app/cached"), "v1").err == 0);
@@ -422,7 +422,7 @@ TEST_CASE("a network partition (a proxy that stops forwarding): every request re
     std::string url = pg.new_database();
     const std::string direct = ":" + std::to_string(pg.port()) + "/";
     url.replace(url.find(direct), direct.size(), ":" + std::to_string(proxy.port()) + "/");
-    Host h(url);
+    StoreHost h(url);
     Mount& m = h.mount;
     REQUIRE(make_dir(m.path("app")).err == 0);
     REQUIRE(write_file(m.path("app/cached"), "v1").err == 0);

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "hsm/pkcs11_key_service.hpp"
+#include "tests/hsm/hsm_support.hpp"
 #include "tests/support/temp_token.hpp"
 
 namespace vaultfs::hsm {
@@ -28,8 +29,6 @@ namespace {
 
 using testing::TempToken;
 using Bytes = std::vector<std::uint8_t>;
-
-Bytes bytes_of(const std::string& s) { return {s.begin(), s.end()}; }
 
 // What openCryptoki 3.8's soft token reports (pkcsconf -m, measured): no
 // GCM, no EC, RSA with PSS, AES-CBC-PAD and HMAC.
@@ -57,14 +56,6 @@ TokenProfile with_gcm_and_ec(TokenProfile t)
     t.mechanisms[CKM_EC_KEY_PAIR_GEN] = {256, 521, CKF_GENERATE_KEY_PAIR};
     t.mechanisms[CKM_ECDSA] = {256, 521, CKF_SIGN | CKF_VERIFY};
     return t;
-}
-
-SecureBuffer random_dek()
-{
-    auto dek = SecureBuffer::allocate(dek_size);
-    REQUIRE(dek);
-    REQUIRE(RAND_bytes(dek->data(), static_cast<int>(dek->size())) == 1);
-    return std::move(*dek);
 }
 
 const Schemes fallbacks{SealScheme::aes_cbc_hmac, SignatureScheme::rsa_pss_sha256};

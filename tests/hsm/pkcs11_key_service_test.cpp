@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "hsm/security_officer.hpp"
+#include "tests/hsm/hsm_support.hpp"
 #include "tests/support/temp_token.hpp"
 #include "tests/support/token_attack.hpp"
 
@@ -43,16 +44,6 @@ namespace {
 
 using testing::TempToken;
 using Bytes = std::vector<std::uint8_t>;
-
-Bytes bytes_of(const std::string& s) { return {s.begin(), s.end()}; }
-
-SecureBuffer random_dek()
-{
-    auto dek = SecureBuffer::allocate(dek_size);
-    REQUIRE(dek);
-    REQUIRE(RAND_bytes(dek->data(), static_cast<int>(dek->size())) == 1);
-    return std::move(*dek);
-}
 
 std::unique_ptr<Pkcs11KeyService> open_service(const TempToken& token)
 {

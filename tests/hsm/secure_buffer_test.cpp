@@ -15,12 +15,12 @@
 #include <utility>
 #include <vector>
 
+#include "tests/hsm/hsm_support.hpp"
+
 namespace vaultfs::hsm {
 namespace {
 
 bool is_locked(const void* p) { return p != nullptr && CRYPTO_secure_allocated(p) == 1; }
-
-std::vector<std::uint8_t> bytes_of(const std::string& s) { return {s.begin(), s.end()}; }
 
 SecureBuffer copy(const std::vector<std::uint8_t>& v)
 {
