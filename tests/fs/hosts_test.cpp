@@ -92,26 +92,6 @@ std::string write_temp(const Host& h, const std::string& name, const std::string
     return path;
 }
 
-// Runs the ceremony for `joining` with `enrolled`'s daemon; the request.
-std::string enrol(Host& enrolled, Host& joining, const std::string& url)
-{
-    auto req = joining.cli("join request --store " + url + " --host " + joining.name);
-    INFO(joining.cli_stderr());
-    REQUIRE(req.err == 0);
-    const std::string request = first_line(req.data);
-    const std::string req_file = write_temp(joining, "join.req", request);
-    const auto fp = json::parse(request)["fingerprint"].get<std::string>();
-    CHECK(joining.cli_stderr().find(fp) != std::string::npos);  // printed for the out-of-band check
-    auto grant = enrolled.cli("join grant --fingerprint " + fp + enrolled.so() + req_file);
-    INFO(enrolled.cli_stderr());
-    REQUIRE(grant.err == 0);
-    const std::string grant_file = write_temp(joining, "join.grant", first_line(grant.data));
-    auto accepted = joining.cli("join accept" + joining.so() + grant_file);
-    INFO(joining.cli_stderr());
-    REQUIRE(accepted.err == 0);
-    return request;
-}
-
 TEST_CASE("two hosts on one PostgreSQL: the key ceremony, writes and revocations within the bound, concurrent "
           "writers, vaults made on either",
           "[hosts][pg]")
