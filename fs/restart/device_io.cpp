@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <linux/fuse.h>
 #include <poll.h>
+#include <sys/epoll.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
 #include <sys/uio.h>
@@ -24,9 +25,47 @@ std::atomic<DeviceIo*> active{nullptr};
 // Whether this worker thread took a request it has not finished: its next
 // read means it has answered it.
 thread_local bool taken = false;
-// The device fd this worker made non-blocking (each worker reads its own
-// clone of the connection).
-thread_local int nonblocking_fd = -1;
+
+// This worker's clone of the connection, made non-blocking, and the epoll
+// set it waits in (see the header).
+struct WorkerWait {
+    int fd = -1;
+    int epoll = -1;
+    WorkerWait() = default;
+    WorkerWait(const WorkerWait&) = delete;
+    WorkerWait& operator=(const WorkerWait&) = delete;
+    ~WorkerWait()
+    {
+        if (epoll >= 0)
+            ::close(epoll);
+    }
+    // False when the set cannot be made (the worker then polls).
+    bool watch(int device, int wake)
+    {
+        if (fd == device)
+            return epoll >= 0;
+        fd = device;
+        const int flags = ::fcntl(device, F_GETFL);
+        if (flags >= 0)
+            ::fcntl(device, F_SETFL, flags | O_NONBLOCK);
+        if (epoll >= 0)
+            ::close(epoll);
+        epoll = ::epoll_create1(EPOLL_CLOEXEC);
+        epoll_event dev{};
+        dev.events = EPOLLIN | EPOLLEXCLUSIVE;
+        dev.data.fd = device;
+        epoll_event woken{};
+        woken.events = EPOLLIN;
+        woken.data.fd = wake;
+        if (epoll >= 0 && (::epoll_ctl(epoll, EPOLL_CTL_ADD, device, &dev) != 0 ||
+                           ::epoll_ctl(epoll, EPOLL_CTL_ADD, wake, &woken) != 0)) {
+            ::close(epoll);
+            epoll = -1;
+        }
+        return epoll >= 0;
+    }
+};
+thread_local WorkerWait waiting;
 
 }  // namespace
 
@@ -86,6 +125,31 @@ ssize_t DeviceIo::writev_thunk(int fd, struct iovec* iov, int count, void*)
     return active.load()->writev(fd, iov, count);
 }
 
+bool DeviceIo::ended() const
+{
+    return gate_.load() == Gate::closed || fuse_session_exited(session_) != 0;
+}
+
+void DeviceIo::release()
+{
+    // pause() stores the gate, then reads the count; this decrements the
+    // count, then reads the gate: one of the two sees the other's write.
+    if (busy_.fetch_sub(1) == 1 && gate_.load() != Gate::open) {
+        std::lock_guard lock(mutex_);
+        cv_.notify_all();
+    }
+}
+
+void DeviceIo::wait_while_paused()
+{
+    // SIGTERM ends the session without a word to this object: look again
+    // every `look`.
+    constexpr auto look = std::chrono::milliseconds(200);
+    std::unique_lock lock(mutex_);
+    while (gate_.load() == Gate::paused && fuse_session_exited(session_) == 0)
+        cv_.wait_for(lock, look);
+}
+
 ssize_t DeviceIo::read(int fd, void* buf, size_t len)
 {
     // libfuse ends its loop by cancelling the workers that are still
@@ -97,57 +161,51 @@ ssize_t DeviceIo::read(int fd, void* buf, size_t len)
         NoCancel() { ::pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &old); }
         ~NoCancel() { ::pthread_setcancelstate(old, nullptr); }
     } no_cancel;
-    constexpr auto look = std::chrono::milliseconds(200);
-    const auto ended = [&] { return closed_ || fuse_session_exited(session_) != 0; };
-    if (nonblocking_fd != fd) {
-        const int flags = ::fcntl(fd, F_GETFL);
-        if (flags >= 0)
-            ::fcntl(fd, F_SETFL, flags | O_NONBLOCK);
-        nonblocking_fd = fd;
-    }
+    constexpr int look_ms = 200;
+    const bool epoll = waiting.watch(fd, wake_);
     for (;;) {
-        {
-            std::unique_lock lock(mutex_);
-            if (taken) {
-                taken = false;
-                --serving_;
-                cv_.notify_all();
-            }
-            while (paused_ && !ended())
-                cv_.wait_for(lock, look);
-            if (ended()) {
-                errno = EINTR;  // libfuse sees the session exited, and the worker leaves
-                return -1;
-            }
-            ++reading_;
+        if (taken) {
+            taken = false;
+            release();
+        }
+        if (gate_.load() == Gate::paused)
+            wait_while_paused();
+        if (ended()) {
+            errno = EINTR;  // libfuse sees the session exited, and the worker leaves
+            return -1;
+        }
+        busy_.fetch_add(1);
+        if (gate_.load() != Gate::open) {  // pause() began meanwhile
+            release();
+            continue;
         }
         const ssize_t n = ::read(fd, buf, len);
         const int err = errno;
-        {
-            std::lock_guard lock(mutex_);
-            --reading_;
-            if (n > 0) {
-                taken = true;
-                ++serving_;
-            }
-            cv_.notify_all();
-        }
         if (n > 0) {
+            taken = true;
             const auto* in = static_cast<const fuse_in_header*>(buf);
             if (static_cast<size_t>(n) >= sizeof(fuse_in_header) && in->opcode == FUSE_INIT) {
                 std::lock_guard lock(mutex_);
                 init_unique_ = in->unique;
                 init_request_.assign(static_cast<const std::uint8_t*>(buf), static_cast<const std::uint8_t*>(buf) + n);
+                init_pending_ = !init_reply_;
             }
             return n;
         }
+        release();
         if (n == 0 || err != EAGAIN) {
             errno = err;
             return n;
         }
         // Nothing queued: wait for a request, or for pause() or close().
-        pollfd fds[2] = {{fd, POLLIN, 0}, {wake_, POLLIN, 0}};
-        const int r = ::poll(fds, 2, static_cast<int>(look.count()));
+        int r;
+        if (epoll) {
+            epoll_event events[2];
+            r = ::epoll_wait(waiting.epoll, events, 2, look_ms);
+        } else {
+            pollfd fds[2] = {{fd, POLLIN, 0}, {wake_, POLLIN, 0}};
+            r = ::poll(fds, 2, look_ms);
+        }
         if ((r < 0 && errno == EINTR) || (r == 0 && fuse_session_exited(session_) != 0)) {
             errno = EINTR;  // a signal (SIGTERM), or the loop ends: libfuse looks at the session
             return -1;
@@ -160,7 +218,7 @@ ssize_t DeviceIo::writev(int fd, struct iovec* iov, int count)
     const auto* out = static_cast<const fuse_out_header*>(iov[0].iov_base);
     std::function<void(const InitExchange&)> report;
     InitExchange seen;
-    {
+    if (init_pending_.load()) {
         std::lock_guard lock(mutex_);
         if (init_unique_ && !init_reply_ && iov[0].iov_len >= sizeof(fuse_out_header) && out->unique == *init_unique_) {
             std::vector<std::uint8_t> reply;
@@ -168,6 +226,7 @@ ssize_t DeviceIo::writev(int fd, struct iovec* iov, int count)
                 reply.insert(reply.end(), static_cast<const std::uint8_t*>(iov[i].iov_base),
                              static_cast<const std::uint8_t*>(iov[i].iov_base) + iov[i].iov_len);
             init_reply_ = std::move(reply);
+            init_pending_ = false;
             if (replaying_)
                 return static_cast<ssize_t>(init_reply_->size());  // the kernel has its reply already
             report = on_init_;
@@ -198,6 +257,7 @@ std::vector<std::uint8_t> DeviceIo::replay_init(const InitExchange& saved)
         init_unique_ = reinterpret_cast<const fuse_in_header*>(saved.request.data())->unique;
         init_request_ = saved.request;
         init_reply_.reset();
+        init_pending_ = true;
     }
     std::vector<std::uint8_t> request = saved.request;
     fuse_buf buf{};
@@ -212,12 +272,12 @@ std::vector<std::uint8_t> DeviceIo::replay_init(const InitExchange& saved)
 bool DeviceIo::pause()
 {
     std::unique_lock lock(mutex_);
-    if (loop_ended_ || closed_)
+    if (loop_ended_ || gate_.load() == Gate::closed)
         return false;
-    paused_ = true;
+    gate_ = Gate::paused;
     const std::uint64_t one = 1;
     (void)!::write(wake_, &one, sizeof one);
-    cv_.wait(lock, [&] { return loop_ended_ || (reading_ == 0 && serving_ == 0); });
+    cv_.wait(lock, [&] { return loop_ended_ || busy_.load() == 0; });
     return !loop_ended_;
 }
 
@@ -226,7 +286,8 @@ void DeviceIo::resume()
     std::lock_guard lock(mutex_);
     std::uint64_t count = 0;
     (void)!::read(wake_, &count, sizeof count);
-    paused_ = false;
+    if (gate_.load() == Gate::paused)
+        gate_ = Gate::open;
     cv_.notify_all();
 }
 
@@ -236,7 +297,7 @@ bool DeviceIo::close()
     if (loop_ended_)
         return false;
     fuse_session_exit(session_);
-    closed_ = true;
+    gate_ = Gate::closed;
     const std::uint64_t one = 1;
     (void)!::write(wake_, &one, sizeof one);
     cv_.notify_all();
@@ -248,7 +309,7 @@ bool DeviceIo::loop_ended()
     std::lock_guard lock(mutex_);
     loop_ended_ = true;
     cv_.notify_all();
-    return closed_;
+    return gate_.load() == Gate::closed;
 }
 
 }  // namespace vaultfs::fs::restart

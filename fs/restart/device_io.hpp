@@ -2,10 +2,17 @@
 // io), so that a restart can hand the connection to another process
 // without unmounting (README "Restarting and upgrading").
 //
-// - The gate. Workers read the device without blocking and wait in poll()
-//   between requests, so pause() can stop them taking new requests: it
-//   returns once every request already taken has been answered. resume()
-//   lets them read again; close() makes them leave libfuse's loop.
+// - The gate. Workers read the device without blocking and wait between
+//   requests in an epoll set of their own, so pause() can stop them taking
+//   new requests: it returns once every request already taken has been
+//   answered. resume() lets them read again; close() makes them leave
+//   libfuse's loop.
+// - One worker woken per request. Each worker's epoll set holds its clone
+//   of the device with EPOLLEXCLUSIVE, so the kernel wakes one idle worker
+//   for a request, as a blocking read() would (poll() woke them all); and
+//   the wake eventfd without it, so pause() and close() wake every one.
+//   What a request costs the gate is two atomic counts: no lock, no
+//   broadcast (the lock is taken only while paused, and for INIT).
 // - INIT. The kernel sends FUSE_INIT once per connection. The process that
 //   mounted keeps the request and its reply (init()); a process that takes
 //   the connection over replays the same request to its own session
@@ -20,6 +27,7 @@
 #define FUSE_USE_VERSION 312
 #include <fuse_lowlevel.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -71,21 +79,32 @@ public:
     bool loop_ended();
 
 private:
+    enum class Gate { open, paused, closed };
+
     static ssize_t read_thunk(int fd, void* buf, size_t len, void* userdata);
     static ssize_t writev_thunk(int fd, struct iovec* iov, int count, void* userdata);
     ssize_t read(int fd, void* buf, size_t len);
     ssize_t writev(int fd, struct iovec* iov, int count);
+    bool ended() const;
+    // Waits while the gate is paused (the loop may end meanwhile).
+    void wait_while_paused();
+    // A worker is no longer reading or serving: tells pause() when it was
+    // the last.
+    void release();
 
     fuse_session* session_ = nullptr;
     int wake_ = -1;  // eventfd: readable while paused or closed
 
-    mutable std::mutex mutex_;
+    std::atomic<Gate> gate_{Gate::open};
+    // Workers inside read(2), or between taking a request and their next
+    // read (answering it).
+    std::atomic<unsigned> busy_{0};
+    // An INIT reply is awaited: the only reply writev() looks at.
+    std::atomic<bool> init_pending_{false};
+
+    mutable std::mutex mutex_;  // pause(), resume(), close(), INIT
     std::condition_variable cv_;
-    bool paused_ = false;
-    bool closed_ = false;       // close(): workers leave
     bool loop_ended_ = false;   // libfuse's loop returned
-    unsigned reading_ = 0;  // workers inside read(2) now
-    unsigned serving_ = 0;  // workers between taking a request and their next read
 
     // INIT: what was seen, and whether replies are being swallowed (replay).
     std::optional<std::uint64_t> init_unique_;
