@@ -201,9 +201,9 @@ Result<Config> parse_config(std::string_view text, const std::string& state_dir)
         } else if (key == "admin_group") {
             c.admin_group = v;
         } else if (key == "threads") {
-            const auto n = number(1u, 256u);
+            const auto n = v == "auto" ? std::optional<unsigned>(0u) : number(1u, 256u);
             if (!n)
-                return bad("threads must be 1..256");
+                return bad("threads must be 1..256 or auto");
             c.threads = *n;
         } else if (key == "secure_heap_kib") {
             const auto n = number(std::size_t{64}, std::size_t{4} << 20);
@@ -394,7 +394,7 @@ std::string render_config(const Config& c)
         << "dek_cache_ttl_seconds = " << c.dek_cache_ttl.count() << "\n";
     if (c.admin_group)
         out << "admin_group = " << *c.admin_group << "\n";
-    out << "threads = " << c.threads << "\n"
+    out << "threads = " << (c.threads == 0 ? std::string("auto") : std::to_string(c.threads)) << "\n"
         << "secure_heap_kib = " << c.secure_heap_kib << "\n"
         << "max_open_files_per_uid = " << c.max_open_files_per_uid << "\n"
         << "max_buffered_kib_per_uid = " << c.max_buffered_kib_per_uid << "\n"

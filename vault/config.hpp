@@ -84,7 +84,7 @@ struct Config {
     std::chrono::seconds dek_cache_ttl{300};  // 0 turns the cache off
 
     std::optional<std::string> admin_group;  // group name or gid; uid 0 is always an admin
-    unsigned threads = 8;                    // FUSE worker threads
+    unsigned threads = 0;                    // FUSE worker threads; 0: "auto", by the CPUs (fs/daemon.cpp)
     std::size_t secure_heap_kib = 16 * 1024;  // locked memory for plaintext and DEKs
 
     // Retention is counted in days of this many milliseconds; tests shorten it.

@@ -162,6 +162,16 @@ TEST_CASE("comments, blank lines and spacing are accepted", "[config]")
     CHECK(c.path_of("/abs/vault.db") == "/abs/vault.db");
 }
 
+TEST_CASE("threads: auto by default, as written and read back; a number is kept", "[config]")
+{
+    Config c;
+    c.pkcs11_module = "/lib/hsm.so";
+    const std::string text = render_config(c);
+    CHECK(text.find("\nthreads = auto\n") != std::string::npos);
+    CHECK(parsed(text).threads == 0);
+    CHECK(parsed("pkcs11_module = /lib/hsm.so\nthreads = 6\n").threads == 6);
+}
+
 TEST_CASE("each configuration error names its line", "[config]")
 {
     struct Case {
