@@ -76,7 +76,7 @@ struct Config {
     // handle limit, ENOMEM past the byte limit, for that uid only.
     std::size_t max_open_files_per_uid = 1024;
     std::size_t max_buffered_kib_per_uid = 1024;
-    // Staging files (tools' temporary, swap and backup files, fs/staging.hpp)
+    // Staging files (tools' temporary, swap and backup files, fs/fuse/staging.hpp)
     // nothing holds open are discarded after this long.
     std::chrono::seconds staging_idle{300};
 
@@ -84,7 +84,7 @@ struct Config {
     std::chrono::seconds dek_cache_ttl{300};  // 0 turns the cache off
 
     std::optional<std::string> admin_group;  // group name or gid; uid 0 is always an admin
-    unsigned threads = 0;                    // FUSE worker threads; 0: "auto", by the CPUs (fs/daemon.cpp)
+    unsigned threads = 0;                    // FUSE worker threads; 0: "auto", by the CPUs (fs/daemon/daemon.cpp)
     std::size_t secure_heap_kib = 16 * 1024;  // locked memory for plaintext and DEKs
 
     // Retention is counted in days of this many milliseconds; tests shorten it.

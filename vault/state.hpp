@@ -79,7 +79,7 @@ StoreOptions store_options(const Config& config, bool follow);
 // of declaration, so the service goes before what it uses.
 class State {
 public:
-    // take_over: as serve, for the new process of a restart (fs/restart/),
+    // take_over: as serve, for the new process of a restart (fs/daemon/restart/),
     // with the audit log opened but not started: start_audit() starts it
     // once the old process has written its shutdown record.
     enum class Purpose { serve, take_over, inspect };

@@ -592,7 +592,7 @@ void Mount::stop()
 void Mount::kill_daemon()
 {
     if (pid_ > 0) {
-        // The daemon is two processes (fs/restart/supervisor.hpp): the
+        // The daemon is two processes (fs/daemon/restart/supervisor.hpp): the
         // supervisor's death ends the server too, a moment later; this
         // returns once both are gone, as after a crash of the whole daemon.
         std::ifstream children("/proc/" + std::to_string(pid_) + "/task/" + std::to_string(pid_) + "/children");

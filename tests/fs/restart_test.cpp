@@ -1,4 +1,4 @@
-// Restarting the daemon without unmounting (fs/restart/): a consumer in a
+// Restarting the daemon without unmounting (fs/daemon/restart/): a consumer in a
 // mount namespace of its own, reading a bind mount of a vault, through
 // graceful restarts, kills of the serving process, and refused restarts.
 #include <catch2/catch.hpp>

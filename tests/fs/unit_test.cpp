@@ -11,12 +11,12 @@
 #include <utility>
 #include <vector>
 
-#include "fs/caller_cache.hpp"
-#include "fs/control_protocol.hpp"
-#include "fs/errno_map.hpp"
-#include "fs/inode.hpp"
-#include "fs/restart/device_io.hpp"
-#include "fs/uid_quota.hpp"
+#include "fs/fuse/caller_cache.hpp"
+#include "fs/control/protocol.hpp"
+#include "fs/fuse/errno_map.hpp"
+#include "fs/fuse/inode.hpp"
+#include "fs/daemon/restart/device_io.hpp"
+#include "fs/fuse/uid_quota.hpp"
 #include "vault/error.hpp"
 
 using namespace vaultfs;

@@ -4,7 +4,7 @@
 #include <cstdlib>
 #include <string_view>
 
-#include "fs/control_protocol.hpp"
+#include "fs/control/protocol.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size)
 {

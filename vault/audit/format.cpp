@@ -46,7 +46,7 @@ constexpr std::array<std::string_view, 56> record_ops{
     "hook",
     // expiry warnings (vault/monitor/expiry)
     "near_expiry", "expired",
-    // `vaultfs metrics` (fs/monitor)
+    // `vaultfs metrics` (fs/daemon/metrics)
     "metrics",
     // what became of a commit the database did not confirm (vault/store)
     "commit_outcome"};

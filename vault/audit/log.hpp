@@ -120,7 +120,7 @@ public:
         std::function<Micros()> clock;
         // open() only prepares: nothing is read or written until start().
         // A restart's new process opens its state while the old one still
-        // writes the file (fs/restart/), and starts once it has stopped.
+        // writes the file (fs/daemon/restart/), and starts once it has stopped.
         bool defer_start = false;
         // Who else learns of the trail, neither of which may block: the
         // metrics count every event appended (written or coalesced), before

@@ -5,7 +5,7 @@
 // CLI's own process: a daemon is logged in to the token as its user and
 // PKCS#11 allows one login per process. `join request` is init_state with a
 // store and `join`; the grant itself and `host remove` run in an enrolled
-// host's daemon (fs/control_objects.cpp), which records them in its audit
+// host's daemon (fs/control/objects.cpp), which records them in its audit
 // trail.
 #pragma once
 

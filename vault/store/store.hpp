@@ -313,7 +313,7 @@ struct StoreOptions {
     // which read once and exit, need not.
     bool follow = true;
     // Bring an older SQLite schema up to date. A restart's new process may
-    // not (fs/restart/): the old one still serves the file.
+    // not (fs/daemon/restart/): the old one still serves the file.
     bool migrate = true;
 };
 

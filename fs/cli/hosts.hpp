@@ -1,0 +1,27 @@
+// `vaultfs migrate`, `vaultfs join request|grant|accept`, `vaultfs host
+// list|remove`: several hosts on one PostgreSQL store (README "Several
+// hosts"; vault/hosts/).
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <memory>
+#include <optional>
+
+#include "fs/cli/objects.hpp"
+
+namespace vaultfs::fs {
+
+class HostCommands {
+public:
+    HostCommands(CLI::App& app, const std::string& default_state);
+    ~HostCommands();
+    // The exit status of the command given, or nullopt when none of these was.
+    std::optional<int> run(const ManageFn& manage);
+
+private:
+    struct Options;
+    std::unique_ptr<Options> o_;
+};
+
+}  // namespace vaultfs::fs
