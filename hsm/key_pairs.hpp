@@ -1,5 +1,5 @@
 // KeyPairService: application key pairs held in the token -- the keys and
-// non-exportable certificate keys of vaults (README "Certificates and
+// non-exportable certificate keys of vaults (docs/keys-and-certificates.md "Certificates and
 // keys"), as opposed to vaultfs's own keys (key_service.hpp).
 //
 //   token ── application key pair (RSA 2048/3072/4096 or EC P-256/384/521)

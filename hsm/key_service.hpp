@@ -1,6 +1,6 @@
 // KeyService: the narrow seam between vaultfs and whatever holds its keys.
 //
-// Key hierarchy (DESIGN §3):
+// Key hierarchy (docs/design.md §3):
 //   token ── KEK (AES-256, one per vault, generated inside the token,
 //   │             sensitive, encrypt/decrypt only; never extractable on
 //   │             one host, extractable only under keys the token's

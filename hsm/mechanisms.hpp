@@ -4,7 +4,7 @@
 // (`token_seal`, `token_signature`); a later mount checks that the token
 // still offers what the state was made with.
 //
-// DEK sealing — the KEK half of the envelope (DESIGN §3). One of:
+// DEK sealing — the KEK half of the envelope (docs/design.md §3). One of:
 //
 //   aes-gcm                  one AES-256 KEK; CKM_AES_GCM with a random
 //                            96-bit IV and a 128-bit tag, the AAD as GCM's

@@ -81,7 +81,7 @@ public:
     std::uint64_t connection_epoch() const override;
 
     // A KEK (and its MAC key) under a given id, for moving a state from
-    // another token with its rows unchanged (vault/token_migration.hpp).
+    // another token with its rows unchanged (vault/state/token_migration.hpp).
     // Fails if the token already holds a key with that id.
     Result<void> create_kek_with_id(const std::string& label, const KeyId& kek, KekReach reach);
     // Removes a KEK and its MAC key; a key already gone is fine.
@@ -98,7 +98,7 @@ public:
     Result<KekExposure> kek_exposure(const KeyId& kek);
 
     // ---- moving KEKs between hosts' tokens (hsm/kek_transfer.cpp) -----------
-    // README "Several hosts". A KEK moves only wrapped (RSA-OAEP) under the
+    // docs/hosts.md "Several hosts". A KEK moves only wrapped (RSA-OAEP) under the
     // receiving host's transport key, and only where this token's Security
     // Officer made that key CKA_TRUSTED (security_officer.hpp): the user PIN
     // alone wraps a KEK for nobody.

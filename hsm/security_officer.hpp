@@ -1,5 +1,5 @@
 // SecurityOfficer: the one step of the key ceremony that needs the token's
-// Security Officer (README "Several hosts"): marking another host's
+// Security Officer (docs/hosts.md "Several hosts"): marking another host's
 // transport key CKA_TRUSTED, so that this token will wrap KEKs for it.
 //
 // Only the SO can set CKA_TRUSTED, and a KEK of a shared store is

@@ -11,7 +11,7 @@
 //                  | restore | manage
 //                  | create | rotate | sign | decrypt | unwrap | certificates
 //
-// The same names serve the three object kinds (README "Certificates and
+// The same names serve the three object kinds (docs/keys-and-certificates.md "Certificates and
 // keys"): `get` reads a secret's value, a key's public half, or anything
 // of a certificate (its private key and bundles included); `certificates`
 // reads a certificate's public files only (cert.pem, chain.pem, ca.pem,

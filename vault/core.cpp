@@ -2,7 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
-#include "vault/names.hpp"
+#include "vault/model/names.hpp"
 
 namespace vaultfs::vault {
 

@@ -27,9 +27,9 @@
 #include "hsm/error.hpp"
 #include "policy/policy.hpp"
 #include "vault/audit/log.hpp"
-#include "vault/error.hpp"
+#include "vault/model/error.hpp"
 #include "vault/store/store.hpp"
-#include "vault/types.hpp"
+#include "vault/model/types.hpp"
 
 namespace vaultfs::vault {
 

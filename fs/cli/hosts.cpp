@@ -12,8 +12,8 @@
 #include "fs/cli/support.hpp"
 #include "fs/control/server.hpp"
 #include "hsm/secure_buffer.hpp"
-#include "vault/hosts/commands.hpp"
-#include "vault/state.hpp"
+#include "vault/state/host_commands.hpp"
+#include "vault/state/state.hpp"
 
 namespace vaultfs::fs {
 

@@ -1,5 +1,5 @@
 // `vaultfs migrate`, `vaultfs join request|grant|accept`, `vaultfs host
-// list|remove`: several hosts on one PostgreSQL store (README "Several
+// list|remove`: several hosts on one PostgreSQL store (docs/hosts.md "Several
 // hosts"; vault/hosts/).
 #pragma once
 

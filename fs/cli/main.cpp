@@ -26,12 +26,12 @@
 #include "fs/daemon/restart/supervisor.hpp"
 #include "hsm/secure_buffer.hpp"
 #include "policy/policy.hpp"
-#include "vault/secret_service.hpp"
+#include "vault/secrets/secret_service.hpp"
 #include "vault/audit/log.hpp"
 #include "vault/audit/verify.hpp"
-#include "vault/signing.hpp"
-#include "vault/state.hpp"
-#include "vault/token_migration.hpp"
+#include "vault/crypto/signing.hpp"
+#include "vault/state/state.hpp"
+#include "vault/state/token_migration.hpp"
 
 namespace {
 

@@ -15,8 +15,8 @@
 
 #include "fs/cli/support.hpp"
 #include "vault/audit/reader.hpp"
-#include "vault/config.hpp"
-#include "vault/state.hpp"
+#include "vault/state/config.hpp"
+#include "vault/state/state.hpp"
 
 namespace vaultfs::fs {
 

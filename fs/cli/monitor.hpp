@@ -1,5 +1,5 @@
 // `vaultfs metrics`, `vaultfs audit tail`, `vaultfs audit export`: watching
-// what the daemon does (README "Monitoring"; vault/monitor/, vault/audit/).
+// what the daemon does (docs/operations.md "Monitoring"; vault/monitor/, vault/audit/).
 #pragma once
 
 #include <CLI/CLI.hpp>

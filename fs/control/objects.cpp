@@ -4,7 +4,7 @@
 
 #include "fs/control/server.hpp"
 #include "fs/control/protocol.hpp"
-#include "vault/attributes.hpp"
+#include "vault/model/attributes.hpp"
 #include "vault/certificates/certificates.hpp"
 #include "vault/keys/key_vault.hpp"
 

@@ -21,8 +21,8 @@
 
 #include <string>
 
-#include "vault/state.hpp"
-#include "vault/types.hpp"
+#include "vault/state/state.hpp"
+#include "vault/model/types.hpp"
 
 namespace vaultfs::fs {
 

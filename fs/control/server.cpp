@@ -15,7 +15,7 @@
 
 #include "fs/control/protocol.hpp"
 #include "fs/fuse/filesystem.hpp"
-#include "fs/daemon/metrics.hpp"
+#include "fs/control/metrics.hpp"
 #include "hsm/secure_buffer.hpp"
 
 namespace vaultfs::fs {

@@ -33,8 +33,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "vault/error.hpp"
-#include "vault/state.hpp"
+#include "vault/model/error.hpp"
+#include "vault/state/state.hpp"
 
 namespace vaultfs::fs {
 

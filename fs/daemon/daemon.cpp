@@ -33,7 +33,7 @@
 #include "fs/control/server.hpp"
 #include "fs/fuse/filesystem.hpp"
 #include "fs/daemon/maintenance.hpp"
-#include "fs/daemon/metrics.hpp"
+#include "fs/control/metrics.hpp"
 #include "fs/daemon/mountpoint.hpp"
 #include "fs/daemon/process.hpp"
 #include "fs/daemon/restart/channel.hpp"
@@ -42,7 +42,7 @@
 #include "hsm/hex.hpp"
 #include "hsm/secure_buffer.hpp"
 #include "vault/hooks/hooks.hpp"
-#include "vault/state.hpp"
+#include "vault/state/state.hpp"
 
 namespace vaultfs::fs {
 

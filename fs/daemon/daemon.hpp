@@ -36,7 +36,7 @@ int run_mount(const MountOptions& options);
 // (fs/daemon/restart/supervisor.hpp). `socket`: the supervisor's.
 int run_takeover(int socket);
 
-// Makes the process non-dumpable and disables core dumps (DESIGN §3).
+// Makes the process non-dumpable and disables core dumps (docs/design.md §3).
 void harden_process();
 
 }  // namespace vaultfs::fs

@@ -4,10 +4,10 @@
 
 #include <chrono>
 
-#include "fs/daemon/metrics.hpp"
+#include "fs/control/metrics.hpp"
 #include "fs/fuse/filesystem.hpp"
 #include "vault/hooks/hooks.hpp"
-#include "vault/state.hpp"
+#include "vault/state/state.hpp"
 
 namespace vaultfs::fs {
 

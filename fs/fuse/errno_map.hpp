@@ -1,7 +1,7 @@
 // errno_map: the one place where domain outcomes become errno values.
 #pragma once
 
-#include "vault/error.hpp"
+#include "vault/model/error.hpp"
 
 namespace vaultfs::fs {
 

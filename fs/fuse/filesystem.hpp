@@ -67,7 +67,7 @@
 #include "fs/fuse/uid_quota.hpp"
 #include "vault/certificates/certificates.hpp"
 #include "vault/keys/key_vault.hpp"
-#include "vault/secret_service.hpp"
+#include "vault/secrets/secret_service.hpp"
 
 namespace vaultfs::fs {
 

@@ -30,7 +30,7 @@
 #include "fs/fuse/uid_quota.hpp"
 #include "hsm/secure_buffer.hpp"
 #include "vault/objects/objects.hpp"
-#include "vault/secret_service.hpp"
+#include "vault/secrets/secret_service.hpp"
 
 namespace vaultfs::fs {
 

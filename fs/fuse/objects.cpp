@@ -1,4 +1,4 @@
-// Keys and certificates in the filesystem (README "Certificates and keys"):
+// Keys and certificates in the filesystem (docs/keys-and-certificates.md "Certificates and keys"):
 //
 //   V/.keys/NAME/public.pem public.jwk      the public half (`get`)
 //   V/.keys/NAME/sign.ES256 ...            write a digest, read the signature (`sign`)
@@ -23,7 +23,7 @@
 
 #include "fs/fuse/errno_map.hpp"
 #include "fs/fuse/reply.hpp"
-#include "vault/names.hpp"
+#include "vault/model/names.hpp"
 
 namespace vaultfs::fs {
 

@@ -20,7 +20,7 @@
 
 #include "fs/fuse/filesystem.hpp"
 #include "fs/fuse/reply.hpp"
-#include "vault/names.hpp"
+#include "vault/model/names.hpp"
 
 namespace vaultfs::fs {
 

@@ -44,7 +44,7 @@
 
 #include "fs/fuse/uid_quota.hpp"
 #include "hsm/secure_buffer.hpp"
-#include "vault/types.hpp"
+#include "vault/model/types.hpp"
 
 namespace vaultfs::fs {
 

@@ -18,7 +18,7 @@
 #include "fs/fuse/errno_map.hpp"
 #include "fs/fuse/filesystem_detail.hpp"
 #include "fs/fuse/reply.hpp"
-#include "vault/names.hpp"
+#include "vault/model/names.hpp"
 
 namespace vaultfs::fs {
 

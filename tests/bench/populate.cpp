@@ -9,8 +9,8 @@
 #include <string>
 
 #include "hsm/secure_buffer.hpp"
-#include "vault/envelope.hpp"
-#include "vault/state.hpp"
+#include "vault/crypto/envelope.hpp"
+#include "vault/state/state.hpp"
 
 using namespace vaultfs;
 

@@ -1,5 +1,5 @@
 // propagation: how long a write on one host takes to be read on another
-// (README "Several hosts"). Each round writes a new value to WRITE (a
+// (docs/hosts.md "Several hosts"). Each round writes a new value to WRITE (a
 // secret on host A's mount; the close commits) and reads READ (the same
 // secret on host B's mount) until it returns that value, as programs do
 // (open, read until EOF, close). Prints the median and the 99th percentile

@@ -298,7 +298,7 @@ TEST_CASE("the audit file replaced while a hard link keeps the old one: the reco
 
 namespace {
 
-// Records chained by the published rule (README "The audit trail"): what
+// Records chained by the published rule (docs/audit.md "The audit trail"): what
 // anyone who can write the file can append. `step_us` moves each record's
 // time on from the last one's (negative: backwards).
 void append_forged(const std::string& file, int count, long long step_us)

@@ -1,4 +1,4 @@
-// Integration: the filesystem contract of DESIGN §1, on a real mount.
+// Integration: the filesystem contract of docs/design.md §1, on a real mount.
 #include <catch2/catch.hpp>
 
 #include <fcntl.h>

@@ -1,4 +1,4 @@
-// A shared store whose server stops answering (README "Several hosts",
+// A shared store whose server stops answering (docs/hosts.md "Several hosts",
 // SECURITY.md "Bounds"): the postmaster and its children SIGSTOPped as a
 // paused VM would leave them, a lock held by another session, a commit the
 // server is slow to finish. No request on the mount waits past the

@@ -1,4 +1,4 @@
-// Several hosts on one PostgreSQL store (README "Several hosts"), with the
+// Several hosts on one PostgreSQL store (docs/hosts.md "Several hosts"), with the
 // real parts: a PostgreSQL 15 server of the test's own (and a streaming
 // standby), two or three daemons with their own state directories, tokens
 // and mountpoints, the key ceremony run with the CLI as an admin would.
@@ -62,7 +62,7 @@ struct Host {
 };
 
 // A join request with its transport key swapped for another's, and the
-// fingerprint recomputed as the format defines it (README "Several hosts"):
+// fingerprint recomputed as the format defines it (docs/hosts.md "Several hosts"):
 // well-formed, but not the key that host registered.
 std::string with_transport_of(const std::string& request, const std::string& other)
 {

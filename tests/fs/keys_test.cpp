@@ -1,4 +1,4 @@
-// Keys that never leave the token (README "Keys and encryption", SECURITY.md
+// Keys that never leave the token (docs/design.md "3. Keys and encryption", SECURITY.md
 // "What each key is, and who can move it"): the attack of issue 33 -- a PIN
 // holder wraps a KEK under a key of their own and opens it offline -- tried
 // on a daemon's real token, the embedded SoftHSM2 and (in the

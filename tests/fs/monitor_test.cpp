@@ -1,4 +1,4 @@
-// Monitoring (README "Monitoring"): the audit shipped to a real rsyslogd,
+// Monitoring (docs/operations.md "Monitoring"): the audit shipped to a real rsyslogd,
 // metrics checked by a real promtool, expiry warnings, `audit tail`,
 // `audit export` with `audit verify --slice`, and `vaultfs status`'s exit
 // codes.

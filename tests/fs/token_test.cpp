@@ -1,5 +1,5 @@
-// Integration tests for tokens other than the embedded SoftHSM2 (README
-// "Keys and encryption"): adopting a token its owner initialised, the
+// Integration tests for tokens other than the embedded SoftHSM2 (docs/design.md
+// §3, docs/keys-and-certificates.md "A token you already have (a hardware HSM)"): adopting a token its owner initialised, the
 // constructions negotiated from its mechanisms, and moving a state between
 // tokens with `vaultfs token migrate`. They need a second PKCS#11
 // implementation, so they are hidden ([.ock]) and run in the

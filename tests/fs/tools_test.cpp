@@ -1,7 +1,7 @@
 // The tools admins use on configuration files, run for real against a
 // mount: each must exit 0 and leave exactly one new version of its target
 // with the new content -- no stray names, nothing in .deleted, no extra
-// versions (README "Admin tools").
+// versions (docs/filesystem.md "Admin tools").
 #include <catch2/catch.hpp>
 
 #include <fcntl.h>

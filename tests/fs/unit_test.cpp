@@ -17,7 +17,7 @@
 #include "fs/fuse/inode.hpp"
 #include "fs/daemon/restart/device_io.hpp"
 #include "fs/fuse/uid_quota.hpp"
-#include "vault/error.hpp"
+#include "vault/model/error.hpp"
 
 using namespace vaultfs;
 

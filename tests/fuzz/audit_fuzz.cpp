@@ -11,7 +11,7 @@
 
 #include "vault/audit/format.hpp"
 #include "vault/audit/verify.hpp"
-#include "vault/signing.hpp"
+#include "vault/crypto/signing.hpp"
 
 namespace {
 

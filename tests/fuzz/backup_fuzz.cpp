@@ -4,8 +4,8 @@
 #include <cstdlib>
 #include <string_view>
 
-#include "vault/backup_format.hpp"
-#include "vault/names.hpp"
+#include "vault/backup/format.hpp"
+#include "vault/model/names.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size)
 {

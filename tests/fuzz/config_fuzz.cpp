@@ -5,7 +5,7 @@
 #include <string>
 #include <string_view>
 
-#include "vault/config.hpp"
+#include "vault/state/config.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size)
 {

@@ -6,7 +6,7 @@
 #include <string>
 #include <string_view>
 
-#include "vault/names.hpp"
+#include "vault/model/names.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size)
 {

@@ -6,7 +6,7 @@
 #include <string>
 #include <string_view>
 
-#include "vault/attributes.hpp"
+#include "vault/model/attributes.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size)
 {

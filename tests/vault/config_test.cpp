@@ -1,6 +1,6 @@
 // Unit tests for vault/config: the config file round trip, error messages
 // that name the offending line, and reading the token PIN from its source.
-#include "vault/config.hpp"
+#include "vault/state/config.hpp"
 
 #include <catch2/catch.hpp>
 

@@ -1,7 +1,7 @@
 // Unit tests for vault::DekCache: hits and misses, LRU eviction, TTL
 // expiry, the disabled cache, and that an evicted DEK stays valid for a
 // reader that still holds it.
-#include "vault/dek_cache.hpp"
+#include "vault/crypto/dek_cache.hpp"
 
 #include <catch2/catch.hpp>
 

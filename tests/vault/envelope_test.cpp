@@ -1,7 +1,7 @@
 // Unit tests for vault/envelope: value sealing with AES-256-GCM under a DEK,
 // what makes it fail (Errc::integrity), and the associated data that binds
 // a stored version to its vault, name, version and KEK.
-#include "vault/envelope.hpp"
+#include "vault/crypto/envelope.hpp"
 
 #include <catch2/catch.hpp>
 

@@ -1,6 +1,6 @@
 // Unit tests for vault/names: which secret and vault names are valid, and
-// how strictly `S@N` is parsed (DESIGN §1).
-#include "vault/names.hpp"
+// how strictly `S@N` is parsed (docs/design.md §1).
+#include "vault/model/names.hpp"
 
 #include <catch2/catch.hpp>
 

@@ -6,7 +6,7 @@
 // wrong bytes), and that no plaintext reaches the disk.
 //
 // One TempToken at a time per process (the PKCS#11 module is process-wide).
-#include "vault/secret_service.hpp"
+#include "vault/secrets/secret_service.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -35,7 +35,7 @@
 #include "tests/support/small_tmpfs.hpp"
 #include "tests/support/token_attack.hpp"
 #include "vault/kek/rekey.hpp"
-#include "vault/signing.hpp"
+#include "vault/crypto/signing.hpp"
 
 namespace vaultfs::vault {
 namespace {

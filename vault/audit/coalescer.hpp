@@ -27,7 +27,7 @@
 #include <tuple>
 #include <vector>
 
-#include "vault/types.hpp"
+#include "vault/model/types.hpp"
 
 namespace vaultfs::vault::audit {
 

@@ -5,7 +5,7 @@
 #include <cstdio>
 #include <ctime>
 
-#include "vault/signing.hpp"
+#include "vault/crypto/signing.hpp"
 #include "vault/store/store.hpp"
 
 namespace vaultfs::vault::audit {
@@ -26,7 +26,7 @@ constexpr std::size_t signed_suffix(std::size_t sig_hex) { return hash_key.size(
 
 constexpr std::array<std::string_view, 7> signed_ops{"init",     "start",    "checkpoint", "rotate",
                                                      "shutdown", "handover", "acknowledge"};
-// Everything else a record may be about (README "The audit trail").
+// Everything else a record may be about (docs/audit.md "The audit trail").
 constexpr std::array<std::string_view, 56> record_ops{
     "get",        "set",        "commit",       "list",         "delete",       "recover",   "purge",
     "policy_get", "policy_set", "policy_reset", "xattr_get",    "xattr_list",   "xattr_set", "vault_create",
@@ -46,7 +46,7 @@ constexpr std::array<std::string_view, 56> record_ops{
     "hook",
     // expiry warnings (vault/monitor/expiry)
     "near_expiry", "expired",
-    // `vaultfs metrics` (fs/daemon/metrics)
+    // `vaultfs metrics` (fs/control/metrics)
     "metrics",
     // what became of a commit the database did not confirm (vault/store)
     "commit_outcome"};

@@ -28,13 +28,17 @@
 #include <nlohmann/json.hpp>
 #include <tl/expected.hpp>
 
-#include "vault/types.hpp"
+#include "vault/model/types.hpp"
 
 namespace vaultfs::vault {
 struct AuditAnchor;
 }
 
 namespace vaultfs::vault::audit {
+
+// When the audit file is synced: after every record (`always`), or every
+// audit_sync_interval (`interval`; config key audit_sync).
+enum class AuditSync { always, interval };
 
 // The most any state may declare: a stretch of unsigned records between two
 // signatures is at most `records` long and `seconds` wide.

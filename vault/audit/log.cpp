@@ -13,7 +13,7 @@
 #include <unordered_map>
 
 #include "vault/audit/verify.hpp"
-#include "vault/signing.hpp"
+#include "vault/crypto/signing.hpp"
 #include "vault/store/store.hpp"
 
 namespace vaultfs::vault::audit {

@@ -1,4 +1,4 @@
-// audit/log: the writer of the tamper-evident trail of every access (DESIGN §5).
+// audit/log: the writer of the tamper-evident trail of every access (docs/design.md §5).
 //
 // One record per line in STATE/audit.jsonl, in the form of audit/format.hpp:
 // each record's hash covers its exact bytes and the previous record's hash,
@@ -70,9 +70,8 @@
 #include "hsm/key_service.hpp"
 #include "vault/audit/coalescer.hpp"
 #include "vault/audit/format.hpp"
-#include "vault/config.hpp"
-#include "vault/error.hpp"
-#include "vault/types.hpp"
+#include "vault/model/error.hpp"
+#include "vault/model/types.hpp"
 
 namespace vaultfs::vault {
 class Store;

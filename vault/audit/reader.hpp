@@ -1,5 +1,5 @@
 // audit/reader: reading the trail back, for `vaultfs audit tail` and
-// `vaultfs audit export` (README "Monitoring").
+// `vaultfs audit export` (docs/audit.md "Reading the audit: `audit tail` and `audit export`").
 //
 // The trail is the live file and the files rotated away from it (logrotate's
 // AUDIT.1, AUDIT.2, ... or AUDIT-DATE, uncompressed), which are put in chain
@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "vault/audit/format.hpp"
-#include "vault/error.hpp"
+#include "vault/model/error.hpp"
 
 namespace vaultfs::vault::audit {
 

@@ -1,6 +1,6 @@
 // audit/shipping: every audit record also sent to a syslog server, for
-// rsyslog (or any RFC 5424 receiver) to route to a central store (README
-// "Monitoring").
+// rsyslog (or any RFC 5424 receiver) to route to a central store (docs/audit.md
+// "Shipping the audit").
 //
 //   audit_syslog = udp:HOST:PORT | tcp:HOST:PORT
 //   audit_syslog_facility = local5        (the records' own facility)
@@ -35,7 +35,7 @@
 #include <thread>
 #include <vector>
 
-#include "vault/error.hpp"
+#include "vault/model/error.hpp"
 
 namespace vaultfs::vault::audit {
 

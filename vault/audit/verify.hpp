@@ -40,7 +40,7 @@
 #include <vector>
 
 #include "vault/audit/format.hpp"
-#include "vault/signing.hpp"
+#include "vault/crypto/signing.hpp"
 #include "vault/store/store.hpp"
 
 namespace vaultfs::vault::audit {

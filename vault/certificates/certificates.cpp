@@ -9,10 +9,10 @@
 #include <cstring>
 
 #include "hsm/hex.hpp"
-#include "vault/attributes.hpp"
+#include "vault/model/attributes.hpp"
 #include "vault/certificates/x509.hpp"
-#include "vault/envelope.hpp"
-#include "vault/names.hpp"
+#include "vault/crypto/envelope.hpp"
+#include "vault/model/names.hpp"
 
 namespace vaultfs::vault::certificates {
 

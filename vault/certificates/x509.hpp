@@ -18,8 +18,8 @@
 
 #include "hsm/key_pairs.hpp"
 #include "hsm/secure_buffer.hpp"
-#include "vault/error.hpp"
-#include "vault/types.hpp"
+#include "vault/model/error.hpp"
+#include "vault/model/types.hpp"
 
 namespace vaultfs::vault::certificates {
 

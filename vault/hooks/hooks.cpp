@@ -120,7 +120,7 @@ std::optional<uid_t> real_uid(pid_t pid, int pidfd)
 
 }  // namespace
 
-// The confused-deputy rules of a signal hook (README "Reacting to
+// The confused-deputy rules of a signal hook (docs/lifecycle.md "Reacting to
 // rotation"): vaultfs runs as root, and a pidfile is whatever its writer
 // put there. So the pidfile must be root's or the hook's user's, and
 // writable by nobody else; the process must be the user's (its real uid);

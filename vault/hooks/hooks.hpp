@@ -1,5 +1,5 @@
 // hooks: what vaultfs.conf's `on_change` lines run when what a secret
-// serves changes, or a certificate gets a new version (README "Reacting
+// serves changes, or a certificate gets a new version (docs/lifecycle.md "Reacting
 // to rotation").
 //
 //   on_change = VAULT/GLOB signal USER PIDFILE SIGNAL   SIGNAL to USER's process in PIDFILE
@@ -36,8 +36,8 @@
 #include <thread>
 #include <vector>
 
-#include "vault/error.hpp"
-#include "vault/types.hpp"
+#include "vault/model/error.hpp"
+#include "vault/model/types.hpp"
 
 namespace vaultfs::vault {
 class Store;

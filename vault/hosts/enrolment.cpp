@@ -15,8 +15,8 @@
 
 #include "hsm/hex.hpp"
 #include "vault/audit/log.hpp"
-#include "vault/signing.hpp"
-#include "vault/types.hpp"
+#include "vault/crypto/signing.hpp"
+#include "vault/model/types.hpp"
 
 namespace vaultfs::vault::hosts {
 

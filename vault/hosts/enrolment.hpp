@@ -1,5 +1,5 @@
 // enrolment: the key ceremony that lets another host serve a shared
-// PostgreSQL store (README "Several hosts"), and the KEK transfers that
+// PostgreSQL store (docs/hosts.md "Several hosts"), and the KEK transfers that
 // keep every enrolled host's token holding every vault's KEK.
 //
 // A shared store's KEKs are CKA_WRAP_WITH_TRUSTED (hsm/key_service.hpp,
@@ -55,7 +55,7 @@
 #include <vector>
 
 #include "hsm/pkcs11_key_service.hpp"
-#include "vault/error.hpp"
+#include "vault/model/error.hpp"
 #include "vault/store/store.hpp"
 
 namespace vaultfs::vault::audit {

@@ -7,7 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "hsm/hex.hpp"
-#include "vault/envelope.hpp"
+#include "vault/crypto/envelope.hpp"
 #include "vault/hosts/enrolment.hpp"
 #include "vault/objects/objects.hpp"
 

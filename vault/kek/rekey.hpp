@@ -38,7 +38,7 @@
 
 #include "hsm/pkcs11_key_service.hpp"
 #include "vault/core.hpp"
-#include "vault/error.hpp"
+#include "vault/model/error.hpp"
 
 namespace vaultfs::vault::hosts {
 class Enrolment;

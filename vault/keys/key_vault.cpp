@@ -11,8 +11,8 @@
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
-#include "vault/attributes.hpp"
-#include "vault/names.hpp"
+#include "vault/model/attributes.hpp"
+#include "vault/model/names.hpp"
 
 namespace vaultfs::vault::keys {
 

@@ -1,5 +1,5 @@
 // monitor/expiry: warnings before secrets, keys and certificates expire
-// (README "Monitoring").
+// (docs/operations.md "Monitoring").
 //
 // Every expiry_check_seconds the background leader looks at the current
 // version of everything with an expiry (Store::expiring). When one comes
@@ -20,9 +20,9 @@
 #include <string>
 #include <vector>
 
-#include "vault/error.hpp"
+#include "vault/model/error.hpp"
 #include "vault/hooks/hooks.hpp"
-#include "vault/types.hpp"
+#include "vault/model/types.hpp"
 
 namespace vaultfs::vault {
 class Store;

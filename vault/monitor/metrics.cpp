@@ -11,7 +11,7 @@ namespace vaultfs::vault::monitor {
 
 namespace {
 
-// The daemon's own rule names (README "The audit trail").
+// The daemon's own rule names (docs/audit.md "The audit trail").
 constexpr std::array<std::string_view, 9> own_rules{"default-deny",   "not-admin",     "holds-nothing",
                                                     "per-uid-limit",  "fail-closed",   "invalid-name",
                                                     "retention-ended", "permission-bits-only", "rotation-policy"};

@@ -1,5 +1,5 @@
 // monitor/metrics: what the daemon counts, in Prometheus text exposition
-// format (README "Monitoring"). `vaultfs metrics` prints it through the
+// format (docs/operations.md "Monitoring"). `vaultfs metrics` prints it through the
 // control socket; with `metrics_textfile = PATH` the daemon also writes it
 // to PATH for node_exporter's textfile collector.
 //

@@ -1,8 +1,8 @@
 #include "vault/objects/object_backup.hpp"
 
 #include "hsm/hex.hpp"
-#include "vault/envelope.hpp"
-#include "vault/names.hpp"
+#include "vault/crypto/envelope.hpp"
+#include "vault/model/names.hpp"
 #include "vault/objects/objects.hpp"
 
 namespace vaultfs::vault {

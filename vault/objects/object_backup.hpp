@@ -1,5 +1,5 @@
-// ObjectBackup: keys and certificates in a vault's backup (README
-// "Certificates and keys"), beside its secrets (vault/backup.cpp).
+// ObjectBackup: keys and certificates in a vault's backup (docs/keys-and-certificates.md
+// "Certificates and keys"), beside its secrets (vault/backup/backup.cpp).
 //
 // A backup holds each key and certificate with every version as stored:
 // public halves, certificate chains and policies in the clear (they are

@@ -4,8 +4,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "vault/attributes.hpp"
-#include "vault/names.hpp"
+#include "vault/model/attributes.hpp"
+#include "vault/model/names.hpp"
 
 namespace vaultfs::vault {
 

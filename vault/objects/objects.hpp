@@ -19,9 +19,9 @@
 
 #include "policy/policy.hpp"
 #include "vault/core.hpp"
-#include "vault/error.hpp"
+#include "vault/model/error.hpp"
 #include "vault/store/store.hpp"
-#include "vault/types.hpp"
+#include "vault/model/types.hpp"
 
 namespace vaultfs::vault {
 

@@ -22,7 +22,7 @@
 #include <utility>
 #include <vector>
 
-#include "vault/error.hpp"
+#include "vault/model/error.hpp"
 
 namespace vaultfs::vault::db {
 

@@ -28,7 +28,7 @@
 #include <string>
 #include <thread>
 
-#include "vault/error.hpp"
+#include "vault/model/error.hpp"
 
 namespace vaultfs::vault {
 

@@ -137,7 +137,7 @@ CREATE TABLE object_versions (
 
 
 
-// Version 5: several hosts (README "Several hosts"). Settings and the audit
+// Version 5: several hosts (docs/hosts.md "Several hosts"). Settings and the audit
 // anchor belong to one host (hosts.id; on SQLite always 1); the change feed
 // numbers every committed write batch; enrolled hosts, the KEKs wrapped for
 // them, and a check value per KEK that proves an imported KEK is the one
@@ -196,7 +196,7 @@ CREATE TABLE changes (
 );
 )sql";
 
-// Version 6: when the content `S` serves last changed (README "Reacting to
+// Version 6: when the content `S` serves last changed (docs/lifecycle.md "Reacting to
 // rotation"): a new version, or an enable, disable or validity change that
 // changes what S serves. 0 for rows written before: their current
 // version's creation time stands.
@@ -215,7 +215,7 @@ ALTER TABLE vaults ADD COLUMN kek_created INTEGER NOT NULL DEFAULT 0;
 
 // Version 8: who made a secret's row (NULL for rows made before, or
 // restored), which decides whether a name is the caller's own fresh file
-// (vault/replace.cpp). The same on PostgreSQL (postgresql_v8).
+// (vault/secrets/replace.cpp). The same on PostgreSQL (postgresql_v8).
 constexpr const char* schema_v8 = R"sql(
 ALTER TABLE secrets ADD COLUMN created_by INTEGER;
 )sql";

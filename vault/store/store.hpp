@@ -57,8 +57,8 @@
 #include <unordered_map>
 #include <vector>
 
-#include "vault/error.hpp"
-#include "vault/types.hpp"
+#include "vault/model/error.hpp"
+#include "vault/model/types.hpp"
 
 namespace vaultfs::vault {
 
@@ -209,7 +209,7 @@ struct AuditAnchor {
     std::vector<std::uint8_t> sig;  // empty: not signed (a schema-1 row)
 };
 
-// Keys and certificates (README "Certificates and keys"): named objects of
+// Keys and certificates (docs/keys-and-certificates.md "Certificates and keys"): named objects of
 // a vault with numbered versions, like secrets, in their own tables. A name
 // is unique among a vault's keys and certificates, and a certificate's also
 // among its secrets (as in Azure Key Vault, where a certificate owns a key
@@ -278,7 +278,7 @@ struct SealedRow {
     std::string body;           // object versions: the JSON body (its key_ref binds the key)
 };
 
-// An enrolled host, or one that asked to be (README "Several hosts").
+// An enrolled host, or one that asked to be (docs/hosts.md "Several hosts").
 struct HostRow {
     std::int64_t id = 0;
     std::string name;
@@ -404,7 +404,7 @@ public:
     Result<std::optional<SealedVersion>> sealed_version(VersionId id);
     Result<std::vector<Tag>> tags(VersionId version);
 
-    // ---- keys and certificates (vault/store_objects.cpp) ---------------------
+    // ---- keys and certificates (vault/store/store_objects.cpp) ---------------------
     Result<std::optional<ObjectRow>> object_by_name(VaultId vault, ObjectKind kind, std::string_view name);
     Result<std::optional<ObjectRow>> object_by_id(ObjectId id);
     Result<std::vector<ObjectRow>> objects(VaultId vault, ObjectKind kind);
@@ -507,7 +507,7 @@ private:
     Result<std::optional<SecretVersion>> secret_with_version_uncached(VaultId vault, std::string_view name);
     Result<std::optional<SealedRead>> sealed_for_read_uncached(VersionId id);
     Result<std::optional<SecretVersion>> secret_with_version_id_uncached(VersionId id);
-    // Runs `f` on a pooled reader connection (for vault/store_objects.cpp).
+    // Runs `f` on a pooled reader connection (for vault/store/store_objects.cpp).
     Result<void> read(const std::function<Result<void>(db::Connection&)>& f);
     // What `f` (a query returning Result<T>) answers on a reader connection.
     template <class T, class F>
@@ -632,7 +632,7 @@ public:
     Result<void> set_setting(std::string_view key, std::string_view value);
     Result<void> set_audit_anchor(const AuditAnchor& anchor);
 
-    // ---- keys and certificates (vault/store_objects.cpp) ---------------------
+    // ---- keys and certificates (vault/store/store_objects.cpp) ---------------------
     // Errc::already_exists when the name is taken (see ObjectKind).
     Result<ObjectId> insert_object(const ObjectRow& row);
     Result<void> update_object_spec(ObjectId object, std::string_view spec);
@@ -645,7 +645,7 @@ public:
     // Removes the object with all its versions.
     Result<void> delete_object(ObjectId object);
 
-    // ---- every sealed DEK (vault/store_sealed.cpp), for moving to another token
+    // ---- every sealed DEK (vault/store/store_sealed.cpp), for moving to another token
     // or to a new KEK (vault/kek/rekey.hpp)
     Result<std::vector<SealedDek>> sealed_deks();
     // A page of one vault's sealed rows in `table`, by id after `after`,

@@ -1,4 +1,4 @@
-// The Store's hosts and the KEKs wrapped for them (README "Several hosts";
+// The Store's hosts and the KEKs wrapped for them (docs/hosts.md "Several hosts";
 // vault/hosts/enrolment.hpp runs the ceremony over these rows).
 #include "vault/store/db.hpp"
 #include "vault/store/store.hpp"

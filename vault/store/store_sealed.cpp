@@ -1,5 +1,5 @@
 // The Store's sealed DEKs as one list (store.hpp, SealedDek): what moving a
-// state to another token (vault/token_migration.hpp) or a vault to a new KEK
+// state to another token (vault/state/token_migration.hpp) or a vault to a new KEK
 // (vault/kek/rekey.hpp) re-seals. Only sealed DEKs and their bindings; no
 // ciphertext is read or written.
 #include "vault/store/db.hpp"

@@ -1,6 +1,6 @@
 // device_io: how this daemon reads and writes /dev/fuse (libfuse's custom
 // io), so that a restart can hand the connection to another process
-// without unmounting (README "Restarting and upgrading").
+// without unmounting (docs/operations.md "Restarting and upgrading").
 //
 // - The gate. Workers read the device without blocking and wait between
 //   requests in an epoll set of their own, so pause() can stop them taking

@@ -1,6 +1,6 @@
 // supervisor: the small process that `vaultfs mount` leaves holding the
 // FUSE connection, so that the process serving it can be replaced without
-// unmounting (README "Restarting and upgrading").
+// unmounting (docs/operations.md "Restarting and upgrading").
 //
 //   vaultfs mount ─ supervisor ── server (serves the mount)
 //                  holds: the /dev/fuse fd, the INIT exchange, the state's lock
@@ -34,7 +34,7 @@
 
 #include <string>
 
-#include "vault/state_lock.hpp"
+#include "vault/state/lock.hpp"
 
 namespace vaultfs::fs::restart {
 

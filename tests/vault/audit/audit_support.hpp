@@ -18,7 +18,7 @@
 #include "vault/audit/format.hpp"
 #include "vault/audit/log.hpp"
 #include "vault/audit/verify.hpp"
-#include "vault/signing.hpp"
+#include "vault/crypto/signing.hpp"
 #include "vault/store/store.hpp"
 
 namespace vaultfs::vault::audit::testing {

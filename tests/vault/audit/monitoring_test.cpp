@@ -14,7 +14,7 @@
 #include "vault/audit/reader.hpp"
 #include "vault/audit/shipping.hpp"
 #include "vault/monitor/metrics.hpp"
-#include "vault/state.hpp"
+#include "vault/state/state.hpp"
 
 #include <sys/stat.h>
 

@@ -18,8 +18,8 @@
 #include "tests/support/temp_token.hpp"
 #include "vault/certificates/certificates.hpp"
 #include "vault/keys/key_vault.hpp"
-#include "vault/secret_service.hpp"
-#include "vault/signing.hpp"
+#include "vault/secrets/secret_service.hpp"
+#include "vault/crypto/signing.hpp"
 
 namespace vaultfs::vault {
 namespace {
