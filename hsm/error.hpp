@@ -21,7 +21,7 @@ enum class Errc {
     out_of_secure_memory,   // the locked heap is exhausted or missing
     invalid_argument,
     not_permitted,          // the key may not do that (its usage flags)
-    mechanism_unsupported,  // the token lacks a mechanism vaultfs needs (hsm/mechanisms.hpp)
+    mechanism_unsupported,  // the token lacks a mechanism vaultfs needs (hsm/pkcs11/mechanisms.hpp)
 };
 
 struct Error {

@@ -176,7 +176,7 @@ HostCommands::HostCommands(CLI::App& app, const std::string& default_state) : o_
 
 HostCommands::~HostCommands() = default;
 
-std::optional<int> HostCommands::run(const ManageFn& manage)
+std::optional<int> HostCommands::run()
 {
     auto& o = *o_;
     const bool any = *o.migrate || *o.join || *o.hosts;

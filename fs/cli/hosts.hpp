@@ -7,8 +7,7 @@
 
 #include <memory>
 #include <optional>
-
-#include "fs/cli/objects.hpp"
+#include <string>
 
 namespace vaultfs::fs {
 
@@ -17,7 +16,9 @@ public:
     HostCommands(CLI::App& app, const std::string& default_state);
     ~HostCommands();
     // The exit status of the command given, or nullopt when none of these was.
-    std::optional<int> run(const ManageFn& manage);
+    // They run on the state directory itself (the daemon stopped), never
+    // through the control socket.
+    std::optional<int> run();
 
 private:
     struct Options;

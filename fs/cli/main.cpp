@@ -446,7 +446,7 @@ int main(int argc, char** argv)
     }
     if (*policy_check)
         return run_policy_check(policy_file);
-    if (auto rc = host_commands.run(manage))
+    if (auto rc = host_commands.run())
         return *rc;
     if (auto rc = monitor_commands.run(manage))
         return *rc;

@@ -103,7 +103,7 @@ def check_links(root):
     cited = re.compile(r'(?<![\w/])(README|SECURITY|docs/[\w\-/]+\.md)\s*(?:(?://|#)\s*)?(?:"([^"]+)"|§(\d+))', re.S)
     source_path = re.compile(r"(?<![\w./\-])((?:fs|vault|hsm|policy|tests|scripts)/[\w\-/]*\w\.(?:hpp|cpp|py|md))\b")
     for f in files:
-        if not re.search(r"\.(cpp|hpp|md|py|build|service)$|^scripts/", f) or f.startswith("tests/fuzz/corpus"):
+        if not re.search(r"\.(cpp|hpp|md|py|build|service)$|^scripts/", f) or f.startswith(("tests/fuzz/corpus", "tests/docs/")):
             continue
         try:
             text = open(os.path.join(root, f), encoding="utf-8").read()

@@ -1,5 +1,5 @@
 // Unit tests for application key pairs (hsm/key_pairs.hpp) and the libp11
-// adapter (hsm/token_evp.hpp) against a real SoftHSM2 token: every key type
+// adapter (hsm/pkcs11/token_evp.hpp) against a real SoftHSM2 token: every key type
 // is made in the token, its public half parses in OpenSSL, and signatures
 // and decryptions made by the token check out with OpenSSL alone.
 #include <catch2/catch.hpp>
@@ -16,8 +16,8 @@
 #include <string>
 #include <vector>
 
-#include "hsm/pkcs11_key_service.hpp"
-#include "hsm/token_evp.hpp"
+#include "hsm/pkcs11/key_service.hpp"
+#include "hsm/pkcs11/token_evp.hpp"
 #include "tests/support/temp_token.hpp"
 
 namespace vaultfs::hsm {

@@ -1,8 +1,8 @@
-// Unit tests for mechanism negotiation (hsm/mechanisms.hpp): the choice made
+// Unit tests for mechanism negotiation (hsm/pkcs11/mechanisms.hpp): the choice made
 // from what a token says it offers, and the fallback constructions —
 // AES-CBC-PAD + HMAC-SHA256 sealing and RSA-PSS audit signing — run for real
 // on SoftHSM2 (which offers both), with every tampering case.
-#include "hsm/mechanisms.hpp"
+#include "hsm/pkcs11/mechanisms.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -20,7 +20,7 @@
 #include <string>
 #include <vector>
 
-#include "hsm/pkcs11_key_service.hpp"
+#include "hsm/pkcs11/key_service.hpp"
 #include "tests/hsm/hsm_support.hpp"
 #include "tests/support/temp_token.hpp"
 

@@ -6,7 +6,7 @@
 // The PKCS#11 module is process-wide and reads SOFTHSM2_CONF when it is
 // initialised, so only one TempToken / key service is alive at a time: each
 // test makes its own and lets it go before the next.
-#include "hsm/pkcs11_key_service.hpp"
+#include "hsm/pkcs11/key_service.hpp"
 
 #include <catch2/catch.hpp>
 

@@ -7,7 +7,7 @@
 #include <utility>
 #include <vector>
 
-#include "hsm/pkcs11_key_service.hpp"
+#include "hsm/pkcs11/key_service.hpp"
 
 namespace vaultfs::testing {
 

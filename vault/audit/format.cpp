@@ -18,7 +18,7 @@ constexpr std::string_view hash_key = ",\"hash\":\"";
 constexpr std::string_view sig_key = "\",\"sig\":\"";
 constexpr std::size_t hash_hex = 64;
 // A signature is ECDSA P-256 r | s (64 bytes) or RSA-PSS with a 3072-bit key
-// (384 bytes): hsm/mechanisms.hpp.
+// (384 bytes): hsm/pkcs11/mechanisms.hpp.
 constexpr std::array<std::size_t, 2> sig_hex_sizes{128, 768};
 // ,"hash":"H"}  and  ,"hash":"H","sig":"S"}
 constexpr std::size_t unsigned_suffix = hash_key.size() + hash_hex + 2;

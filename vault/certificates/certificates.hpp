@@ -6,7 +6,7 @@
 //                    DEK, sealed by the vault's KEK), so key.pem and the
 //                    bundles can be read by holders of `get`
 //   not exportable   the key is made in the token (hsm/key_pairs.hpp) and
-//                    signs through libp11 (hsm/token_evp.hpp); key.pem and the
+//                    signs through libp11 (hsm/pkcs11/token_evp.hpp); key.pem and the
 //                    bundles do not exist (Errc::not_found)
 //
 // Issuers: `self` (self-signed), `V/CA` (another certificate of a vault,
@@ -35,7 +35,7 @@
 #include "hsm/key_pairs.hpp"
 #include "hsm/key_service.hpp"
 #include "hsm/secure_buffer.hpp"
-#include "hsm/token_evp.hpp"
+#include "hsm/pkcs11/token_evp.hpp"
 #include "vault/core.hpp"
 #include "vault/objects/objects.hpp"
 

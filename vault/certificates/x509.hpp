@@ -1,7 +1,7 @@
 // x509: the X.509 work of certificates, with OpenSSL 3 and nothing else --
 // software key pairs for exportable certificates, certificates and CSRs
 // built and signed by whatever EVP_PKEY is given (a software key, or a
-// token key through libp11: hsm/token_evp.hpp), PEM and PKCS#12 in and out.
+// token key through libp11: hsm/pkcs11/token_evp.hpp), PEM and PKCS#12 in and out.
 // Pure: no paths, policies, storage or token sessions.
 #pragma once
 

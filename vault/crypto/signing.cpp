@@ -39,7 +39,7 @@ SignatureVerifier::SignatureVerifier(const std::string& pem)
     BIO_free(bio);
     if (key_ == nullptr)
         return;
-    // Only the two audit signature schemes (hsm/mechanisms.hpp): a P-256
+    // Only the two audit signature schemes (hsm/pkcs11/mechanisms.hpp): a P-256
     // key, or an RSA key of at least 3072 bits.
     char group[32] = {};
     if (EVP_PKEY_is_a(key_, "EC") && EVP_PKEY_get_utf8_string_param(key_, OSSL_PKEY_PARAM_GROUP_NAME, group,

@@ -1,6 +1,6 @@
 // signing: the digests and signatures shared by the audit trail and backups.
 // The token signs (hsm::KeyService::sign_digest over a SHA-256 digest:
-// ECDSA P-256 as r | s, or RSA-PSS; hsm/mechanisms.hpp); anyone holding the
+// ECDSA P-256 as r | s, or RSA-PSS; hsm/pkcs11/mechanisms.hpp); anyone holding the
 // public half checks, with no token. The key decides the scheme, never the
 // signed data.
 #pragma once

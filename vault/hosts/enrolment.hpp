@@ -54,7 +54,7 @@
 #include <string>
 #include <vector>
 
-#include "hsm/pkcs11_key_service.hpp"
+#include "hsm/pkcs11/key_service.hpp"
 #include "vault/model/error.hpp"
 #include "vault/store/store.hpp"
 

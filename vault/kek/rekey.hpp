@@ -36,7 +36,7 @@
 #include <string_view>
 #include <vector>
 
-#include "hsm/pkcs11_key_service.hpp"
+#include "hsm/pkcs11/key_service.hpp"
 #include "vault/core.hpp"
 #include "vault/model/error.hpp"
 

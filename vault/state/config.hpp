@@ -15,7 +15,7 @@
 #include <utility>
 #include <vector>
 
-#include "hsm/mechanisms.hpp"
+#include "hsm/pkcs11/mechanisms.hpp"
 #include "hsm/secure_buffer.hpp"
 #include "vault/model/error.hpp"
 #include "vault/audit/format.hpp"
@@ -39,7 +39,7 @@ struct Config {
     std::vector<std::pair<std::string, std::string>> module_env;
     std::vector<std::pair<std::string, std::string>> environment() const;
     // The constructions chosen from the token's mechanisms at init
-    // (`token_seal`, `token_signature`; hsm/mechanisms.hpp). A state from
+    // (`token_seal`, `token_signature`; hsm/pkcs11/mechanisms.hpp). A state from
     // before they were recorded used the defaults, AES-GCM and ECDSA P-256.
     hsm::Schemes schemes;
 

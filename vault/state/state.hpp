@@ -19,8 +19,8 @@
 #include <string>
 #include <vector>
 
-#include "hsm/pkcs11_key_service.hpp"
-#include "hsm/token_evp.hpp"
+#include "hsm/pkcs11/key_service.hpp"
+#include "hsm/pkcs11/token_evp.hpp"
 #include "vault/audit/log.hpp"
 #include "vault/audit/shipping.hpp"
 #include "vault/monitor/expiry.hpp"
@@ -62,7 +62,7 @@ struct InitOptions {
 // Creates a state in `dir` (made if missing, or empty): by default the
 // embedded SoftHSM2 token in the directory; with a token label and PIN file,
 // inside a token its owner already initialised. The token's mechanisms
-// decide the constructions (hsm/mechanisms.hpp), recorded in vaultfs.conf.
+// decide the constructions (hsm/pkcs11/mechanisms.hpp), recorded in vaultfs.conf.
 // Refuses an existing state and changes nothing then. Returns what it made,
 // one line per item, for the user.
 // `request`: for a join, the join request document (to send to an enrolled host).

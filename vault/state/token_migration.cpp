@@ -11,7 +11,7 @@
 #include <optional>
 #include <sstream>
 
-#include "hsm/pkcs11_key_service.hpp"
+#include "hsm/pkcs11/key_service.hpp"
 #include "vault/audit/log.hpp"
 #include "vault/state/config.hpp"
 #include "vault/crypto/envelope.hpp"

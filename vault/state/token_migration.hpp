@@ -6,7 +6,7 @@
 // - KEKs. vaultfs's KEKs are never extractable (docs/design.md §3), so no token can
 //   wrap them out: every DEK is re-sealed instead. The target token makes a
 //   KEK under the same CKA_ID as each source KEK (with the target's seal
-//   construction, hsm/mechanisms.hpp); each sealed DEK is unsealed by the
+//   construction, hsm/pkcs11/mechanisms.hpp); each sealed DEK is unsealed by the
 //   source token into locked memory and sealed by the target at once, bound
 //   to the same row. The rows' KEK ids, and every value's ciphertext, stay
 //   as they are; only sealed DEKs change. No plaintext DEK leaves locked

@@ -14,7 +14,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "hsm/token_evp.hpp"
+#include "hsm/pkcs11/token_evp.hpp"
 #include "tests/support/temp_token.hpp"
 #include "vault/certificates/certificates.hpp"
 #include "vault/keys/key_vault.hpp"

@@ -1,4 +1,4 @@
-#include "hsm/mechanisms.hpp"
+#include "hsm/pkcs11/mechanisms.hpp"
 
 #define CRYPTOKI_GNU 1
 #include <p11-kit/pkcs11.h>

@@ -28,7 +28,7 @@
 
 #include "hsm/error.hpp"
 #include "hsm/key_service.hpp"
-#include "hsm/pkcs11_key_service.hpp"
+#include "hsm/pkcs11/key_service.hpp"
 
 struct PKCS11_token_st;  // libp11.h
 

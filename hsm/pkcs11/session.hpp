@@ -30,7 +30,7 @@
 #include <vector>
 
 #include "hsm/hex.hpp"
-#include "hsm/pkcs11_key_service.hpp"
+#include "hsm/pkcs11/key_service.hpp"
 
 namespace vaultfs::hsm {
 

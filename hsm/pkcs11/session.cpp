@@ -1,4 +1,4 @@
-#include "hsm/pkcs11_session.hpp"
+#include "hsm/pkcs11/session.hpp"
 
 #include <dlfcn.h>
 

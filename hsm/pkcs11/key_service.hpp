@@ -30,7 +30,7 @@
 
 #include "hsm/key_pairs.hpp"
 #include "hsm/key_service.hpp"
-#include "hsm/mechanisms.hpp"
+#include "hsm/pkcs11/mechanisms.hpp"
 #include "hsm/op_stats.hpp"
 
 namespace vaultfs::hsm {
@@ -97,7 +97,7 @@ public:
     };
     Result<KekExposure> kek_exposure(const KeyId& kek);
 
-    // ---- moving KEKs between hosts' tokens (hsm/kek_transfer.cpp) -----------
+    // ---- moving KEKs between hosts' tokens (hsm/pkcs11/kek_transfer.cpp) -----------
     // docs/hosts.md "Several hosts". A KEK moves only wrapped (RSA-OAEP) under the
     // receiving host's transport key, and only where this token's Security
     // Officer made that key CKA_TRUSTED (security_officer.hpp): the user PIN

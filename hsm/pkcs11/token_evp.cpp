@@ -1,4 +1,4 @@
-#include "hsm/token_evp.hpp"
+#include "hsm/pkcs11/token_evp.hpp"
 
 #include <libp11.h>
 

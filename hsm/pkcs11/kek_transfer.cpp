@@ -8,7 +8,7 @@
 
 #include <algorithm>
 
-#include "hsm/pkcs11_session.hpp"
+#include "hsm/pkcs11/session.hpp"
 #include "hsm/security_officer.hpp"
 
 namespace vaultfs::hsm {
