@@ -101,7 +101,6 @@ Reply Filesystem::readlink(fuse_req_t req, fuse_ino_t ino)
 }
 Reply Filesystem::refuse_mknod(fuse_req_t, fuse_ino_t, const char*, mode_t, dev_t) { return Reply::err(EPERM); }
 
-
 // ---- directories ----------------------------------------------------------------------
 
 Reply Filesystem::opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi)

@@ -19,7 +19,6 @@
 #include "fs/fuse/reply.hpp"
 #include "vault/model/names.hpp"
 
-
 namespace vaultfs::fs {
 
 using policy::Permission;
@@ -27,8 +26,6 @@ using policy::PermissionSet;
 using vault::Errc;
 
 using namespace detail;
-
-
 
 namespace {
 
@@ -307,6 +304,5 @@ vault::Caller Filesystem::caller_of(fuse_req_t req)
         c.who.groups = std::move(*groups);
     return c;
 }
-
 
 }  // namespace vaultfs::fs

@@ -17,7 +17,6 @@
 
 #include "hsm/pkcs11/session.hpp"
 
-
 namespace vaultfs::hsm {
 
 namespace {
