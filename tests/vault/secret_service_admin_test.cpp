@@ -8,12 +8,7 @@
 namespace vaultfs::vault {
 namespace {
 
-using namespace secret_service_test;
-using namespace std::chrono_literals;
-using testing::TempDir;
-using testing::TempToken;
-using Bytes = std::vector<std::uint8_t>;
-using json = nlohmann::json;
+using namespace secret_service_test;  // with its usings: chrono literals, TempDir, TempToken, Bytes, json
 
 TEST_CASE("what tools do: a staged file committed by name, a fresh secret renamed, a probe removed for good",
           "[secret_service][tools]")

@@ -11,12 +11,7 @@
 namespace vaultfs::vault {
 namespace {
 
-using namespace secret_service_test;
-using namespace std::chrono_literals;
-using testing::TempDir;
-using testing::TempToken;
-using Bytes = std::vector<std::uint8_t>;
-using json = nlohmann::json;
+using namespace secret_service_test;  // with its usings: chrono literals, TempDir, TempToken, Bytes, json
 
 TEST_CASE("create_vault makes a vault with its own KEK and an owner policy", "[secret_service]")
 {
