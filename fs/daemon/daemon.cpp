@@ -1,20 +1,13 @@
 #include "fs/daemon/daemon.hpp"
 
-#include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/socket.h>
-#include <sys/un.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
-#include <spdlog/sinks/rotating_file_sink.h>
-#include <spdlog/sinks/stdout_sinks.h>
-#include <spdlog/sinks/syslog_sink.h>
 #include <spdlog/spdlog.h>
 
 #include <linux/fuse.h>
@@ -22,18 +15,14 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
-#include <condition_variable>
 #include <cstring>
-#include <fstream>
 #include <functional>
 #include <sched.h>
-#include <sstream>
 #include <thread>
 
 #include "fs/control/server.hpp"
 #include "fs/fuse/filesystem.hpp"
 #include "fs/daemon/maintenance.hpp"
-#include "fs/control/metrics.hpp"
 #include "fs/daemon/mountpoint.hpp"
 #include "fs/daemon/process.hpp"
 #include "fs/daemon/restart/channel.hpp"

@@ -1,4 +1,5 @@
-// Filesystem: vaults as directories, their listings, names made and removed, and what is refused (see filesystem.hpp).
+// Filesystem: vaults as directories, their listings, names made and removed,
+// and what is refused (see filesystem.hpp).
 #include "fs/fuse/filesystem.hpp"
 
 #include <poll.h>

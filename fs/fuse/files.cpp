@@ -1,4 +1,5 @@
-// Filesystem: opening, reading, writing, flushing and releasing files (see filesystem.hpp).
+// Filesystem: opening, reading, writing, flushing and releasing files (see
+// filesystem.hpp).
 #include "fs/fuse/filesystem.hpp"
 
 #include <poll.h>

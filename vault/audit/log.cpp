@@ -2,7 +2,6 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
-#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <spdlog/spdlog.h>
@@ -10,12 +9,9 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <unordered_map>
 
 #include "vault/audit/log_fields.hpp"
 #include "vault/audit/verify.hpp"
-#include "vault/crypto/signing.hpp"
-#include "vault/store/store.hpp"
 
 namespace vaultfs::vault::audit {
 

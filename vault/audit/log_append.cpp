@@ -1,4 +1,6 @@
-// Log: appending records -- coalescing refusals, the coverage bound's checkpoints, the low-space reserve, reopening, the background duties, hand-over and close (see log.hpp).
+// Log: appending records -- coalescing refusals, the coverage bound's
+// checkpoints, the low-space reserve, reopening, the background duties,
+// hand-over and close (see log.hpp).
 #include "vault/audit/log.hpp"
 
 #include <fcntl.h>
@@ -11,13 +13,10 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <unordered_map>
 
 #include "vault/audit/log_fields.hpp"
-#include "vault/audit/verify.hpp"
 #include "vault/crypto/signing.hpp"
 #include "vault/store/store.hpp"
-
 
 namespace vaultfs::vault::audit {
 

@@ -1,17 +1,12 @@
-// SecretService: policies -- reading, writing and resetting a vault's, the checks made on them, the refusals and management records; and the system's user and group names (see secret_service.hpp).
+// SecretService: policies -- reading, writing and resetting a vault's, the
+// checks made on them, the refusals and management records; and the system's
+// user and group names (see secret_service.hpp).
 #include "vault/secrets/secret_service.hpp"
 
 #include <grp.h>
 #include <pwd.h>
-#include <unistd.h>
 
-#include <spdlog/spdlog.h>
-
-#include <algorithm>
 #include <mutex>
-
-#include "vault/crypto/envelope.hpp"
-#include "vault/model/names.hpp"
 
 namespace vaultfs::vault {
 

@@ -1,21 +1,12 @@
 #include "vault/secrets/secret_service.hpp"
 
-#include <grp.h>
-#include <pwd.h>
-#include <unistd.h>
-
 #include <spdlog/spdlog.h>
 
-#include <algorithm>
-#include <mutex>
-
-#include "vault/crypto/envelope.hpp"
 #include "vault/model/names.hpp"
 
 namespace vaultfs::vault {
 
 using policy::Permission;
-
 
 SecretService::SecretService(Core& core, hsm::KeyService& keys, DekCache& deks, Options options)
     : core_(core), store_(core.store()), keys_(keys), deks_(deks), audit_(core.audit_log()), names_(core.names()),
@@ -24,7 +15,6 @@ SecretService::SecretService(Core& core, hsm::KeyService& keys, DekCache& deks, 
 }
 
 // ---- helpers -------------------------------------------------------------------
-
 
 VaultView SecretService::view_of(const Caller& caller, const VaultEntry& v) const
 {

@@ -1,14 +1,8 @@
-// SecretService: values -- opening a version to read it, and writing, sealing and committing a new one (see secret_service.hpp).
+// SecretService: values -- opening a version to read it, and writing, sealing
+// and committing a new one (see secret_service.hpp).
 #include "vault/secrets/secret_service.hpp"
 
-#include <grp.h>
-#include <pwd.h>
-#include <unistd.h>
-
 #include <spdlog/spdlog.h>
-
-#include <algorithm>
-#include <mutex>
 
 #include "vault/crypto/envelope.hpp"
 #include "vault/model/names.hpp"

@@ -5,17 +5,12 @@
 
 #include <spdlog/spdlog.h>
 
-#include <nlohmann/json.hpp>
-
-#include <algorithm>
-#include <tuple>
-
 #include "vault/store/feed.hpp"
-#include "vault/store/store_detail.hpp"
 #include "vault/store/integrity_stamp.hpp"
 #include "vault/store/postgresql.hpp"
 #include "vault/store/schema.hpp"
 #include "vault/store/sqlite.hpp"
+#include "vault/store/store_detail.hpp"
 
 namespace vaultfs::vault {
 

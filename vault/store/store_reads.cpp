@@ -1,22 +1,14 @@
-// Store: the read side -- queries on a pooled reader connection, and the caches in front of them (see store.hpp).
+// Store: the read side -- queries on a pooled reader connection, and the caches
+// in front of them (see store.hpp).
 #include "vault/store/store.hpp"
-
-#include <sys/stat.h>
-#include <unistd.h>
-
-#include <spdlog/spdlog.h>
 
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <tuple>
 
-#include "vault/store/feed.hpp"
-#include "vault/store/store_detail.hpp"
-#include "vault/store/integrity_stamp.hpp"
-#include "vault/store/postgresql.hpp"
 #include "vault/store/schema.hpp"
-#include "vault/store/sqlite.hpp"
+#include "vault/store/store_detail.hpp"
 
 namespace vaultfs::vault {
 
