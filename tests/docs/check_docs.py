@@ -18,6 +18,7 @@ pages cover.
 
 Prints every problem found (file:line: what) and exits 1 if there was one.
 """
+import functools
 import os
 import re
 import subprocess
@@ -49,8 +50,9 @@ def slug(heading):
     return s.replace(" ", "-")
 
 
+@functools.lru_cache(maxsize=None)
 def headings(path):
-    """The headings of a Markdown file, outside code blocks."""
+    """The headings of a Markdown file, outside code blocks (read once)."""
     found, fence = [], False
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -58,9 +60,10 @@ def headings(path):
                 fence = not fence
             elif not fence and re.match(r"#{1,6} ", line):
                 found.append(line.lstrip("#").strip())
-    return found
+    return tuple(found)
 
 
+@functools.lru_cache(maxsize=None)
 def anchors(path):
     seen, result = {}, set()
     for h in headings(path):

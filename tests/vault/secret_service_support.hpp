@@ -30,6 +30,7 @@
 
 #include "tests/support/temp_token.hpp"
 #include "tests/support/small_tmpfs.hpp"
+#include "tests/support/sqlite_file.hpp"
 #include "tests/support/token_attack.hpp"
 #include "vault/kek/rekey.hpp"
 #include "vault/crypto/signing.hpp"
@@ -208,33 +209,18 @@ struct Stack {
 };
 
 // The test's own connection to vault.db, for editing rows behind the
-// service's back.
-class Tamper {
+// service's back: every edit must change a row.
+class Tamper : public testing::SqliteFile {
 public:
-    explicit Tamper(const std::string& path)
-    {
-        REQUIRE(sqlite3_open_v2(path.c_str(), &db_, SQLITE_OPEN_READWRITE, nullptr) == SQLITE_OK);
-        sqlite3_busy_timeout(db_, 5000);
-    }
-    ~Tamper() { sqlite3_close_v2(db_); }
-    Tamper(const Tamper&) = delete;
-    Tamper& operator=(const Tamper&) = delete;
+    using SqliteFile::SqliteFile;
 
-    void exec(const std::string& sql)
-    {
-        char* msg = nullptr;
-        const int rc = sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &msg);
-        INFO(sql << ": " << (msg != nullptr ? msg : ""));
-        sqlite3_free(msg);
-        REQUIRE(rc == SQLITE_OK);
-        REQUIRE(sqlite3_changes(db_) >= 1);
-    }
+    void exec(const std::string& sql) { REQUIRE(SqliteFile::exec(sql) >= 1); }
 
     Bytes blob(const std::string& column, VersionId version)
     {
         sqlite3_stmt* st = nullptr;
         const std::string sql = "SELECT " + column + " FROM versions WHERE id = ?";
-        REQUIRE(sqlite3_prepare_v2(db_, sql.c_str(), -1, &st, nullptr) == SQLITE_OK);
+        REQUIRE(sqlite3_prepare_v2(handle(), sql.c_str(), -1, &st, nullptr) == SQLITE_OK);
         sqlite3_bind_int64(st, 1, version.value);
         REQUIRE(sqlite3_step(st) == SQLITE_ROW);
         const auto* p = static_cast<const std::uint8_t*>(sqlite3_column_blob(st, 0));
@@ -247,11 +233,11 @@ public:
     {
         sqlite3_stmt* st = nullptr;
         const std::string sql = "UPDATE versions SET " + column + " = ? WHERE id = ?";
-        REQUIRE(sqlite3_prepare_v2(db_, sql.c_str(), -1, &st, nullptr) == SQLITE_OK);
+        REQUIRE(sqlite3_prepare_v2(handle(), sql.c_str(), -1, &st, nullptr) == SQLITE_OK);
         sqlite3_bind_blob(st, 1, value.data(), static_cast<int>(value.size()), SQLITE_TRANSIENT);
         sqlite3_bind_int64(st, 2, version.value);
         REQUIRE(sqlite3_step(st) == SQLITE_DONE);
-        REQUIRE(sqlite3_changes(db_) == 1);
+        REQUIRE(sqlite3_changes(handle()) == 1);
         sqlite3_finalize(st);
     }
 
@@ -262,19 +248,6 @@ public:
         b[byte] ^= 0x01;
         set_blob(column, version, b);
     }
-
-    std::string text(const std::string& sql)
-    {
-        sqlite3_stmt* st = nullptr;
-        REQUIRE(sqlite3_prepare_v2(db_, sql.c_str(), -1, &st, nullptr) == SQLITE_OK);
-        REQUIRE(sqlite3_step(st) == SQLITE_ROW);
-        std::string v(reinterpret_cast<const char*>(sqlite3_column_text(st, 0)));
-        sqlite3_finalize(st);
-        return v;
-    }
-
-private:
-    sqlite3* db_ = nullptr;
 };
 
 inline Bytes binary_value()

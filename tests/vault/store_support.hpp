@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "tests/support/postgres.hpp"
+#include "tests/support/sqlite_file.hpp"
 #include "tests/support/temp_token.hpp"
 
 namespace vaultfs::vault::store_test {
@@ -27,47 +28,7 @@ namespace vaultfs::vault::store_test {
 using testing::TempDir;
 
 // A connection of the test's own, to look at the file behind the store's back.
-class Db {
-public:
-    explicit Db(const std::string& path, int flags = SQLITE_OPEN_READWRITE)
-    {
-        REQUIRE(sqlite3_open_v2(path.c_str(), &db_, flags, nullptr) == SQLITE_OK);
-        sqlite3_busy_timeout(db_, 5000);
-    }
-    ~Db() { sqlite3_close_v2(db_); }
-    Db(const Db&) = delete;
-    Db& operator=(const Db&) = delete;
-
-    void exec(const std::string& sql)
-    {
-        char* msg = nullptr;
-        const int rc = sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &msg);
-        INFO((msg != nullptr ? msg : ""));
-        sqlite3_free(msg);
-        REQUIRE(rc == SQLITE_OK);
-    }
-    std::int64_t integer(const std::string& sql)
-    {
-        sqlite3_stmt* st = nullptr;
-        REQUIRE(sqlite3_prepare_v2(db_, sql.c_str(), -1, &st, nullptr) == SQLITE_OK);
-        REQUIRE(sqlite3_step(st) == SQLITE_ROW);
-        const auto v = sqlite3_column_int64(st, 0);
-        sqlite3_finalize(st);
-        return v;
-    }
-    std::string text(const std::string& sql)
-    {
-        sqlite3_stmt* st = nullptr;
-        REQUIRE(sqlite3_prepare_v2(db_, sql.c_str(), -1, &st, nullptr) == SQLITE_OK);
-        REQUIRE(sqlite3_step(st) == SQLITE_ROW);
-        std::string v(reinterpret_cast<const char*>(sqlite3_column_text(st, 0)));
-        sqlite3_finalize(st);
-        return v;
-    }
-
-private:
-    sqlite3* db_ = nullptr;
-};
+using Db = testing::SqliteFile;
 
 // Where a test's store lives on `engine`: a file in `dir`, or a new
 // database on the test process's own PostgreSQL server.
